@@ -1,0 +1,35 @@
+//! Bulwark's wire protocol: everything the coordinator, agents and the console say to each other.
+//!
+//! Owns: typed ids, the message types, the one codec (bincode 2, always size-limited), the
+//! length-prefixed framing used on every QUIC stream, and the version handshake. Never does I/O
+//! of its own beyond reading and writing frames on a stream it is handed; never knows about
+//! QUIC, TLS, sled or actors.
+//!
+//! Modules in reading order:
+//! - [`ids`]: typed identifiers (host, VM, disk, job, recovery point).
+//! - [`messages`]: what each peer may send, per stream kind.
+//! - [`codec`]: bincode 2 encode/decode with explicit limits (the only place bincode is named).
+//! - [`frame`]: `u32` length-prefixed frames, a sans-IO decoder and async read/write helpers.
+//! - [`block`]: the raw block-frame format of bulk transfer streams.
+//! - [`handshake`]: version negotiation and the coordinator's checks of an agent's hello.
+
+#![forbid(unsafe_code)]
+
+pub mod block;
+pub mod codec;
+pub mod frame;
+pub mod handshake;
+pub mod ids;
+pub mod messages;
+
+pub use ids::{DiskId, HostId, JobId, RecoveryPointId, VmId};
+
+/// ALPN of the authenticated protocol (agents and admin console).
+pub const ALPN: &[u8] = b"bulwark/1";
+/// ALPN of enrollment: the only protocol a client without a certificate may speak.
+pub const ALPN_ENROLL: &[u8] = b"bulwark-enroll/1";
+
+/// The protocol version this build speaks natively.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest protocol version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;

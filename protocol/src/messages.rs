@@ -1,0 +1,228 @@
+//! The messages of each stream kind.
+//!
+//! Streams on an agent connection (ALPN `bulwark/1`):
+//! - the **control stream**: the first bidirectional stream the agent opens. The agent sends
+//!   [`AgentMessage`]s, the coordinator answers with [`CoordinatorMessage`]s. It starts with
+//!   [`Hello`] → [`Welcome`] (or [`CoordinatorMessage::Refused`]).
+//! - **block streams**: unidirectional, one per transfer; see [`crate::block`].
+//!
+//! On an admin connection (ALPN `bulwark/1`, admin certificate) every request is one
+//! bidirectional stream: one [`AdminRequest`] frame, one [`AdminResponse`] frame.
+//!
+//! On an enrollment connection (ALPN `bulwark-enroll/1`, no client certificate) the agent sends
+//! one [`EnrollRequest`] and gets one [`EnrollResponse`].
+//!
+//! Every type here is encoded by [`crate::codec`]; none uses `serde(flatten)`, untagged enums or
+//! dynamic values, which bincode cannot carry.
+
+use crate::ids::{DiskId, HostId, JobId, RecoveryPointId, VmId};
+use serde::{Deserialize, Serialize};
+
+/// First message of an agent: who it says it is and which versions it speaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub min_version: u16,
+    pub max_version: u16,
+    /// The host the agent claims to be; must equal its certificate's identity.
+    pub host: HostId,
+    /// The agent's software version, for `agent list` and logs.
+    pub agent_version: String,
+}
+
+/// The coordinator's acceptance of a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version both sides speak from now on.
+    pub version: u16,
+    /// The coordinator's name (its certificate's identity).
+    pub coordinator: String,
+    /// Seconds between heartbeats the coordinator expects.
+    pub heartbeat_secs: u32,
+}
+
+/// Power state of a VM as the hypervisor reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PowerState {
+    Running,
+    Paused,
+    Off,
+}
+
+/// Guest operating system family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestOs {
+    Linux,
+    Windows,
+}
+
+/// One disk of a VM as inventoried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub name: DiskId,
+    pub size_bytes: u64,
+}
+
+/// One VM as inventoried by the agent of the host it runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: VmId,
+    pub name: String,
+    pub power: PowerState,
+    pub os: GuestOs,
+    pub integration_services: bool,
+    pub disks: Vec<DiskInfo>,
+}
+
+/// The full list of VMs on the agent's host, sent after the welcome and whenever it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub vms: Vec<VmInfo>,
+}
+
+/// The kinds of work the coordinator asks an agent to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobKind {
+    Initial,
+    Sync,
+    ExpressFull,
+    ConsistencyCheck,
+    Recovery,
+}
+
+/// Consistency a snapshot achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Consistency {
+    App,
+    Filesystem,
+    Crash,
+}
+
+/// A job the coordinator hands to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub job: JobId,
+    pub vm: VmId,
+    pub kind: JobKind,
+    pub block_size: u32,
+    /// The change token the coordinator last committed for each disk, if any.
+    pub change_tokens: Vec<(DiskId, Option<u64>)>,
+}
+
+/// How a job ended on the agent's side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobOutcome {
+    Succeeded { consistency: Option<Consistency>, bytes_read: u64, blocks_sent: u64 },
+    Failed { reason: String },
+}
+
+/// The agent's report of a finished job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job: JobId,
+    pub outcome: JobOutcome,
+}
+
+/// Agent → coordinator on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    Hello(Hello),
+    Inventory(Inventory),
+    JobResult(JobResult),
+    Heartbeat,
+}
+
+/// Coordinator → agent on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    Welcome(Welcome),
+    /// The coordinator will not talk to this agent; the connection closes after this.
+    Refused { reason: String },
+    JobRequest(JobRequest),
+    Heartbeat,
+}
+
+/// Admin console → coordinator: one per bidirectional stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminEnvelope {
+    /// The console's protocol version; refused with a clear error when unsupported.
+    pub version: u16,
+    pub request: AdminRequest,
+}
+
+/// What the admin console can ask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    Status,
+    AgentList,
+    AgentRevoke { host: HostId },
+}
+
+/// The coordinator's status summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub name: String,
+    pub version: String,
+    pub protocol_version: u16,
+    pub agents_connected: u32,
+    pub agents_enrolled: u32,
+    pub vms_protected: u32,
+    pub jobs_running: u32,
+    pub store_bytes: u64,
+    pub catalog_bytes: u64,
+}
+
+/// One enrolled agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub host: HostId,
+    pub connected: bool,
+    /// Unix seconds of the last message or connection, if ever seen.
+    pub last_seen: Option<u64>,
+    /// Hex serial of the agent's current certificate.
+    pub cert_serial: String,
+    pub revoked: bool,
+    pub vms: u32,
+    pub agent_version: Option<String>,
+    pub remote_addr: Option<String>,
+}
+
+/// The coordinator's answer to an [`AdminRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    Status(StatusReport),
+    Agents(Vec<AgentInfo>),
+    Revoked { host: HostId, serials: Vec<String>, connections_closed: u32 },
+    Error { message: String },
+}
+
+/// Enrollment: the agent proves it holds a join token and asks for a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub version: u16,
+    /// The token's secret (32 bytes); the coordinator stores only its hash.
+    pub token_secret: Vec<u8>,
+    pub host: HostId,
+    /// PKCS#10 certificate signing request, PEM.
+    pub csr_pem: String,
+}
+
+/// The coordinator's answer to an [`EnrollRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    Accepted {
+        /// The agent's certificate, PEM.
+        cert_pem: String,
+        /// The deployment CA's certificate, PEM.
+        ca_pem: String,
+        /// The coordinator's name (the TLS server name to verify).
+        coordinator: String,
+    },
+    Refused { reason: String },
+}
+
+/// A recovery point reference in messages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPointRef {
+    pub vm: VmId,
+    pub id: RecoveryPointId,
+}
