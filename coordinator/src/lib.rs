@@ -1,1 +1,21 @@
-//! placeholder
+//! The coordinator (backup server): catalog, authority (CA, tokens, revocation), and the QUIC
+//! server with its actors. Never talks to a hypervisor; never depends on the agent crate.
+//!
+//! Modules in reading order:
+//! - [`config`]: `coordinator.toml` and the data directory layout.
+//! - [`catalog`]: the sled catalog and its key layout.
+//! - [`init`]: `bulwark-coordinator init`.
+//! - [`authority`]: CA, join tokens, enrollment and revocation decisions.
+//! - [`server`]: the listener, registry and session actors, and the admin API.
+//! - [`admin_client`]: the client side of the admin API (used by the console).
+//! - [`cli`]: the `bulwark-coordinator` command line.
+
+#![forbid(unsafe_code)]
+
+pub mod admin_client;
+pub mod authority;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod init;
+pub mod server;

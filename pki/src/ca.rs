@@ -6,12 +6,12 @@
 //! these bytes), so a re-issued certificate never shares a serial with a revoked one.
 
 use crate::identity::{hex, Role};
+use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, CertificateSigningRequestParams,
     DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
     PublicKeyData, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
-use rand::RngCore;
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -89,7 +89,8 @@ fn serial_from_hex(s: &str) -> Option<SerialNumber> {
     if s.len() % 2 != 0 || s.is_empty() {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
+    let bytes: Option<Vec<u8>> =
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect();
     bytes.map(|b| SerialNumber::from_slice(&b))
 }
 
@@ -130,7 +131,8 @@ impl Ca {
         dn.push(DnType::CommonName, format!("Bulwark CA {deployment}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.not_before = offset(now - CLOCK_SKEW)?;
         params.not_after = offset(now + CA_VALIDITY)?;
         params.serial_number = Some(random_serial());
@@ -141,7 +143,8 @@ impl Ca {
     /// Loads a CA from its certificate and key PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Ca, PkiError> {
         use rustls_pki_types::pem::PemObject;
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|_| PkiError::BadPem { what: "CA certificate" })?;
+        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|_| PkiError::BadPem { what: "CA certificate" })?;
         let key = KeyPair::from_pem(key_pem).map_err(|_| PkiError::BadPem { what: "CA key" })?;
         Ok(Ca { cert_pem: cert_pem.to_owned(), cert_der, key })
     }
@@ -222,7 +225,8 @@ impl Ca {
         let revoked_certs = revoked
             .iter()
             .map(|r| {
-                let serial_number = serial_from_hex(&r.serial_hex).ok_or_else(|| PkiError::Time(format!("bad serial {:?}", r.serial_hex)))?;
+                let serial_number = serial_from_hex(&r.serial_hex)
+                    .ok_or_else(|| PkiError::Time(format!("bad serial {:?}", r.serial_hex)))?;
                 Ok(RevokedCertParams {
                     serial_number,
                     revocation_time: offset(UNIX_EPOCH + Duration::from_secs(r.revoked_at))?,

@@ -68,3 +68,12 @@ pub fn identity_of(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// This machine's host name (the kernel's), if it has a usable one.
+pub fn local_host_name() -> Option<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .ok()?;
+    let name = raw.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}

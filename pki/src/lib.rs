@@ -13,12 +13,14 @@
 //! - [`identity`]: who a certificate says its holder is (role, name, serial).
 //! - [`token`]: one-time join tokens.
 //! - [`tls`]: rustls client/server configurations on the ring provider.
+//! - [`quic`]: quinn endpoint settings (stream and window limits) and close codes.
 
 #![forbid(unsafe_code)]
 
 pub mod ca;
 pub mod files;
 pub mod identity;
+pub mod quic;
 pub mod tls;
 pub mod token;
 

@@ -31,7 +31,9 @@ fn tls_err(e: impl std::fmt::Display) -> PkiError {
 
 /// Parses every certificate in a PEM text.
 pub fn certs_from_pem(pem: &str, what: &'static str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let certs = CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<Vec<_>, _>>().map_err(|_| PkiError::BadPem { what })?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| PkiError::BadPem { what })?;
     if certs.is_empty() {
         return Err(PkiError::BadPem { what });
     }

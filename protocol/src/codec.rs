@@ -38,7 +38,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > CONTROL_LIMIT {
         return Err(CodecError::TooLarge { len: bytes.len(), limit: CONTROL_LIMIT });
     }
-    let (msg, used) = bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
+    let (msg, used) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(CodecError::Trailing { trailing: bytes.len() - used });
     }

@@ -165,7 +165,10 @@ mod tests {
         let mut cut: &[u8] = &[0, 0, 0, 10, 1, 2, 3];
         assert!(matches!(read_frame(&mut cut, CONTROL_LIMIT).await, Err(FrameError::Truncated { got: 7, want: 14 })));
         let mut half_header: &[u8] = &[0, 0];
-        assert!(matches!(read_frame(&mut half_header, CONTROL_LIMIT).await, Err(FrameError::Truncated { got: 2, want: 4 })));
+        assert!(matches!(
+            read_frame(&mut half_header, CONTROL_LIMIT).await,
+            Err(FrameError::Truncated { got: 2, want: 4 })
+        ));
         let mut empty: &[u8] = &[];
         assert!(matches!(read_frame(&mut empty, CONTROL_LIMIT).await, Ok(None)));
     }

@@ -19,16 +19,29 @@ pub fn negotiate(ours: (u16, u16), theirs: (u16, u16)) -> Result<u16, HandshakeR
     let low = ours.0.max(theirs.0);
     let high = ours.1.min(theirs.1);
     if theirs.0 > theirs.1 || low > high {
-        return Err(HandshakeRefusal::Version { ours_min: ours.0, ours_max: ours.1, theirs_min: theirs.0, theirs_max: theirs.1 });
+        return Err(HandshakeRefusal::Version {
+            ours_min: ours.0,
+            ours_max: ours.1,
+            theirs_min: theirs.0,
+            theirs_max: theirs.1,
+        });
     }
     Ok(high)
 }
 
 /// The coordinator's decision on a hello from a connection whose certificate names `certified`.
-pub fn accept_hello(hello: &Hello, certified: &HostId, coordinator: &str, heartbeat_secs: u32) -> Result<Welcome, HandshakeRefusal> {
+pub fn accept_hello(
+    hello: &Hello,
+    certified: &HostId,
+    coordinator: &str,
+    heartbeat_secs: u32,
+) -> Result<Welcome, HandshakeRefusal> {
     let version = negotiate((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (hello.min_version, hello.max_version))?;
     if &hello.host != certified {
-        return Err(HandshakeRefusal::HostMismatch { claimed: hello.host.to_string(), certified: certified.to_string() });
+        return Err(HandshakeRefusal::HostMismatch {
+            claimed: hello.host.to_string(),
+            certified: certified.to_string(),
+        });
     }
     Ok(Welcome { version, coordinator: coordinator.to_owned(), heartbeat_secs })
 }

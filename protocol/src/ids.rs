@@ -115,11 +115,8 @@ pub struct RecoveryPointId(pub [u8; 16]);
 impl RecoveryPointId {
     /// Parses the 32-hex-digit form.
     pub fn parse_hex(s: &str) -> Result<Self, IdError> {
-        let bad = || IdError::BadFormat {
-            kind: "recovery point id",
-            value: s.to_owned(),
-            expected: "32 hexadecimal digits",
-        };
+        let bad =
+            || IdError::BadFormat { kind: "recovery point id", value: s.to_owned(), expected: "32 hexadecimal digits" };
         if s.len() != 32 {
             return Err(bad());
         }

@@ -136,7 +136,9 @@ pub enum AgentMessage {
 pub enum CoordinatorMessage {
     Welcome(Welcome),
     /// The coordinator will not talk to this agent; the connection closes after this.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
     JobRequest(JobRequest),
     Heartbeat,
 }
@@ -154,7 +156,14 @@ pub struct AdminEnvelope {
 pub enum AdminRequest {
     Status,
     AgentList,
-    AgentRevoke { host: HostId },
+    AgentRevoke {
+        host: HostId,
+    },
+    /// A one-time join token valid for `ttl_secs`, optionally only for `host`.
+    TokenCreate {
+        ttl_secs: u64,
+        host: Option<HostId>,
+    },
 }
 
 /// The coordinator's status summary.
@@ -192,6 +201,7 @@ pub enum AdminResponse {
     Status(StatusReport),
     Agents(Vec<AgentInfo>),
     Revoked { host: HostId, serials: Vec<String>, connections_closed: u32 },
+    Token { token: String, expires_at: u64 },
     Error { message: String },
 }
 
@@ -217,7 +227,9 @@ pub enum EnrollResponse {
         /// The coordinator's name (the TLS server name to verify).
         coordinator: String,
     },
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
 }
 
 /// A recovery point reference in messages.

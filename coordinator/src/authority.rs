@@ -1,0 +1,239 @@
+//! The coordinator's authority: its CA, its own certificate, the CRL, join tokens and the
+//! decisions of enrollment and revocation. Plain code over the catalog and `DIR/pki/`; the
+//! server actors call it and apply what it returns (a new server config, connections to close).
+
+use crate::catalog::{now_secs, AgentRecord, Catalog, CatalogError, RevocationRecord, TokenRecord, TokenRefusal};
+use crate::config::{ConfigError, CoordinatorConfig, DataDir};
+use bulwark_pki::ca::{PkiError, Revocation};
+use bulwark_pki::{tls, Ca, JoinToken};
+use bulwark_protocol::messages::{EnrollRequest, EnrollResponse};
+use bulwark_protocol::{HostId, ALPN, ALPN_ENROLL};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Why an authority operation failed (not a refusal: refusals are answers).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorityError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Pki(#[from] PkiError),
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What an enrollment decided.
+#[derive(Debug)]
+pub struct Enrollment {
+    pub response: EnrollResponse,
+    /// Serials this enrollment revoked (a re-enrolled host's previous certificate).
+    pub revoked: Vec<String>,
+    /// The host that asked.
+    pub host: String,
+}
+
+/// The CA, the coordinator's credentials, and the catalog they are recorded in.
+pub struct Authority {
+    dir: DataDir,
+    config: CoordinatorConfig,
+    ca: Ca,
+    catalog: Catalog,
+    /// Serializes CRL rewrites.
+    crl_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority").field("name", &self.config.name).finish_non_exhaustive()
+    }
+}
+
+fn read(path: std::path::PathBuf) -> Result<String, AuthorityError> {
+    std::fs::read_to_string(&path).map_err(|source| AuthorityError::Read { path: path.display().to_string(), source })
+}
+
+impl Authority {
+    /// Loads the CA and configuration of an initialized data directory.
+    pub fn open(dir: DataDir, catalog: Catalog) -> Result<Self, AuthorityError> {
+        let config = CoordinatorConfig::load(&dir)?;
+        let ca = Ca::from_pem(&read(dir.pki_file("ca.pem"))?, &read(dir.pki_file("ca.key"))?)?;
+        Ok(Self { dir, config, ca, catalog, crl_lock: Mutex::new(()) })
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    /// Replaces the configuration (after `serve` chose a port).
+    pub fn set_config(&mut self, config: CoordinatorConfig) {
+        self.config = config;
+    }
+
+    /// The rustls server config with the CRL as it is on disk now.
+    pub fn server_tls(&self) -> Result<rustls::ServerConfig, AuthorityError> {
+        let chain = tls::certs_from_pem(&read(self.dir.pki_file("coordinator.pem"))?, "coordinator certificate")?;
+        let key = tls::key_from_pem(&read(self.dir.pki_file("coordinator.key"))?, "coordinator key")?;
+        let crl = tls::crl_from_pem(&read(self.dir.pki_file("crl.pem"))?)?;
+        Ok(tls::server_config(self.ca.cert_der(), chain, key, crl, &[ALPN, ALPN_ENROLL])?)
+    }
+
+    /// The quinn server config with the current CRL.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, AuthorityError> {
+        Ok(bulwark_pki::quic::server(self.server_tls()?)?)
+    }
+
+    /// The address agents dial.
+    pub fn advertised_addr(&self) -> Result<String, AuthorityError> {
+        if let Some(a) = &self.config.advertise {
+            return Ok(a.clone());
+        }
+        let listen = self.config.listen;
+        if listen.ip().is_unspecified() {
+            return Err(AuthorityError::Invalid(format!(
+                "the coordinator listens on {listen}, which agents cannot dial; set `advertise = \"HOST:PORT\"` in coordinator.toml"
+            )));
+        }
+        if listen.port() == 0 {
+            return Err(AuthorityError::Invalid(
+                "the coordinator has not chosen its port yet (listen port 0): start `serve` first".into(),
+            ));
+        }
+        Ok(listen.to_string())
+    }
+
+    /// Creates a one-time join token; returns it and its expiry (Unix seconds).
+    pub fn create_token(&self, ttl: Duration, host: Option<&HostId>) -> Result<(String, u64), AuthorityError> {
+        let token = JoinToken::new(self.advertised_addr()?, self.config.name.clone(), self.ca.fingerprint());
+        let now = now_secs();
+        let expires_at = now.saturating_add(ttl.as_secs());
+        let record = TokenRecord {
+            created_at: now,
+            expires_at,
+            host: host.map(|h| h.to_string()),
+            used_at: None,
+            used_by: None,
+        };
+        self.catalog.insert_token(token.secret_hash(), &record)?;
+        Ok((token.encode(), expires_at))
+    }
+
+    /// Decides an enrollment request: a valid unused token buys a certificate for the host.
+    pub fn enroll(&self, req: &EnrollRequest) -> Result<Enrollment, AuthorityError> {
+        let refuse = |reason: String| Enrollment {
+            response: EnrollResponse::Refused { reason },
+            revoked: vec![],
+            host: req.host.to_string(),
+        };
+        if let Err(e) = bulwark_protocol::handshake::check_version(req.version) {
+            return Ok(refuse(e.to_string()));
+        }
+        let Ok(secret): Result<[u8; 32], _> = req.token_secret.as_slice().try_into() else {
+            return Ok(refuse(TokenRefusal::Unknown.to_string()));
+        };
+        let host = req.host.as_str();
+        // Check the CSR before spending the token, so a broken agent can retry.
+        let validity = self.config.agent_validity()?;
+        let cert = match self.ca.sign_agent_csr(&req.csr_pem, host, validity) {
+            Ok(c) => c,
+            Err(e) => return Ok(refuse(e.to_string())),
+        };
+        let now = now_secs();
+        if let Err(refusal) = self.catalog.consume_token(bulwark_pki::token::secret_hash(&secret), host, now)? {
+            return Ok(refuse(refusal.to_string()));
+        }
+        // A host that enrolls again replaces its certificate; the old one is revoked.
+        let mut revoked = vec![];
+        if let Some(old) = self.catalog.agent(host)? {
+            if !self.catalog.is_revoked(&old.cert_serial)? {
+                revoked.push(old.cert_serial.clone());
+            }
+        }
+        self.catalog.put_agent(&AgentRecord {
+            host: host.to_owned(),
+            cert_serial: cert.serial_hex.clone(),
+            enrolled_at: now,
+            cert_not_after: cert.not_after,
+            revoked: false,
+            last_seen: None,
+            agent_version: None,
+            vms: 0,
+        })?;
+        if !revoked.is_empty() {
+            self.revoke_serials(host, &revoked)?;
+        } else {
+            self.catalog.flush()?;
+        }
+        Ok(Enrollment {
+            response: EnrollResponse::Accepted {
+                cert_pem: cert.pem,
+                ca_pem: self.ca.cert_pem().to_owned(),
+                coordinator: self.config.name.clone(),
+            },
+            revoked,
+            host: host.to_owned(),
+        })
+    }
+
+    /// Revokes the current certificate of `host`; returns the serials revoked (empty if it was
+    /// already revoked). The caller must rebuild the server config and close connections.
+    pub fn revoke_host(&self, host: &HostId) -> Result<Vec<String>, AuthorityError> {
+        let Some(mut rec) = self.catalog.agent(host.as_str())? else {
+            return Err(AuthorityError::Invalid(format!("no enrolled agent named {host}")));
+        };
+        rec.revoked = true;
+        self.catalog.put_agent(&rec)?;
+        if self.catalog.is_revoked(&rec.cert_serial)? {
+            self.catalog.flush()?;
+            return Ok(vec![]);
+        }
+        let serials = vec![rec.cert_serial.clone()];
+        self.revoke_serials(host.as_str(), &serials)?;
+        Ok(serials)
+    }
+
+    fn revoke_serials(&self, host: &str, serials: &[String]) -> Result<(), AuthorityError> {
+        let _guard = self.crl_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_secs();
+        let records: Vec<_> = serials
+            .iter()
+            .map(|s| RevocationRecord { serial: s.clone(), host: host.to_owned(), revoked_at: now })
+            .collect();
+        let number = self.catalog.revoke(&records)?;
+        self.write_crl(number)
+    }
+
+    /// Writes `pki/crl.pem` from the catalog's revocations.
+    pub fn write_crl(&self, number: u64) -> Result<(), AuthorityError> {
+        let revoked: Vec<Revocation> = self
+            .catalog
+            .revocations()?
+            .into_iter()
+            .map(|r| Revocation { serial_hex: r.serial, revoked_at: r.revoked_at })
+            .collect();
+        let pem = self.ca.crl(&revoked, number)?;
+        let path = self.dir.pki_file("crl.pem");
+        bulwark_pki::files::write_atomic(&path, pem.as_bytes(), 0o644)
+            .map_err(|source| AuthorityError::Write { path: path.display().to_string(), source })
+    }
+
+    /// Re-issues the CRL (fresh `next_update`) at start-up.
+    pub fn refresh_crl(&self) -> Result<(), AuthorityError> {
+        let _guard = self.crl_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let number = self.catalog.revoke(&[])?;
+        self.write_crl(number)
+    }
+}

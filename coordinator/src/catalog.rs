@@ -1,0 +1,332 @@
+//! The catalog: the coordinator's sled database. This module owns the key layout; everything
+//! else goes through its typed functions.
+//!
+//! Layout, schema version 1 (values are `bulwark_protocol::codec` encodings unless noted):
+//! ```text
+//! tree "meta"         "schema_version" → u32 BE
+//!                     "crl_number"     → u64 BE, the number of the current CRL
+//! tree "tokens"       secret_hash [32] → TokenRecord
+//! tree "agents"       host name (utf-8) → AgentRecord
+//! tree "revocations"  serial hex (utf-8) → RevocationRecord
+//! ```
+//! Writes that must survive a crash (a consumed token, a revocation) are flushed before the
+//! caller is answered.
+
+use bulwark_protocol::codec;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::path::Path;
+
+/// The schema this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Why a catalog operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog is in use by another process (is `bulwark-coordinator serve` running?): {0}")]
+    Locked(String),
+    #[error("catalog I/O failed: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("catalog schema version {found} is not the {expected} this build understands")]
+    Schema { found: u32, expected: u32 },
+    #[error("catalog record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// A join token as stored: only the hash of its secret is the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub created_at: u64,
+    pub expires_at: u64,
+    /// If set, only this host may enroll with the token.
+    pub host: Option<String>,
+    pub used_at: Option<u64>,
+    pub used_by: Option<String>,
+}
+
+/// Why a token cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRefusal {
+    #[error("unknown join token")]
+    Unknown,
+    #[error("join token expired")]
+    Expired,
+    #[error("join token was already used (by {by})")]
+    Used { by: String },
+    #[error("join token is for host {allowed}, not {asked}")]
+    WrongHost { allowed: String, asked: String },
+}
+
+/// An enrolled agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub host: String,
+    pub cert_serial: String,
+    pub enrolled_at: u64,
+    pub cert_not_after: u64,
+    pub revoked: bool,
+    pub last_seen: Option<u64>,
+    pub agent_version: Option<String>,
+    pub vms: u32,
+}
+
+/// A revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    pub serial: String,
+    pub host: String,
+    pub revoked_at: u64,
+}
+
+/// The catalog handle; cheap to clone.
+#[derive(Clone)]
+pub struct Catalog {
+    db: sled::Db,
+    meta: sled::Tree,
+    tokens: sled::Tree,
+    agents: sled::Tree,
+    revocations: sled::Tree,
+}
+
+impl std::fmt::Debug for Catalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Catalog").finish_non_exhaustive()
+    }
+}
+
+fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, CatalogError> {
+    codec::encode(v).map_err(|e| CatalogError::Corrupt { key: key.to_owned(), reason: e.to_string() })
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, CatalogError> {
+    codec::decode(bytes).map_err(|e| CatalogError::Corrupt { key: key.to_owned(), reason: e.to_string() })
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Catalog {
+    /// Creates a new, empty catalog at `path` with the current schema version.
+    pub fn create(path: &Path) -> Result<Self, CatalogError> {
+        let cat = Self::open_raw(path)?;
+        if cat.meta.get("schema_version")?.is_none() {
+            cat.meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+            cat.meta.insert("crl_number", &1u64.to_be_bytes())?;
+        }
+        cat.db.flush()?;
+        Ok(cat)
+    }
+
+    /// Opens an existing catalog, checking its schema version.
+    pub fn open(path: &Path) -> Result<Self, CatalogError> {
+        let cat = Self::open_raw(path)?;
+        let found = match cat.meta.get("schema_version")? {
+            Some(v) => v.as_ref().try_into().map(u32::from_be_bytes).map_err(|_| CatalogError::Corrupt {
+                key: "meta/schema_version".into(),
+                reason: format!("{} bytes", v.len()),
+            })?,
+            None => 0,
+        };
+        if found != SCHEMA_VERSION {
+            return Err(CatalogError::Schema { found, expected: SCHEMA_VERSION });
+        }
+        Ok(cat)
+    }
+
+    fn open_raw(path: &Path) -> Result<Self, CatalogError> {
+        let db = sled::Config::new().path(path).open().map_err(|e| match &e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
+                CatalogError::Locked(io.to_string())
+            }
+            _ => CatalogError::Sled(e),
+        })?;
+        Ok(Self {
+            meta: db.open_tree("meta")?,
+            tokens: db.open_tree("tokens")?,
+            agents: db.open_tree("agents")?,
+            revocations: db.open_tree("revocations")?,
+            db,
+        })
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<(), CatalogError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Bytes sled uses on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0)
+    }
+
+    // ---- tokens
+
+    /// Stores a new token by the hash of its secret.
+    pub fn insert_token(&self, secret_hash: [u8; 32], record: &TokenRecord) -> Result<(), CatalogError> {
+        self.tokens.insert(secret_hash, encode("tokens", record)?)?;
+        self.flush()
+    }
+
+    /// Marks a token used by `host`, atomically: two agents racing with one token cannot both
+    /// win. Returns why it cannot be used otherwise.
+    pub fn consume_token(
+        &self,
+        secret_hash: [u8; 32],
+        host: &str,
+        now: u64,
+    ) -> Result<Result<(), TokenRefusal>, CatalogError> {
+        loop {
+            let Some(old) = self.tokens.get(secret_hash)? else {
+                return Ok(Err(TokenRefusal::Unknown));
+            };
+            let mut rec: TokenRecord = decode("tokens", &old)?;
+            if let Some(by) = &rec.used_by {
+                return Ok(Err(TokenRefusal::Used { by: by.clone() }));
+            }
+            if now >= rec.expires_at {
+                return Ok(Err(TokenRefusal::Expired));
+            }
+            if let Some(allowed) = &rec.host {
+                if allowed != host {
+                    return Ok(Err(TokenRefusal::WrongHost { allowed: allowed.clone(), asked: host.to_owned() }));
+                }
+            }
+            rec.used_at = Some(now);
+            rec.used_by = Some(host.to_owned());
+            let swapped = self.tokens.compare_and_swap(secret_hash, Some(old), Some(encode("tokens", &rec)?))?;
+            if swapped.is_ok() {
+                self.flush()?;
+                return Ok(Ok(()));
+            }
+            // Someone else changed it in between: look again.
+        }
+    }
+
+    // ---- agents
+
+    pub fn agent(&self, host: &str) -> Result<Option<AgentRecord>, CatalogError> {
+        self.agents.get(host.as_bytes())?.map(|v| decode(&format!("agents/{host}"), &v)).transpose()
+    }
+
+    pub fn put_agent(&self, rec: &AgentRecord) -> Result<(), CatalogError> {
+        self.agents.insert(rec.host.as_bytes(), encode("agents", rec)?)?;
+        Ok(())
+    }
+
+    pub fn agents(&self) -> Result<Vec<AgentRecord>, CatalogError> {
+        self.agents.iter().values().map(|v| decode("agents", &v?)).collect()
+    }
+
+    /// Updates `last_seen` (and the version it reported) of an agent.
+    pub fn touch_agent(&self, host: &str, now: u64, version: Option<&str>) -> Result<(), CatalogError> {
+        if let Some(mut rec) = self.agent(host)? {
+            rec.last_seen = Some(now);
+            if let Some(v) = version {
+                rec.agent_version = Some(v.to_owned());
+            }
+            self.put_agent(&rec)?;
+        }
+        Ok(())
+    }
+
+    // ---- revocations
+
+    /// Records revocations and bumps the CRL number; returns the new CRL number.
+    pub fn revoke(&self, records: &[RevocationRecord]) -> Result<u64, CatalogError> {
+        for r in records {
+            self.revocations.insert(r.serial.as_bytes(), encode("revocations", r)?)?;
+        }
+        let next = self.crl_number()? + 1;
+        self.meta.insert("crl_number", &next.to_be_bytes())?;
+        self.flush()?;
+        Ok(next)
+    }
+
+    pub fn revocations(&self) -> Result<Vec<RevocationRecord>, CatalogError> {
+        self.revocations.iter().values().map(|v| decode("revocations", &v?)).collect()
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> Result<bool, CatalogError> {
+        Ok(self.revocations.contains_key(serial.as_bytes())?)
+    }
+
+    pub fn crl_number(&self) -> Result<u64, CatalogError> {
+        match self.meta.get("crl_number")? {
+            Some(v) => v.as_ref().try_into().map(u64::from_be_bytes).map_err(|_| CatalogError::Corrupt {
+                key: "meta/crl_number".into(),
+                reason: format!("{} bytes", v.len()),
+            }),
+            None => Ok(1),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(expires_at: u64, host: Option<&str>) -> TokenRecord {
+        TokenRecord { created_at: 0, expires_at, host: host.map(str::to_owned), used_at: None, used_by: None }
+    }
+
+    #[test]
+    fn a_token_is_usable_exactly_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        cat.insert_token([1; 32], &token(100, None)).unwrap();
+        assert_eq!(cat.consume_token([1; 32], "n1", 10).unwrap(), Ok(()));
+        assert_eq!(cat.consume_token([1; 32], "n2", 11).unwrap(), Err(TokenRefusal::Used { by: "n1".into() }));
+        assert_eq!(cat.consume_token([2; 32], "n1", 10).unwrap(), Err(TokenRefusal::Unknown));
+    }
+
+    #[test]
+    fn expired_and_host_bound_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        cat.insert_token([1; 32], &token(100, None)).unwrap();
+        assert_eq!(cat.consume_token([1; 32], "n1", 100).unwrap(), Err(TokenRefusal::Expired));
+        cat.insert_token([2; 32], &token(100, Some("n1"))).unwrap();
+        assert!(matches!(cat.consume_token([2; 32], "n2", 1).unwrap(), Err(TokenRefusal::WrongHost { .. })));
+        assert_eq!(cat.consume_token([2; 32], "n1", 1).unwrap(), Ok(()));
+    }
+
+    #[test]
+    fn racing_enrollments_with_one_token_have_one_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        cat.insert_token([9; 32], &token(u64::MAX, None)).unwrap();
+        let wins: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let cat = cat.clone();
+                    s.spawn(move || cat.consume_token([9; 32], &format!("n{i}"), 1).unwrap().is_ok() as usize)
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn a_catalog_of_another_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cat = Catalog::create(dir.path()).unwrap();
+            cat.meta.insert("schema_version", &99u32.to_be_bytes()).unwrap();
+            cat.flush().unwrap();
+        }
+        assert!(matches!(Catalog::open(dir.path()), Err(CatalogError::Schema { found: 99, expected: 1 })));
+    }
+
+    #[test]
+    fn revocations_bump_the_crl_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        assert_eq!(cat.crl_number().unwrap(), 1);
+        let n = cat.revoke(&[RevocationRecord { serial: "0a".into(), host: "n".into(), revoked_at: 5 }]).unwrap();
+        assert_eq!(n, 2);
+        assert!(cat.is_revoked("0a").unwrap());
+    }
+}

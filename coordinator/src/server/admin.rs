@@ -1,0 +1,139 @@
+//! The admin API: one request per bidirectional stream, admin certificate required (checked by
+//! the caller). Handlers decide with the authority and the registry, then answer.
+
+use crate::catalog::now_secs;
+use crate::server::connection::violation;
+use crate::server::registry::{CloseHost, ListConnected};
+use crate::server::State;
+use bulwark_pki::quic::close;
+use bulwark_protocol::frame;
+use bulwark_protocol::handshake::check_version;
+use bulwark_protocol::messages::{AdminEnvelope, AdminRequest, AdminResponse, AgentInfo, StatusReport};
+use bulwark_protocol::{HostId, PROTOCOL_VERSION};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+/// Serves admin requests on `conn` until it closes.
+pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        let state = state.clone();
+        let conn = conn.clone();
+        actix_rt::spawn(
+            async move {
+                let env: AdminEnvelope = match frame::read_message(&mut recv).await {
+                    Ok(Some(env)) => env,
+                    Ok(None) => return,
+                    Err(e) => return violation(&conn, "malformed admin request", &e),
+                };
+                let response = match check_version(env.version) {
+                    Ok(_) => handle(&state, env.request).await,
+                    Err(e) => AdminResponse::Error { message: e.to_string() },
+                };
+                if frame::write_message(&mut send, &response).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
+}
+
+async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
+    tracing::info!(request = ?req, "admin request");
+    match req {
+        AdminRequest::Status => status(state).await,
+        AdminRequest::AgentList => agent_list(state).await,
+        AdminRequest::AgentRevoke { host } => revoke(state, host).await,
+        AdminRequest::TokenCreate { ttl_secs, host } => {
+            let authority = state.authority.clone();
+            match blocking(move || authority.create_token(Duration::from_secs(ttl_secs), host.as_ref())).await {
+                Ok(Ok((token, expires_at))) => AdminResponse::Token { token, expires_at },
+                Ok(Err(e)) => AdminResponse::Error { message: e.to_string() },
+                Err(e) => AdminResponse::Error { message: e },
+            }
+        }
+    }
+}
+
+async fn status(state: &Arc<State>) -> AdminResponse {
+    let connected = state.registry.send(ListConnected).await.unwrap_or_default();
+    let catalog = state.authority.catalog();
+    let enrolled = catalog.agents().map(|a| a.iter().filter(|a| !a.revoked).count()).unwrap_or(0);
+    AdminResponse::Status(StatusReport {
+        name: state.authority.config().name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        protocol_version: PROTOCOL_VERSION,
+        agents_connected: u32::try_from(connected.len()).unwrap_or(u32::MAX),
+        agents_enrolled: u32::try_from(enrolled).unwrap_or(u32::MAX),
+        vms_protected: 0,
+        jobs_running: 0,
+        store_bytes: dir_size(&state.authority.dir().store()),
+        catalog_bytes: catalog.size_on_disk(),
+    })
+}
+
+fn dir_size(path: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+async fn agent_list(state: &Arc<State>) -> AdminResponse {
+    let connected = state.registry.send(ListConnected).await.unwrap_or_default();
+    let records = match state.authority.catalog().agents() {
+        Ok(r) => r,
+        Err(e) => return AdminResponse::Error { message: e.to_string() },
+    };
+    let now = now_secs();
+    let agents = records
+        .into_iter()
+        .filter_map(|r| {
+            let host = HostId::new(r.host.clone()).ok()?;
+            let live = connected.iter().find(|c| c.host == r.host);
+            Some(AgentInfo {
+                host,
+                connected: live.is_some(),
+                last_seen: if live.is_some() { Some(now) } else { r.last_seen },
+                cert_serial: r.cert_serial,
+                revoked: r.revoked,
+                vms: live.map(|c| c.vms).unwrap_or(r.vms),
+                agent_version: live.map(|c| c.agent_version.clone()).or(r.agent_version),
+                remote_addr: live.map(|c| c.remote.to_string()),
+            })
+        })
+        .collect();
+    AdminResponse::Agents(agents)
+}
+
+async fn revoke(state: &Arc<State>, host: HostId) -> AdminResponse {
+    let authority = state.authority.clone();
+    let h = host.clone();
+    let serials = match blocking(move || authority.revoke_host(&h)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return AdminResponse::Error { message: e.to_string() },
+        Err(e) => return AdminResponse::Error { message: e },
+    };
+    state.apply_revocation().await;
+    let closed = state
+        .registry
+        .send(CloseHost { host: host.to_string(), code: close::REVOKED, reason: "certificate revoked".into() })
+        .await
+        .unwrap_or(0);
+    tracing::warn!(%host, ?serials, connections_closed = closed, "agent revoked");
+    AdminResponse::Revoked { host, serials, connections_closed: closed }
+}

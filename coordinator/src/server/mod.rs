@@ -1,0 +1,111 @@
+//! The coordinator's network side: a QUIC endpoint requiring client certificates of the
+//! deployment CA, a listener actor accepting connections, a registry of connected agents, one
+//! session actor per agent, and the admin API.
+
+pub mod admin;
+pub mod connection;
+pub mod registry;
+pub mod session;
+
+use crate::authority::{Authority, AuthorityError};
+use crate::catalog::Catalog;
+use crate::config::{CoordinatorConfig, DataDir};
+use actix::prelude::*;
+use bulwark_pki::quic::close;
+use registry::{CloseAll, Registry};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Why the coordinator could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Authority(#[from] AuthorityError),
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+}
+
+/// What every connection handler shares.
+pub struct State {
+    pub authority: Arc<Authority>,
+    pub endpoint: quinn::Endpoint,
+    pub registry: Addr<Registry>,
+}
+
+impl State {
+    /// Rebuilds the TLS config from the CRL on disk and swaps it in: new handshakes see the
+    /// revocation at once (rustls fixes CRLs when a verifier is built).
+    pub async fn apply_revocation(&self) {
+        match self.authority.server_config() {
+            Ok(cfg) => {
+                self.endpoint.set_server_config(Some(cfg));
+                tracing::info!("server TLS configuration rebuilt with the new CRL");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot rebuild the server configuration after a revocation"),
+        }
+    }
+}
+
+/// The listener actor: accepts connections and hands each to its own task.
+struct Listener {
+    state: Arc<State>,
+}
+
+impl Actor for Listener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let state = self.state.clone();
+        ctx.spawn(
+            async move {
+                while let Some(incoming) = state.endpoint.accept().await {
+                    actix_rt::spawn(connection::handle(state.clone(), incoming));
+                }
+            }
+            .into_actor(self)
+            .map(|(), _, ctx| ctx.stop()),
+        );
+    }
+}
+
+/// Runs the coordinator of `dir` until `shutdown` resolves.
+pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
+    let catalog = Catalog::open(&dir.catalog())?;
+    let mut authority = Authority::open(dir.clone(), catalog.clone())?;
+    authority.refresh_crl()?;
+    let config = authority.config().clone();
+    let server_config = authority.server_config()?;
+    let endpoint = quinn::Endpoint::server(server_config, config.listen)
+        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let local = endpoint.local_addr().map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    if config.listen.port() == 0 {
+        let chosen = CoordinatorConfig { listen: local, ..config.clone() };
+        chosen.save(&dir)?;
+        authority.set_config(chosen);
+    }
+    let addr_path = dir.addr_file();
+    bulwark_pki::files::write_atomic(&addr_path, format!("{local}\n").as_bytes(), 0o644)
+        .map_err(|source| ServeError::Write { path: addr_path.display().to_string(), source })?;
+    tracing::info!(addr = %local, name = %authority.config().name, "coordinator listening");
+
+    let registry = Registry::default().start();
+    let state =
+        Arc::new(State { authority: Arc::new(authority), endpoint: endpoint.clone(), registry: registry.clone() });
+    let _listener = Listener { state: state.clone() }.start();
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = registry.send(CloseAll).await;
+    endpoint.close(close::SHUTDOWN.into(), b"coordinator shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    catalog.flush()?;
+    let _ = std::fs::remove_file(&addr_path);
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The session actor: one per connected agent. It owns the control stream's sending half and
+//! is the only way to talk to that agent; a reader task feeds it what the agent sends.
+
+use crate::catalog::{now_secs, Catalog};
+use crate::server::registry::{Registry, SetInventory, Unregister};
+use actix::prelude::*;
+use bulwark_pki::quic::close;
+use bulwark_protocol::frame;
+use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+/// One agent's session.
+pub struct AgentSession {
+    pub host: String,
+    pub conn: quinn::Connection,
+    pub send: Arc<Mutex<quinn::SendStream>>,
+    pub registry: Addr<Registry>,
+    pub catalog: Catalog,
+    pub span: tracing::Span,
+}
+
+impl Actor for AgentSession {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.registry.do_send(Unregister { host: self.host.clone(), stable_id: self.conn.stable_id() });
+        let _ = self.catalog.touch_agent(&self.host, now_secs(), None);
+        let _ = self.catalog.flush();
+        self.span.in_scope(|| tracing::info!("agent disconnected"));
+    }
+}
+
+/// A message the agent sent on its control stream.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Inbound(pub AgentMessage);
+
+/// The agent's connection is gone (closed, timed out, or violated the protocol).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Closed;
+
+/// Send a message to the agent.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Send(pub CoordinatorMessage);
+
+impl Handler<Inbound> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, Inbound(msg): Inbound, ctx: &mut Context<Self>) {
+        let _g = self.span.enter();
+        match msg {
+            AgentMessage::Hello(_) => {
+                tracing::warn!("second hello on an established session: protocol violation");
+                self.conn.close(close::PROTOCOL_VIOLATION.into(), b"second hello");
+                ctx.stop();
+            }
+            AgentMessage::Inventory(inv) => {
+                tracing::debug!(vms = inv.vms.len(), "inventory");
+                let vms = u32::try_from(inv.vms.len()).unwrap_or(u32::MAX);
+                self.registry.do_send(SetInventory { host: self.host.clone(), stable_id: self.conn.stable_id(), vms });
+            }
+            AgentMessage::JobResult(r) => tracing::info!(job_id = %r.job, outcome = ?r.outcome, "job result"),
+            AgentMessage::Heartbeat => {}
+        }
+    }
+}
+
+impl Handler<Closed> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, _: Closed, ctx: &mut Context<Self>) {
+        ctx.stop();
+    }
+}
+
+impl Handler<Send> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, Send(msg): Send, ctx: &mut Context<Self>) {
+        let send = self.send.clone();
+        let conn = self.conn.clone();
+        ctx.spawn(
+            async move {
+                let mut s = send.lock().await;
+                if let Err(e) = frame::write_message(&mut *s, &msg).await {
+                    tracing::warn!(error = %e, "cannot send to agent");
+                    conn.close(close::PROTOCOL_VIOLATION.into(), b"send failed");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+}
