@@ -1,1 +1,19 @@
-//! placeholder
+//! The protection agent: runs on every hypervisor host, enrolls with a coordinator, keeps one
+//! mutually authenticated QUIC connection to it. Never depends on the coordinator crate.
+//!
+//! Modules in reading order:
+//! - [`config`]: `agent.toml` and the data directory.
+//! - [`enroll`]: `bulwark-agent enroll` (key, CSR, join token, CA pinning).
+//! - [`backoff`]: reconnect delays.
+//! - [`uplink`]: the uplink actor and its session logic.
+//! - [`run`]: `bulwark-agent run`.
+//! - [`cli`]: the command line.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod enroll;
+pub mod run;
+pub mod uplink;

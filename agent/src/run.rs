@@ -1,0 +1,66 @@
+//! `bulwark-agent run`: load the agent's credentials, start the uplink, run until told to stop.
+
+use crate::config::{read_text, AgentConfig, AgentConfigError, AgentDir};
+use crate::uplink::{Shutdown, Uplink};
+use actix::prelude::*;
+use bulwark_pki::{quic, tls};
+use bulwark_protocol::messages::Inventory;
+use bulwark_protocol::ALPN;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] AgentConfigError),
+    #[error(transparent)]
+    Pki(#[from] bulwark_pki::PkiError),
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(std::io::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Options of `run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub sim_root: Option<PathBuf>,
+}
+
+/// The quinn client config of an enrolled agent.
+pub fn client_config(dir: &AgentDir) -> Result<quinn::ClientConfig, RunError> {
+    let ca = tls::certs_from_pem(&read_text(&dir.ca())?, "CA certificate")?;
+    let ca = ca.into_iter().next().ok_or_else(|| RunError::Invalid("empty CA file".into()))?;
+    let chain = tls::certs_from_pem(&read_text(&dir.cert())?, "agent certificate")?;
+    let key = tls::key_from_pem(&read_text(&dir.key())?, "agent key")?;
+    Ok(quic::client(tls::client_config(&ca, chain, key, ALPN)?)?)
+}
+
+/// Runs the agent of `dir` until `shutdown` resolves.
+pub async fn run(
+    dir: AgentDir,
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RunError> {
+    let mut config = AgentConfig::load(&dir)?;
+    if let Some(root) = opts.sim_root {
+        config.hypervisor.kind = "sim".into();
+        config.hypervisor.root = Some(root);
+    }
+    let client = client_config(&dir)?;
+    let bind = match config.coordinator.parse::<std::net::SocketAddr>() {
+        Ok(a) => quic::client_bind_addr(a),
+        Err(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(RunError::Socket)?;
+    endpoint.set_default_client_config(client);
+    tracing::info!(host = %config.host, coordinator = %config.coordinator, hypervisor = %config.hypervisor.kind, "agent starting");
+    let uplink = Uplink::new(config, endpoint.clone(), Inventory { vms: vec![] }).start();
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = uplink.send(Shutdown).await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    tracing::info!("stopped");
+    Ok(())
+}

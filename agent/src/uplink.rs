@@ -1,0 +1,227 @@
+//! The uplink actor: the agent's one connection to its coordinator. It dials, says hello,
+//! reports the inventory, sends heartbeats, and when the connection is lost dials again after a
+//! capped, jittered backoff. The connection logic is a plain async function; the actor owns the
+//! connection's lifecycle and timers.
+
+use crate::backoff::Backoff;
+use crate::config::AgentConfig;
+use actix::prelude::*;
+use bulwark_pki::quic;
+use bulwark_protocol::frame;
+use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage, Hello, Inventory};
+use bulwark_protocol::{HostId, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use rand::Rng;
+use std::net::ToSocketAddrs;
+use std::time::Duration;
+use tracing::Instrument;
+
+/// How a connection attempt or an established session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Never got as far as a welcome.
+    ConnectFailed(String),
+    /// The coordinator refused us (certificate, hello).
+    Refused(String),
+    /// An established session was lost.
+    Lost(String),
+    /// We closed it (shutdown).
+    Closed,
+}
+
+/// The uplink actor.
+pub struct Uplink {
+    pub config: AgentConfig,
+    pub endpoint: quinn::Endpoint,
+    pub backoff: Backoff,
+    pub attempt: u32,
+    pub conn: Option<quinn::Connection>,
+    pub inventory: Inventory,
+    pub stopping: bool,
+}
+
+impl Uplink {
+    pub fn new(config: AgentConfig, endpoint: quinn::Endpoint, inventory: Inventory) -> Self {
+        Self { config, endpoint, backoff: Backoff::default(), attempt: 0, conn: None, inventory, stopping: false }
+    }
+}
+
+impl Actor for Uplink {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.notify(Dial);
+    }
+}
+
+/// Dial the coordinator now.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Dial;
+
+/// A session reached its welcome.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Established(quinn::Connection);
+
+/// Close the connection and stop dialing.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+impl Handler<Dial> for Uplink {
+    type Result = ();
+    fn handle(&mut self, _: Dial, ctx: &mut Context<Self>) {
+        if self.stopping {
+            return;
+        }
+        let endpoint = self.endpoint.clone();
+        let config = self.config.clone();
+        let inventory = self.inventory.clone();
+        let me = ctx.address();
+        let span = tracing::info_span!("uplink", host = %self.config.host, coordinator = %self.config.coordinator, attempt = self.attempt);
+        ctx.spawn(
+            async move { run_session(&endpoint, &config, inventory, |c| me.do_send(Established(c))).await }
+                .instrument(span)
+                .into_actor(self)
+                .map(|end, act, ctx| act.session_ended(end, ctx)),
+        );
+    }
+}
+
+impl Handler<Established> for Uplink {
+    type Result = ();
+    fn handle(&mut self, Established(conn): Established, _: &mut Context<Self>) {
+        self.attempt = 0;
+        self.conn = Some(conn);
+    }
+}
+
+impl Handler<Shutdown> for Uplink {
+    type Result = ();
+    fn handle(&mut self, _: Shutdown, _: &mut Context<Self>) {
+        self.stopping = true;
+        if let Some(c) = self.conn.take() {
+            c.close(quic::close::SHUTDOWN.into(), b"agent shutting down");
+        }
+    }
+}
+
+impl Uplink {
+    fn session_ended(&mut self, end: SessionEnd, ctx: &mut Context<Self>) {
+        self.conn = None;
+        if self.stopping {
+            return;
+        }
+        match &end {
+            SessionEnd::Refused(r) => tracing::error!(host = %self.config.host, "{r}"),
+            SessionEnd::ConnectFailed(r) | SessionEnd::Lost(r) => tracing::warn!(host = %self.config.host, "{r}"),
+            SessionEnd::Closed => {}
+        }
+        let delay = self.backoff.delay(self.attempt, rand::thread_rng().gen::<f64>());
+        self.attempt = self.attempt.saturating_add(1);
+        tracing::info!(delay = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)), "reconnecting");
+        ctx.run_later(delay, |_, ctx| ctx.notify(Dial));
+    }
+}
+
+/// One connection from dial to end: hello, welcome, inventory, then heartbeats and whatever
+/// the coordinator sends, until the connection ends.
+pub async fn run_session(
+    endpoint: &quinn::Endpoint,
+    config: &AgentConfig,
+    inventory: Inventory,
+    on_established: impl FnOnce(quinn::Connection),
+) -> SessionEnd {
+    let failed = |r: String| {
+        SessionEnd::ConnectFailed(format!("cannot connect to the coordinator at {}: {r}", config.coordinator))
+    };
+    let Some(addr) = config.coordinator.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return failed("address does not resolve".into());
+    };
+    let host = match HostId::new(config.host.clone()) {
+        Ok(h) => h,
+        Err(e) => return failed(e.to_string()),
+    };
+    let conn = match endpoint.connect(addr, &config.coordinator_name) {
+        Ok(connecting) => match connecting.await {
+            Ok(c) => c,
+            Err(e) => return classify(&e, failed),
+        },
+        Err(e) => return failed(e.to_string()),
+    };
+    // Under TLS 1.3 a refused client certificate shows up here, on the first stream.
+    let (mut send, mut recv) = match conn.open_bi().await {
+        Ok(s) => s,
+        Err(e) => return classify(&e, failed),
+    };
+    let hello = AgentMessage::Hello(Hello {
+        min_version: MIN_PROTOCOL_VERSION,
+        max_version: PROTOCOL_VERSION,
+        host,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    });
+    let closed = |conn: &quinn::Connection, fallback: String| match conn.close_reason() {
+        Some(e) => classify(&e, failed),
+        None => failed(fallback),
+    };
+    if let Err(e) = frame::write_message(&mut send, &hello).await {
+        return closed(&conn, e.to_string());
+    }
+    let welcome = match frame::read_message::<CoordinatorMessage, _>(&mut recv).await {
+        Ok(Some(CoordinatorMessage::Welcome(w))) => w,
+        Ok(Some(CoordinatorMessage::Refused { reason })) => {
+            return SessionEnd::Refused(format!("refused by the coordinator: {reason}"))
+        }
+        Ok(Some(other)) => return failed(format!("unexpected first answer {other:?}")),
+        Ok(None) => return closed(&conn, "the coordinator closed the control stream".into()),
+        Err(e) => return closed(&conn, e.to_string()),
+    };
+    tracing::info!(coordinator = %welcome.coordinator, version = welcome.version, "connected");
+    on_established(conn.clone());
+    if let Err(e) = frame::write_message(&mut send, &AgentMessage::Inventory(inventory)).await {
+        return lost(&conn, e.to_string());
+    }
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(welcome.heartbeat_secs.max(1))));
+    heartbeat.tick().await;
+    loop {
+        tokio::select! {
+            _ = heartbeat.tick() => {
+                if let Err(e) = frame::write_message(&mut send, &AgentMessage::Heartbeat).await {
+                    return lost(&conn, e.to_string());
+                }
+            }
+            msg = frame::read_message::<CoordinatorMessage, _>(&mut recv) => match msg {
+                Ok(Some(CoordinatorMessage::Heartbeat)) => {}
+                Ok(Some(CoordinatorMessage::JobRequest(job))) => {
+                    tracing::warn!(job_id = %job.job, vm = %job.vm, "job requests are not handled by this agent yet");
+                }
+                Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
+                Ok(None) => return lost(&conn, "the coordinator closed the control stream".into()),
+                Err(e) => return lost(&conn, e.to_string()),
+            },
+        }
+    }
+}
+
+fn lost(conn: &quinn::Connection, fallback: String) -> SessionEnd {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::LocallyClosed) => SessionEnd::Closed,
+        Some(e) => match classify(&e, SessionEnd::ConnectFailed) {
+            SessionEnd::ConnectFailed(r) => SessionEnd::Lost(format!("connection to the coordinator lost: {r}")),
+            other => other,
+        },
+        None => SessionEnd::Lost(format!("connection to the coordinator lost: {fallback}")),
+    }
+}
+
+/// Refusals of our certificate are `Refused` (an operator must act); the rest may heal.
+fn classify(e: &quinn::ConnectionError, failed: impl FnOnce(String) -> SessionEnd) -> SessionEnd {
+    if matches!(e, quinn::ConnectionError::LocallyClosed) {
+        return SessionEnd::Closed;
+    }
+    let text = quic::explain(e);
+    if text.starts_with("refused by the coordinator") {
+        SessionEnd::Refused(text)
+    } else {
+        failed(text)
+    }
+}
