@@ -86,7 +86,7 @@ fn random_serial() -> SerialNumber {
 }
 
 fn serial_from_hex(s: &str) -> Option<SerialNumber> {
-    if s.len() % 2 != 0 || s.is_empty() {
+    if !s.len().is_multiple_of(2) || s.is_empty() {
         return None;
     }
     let bytes: Option<Vec<u8>> =

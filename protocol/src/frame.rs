@@ -207,11 +207,8 @@ mod tests {
         fn decoder_survives_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..4096), limit in 1usize..2048) {
             let mut d = FrameDecoder::new(limit);
             d.feed(&bytes);
-            loop {
-                match d.next_frame() {
-                    Ok(Some(f)) => prop_assert!(!f.is_empty() && f.len() <= limit),
-                    Ok(None) | Err(_) => break,
-                }
+            while let Ok(Some(f)) = d.next_frame() {
+                prop_assert!(!f.is_empty() && f.len() <= limit);
             }
             prop_assert!(d.buf.len() <= bytes.len());
         }

@@ -12,6 +12,7 @@
 //! - [`frame`]: `u32` length-prefixed frames, a sans-IO decoder and async read/write helpers.
 //! - [`block`]: the raw block-frame format of bulk transfer streams.
 //! - [`handshake`]: version negotiation and the coordinator's checks of an agent's hello.
+//! - [`units`]: sizes and rates as humans write them.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +22,7 @@ pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod messages;
+pub mod units;
 
 pub use ids::{DiskId, HostId, JobId, RecoveryPointId, VmId};
 

@@ -1,1 +1,12 @@
-//! placeholder
+//! Bulwark's simulations and benchmarks: what proves the product keeps its promises, and the
+//! figures that say how fast it keeps them.
+//!
+//! Modules in reading order:
+//! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
+//!   loopback) that every other figure is a ratio against.
+//! - [`report`]: `bench-results.json` and the SVG chart.
+
+#![forbid(unsafe_code)]
+
+pub mod limits;
+pub mod report;

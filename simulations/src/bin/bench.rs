@@ -1,1 +1,121 @@
-fn main() {}
+//! `bulwark-bench`: the benchmark table — Bulwark against its peers and against the machine's
+//! own limits, on the same data in one run. Timing lives here, never in tests.
+
+use anyhow::Context as _;
+use bulwark_protocol::units::{format_size, parse_size};
+use bulwark_simulations::limits;
+use bulwark_simulations::report::{bar_chart_svg, Limits, Machine, Report};
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Bulwark benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "bulwark-bench", version, about)]
+struct Cli {
+    /// initial, incremental, cc, restore, smart-restore, limits, all.
+    #[arg(long, default_value = "all")]
+    scenario: String,
+    /// Disk sizes to benchmark, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1GiB")]
+    sizes: Vec<String>,
+    /// Bytes used to measure the machine's limits (read, BLAKE3, QUIC).
+    #[arg(long, default_value = "1GiB")]
+    limit_bytes: String,
+    /// Peers to compare with.
+    #[arg(long, value_delimiter = ',', default_value = "restic,borg")]
+    peers: Vec<String>,
+    /// Where bench-results.json and the chart go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// text or json (the report on stdout).
+    #[arg(long, default_value = "text")]
+    output: String,
+}
+
+const BUILT: &[&str] = &["limits"];
+const PLANNED: &[&str] = &["initial", "incremental", "cc", "restore", "smart-restore"];
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let scenarios: Vec<&str> = match cli.scenario.as_str() {
+        "all" => BUILT.to_vec(),
+        s if BUILT.contains(&s) => vec![s],
+        s if PLANNED.contains(&s) => {
+            anyhow::bail!("scenario {s:?} needs the store and the data path, which are not built yet")
+        }
+        s => anyhow::bail!("unknown scenario {s:?} (known: {}, all)", [BUILT, PLANNED].concat().join(", ")),
+    };
+    if cli.scenario == "all" {
+        eprintln!(
+            "note: scenarios not built yet and skipped: {} (--sizes and --peers apply to those)",
+            PLANNED.join(", ")
+        );
+    }
+    for s in &cli.sizes {
+        parse_size(s)?;
+    }
+    for p in &cli.peers {
+        anyhow::ensure!(["restic", "borg"].contains(&p.as_str()), "unknown peer {p:?} (known: restic, borg)");
+    }
+    let sample = parse_size(&cli.limit_bytes)?;
+    anyhow::ensure!(sample >= 1 << 20, "--limit-bytes must be at least 1MiB");
+    std::fs::create_dir_all(&cli.out).with_context(|| format!("cannot create {}", cli.out.display()))?;
+
+    let mut lim = Limits { sample_bytes: sample, ..Limits::default() };
+    if scenarios.contains(&"limits") {
+        let file = cli.out.join("limits-sample.bin");
+        eprintln!("measuring limits on {} of random data", format_size(sample));
+        limits::write_random_file(&file, sample, 1)?;
+        lim.read_bps_cached = limits::read_bps(&file)?;
+        match limits::direct_read_bps(&file)? {
+            Some(bps) => (lim.read_bps, lim.read_direct) = (bps, true),
+            None => lim.read_bps = lim.read_bps_cached,
+        }
+        lim.blake3_bps_one_thread = limits::blake3_bps(&file, 1)?;
+        lim.blake3_bps = limits::blake3_bps(&file, limits::cores())?;
+        std::fs::remove_file(&file)?;
+        lim.quic_bps_1_stream = limits::quic_bps(sample, 1)?;
+        lim.quic_bps_4_streams = limits::quic_bps(sample, 4)?;
+        lim.quic_bps = lim.quic_bps_1_stream.max(lim.quic_bps_4_streams);
+    }
+    let report = Report {
+        machine: Machine { cores: limits::cores(), mem_bytes: limits::mem_bytes() },
+        limits: lim,
+        results: vec![],
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(cli.out.join("bench-results.json"), &json)?;
+    let l = &report.limits;
+    let bars = vec![
+        (if l.read_direct { "raw read (O_DIRECT)" } else { "raw read (cached)" }.to_owned(), l.read_bps),
+        ("read, warm page cache".to_owned(), l.read_bps_cached),
+        ("BLAKE3, 1 thread".to_owned(), l.blake3_bps_one_thread),
+        (format!("BLAKE3, {} threads", report.machine.cores), l.blake3_bps),
+        ("QUIC + mTLS, 1 stream".to_owned(), l.quic_bps_1_stream),
+        ("QUIC + mTLS, 4 streams".to_owned(), l.quic_bps_4_streams),
+    ];
+    std::fs::write(cli.out.join("bench-limits.svg"), bar_chart_svg("Machine limits (loopback)", &bars))?;
+
+    if cli.output == "json" {
+        println!("{json}");
+    } else {
+        let mib = |v: f64| v / 1048576.0;
+        println!("machine: {} cores, {}", report.machine.cores, format_size(report.machine.mem_bytes));
+        println!("{:<28} {:>12}  {:>10}", "limit", "MiB/s", "vs read");
+        for (name, v) in &bars {
+            println!("{name:<28} {:>12.1}  {:>9.2}x", mib(*v), v / l.read_bps.max(1.0));
+        }
+        println!("wrote {}", cli.out.join("bench-results.json").display());
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! The benchmark binary runs end to end on a small sample and writes a report of the
+//! contract's shape. (Figures are checked for being measured, never for being fast.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[test]
+fn bench_limits_writes_the_contract_report() {
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark-bench"))
+        .args(["--scenario", "limits", "--limit-bytes", "8MiB", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("bench-results.json")).unwrap()).unwrap();
+    assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(report["machine"]["mem_bytes"].as_u64().unwrap() > 0);
+    for limit in ["read_bps", "blake3_bps", "quic_bps", "quic_bps_1_stream", "quic_bps_4_streams"] {
+        assert!(report["limits"][limit].as_f64().unwrap() > 0.0, "{limit} not measured: {report}");
+    }
+    assert!(report["results"].is_array());
+    let svg = std::fs::read_to_string(out.path().join("bench-limits.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("QUIC + mTLS"));
+    assert!(!out.path().join("limits-sample.bin").exists(), "the sample file is cleaned up");
+}
+
+#[test]
+fn bench_refuses_unknown_scenarios_and_bad_sizes() {
+    let run =
+        |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_bulwark-bench")).args(args).output().unwrap();
+    let out = run(&["--scenario", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
+    let out = run(&["--scenario", "limits", "--limit-bytes", "lots"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a size"));
+}
