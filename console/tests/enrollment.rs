@@ -55,7 +55,6 @@ fn revoking_an_agent_closes_its_live_connection_and_refuses_the_next() {
     // Revocation survives a coordinator restart (the CRL is persisted).
     c.coordinator.signal(libc::SIGTERM);
     assert!(c.coordinator.child.wait().unwrap().success());
-    std::fs::remove_file(c.dir().join("coordinator.addr")).ok();
     c.coordinator =
         Daemon::spawn(&["x-coordinator", "serve", "--data-dir", &c.dir_str()], c.root.path().join("coord2.log"));
     wait_until("restarted coordinator", std::time::Duration::from_secs(20), || {
@@ -155,4 +154,38 @@ fn init_refuses_an_initialized_directory() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already initialized"));
     assert_eq!(std::fs::read(c.dir().join("pki/ca.pem")).unwrap(), before);
+}
+
+#[test]
+fn a_killed_agent_is_shown_disconnected_after_the_idle_timeout_and_reconnects_on_restart() {
+    let mut c = Cluster::start();
+    c.enroll("node1");
+    let i = c.run_agent("node1");
+    c.wait_connected("node1", true);
+    c.agents[i].signal(libc::SIGKILL);
+    let _ = c.agents[i].child.wait();
+    // No goodbye was sent: QUIC's idle timeout (30 s) is what notices.
+    wait_until("killed agent shown disconnected", std::time::Duration::from_secs(45), || {
+        c.agent_connected("node1") == Some(false)
+    });
+    c.run_agent("node1");
+    c.wait_connected("node1", true);
+}
+
+#[test]
+fn an_agent_reconnects_by_itself_when_the_coordinator_restarts() {
+    let mut c = Cluster::start();
+    c.enroll("node1");
+    let i = c.run_agent("node1");
+    c.wait_connected("node1", true);
+    c.coordinator.signal(libc::SIGTERM);
+    assert!(c.coordinator.child.wait().unwrap().success(), "clean stop");
+    assert!(!c.dir().join("coordinator.addr").exists(), "a clean stop removes coordinator.addr");
+    c.agents[i].wait_log("reconnecting");
+    c.coordinator =
+        Daemon::spawn(&["x-coordinator", "serve", "--data-dir", &c.dir_str()], c.root.path().join("coord2.log"));
+    wait_until("restarted coordinator", std::time::Duration::from_secs(20), || {
+        c.dir().join("coordinator.addr").exists()
+    });
+    c.wait_connected("node1", true);
 }
