@@ -7,6 +7,7 @@
 //! - [`init`]: `bulwark-coordinator init`.
 //! - [`authority`]: CA, join tokens, enrollment and revocation decisions.
 //! - [`server`]: the listener, registry and session actors, and the admin API.
+//! - [`store`]: the replica store (chunks, packs, block maps, verify, GC).
 //! - [`admin_client`]: the client side of the admin API (used by the console).
 //! - [`cli`]: the `bulwark-coordinator` command line.
 
@@ -19,3 +20,4 @@ pub mod cli;
 pub mod config;
 pub mod init;
 pub mod server;
+pub mod store;

@@ -11,12 +11,14 @@
 //! - [`codec`]: bincode 2 encode/decode with explicit limits (the only place bincode is named).
 //! - [`frame`]: `u32` length-prefixed frames, a sans-IO decoder and async read/write helpers.
 //! - [`block`]: the raw block-frame format of bulk transfer streams.
+//! - [`blockmap`]: Merkle block maps (update, walk) over any page store.
 //! - [`handshake`]: version negotiation and the coordinator's checks of an agent's hello.
 //! - [`units`]: sizes and rates as humans write them.
 
 #![forbid(unsafe_code)]
 
 pub mod block;
+pub mod blockmap;
 pub mod codec;
 pub mod frame;
 pub mod handshake;

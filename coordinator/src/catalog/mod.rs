@@ -8,13 +8,36 @@
 //! tree "tokens"       secret_hash [32] → TokenRecord
 //! tree "agents"       host name (utf-8) → AgentRecord
 //! tree "revocations"  serial hex (utf-8) → RevocationRecord
+//! tree "vms"          VM id (utf-8) → VmRecord
+//! tree "groups"       group name (utf-8) → GroupRecord
+//! tree "jobs"         job id u64 BE → JobRecord
+//! tree "schedules"    group name ‖ 0x00 ‖ schedule kind (utf-8) → next run, Unix seconds u64 BE
+//! tree "replicas"     VM id ‖ 0x00 ‖ disk name → ReplicaRecord
+//! tree "rps"          VM id ‖ 0x00 ‖ created_at ms u64 BE ‖ rp id [16] → RecoveryPointRecord
+//! tree "chunks"       chunk id [32] → pack::Location (16 bytes: pack u32 BE, offset u64 BE, len u32 BE)
+//! tree "bad_chunks"   chunk id [32] → BadChunk
+//! tree "packs"        pack id u32 BE → durable length u64 BE
+//! meta "next_job_id"  u64 BE
 //! ```
-//! Writes that must survive a crash (a consumed token, a revocation) are flushed before the
-//! caller is answered.
+//! Writes that must survive a crash (a consumed token, a revocation, a commit) are made
+//! durable before the caller is answered: sled's `flush()` and then an fsync of every file of
+//! the catalog directory ([`Catalog::flush_durable`]), because sled's own flush uses
+//! `sync_file_range`, which does not survive a power loss. A store commit
+//! ([`Catalog::commit`]) is one sled transaction over recovery points, replicas, chunk index
+//! and pack lengths: all of it or nothing.
 
+mod inventory;
+mod records;
+mod store_trees;
+
+pub use records::*;
+pub use store_trees::{replica_key, rp_key};
+
+use crate::store::pack::Location;
+use bulwark_protocol::block::Digest;
 use bulwark_protocol::codec;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::path::Path;
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::{Path, PathBuf};
 
 /// The schema this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -30,17 +53,8 @@ pub enum CatalogError {
     Schema { found: u32, expected: u32 },
     #[error("catalog record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
-}
-
-/// A join token as stored: only the hash of its secret is the key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenRecord {
-    pub created_at: u64,
-    pub expires_at: u64,
-    /// If set, only this host may enroll with the token.
-    pub host: Option<String>,
-    pub used_at: Option<u64>,
-    pub used_by: Option<String>,
+    #[error("cannot make the catalog durable: {0}")]
+    Sync(std::io::Error),
 }
 
 /// Why a token cannot be used.
@@ -56,35 +70,42 @@ pub enum TokenRefusal {
     WrongHost { allowed: String, asked: String },
 }
 
-/// An enrolled agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentRecord {
-    pub host: String,
-    pub cert_serial: String,
-    pub enrolled_at: u64,
-    pub cert_not_after: u64,
-    pub revoked: bool,
-    pub last_seen: Option<u64>,
-    pub agent_version: Option<String>,
-    pub vms: u32,
-}
-
-/// A revoked certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RevocationRecord {
-    pub serial: String,
-    pub host: String,
-    pub revoked_at: u64,
-}
-
 /// The catalog handle; cheap to clone.
 #[derive(Clone)]
 pub struct Catalog {
+    path: PathBuf,
     db: sled::Db,
     meta: sled::Tree,
     tokens: sled::Tree,
     agents: sled::Tree,
     revocations: sled::Tree,
+    vms: sled::Tree,
+    groups: sled::Tree,
+    jobs: sled::Tree,
+    schedules: sled::Tree,
+    replicas: sled::Tree,
+    rps: sled::Tree,
+    chunks: sled::Tree,
+    bad_chunks: sled::Tree,
+    packs: sled::Tree,
+}
+
+/// Everything one store commit changes, applied atomically by [`Catalog::commit`].
+#[derive(Debug, Default, Clone)]
+pub struct Commit {
+    /// Durable lengths of packs fsynced for this commit.
+    pub packs: Vec<(u32, u64)>,
+    /// Packs whose file is about to be deleted.
+    pub drop_packs: Vec<u32>,
+    pub replicas: Vec<ReplicaRecord>,
+    pub recovery_point: Option<RecoveryPointRecord>,
+    pub drop_recovery_points: Vec<RecoveryPointRecord>,
+    /// Index entries to set (new or moved chunks).
+    pub index_put: Vec<(Digest, Location)>,
+    /// Index entries to remove, only if they still hold the given location.
+    pub index_drop: Vec<(Digest, Location)>,
+    /// Bad-chunk marks healed by this commit.
+    pub healed: Vec<Digest>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -142,10 +163,20 @@ impl Catalog {
             _ => CatalogError::Sled(e),
         })?;
         Ok(Self {
+            path: path.to_owned(),
             meta: db.open_tree("meta")?,
             tokens: db.open_tree("tokens")?,
             agents: db.open_tree("agents")?,
             revocations: db.open_tree("revocations")?,
+            vms: db.open_tree("vms")?,
+            groups: db.open_tree("groups")?,
+            jobs: db.open_tree("jobs")?,
+            schedules: db.open_tree("schedules")?,
+            replicas: db.open_tree("replicas")?,
+            rps: db.open_tree("rps")?,
+            chunks: db.open_tree("chunks")?,
+            bad_chunks: db.open_tree("bad_chunks")?,
+            packs: db.open_tree("packs")?,
             db,
         })
     }
@@ -154,6 +185,13 @@ impl Catalog {
     pub fn flush(&self) -> Result<(), CatalogError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Makes every write so far durable against power loss, not only against a process crash:
+    /// sled's flush, then an fsync of each file of the catalog directory.
+    pub fn flush_durable(&self) -> Result<(), CatalogError> {
+        self.db.flush()?;
+        fsync_tree(&self.path).map_err(CatalogError::Sync)
     }
 
     /// Bytes sled uses on disk.
@@ -261,6 +299,19 @@ impl Catalog {
             None => Ok(1),
         }
     }
+}
+
+fn fsync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        if ty.is_dir() {
+            fsync_tree(&entry.path())?;
+        } else if ty.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -1,0 +1,117 @@
+//! Typed access to VMs, protection groups, jobs and schedules' next-run times.
+
+use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, VmRecord};
+
+fn schedule_key(group: &str, kind: &str) -> Vec<u8> {
+    [group.as_bytes(), &[0], kind.as_bytes()].concat()
+}
+
+impl Catalog {
+    // ---- VMs
+
+    pub fn vm(&self, id: &str) -> Result<Option<VmRecord>, CatalogError> {
+        self.vms.get(id.as_bytes())?.map(|v| decode("vms", &v)).transpose()
+    }
+
+    pub fn put_vm(&self, vm: &VmRecord) -> Result<(), CatalogError> {
+        self.vms.insert(vm.id.as_bytes(), encode("vms", vm)?)?;
+        Ok(())
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRecord>, CatalogError> {
+        self.vms.iter().values().map(|v| decode("vms", &v?)).collect()
+    }
+
+    // ---- groups
+
+    pub fn group(&self, name: &str) -> Result<Option<GroupRecord>, CatalogError> {
+        self.groups.get(name.as_bytes())?.map(|v| decode("groups", &v)).transpose()
+    }
+
+    pub fn put_group(&self, g: &GroupRecord) -> Result<(), CatalogError> {
+        self.groups.insert(g.name.as_bytes(), encode("groups", g)?)?;
+        self.flush_durable()
+    }
+
+    pub fn delete_group(&self, name: &str) -> Result<bool, CatalogError> {
+        let existed = self.groups.remove(name.as_bytes())?.is_some();
+        self.flush_durable()?;
+        Ok(existed)
+    }
+
+    pub fn groups(&self) -> Result<Vec<GroupRecord>, CatalogError> {
+        self.groups.iter().values().map(|v| decode("groups", &v?)).collect()
+    }
+
+    // ---- jobs
+
+    /// A new job id, never handed out before (survives restarts).
+    pub fn next_job_id(&self) -> Result<u64, CatalogError> {
+        let v = self.meta.update_and_fetch("next_job_id", |old| {
+            let n = old.and_then(|o| <[u8; 8]>::try_from(o).ok()).map(u64::from_be_bytes).unwrap_or(0) + 1;
+            Some(n.to_be_bytes().to_vec())
+        })?;
+        let n = v.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes).unwrap_or(1);
+        Ok(n)
+    }
+
+    pub fn job(&self, id: u64) -> Result<Option<JobRecord>, CatalogError> {
+        self.jobs.get(id.to_be_bytes())?.map(|v| decode("jobs", &v)).transpose()
+    }
+
+    pub fn put_job(&self, job: &JobRecord) -> Result<(), CatalogError> {
+        self.jobs.insert(job.id.to_be_bytes(), encode("jobs", job)?)?;
+        self.flush_durable()
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, CatalogError> {
+        self.jobs.iter().values().map(|v| decode("jobs", &v?)).collect()
+    }
+
+    // ---- schedules
+
+    /// The persisted next-run time (Unix seconds) of a group's schedule kind.
+    pub fn next_run(&self, group: &str, kind: &str) -> Result<Option<u64>, CatalogError> {
+        Ok(self
+            .schedules
+            .get(schedule_key(group, kind))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    pub fn set_next_run(&self, group: &str, kind: &str, at: u64) -> Result<(), CatalogError> {
+        self.schedules.insert(schedule_key(group, kind), &at.to_be_bytes())?;
+        self.flush_durable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_unique_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = {
+            let cat = Catalog::create(dir.path()).unwrap();
+            let a = cat.next_job_id().unwrap();
+            assert_eq!(cat.next_job_id().unwrap(), a + 1);
+            cat.flush_durable().unwrap();
+            a
+        };
+        let cat = Catalog::open(dir.path()).unwrap();
+        assert_eq!(cat.next_job_id().unwrap(), a + 2);
+    }
+
+    #[test]
+    fn next_run_times_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cat = Catalog::create(dir.path()).unwrap();
+            assert_eq!(cat.next_run("g", "sync").unwrap(), None);
+            cat.set_next_run("g", "sync", 1234).unwrap();
+        }
+        assert_eq!(Catalog::open(dir.path()).unwrap().next_run("g", "sync").unwrap(), Some(1234));
+    }
+}

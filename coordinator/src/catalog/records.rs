@@ -1,0 +1,184 @@
+//! The records the catalog stores. Plain data; `mod.rs` decides where each lives.
+
+use bulwark_protocol::block::Digest;
+use bulwark_protocol::blockmap::TreeRoot;
+use bulwark_protocol::messages::{Consistency, DiskInfo, GuestOs, PowerState};
+use serde::{Deserialize, Serialize};
+
+/// A join token as stored: only the hash of its secret is the key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub created_at: u64,
+    pub expires_at: u64,
+    /// If set, only this host may enroll with the token.
+    pub host: Option<String>,
+    pub used_at: Option<u64>,
+    pub used_by: Option<String>,
+}
+
+/// An enrolled agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub host: String,
+    pub cert_serial: String,
+    pub enrolled_at: u64,
+    pub cert_not_after: u64,
+    pub revoked: bool,
+    pub last_seen: Option<u64>,
+    pub agent_version: Option<String>,
+    pub vms: u32,
+}
+
+/// A revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRecord {
+    pub serial: String,
+    pub host: String,
+    pub revoked_at: u64,
+}
+
+/// A VM the coordinator knows of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub id: String,
+    pub name: String,
+    pub host: String,
+    pub os: GuestOs,
+    pub power: PowerState,
+    pub disks: Vec<DiskInfo>,
+    pub group: Option<String>,
+    pub updated_at: u64,
+}
+
+/// A protection group's policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub sync_every_secs: Option<u64>,
+    /// Minutes after midnight (coordinator local time) of each recovery point.
+    pub recovery_points: Vec<u16>,
+    pub express_full_before_rp: bool,
+    pub retention_secs: u64,
+    pub cc_when_inconsistent: bool,
+    pub cc_at: Option<u16>,
+    /// `now`, `at:HH:MM` or `manual`.
+    pub replica_creation: String,
+    pub block_size: u32,
+}
+
+/// A protection group: members and one policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub name: String,
+    pub members: Vec<String>,
+    pub policy: Policy,
+    pub created_at: u64,
+}
+
+/// State of a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaState {
+    Creating,
+    Consistent,
+    Inconsistent,
+}
+
+impl ReplicaState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::Creating => "creating",
+            ReplicaState::Consistent => "consistent",
+            ReplicaState::Inconsistent => "inconsistent",
+        }
+    }
+}
+
+/// The replica of one protected disk: its current (mutable) block-map root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaRecord {
+    pub vm: String,
+    pub disk: String,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub state: ReplicaState,
+    pub root: Option<TreeRoot>,
+    /// The agent's change token this replica is current with.
+    pub change_token: Option<u64>,
+    /// Why it is inconsistent, when it is.
+    pub reason: Option<String>,
+    pub updated_at: u64,
+}
+
+/// One disk of a recovery point: a frozen root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpDisk {
+    pub name: String,
+    pub size_bytes: u64,
+    pub block_size: u32,
+    pub root: TreeRoot,
+}
+
+/// A recovery point: frozen roots of all disks of a VM, its configuration and consistency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPointRecord {
+    pub id: [u8; 16],
+    pub vm: String,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    pub consistency: Consistency,
+    /// The VM's configuration blob, as the hypervisor gave it.
+    pub config: Vec<u8>,
+    pub disks: Vec<RpDisk>,
+    /// Sum of the disks' sizes.
+    pub logical_bytes: u64,
+    /// Bytes this recovery point added to the store (new chunks and pages).
+    pub stored_bytes: u64,
+}
+
+/// Kinds of jobs the catalog records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobKind {
+    Initial,
+    Sync,
+    ExpressFull,
+    ConsistencyCheck,
+    Recovery,
+    Verify,
+    Prune,
+    Gc,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// A job as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: u64,
+    pub kind: JobKind,
+    pub vm: Option<String>,
+    pub state: JobState,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub bytes_transferred: u64,
+    pub bytes_scanned: u64,
+    pub blocks_changed: u64,
+    pub consistency: Option<Consistency>,
+    pub error: Option<String>,
+}
+
+/// A chunk verify found bad.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadChunk {
+    pub id: Digest,
+    pub pack: u32,
+    pub offset: u64,
+    pub reason: String,
+    pub found_at: u64,
+}

@@ -1,0 +1,172 @@
+//! Typed access to the store's trees: replicas, recovery points, the chunk index, bad chunks,
+//! pack lengths, and the one transactional [`Catalog::commit`].
+
+use super::{decode, encode, BadChunk, Catalog, CatalogError, Commit, RecoveryPointRecord, ReplicaRecord};
+use crate::store::pack::Location;
+use bulwark_protocol::block::Digest;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+/// Key of a replica.
+pub fn replica_key(vm: &str, disk: &str) -> Vec<u8> {
+    [vm.as_bytes(), &[0], disk.as_bytes()].concat()
+}
+
+/// Key of a recovery point: ordered by VM, then time.
+pub fn rp_key(rp: &RecoveryPointRecord) -> Vec<u8> {
+    [rp.vm.as_bytes(), &[0], &rp.created_at.to_be_bytes(), &rp.id].concat()
+}
+
+fn vm_prefix(vm: &str) -> Vec<u8> {
+    [vm.as_bytes(), &[0]].concat()
+}
+
+fn tx_encode<T: serde::Serialize>(key: &str, v: &T) -> Result<Vec<u8>, ConflictableTransactionError<CatalogError>> {
+    encode(key, v).map_err(ConflictableTransactionError::Abort)
+}
+
+impl Catalog {
+    /// Applies a store commit atomically, then makes it durable.
+    pub fn commit(&self, c: &Commit) -> Result<(), CatalogError> {
+        let trees = (&self.rps, &self.replicas, &self.chunks, &self.packs, &self.bad_chunks);
+        trees
+            .transaction(|(rps, replicas, chunks, packs, bad)| {
+                for (id, len) in &c.packs {
+                    packs.insert(&id.to_be_bytes(), &len.to_be_bytes())?;
+                }
+                for id in &c.drop_packs {
+                    packs.remove(&id.to_be_bytes())?;
+                }
+                for r in &c.replicas {
+                    replicas.insert(replica_key(&r.vm, &r.disk), tx_encode("replicas", r)?)?;
+                }
+                if let Some(rp) = &c.recovery_point {
+                    rps.insert(rp_key(rp), tx_encode("rps", rp)?)?;
+                }
+                for rp in &c.drop_recovery_points {
+                    rps.remove(rp_key(rp))?;
+                }
+                for (id, loc) in &c.index_put {
+                    chunks.insert(id, &loc.encode())?;
+                }
+                for (id, loc) in &c.index_drop {
+                    if chunks.get(id)?.as_deref() == Some(&loc.encode()[..]) {
+                        chunks.remove(id)?;
+                    }
+                }
+                for id in &c.healed {
+                    bad.remove(id)?;
+                }
+                Ok(())
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => CatalogError::Sled(e),
+            })?;
+        self.flush_durable()
+    }
+
+    // ---- chunk index
+
+    pub fn chunk(&self, id: &Digest) -> Result<Option<Location>, CatalogError> {
+        match self.chunks.get(id)? {
+            Some(v) => Location::decode(&v)
+                .map(Some)
+                .ok_or_else(|| CatalogError::Corrupt { key: "chunks".into(), reason: format!("{} bytes", v.len()) }),
+            None => Ok(None),
+        }
+    }
+
+    /// Records where a chunk is (not yet durable: the next commit makes it so).
+    pub fn put_chunk(&self, id: &Digest, loc: &Location) -> Result<(), CatalogError> {
+        self.chunks.insert(id, &loc.encode())?;
+        Ok(())
+    }
+
+    /// Every index entry, in id order.
+    pub fn chunk_entries(&self) -> impl Iterator<Item = Result<(Digest, Location), CatalogError>> + '_ {
+        self.chunks.iter().map(|kv| {
+            let (k, v) = kv?;
+            let id: Digest = k
+                .as_ref()
+                .try_into()
+                .map_err(|_| CatalogError::Corrupt { key: "chunks".into(), reason: "key".into() })?;
+            let loc = Location::decode(&v)
+                .ok_or_else(|| CatalogError::Corrupt { key: "chunks".into(), reason: "value".into() })?;
+            Ok((id, loc))
+        })
+    }
+
+    pub fn remove_chunk(&self, id: &Digest) -> Result<(), CatalogError> {
+        self.chunks.remove(id)?;
+        Ok(())
+    }
+
+    pub fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    // ---- bad chunks
+
+    pub fn mark_bad(&self, bad: &BadChunk) -> Result<(), CatalogError> {
+        self.bad_chunks.insert(bad.id, encode("bad_chunks", bad)?)?;
+        Ok(())
+    }
+
+    pub fn is_bad(&self, id: &Digest) -> Result<bool, CatalogError> {
+        Ok(self.bad_chunks.contains_key(id)?)
+    }
+
+    pub fn bad_chunks(&self) -> Result<Vec<BadChunk>, CatalogError> {
+        self.bad_chunks.iter().values().map(|v| decode("bad_chunks", &v?)).collect()
+    }
+
+    // ---- packs
+
+    /// Every known pack and its durable length.
+    pub fn packs(&self) -> Result<Vec<(u32, u64)>, CatalogError> {
+        self.packs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let bad = || CatalogError::Corrupt { key: "packs".into(), reason: "entry".into() };
+                let id = u32::from_be_bytes(k.as_ref().try_into().map_err(|_| bad())?);
+                let len = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| bad())?);
+                Ok((id, len))
+            })
+            .collect()
+    }
+
+    // ---- replicas
+
+    pub fn replica(&self, vm: &str, disk: &str) -> Result<Option<ReplicaRecord>, CatalogError> {
+        self.replicas.get(replica_key(vm, disk))?.map(|v| decode("replicas", &v)).transpose()
+    }
+
+    /// Every replica (all VMs).
+    pub fn replicas(&self) -> Result<Vec<ReplicaRecord>, CatalogError> {
+        self.replicas.iter().values().map(|v| decode("replicas", &v?)).collect()
+    }
+
+    /// Replicas of one VM.
+    pub fn replicas_of(&self, vm: &str) -> Result<Vec<ReplicaRecord>, CatalogError> {
+        self.replicas.scan_prefix(vm_prefix(vm)).values().map(|v| decode("replicas", &v?)).collect()
+    }
+
+    /// Stores a replica record on its own (state changes); durable.
+    pub fn put_replica(&self, r: &ReplicaRecord) -> Result<(), CatalogError> {
+        self.replicas.insert(replica_key(&r.vm, &r.disk), encode("replicas", r)?)?;
+        self.flush_durable()
+    }
+
+    // ---- recovery points
+
+    /// Recovery points of one VM, oldest first.
+    pub fn recovery_points(&self, vm: &str) -> Result<Vec<RecoveryPointRecord>, CatalogError> {
+        self.rps.scan_prefix(vm_prefix(vm)).values().map(|v| decode("rps", &v?)).collect()
+    }
+
+    /// Every recovery point of every VM.
+    pub fn all_recovery_points(&self) -> Result<Vec<RecoveryPointRecord>, CatalogError> {
+        self.rps.iter().values().map(|v| decode("rps", &v?)).collect()
+    }
+}

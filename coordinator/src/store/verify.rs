@@ -1,0 +1,162 @@
+//! Verify: re-read every chunk and check it against its id, then find which recovery points
+//! and replicas reach a bad or missing chunk. Replicas that do are marked inconsistent, so the
+//! next consistency check re-fetches the blocks from the source; a good copy arriving heals
+//! every recovery point that shares the chunk.
+//!
+//! Chunks are read pack by pack, sequentially. Every index entry is accounted for: per pack the
+//! number of index entries is compared with the number of records verified in place, and a pack
+//! whose scan could not reach all of them (a damaged record header) is checked entry by entry.
+
+use crate::catalog::{now_secs, BadChunk, ReplicaState};
+use crate::store::pack::{self, Location, Scanner};
+use crate::store::{hex, Store, StoreError, StorePages};
+use bulwark_protocol::block::Digest;
+use std::collections::{HashMap, HashSet};
+
+/// What verify found.
+#[derive(Debug, Default, Clone)]
+pub struct VerifyReport {
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// Chunks whose bytes do not match their id (or cannot be read).
+    pub bad: Vec<BadChunk>,
+    /// Ids referenced by a block map but absent from the store.
+    pub missing: Vec<Digest>,
+    /// Recovery points (VM, id) that reach a bad or missing chunk.
+    pub affected_recovery_points: Vec<(String, [u8; 16])>,
+    /// Replicas (VM, disk) marked inconsistent by this verify.
+    pub replicas_marked_inconsistent: Vec<(String, String)>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.bad.is_empty() && self.missing.is_empty() && self.affected_recovery_points.is_empty()
+    }
+}
+
+impl Store {
+    /// Verifies every chunk and every block map; records bad chunks and marks affected
+    /// replicas inconsistent.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let packs: HashMap<u32, u64> = self.catalog.packs()?.into_iter().collect();
+        let mut expected: HashMap<u32, u64> = HashMap::new();
+        let mut bad: HashMap<Digest, BadChunk> = HashMap::new();
+        let mark_bad = |bad: &mut HashMap<Digest, BadChunk>, id: Digest, loc: &Location, reason: String| {
+            tracing::error!(chunk = %hex(&id), pack = loc.pack, offset = loc.offset, %reason, "verify: bad chunk");
+            bad.insert(id, BadChunk { id, pack: loc.pack, offset: loc.offset, reason, found_at: now_secs() });
+        };
+        for entry in self.catalog.chunk_entries() {
+            let (id, loc) = entry?;
+            if packs.contains_key(&loc.pack) {
+                *expected.entry(loc.pack).or_default() += 1;
+            } else {
+                mark_bad(&mut bad, id, &loc, format!("its pack {} does not exist", loc.pack));
+            }
+        }
+
+        let mut recheck = vec![];
+        let mut ids: Vec<_> = packs.iter().map(|(&id, &len)| (id, len)).collect();
+        ids.sort_unstable();
+        for (pack_id, len) in ids {
+            let path = pack::pack_path(&self.packs_dir, pack_id);
+            let mut in_place = 0u64;
+            let scan = Scanner::open(&path, len, true);
+            let mut scanner = match scan {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(pack = pack_id, error = %e, "verify: cannot open pack");
+                    None
+                }
+            };
+            while let Some(s) = scanner.as_mut() {
+                let rec = match s.next_record() {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(pack = pack_id, error = %e, "verify: pack scan stopped");
+                        break;
+                    }
+                };
+                let here = Location {
+                    pack: pack_id,
+                    offset: rec.offset,
+                    len: (pack::RECORD_HEADER_LEN as u32) + rec.header.payload_len,
+                };
+                if self.catalog.chunk(&rec.header.id)? != Some(here) {
+                    continue; // a dead copy: nothing points here
+                }
+                in_place += 1;
+                report.chunks_checked += 1;
+                report.bytes_checked += u64::from(here.len);
+                let payload = rec.payload.unwrap_or_default();
+                if let Err(reason) = self.codec.decode(&rec.header.id, rec.header.flags, rec.header.plain_len, &payload)
+                {
+                    mark_bad(&mut bad, rec.header.id, &here, reason);
+                }
+            }
+            if in_place != expected.get(&pack_id).copied().unwrap_or(0) {
+                recheck.push(pack_id);
+            }
+        }
+        if !recheck.is_empty() {
+            // Some index entries point where the scan could not vouch for: check each one.
+            for entry in self.catalog.chunk_entries() {
+                let (id, loc) = entry?;
+                if recheck.contains(&loc.pack) && !bad.contains_key(&id) {
+                    report.chunks_checked += 1;
+                    if let Err(e) = self.read_at(&id, &loc) {
+                        mark_bad(&mut bad, id, &loc, e.to_string());
+                    }
+                }
+            }
+        }
+        for b in bad.values() {
+            self.catalog.mark_bad(b)?;
+        }
+        // Marks from earlier verifies that no good copy has healed yet still count.
+        let mut bad_ids: HashSet<Digest> = bad.keys().copied().collect();
+        for b in self.catalog.bad_chunks()? {
+            bad_ids.insert(b.id);
+            bad.entry(b.id).or_insert(b);
+        }
+        report.bad = bad.into_values().collect();
+
+        // Which block maps reach a bad or missing chunk?
+        let mut memo = HashMap::new();
+        let mut missing: HashSet<Digest> = HashSet::new();
+        let pages = StorePages(self);
+        let mut judge = |id: &Digest| {
+            if bad_ids.contains(id) {
+                return true;
+            }
+            match self.catalog.chunk(id) {
+                Ok(Some(_)) => false,
+                _ => {
+                    missing.insert(*id);
+                    true
+                }
+            }
+        };
+        for rp in self.catalog.all_recovery_points()? {
+            if rp.disks.iter().any(|d| bulwark_protocol::blockmap::reaches(&pages, &d.root, &mut memo, &mut judge)) {
+                tracing::error!(vm = %rp.vm, rp = %hex(&rp.id), "verify: recovery point reaches a bad or missing chunk");
+                report.affected_recovery_points.push((rp.vm.clone(), rp.id));
+            }
+        }
+        for mut replica in self.catalog.replicas()? {
+            let Some(root) = replica.root else { continue };
+            if bulwark_protocol::blockmap::reaches(&pages, &root, &mut memo, &mut judge) {
+                if replica.state != ReplicaState::Inconsistent {
+                    replica.state = ReplicaState::Inconsistent;
+                    replica.reason = Some("verify found a bad or missing chunk".into());
+                    self.catalog.put_replica(&replica)?;
+                }
+                report.replicas_marked_inconsistent.push((replica.vm, replica.disk));
+            }
+        }
+        report.missing = missing.into_iter().collect();
+        self.catalog.flush_durable()?;
+        Ok(report)
+    }
+}
