@@ -5,8 +5,10 @@
 //! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
 //!   loopback) that every other figure is a ratio against.
 //! - [`report`]: `bench-results.json` and the SVG chart.
+//! - [`torture`]: the store workload that crash tests `kill -9`.
 
 #![forbid(unsafe_code)]
 
 pub mod limits;
 pub mod report;
+pub mod torture;
