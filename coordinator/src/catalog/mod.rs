@@ -48,13 +48,24 @@ pub enum CatalogError {
     #[error("catalog is in use by another process (is `bulwark-coordinator serve` running?): {0}")]
     Locked(String),
     #[error("catalog I/O failed: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
+    #[error("the catalog's disk is full (no space left on the device)")]
+    NoSpace,
     #[error("catalog schema version {found} is not the {expected} this build understands")]
     Schema { found: u32, expected: u32 },
     #[error("catalog record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("cannot make the catalog durable: {0}")]
     Sync(std::io::Error),
+}
+
+impl From<sled::Error> for CatalogError {
+    fn from(e: sled::Error) -> Self {
+        match &e {
+            sled::Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => CatalogError::NoSpace,
+            _ => CatalogError::Sled(e),
+        }
+    }
 }
 
 /// Why a token cannot be used.
@@ -160,7 +171,7 @@ impl Catalog {
             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
                 CatalogError::Locked(io.to_string())
             }
-            _ => CatalogError::Sled(e),
+            _ => e.into(),
         })?;
         Ok(Self {
             path: path.to_owned(),

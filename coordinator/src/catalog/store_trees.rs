@@ -60,7 +60,7 @@ impl Catalog {
             })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => CatalogError::Sled(e),
+                TransactionError::Storage(e) => e.into(),
             })?;
         self.flush_durable()
     }
