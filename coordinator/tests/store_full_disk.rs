@@ -24,8 +24,17 @@ impl Drop for Mount {
 fn open(dir: &std::path::Path) -> Store {
     let data = DataDir::new(dir);
     std::fs::create_dir_all(data.packs()).unwrap();
-    let catalog = if data.catalog().exists() { Catalog::open(&data.catalog()).unwrap() } else { Catalog::create(&data.catalog()).unwrap() };
-    Store::open(&data, catalog, StoreConfig { pack_max_bytes: 1 << 20, gc_filter_bytes: 1 << 16, ..StoreConfig::default() }).unwrap()
+    let catalog = if data.catalog().exists() {
+        Catalog::open(&data.catalog()).unwrap()
+    } else {
+        Catalog::create(&data.catalog()).unwrap()
+    };
+    Store::open(
+        &data,
+        catalog,
+        StoreConfig { pack_max_bytes: 1 << 20, gc_filter_bytes: 1 << 16, ..StoreConfig::default() },
+    )
+    .unwrap()
 }
 
 /// Backs up one random 1 MiB disk; returns it and its digest, or the store's error.
@@ -41,7 +50,13 @@ fn backup(store: &Store, vm: &str, seed: u64) -> Result<(RpDisk, [u8; 32]), Stor
     }
     let root = ingest.update_tree(None, 16, changes)?;
     let disk = RpDisk { name: "os".into(), size_bytes: 16 * BS as u64, block_size: BS as u32, root };
-    let rp = NewRecoveryPoint { vm: vm.into(), consistency: Consistency::Crash, config: vec![], disks: vec![disk.clone()], created_at: seed };
+    let rp = NewRecoveryPoint {
+        vm: vm.into(),
+        consistency: Consistency::Crash,
+        config: vec![],
+        disks: vec![disk.clone()],
+        created_at: seed,
+    };
     store.commit_recovery_point(ingest, rp, vec![])?;
     Ok((disk, *h.finalize().as_bytes()))
 }
@@ -68,7 +83,10 @@ fn a_full_disk_fails_ingest_clearly_and_the_store_recovers_when_space_is_freed()
         assert!(committed.len() < 100, "the file system never filled up");
     };
     let text = error.to_string();
-    assert!(matches!(error, StoreError::NoSpace { .. } | StoreError::Catalog(CatalogError::NoSpace)), "unclear error: {text}");
+    assert!(
+        matches!(error, StoreError::NoSpace { .. } | StoreError::Catalog(CatalogError::NoSpace)),
+        "unclear error: {text}"
+    );
     assert!(text.contains("no space left"), "unclear error: {text}");
     assert!(committed.len() >= 3, "some recovery points fit before the disk filled");
 

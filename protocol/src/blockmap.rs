@@ -61,8 +61,10 @@ pub trait PageStore {
     type Error: std::error::Error + 'static;
     /// The bytes of a stored page.
     fn load_page(&self, id: &Digest) -> Result<Vec<u8>, Self::Error>;
-    /// Stores a page (never all-zero) and returns its id.
-    fn save_page(&mut self, bytes: &[u8]) -> Result<Digest, Self::Error>;
+    /// Stores a page (never all-zero) and returns its id, which must be the id of `bytes`
+    /// whatever the store does with them. `replaces` is the page it supersedes (its id and
+    /// bytes), so a store may keep only the difference.
+    fn save_page(&mut self, bytes: &[u8], replaces: Option<(&Digest, &[u8])>) -> Result<Digest, Self::Error>;
 }
 
 /// Number of page levels for `blocks` leaves.
@@ -104,11 +106,15 @@ fn load<P: PageStore>(pages: &P, id: &Digest, want: usize) -> Result<Vec<Digest>
     parse_page(id, &bytes, want)
 }
 
-fn save<P: PageStore>(pages: &mut P, entries: &[Digest]) -> Result<Digest, BlockMapError<P::Error>> {
+fn save<P: PageStore>(
+    pages: &mut P,
+    entries: &[Digest],
+    replaces: Option<(&Digest, &[u8])>,
+) -> Result<Digest, BlockMapError<P::Error>> {
     if entries.iter().all(|e| *e == ZERO) {
         return Ok(ZERO);
     }
-    pages.save_page(&entries.concat()).map_err(BlockMapError::Store)
+    pages.save_page(&entries.concat(), replaces).map_err(BlockMapError::Store)
 }
 
 /// Applies `changes` — `(block index, new leaf id)` in strictly increasing index order — to
@@ -181,6 +187,7 @@ fn update_node<P: PageStore, I: Iterator<Item = (u64, Digest)>>(
     }
     let n = entries_of(level, index, blocks);
     let mut entries = load(pages, &old, n)?;
+    let original = (old != ZERO).then(|| entries.concat());
     if level == 0 {
         while let Some((i, d)) = changes.next_below(end)? {
             entries[(i - first) as usize] = d;
@@ -198,7 +205,7 @@ fn update_node<P: PageStore, I: Iterator<Item = (u64, Digest)>>(
             entries[child] = update_node(pages, level - 1, child_index, entries[child], changes, blocks)?;
         }
     }
-    save(pages, &entries)
+    save(pages, &entries, original.as_deref().map(|b| (&old, b)))
 }
 
 /// Calls `leaf(index, id)` for every block of the tree, in order, zero blocks included.
@@ -326,7 +333,11 @@ mod tests {
         fn load_page(&self, id: &Digest) -> Result<Vec<u8>, std::io::Error> {
             self.pages.get(id).cloned().ok_or_else(|| std::io::Error::other("missing page"))
         }
-        fn save_page(&mut self, bytes: &[u8]) -> Result<Digest, std::io::Error> {
+        fn save_page(&mut self, bytes: &[u8], replaces: Option<(&Digest, &[u8])>) -> Result<Digest, std::io::Error> {
+            if let Some((old, old_bytes)) = replaces {
+                assert_eq!(*blake3::hash(old_bytes).as_bytes(), *old, "replaces carries the old page");
+                assert_eq!(old_bytes.len(), bytes.len());
+            }
             let id = *blake3::hash(bytes).as_bytes();
             self.saves += 1;
             self.pages.insert(id, bytes.to_vec());

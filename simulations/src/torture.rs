@@ -23,7 +23,7 @@ pub fn block(seed: u64, vm: u32, version: u64, i: usize) -> Vec<u8> {
     let key = blake3::hash(
         &[seed.to_le_bytes(), u64::from(vm).to_le_bytes(), epoch.to_le_bytes(), (i as u64).to_le_bytes()].concat(),
     );
-    if key.as_bytes()[0] % 6 == 0 {
+    if key.as_bytes()[0].is_multiple_of(6) {
         return vec![0u8; BLOCK];
     }
     let mut out = vec![0u8; BLOCK];

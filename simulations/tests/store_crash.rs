@@ -28,7 +28,7 @@ fn kill_loop(gc: bool, kills: usize, seed: u64) {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(rng.gen_range(5..250)));
-        unsafe_free_kill(child.id());
+        sigkill(child.id());
         let status = child.wait().unwrap();
         let mut out = String::new();
         child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
@@ -97,7 +97,7 @@ fn kill_loop(gc: bool, kills: usize, seed: u64) {
 }
 
 /// SIGKILL through the `kill` command (the crate forbids unsafe code, so no libc::kill).
-fn unsafe_free_kill(pid: u32) {
+fn sigkill(pid: u32) {
     let ok = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
     assert!(ok);
 }

@@ -158,6 +158,14 @@ impl Catalog {
                 key: "meta/schema_version".into(),
                 reason: format!("{} bytes", v.len()),
             })?,
+            None if cat.is_empty() => {
+                // A creation interrupted before the version was stamped: nothing to lose.
+                tracing::warn!(path = %path.display(), "catalog has no schema version and no data: finishing its creation");
+                cat.meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+                cat.meta.insert("crl_number", &1u64.to_be_bytes())?;
+                cat.flush_durable()?;
+                SCHEMA_VERSION
+            }
             None => 0,
         };
         if found != SCHEMA_VERSION {
@@ -167,6 +175,7 @@ impl Catalog {
     }
 
     fn open_raw(path: &Path) -> Result<Self, CatalogError> {
+        remove_unfinished_snapshots(path).map_err(CatalogError::Sync)?;
         let db = sled::Config::new().path(path).open().map_err(|e| match &e {
             sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
                 CatalogError::Locked(io.to_string())
@@ -190,6 +199,13 @@ impl Catalog {
             packs: db.open_tree("packs")?,
             db,
         })
+    }
+
+    fn is_empty(&self) -> bool {
+        [&self.meta, &self.tokens, &self.agents, &self.revocations, &self.vms, &self.groups, &self.jobs]
+            .iter()
+            .chain([&self.schedules, &self.replicas, &self.rps, &self.chunks, &self.bad_chunks, &self.packs].iter())
+            .all(|t| t.is_empty())
     }
 
     /// Makes every write so far durable.
@@ -312,6 +328,33 @@ impl Catalog {
     }
 }
 
+/// sled 0.34.7 writes a snapshot to `snap.N.generating`, fsyncs it and only then renames it to
+/// `snap.N`; but when it opens, it reads the highest-named `snap.*` file, `.generating` ones
+/// included, and refuses to open ("Read corrupted data") if a kill left one behind
+/// (spacejam/sled#1527). Such a file is always an unfinished temporary: the previous snapshot
+/// and the log are the real state, so it is removed before opening.
+fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut removed = false;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %name, "removing an unfinished sled snapshot left by a crash");
+            std::fs::remove_file(entry.path())?;
+            removed = true;
+        }
+    }
+    if removed {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn fsync_tree(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -369,6 +412,36 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
         assert_eq!(wins, 1);
+    }
+
+    #[test]
+    fn an_empty_catalog_without_a_version_is_an_interrupted_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(sled::open(dir.path()).unwrap());
+        let cat = Catalog::open(dir.path()).unwrap();
+        assert_eq!(cat.crl_number().unwrap(), 1);
+        // But a catalog with data and no version is refused.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("agents").unwrap().insert("x", "y").unwrap();
+            db.flush().unwrap();
+        }
+        assert!(matches!(Catalog::open(dir.path()), Err(CatalogError::Schema { found: 0, .. })));
+    }
+
+    #[test]
+    fn an_unfinished_sled_snapshot_left_by_a_kill_does_not_stop_the_catalog_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cat = Catalog::create(dir.path()).unwrap();
+            cat.insert_token([1; 32], &token(100, None)).unwrap();
+        }
+        // What sled leaves when killed between creating and renaming a snapshot.
+        std::fs::write(dir.path().join("snap.00000000FFFFFFFF.generating"), b"").unwrap();
+        assert!(sled::open(dir.path()).is_err(), "sled alone refuses this directory");
+        let cat = Catalog::open(dir.path()).unwrap();
+        assert_eq!(cat.consume_token([1; 32], "n", 1).unwrap(), Ok(()));
     }
 
     #[test]

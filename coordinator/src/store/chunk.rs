@@ -26,6 +26,9 @@ pub const NONCE_LEN: usize = 12;
 /// Flags of a stored record.
 pub const FLAG_ZSTD: u8 = 1;
 pub const FLAG_AES: u8 = 2;
+/// The record is a page delta (see `store::pages`): its id is the hash of the page it
+/// materializes to, not of its own bytes.
+pub const FLAG_DELTA: u8 = 4;
 
 /// Computes chunk ids.
 #[derive(Clone)]
@@ -144,8 +147,21 @@ impl ChunkCodec {
     }
 
     /// Recovers the plain bytes of a record and checks them against `id`. `Err(reason)` if the
-    /// record is not what it claims to be.
+    /// record is not what it claims to be. Page deltas are checked by the page reader instead.
     pub fn decode(&self, id: &Digest, flags: u8, plain_len: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
+        if flags & FLAG_DELTA != 0 {
+            return Err("record is a page delta, not a chunk".into());
+        }
+        let plain = self.open(id, flags, plain_len, payload)?;
+        if self.hasher.hash(&plain) != *id {
+            return Err("content does not match its digest".into());
+        }
+        Ok(plain)
+    }
+
+    /// Decrypts and decompresses a record without checking its content against `id` (the
+    /// caller must: page deltas are checked once materialized).
+    pub fn open(&self, id: &Digest, flags: u8, plain_len: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
         let plain_len = plain_len as usize;
         if plain_len > MAX_PLAIN {
             return Err(format!("record claims {plain_len} plain bytes"));
@@ -169,9 +185,6 @@ impl ChunkCodec {
         };
         if plain.len() != plain_len {
             return Err(format!("record holds {} bytes, its header says {plain_len}", plain.len()));
-        }
-        if self.hasher.hash(&plain) != *id {
-            return Err("content does not match its digest".into());
         }
         Ok(plain)
     }

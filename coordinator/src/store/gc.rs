@@ -107,13 +107,18 @@ impl Store {
         let mut live = Bloom::new(self.config.gc_filter_bytes);
         let mut seen_pages: HashSet<Digest> = HashSet::new();
         let pages = StorePages(self);
+        let mut chain_error = None;
         for root in self.roots()? {
             report.roots += 1;
             let mut visit = |level: u8, id: &Digest, entries: &[Digest]| {
                 if !seen_pages.insert(*id) {
                     return false;
                 }
-                live.insert(id);
+                // A page stored as a delta needs its whole chain of bases.
+                match self.page_chain(id) {
+                    Ok(chain) => chain.iter().for_each(|c| live.insert(c)),
+                    Err(e) => chain_error = Some(e),
+                }
                 report.pages_marked += 1;
                 if level == 0 {
                     for e in entries.iter().filter(|e| **e != bulwark_protocol::blockmap::ZERO) {
@@ -127,6 +132,9 @@ impl Store {
                 bulwark_protocol::blockmap::BlockMapError::Store(e) => e,
                 other => StoreError::BlockMap(other.to_string()),
             })?;
+            if let Some(e) = chain_error.take() {
+                return Err(e);
+            }
         }
         drop(seen_pages);
 

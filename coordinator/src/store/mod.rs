@@ -16,11 +16,12 @@
 //!   ([`gc`]).
 //!
 //! Modules in reading order: [`chunk`] (codec), [`pack`] (file format), this file (ingest,
-//! read, commit, prune), [`verify`], [`gc`].
+//! read, commit, prune), [`pages`] (block-map pages and page deltas), [`verify`], [`gc`].
 
 pub mod chunk;
 pub mod gc;
 pub mod pack;
+pub mod pages;
 pub mod verify;
 
 use crate::catalog::{Catalog, CatalogError, Commit, RecoveryPointRecord, ReplicaRecord, RpDisk};
@@ -200,7 +201,15 @@ impl Store {
         let mut pins = lock(&self.pins);
         pins.retain(|w| w.strong_count() > 0);
         pins.push(Arc::downgrade(&pin));
-        Ingest { store: self, pin, new_bytes: 0, new_chunks: 0, dedup_chunks: 0, healed: vec![] }
+        Ingest {
+            store: self,
+            pin,
+            new_bytes: 0,
+            new_chunks: 0,
+            dedup_chunks: 0,
+            healed: vec![],
+            page_depths: Mutex::new(HashMap::new()),
+        }
     }
 
     fn reader(&self, pack: u32) -> Result<Arc<File>, StoreError> {
@@ -227,12 +236,22 @@ impl Store {
 
     fn read_at(&self, id: &Digest, loc: &Location) -> Result<Vec<u8>, StoreError> {
         let corrupt = |reason: String| StoreError::ChunkCorrupt { id: *id, pack: loc.pack, offset: loc.offset, reason };
+        let (header, payload) = self.read_record(id, loc)?;
+        if header.flags & chunk::FLAG_DELTA != 0 {
+            return self.read_page(id).map(|(page, _)| page);
+        }
+        self.codec.decode(id, header.flags, header.plain_len, &payload).map_err(corrupt)
+    }
+
+    /// The raw record of `id` at `loc` (header checked, payload not yet opened).
+    fn read_record(&self, id: &Digest, loc: &Location) -> Result<(RecordHeader, Vec<u8>), StoreError> {
+        let corrupt = |reason: String| StoreError::ChunkCorrupt { id: *id, pack: loc.pack, offset: loc.offset, reason };
         let file = self.reader(loc.pack)?;
         let (header, payload) = pack::read_record(&file, loc).map_err(corrupt)?;
         if header.id != *id {
             return Err(corrupt(format!("the record there is chunk {}", hex(&header.id))));
         }
-        self.codec.decode(id, header.flags, header.plain_len, &payload).map_err(corrupt)
+        Ok((header, payload))
     }
 
     /// Streams a disk of a recovery point (or replica) block by block, in order.
@@ -355,9 +374,9 @@ pub struct StorePages<'a>(pub &'a Store);
 impl PageStore for StorePages<'_> {
     type Error = StoreError;
     fn load_page(&self, id: &Digest) -> Result<Vec<u8>, StoreError> {
-        self.0.read_chunk(id)
+        self.0.read_page(id).map(|(page, _)| page)
     }
-    fn save_page(&mut self, _: &[u8]) -> Result<Digest, StoreError> {
+    fn save_page(&mut self, _: &[u8], _: Option<(&Digest, &[u8])>) -> Result<Digest, StoreError> {
         Err(StoreError::BlockMap("read-only page access".into()))
     }
 }
@@ -372,6 +391,8 @@ pub struct Ingest<'s> {
     pub new_chunks: u64,
     pub dedup_chunks: u64,
     healed: Vec<Digest>,
+    /// Delta depth of pages this ingest loaded or wrote.
+    page_depths: Mutex<HashMap<Digest, u8>>,
 }
 
 impl std::fmt::Debug for Ingest<'_> {
@@ -405,12 +426,21 @@ impl Ingest<'_> {
     }
 
     fn put(&mut self, id: Digest, data: &[u8]) -> Result<(), StoreError> {
+        self.put_record(id, data, 0, false)
+    }
+
+    /// Stores `stored` under `id` unless the store has a good copy already. `flags` may carry
+    /// `FLAG_DELTA` (then `stored` is a page delta whose page hashes to `id`).
+    fn put_record(&mut self, id: Digest, stored: &[u8], extra_flags: u8, page: bool) -> Result<(), StoreError> {
         // Pin first: from here GC keeps this id, whatever it decided before.
         lock(&self.pin).insert(id);
         let heal = {
             let _shared = self.store.gate.read().unwrap_or_else(|p| p.into_inner());
+            // A page stored as a delta is only as good as its chain: an unreachable delta may
+            // have lost its base to GC, so a page dedups only against a page that reads back.
+            let usable = |s: &Store| !page || s.read_page(&id).is_ok();
             match self.store.catalog.chunk(&id)? {
-                Some(_) if !self.store.catalog.is_bad(&id)? => {
+                Some(_) if !self.store.catalog.is_bad(&id)? && usable(self.store) => {
                     self.dedup_chunks += 1;
                     return Ok(());
                 }
@@ -418,9 +448,13 @@ impl Ingest<'_> {
                 None => false,
             }
         };
-        let enc = self.store.codec.encode(&id, data)?;
-        let header =
-            RecordHeader { flags: enc.flags, payload_len: enc.payload.len() as u32, plain_len: enc.plain_len, id };
+        let enc = self.store.codec.encode(&id, stored)?;
+        let header = RecordHeader {
+            flags: enc.flags | extra_flags,
+            payload_len: enc.payload.len() as u32,
+            plain_len: enc.plain_len,
+            id,
+        };
         let loc = lock(&self.store.writer).append(&header, &enc.payload).map_err(io_err(&self.store.packs_dir))?;
         self.store.catalog.put_chunk(&id, &loc)?;
         self.new_bytes += u64::from(loc.len);
@@ -456,11 +490,28 @@ impl PageStore for Ingest<'_> {
     type Error = StoreError;
     fn load_page(&self, id: &Digest) -> Result<Vec<u8>, StoreError> {
         lock(&self.pin).insert(*id);
-        self.store.read_chunk(id)
+        let (page, depth) = self.store.read_page(id)?;
+        lock(&self.page_depths).insert(*id, depth);
+        Ok(page)
     }
-    fn save_page(&mut self, bytes: &[u8]) -> Result<Digest, StoreError> {
+    fn save_page(&mut self, bytes: &[u8], replaces: Option<(&Digest, &[u8])>) -> Result<Digest, StoreError> {
         let id = self.store.codec.hasher.hash(bytes);
-        self.put(id, bytes)?;
+        let delta = replaces.and_then(|(old, old_bytes)| {
+            let depth = lock(&self.page_depths).get(old).copied()?;
+            pages::diff(old_bytes, bytes, depth, old).map(|d| (d, depth + 1, *old))
+        });
+        match delta {
+            Some((d, depth, base)) => {
+                // The base must outlive this page: pin it with the page.
+                lock(&self.pin).insert(base);
+                self.put_record(id, &d, chunk::FLAG_DELTA, true)?;
+                lock(&self.page_depths).insert(id, depth);
+            }
+            None => {
+                self.put_record(id, bytes, 0, true)?;
+                lock(&self.page_depths).insert(id, 0);
+            }
+        }
         Ok(id)
     }
 }
