@@ -5,10 +5,12 @@
 //! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
 //!   loopback) that every other figure is a ratio against.
 //! - [`report`]: `bench-results.json` and the SVG chart.
+//! - [`storebench`]: store benchmarks (ingest, metadata per recovery point, dedup, GC).
 //! - [`torture`]: the store workload that crash tests `kill -9`.
 
 #![forbid(unsafe_code)]
 
 pub mod limits;
 pub mod report;
+pub mod storebench;
 pub mod torture;

@@ -46,6 +46,9 @@ pub struct Report {
     pub machine: Machine,
     pub limits: Limits,
     pub results: Vec<BenchResult>,
+    /// The store scenario's figures, when it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::storebench::StoreFigures>,
 }
 
 /// A horizontal bar chart of named rates (bytes/s), as SVG.

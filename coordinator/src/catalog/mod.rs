@@ -39,6 +39,9 @@ use bulwark_protocol::codec;
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::{Path, PathBuf};
 
+/// sled's page cache (its default is 1 GiB): the catalog's memory is bounded by this.
+pub const CACHE_BYTES: u64 = 256 << 20;
+
 /// The schema this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -176,12 +179,19 @@ impl Catalog {
 
     fn open_raw(path: &Path) -> Result<Self, CatalogError> {
         remove_unfinished_snapshots(path).map_err(CatalogError::Sync)?;
-        let db = sled::Config::new().path(path).open().map_err(|e| match &e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") => {
-                CatalogError::Locked(io.to_string())
-            }
-            _ => e.into(),
-        })?;
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| match &e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
+                {
+                    CatalogError::Locked(io.to_string())
+                }
+                _ => e.into(),
+            })?;
         Ok(Self {
             path: path.to_owned(),
             meta: db.open_tree("meta")?,

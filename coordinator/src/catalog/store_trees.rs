@@ -67,6 +67,25 @@ impl Catalog {
 
     // ---- chunk index
 
+    /// Applies index moves and removals as one sled batch (atomic for the index tree, not
+    /// yet durable: the caller's next [`Catalog::commit`] or flush makes it so). Used by GC,
+    /// which holds the store exclusively, so no compare is needed.
+    pub fn apply_index_batch(&self, put: &[(Digest, Location)], drop: &[Digest]) -> Result<(), CatalogError> {
+        // In key order: consecutive writes land in the same tree nodes (ids are random).
+        let mut ops: Vec<(&Digest, Option<[u8; 16]>)> =
+            put.iter().map(|(id, loc)| (id, Some(loc.encode()))).chain(drop.iter().map(|id| (id, None))).collect();
+        ops.sort_unstable_by_key(|(id, _)| **id);
+        let mut batch = sled::Batch::default();
+        for (id, loc) in ops {
+            match loc {
+                Some(l) => batch.insert(id.as_slice(), l.as_slice()),
+                None => batch.remove(id.as_slice()),
+            }
+        }
+        self.chunks.apply_batch(batch)?;
+        Ok(())
+    }
+
     pub fn chunk(&self, id: &Digest) -> Result<Option<Location>, CatalogError> {
         match self.chunks.get(id)? {
             Some(v) => Location::decode(&v)
@@ -121,6 +140,16 @@ impl Catalog {
     }
 
     // ---- packs
+
+    /// Records packs' durable lengths without flushing. sled recovers a prefix of its log, so
+    /// any later write that survives a crash (an index move into these bytes) brings this
+    /// record with it; the caller fsynced the pack data before.
+    pub fn set_pack_lengths(&self, packs: &[(u32, u64)]) -> Result<(), CatalogError> {
+        for (id, len) in packs {
+            self.packs.insert(id.to_be_bytes(), &len.to_be_bytes())?;
+        }
+        Ok(())
+    }
 
     /// Every known pack and its durable length.
     pub fn packs(&self) -> Result<Vec<(u32, u64)>, CatalogError> {

@@ -36,6 +36,9 @@ pub struct GcReport {
     pub bytes_before: u64,
     pub bytes_after: u64,
     pub seconds: f64,
+    pub mark_seconds: f64,
+    pub scan_seconds: f64,
+    pub rewrite_seconds: f64,
 }
 
 /// A Bloom filter over chunk ids. Ids are BLAKE3 outputs, uniformly random, so the hash
@@ -104,6 +107,7 @@ impl Store {
         let packs = self.sync_packs()?;
         self.catalog.commit(&Commit { packs, ..Commit::default() })?;
 
+        let phase = Instant::now();
         let mut live = Bloom::new(self.config.gc_filter_bytes);
         let mut seen_pages: HashSet<Digest> = HashSet::new();
         let pages = StorePages(self);
@@ -137,6 +141,7 @@ impl Store {
             }
         }
         drop(seen_pages);
+        report.mark_seconds = phase.elapsed().as_secs_f64();
 
         let mut candidates: Vec<(u32, u64)> = self.catalog.packs()?.into_iter().collect();
         candidates.sort_unstable();
@@ -147,21 +152,18 @@ impl Store {
                 continue;
             }
             report.packs_scanned += 1;
+            let phase = Instant::now();
             let (live_bytes, total) = self.live_bytes(pack_id, len, &live)?;
+            report.scan_seconds += phase.elapsed().as_secs_f64();
             if total > 0 && (live_bytes as f64) / (total as f64) >= self.config.gc_compact_below {
                 report.bytes_after += len;
                 continue;
             }
+            let phase = Instant::now();
             self.rewrite(pack_id, len, &live, report)?;
+            report.rewrite_seconds += phase.elapsed().as_secs_f64();
         }
         Ok(())
-    }
-
-    fn is_live(&self, rec: &Record, live: &Bloom) -> Result<bool, StoreError> {
-        if self.catalog.chunk(&rec.id)? != Some(rec.loc) {
-            return Ok(false);
-        }
-        Ok(live.contains(&rec.id) || self.pinned(&rec.id))
     }
 
     fn records(&self, pack_id: u32, len: u64, with_payload: bool) -> Result<Scanner, StoreError> {
@@ -177,58 +179,83 @@ impl Store {
         Ok(Some(Record { id: r.header.id, loc, header: r.header, payload: r.payload }))
     }
 
-    /// Live and total record bytes of a pack.
+    /// Estimated live and total record bytes of a pack, from the mark alone: it decides which
+    /// packs to rewrite; the rewrite itself judges every record exactly.
     fn live_bytes(&self, pack_id: u32, len: u64, live: &Bloom) -> Result<(u64, u64), StoreError> {
         let mut s = self.records(pack_id, len, false)?;
         let (mut live_bytes, mut total) = (0u64, 0u64);
         while let Some(rec) = self.next(pack_id, &mut s)? {
             total += u64::from(rec.loc.len);
-            if self.is_live(&rec, live)? {
+            if live.contains(&rec.id) || self.pinned(&rec.id) {
                 live_bytes += u64::from(rec.loc.len);
             }
         }
         Ok((live_bytes, total))
     }
 
-    /// Copies a pack's live records to the current pack, commits the move, deletes the pack.
+    /// Copies a pack's live records to the current pack, moves their index entries, drops the
+    /// dead ones, then forgets and deletes the pack. Streams in batches, so memory does not
+    /// grow with the number of records in a pack: before each batch of index moves, the
+    /// copies it points to are fsynced and their durable length committed, so every index
+    /// entry points at valid data at every moment; the pack is deleted only after the last
+    /// batch is durable.
     fn rewrite(&self, pack_id: u32, len: u64, live: &Bloom, report: &mut GcReport) -> Result<(), StoreError> {
         let _exclusive = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let mut commit = Commit { drop_packs: vec![pack_id], ..Commit::default() };
         let mut s = self.records(pack_id, len, true)?;
-        let mut moved_bytes = 0u64;
+        let (mut put, mut drop) = (Vec::new(), Vec::new());
+        let mut moved_any = false;
+        // Liveness belongs to an id, not to a copy: if the id is live, pointing the index at
+        // the moved copy is right whichever copy it pointed at; if it is dead, every copy is
+        // garbage and its entry goes. Ingest is locked out meanwhile, so no index lookups.
         while let Some(rec) = self.next(pack_id, &mut s)? {
-            if self.is_live(&rec, live)? {
+            if live.contains(&rec.id) || self.pinned(&rec.id) {
                 let payload = rec.payload.as_deref().unwrap_or_default();
-                let new = lock(&self.writer).append(&rec.header, payload).map_err(io_err(&self.packs_dir))?;
-                commit.index_put.push((rec.id, new));
-                moved_bytes += u64::from(new.len);
+                let new = lock(&self.writer).append_deferred(&rec.header, payload).map_err(io_err(&self.packs_dir))?;
+                put.push((rec.id, new));
+                report.bytes_after += u64::from(new.len);
                 report.chunks_moved += 1;
-            } else if self.catalog.chunk(&rec.id)? == Some(rec.loc) {
-                commit.index_drop.push((rec.id, rec.loc));
+                moved_any = true;
+            } else {
+                drop.push(rec.id);
                 report.chunks_dropped += 1;
             }
+            if put.len() + drop.len() >= GC_BATCH {
+                self.apply_batch(&mut put, &mut drop)?;
+            }
         }
-        commit.packs = self.sync_packs()?;
-        self.catalog.commit(&commit)?;
+        self.apply_batch(&mut put, &mut drop)?;
+        self.catalog.commit(&Commit { drop_packs: vec![pack_id], ..Commit::default() })?;
         self.forget_reader(pack_id);
         let path = pack::pack_path(&self.packs_dir, pack_id);
         std::fs::remove_file(&path).map_err(io_err(&path))?;
         bulwark_pki::files::sync_dir(&self.packs_dir).map_err(io_err(&self.packs_dir))?;
-        if commit.index_put.is_empty() {
-            report.packs_deleted += 1;
-        } else {
+        if moved_any {
             report.packs_rewritten += 1;
+        } else {
+            report.packs_deleted += 1;
         }
-        report.bytes_after += moved_bytes;
-        tracing::debug!(
-            pack = pack_id,
-            moved = commit.index_put.len(),
-            dropped = commit.index_drop.len(),
-            "pack collected"
-        );
+        tracing::debug!(pack = pack_id, "pack collected");
+        Ok(())
+    }
+
+    fn apply_batch(&self, put: &mut Vec<(Digest, Location)>, drop: &mut Vec<Digest>) -> Result<(), StoreError> {
+        if !put.is_empty() {
+            // The copies are fsynced and their length recorded before any index entry points
+            // at them; the final commit of the rewrite makes it all durable at once.
+            let packs = self.sync_packs()?;
+            self.catalog.set_pack_lengths(&packs)?;
+        }
+        if !put.is_empty() || !drop.is_empty() {
+            self.catalog.apply_index_batch(put, drop)?;
+        }
+        put.clear();
+        drop.clear();
         Ok(())
     }
 }
+
+/// Index changes applied per batch while rewriting a pack.
+const GC_BATCH: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {

@@ -434,8 +434,10 @@ impl Ingest<'_> {
     fn put_record(&mut self, id: Digest, stored: &[u8], extra_flags: u8, page: bool) -> Result<(), StoreError> {
         // Pin first: from here GC keeps this id, whatever it decided before.
         lock(&self.pin).insert(id);
+        // Held until the index entry is written: GC rewrites a pack only while no ingest is
+        // between its dedup check and its index insert.
+        let _shared = self.store.gate.read().unwrap_or_else(|p| p.into_inner());
         let heal = {
-            let _shared = self.store.gate.read().unwrap_or_else(|p| p.into_inner());
             // A page stored as a delta is only as good as its chain: an unreachable delta may
             // have lost its base to GC, so a page dedups only against a page that reads back.
             let usable = |s: &Store| !page || s.read_page(&id).is_ok();

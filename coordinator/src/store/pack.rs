@@ -204,6 +204,8 @@ pub struct PackWriter {
     /// Packs written since the last sync, with the length to sync them to.
     dirty: Vec<(u32, File, u64)>,
     created_since_sync: bool,
+    /// Records appended with [`PackWriter::append_deferred`], not yet written to the file.
+    pending: Vec<u8>,
 }
 
 impl PackWriter {
@@ -214,15 +216,25 @@ impl PackWriter {
         } else {
             (OpenOptions::new().read(true).append(true).open(pack_path(dir, current))?, len, false)
         };
-        Ok(Self { dir: dir.to_owned(), max_bytes, current, file, len, dirty: vec![], created_since_sync: created })
+        Ok(Self {
+            dir: dir.to_owned(),
+            max_bytes,
+            current,
+            file,
+            len,
+            dirty: vec![],
+            created_since_sync: created,
+            pending: vec![],
+        })
     }
 
     pub fn current(&self) -> u32 {
         self.current
     }
 
-    /// Appends one record; returns where it went.
+    /// Appends one record, written to the file at once; returns where it went.
     pub fn append(&mut self, header: &RecordHeader, payload: &[u8]) -> io::Result<Location> {
+        self.flush_pending()?;
         let rec_len = (RECORD_HEADER_LEN + payload.len()) as u64;
         if self.len > FILE_HEADER_LEN && self.len + rec_len > self.max_bytes {
             self.roll()?;
@@ -240,6 +252,39 @@ impl PackWriter {
         Ok(Location { pack: self.current, offset, len: rec_len as u32 })
     }
 
+    /// Appends one record to a buffer that is written out by the next [`PackWriter::sync`]
+    /// (or [`PackWriter::flush_pending`]); nothing may read it before then. For bulk copies.
+    pub fn append_deferred(&mut self, header: &RecordHeader, payload: &[u8]) -> io::Result<Location> {
+        let rec_len = (RECORD_HEADER_LEN + payload.len()) as u64;
+        let at = self.len + self.pending.len() as u64;
+        if at > FILE_HEADER_LEN && at + rec_len > self.max_bytes {
+            self.flush_pending()?;
+            self.roll()?;
+        }
+        let offset = self.len + self.pending.len() as u64;
+        self.pending.extend_from_slice(&header.encode());
+        self.pending.extend_from_slice(payload);
+        if self.pending.len() >= 8 << 20 {
+            self.flush_pending()?;
+        }
+        Ok(Location { pack: self.current, offset, len: rec_len as u32 })
+    }
+
+    /// Writes the deferred records to the file.
+    pub fn flush_pending(&mut self) -> io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.file.write_all(&self.pending) {
+            let _ = self.file.set_len(self.len);
+            self.pending.clear();
+            return Err(e);
+        }
+        self.len += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
     fn roll(&mut self) -> io::Result<()> {
         let next = self.current + 1;
         let file = create(&self.dir, next)?;
@@ -254,6 +299,7 @@ impl PackWriter {
     /// Seals the current pack and starts a new one (GC does this so it never compacts into a
     /// pack it is reading).
     pub fn seal_current(&mut self) -> io::Result<()> {
+        self.flush_pending()?;
         if self.len > FILE_HEADER_LEN {
             self.roll()?;
         }
@@ -263,6 +309,7 @@ impl PackWriter {
     /// Fsyncs every pack written since the last sync (and the directory when packs were
     /// created); returns each pack's durable length, to be recorded in the catalog.
     pub fn sync(&mut self) -> io::Result<Vec<(u32, u64)>> {
+        self.flush_pending()?;
         let mut synced = Vec::with_capacity(self.dirty.len() + 1);
         for (id, f, len) in self.dirty.drain(..) {
             f.sync_data()?;

@@ -22,6 +22,9 @@ struct Cli {
     /// Bytes used to measure the machine's limits (read, BLAKE3, QUIC).
     #[arg(long, default_value = "1GiB")]
     limit_bytes: String,
+    /// Chunks in the store for the GC benchmark.
+    #[arg(long, default_value_t = 1_048_576)]
+    gc_chunks: u64,
     /// Peers to compare with.
     #[arg(long, value_delimiter = ',', default_value = "restic,borg")]
     peers: Vec<String>,
@@ -33,7 +36,7 @@ struct Cli {
     output: String,
 }
 
-const BUILT: &[&str] = &["limits"];
+const BUILT: &[&str] = &["limits", "store"];
 const PLANNED: &[&str] = &["initial", "incremental", "cc", "restore", "smart-restore"];
 
 fn main() -> ExitCode {
@@ -72,7 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out).with_context(|| format!("cannot create {}", cli.out.display()))?;
 
     let mut lim = Limits { sample_bytes: sample, ..Limits::default() };
-    if scenarios.contains(&"limits") {
+    if scenarios.contains(&"limits") || scenarios.contains(&"store") {
         let file = cli.out.join("limits-sample.bin");
         eprintln!("measuring limits on {} of random data", format_size(sample));
         limits::write_random_file(&file, sample, 1)?;
@@ -88,10 +91,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         lim.quic_bps_4_streams = limits::quic_bps(sample, 4)?;
         lim.quic_bps = lim.quic_bps_1_stream.max(lim.quic_bps_4_streams);
     }
+    let mut store = None;
+    if scenarios.contains(&"store") {
+        let work = tempfile::tempdir_in(&cli.out)?;
+        let mut f = bulwark_simulations::storebench::StoreFigures::default();
+        eprintln!("store: ingest of {} vs a plain file write", format_size(sample));
+        bulwark_simulations::storebench::ingest(work.path(), sample, &mut f)?;
+        eprintln!("store: metadata per recovery point after 1% churn on a 100 GiB sparse disk");
+        bulwark_simulations::storebench::metadata(work.path(), &mut f)?;
+        eprintln!("store: dedup of 10 clones of a {} image", format_size(sample / 4));
+        bulwark_simulations::storebench::dedup(work.path(), sample / 4, &mut f)?;
+        eprintln!("store: GC of a store with {} chunks", cli.gc_chunks);
+        bulwark_simulations::storebench::gc(work.path(), cli.gc_chunks, &mut f)?;
+        store = Some(f);
+    }
     let report = Report {
         machine: Machine { cores: limits::cores(), mem_bytes: limits::mem_bytes() },
         limits: lim,
         results: vec![],
+        store,
     };
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(cli.out.join("bench-results.json"), &json)?;
@@ -114,6 +132,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("{:<28} {:>12}  {:>10}", "limit", "MiB/s", "vs read");
         for (name, v) in &bars {
             println!("{name:<28} {:>12.1}  {:>9.2}x", mib(*v), v / l.read_bps.max(1.0));
+        }
+        if let Some(s) = &report.store {
+            println!(
+                "store ingest                 {:>12.1}  {:>9.2}x plain file write ({:.1} MiB/s)",
+                mib(s.ingest_bps),
+                s.ingest_vs_plain_write,
+                mib(s.plain_write_bps)
+            );
+            println!(
+                "metadata per RP, 1% churn    {:>12} bytes, {:.2}% of a full index ({} bytes; {} of {} blocks changed)",
+                s.meta_bytes_per_rp,
+                100.0 * s.meta_ratio,
+                s.full_index_bytes,
+                s.meta_churn_blocks,
+                s.meta_blocks
+            );
+            println!(
+                "dedup, 10 clones             {:>12.1}x ({} logical, {} stored)",
+                s.dedup_ratio,
+                format_size(s.dedup_logical_bytes),
+                format_size(s.dedup_stored_bytes)
+            );
+            println!(
+                "GC, {} chunks           {:>12.2} s ({} dropped, {} moved, peak RSS {})",
+                s.gc_chunks,
+                s.gc_seconds,
+                s.gc_chunks_dropped,
+                s.gc_chunks_moved,
+                format_size(s.gc_peak_rss_bytes)
+            );
         }
         println!("wrote {}", cli.out.join("bench-results.json").display());
     }
