@@ -246,7 +246,7 @@ impl Store {
             self.catalog.set_pack_lengths(&packs)?;
         }
         if !put.is_empty() || !drop.is_empty() {
-            self.catalog.apply_index_batch(put, drop)?;
+            self.catalog.apply_index_changes(put, drop)?;
         }
         put.clear();
         drop.clear();
