@@ -8,7 +8,7 @@
 
 use anyhow::Context as _;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
-use bulwark_protocol::messages::{AdminRequest, AdminResponse, AgentInfo};
+use bulwark_protocol::messages::{AdminRequest, AdminResponse, AgentInfo, JobInfo, MaintenanceKind};
 use bulwark_protocol::HostId;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
@@ -62,6 +62,27 @@ enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// Verify the store: re-read every chunk, mark replicas that reach a bad one inconsistent.
+    Verify {
+        /// Wait for the job and print it (exit 1 if it failed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Drop recovery points past their group's retention range.
+    Prune {
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Garbage-collect the store.
+    Gc {
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Jobs.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
     /// The whole story on loopback in one command.
     Quickstart {
         #[arg(long)]
@@ -69,6 +90,22 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCommand {
+    /// Jobs, oldest first.
+    List {
+        #[arg(long)]
+        vm: Option<String>,
+        /// queued, running, succeeded, failed, cancelled
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One job.
+    Show { id: u64 },
+    /// Wait until a job has finished; exit 1 if it failed.
+    Wait { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,17 +163,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => AdminRequest::Status,
         Command::Agent { command: AgentCommand::List } => AdminRequest::AgentList,
         Command::Agent { command: AgentCommand::Revoke { host } } => AdminRequest::AgentRevoke { host: host.clone() },
+        Command::Verify { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Verify, wait: *wait },
+        Command::Prune { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Prune, wait: *wait },
+        Command::Gc { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Gc, wait: *wait },
+        Command::Job { command: JobCommand::List { vm, state } } => {
+            AdminRequest::JobList { vm: vm.clone(), state: state.clone() }
+        }
+        Command::Job { command: JobCommand::Show { id } | JobCommand::Wait { id } } => {
+            AdminRequest::JobShow { id: *id }
+        }
     };
     let target = target(&cli)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let wait_for = match &cli.command {
+        Command::Job { command: JobCommand::Wait { id } } => Some(*id),
+        _ => None,
+    };
     let response = rt.block_on(async {
         let client = AdminClient::connect(&target).await?;
-        let r = client.request(request).await;
+        let mut r = client.request(request).await;
+        if let Some(id) = wait_for {
+            // Poll until the job is final.
+            while let Ok(AdminResponse::Job(j)) = &r {
+                if is_final(j) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                r = client.request(AdminRequest::JobShow { id }).await;
+            }
+        }
         client.close().await;
         r
     })?;
     print(cli.output, &response);
+    if let AdminResponse::Job(j) = &response {
+        if j.state == "failed" {
+            anyhow::bail!("job {} ({}) failed: {}", j.id, j.kind, j.error.as_deref().unwrap_or("no reason recorded"));
+        }
+    }
     Ok(())
+}
+
+fn is_final(j: &JobInfo) -> bool {
+    matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled")
+}
+
+fn job_json(j: &JobInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": j.id,
+        "kind": j.kind,
+        "vm": j.vm,
+        "state": j.state,
+        "started_at": j.started_at.map(|s| fmt_time(Some(s))),
+        "finished_at": j.finished_at.map(|s| fmt_time(Some(s))),
+        "bytes_transferred": j.bytes_transferred,
+        "bytes_scanned": j.bytes_scanned,
+        "blocks_changed": j.blocks_changed,
+        "consistency": j.consistency,
+        "error": j.error,
+        "detail": j.detail,
+    })
 }
 
 fn fmt_time(secs: Option<u64>) -> String {
@@ -211,6 +297,41 @@ fn print(output: Output, response: &AdminResponse) {
                 println!("{host} was already revoked");
             } else {
                 println!("revoked {host} (serial {}); {connections_closed} connection(s) closed", serials.join(", "));
+            }
+        }
+        (Output::Json, AdminResponse::JobStarted { job_id }) => println!("{}", serde_json::json!({ "job_id": job_id })),
+        (Output::Text, AdminResponse::JobStarted { job_id }) => println!("job {job_id} started"),
+        (Output::Json, AdminResponse::Job(j)) => println!("{}", job_json(j)),
+        (Output::Text, AdminResponse::Job(j)) => {
+            println!("job {} ({}) {}", j.id, j.kind, j.state);
+            println!("  started   {}", fmt_time(j.started_at));
+            println!("  finished  {}", fmt_time(j.finished_at));
+            if let Some(d) = &j.detail {
+                println!("  detail    {d}");
+            }
+            if let Some(e) = &j.error {
+                println!("  error     {e}");
+            }
+        }
+        (Output::Json, AdminResponse::Jobs(list)) => {
+            println!("{}", serde_json::Value::Array(list.iter().map(job_json).collect()))
+        }
+        (Output::Text, AdminResponse::Jobs(list)) => {
+            println!(
+                "{:>6} {:<18} {:<16} {:<10} {:<22} {:>14}",
+                "ID", "KIND", "VM", "STATE", "FINISHED", "BYTES SCANNED"
+            );
+            for j in list {
+                let vm = j.vm.as_deref().unwrap_or("-");
+                println!(
+                    "{:>6} {:<18} {:<16} {:<10} {:<22} {:>14}",
+                    j.id,
+                    j.kind,
+                    vm,
+                    j.state,
+                    fmt_time(j.finished_at),
+                    j.bytes_scanned
+                );
             }
         }
         (_, other) => println!("{other:?}"),

@@ -164,6 +164,48 @@ pub enum AdminRequest {
         ttl_secs: u64,
         host: Option<HostId>,
     },
+    /// Start a store maintenance job; with `wait`, answer when it has finished.
+    Maintenance {
+        kind: MaintenanceKind,
+        wait: bool,
+    },
+    /// Jobs, optionally only those of one VM and/or in one state (`running`, …).
+    JobList {
+        vm: Option<String>,
+        state: Option<String>,
+    },
+    JobShow {
+        id: u64,
+    },
+}
+
+/// Store maintenance jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MaintenanceKind {
+    Verify,
+    Prune,
+    Gc,
+}
+
+/// A job as the console shows it (CONTRACT: `job show`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: u64,
+    /// `initial`, `sync`, `express-full`, `consistency-check`, `recovery`, `verify`, `prune`, `gc`.
+    pub kind: String,
+    pub vm: Option<String>,
+    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`.
+    pub state: String,
+    /// Unix seconds.
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub bytes_transferred: u64,
+    pub bytes_scanned: u64,
+    pub blocks_changed: u64,
+    pub consistency: Option<String>,
+    pub error: Option<String>,
+    /// What the job did, in words.
+    pub detail: Option<String>,
 }
 
 /// The coordinator's status summary.
@@ -202,6 +244,9 @@ pub enum AdminResponse {
     Agents(Vec<AgentInfo>),
     Revoked { host: HostId, serials: Vec<String>, connections_closed: u32 },
     Token { token: String, expires_at: u64 },
+    JobStarted { job_id: u64 },
+    Job(JobInfo),
+    Jobs(Vec<JobInfo>),
     Error { message: String },
 }
 

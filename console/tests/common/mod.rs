@@ -103,6 +103,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Self::start_with(|_| {})
+    }
+
+    /// Initializes the coordinator, lets `prepare` work on its data directory, then serves.
+    pub fn start_with(prepare: impl FnOnce(&Path)) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("coord");
         ok(&[
@@ -115,6 +120,7 @@ impl Cluster {
             "--name",
             "coord1",
         ]);
+        prepare(&dir);
         let coordinator = Daemon::spawn(
             &["x-coordinator", "serve", "--data-dir", dir.to_str().unwrap()],
             root.path().join("coord.log"),

@@ -64,6 +64,23 @@ impl Catalog {
         self.flush_durable()
     }
 
+    /// After a restart no job may stay queued or running: each is failed with the reason.
+    /// Returns the ids of the jobs it failed.
+    pub fn fail_interrupted_jobs(&self, reason: &str, now: u64) -> Result<Vec<u64>, CatalogError> {
+        let mut failed = vec![];
+        for mut job in self.jobs()? {
+            if !job.state.is_final() {
+                job.state = super::JobState::Failed;
+                job.error = Some(reason.to_owned());
+                job.finished_at = Some(now);
+                self.jobs.insert(job.id.to_be_bytes(), encode("jobs", &job)?)?;
+                failed.push(job.id);
+            }
+        }
+        self.flush_durable()?;
+        Ok(failed)
+    }
+
     /// Every job, oldest first.
     pub fn jobs(&self) -> Result<Vec<JobRecord>, CatalogError> {
         self.jobs.iter().values().map(|v| decode("jobs", &v?)).collect()
@@ -102,6 +119,37 @@ mod tests {
         };
         let cat = Catalog::open(dir.path()).unwrap();
         assert_eq!(cat.next_job_id().unwrap(), a + 2);
+    }
+
+    #[test]
+    fn jobs_interrupted_by_a_restart_are_failed_with_the_reason() {
+        use crate::catalog::{JobKind, JobRecord, JobState};
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        let job = |id, state| JobRecord {
+            id,
+            kind: JobKind::Verify,
+            vm: None,
+            state,
+            started_at: Some(1),
+            finished_at: None,
+            bytes_transferred: 0,
+            bytes_scanned: 0,
+            blocks_changed: 0,
+            consistency: None,
+            error: None,
+            detail: None,
+        };
+        cat.put_job(&job(1, JobState::Running)).unwrap();
+        cat.put_job(&job(2, JobState::Succeeded)).unwrap();
+        cat.put_job(&job(3, JobState::Queued)).unwrap();
+        assert_eq!(cat.fail_interrupted_jobs("coordinator restarted", 9).unwrap(), vec![1, 3]);
+        let j1 = cat.job(1).unwrap().unwrap();
+        assert_eq!(
+            (j1.state, j1.error.as_deref(), j1.finished_at),
+            (JobState::Failed, Some("coordinator restarted"), Some(9))
+        );
+        assert_eq!(cat.job(2).unwrap().unwrap().state, JobState::Succeeded);
     }
 
     #[test]

@@ -178,20 +178,33 @@ impl Catalog {
     }
 
     fn open_raw(path: &Path) -> Result<Self, CatalogError> {
-        remove_unfinished_snapshots(path).map_err(CatalogError::Sync)?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(CACHE_BYTES)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| match &e {
-                sled::Error::Io(io)
+        // sled releases its file lock from a background thread a moment after a `Db` is
+        // dropped, so a lock refusal is retried briefly before it means "another process".
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut cleaned = false;
+        let db = loop {
+            let opened =
+                sled::Config::new().path(path).cache_capacity(CACHE_BYTES).mode(sled::Mode::HighThroughput).open();
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(io))
                     if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock") =>
                 {
-                    CatalogError::Locked(io.to_string())
+                    if std::time::Instant::now() >= deadline {
+                        return Err(CatalogError::Locked(io.to_string()));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
-                _ => e.into(),
-            })?;
+                // sled reports corruption only after it took the lock: no live process is
+                // writing a snapshot, so an unfinished one is a crash's leftover.
+                Err(sled::Error::Corruption { .. })
+                    if !cleaned && remove_unfinished_snapshots(path).map_err(CatalogError::Sync)? =>
+                {
+                    cleaned = true;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Ok(Self {
             path: path.to_owned(),
             meta: db.open_tree("meta")?,
@@ -341,12 +354,13 @@ impl Catalog {
 /// sled 0.34.7 writes a snapshot to `snap.N.generating`, fsyncs it and only then renames it to
 /// `snap.N`; but when it opens, it reads the highest-named `snap.*` file, `.generating` ones
 /// included, and refuses to open ("Read corrupted data") if a kill left one behind
-/// (spacejam/sled#1527). Such a file is always an unfinished temporary: the previous snapshot
-/// and the log are the real state, so it is removed before opening.
-fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
+/// (spacejam/sled#1527). Such a file left by a crash is an unfinished temporary: the previous snapshot
+/// and the log are the real state, so it is removed and the open retried. Returns whether it
+/// removed anything.
+fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<bool> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
     };
     let mut removed = false;
@@ -362,7 +376,7 @@ fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<()> {
     if removed {
         std::fs::File::open(dir)?.sync_all()?;
     }
-    Ok(())
+    Ok(removed)
 }
 
 fn fsync_tree(dir: &Path) -> std::io::Result<()> {

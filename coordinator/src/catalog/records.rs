@@ -171,6 +171,39 @@ pub struct JobRecord {
     pub blocks_changed: u64,
     pub consistency: Option<Consistency>,
     pub error: Option<String>,
+    /// What the job did, in words (maintenance reports).
+    pub detail: Option<String>,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Initial => "initial",
+            JobKind::Sync => "sync",
+            JobKind::ExpressFull => "express-full",
+            JobKind::ConsistencyCheck => "consistency-check",
+            JobKind::Recovery => "recovery",
+            JobKind::Verify => "verify",
+            JobKind::Prune => "prune",
+            JobKind::Gc => "gc",
+        }
+    }
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
 }
 
 /// A chunk verify found bad.

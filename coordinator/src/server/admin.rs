@@ -2,13 +2,17 @@
 //! the caller). Handlers decide with the authority and the registry, then answer.
 
 use crate::catalog::now_secs;
+use crate::catalog::{JobKind, JobRecord, JobState};
 use crate::server::connection::violation;
 use crate::server::registry::{CloseHost, ListConnected};
+use crate::server::store_actor::RunMaintenance;
 use crate::server::State;
 use bulwark_pki::quic::close;
 use bulwark_protocol::frame;
 use bulwark_protocol::handshake::check_version;
-use bulwark_protocol::messages::{AdminEnvelope, AdminRequest, AdminResponse, AgentInfo, StatusReport};
+use bulwark_protocol::messages::{
+    AdminEnvelope, AdminRequest, AdminResponse, AgentInfo, Consistency, JobInfo, MaintenanceKind, StatusReport,
+};
 use bulwark_protocol::{HostId, PROTOCOL_VERSION};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +57,22 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::Status => status(state).await,
         AdminRequest::AgentList => agent_list(state).await,
         AdminRequest::AgentRevoke { host } => revoke(state, host).await,
+        AdminRequest::Maintenance { kind, wait } => maintenance(state, kind, wait).await,
+        AdminRequest::JobShow { id } => match state.authority.catalog().job(id) {
+            Ok(Some(job)) => AdminResponse::Job(job_info(&job)),
+            Ok(None) => AdminResponse::Error { message: format!("no job {id}") },
+            Err(e) => AdminResponse::Error { message: e.to_string() },
+        },
+        AdminRequest::JobList { vm, state: wanted } => match state.authority.catalog().jobs() {
+            Ok(jobs) => AdminResponse::Jobs(
+                jobs.iter()
+                    .filter(|j| vm.as_ref().is_none_or(|v| j.vm.as_ref() == Some(v)))
+                    .filter(|j| wanted.as_ref().is_none_or(|s| j.state.as_str() == s))
+                    .map(job_info)
+                    .collect(),
+            ),
+            Err(e) => AdminResponse::Error { message: e.to_string() },
+        },
         AdminRequest::TokenCreate { ttl_secs, host } => {
             let authority = state.authority.clone();
             match blocking(move || authority.create_token(Duration::from_secs(ttl_secs), host.as_ref())).await {
@@ -61,6 +81,78 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
                 Err(e) => AdminResponse::Error { message: e },
             }
         }
+    }
+}
+
+/// The wire form of a job.
+pub fn job_info(j: &JobRecord) -> JobInfo {
+    JobInfo {
+        id: j.id,
+        kind: j.kind.as_str().to_owned(),
+        vm: j.vm.clone(),
+        state: j.state.as_str().to_owned(),
+        started_at: j.started_at,
+        finished_at: j.finished_at,
+        bytes_transferred: j.bytes_transferred,
+        bytes_scanned: j.bytes_scanned,
+        blocks_changed: j.blocks_changed,
+        consistency: j.consistency.map(|c| {
+            match c {
+                Consistency::App => "app",
+                Consistency::Filesystem => "filesystem",
+                Consistency::Crash => "crash",
+            }
+            .to_owned()
+        }),
+        error: j.error.clone(),
+        detail: j.detail.clone(),
+    }
+}
+
+async fn maintenance(state: &Arc<State>, kind: MaintenanceKind, wait: bool) -> AdminResponse {
+    let catalog = state.authority.catalog().clone();
+    let kind = match kind {
+        MaintenanceKind::Verify => JobKind::Verify,
+        MaintenanceKind::Prune => JobKind::Prune,
+        MaintenanceKind::Gc => JobKind::Gc,
+    };
+    let created = blocking(move || -> Result<JobRecord, crate::catalog::CatalogError> {
+        let job = JobRecord {
+            id: catalog.next_job_id()?,
+            kind,
+            vm: None,
+            state: JobState::Queued,
+            started_at: None,
+            finished_at: None,
+            bytes_transferred: 0,
+            bytes_scanned: 0,
+            blocks_changed: 0,
+            consistency: None,
+            error: None,
+            detail: None,
+        };
+        catalog.put_job(&job)?;
+        Ok(job)
+    })
+    .await;
+    let job = match created {
+        Ok(Ok(job)) => job,
+        Ok(Err(e)) => return AdminResponse::Error { message: e.to_string() },
+        Err(e) => return AdminResponse::Error { message: e },
+    };
+    let id = job.id;
+    tracing::info!(job_id = id, kind = kind.as_str(), "job queued");
+    let done = state.store_workers.send(RunMaintenance(job));
+    if wait {
+        match done.await {
+            Ok(job) => AdminResponse::Job(job_info(&job)),
+            Err(e) => AdminResponse::Error { message: format!("job {id} was lost: {e}") },
+        }
+    } else {
+        actix_rt::spawn(async move {
+            let _ = done.await;
+        });
+        AdminResponse::JobStarted { job_id: id }
     }
 }
 
@@ -74,8 +166,14 @@ async fn status(state: &Arc<State>) -> AdminResponse {
         protocol_version: PROTOCOL_VERSION,
         agents_connected: u32::try_from(connected.len()).unwrap_or(u32::MAX),
         agents_enrolled: u32::try_from(enrolled).unwrap_or(u32::MAX),
-        vms_protected: 0,
-        jobs_running: 0,
+        vms_protected: u32::try_from(
+            catalog.vms().map(|v| v.iter().filter(|v| v.group.is_some()).count()).unwrap_or(0),
+        )
+        .unwrap_or(u32::MAX),
+        jobs_running: u32::try_from(
+            catalog.jobs().map(|j| j.iter().filter(|j| j.state == JobState::Running).count()).unwrap_or(0),
+        )
+        .unwrap_or(u32::MAX),
         store_bytes: dir_size(&state.authority.dir().store()),
         catalog_bytes: catalog.size_on_disk(),
     })

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod connection;
 pub mod registry;
 pub mod session;
+pub mod store_actor;
 
 use crate::authority::{Authority, AuthorityError};
 use crate::catalog::Catalog;
@@ -29,6 +30,8 @@ pub enum ServeError {
     Bind { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// What every connection handler shares.
@@ -36,6 +39,9 @@ pub struct State {
     pub authority: Arc<Authority>,
     pub endpoint: quinn::Endpoint,
     pub registry: Addr<Registry>,
+    /// The store, for quick reads; its work goes through `store_workers`.
+    pub store: Arc<crate::store::Store>,
+    pub store_workers: Addr<store_actor::StoreActor>,
 }
 
 impl State {
@@ -77,6 +83,11 @@ impl Actor for Listener {
 /// Runs the coordinator of `dir` until `shutdown` resolves.
 pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
     let catalog = Catalog::open(&dir.catalog())?;
+    let failed = catalog
+        .fail_interrupted_jobs("interrupted: the coordinator stopped while it ran", crate::catalog::now_secs())?;
+    if !failed.is_empty() {
+        tracing::warn!(jobs = ?failed, "jobs left running by the previous run were marked failed");
+    }
     let mut authority = Authority::open(dir.clone(), catalog.clone())?;
     authority.refresh_crl()?;
     let config = authority.config().clone();
@@ -94,9 +105,19 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         .map_err(|source| ServeError::Write { path: addr_path.display().to_string(), source })?;
     tracing::info!(addr = %local, name = %authority.config().name, "coordinator listening");
 
+    let store = Arc::new(crate::store::Store::open(&dir, catalog.clone(), crate::store::StoreConfig::default())?);
+    let workers = {
+        let store = store.clone();
+        SyncArbiter::start(2, move || store_actor::StoreActor { store: store.clone() })
+    };
     let registry = Registry::default().start();
-    let state =
-        Arc::new(State { authority: Arc::new(authority), endpoint: endpoint.clone(), registry: registry.clone() });
+    let state = Arc::new(State {
+        authority: Arc::new(authority),
+        endpoint: endpoint.clone(),
+        registry: registry.clone(),
+        store,
+        store_workers: workers,
+    });
     let _listener = Listener { state: state.clone() }.start();
 
     shutdown.await;
