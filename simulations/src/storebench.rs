@@ -233,26 +233,24 @@ pub fn gc(dir: &Path, chunks: u64, f: &mut StoreFigures) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resident memory of this process now.
-pub fn rss() -> u64 {
+/// A `kB` field of /proc/self/status, in bytes.
+fn status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
+            s.lines().find_map(|l| l.strip_prefix(field)).map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
         })
         .and_then(|v| v.parse::<u64>().ok())
         .map(|k| k * 1024)
         .unwrap_or(0)
 }
 
+/// Resident memory of this process now.
+pub fn rss() -> u64 {
+    status_bytes("VmRSS:")
+}
+
 /// Peak resident memory of this process.
 pub fn peak_rss() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).map(|v| v.trim().trim_end_matches("kB").trim().to_owned())
-        })
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(|k| k * 1024)
-        .unwrap_or(0)
+    status_bytes("VmHWM:")
 }

@@ -126,20 +126,7 @@ mod tests {
         use crate::catalog::{JobKind, JobRecord, JobState};
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::create(dir.path()).unwrap();
-        let job = |id, state| JobRecord {
-            id,
-            kind: JobKind::Verify,
-            vm: None,
-            state,
-            started_at: Some(1),
-            finished_at: None,
-            bytes_transferred: 0,
-            bytes_scanned: 0,
-            blocks_changed: 0,
-            consistency: None,
-            error: None,
-            detail: None,
-        };
+        let job = |id, state| JobRecord { state, started_at: Some(1), ..JobRecord::queued(id, JobKind::Verify, None) };
         cat.put_job(&job(1, JobState::Running)).unwrap();
         cat.put_job(&job(2, JobState::Succeeded)).unwrap();
         cat.put_job(&job(3, JobState::Queued)).unwrap();

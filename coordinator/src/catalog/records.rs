@@ -175,6 +175,26 @@ pub struct JobRecord {
     pub detail: Option<String>,
 }
 
+impl JobRecord {
+    /// A new job, queued.
+    pub fn queued(id: u64, kind: JobKind, vm: Option<String>) -> Self {
+        Self {
+            id,
+            kind,
+            vm,
+            state: JobState::Queued,
+            started_at: None,
+            finished_at: None,
+            bytes_transferred: 0,
+            bytes_scanned: 0,
+            blocks_changed: 0,
+            consistency: None,
+            error: None,
+            detail: None,
+        }
+    }
+}
+
 impl JobKind {
     pub fn as_str(self) -> &'static str {
         match self {

@@ -117,20 +117,7 @@ async fn maintenance(state: &Arc<State>, kind: MaintenanceKind, wait: bool) -> A
         MaintenanceKind::Gc => JobKind::Gc,
     };
     let created = blocking(move || -> Result<JobRecord, crate::catalog::CatalogError> {
-        let job = JobRecord {
-            id: catalog.next_job_id()?,
-            kind,
-            vm: None,
-            state: JobState::Queued,
-            started_at: None,
-            finished_at: None,
-            bytes_transferred: 0,
-            bytes_scanned: 0,
-            blocks_changed: 0,
-            consistency: None,
-            error: None,
-            detail: None,
-        };
+        let job = JobRecord::queued(catalog.next_job_id()?, kind, None);
         catalog.put_job(&job)?;
         Ok(job)
     })
