@@ -40,6 +40,11 @@ pub enum Command {
         #[arg(long)]
         host: Option<String>,
     },
+    /// The embedded sim hypervisor's tools (VMs on a shared storage root).
+    Sim {
+        #[command(subcommand)]
+        command: SimCommand,
+    },
     /// Run the agent until SIGINT/SIGTERM.
     Run {
         #[arg(long)]
@@ -48,6 +53,186 @@ pub enum Command {
         #[arg(long)]
         sim_root: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SimCommand {
+    /// Make a sim VM (default: one disk os:1GiB, running, windows, integration services on, zero-filled).
+    CreateVm {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "windows", value_parser = ["linux", "windows"])]
+        os: String,
+        /// NAME:SIZE, e.g. os:1GiB (repeatable).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        #[arg(long, default_value = "running", value_parser = ["running", "off"])]
+        state: String,
+        #[arg(long)]
+        no_integration_services: bool,
+        #[arg(long, value_parser = ["healthy", "resyncing", "critical"])]
+        replica: Option<String>,
+        #[arg(long, default_value = "zero", value_parser = ["zero", "random"])]
+        fill: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Write FILE's bytes into a disk at an offset, as the guest would (tracked).
+    Write {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        disk: String,
+        #[arg(long, value_parser = parse_size)]
+        offset: u64,
+        #[arg(long)]
+        input: PathBuf,
+    },
+    /// Guest writes of random data covering P % of each disk's blocks.
+    Churn {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        percent: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Live migration to another node; --storage also moves storage (tracking resets).
+    Migrate {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        storage: bool,
+    },
+    /// Change a VM's power state.
+    SetState {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(value_parser = ["running", "off", "paused"])]
+        state: String,
+    },
+    /// Power loss of a node: tracking is lost for the VMs that were running there.
+    CrashHost {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        host: String,
+    },
+    /// The disk's current contents, as the guest sees them.
+    Read {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        disk: String,
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    bulwark_protocol::units::parse_size(s).map_err(|e| e.to_string())
+}
+
+fn power(s: &str) -> crate::sim::Power {
+    match s {
+        "off" => crate::sim::Power::Off,
+        "paused" => crate::sim::Power::Paused,
+        _ => crate::sim::Power::Running,
+    }
+}
+
+fn run_sim(command: SimCommand) -> anyhow::Result<()> {
+    use crate::sim::{self, DiskConfig, ReplicaHealth};
+    use anyhow::Context as _;
+    match command {
+        SimCommand::CreateVm { root, name, host, os, disks, state, no_integration_services, replica, fill, seed } => {
+            let disks = if disks.is_empty() { vec!["os:1GiB".to_owned()] } else { disks };
+            let disks = disks
+                .iter()
+                .map(|d| {
+                    let (n, size) =
+                        d.split_once(':').with_context(|| format!("--disk {d:?}: write NAME:SIZE, e.g. os:1GiB"))?;
+                    Ok(DiskConfig { name: n.to_owned(), size: bulwark_protocol::units::parse_size(size)? })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let replica = replica.map(|r| match r.as_str() {
+                "resyncing" => ReplicaHealth::Resyncing,
+                "critical" => ReplicaHealth::Critical,
+                _ => ReplicaHealth::Healthy,
+            });
+            let req = sim::CreateVm {
+                name: name.clone(),
+                host,
+                os,
+                disks,
+                power: power(&state),
+                integration_services: !no_integration_services,
+                replica,
+                random_fill: fill == "random",
+                seed,
+            };
+            sim::create_vm(&root, &req)?;
+            println!("created VM {name}");
+        }
+        SimCommand::Write { root, vm, disk, offset, input } => {
+            let mut f = std::fs::File::open(&input).with_context(|| format!("cannot open {}", input.display()))?;
+            let mut vm = sim::Vm::open(&root, &vm)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut at = offset;
+            loop {
+                let n = std::io::Read::read(&mut f, &mut buf)
+                    .with_context(|| format!("cannot read {}", input.display()))?;
+                if n == 0 {
+                    break;
+                }
+                vm.guest_write(&disk, at, &buf[..n])?;
+                at += n as u64;
+            }
+            println!("wrote {} bytes at offset {offset}", at - offset);
+        }
+        SimCommand::Churn { root, vm, percent, seed } => {
+            let n = sim::churn(&root, &vm, percent, seed)?;
+            println!("churned {n} bytes");
+        }
+        SimCommand::Migrate { root, vm, to, storage } => {
+            sim::migrate(&root, &vm, &to, storage)?;
+            println!("migrated {vm} to {to}{}", if storage { " (with storage: tracking reset)" } else { "" });
+        }
+        SimCommand::SetState { root, vm, state } => {
+            sim::set_state(&root, &vm, power(&state))?;
+            println!("{vm} is {state}");
+        }
+        SimCommand::CrashHost { root, host } => {
+            let lost = sim::crash_host(&root, &host)?;
+            println!(
+                "host {host} crashed; tracking lost for: {}",
+                if lost.is_empty() { "no VM".to_owned() } else { lost.join(", ") }
+            );
+        }
+        SimCommand::Read { root, vm, disk, output } => {
+            let f = std::fs::File::create(&output).with_context(|| format!("cannot create {}", output.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            sim::read_disk(&root, &vm, &disk, &mut w)?;
+            std::io::Write::flush(&mut w)?;
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {
@@ -90,6 +275,7 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             );
             Ok(())
         })(),
+        Command::Sim { command } => run_sim(command),
         Command::Run { data_dir, sim_root } => actix_rt::System::new()
             .block_on(run(AgentDir::new(data_dir), RunOptions { sim_root }, shutdown_signal()))
             .map_err(Into::into),

@@ -6,6 +6,7 @@
 //! - [`enroll`]: `bulwark-agent enroll` (key, CSR, join token, CA pinning).
 //! - [`backoff`]: reconnect delays.
 //! - [`uplink`]: the uplink actor and its session logic.
+//! - [`sim`]: the embedded sim hypervisor (VMs, tracked writes, snapshots, overlays).
 //! - [`run`]: `bulwark-agent run`.
 //! - [`cli`]: the command line.
 
@@ -16,4 +17,5 @@ pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod run;
+pub mod sim;
 pub mod uplink;

@@ -1,0 +1,512 @@
+//! A sim VM on its storage root: `R/vms/NAME/vm.toml` and, per disk, the raw sparse image
+//! `DISK.img`, the live dirty bitmap `DISK.dirty`, and while a transfer is pending the frozen
+//! bitmap `DISK.frozen`; while a snapshot is held, guest writes go to the differencing overlay
+//! `DISK.overlay` (with `DISK.overlay.map`, the tracking blocks it holds).
+//!
+//! Every operation takes the VM's lock file, so the agent and `bulwark-agent sim` commands can
+//! work on one VM at the same time from different processes and cluster nodes.
+
+use crate::sim::bitmap::{DirtyBitmap, GRANULARITY};
+use serde::{Deserialize, Serialize};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// Why a sim operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("no VM named {0:?} on this storage root")]
+    NoSuchVm(String),
+    #[error("a VM named {0:?} already exists")]
+    Exists(String),
+    #[error("VM {vm} has no disk {disk:?}")]
+    NoSuchDisk { vm: String, disk: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("snapshot refused: {0}")]
+    Refused(String),
+    #[error("change tracking was lost for {vm}/{disk}: {reason}")]
+    TrackingLost { vm: String, disk: String, reason: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
+    move |source| SimError::Io { path: path.to_owned(), source }
+}
+
+/// Power state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Power {
+    Running,
+    Off,
+    Paused,
+}
+
+/// A replica VM's health (Hyper-V Replica).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaHealth {
+    Healthy,
+    Resyncing,
+    Critical,
+}
+
+/// Consistency a snapshot achieves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapConsistency {
+    App,
+    Filesystem,
+    Crash,
+}
+
+/// One disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskConfig {
+    pub name: String,
+    pub size: u64,
+}
+
+/// A held snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldSnapshot {
+    pub id: u64,
+    pub consistency: SnapConsistency,
+    /// Unix seconds.
+    pub taken_at: u64,
+    /// The host (agent) holding it.
+    pub holder: String,
+    /// The VM was paused for the snapshot and must be resumed.
+    pub paused_for_snapshot: bool,
+}
+
+/// `vm.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub name: String,
+    pub host: String,
+    /// `linux` or `windows`.
+    pub os: String,
+    pub power: Power,
+    pub integration_services: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaHealth>,
+    /// Tracking generation: bumped when tracking is lost (host crash, storage migration).
+    pub generation: u64,
+    /// Sequence of the last change token the coordinator confirmed.
+    pub sequence: u64,
+    pub disks: Vec<DiskConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<HeldSnapshot>,
+    /// Next snapshot id.
+    #[serde(default)]
+    pub next_snapshot: u64,
+}
+
+/// A change token: "changes since" it are what the live bitmap (and a pending frozen one)
+/// record, as long as the generation is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeToken {
+    pub generation: u64,
+    pub sequence: u64,
+}
+
+impl ChangeToken {
+    /// Packs the token into one number for the wire (generation in the high 32 bits).
+    pub fn to_u64(self) -> u64 {
+        (self.generation << 32) | (self.sequence & 0xffff_ffff)
+    }
+
+    pub fn from_u64(v: u64) -> Self {
+        Self { generation: v >> 32, sequence: v & 0xffff_ffff }
+    }
+}
+
+/// A VM's directory and lock.
+pub struct Vm {
+    dir: PathBuf,
+    _lock: File,
+    pub config: VmConfig,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("name", &self.config.name).finish()
+    }
+}
+
+/// The VM directory of `name` under root `root`.
+pub fn vm_dir(root: &Path, name: &str) -> PathBuf {
+    root.join("vms").join(name)
+}
+
+fn valid_name(kind: &str, name: &str) -> Result<(), SimError> {
+    bulwark_protocol::VmId::new(name).map(|_| ()).map_err(|e| SimError::Invalid(format!("{kind}: {e}")))
+}
+
+impl Vm {
+    /// Opens (and locks) an existing VM.
+    pub fn open(root: &Path, name: &str) -> Result<Vm, SimError> {
+        valid_name("VM name", name)?;
+        let dir = vm_dir(root, name);
+        let config_path = dir.join("vm.toml");
+        if !config_path.exists() {
+            return Err(SimError::NoSuchVm(name.to_owned()));
+        }
+        let lock_path = dir.join(".lock");
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        lock.lock().map_err(io(&lock_path))?;
+        let text = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
+        let config: VmConfig =
+            toml::from_str(&text).map_err(|e| SimError::Invalid(format!("{}: {e}", config_path.display())))?;
+        Ok(Vm { dir, _lock: lock, config })
+    }
+
+    /// Creates a VM with zero-filled sparse disks; returns it locked.
+    pub fn create(root: &Path, config: VmConfig) -> Result<Vm, SimError> {
+        valid_name("VM name", &config.name)?;
+        for d in &config.disks {
+            valid_name("disk name", &d.name)?;
+            if d.size == 0 {
+                return Err(SimError::Invalid(format!("disk {} has size 0", d.name)));
+            }
+        }
+        let dir = vm_dir(root, &config.name);
+        if dir.join("vm.toml").exists() {
+            return Err(SimError::Exists(config.name));
+        }
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let lock_path = dir.join(".lock");
+        let lock =
+            OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
+        lock.lock().map_err(io(&lock_path))?;
+        let vm = Vm { dir, _lock: lock, config };
+        for d in &vm.config.disks {
+            let img = vm.image(&d.name);
+            let f = File::create(&img).map_err(io(&img))?;
+            f.set_len(d.size).map_err(io(&img))?;
+            f.sync_all().map_err(io(&img))?;
+            DirtyBitmap::new(d.size).save(&vm.bitmap(&d.name)).map_err(io(&img))?;
+        }
+        vm.save()?;
+        Ok(vm)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn image(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.img"))
+    }
+    fn bitmap(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.dirty"))
+    }
+    fn frozen(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.frozen"))
+    }
+    fn overlay(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.overlay"))
+    }
+    fn overlay_map(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.overlay.map"))
+    }
+
+    /// Writes `vm.toml` atomically.
+    pub fn save(&self) -> Result<(), SimError> {
+        let path = self.dir.join("vm.toml");
+        let text = toml::to_string_pretty(&self.config).map_err(|e| SimError::Invalid(e.to_string()))?;
+        bulwark_pki::files::write_atomic(&path, text.as_bytes(), 0o644).map_err(io(&path))
+    }
+
+    fn disk(&self, disk: &str) -> Result<&DiskConfig, SimError> {
+        self.config
+            .disks
+            .iter()
+            .find(|d| d.name == disk)
+            .ok_or_else(|| SimError::NoSuchDisk { vm: self.config.name.clone(), disk: disk.to_owned() })
+    }
+
+    fn load_bitmap(&self, path: &Path, size: u64) -> Result<DirtyBitmap, SimError> {
+        // A missing or damaged live bitmap means we cannot tell what changed: all dirty.
+        Ok(DirtyBitmap::load(path)
+            .map_err(io(path))?
+            .filter(|b| b.size() == size)
+            .unwrap_or_else(|| DirtyBitmap::full(size)))
+    }
+
+    /// A guest write of `data` at `offset` (tracked; into the overlay while a snapshot is held).
+    pub fn guest_write(&mut self, disk: &str, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        let size = self.disk(disk)?.size;
+        let end = offset.checked_add(data.len() as u64).filter(|e| *e <= size).ok_or_else(|| {
+            SimError::Invalid(format!(
+                "a write of {} bytes at {offset} does not fit disk {disk} of {size} bytes",
+                data.len()
+            ))
+        })?;
+        // Track first: a crash after this loses no change (at worst a block is re-sent).
+        let bitmap_path = self.bitmap(disk);
+        let mut live = self.load_bitmap(&bitmap_path, size)?;
+        live.mark(offset, data.len() as u64);
+        live.save(&bitmap_path).map_err(io(&bitmap_path))?;
+        let target = if self.config.snapshot.is_some() {
+            self.copy_up(disk, size, offset, end)?;
+            self.overlay(disk)
+        } else {
+            self.image(disk)
+        };
+        let f = OpenOptions::new().write(true).open(&target).map_err(io(&target))?;
+        f.write_all_at(data, offset).map_err(io(&target))?;
+        f.sync_data().map_err(io(&target))
+    }
+
+    /// Before the first overlay write to a tracking block, copies the base's block into the
+    /// overlay, so partial writes keep the rest of the block.
+    fn copy_up(&self, disk: &str, size: u64, offset: u64, end: u64) -> Result<(), SimError> {
+        let map_path = self.overlay_map(disk);
+        let mut map = DirtyBitmap::load(&map_path).map_err(io(&map_path))?.unwrap_or_else(|| DirtyBitmap::new(size));
+        let base = File::open(self.image(disk)).map_err(io(&self.image(disk)))?;
+        let ov_path = self.overlay(disk);
+        let ov = OpenOptions::new().write(true).create(true).truncate(false).open(&ov_path).map_err(io(&ov_path))?;
+        ov.set_len(size).map_err(io(&ov_path))?;
+        let mut changed = false;
+        let mut buf = vec![0u8; GRANULARITY as usize];
+        for t in offset / GRANULARITY..end.div_ceil(GRANULARITY) {
+            if map.is_dirty(t) {
+                continue;
+            }
+            let start = t * GRANULARITY;
+            let n = GRANULARITY.min(size - start) as usize;
+            base.read_exact_at(&mut buf[..n], start).map_err(io(&self.image(disk)))?;
+            ov.write_all_at(&buf[..n], start).map_err(io(&ov_path))?;
+            map.mark(start, n as u64);
+            changed = true;
+        }
+        if changed {
+            ov.sync_data().map_err(io(&ov_path))?;
+            map.save(&map_path).map_err(io(&map_path))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset` as the guest sees them now.
+    pub fn guest_read(&self, disk: &str, offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
+        let size = self.disk(disk)?.size;
+        if offset + buf.len() as u64 > size {
+            return Err(SimError::Invalid(format!("read past the end of disk {disk}")));
+        }
+        let img = self.image(disk);
+        File::open(&img).map_err(io(&img))?.read_exact_at(buf, offset).map_err(io(&img))?;
+        if self.config.snapshot.is_some() {
+            let map_path = self.overlay_map(disk);
+            if let Some(map) = DirtyBitmap::load(&map_path).map_err(io(&map_path))? {
+                let ov_path = self.overlay(disk);
+                let ov = File::open(&ov_path).map_err(io(&ov_path))?;
+                let end = offset + buf.len() as u64;
+                for t in offset / GRANULARITY..end.div_ceil(GRANULARITY) {
+                    if !map.is_dirty(t) {
+                        continue;
+                    }
+                    let s = (t * GRANULARITY).max(offset);
+                    let e = ((t + 1) * GRANULARITY).min(end);
+                    let slice = &mut buf[(s - offset) as usize..(e - offset) as usize];
+                    ov.read_exact_at(slice, s).map_err(io(&ov_path))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads from the held snapshot (the base image, untouched while it is held).
+    pub fn snapshot_read(&self, disk: &str, offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
+        if self.config.snapshot.is_none() {
+            return Err(SimError::Invalid(format!("{} holds no snapshot", self.config.name)));
+        }
+        let size = self.disk(disk)?.size;
+        if offset + buf.len() as u64 > size {
+            return Err(SimError::Invalid(format!("read past the end of disk {disk}")));
+        }
+        let img = self.image(disk);
+        File::open(&img).map_err(io(&img))?.read_exact_at(buf, offset).map_err(io(&img))
+    }
+
+    /// The consistency a snapshot of this VM would achieve, or why none is allowed.
+    pub fn consistency(&self) -> Result<SnapConsistency, SimError> {
+        match self.config.replica {
+            Some(ReplicaHealth::Resyncing) => {
+                return Err(SimError::Refused(format!("replica VM {} is resynchronizing", self.config.name)))
+            }
+            Some(ReplicaHealth::Critical) => {
+                return Err(SimError::Refused(format!("replica VM {} is in critical health", self.config.name)))
+            }
+            Some(ReplicaHealth::Healthy) => return Ok(SnapConsistency::Crash),
+            None => {}
+        }
+        Ok(match (self.config.power, self.config.integration_services, self.config.os.as_str()) {
+            (Power::Running, true, "windows") => SnapConsistency::App,
+            (Power::Running, true, _) => SnapConsistency::Filesystem,
+            _ => SnapConsistency::Crash,
+        })
+    }
+
+    /// Takes a snapshot for `holder`: the snapshot point freezes the live bitmaps (merged with
+    /// any still pending) and starts the overlay. Returns the snapshot and the token the
+    /// frozen bitmaps are "changes since".
+    pub fn take_snapshot(&mut self, holder: &str, now: u64) -> Result<(HeldSnapshot, ChangeToken), SimError> {
+        if let Some(s) = &self.config.snapshot {
+            return Err(SimError::Refused(format!(
+                "{} already holds snapshot {} for {}",
+                self.config.name, s.id, s.holder
+            )));
+        }
+        let consistency = self.consistency()?;
+        let paused = consistency == SnapConsistency::Crash && self.config.power == Power::Running;
+        for d in self.config.disks.clone() {
+            let live_path = self.bitmap(&d.name);
+            let live = self.load_bitmap(&live_path, d.size)?;
+            let frozen_path = self.frozen(&d.name);
+            let mut frozen =
+                DirtyBitmap::load(&frozen_path).map_err(io(&frozen_path))?.unwrap_or_else(|| DirtyBitmap::new(d.size));
+            frozen.merge(&live);
+            frozen.save(&frozen_path).map_err(io(&frozen_path))?;
+            DirtyBitmap::new(d.size).save(&live_path).map_err(io(&live_path))?;
+        }
+        let snap = HeldSnapshot {
+            id: self.config.next_snapshot,
+            consistency,
+            taken_at: now,
+            holder: holder.to_owned(),
+            paused_for_snapshot: paused,
+        };
+        self.config.next_snapshot += 1;
+        self.config.snapshot = Some(snap.clone());
+        self.save()?;
+        Ok((snap, ChangeToken { generation: self.config.generation, sequence: self.config.sequence }))
+    }
+
+    /// Changes since `token` as of the held snapshot: the frozen bitmap, or `TrackingLost`.
+    pub fn changes_since(&self, disk: &str, token: Option<ChangeToken>) -> Result<DirtyBitmap, SimError> {
+        let size = self.disk(disk)?.size;
+        let lost = |reason: &str| SimError::TrackingLost {
+            vm: self.config.name.clone(),
+            disk: disk.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let current = ChangeToken { generation: self.config.generation, sequence: self.config.sequence };
+        match token {
+            None => return Err(lost("no change token: nothing was backed up with tracking yet")),
+            Some(t) if t.generation != current.generation => {
+                return Err(lost("tracking was reset (host crash or storage migration)"))
+            }
+            Some(t) if t != current => return Err(lost("the token is not the last one confirmed")),
+            Some(_) => {}
+        }
+        let path = self.frozen(disk);
+        Ok(DirtyBitmap::load(&path)
+            .map_err(io(&path))?
+            .filter(|b| b.size() == size)
+            .unwrap_or_else(|| DirtyBitmap::full(size)))
+    }
+
+    /// Releases the held snapshot: merges the overlay back into the base, removes it, resumes a
+    /// VM paused for it. No guest write is lost.
+    pub fn release_snapshot(&mut self) -> Result<(), SimError> {
+        let Some(snap) = self.config.snapshot.clone() else { return Ok(()) };
+        for d in self.config.disks.clone() {
+            let map_path = self.overlay_map(&d.name);
+            let ov_path = self.overlay(&d.name);
+            if let Some(map) = DirtyBitmap::load(&map_path).map_err(io(&map_path))? {
+                let ov = File::open(&ov_path).map_err(io(&ov_path))?;
+                let img = self.image(&d.name);
+                let base = OpenOptions::new().write(true).open(&img).map_err(io(&img))?;
+                let mut buf = vec![0u8; GRANULARITY as usize];
+                for t in 0..d.size.div_ceil(GRANULARITY) {
+                    if map.is_dirty(t) {
+                        let start = t * GRANULARITY;
+                        let n = GRANULARITY.min(d.size - start) as usize;
+                        ov.read_exact_at(&mut buf[..n], start).map_err(io(&ov_path))?;
+                        base.write_all_at(&buf[..n], start).map_err(io(&img))?;
+                    }
+                }
+                base.sync_all().map_err(io(&img))?;
+            }
+            // Only once the base holds every overlay block may the overlay go (merge is
+            // idempotent, so a crash before this line just merges again).
+            for p in [&map_path, &ov_path] {
+                match std::fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(p)(e)),
+                }
+            }
+        }
+        if snap.paused_for_snapshot && self.config.power == Power::Paused {
+            self.config.power = Power::Running;
+        }
+        self.config.snapshot = None;
+        self.save()
+    }
+
+    /// The coordinator committed what was read: the frozen changes are done with and the
+    /// token advances.
+    pub fn confirm(&mut self) -> Result<ChangeToken, SimError> {
+        for d in self.config.disks.clone() {
+            let p = self.frozen(&d.name);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&p)(e)),
+            }
+        }
+        self.config.sequence += 1;
+        self.save()?;
+        Ok(ChangeToken { generation: self.config.generation, sequence: self.config.sequence })
+    }
+
+    /// The transfer failed: the frozen changes go back into the live bitmaps, to be sent next
+    /// time.
+    pub fn abandon(&mut self) -> Result<(), SimError> {
+        for d in self.config.disks.clone() {
+            let frozen_path = self.frozen(&d.name);
+            let Some(frozen) = DirtyBitmap::load(&frozen_path).map_err(io(&frozen_path))? else { continue };
+            let live_path = self.bitmap(&d.name);
+            let mut live = self.load_bitmap(&live_path, d.size)?;
+            live.merge(&frozen);
+            live.save(&live_path).map_err(io(&live_path))?;
+            std::fs::remove_file(&frozen_path).map_err(io(&frozen_path))?;
+        }
+        Ok(())
+    }
+
+    /// Tracking is lost (host crash, storage migration): new generation, everything dirty.
+    pub fn lose_tracking(&mut self) -> Result<(), SimError> {
+        self.config.generation += 1;
+        for d in self.config.disks.clone() {
+            let p = self.bitmap(&d.name);
+            DirtyBitmap::full(d.size).save(&p).map_err(io(&p))?;
+        }
+        self.save()
+    }
+}
+
+/// Names of every VM on the root.
+pub fn list_vms(root: &Path) -> Result<Vec<String>, SimError> {
+    let dir = root.join("vms");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(io(&dir)(e)),
+    };
+    let mut names = vec![];
+    for e in entries {
+        let e = e.map_err(io(&dir))?;
+        if e.path().join("vm.toml").exists() {
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
