@@ -4,6 +4,7 @@
 //! Modules in reading order:
 //! - [`config`]: `agent.toml` and the data directory.
 //! - [`enroll`]: `bulwark-agent enroll` (key, CSR, join token, CA pinning).
+//! - [`inventory`]: the VMs of this host, as reported to the coordinator.
 //! - [`backoff`]: reconnect delays.
 //! - [`uplink`]: the uplink actor and its session logic.
 //! - [`sim`]: the embedded sim hypervisor (VMs, tracked writes, snapshots, overlays).
@@ -16,6 +17,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod inventory;
 pub mod run;
 pub mod sim;
 pub mod uplink;

@@ -56,7 +56,30 @@ pub async fn run(
     let mut endpoint = quinn::Endpoint::client(bind).map_err(RunError::Socket)?;
     endpoint.set_default_client_config(client);
     tracing::info!(host = %config.host, coordinator = %config.coordinator, hypervisor = %config.hypervisor.kind, "agent starting");
-    let uplink = Uplink::new(config, endpoint.clone(), Inventory { vms: vec![] }).start();
+    let inventory: crate::uplink::InventorySource = match (
+        config.hypervisor.kind.as_str(),
+        config.hypervisor.root.clone(),
+    ) {
+        ("sim", Some(root)) => {
+            // Snapshots an earlier run of this host left held: release them before anything else.
+            let cleaned =
+                crate::sim::cleanup_orphans(&root, &config.host).map_err(|e| RunError::Invalid(e.to_string()))?;
+            if !cleaned.is_empty() {
+                tracing::warn!(vms = ?cleaned, "released snapshots an earlier run left behind (overlays merged, changes kept)");
+            }
+            let host = config.host.clone();
+            std::sync::Arc::new(move || match crate::inventory::sim_inventory(&root, &host) {
+                Ok(inv) => inv,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the sim inventory");
+                    Inventory { vms: vec![] }
+                }
+            })
+        }
+        ("sim", None) => return Err(RunError::Invalid("the sim hypervisor needs a storage root (--sim-root)".into())),
+        _ => std::sync::Arc::new(|| Inventory { vms: vec![] }),
+    };
+    let uplink = Uplink::new(config, endpoint.clone(), inventory).start();
     shutdown.await;
     tracing::info!("shutting down");
     let _ = uplink.send(Shutdown).await;

@@ -29,18 +29,21 @@ pub enum SessionEnd {
 }
 
 /// The uplink actor.
+/// Produces the current inventory (called at connect and at each heartbeat).
+pub type InventorySource = std::sync::Arc<dyn Fn() -> Inventory + Send + Sync>;
+
 pub struct Uplink {
     pub config: AgentConfig,
     pub endpoint: quinn::Endpoint,
     pub backoff: Backoff,
     pub attempt: u32,
     pub conn: Option<quinn::Connection>,
-    pub inventory: Inventory,
+    pub inventory: InventorySource,
     pub stopping: bool,
 }
 
 impl Uplink {
-    pub fn new(config: AgentConfig, endpoint: quinn::Endpoint, inventory: Inventory) -> Self {
+    pub fn new(config: AgentConfig, endpoint: quinn::Endpoint, inventory: InventorySource) -> Self {
         Self { config, endpoint, backoff: Backoff::default(), attempt: 0, conn: None, inventory, stopping: false }
     }
 }
@@ -128,7 +131,7 @@ impl Uplink {
 pub async fn run_session(
     endpoint: &quinn::Endpoint,
     config: &AgentConfig,
-    inventory: Inventory,
+    inventory: InventorySource,
     on_established: impl FnOnce(quinn::Connection),
 ) -> SessionEnd {
     let failed = |r: String| {
@@ -177,7 +180,8 @@ pub async fn run_session(
     };
     tracing::info!(coordinator = %welcome.coordinator, version = welcome.version, "connected");
     on_established(conn.clone());
-    if let Err(e) = frame::write_message(&mut send, &AgentMessage::Inventory(inventory)).await {
+    let mut reported = inventory();
+    if let Err(e) = frame::write_message(&mut send, &AgentMessage::Inventory(reported.clone())).await {
         return lost(&conn, e.to_string());
     }
     let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(welcome.heartbeat_secs.max(1))));
@@ -185,7 +189,14 @@ pub async fn run_session(
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
-                if let Err(e) = frame::write_message(&mut send, &AgentMessage::Heartbeat).await {
+                let now = inventory();
+                let msg = if now != reported {
+                    reported = now.clone();
+                    AgentMessage::Inventory(now)
+                } else {
+                    AgentMessage::Heartbeat
+                };
+                if let Err(e) = frame::write_message(&mut send, &msg).await {
                     return lost(&conn, e.to_string());
                 }
             }
