@@ -8,6 +8,7 @@
 //! - [`backoff`]: reconnect delays.
 //! - [`uplink`]: the uplink actor and its session logic.
 //! - [`sim`]: the embedded sim hypervisor (VMs, tracked writes, snapshots, overlays).
+//! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
 //! - [`run`]: `bulwark-agent run`.
 //! - [`cli`]: the command line.
 
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod inventory;
+pub mod reader;
 pub mod run;
 pub mod sim;
 pub mod uplink;

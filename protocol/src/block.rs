@@ -22,6 +22,60 @@ pub const MIN_BLOCK_SIZE: usize = 4 << 10;
 /// A BLAKE3 digest of a block or chunk.
 pub type Digest = [u8; 32];
 
+/// The id of an all-zero block or page: never stored, never sent as data.
+pub const ZERO: Digest = [0u8; 32];
+
+/// True if every byte is zero.
+pub fn is_zero(data: &[u8]) -> bool {
+    // OR-folding fixed-size chunks lets the compiler vectorize the scan.
+    data.chunks(64).all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
+}
+
+/// Computes block and chunk ids: BLAKE3, keyed when the store is encrypted (the coordinator
+/// gives agents the id key over their authenticated session, so both sides compute the same
+/// ids while the ids leak nothing to whoever reads the store).
+#[derive(Clone)]
+pub struct ChunkHasher {
+    key: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for ChunkHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkHasher").field("keyed", &self.key.is_some()).finish()
+    }
+}
+
+impl ChunkHasher {
+    pub fn plain() -> Self {
+        Self { key: None }
+    }
+
+    pub fn keyed(key: [u8; 32]) -> Self {
+        Self { key: Some(key) }
+    }
+
+    /// The id key agents need to compute the same ids (None: plain BLAKE3).
+    pub fn id_key(&self) -> Option<[u8; 32]> {
+        self.key
+    }
+
+    /// The id of `data` ([`ZERO`] for all-zero data).
+    pub fn id(&self, data: &[u8]) -> Digest {
+        if is_zero(data) {
+            return ZERO;
+        }
+        self.hash(data)
+    }
+
+    /// The hash of `data`, zero or not.
+    pub fn hash(&self, data: &[u8]) -> Digest {
+        match &self.key {
+            Some(k) => *blake3::keyed_hash(k, data).as_bytes(),
+            None => *blake3::hash(data).as_bytes(),
+        }
+    }
+}
+
 /// Why a block frame is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BlockFrameError {

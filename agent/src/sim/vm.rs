@@ -333,6 +333,16 @@ impl Vm {
         File::open(&img).map_err(io(&img))?.read_exact_at(buf, offset).map_err(io(&img))
     }
 
+    /// The file a held snapshot of `disk` reads from, and the disk's size. While the snapshot
+    /// is held the base image does not change (guest writes go to the overlay), so a reader
+    /// may read it without holding the VM's lock.
+    pub fn snapshot_source(&self, disk: &str) -> Result<(PathBuf, u64), SimError> {
+        if self.config.snapshot.is_none() {
+            return Err(SimError::Invalid(format!("{} holds no snapshot", self.config.name)));
+        }
+        Ok((self.image(disk), self.disk(disk)?.size))
+    }
+
     /// The consistency a snapshot of this VM would achieve, or why none is allowed.
     pub fn consistency(&self) -> Result<SnapConsistency, SimError> {
         match self.config.replica {

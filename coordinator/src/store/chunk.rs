@@ -17,7 +17,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use bulwark_protocol::block::Digest;
 
 /// The id of an all-zero block or page: never stored, always read as zeros.
-pub const ZERO: Digest = [0u8; 32];
+pub const ZERO: Digest = bulwark_protocol::block::ZERO;
 /// Largest plain chunk (a block of the largest block size, or a page).
 pub const MAX_PLAIN: usize = bulwark_protocol::block::MAX_BLOCK_SIZE;
 /// Bytes of the nonce that precedes an encrypted payload.
@@ -30,54 +30,7 @@ pub const FLAG_AES: u8 = 2;
 /// materializes to, not of its own bytes.
 pub const FLAG_DELTA: u8 = 4;
 
-/// Computes chunk ids.
-#[derive(Clone)]
-pub struct ChunkHasher {
-    key: Option<[u8; 32]>,
-}
-
-impl std::fmt::Debug for ChunkHasher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChunkHasher").field("keyed", &self.key.is_some()).finish()
-    }
-}
-
-impl ChunkHasher {
-    pub fn plain() -> Self {
-        Self { key: None }
-    }
-
-    pub fn keyed(key: [u8; 32]) -> Self {
-        Self { key: Some(key) }
-    }
-
-    /// The id key agents need to compute the same ids (None: plain BLAKE3).
-    pub fn id_key(&self) -> Option<[u8; 32]> {
-        self.key
-    }
-
-    /// The id of `data` ([`ZERO`] for all-zero data).
-    pub fn id(&self, data: &[u8]) -> Digest {
-        if is_zero(data) {
-            return ZERO;
-        }
-        self.hash(data)
-    }
-
-    /// The hash of `data`, zero or not.
-    pub fn hash(&self, data: &[u8]) -> Digest {
-        match &self.key {
-            Some(k) => *blake3::keyed_hash(k, data).as_bytes(),
-            None => *blake3::hash(data).as_bytes(),
-        }
-    }
-}
-
-/// True if every byte is zero.
-pub fn is_zero(data: &[u8]) -> bool {
-    // OR-folding fixed-size chunks lets the compiler vectorize the scan.
-    data.chunks(64).all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0)
-}
+pub use bulwark_protocol::block::{is_zero, ChunkHasher};
 
 /// Encodes and decodes chunk payloads.
 #[derive(Clone)]
