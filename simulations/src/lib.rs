@@ -2,6 +2,7 @@
 //! figures that say how fast it keeps them.
 //!
 //! Modules in reading order:
+//! - [`agentbench`]: the agent's initial read against `cat` and BLAKE3.
 //! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
 //!   loopback) that every other figure is a ratio against.
 //! - [`report`]: `bench-results.json` and the SVG chart.
@@ -10,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agentbench;
 pub mod limits;
 pub mod report;
 pub mod storebench;

@@ -49,6 +49,9 @@ pub struct Report {
     /// The store scenario's figures, when it ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store: Option<crate::storebench::StoreFigures>,
+    /// The agent's read path, when the `read` scenario ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_read: Option<crate::agentbench::ReadFigures>,
 }
 
 /// A horizontal bar chart of named rates (bytes/s), as SVG.

@@ -22,6 +22,9 @@ struct Cli {
     /// Bytes used to measure the machine's limits (read, BLAKE3, QUIC).
     #[arg(long, default_value = "1GiB")]
     limit_bytes: String,
+    /// Size of the random sim disk of the `read` scenario.
+    #[arg(long, default_value = "4GiB")]
+    read_bytes: String,
     /// Chunks in the store for the GC benchmark.
     #[arg(long, default_value_t = 1_048_576)]
     gc_chunks: u64,
@@ -36,7 +39,7 @@ struct Cli {
     output: String,
 }
 
-const BUILT: &[&str] = &["limits", "store"];
+const BUILT: &[&str] = &["limits", "store", "read"];
 const PLANNED: &[&str] = &["initial", "incremental", "cc", "restore", "smart-restore"];
 
 fn main() -> ExitCode {
@@ -105,11 +108,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         bulwark_simulations::storebench::gc(work.path(), cli.gc_chunks, &mut f)?;
         store = Some(f);
     }
+    let mut agent_read = None;
+    if scenarios.contains(&"read") {
+        let size = parse_size(&cli.read_bytes)?;
+        let work = tempfile::tempdir_in(&cli.out)?;
+        eprintln!("read: initial read of a {} random sim disk vs cat and BLAKE3", format_size(size));
+        agent_read = Some(bulwark_simulations::agentbench::initial_read(work.path(), size)?);
+    }
     let report = Report {
         machine: Machine { cores: limits::cores(), mem_bytes: limits::mem_bytes() },
         limits: lim,
         results: vec![],
         store,
+        agent_read,
     };
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(cli.out.join("bench-results.json"), &json)?;
@@ -161,6 +172,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 s.gc_chunks_dropped,
                 s.gc_chunks_moved,
                 format_size(s.gc_peak_rss_bytes)
+            );
+        }
+        if let Some(r) = &report.agent_read {
+            println!(
+                "agent initial read           {:>12.1}  {:.2}x cat ({:.1} MiB/s), {:.2}x BLAKE3 one thread ({:.1} MiB/s){}",
+                mib(r.agent_read_bps),
+                r.vs_cat,
+                mib(r.cat_bps),
+                r.vs_blake3,
+                mib(r.blake3_bps),
+                if r.cold_cache { ", cold cache" } else { ", warm cache" }
             );
         }
         println!("wrote {}", cli.out.join("bench-results.json").display());
