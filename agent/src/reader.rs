@@ -1,7 +1,7 @@
 //! The block reader: streams the blocks a job needs out of a held snapshot — only the changed
 //! ones for a synchronization or express full, every non-zero one for an initial replica —
-//! with each block's id, computed on every core. Memory is one batch of blocks, whatever the
-//! disk size.
+//! with each block's id, computed on every core while the next batch is read. Memory is two
+//! batches of blocks, whatever the disk size.
 
 use bulwark_protocol::block::{ChunkHasher, Digest, ZERO};
 use std::fs::File;
@@ -41,12 +41,13 @@ pub enum ReadError {
 }
 
 /// Reads blocks `indices` (increasing) of size `block_size` from `image` of `size` bytes and
-/// hands each, in order, to `sink`.
+/// hands each, in order, to `sink`. A reader thread reads the next batch while the current
+/// one is hashed on every core: two batches in flight at most.
 pub fn read_blocks(
     image: &Path,
     size: u64,
     block_size: usize,
-    indices: impl IntoIterator<Item = u64>,
+    indices: impl IntoIterator<Item = u64> + Send,
     hasher: &ChunkHasher,
     mut sink: impl FnMut(ReadBlock<'_>) -> Result<(), String>,
 ) -> Result<ReadStats, ReadError> {
@@ -54,54 +55,110 @@ pub fn read_blocks(
     let file =
         File::open(image).map_err(|source| ReadError::Io { path: image.display().to_string(), offset: 0, source })?;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(BATCH);
-    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; block_size]).collect();
-    let mut stats = ReadStats::default();
-    let mut indices = indices.into_iter().peekable();
     let bs = block_size as u64;
-    while indices.peek().is_some() {
-        let batch: Vec<u64> = indices.by_ref().take(BATCH).filter(|i| i * bs < size).collect();
-        let mut lens = Vec::with_capacity(batch.len());
-        for (k, &index) in batch.iter().enumerate() {
-            let offset = index * bs;
-            let len = bs.min(size - offset) as usize;
-            file.read_exact_at(&mut bufs[k][..len], offset).map_err(|source| ReadError::Io {
-                path: image.display().to_string(),
-                offset,
-                source,
-            })?;
-            stats.bytes_read += len as u64;
-            lens.push(len);
-        }
-        // Ids on every core.
-        let mut ids = vec![ZERO; batch.len()];
-        std::thread::scope(|s| {
-            let per = batch.len().div_ceil(threads).max(1);
-            for (ids, (bufs, lens)) in ids.chunks_mut(per).zip(bufs.chunks(per).zip(lens.chunks(per))) {
-                s.spawn(move || {
-                    for ((id, buf), len) in ids.iter_mut().zip(bufs).zip(lens) {
-                        *id = hasher.id(&buf[..*len]);
+    let path = image.display().to_string();
+    // Batches travel reader → hasher in a channel of one; spent buffers come back for reuse.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Batch, ReadError>>(1);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
+    for _ in 0..2 {
+        let _ = empty_tx.send((0..BATCH).map(|_| vec![0u8; block_size]).collect());
+    }
+    let mut stats = ReadStats::default();
+    std::thread::scope(|s| -> Result<(), ReadError> {
+        let reader = s.spawn(move || {
+            let mut indices = indices.into_iter().peekable();
+            while indices.peek().is_some() {
+                let Ok(mut bufs) = empty_rx.recv() else { return };
+                let batch: Vec<u64> = indices.by_ref().take(BATCH).filter(|i| i * bs < size).collect();
+                let mut lens = Vec::with_capacity(batch.len());
+                for (k, &index) in batch.iter().enumerate() {
+                    let offset = index * bs;
+                    let len = bs.min(size - offset) as usize;
+                    if let Err(source) = file.read_exact_at(&mut bufs[k][..len], offset) {
+                        let _ = full_tx.send(Err(ReadError::Io { path: path.clone(), offset, source }));
+                        return;
                     }
-                });
+                    lens.push(len);
+                }
+                if full_tx.send(Ok(Batch { indices: batch, lens, bufs })).is_err() {
+                    return;
+                }
             }
         });
-        for (k, &index) in batch.iter().enumerate() {
-            stats.blocks += 1;
-            let id = ids[k];
-            let data: &[u8] = if id == ZERO {
-                stats.zero_blocks += 1;
-                &[]
-            } else {
-                &bufs[k][..lens[k]]
-            };
-            sink(ReadBlock { index, id, data }).map_err(ReadError::Sink)?;
-        }
-    }
+        let result = (|| {
+            for batch in full_rx.iter() {
+                let Batch { indices, lens, bufs } = batch?;
+                stats.bytes_read += lens.iter().map(|l| *l as u64).sum::<u64>();
+                // Ids on every core.
+                let mut ids = vec![ZERO; indices.len()];
+                std::thread::scope(|s| {
+                    let per = indices.len().div_ceil(threads).max(1);
+                    for (ids, (bufs, lens)) in ids.chunks_mut(per).zip(bufs.chunks(per).zip(lens.chunks(per))) {
+                        s.spawn(move || {
+                            for ((id, buf), len) in ids.iter_mut().zip(bufs).zip(lens) {
+                                *id = hasher.id(&buf[..*len]);
+                            }
+                        });
+                    }
+                });
+                for (k, &index) in indices.iter().enumerate() {
+                    stats.blocks += 1;
+                    let id = ids[k];
+                    let data: &[u8] = if id == ZERO {
+                        stats.zero_blocks += 1;
+                        &[]
+                    } else {
+                        &bufs[k][..lens[k]]
+                    };
+                    sink(ReadBlock { index, id, data }).map_err(ReadError::Sink)?;
+                }
+                let _ = empty_tx.send(bufs);
+            }
+            Ok(())
+        })();
+        // Stop the reader if the sink failed: closing the channels ends its loop.
+        drop(full_rx);
+        drop(empty_tx);
+        let _ = reader.join();
+        result
+    })?;
     Ok(stats)
+}
+
+/// One batch of blocks read and not yet hashed.
+struct Batch {
+    indices: Vec<u64>,
+    lens: Vec<usize>,
+    bufs: Vec<Vec<u8>>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failing_sink_stops_the_read_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![7u8; 64 * 4096]).unwrap();
+        let mut calls = 0;
+        let err = read_blocks(&path, 64 * 4096, 4096, 0..64, &ChunkHasher::plain(), |_| {
+            calls += 1;
+            if calls == 3 {
+                Err("the coordinator went away".into())
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+        assert!(matches!(err, ReadError::Sink(ref m) if m == "the coordinator went away"));
+        assert_eq!(calls, 3);
+        let short = read_blocks(&path, 128 * 4096, 4096, 100..101, &ChunkHasher::plain(), |_| Ok(()));
+        assert!(
+            matches!(short, Err(ReadError::Io { .. })),
+            "a block past the end of the file is an I/O error, not a hang"
+        );
+    }
 
     #[test]
     fn blocks_come_in_order_with_their_ids_and_zero_blocks_carry_no_data() {
