@@ -8,12 +8,15 @@
 //! - [`backoff`]: reconnect delays.
 //! - [`uplink`]: the uplink actor and its session logic.
 //! - [`sim`]: the embedded sim hypervisor (VMs, tracked writes, snapshots, overlays).
+//! - [`backend`]: the hypervisor backend trait, and the sim's implementation.
+//! - [`snapshot`]: the snapshot actor (VSS sequence, freeze bound, lease).
 //! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
 //! - [`run`]: `bulwark-agent run`.
 //! - [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
 
+pub mod backend;
 pub mod backoff;
 pub mod cli;
 pub mod config;
@@ -22,4 +25,5 @@ pub mod inventory;
 pub mod reader;
 pub mod run;
 pub mod sim;
+pub mod snapshot;
 pub mod uplink;

@@ -13,6 +13,7 @@
 //! - [`block`]: the raw block-frame format of bulk transfer streams.
 //! - [`blockmap`]: Merkle block maps (update, walk) over any page store.
 //! - [`handshake`]: version negotiation and the coordinator's checks of an agent's hello.
+//! - [`snapshot`]: the snapshot lifecycle and the cleanup owed from each state.
 //! - [`units`]: sizes and rates as humans write them.
 
 #![forbid(unsafe_code)]
@@ -24,6 +25,7 @@ pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod messages;
+pub mod snapshot;
 pub mod units;
 
 pub use ids::{DiskId, HostId, JobId, RecoveryPointId, VmId};

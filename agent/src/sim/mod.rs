@@ -12,7 +12,7 @@ pub mod vm;
 use rand::{RngCore, SeedableRng};
 use std::io::Write;
 use std::path::Path;
-pub use vm::{ChangeToken, DiskConfig, Power, ReplicaHealth, SimError, SnapConsistency, Vm, VmConfig};
+pub use vm::{ChangeToken, DiskConfig, Frozen, Power, ReplicaHealth, SimError, SnapConsistency, Vm, VmConfig};
 
 /// What `sim create-vm` asks for.
 #[derive(Debug, Clone)]
@@ -41,6 +41,7 @@ pub fn create_vm(root: &Path, req: &CreateVm) -> Result<(), SimError> {
         power: req.power,
         integration_services: req.integration_services,
         replica: req.replica,
+        frozen: None,
         generation: 1,
         sequence: 0,
         disks: req.disks.clone(),
@@ -159,7 +160,15 @@ pub fn cleanup_orphans(root: &Path, host: &str) -> Result<Vec<String>, SimError>
     let mut cleaned = vec![];
     for name in vm::list_vms(root)? {
         let mut vm = Vm::open(root, &name)?;
-        if vm.config.snapshot.as_ref().is_some_and(|s| s.holder == host) {
+        let held = vm.config.snapshot.as_ref().is_some_and(|s| s.holder == host);
+        // A guest frozen by a run that died is thawed, whoever froze it: nothing else will.
+        if vm.config.frozen.is_some() && (held || vm.config.host == host) {
+            vm.thaw()?;
+            if !held {
+                cleaned.push(name.clone());
+            }
+        }
+        if held {
             vm.release_snapshot()?;
             vm.abandon()?;
             cleaned.push(name);

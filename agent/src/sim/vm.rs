@@ -82,6 +82,16 @@ pub struct HeldSnapshot {
     pub paused_for_snapshot: bool,
 }
 
+/// A guest frozen (or paused) for a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frozen {
+    pub consistency: SnapConsistency,
+    /// The VM was running and is paused (crash-consistent snapshot).
+    pub paused: bool,
+    /// Unix milliseconds.
+    pub since_ms: u64,
+}
+
 /// `vm.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -103,6 +113,9 @@ pub struct VmConfig {
     /// Next snapshot id.
     #[serde(default)]
     pub next_snapshot: u64,
+    /// Set while the guest is frozen or paused for a snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<Frozen>,
 }
 
 /// A change token: "changes since" it are what the live bitmap (and a pending frozen one)
@@ -362,6 +375,32 @@ impl Vm {
         })
     }
 
+    /// Freezes the guest for a snapshot: file systems (and apps, with integration services on
+    /// Windows) quiesce; a VM that cannot (no integration services) is paused. Returns the
+    /// consistency the snapshot will have.
+    pub fn freeze(&mut self, now_ms: u64) -> Result<SnapConsistency, SimError> {
+        if self.config.frozen.is_some() {
+            return Err(SimError::Refused(format!("{} is already frozen", self.config.name)));
+        }
+        let consistency = self.consistency()?;
+        let paused = consistency == SnapConsistency::Crash && self.config.power == Power::Running;
+        if paused {
+            self.config.power = Power::Paused;
+        }
+        self.config.frozen = Some(Frozen { consistency, paused, since_ms: now_ms });
+        self.save()?;
+        Ok(consistency)
+    }
+
+    /// Thaws a frozen guest (resumes a paused one). Doing it twice is harmless.
+    pub fn thaw(&mut self) -> Result<(), SimError> {
+        let Some(f) = self.config.frozen.take() else { return Ok(()) };
+        if f.paused && self.config.power == Power::Paused {
+            self.config.power = Power::Running;
+        }
+        self.save()
+    }
+
     /// Takes a snapshot for `holder`: the snapshot point freezes the live bitmaps (merged with
     /// any still pending) and starts the overlay. Returns the snapshot and the token the
     /// frozen bitmaps are "changes since".
@@ -372,8 +411,13 @@ impl Vm {
                 self.config.name, s.id, s.holder
             )));
         }
-        let consistency = self.consistency()?;
-        let paused = consistency == SnapConsistency::Crash && self.config.power == Power::Running;
+        let (consistency, paused) = match &self.config.frozen {
+            Some(f) => (f.consistency, f.paused),
+            None => {
+                let c = self.consistency()?;
+                (c, c == SnapConsistency::Crash && self.config.power == Power::Running)
+            }
+        };
         for d in self.config.disks.clone() {
             let live_path = self.bitmap(&d.name);
             let live = self.load_bitmap(&live_path, d.size)?;
