@@ -132,6 +132,19 @@ pub enum SimCommand {
         #[arg(long)]
         host: String,
     },
+    /// Take a snapshot of a VM as the agent of HOLDER would (freeze, snapshot point, thaw) and
+    /// hold it for DURATION, then release it, keeping its changes for the next backup. For
+    /// operators' drills and crash tests: kill this process and see the agent clean up.
+    Snapshot {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        hold: std::time::Duration,
+    },
     /// The disk's current contents, as the guest sees them.
     Read {
         #[arg(long)]
@@ -224,6 +237,23 @@ fn run_sim(command: SimCommand) -> anyhow::Result<()> {
                 "host {host} crashed; tracking lost for: {}",
                 if lost.is_empty() { "no VM".to_owned() } else { lost.join(", ") }
             );
+        }
+        SimCommand::Snapshot { root, vm, holder, hold } => {
+            use crate::snapshot::{Finish, SnapshotActor, Take};
+            use actix::Actor as _;
+            let backend: std::sync::Arc<dyn crate::backend::Hypervisor> =
+                std::sync::Arc::new(crate::backend::SimBackend { root });
+            actix_rt::System::new().block_on(async move {
+                let lease = hold + std::time::Duration::from_secs(5);
+                let actor = SnapshotActor::new(backend, &vm, &holder, lease).start();
+                let taken = actor.send(Take).await?.map_err(anyhow::Error::msg)?;
+                println!("snapshot of {vm} held ({:?}-consistent, token {})", taken.consistency, taken.token);
+                std::io::Write::flush(&mut std::io::stdout())?;
+                actix_rt::time::sleep(hold).await;
+                actor.send(Finish { committed: false }).await?.map_err(anyhow::Error::msg)?;
+                println!("released");
+                Ok::<(), anyhow::Error>(())
+            })?;
         }
         SimCommand::Read { root, vm, disk, output } => {
             let f = std::fs::File::create(&output).with_context(|| format!("cannot create {}", output.display()))?;

@@ -64,3 +64,91 @@ fn a_sim_agent_cleans_up_orphans_and_reports_its_vms_as_they_move() {
         vms_of(&c, "node1") == Some(3)
     });
 }
+
+#[test]
+fn kill_9_while_a_snapshot_is_held_and_the_guest_keeps_writing_loses_nothing() {
+    use std::io::BufRead;
+    let mut c = Cluster::start();
+    let root = c.root.path().join("sim");
+    let r = root.to_str().unwrap().to_owned();
+    let req = CreateVm {
+        name: "vm".into(),
+        host: "node1".into(),
+        os: "windows".into(),
+        disks: vec![DiskConfig { name: "os".into(), size: 4 << 20 }],
+        power: Power::Running,
+        integration_services: false, // crash-consistent: paused for the snapshot point
+        replica: None,
+        random_fill: false,
+        seed: 0,
+    };
+    sim::create_vm(&root, &req).unwrap();
+    let baseline = {
+        let mut vm = Vm::open(&root, "vm").unwrap();
+        vm.take_snapshot("node1", 0).unwrap();
+        vm.release_snapshot().unwrap();
+        vm.confirm().unwrap()
+    };
+
+    // A process of node1 takes and holds a snapshot, as the agent does during a job.
+    let mut holder = std::process::Command::new(bin())
+        .args(["x-agent", "sim", "snapshot", "--root", &r, "--vm", "vm", "--holder", "node1", "--hold", "10min"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.contains("held"), "{line}");
+
+    // The guest keeps writing, through separate processes, while the snapshot is held.
+    let write = |offset: u64, byte: u8| {
+        let input = c.root.path().join(format!("w{offset}.bin"));
+        std::fs::write(&input, vec![byte; 5000]).unwrap();
+        ok(&[
+            "x-agent",
+            "sim",
+            "write",
+            "--root",
+            &r,
+            "--vm",
+            "vm",
+            "--disk",
+            "os",
+            "--offset",
+            &offset.to_string(),
+            "--input",
+            input.to_str().unwrap(),
+        ]);
+    };
+    write(100_000, 1);
+    write(2_000_000, 2);
+    let status = std::process::Command::new("kill").args(["-9", &holder.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    holder.wait().unwrap();
+    write(3_500_000, 3); // after the kill: the snapshot is still marked held, so into the overlay
+    {
+        let vm = Vm::open(&root, "vm").unwrap();
+        assert!(vm.config.snapshot.is_some(), "the killed process left its snapshot behind");
+        assert!(vm.dir().join("os.overlay").exists());
+    }
+
+    // node1's agent starts: it cleans up what its host left behind.
+    let dir = c.enroll("node1");
+    let log = c.root.path().join("agent-restart.log");
+    c.agents.push(Daemon::spawn(&["x-agent", "run", "--data-dir", dir.to_str().unwrap(), "--sim-root", &r], log));
+    c.agents[0].wait_log("released snapshots an earlier run left behind");
+
+    let mut vm = Vm::open(&root, "vm").unwrap();
+    assert_eq!(vm.config.power, Power::Running, "not left paused");
+    assert!(vm.config.snapshot.is_none() && vm.config.frozen.is_none());
+    assert!(!vm.dir().join("os.overlay").exists(), "overlay merged and removed");
+    let image = std::fs::read(vm.image("os")).unwrap();
+    for (offset, byte) in [(100_000usize, 1u8), (2_000_000, 2), (3_500_000, 3)] {
+        assert!(image[offset..offset + 5000].iter().all(|b| *b == byte), "the write at {offset} was lost");
+    }
+    // The next backup sends every one of them.
+    vm.take_snapshot("node1", 9).unwrap();
+    let changed = vm.changes_since("os", Some(baseline)).unwrap().dirty_blocks(1 << 20);
+    assert_eq!(changed, vec![0, 1, 3], "every write since the last confirmed backup is tracked");
+}
