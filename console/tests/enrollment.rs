@@ -189,3 +189,31 @@ fn an_agent_reconnects_by_itself_when_the_coordinator_restarts() {
     });
     c.wait_connected("node1", true);
 }
+
+#[test]
+fn token_create_works_with_the_coordinator_running_and_after_it_was_killed() {
+    let mut c = Cluster::start();
+    // Running: the token is made by the coordinator (it holds the catalog), without waiting.
+    let started = std::time::Instant::now();
+    let running = c.token(&[]);
+    assert!(running.starts_with("bwt1_"));
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1500),
+        "asked the coordinator, not the locked catalog"
+    );
+    // Killed: coordinator.addr is stale; the token is made in the catalog directly.
+    c.coordinator.signal(libc::SIGKILL);
+    let _ = c.coordinator.child.wait();
+    assert!(c.dir().join("coordinator.addr").exists(), "a killed coordinator leaves its address file");
+    let offline = c.token(&[]);
+    // Both tokens enroll after a restart.
+    c.coordinator =
+        Daemon::spawn(&["x-coordinator", "serve", "--data-dir", &c.dir_str()], c.root.path().join("coord2.log"));
+    wait_until("restarted", std::time::Duration::from_secs(20), || {
+        c.agent_connected("nobody").is_none() && c.dir().join("coordinator.addr").exists()
+    });
+    for (host, token) in [("n1", running), ("n2", offline)] {
+        let dir = c.agent_dir(host);
+        ok(&["x-agent", "enroll", "--data-dir", dir.to_str().unwrap(), "--token", &token, "--host", host]);
+    }
+}

@@ -6,7 +6,6 @@ use crate::authority::Authority;
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::DataDir;
 use crate::init::{init, InitOptions};
-use anyhow::Context as _;
 use bulwark_protocol::messages::{AdminRequest, AdminResponse};
 use bulwark_protocol::HostId;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -167,8 +166,8 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Creates a token directly in the catalog, or through the running coordinator when it holds
-/// the catalog.
+/// Creates a token through the running coordinator when one holds the catalog, else directly
+/// in the catalog (a stale `coordinator.addr` left by a killed coordinator is not trusted).
 fn create_token(
     data_dir: &std::path::Path,
     ttl: std::time::Duration,
@@ -176,24 +175,37 @@ fn create_token(
 ) -> anyhow::Result<(String, u64)> {
     let dir = DataDir::new(data_dir);
     crate::config::CoordinatorConfig::load(&dir)?;
+    if Catalog::in_use(&dir.catalog()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let via_admin = rt.block_on(async {
+            let target = AdminTarget::from_data_dir(data_dir)?;
+            let client = AdminClient::connect(&target).await?;
+            let r = client.request(AdminRequest::TokenCreate { ttl_secs: ttl.as_secs(), host: host.clone() }).await;
+            client.close().await;
+            match r? {
+                AdminResponse::Token { token, expires_at } => Ok((token, expires_at)),
+                other => anyhow::bail!("unexpected answer from the coordinator: {other:?}"),
+            }
+        });
+        match via_admin {
+            Ok(t) => return Ok(t),
+            // A refusal from a running coordinator is final.
+            Err(e)
+                if e.downcast_ref::<crate::admin_client::AdminClientError>()
+                    .is_some_and(|e| matches!(e, crate::admin_client::AdminClientError::Refused(_))) =>
+            {
+                return Err(e.context("the running coordinator refused to create the token"))
+            }
+            Err(e) => return Err(e.context("the coordinator holds the catalog but could not be asked for a token")),
+        }
+    }
     match Catalog::open(&dir.catalog()) {
         Ok(catalog) => {
             let authority = Authority::open(dir, catalog)?;
             Ok(authority.create_token(ttl, host.as_ref())?)
         }
-        Err(CatalogError::Locked(_)) => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            rt.block_on(async {
-                let target = AdminTarget::from_data_dir(data_dir)?;
-                let client = AdminClient::connect(&target).await?;
-                let r = client.request(AdminRequest::TokenCreate { ttl_secs: ttl.as_secs(), host }).await;
-                client.close().await;
-                match r? {
-                    AdminResponse::Token { token, expires_at } => Ok((token, expires_at)),
-                    other => anyhow::bail!("unexpected answer from the coordinator: {other:?}"),
-                }
-            })
-            .context("the coordinator is running; asked it for the token")
+        Err(CatalogError::Locked(reason)) => {
+            anyhow::bail!("the catalog was taken by another process meanwhile ({reason}); try again")
         }
         Err(e) => Err(e.into()),
     }

@@ -237,6 +237,19 @@ impl Catalog {
         Ok(())
     }
 
+    /// Whether a process holds the catalog at `path` (sled keeps an exclusive lock on its `db`
+    /// file while open); checked without waiting.
+    pub fn in_use(path: &Path) -> bool {
+        let Ok(f) = std::fs::File::open(path.join("db")) else { return false };
+        match f.try_lock() {
+            Ok(()) => {
+                let _ = f.unlock();
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
     /// Makes every write so far durable against power loss, not only against a process crash:
     /// sled's flush, then an fsync of each file of the catalog directory.
     pub fn flush_durable(&self) -> Result<(), CatalogError> {
