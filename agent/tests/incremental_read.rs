@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use bulwark_agent::reader::read_blocks;
-use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power, Vm};
+use bulwark_agent::sim::{self, CreateVm, DiskConfig, Vm};
 use bulwark_protocol::block::{ChunkHasher, ZERO};
 
 fn peak_rss_kib() -> u64 {
@@ -21,17 +21,7 @@ fn one_percent_churn_on_a_ten_gib_sparse_disk_reads_about_one_percent() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let size = 10u64 << 30;
-    let req = CreateVm {
-        name: "big".into(),
-        host: "node1".into(),
-        os: "windows".into(),
-        disks: vec![DiskConfig { name: "os".into(), size }],
-        power: Power::Running,
-        integration_services: true,
-        replica: None,
-        random_fill: false,
-        seed: 0,
-    };
+    let req = CreateVm::new("big", "node1", vec![DiskConfig { name: "os".into(), size }]);
     sim::create_vm(root, &req).unwrap();
     // Baseline: a confirmed token.
     let token = {

@@ -17,15 +17,11 @@ const SIZE: u64 = 16 * GRANULARITY;
 
 fn make(root: &Path, name: &str, os: &str, power: Power, is: bool, replica: Option<ReplicaHealth>) {
     let req = CreateVm {
-        name: name.into(),
-        host: "node1".into(),
         os: os.into(),
-        disks: vec![DiskConfig { name: "os".into(), size: SIZE }],
         power,
         integration_services: is,
         replica,
-        random_fill: false,
-        seed: 0,
+        ..CreateVm::new(name, "node1", vec![DiskConfig { name: "os".into(), size: SIZE }])
     };
     sim::create_vm(root, &req).unwrap();
 }

@@ -16,15 +16,9 @@ use std::time::{Duration, Instant};
 
 fn make(root: &std::path::Path, name: &str, is: bool, replica: Option<ReplicaHealth>) {
     let req = CreateVm {
-        name: name.into(),
-        host: "node1".into(),
-        os: "windows".into(),
-        disks: vec![DiskConfig { name: "os".into(), size: 1 << 20 }],
-        power: Power::Running,
         integration_services: is,
         replica,
-        random_fill: false,
-        seed: 0,
+        ..CreateVm::new(name, "node1", vec![DiskConfig { name: "os".into(), size: 1 << 20 }])
     };
     sim::create_vm(root, &req).unwrap();
 }

@@ -11,15 +11,8 @@ use std::time::Duration;
 
 fn vm(root: &std::path::Path, name: &str, host: &str) {
     let req = CreateVm {
-        name: name.into(),
-        host: host.into(),
         os: "linux".into(),
-        disks: vec![DiskConfig { name: "os".into(), size: 4 << 20 }],
-        power: Power::Running,
-        integration_services: true,
-        replica: None,
-        random_fill: false,
-        seed: 0,
+        ..CreateVm::new(name, host, vec![DiskConfig { name: "os".into(), size: 4 << 20 }])
     };
     sim::create_vm(root, &req).unwrap();
 }
@@ -71,16 +64,10 @@ fn kill_9_while_a_snapshot_is_held_and_the_guest_keeps_writing_loses_nothing() {
     let mut c = Cluster::start();
     let root = c.root.path().join("sim");
     let r = root.to_str().unwrap().to_owned();
+    // Crash-consistent (no integration services): paused for the snapshot point.
     let req = CreateVm {
-        name: "vm".into(),
-        host: "node1".into(),
-        os: "windows".into(),
-        disks: vec![DiskConfig { name: "os".into(), size: 4 << 20 }],
-        power: Power::Running,
-        integration_services: false, // crash-consistent: paused for the snapshot point
-        replica: None,
-        random_fill: false,
-        seed: 0,
+        integration_services: false,
+        ..CreateVm::new("vm", "node1", vec![DiskConfig { name: "os".into(), size: 4 << 20 }])
     };
     sim::create_vm(&root, &req).unwrap();
     let baseline = {

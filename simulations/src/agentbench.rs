@@ -3,7 +3,7 @@
 //! BLAKE3 over it, each from a cold page cache when the machine lets us drop it.
 
 use bulwark_agent::reader::read_blocks;
-use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power, Vm};
+use bulwark_agent::sim::{self, CreateVm, DiskConfig, Vm};
 use bulwark_protocol::block::ChunkHasher;
 use serde::Serialize;
 use std::path::Path;
@@ -32,15 +32,9 @@ fn drop_caches() -> bool {
 pub fn initial_read(dir: &Path, size: u64) -> anyhow::Result<ReadFigures> {
     let root = dir.join("sim");
     let req = CreateVm {
-        name: "bench".into(),
-        host: "node1".into(),
-        os: "windows".into(),
-        disks: vec![DiskConfig { name: "os".into(), size }],
-        power: Power::Running,
-        integration_services: true,
-        replica: None,
         random_fill: true,
         seed: 1,
+        ..CreateVm::new("bench", "node1", vec![DiskConfig { name: "os".into(), size }])
     };
     sim::create_vm(&root, &req)?;
     let mut vm = Vm::open(&root, "bench")?;

@@ -29,6 +29,24 @@ pub struct CreateVm {
     pub seed: u64,
 }
 
+impl CreateVm {
+    /// A VM with the `sim create-vm` defaults: Windows, running, integration services on, not a
+    /// replica, zero-filled.
+    pub fn new(name: &str, host: &str, disks: Vec<DiskConfig>) -> Self {
+        Self {
+            name: name.to_owned(),
+            host: host.to_owned(),
+            os: "windows".to_owned(),
+            disks,
+            power: Power::Running,
+            integration_services: true,
+            replica: None,
+            random_fill: false,
+            seed: 0,
+        }
+    }
+}
+
 /// Creates a VM; with `random_fill`, its disks are filled before tracking starts.
 pub fn create_vm(root: &Path, req: &CreateVm) -> Result<(), SimError> {
     if !matches!(req.os.as_str(), "linux" | "windows") {
