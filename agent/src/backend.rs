@@ -5,7 +5,7 @@
 use crate::reader::{ReadBlock, ReadStats};
 use crate::sim::{self, SimError, SnapConsistency, Vm};
 use bulwark_protocol::block::ChunkHasher;
-use bulwark_protocol::messages::{Consistency, Inventory};
+use bulwark_protocol::messages::{ChangeToken, Consistency, Inventory};
 use std::path::PathBuf;
 
 /// Why a backend operation failed.
@@ -38,7 +38,7 @@ pub trait Hypervisor: Send + Sync + 'static {
     /// Quiesce (or pause) the guest; answers the consistency the snapshot will have.
     fn freeze(&self, vm: &str) -> Result<Consistency, BackendError>;
     /// The snapshot point, for `holder`; answers the change token its changes are relative to.
-    fn take(&self, vm: &str, holder: &str) -> Result<u64, BackendError>;
+    fn take(&self, vm: &str, holder: &str) -> Result<ChangeToken, BackendError>;
     /// Undo the freeze; harmless when not frozen.
     fn thaw(&self, vm: &str) -> Result<(), BackendError>;
     /// Blocks of `block_size` changed since `token`, as of the held snapshot.
@@ -46,9 +46,13 @@ pub trait Hypervisor: Send + Sync + 'static {
         &self,
         vm: &str,
         disk: &str,
-        token: Option<u64>,
+        token: Option<ChangeToken>,
         block_size: u64,
     ) -> Result<Vec<u64>, BackendError>;
+    /// Blocks of the held snapshot that hold allocated data (what an initial copy reads).
+    fn allocated_blocks(&self, vm: &str, disk: &str, block_size: u64) -> Result<Vec<u64>, BackendError>;
+    /// The size of a disk, in bytes.
+    fn disk_size(&self, vm: &str, disk: &str) -> Result<u64, BackendError>;
     /// Streams blocks `indices` of the held snapshot with their ids.
     fn read_blocks(
         &self,
@@ -61,8 +65,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     ) -> Result<ReadStats, BackendError>;
     /// Drop the held snapshot; no guest write is lost.
     fn release(&self, vm: &str) -> Result<(), BackendError>;
-    /// The coordinator committed: the token advances (returned).
-    fn confirm(&self, vm: &str) -> Result<u64, BackendError>;
+    /// The coordinator committed up to `next`: the token advances to it (returned).
+    fn confirm(&self, vm: &str, next: ChangeToken) -> Result<ChangeToken, BackendError>;
     /// The transfer failed: its changes will be sent again next time.
     fn abandon(&self, vm: &str) -> Result<(), BackendError>;
 }
@@ -90,9 +94,9 @@ impl Hypervisor for SimBackend {
         })
     }
 
-    fn take(&self, vm: &str, holder: &str) -> Result<u64, BackendError> {
+    fn take(&self, vm: &str, holder: &str) -> Result<ChangeToken, BackendError> {
         let (_, token) = Vm::open(&self.root, vm)?.take_snapshot(holder, now_ms() / 1000)?;
-        Ok(token.to_u64())
+        Ok(token)
     }
 
     fn thaw(&self, vm: &str) -> Result<(), BackendError> {
@@ -103,11 +107,25 @@ impl Hypervisor for SimBackend {
         &self,
         vm: &str,
         disk: &str,
-        token: Option<u64>,
+        token: Option<ChangeToken>,
         block_size: u64,
     ) -> Result<Vec<u64>, BackendError> {
         let vm = Vm::open(&self.root, vm)?;
-        Ok(vm.changes_since(disk, token.map(sim::ChangeToken::from_u64))?.dirty_blocks(block_size))
+        Ok(vm.changes_since(disk, token)?.dirty_blocks(block_size))
+    }
+
+    fn allocated_blocks(&self, vm: &str, disk: &str, block_size: u64) -> Result<Vec<u64>, BackendError> {
+        let (image, size) = Vm::open(&self.root, vm)?.snapshot_source(disk)?;
+        crate::reader::allocated_blocks(&image, size, block_size).map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
+    fn disk_size(&self, vm: &str, disk: &str) -> Result<u64, BackendError> {
+        let vm = Vm::open(&self.root, vm)?;
+        vm.config.disks.iter().find(|d| d.name == disk).map(|d| d.size).ok_or_else(|| {
+            BackendError::Failed(
+                sim::SimError::NoSuchDisk { vm: vm.config.name.clone(), disk: disk.to_owned() }.to_string(),
+            )
+        })
     }
 
     fn read_blocks(
@@ -129,8 +147,8 @@ impl Hypervisor for SimBackend {
         Ok(Vm::open(&self.root, vm)?.release_snapshot()?)
     }
 
-    fn confirm(&self, vm: &str) -> Result<u64, BackendError> {
-        Ok(Vm::open(&self.root, vm)?.confirm()?.to_u64())
+    fn confirm(&self, vm: &str, next: ChangeToken) -> Result<ChangeToken, BackendError> {
+        Ok(Vm::open(&self.root, vm)?.confirm_to(next)?)
     }
 
     fn abandon(&self, vm: &str) -> Result<(), BackendError> {

@@ -246,11 +246,11 @@ fn run_sim(command: SimCommand) -> anyhow::Result<()> {
             actix_rt::System::new().block_on(async move {
                 let lease = hold + std::time::Duration::from_secs(5);
                 let actor = SnapshotActor::new(backend, &vm, &holder, lease).start();
-                let taken = actor.send(Take).await?.map_err(anyhow::Error::msg)?;
+                let taken = actor.send(Take).await??;
                 println!("snapshot of {vm} held ({:?}-consistent, token {})", taken.consistency, taken.token);
                 std::io::Write::flush(&mut std::io::stdout())?;
                 actix_rt::time::sleep(hold).await;
-                actor.send(Finish { committed: false }).await?.map_err(anyhow::Error::msg)?;
+                actor.send(Finish { commit: None }).await?.map_err(anyhow::Error::msg)?;
                 println!("released");
                 Ok::<(), anyhow::Error>(())
             })?;

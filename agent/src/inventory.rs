@@ -35,6 +35,7 @@ pub fn sim_inventory(root: &Path, host: &str) -> Result<Inventory, SimError> {
             os: if c.os == "linux" { GuestOs::Linux } else { GuestOs::Windows },
             integration_services: c.integration_services,
             disks,
+            change_generation: Some(c.generation),
         });
     }
     Ok(Inventory { vms })

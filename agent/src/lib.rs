@@ -11,6 +11,7 @@
 //! - [`backend`]: the hypervisor backend trait, and the sim's implementation.
 //! - [`snapshot`]: the snapshot actor (VSS sequence, freeze bound, lease).
 //! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
+//! - [`job`]: one job end to end: snapshot, transfer streams, verdict, release.
 //! - [`run`]: `bulwark-agent run`.
 //! - [`cli`]: the command line.
 
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod inventory;
+pub mod job;
 pub mod reader;
 pub mod run;
 pub mod sim;

@@ -1,12 +1,13 @@
 //! `bulwark-agent run`: load the agent's credentials, start the uplink, run until told to stop.
 
+use crate::backend::{Hypervisor, SimBackend};
 use crate::config::{read_text, AgentConfig, AgentConfigError, AgentDir};
-use crate::uplink::{Shutdown, Uplink};
+use crate::uplink::{Hosting, Shutdown, Uplink};
 use actix::prelude::*;
 use bulwark_pki::{quic, tls};
-use bulwark_protocol::messages::Inventory;
 use bulwark_protocol::ALPN;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why the agent could not run.
@@ -56,10 +57,7 @@ pub async fn run(
     let mut endpoint = quinn::Endpoint::client(bind).map_err(RunError::Socket)?;
     endpoint.set_default_client_config(client);
     tracing::info!(host = %config.host, coordinator = %config.coordinator, hypervisor = %config.hypervisor.kind, "agent starting");
-    let inventory: crate::uplink::InventorySource = match (
-        config.hypervisor.kind.as_str(),
-        config.hypervisor.root.clone(),
-    ) {
+    let backend: Option<Arc<dyn Hypervisor>> = match (config.hypervisor.kind.as_str(), config.hypervisor.root.clone()) {
         ("sim", Some(root)) => {
             // Snapshots an earlier run of this host left held: release them before anything else.
             let cleaned =
@@ -67,19 +65,16 @@ pub async fn run(
             if !cleaned.is_empty() {
                 tracing::warn!(vms = ?cleaned, "released snapshots an earlier run left behind (overlays merged, changes kept)");
             }
-            let host = config.host.clone();
-            std::sync::Arc::new(move || match crate::inventory::sim_inventory(&root, &host) {
-                Ok(inv) => inv,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the sim inventory");
-                    Inventory { vms: vec![] }
-                }
-            })
+            Some(Arc::new(SimBackend { root }))
         }
         ("sim", None) => return Err(RunError::Invalid("the sim hypervisor needs a storage root (--sim-root)".into())),
-        _ => std::sync::Arc::new(|| Inventory { vms: vec![] }),
+        (other, _) => {
+            tracing::warn!(kind = other, "no hypervisor backend of this kind in this build: the agent serves no VMs");
+            None
+        }
     };
-    let uplink = Uplink::new(config, endpoint.clone(), inventory).start();
+    let hosting = Hosting { backend, scratch: dir.root.join("scratch") };
+    let uplink = Uplink::new(config, endpoint.clone(), hosting).start();
     shutdown.await;
     tracing::info!("shutting down");
     let _ = uplink.send(Shutdown).await;

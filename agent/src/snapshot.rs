@@ -5,7 +5,7 @@
 
 use crate::backend::{BackendError, Hypervisor};
 use actix::prelude::*;
-use bulwark_protocol::messages::Consistency;
+use bulwark_protocol::messages::{ChangeToken, Consistency};
 use bulwark_protocol::snapshot::{Cleanup, SnapshotState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +54,7 @@ impl SnapshotActor {
     }
 
     /// Does what the current state still owes, then ends in `Released`.
-    fn clean_up(&mut self, committed: bool) -> Result<(), BackendError> {
+    fn clean_up(&mut self, commit: Option<ChangeToken>) -> Result<(), BackendError> {
         let mut first_error = None;
         for c in self.state.owed() {
             let r = match c {
@@ -68,7 +68,10 @@ impl SnapshotActor {
         }
         let holds = self.state.owed().contains(&Cleanup::Release);
         if holds {
-            let r = if committed { self.backend.confirm(&self.vm).map(|_| ()) } else { self.backend.abandon(&self.vm) };
+            let r = match commit {
+                Some(next) => self.backend.confirm(&self.vm, next).map(|_| ()),
+                None => self.backend.abandon(&self.vm),
+            };
             if let Err(e) = r {
                 first_error.get_or_insert(e);
             }
@@ -83,7 +86,7 @@ impl SnapshotActor {
         }
         self.lease_timer = Some(ctx.run_later(self.lease, |act, ctx| {
             tracing::warn!(parent: &act.span, "snapshot lease expired: releasing, changes kept for the next run");
-            let _ = act.clean_up(false);
+            let _ = act.clean_up(None);
             ctx.stop();
         }));
     }
@@ -94,7 +97,7 @@ impl Actor for SnapshotActor {
 
     fn stopped(&mut self, _: &mut Context<Self>) {
         if self.state != SnapshotState::Released {
-            let _ = self.clean_up(false);
+            let _ = self.clean_up(None);
         }
     }
 }
@@ -103,14 +106,14 @@ impl Actor for SnapshotActor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     pub consistency: Consistency,
-    pub token: u64,
+    pub token: ChangeToken,
     /// How long the guest was frozen.
     pub frozen_for: Duration,
 }
 
 /// Take the snapshot: prepare, freeze, snapshot point, thaw.
 #[derive(Message)]
-#[rtype(result = "Result<Taken, String>")]
+#[rtype(result = "Result<Taken, BackendError>")]
 pub struct Take;
 
 /// The coordinator still wants the snapshot.
@@ -118,11 +121,12 @@ pub struct Take;
 #[rtype(result = "()")]
 pub struct Renew;
 
-/// Done with the snapshot: release it; `committed` advances the change token.
+/// Done with the snapshot: release it; `commit` (the token the coordinator committed)
+/// advances the change token, `None` keeps the changes for the next run.
 #[derive(Message)]
 #[rtype(result = "Result<(), String>")]
 pub struct Finish {
-    pub committed: bool,
+    pub commit: Option<ChangeToken>,
 }
 
 /// Where the snapshot is.
@@ -131,12 +135,12 @@ pub struct Finish {
 pub struct GetState;
 
 impl Handler<Take> for SnapshotActor {
-    type Result = Result<Taken, String>;
+    type Result = Result<Taken, BackendError>;
 
     fn handle(&mut self, _: Take, ctx: &mut Context<Self>) -> Self::Result {
         let _g = self.span.clone().entered();
         if self.state != SnapshotState::Requested {
-            return Err(format!("snapshot already {:?}", self.state));
+            return Err(BackendError::Failed(format!("snapshot already {:?}", self.state)));
         }
         self.step(SnapshotState::Preparing);
         let consistency = match self.backend.freeze(&self.vm) {
@@ -145,7 +149,7 @@ impl Handler<Take> for SnapshotActor {
                 // Nothing is frozen or held yet.
                 self.state = SnapshotState::Released;
                 ctx.stop();
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         let frozen_at = Instant::now();
@@ -153,25 +157,25 @@ impl Handler<Take> for SnapshotActor {
         let token = match self.backend.take(&self.vm, &self.holder) {
             Ok(t) => t,
             Err(e) => {
-                let _ = self.clean_up(false);
+                let _ = self.clean_up(None);
                 ctx.stop();
-                return Err(e.to_string());
+                return Err(e);
             }
         };
         self.step(SnapshotState::Taken);
         let frozen_for = frozen_at.elapsed();
         if frozen_for > self.freeze_bound {
-            let _ = self.clean_up(false);
+            let _ = self.clean_up(None);
             ctx.stop();
-            return Err(format!(
+            return Err(BackendError::Failed(format!(
                 "the guest stayed frozen {frozen_for:?}, over the {:?} bound: snapshot abandoned",
                 self.freeze_bound
-            ));
+            )));
         }
         if let Err(e) = self.backend.thaw(&self.vm) {
-            let _ = self.clean_up(false);
+            let _ = self.clean_up(None);
             ctx.stop();
-            return Err(e.to_string());
+            return Err(e);
         }
         self.step(SnapshotState::Thawed);
         self.arm_lease(ctx);
@@ -191,8 +195,8 @@ impl Handler<Renew> for SnapshotActor {
 
 impl Handler<Finish> for SnapshotActor {
     type Result = Result<(), String>;
-    fn handle(&mut self, Finish { committed }: Finish, ctx: &mut Context<Self>) -> Self::Result {
-        let r = self.clean_up(committed).map_err(|e| e.to_string());
+    fn handle(&mut self, Finish { commit }: Finish, ctx: &mut Context<Self>) -> Self::Result {
+        let r = self.clean_up(commit).map_err(|e| e.to_string());
         ctx.stop();
         r
     }

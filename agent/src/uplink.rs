@@ -3,15 +3,22 @@
 //! capped, jittered backoff. The connection logic is a plain async function; the actor owns the
 //! connection's lifecycle and timers.
 
+use crate::backend::Hypervisor;
 use crate::backoff::Backoff;
 use crate::config::AgentConfig;
+use crate::job::JobEnv;
 use actix::prelude::*;
 use bulwark_pki::quic;
 use bulwark_protocol::frame;
-use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage, Hello, Inventory};
+use bulwark_protocol::messages::{
+    AgentMessage, CoordinatorMessage, FailureKind, Hello, Inventory, JobOutcome, JobResult,
+};
 use bulwark_protocol::{HostId, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use rand::Rng;
+use std::collections::HashMap;
 use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -28,23 +35,41 @@ pub enum SessionEnd {
     Closed,
 }
 
-/// The uplink actor.
-/// Produces the current inventory (called at connect and at each heartbeat).
-pub type InventorySource = std::sync::Arc<dyn Fn() -> Inventory + Send + Sync>;
+/// The hypervisor this agent serves and where its jobs keep scratch files.
+#[derive(Clone)]
+pub struct Hosting {
+    /// None: an agent without a hypervisor (it reports no VMs and refuses jobs).
+    pub backend: Option<Arc<dyn Hypervisor>>,
+    pub scratch: PathBuf,
+}
 
+impl Hosting {
+    /// The VMs of `host` now (empty, with a warning, when the hypervisor cannot say).
+    fn inventory(&self, host: &str) -> Inventory {
+        match &self.backend {
+            Some(b) => b.inventory(host).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the inventory");
+                Inventory { vms: vec![] }
+            }),
+            None => Inventory { vms: vec![] },
+        }
+    }
+}
+
+/// The uplink actor.
 pub struct Uplink {
     pub config: AgentConfig,
     pub endpoint: quinn::Endpoint,
     pub backoff: Backoff,
     pub attempt: u32,
     pub conn: Option<quinn::Connection>,
-    pub inventory: InventorySource,
+    pub hosting: Hosting,
     pub stopping: bool,
 }
 
 impl Uplink {
-    pub fn new(config: AgentConfig, endpoint: quinn::Endpoint, inventory: InventorySource) -> Self {
-        Self { config, endpoint, backoff: Backoff::default(), attempt: 0, conn: None, inventory, stopping: false }
+    pub fn new(config: AgentConfig, endpoint: quinn::Endpoint, hosting: Hosting) -> Self {
+        Self { config, endpoint, backoff: Backoff::default(), attempt: 0, conn: None, hosting, stopping: false }
     }
 }
 
@@ -78,11 +103,11 @@ impl Handler<Dial> for Uplink {
         }
         let endpoint = self.endpoint.clone();
         let config = self.config.clone();
-        let inventory = self.inventory.clone();
+        let hosting = self.hosting.clone();
         let me = ctx.address();
         let span = tracing::info_span!("uplink", host = %self.config.host, coordinator = %self.config.coordinator, attempt = self.attempt);
         ctx.spawn(
-            async move { run_session(&endpoint, &config, inventory, |c| me.do_send(Established(c))).await }
+            async move { run_session(&endpoint, &config, hosting, |c| me.do_send(Established(c))).await }
                 .instrument(span)
                 .into_actor(self)
                 .map(|end, act, ctx| act.session_ended(end, ctx)),
@@ -131,7 +156,7 @@ impl Uplink {
 pub async fn run_session(
     endpoint: &quinn::Endpoint,
     config: &AgentConfig,
-    inventory: InventorySource,
+    hosting: Hosting,
     on_established: impl FnOnce(quinn::Connection),
 ) -> SessionEnd {
     let failed = |r: String| {
@@ -180,16 +205,28 @@ pub async fn run_session(
     };
     tracing::info!(coordinator = %welcome.coordinator, version = welcome.version, "connected");
     on_established(conn.clone());
-    let mut reported = inventory();
+    let inventory = {
+        let (hosting, host) = (hosting.clone(), config.host.clone());
+        move || {
+            let (hosting, host) = (hosting.clone(), host.clone());
+            async move {
+                tokio::task::spawn_blocking(move || hosting.inventory(&host)).await.unwrap_or(Inventory { vms: vec![] })
+            }
+        }
+    };
+    let mut reported = inventory().await;
     if let Err(e) = frame::write_message(&mut send, &AgentMessage::Inventory(reported.clone())).await {
         return lost(&conn, e.to_string());
     }
+    // Jobs report through this channel; their verdicts wait in `verdicts` by job id.
+    let (out_tx, mut out_rx) = tokio::sync::mpsc::channel::<AgentMessage>(64);
+    let mut verdicts: HashMap<u64, tokio::sync::oneshot::Sender<bool>> = HashMap::new();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(u64::from(welcome.heartbeat_secs.max(1))));
     heartbeat.tick().await;
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
-                let now = inventory();
+                let now = inventory().await;
                 let msg = if now != reported {
                     reported = now.clone();
                     AgentMessage::Inventory(now)
@@ -199,11 +236,41 @@ pub async fn run_session(
                 if let Err(e) = frame::write_message(&mut send, &msg).await {
                     return lost(&conn, e.to_string());
                 }
+                verdicts.retain(|_, v| !v.is_closed());
+            }
+            Some(msg) = out_rx.recv() => {
+                if let Err(e) = frame::write_message(&mut send, &msg).await {
+                    return lost(&conn, e.to_string());
+                }
             }
             msg = frame::read_message::<CoordinatorMessage, _>(&mut recv) => match msg {
                 Ok(Some(CoordinatorMessage::Heartbeat)) => {}
                 Ok(Some(CoordinatorMessage::JobRequest(job))) => {
-                    tracing::warn!(job_id = %job.job, vm = %job.vm, "job requests are not handled by this agent yet");
+                    let Some(backend) = hosting.backend.clone() else {
+                        let refusal = AgentMessage::JobResult(JobResult {
+                            job: job.job,
+                            outcome: JobOutcome::Failed { kind: FailureKind::Other, reason: "this agent has no hypervisor configured".into() },
+                        });
+                        let _ = out_tx.send(refusal).await;
+                        continue;
+                    };
+                    tracing::info!(job_id = %job.job, vm = %job.vm, kind = ?job.kind, "job requested");
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    verdicts.insert(job.job.0, tx);
+                    let env = JobEnv {
+                        backend,
+                        host: config.host.clone(),
+                        conn: conn.clone(),
+                        out: out_tx.clone(),
+                        scratch: hosting.scratch.clone(),
+                    };
+                    actix_rt::spawn(crate::job::run(env, job, rx));
+                }
+                Ok(Some(CoordinatorMessage::JobDone { job, committed })) => {
+                    match verdicts.remove(&job.0) {
+                        Some(v) => { let _ = v.send(committed); }
+                        None => tracing::warn!(job_id = %job, "a verdict for a job this agent is not running"),
+                    }
                 }
                 Ok(Some(other)) => tracing::warn!(?other, "unexpected message from the coordinator"),
                 Ok(None) => return lost(&conn, "the coordinator closed the control stream".into()),

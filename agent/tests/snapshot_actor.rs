@@ -9,7 +9,7 @@ use actix::prelude::*;
 use bulwark_agent::backend::{Hypervisor, SimBackend};
 use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power, ReplicaHealth, Vm};
 use bulwark_agent::snapshot::{Finish, GetState, SnapshotActor, Take};
-use bulwark_protocol::messages::Consistency;
+use bulwark_protocol::messages::{ChangeToken, Consistency};
 use bulwark_protocol::snapshot::SnapshotState;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,7 +45,8 @@ fn a_taken_snapshot_is_thawed_held_and_released_with_the_token_advanced_on_commi
         assert_eq!(a.send(GetState).await.unwrap(), SnapshotState::Thawed);
         assert!(held(&root, "win"));
         assert!(Vm::open(&root, "win").unwrap().config.frozen.is_none(), "thawed");
-        a.send(Finish { committed: true }).await.unwrap().unwrap();
+        let next = ChangeToken { sequence: taken.token.sequence + 1, ..taken.token };
+        a.send(Finish { commit: Some(next) }).await.unwrap().unwrap();
         assert!(!held(&root, "win"));
         assert_eq!(Vm::open(&root, "win").unwrap().config.sequence, 1, "the token advanced");
 
@@ -57,7 +58,7 @@ fn a_taken_snapshot_is_thawed_held_and_released_with_the_token_advanced_on_commi
         assert_eq!(vm.config.power, Power::Running, "resumed after the snapshot point");
         assert!(vm.config.snapshot.as_ref().unwrap().paused_for_snapshot);
         drop(vm);
-        b.send(Finish { committed: false }).await.unwrap().unwrap();
+        b.send(Finish { commit: None }).await.unwrap().unwrap();
         assert_eq!(Vm::open(&root, "nois").unwrap().config.sequence, 0, "abandoned: the token stays");
     });
 }
@@ -101,7 +102,7 @@ fn a_refused_snapshot_touches_nothing_and_an_overlong_freeze_is_undone() {
     let backend: Arc<dyn Hypervisor> = Arc::new(SimBackend { root: root.clone() });
     run(async move {
         let a = SnapshotActor::new(backend.clone(), "resync", "node1", Duration::from_secs(60)).start();
-        let err = a.send(Take).await.unwrap().unwrap_err();
+        let err = a.send(Take).await.unwrap().unwrap_err().to_string();
         assert!(err.contains("resynchronizing"), "{err}");
         let vm = Vm::open(&root, "resync").unwrap();
         assert!(vm.config.snapshot.is_none() && vm.config.frozen.is_none() && vm.config.power == Power::Running);
@@ -110,7 +111,7 @@ fn a_refused_snapshot_touches_nothing_and_an_overlong_freeze_is_undone() {
         let b = SnapshotActor::new(backend.clone(), "slow", "node1", Duration::from_secs(60))
             .with_freeze_bound(Duration::ZERO)
             .start();
-        let err = b.send(Take).await.unwrap().unwrap_err();
+        let err = b.send(Take).await.unwrap().unwrap_err().to_string();
         assert!(err.contains("over the"), "{err}");
         let vm = Vm::open(&root, "slow").unwrap();
         assert!(vm.config.snapshot.is_none(), "released");

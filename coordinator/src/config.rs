@@ -22,6 +22,29 @@ pub struct CoordinatorConfig {
     /// Validity of agent certificates, humantime ("730days").
     #[serde(default = "default_agent_cert_validity")]
     pub agent_cert_validity: String,
+    /// Job concurrency.
+    #[serde(default)]
+    pub jobs: JobLimits,
+}
+
+/// `[jobs]` in `coordinator.toml`: how many VM jobs run at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobLimits {
+    /// VM jobs running at once on this coordinator.
+    pub max_running: usize,
+    /// VM jobs running at once per agent (host).
+    pub per_agent: usize,
+    /// How long an agent keeps a job's snapshot without hearing from the coordinator.
+    pub snapshot_lease: String,
+    /// Members of a group whose schedule fires together start spread over this window.
+    pub start_jitter: String,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self { max_running: 8, per_agent: 2, snapshot_lease: "2m".into(), start_jitter: "1m".into() }
+    }
 }
 
 fn default_agent_cert_validity() -> String {

@@ -139,6 +139,7 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
         advertise: opts.advertise.clone(),
         encrypt: opts.encrypt,
         agent_cert_validity: "730days".into(),
+        jobs: crate::config::JobLimits::default(),
     };
     config.save(&dir)?;
     Ok(config)

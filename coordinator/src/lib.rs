@@ -8,6 +8,8 @@
 //! - [`authority`]: CA, join tokens, enrollment and revocation decisions.
 //! - [`server`]: the listener, registry and session actors, and the admin API.
 //! - [`store`]: the replica store (chunks, packs, block maps, verify, GC).
+//! - [`policy`]: protection-group policy: validation, schedule math, the space plan.
+//! - [`jobs`]: the job queue and VM jobs (initial, sync, express full, consistency check).
 //! - [`admin_client`]: the client side of the admin API (used by the console).
 //! - [`cli`]: the `bulwark-coordinator` command line.
 
@@ -19,5 +21,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod init;
+pub mod jobs;
+pub mod policy;
 pub mod server;
 pub mod store;

@@ -1,18 +1,8 @@
-//! Block frames: the raw format of bulk transfer streams, kept out of the codec so a 1 MiB
-//! block is never copied through serde.
-//!
-//! Format version 1. A block stream is a unidirectional QUIC stream whose frames
-//! (see [`crate::frame`]) are, in order: one control-encoded header message chosen by the job,
-//! then any number of block frames:
-//! ```text
-//! offset 0   u64 BE  block index within the disk
-//! offset 8   [u8;32] BLAKE3 digest of the block's plain bytes
-//! offset 40  ...     the block's bytes (1 ..= block_size)
-//! ```
-//! so a block frame body is at most `block_size + BLOCK_HEADER_LEN` bytes, and that is the
-//! limit the receiver reads with.
+//! Blocks and their ids: disks are cut into fixed-size blocks (a power of two between 4 KiB
+//! and 16 MiB), each identified by its BLAKE3 digest — keyed when the store is encrypted —
+//! and all-zero blocks by [`ZERO`]. How blocks travel is [`crate::transfer`]'s.
 
-/// Bytes before the data in a block frame body.
+/// Bytes before the data in a block frame: the index and the id.
 pub const BLOCK_HEADER_LEN: usize = 8 + 32;
 /// The largest block size a disk may be protected with (16 MiB).
 pub const MAX_BLOCK_SIZE: usize = 16 << 20;
@@ -76,93 +66,28 @@ impl ChunkHasher {
     }
 }
 
-/// Why a block frame is not acceptable.
+/// A block size out of bounds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BlockFrameError {
-    #[error("block frame of {len} bytes is shorter than its {BLOCK_HEADER_LEN}-byte header")]
-    Short { len: usize },
-    #[error("block frame carries {len} data bytes, over the block size {block_size}")]
-    TooLong { len: usize, block_size: usize },
-    #[error("block size {0} is not a power of two between 4 KiB and 16 MiB")]
-    BadBlockSize(usize),
-}
-
-/// The frame limit for a stream of blocks of `block_size`.
-pub fn frame_limit(block_size: usize) -> Result<usize, BlockFrameError> {
-    check_block_size(block_size)?;
-    Ok(block_size + BLOCK_HEADER_LEN)
-}
+#[error("block size {0} is not a power of two between 4 KiB and 16 MiB")]
+pub struct BadBlockSize(pub usize);
 
 /// Checks that a block size is a power of two within bounds.
-pub fn check_block_size(block_size: usize) -> Result<(), BlockFrameError> {
+pub fn check_block_size(block_size: usize) -> Result<(), BadBlockSize> {
     if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
-        return Err(BlockFrameError::BadBlockSize(block_size));
+        return Err(BadBlockSize(block_size));
     }
     Ok(())
-}
-
-/// A parsed block frame borrowing its data from the frame body.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockFrame<'a> {
-    pub index: u64,
-    pub digest: Digest,
-    pub data: &'a [u8],
-}
-
-impl<'a> BlockFrame<'a> {
-    /// Parses a frame body received on a stream of `block_size` blocks.
-    pub fn parse(body: &'a [u8], block_size: usize) -> Result<Self, BlockFrameError> {
-        let (Some(index), Some(digest)) = (body.first_chunk::<8>(), body.get(8..BLOCK_HEADER_LEN)) else {
-            return Err(BlockFrameError::Short { len: body.len() });
-        };
-        let data = &body[BLOCK_HEADER_LEN..];
-        if data.is_empty() {
-            return Err(BlockFrameError::Short { len: body.len() });
-        }
-        if data.len() > block_size {
-            return Err(BlockFrameError::TooLong { len: data.len(), block_size });
-        }
-        let mut d = [0u8; 32];
-        d.copy_from_slice(digest);
-        Ok(Self { index: u64::from_be_bytes(*index), digest: d, data })
-    }
-
-    /// The frame body: header then data.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(BLOCK_HEADER_LEN + self.data.len());
-        out.extend_from_slice(&self.index.to_be_bytes());
-        out.extend_from_slice(&self.digest);
-        out.extend_from_slice(self.data);
-        out
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn block_frames_round_trip() {
-        let data = vec![7u8; 4096];
-        let f = BlockFrame { index: 42, digest: *blake3::hash(&data).as_bytes(), data: &data };
-        let body = f.encode();
-        assert_eq!(BlockFrame::parse(&body, 4096), Ok(f));
-        assert!(matches!(BlockFrame::parse(&body, 2048), Err(BlockFrameError::TooLong { .. })));
-    }
 
     #[test]
     fn block_sizes_must_be_powers_of_two_in_range() {
-        assert!(frame_limit(1 << 20).is_ok());
-        assert!(frame_limit(3 << 20).is_err());
-        assert!(frame_limit(32 << 20).is_err());
-        assert!(frame_limit(1024).is_err());
-    }
-
-    proptest! {
-        #[test]
-        fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = BlockFrame::parse(&bytes, 128);
-        }
+        assert!(check_block_size(1 << 20).is_ok());
+        assert!(check_block_size(3 << 20).is_err());
+        assert!(check_block_size(32 << 20).is_err());
+        assert!(check_block_size(1024).is_err());
     }
 }

@@ -84,7 +84,7 @@ fn span(level: u8) -> u64 {
 }
 
 /// Number of entries of node `index` at `level` in a tree of `blocks` leaves.
-fn entries_of(level: u8, index: u64, blocks: u64) -> usize {
+pub fn entries_of(level: u8, index: u64, blocks: u64) -> usize {
     let first = index.saturating_mul(span(level));
     let covered = blocks.saturating_sub(first).min(span(level));
     let child_span = if level == 0 { 1 } else { span(level - 1) };
@@ -245,6 +245,35 @@ fn walk_leaves<P: PageStore>(
     Ok(())
 }
 
+/// The entries of node `index` at `level` (0 = leaf pages) of the tree: what a consistency
+/// check compares. An all-zero subtree answers zeros; a node outside the tree is an error.
+pub fn node_entries<P: PageStore>(
+    pages: &P,
+    root: &TreeRoot,
+    level: u8,
+    index: u64,
+) -> Result<Vec<Digest>, BlockMapError<P::Error>> {
+    let top = root.levels - 1;
+    if level > top || index >= root.blocks.div_ceil(span(level)).max(1) {
+        return Err(BlockMapError::OutOfRange { index, blocks: root.blocks });
+    }
+    // Walk down from the root along the path to the node.
+    let mut id = root.digest;
+    for l in (level + 1..=top).rev() {
+        let here = index / (FANOUT as u64).pow(u32::from(l - level));
+        let child = (index / (FANOUT as u64).pow(u32::from(l - level - 1))) % FANOUT as u64;
+        let entries = load(pages, &id, entries_of(l, here, root.blocks))?;
+        id = entries.get(child as usize).copied().unwrap_or(ZERO);
+    }
+    load(pages, &id, entries_of(level, index, root.blocks))
+}
+
+/// The leaf range `(first, count)` covered by entry `k` of node `index` at `level`.
+pub fn entry_span(level: u8, index: u64, k: usize) -> (u64, u64) {
+    let child_span = if level == 0 { 1 } else { span(level - 1) };
+    (index * span(level) + k as u64 * child_span, child_span)
+}
+
 /// Visits every stored page of the tree top-down. `visit(level, id, entries)` returns whether
 /// to descend into the page's children (false: already seen). Leaf ids are the entries of
 /// level-0 pages.
@@ -358,6 +387,37 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    #[test]
+    fn node_entries_are_the_pages_on_every_level() {
+        // Three levels, sparse: some leaf pages all zero.
+        let blocks = 1024 * 1024 + 3000;
+        let mut p = MemPages::default();
+        let changes: Vec<_> = (0..blocks).filter(|i| i % 7000 < 1500).map(|i| (i, leaf(i))).collect();
+        let root = update(&mut p, None, blocks, changes.clone()).unwrap();
+        assert_eq!(root.levels, 3);
+        let want: HashMap<u64, Digest> = changes.into_iter().collect();
+        for index in [0u64, 1, 6, 1024, 1026] {
+            let e = node_entries(&p, &root, 0, index).unwrap();
+            for (k, d) in e.iter().enumerate() {
+                let (first, n) = entry_span(0, index, k);
+                assert_eq!(n, 1);
+                assert_eq!(*d, want.get(&first).copied().unwrap_or(ZERO), "leaf {first}");
+            }
+        }
+        // A level-1 entry is the id of the leaf page below it.
+        let l1 = node_entries(&p, &root, 1, 1).unwrap();
+        assert_eq!(l1.len(), 3, "1,027 leaf pages: the second level-1 node holds the last 3");
+        for (k, id) in l1.iter().enumerate() {
+            let below = node_entries(&p, &root, 0, 1024 + k as u64).unwrap();
+            let want = if below.iter().all(|d| *d == ZERO) { ZERO } else { *blake3::hash(&below.concat()).as_bytes() };
+            assert_eq!(*id, want);
+        }
+        assert_ne!(l1[1], ZERO);
+        assert_eq!(node_entries(&p, &root, 2, 0).unwrap().len(), 2);
+        assert!(node_entries(&p, &root, 0, 1027).is_err(), "past the last leaf page");
+        assert!(node_entries(&p, &root, 3, 0).is_err(), "above the root");
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - [`messages`]: what each peer may send, per stream kind.
 //! - [`codec`]: bincode 2 encode/decode with explicit limits (the only place bincode is named).
 //! - [`frame`]: `u32` length-prefixed frames, a sans-IO decoder and async read/write helpers.
-//! - [`block`]: the raw block-frame format of bulk transfer streams.
+//! - [`block`]: block ids (plain or keyed BLAKE3) and block-size bounds.
+//! - [`transfer`]: the frames and conversations of a job's per-disk transfer streams.
 //! - [`blockmap`]: Merkle block maps (update, walk) over any page store.
 //! - [`handshake`]: version negotiation and the coordinator's checks of an agent's hello.
 //! - [`snapshot`]: the snapshot lifecycle and the cleanup owed from each state.
@@ -26,6 +27,7 @@ pub mod handshake;
 pub mod ids;
 pub mod messages;
 pub mod snapshot;
+pub mod transfer;
 pub mod units;
 
 pub use ids::{DiskId, HostId, JobId, RecoveryPointId, VmId};

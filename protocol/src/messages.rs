@@ -71,6 +71,9 @@ pub struct VmInfo {
     pub os: GuestOs,
     pub integration_services: bool,
     pub disks: Vec<DiskInfo>,
+    /// The generation of the VM's change tracking; it moves when tracking is lost (host
+    /// crash, storage migration), which tells the coordinator a consistency check is due.
+    pub change_generation: Option<u64>,
 }
 
 /// The full list of VMs on the agent's host, sent after the welcome and whenever it changes.
@@ -97,6 +100,38 @@ pub enum Consistency {
     Crash,
 }
 
+impl Consistency {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::App => "app",
+            Consistency::Filesystem => "filesystem",
+            Consistency::Crash => "crash",
+        }
+    }
+}
+
+/// A change token: "changes since" it are what the hypervisor tracked after the snapshot it
+/// was issued with, as long as the generation is the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ChangeToken {
+    pub generation: u64,
+    pub sequence: u64,
+}
+
+impl std::fmt::Display for ChangeToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.generation, self.sequence)
+    }
+}
+
+/// One disk of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskJob {
+    pub disk: DiskId,
+    /// The token the coordinator's replica of this disk is current with (None: no replica).
+    pub token: Option<ChangeToken>,
+}
+
 /// A job the coordinator hands to an agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRequest {
@@ -104,15 +139,40 @@ pub struct JobRequest {
     pub vm: VmId,
     pub kind: JobKind,
     pub block_size: u32,
-    /// The change token the coordinator last committed for each disk, if any.
-    pub change_tokens: Vec<(DiskId, Option<u64>)>,
+    pub disks: Vec<DiskJob>,
+    /// The key block ids are computed with (an encrypted store), so both sides agree on ids.
+    pub id_key: Option<[u8; 32]>,
+    /// How long the agent keeps the snapshot without hearing from the coordinator.
+    pub lease_secs: u32,
+}
+
+/// Why an agent could not do a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The hypervisor refused the snapshot (an unhealthy replica VM, say).
+    Refused,
+    /// Changes since the replica's token are unknown: a consistency check is needed.
+    TrackingLost,
+    /// The VM is not on this host (it migrated).
+    NotHere,
+    /// Anything else; the job may be retried.
+    Other,
 }
 
 /// How a job ended on the agent's side.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobOutcome {
-    Succeeded { consistency: Option<Consistency>, bytes_read: u64, blocks_sent: u64 },
-    Failed { reason: String },
+    Succeeded {
+        consistency: Consistency,
+        bytes_read: u64,
+        blocks_sent: u64,
+        /// The token the replica is current with once the coordinator has committed.
+        next_token: ChangeToken,
+    },
+    Failed {
+        kind: FailureKind,
+        reason: String,
+    },
 }
 
 /// The agent's report of a finished job.
@@ -140,6 +200,13 @@ pub enum CoordinatorMessage {
         reason: String,
     },
     JobRequest(JobRequest),
+    /// The coordinator's verdict on a job the agent reported: `committed` advances the change
+    /// token and releases the snapshot; otherwise the snapshot is released and its changes
+    /// are kept for the next run.
+    JobDone {
+        job: JobId,
+        committed: bool,
+    },
     Heartbeat,
 }
 
@@ -177,6 +244,127 @@ pub enum AdminRequest {
     JobShow {
         id: u64,
     },
+    VmList,
+    GroupCreate {
+        name: String,
+        vms: Vec<String>,
+        policy: PolicySpec,
+    },
+    GroupList,
+    GroupShow {
+        name: String,
+    },
+    GroupAddVm {
+        name: String,
+        vms: Vec<String>,
+    },
+    GroupRemoveVm {
+        name: String,
+        vms: Vec<String>,
+        keep_data: bool,
+    },
+    GroupDelete {
+        name: String,
+    },
+    GroupPlan {
+        name: String,
+    },
+    /// Back a VM up now (express full or synchronization).
+    Backup {
+        vm: String,
+        kind: BackupKind,
+    },
+    /// A consistency check of a VM now.
+    ConsistencyCheck {
+        vm: String,
+    },
+    RecoveryPoints {
+        vm: String,
+    },
+    /// Stream a disk of a recovery point: answered by [`AdminResponse::DiskStream`], then the
+    /// disk's blocks as transfer frames ([`crate::transfer`]) in order, then `End`.
+    RecoverDisk {
+        vm: String,
+        /// A recovery point id, a unique prefix of one, or `latest`.
+        rp: String,
+        disk: String,
+    },
+}
+
+/// What `bulwark backup` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackupKind {
+    ExpressFull,
+    Sync,
+}
+
+/// A protection group's policy as the console states it (validated by the coordinator).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySpec {
+    pub sync_every_secs: Option<u64>,
+    /// Minutes after midnight, coordinator local time.
+    pub recovery_points: Vec<u16>,
+    pub express_full_before_rp: bool,
+    pub retention_secs: u64,
+    pub cc_when_inconsistent: bool,
+    pub cc_at: Option<u16>,
+    /// `now`, `at:HH:MM` or `manual`.
+    pub replica_creation: String,
+    pub block_size: u32,
+}
+
+/// A protection group as the console shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub name: String,
+    pub members: Vec<String>,
+    pub policy: PolicySpec,
+    /// Unix seconds of each schedule's next run: `(kind, at)`.
+    pub next_runs: Vec<(String, u64)>,
+}
+
+/// `group plan`: disk allocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanInfo {
+    pub total_data_bytes: u64,
+    pub recommended_bytes: u64,
+    pub free_bytes: u64,
+    pub underprovisioned_bytes: u64,
+    /// The daily churn rate the recommendation assumes (fraction).
+    pub churn_per_day: f64,
+    pub retention_days: f64,
+}
+
+/// A VM as `vm list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSummary {
+    pub id: String,
+    pub name: String,
+    pub host: String,
+    /// `running`, `paused`, `off`.
+    pub state: String,
+    /// `linux`, `windows`.
+    pub os: String,
+    pub group: Option<String>,
+    /// `none`, `creating`, `consistent`, `inconsistent`.
+    pub replica_state: String,
+    pub replica_reason: Option<String>,
+    pub disks: Vec<DiskInfo>,
+}
+
+/// A recovery point as `rp list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryPointInfo {
+    /// Hex.
+    pub id: String,
+    pub vm: String,
+    /// Unix milliseconds.
+    pub created_at: u64,
+    /// `app`, `filesystem`, `crash`.
+    pub consistency: String,
+    pub disks: Vec<DiskInfo>,
+    pub logical_bytes: u64,
+    pub stored_bytes: u64,
 }
 
 /// Store maintenance jobs.
@@ -238,16 +426,42 @@ pub struct AgentInfo {
 }
 
 /// The coordinator's answer to an [`AdminRequest`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AdminResponse {
     Status(StatusReport),
     Agents(Vec<AgentInfo>),
-    Revoked { host: HostId, serials: Vec<String>, connections_closed: u32 },
-    Token { token: String, expires_at: u64 },
-    JobStarted { job_id: u64 },
+    Revoked {
+        host: HostId,
+        serials: Vec<String>,
+        connections_closed: u32,
+    },
+    Token {
+        token: String,
+        expires_at: u64,
+    },
+    JobStarted {
+        job_id: u64,
+    },
     Job(JobInfo),
     Jobs(Vec<JobInfo>),
-    Error { message: String },
+    Vms(Vec<VmSummary>),
+    Group(GroupInfo),
+    Groups(Vec<GroupInfo>),
+    Plan(PlanInfo),
+    RecoveryPoints(Vec<RecoveryPointInfo>),
+    /// A disk follows on this stream: `size_bytes` in blocks of `block_size`.
+    DiskStream {
+        rp: String,
+        disk: String,
+        size_bytes: u64,
+        block_size: u32,
+    },
+    Done {
+        message: String,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Enrollment: the agent proves it holds a join token and asks for a certificate.

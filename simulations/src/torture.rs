@@ -108,7 +108,7 @@ pub fn run(dir: &Path, seed: u64, gc: bool) -> anyhow::Result<()> {
             block_size: BLOCK as u32,
             state: ReplicaState::Consistent,
             root: Some(root),
-            change_token: Some(version),
+            change_token: Some(bulwark_protocol::messages::ChangeToken { generation: 0, sequence: version }),
             reason: None,
             updated_at: 0,
         };

@@ -118,24 +118,9 @@ pub struct VmConfig {
     pub frozen: Option<Frozen>,
 }
 
-/// A change token: "changes since" it are what the live bitmap (and a pending frozen one)
-/// record, as long as the generation is unchanged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChangeToken {
-    pub generation: u64,
-    pub sequence: u64,
-}
-
-impl ChangeToken {
-    /// Packs the token into one number for the wire (generation in the high 32 bits).
-    pub fn to_u64(self) -> u64 {
-        (self.generation << 32) | (self.sequence & 0xffff_ffff)
-    }
-
-    pub fn from_u64(v: u64) -> Self {
-        Self { generation: v >> 32, sequence: v & 0xffff_ffff }
-    }
-}
+/// Change tokens are the protocol's: generation (bumped when tracking is lost) and sequence
+/// (advanced when the coordinator confirms a commit).
+pub use bulwark_protocol::messages::ChangeToken;
 
 /// A VM's directory and lock.
 pub struct Vm {
@@ -455,7 +440,12 @@ impl Vm {
             Some(t) if t.generation != current.generation => {
                 return Err(lost("tracking was reset (host crash or storage migration)"))
             }
-            Some(t) if t != current => return Err(lost("the token is not the last one confirmed")),
+            // One ahead: the coordinator committed but its confirmation never arrived (the agent
+            // died or the connection dropped). The changes since `current` include those since
+            // `t`, because an unconfirmed transfer's changes go back into the live bitmap.
+            Some(t) if t != current && t.sequence != current.sequence + 1 => {
+                return Err(lost("the token is not the last one confirmed"))
+            }
             Some(_) => {}
         }
         let path = self.frozen(disk);
@@ -507,6 +497,13 @@ impl Vm {
     /// The coordinator committed what was read: the frozen changes are done with and the
     /// token advances.
     pub fn confirm(&mut self) -> Result<ChangeToken, SimError> {
+        self.confirm_to(ChangeToken { generation: self.config.generation, sequence: self.config.sequence + 1 })
+    }
+
+    /// Like [`Vm::confirm`], to the token the coordinator committed (which may be one past
+    /// ours when an earlier confirmation was lost). A token of an older generation only clears
+    /// the frozen changes: tracking was reset meanwhile and its own token stands.
+    pub fn confirm_to(&mut self, next: ChangeToken) -> Result<ChangeToken, SimError> {
         for d in self.config.disks.clone() {
             let p = self.frozen(&d.name);
             match std::fs::remove_file(&p) {
@@ -515,7 +512,9 @@ impl Vm {
                 Err(e) => return Err(io(&p)(e)),
             }
         }
-        self.config.sequence += 1;
+        if next.generation == self.config.generation {
+            self.config.sequence = self.config.sequence.max(next.sequence);
+        }
         self.save()?;
         Ok(ChangeToken { generation: self.config.generation, sequence: self.config.sequence })
     }

@@ -1,6 +1,18 @@
 //! Typed access to VMs, protection groups, jobs and schedules' next-run times.
 
-use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, VmRecord};
+use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, ReplicaState, VmRecord};
+use bulwark_protocol::messages::Inventory;
+
+/// What an agent's inventory changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InventoryChanges {
+    /// VMs first seen.
+    pub new: Vec<String>,
+    /// VMs that moved here from another host: (VM, from).
+    pub moved: Vec<(String, String)>,
+    /// Replicas made inconsistent because the VM's change tracking was reset: (VM, reason).
+    pub tracking_reset: Vec<(String, String)>,
+}
 
 fn schedule_key(group: &str, kind: &str) -> Vec<u8> {
     [group.as_bytes(), &[0], kind.as_bytes()].concat()
@@ -22,6 +34,47 @@ impl Catalog {
         self.vms.iter().values().map(|v| decode("vms", &v?)).collect()
     }
 
+    /// Records what `host` reports: its VMs (a VM another host reported before has migrated
+    /// here) and their tracking generation — one that moved past the replica's change token
+    /// means tracking was lost (host crash, storage migration): the replica is inconsistent.
+    pub fn apply_inventory(&self, host: &str, inv: &Inventory, now: u64) -> Result<InventoryChanges, CatalogError> {
+        let mut changes = InventoryChanges::default();
+        for v in &inv.vms {
+            let old = self.vm(&v.name)?;
+            match &old {
+                None => changes.new.push(v.name.clone()),
+                Some(o) if o.host != host => changes.moved.push((v.name.clone(), o.host.clone())),
+                Some(_) => {}
+            }
+            let record = VmRecord {
+                id: v.id.to_string(),
+                name: v.name.clone(),
+                host: host.to_owned(),
+                os: v.os,
+                power: v.power,
+                disks: v.disks.clone(),
+                group: old.as_ref().and_then(|o| o.group.clone()),
+                updated_at: now,
+            };
+            if old.as_ref() != Some(&record) {
+                self.put_vm(&record)?;
+            }
+            let Some(generation) = v.change_generation else { continue };
+            for mut r in self.replicas_of(&v.name)? {
+                let reset = r.change_token.is_some_and(|t| t.generation != generation);
+                if reset && r.state == ReplicaState::Consistent {
+                    let reason = format!("change tracking was reset on {host} (host crash or storage migration)");
+                    r.state = ReplicaState::Inconsistent;
+                    r.reason = Some(reason.clone());
+                    r.updated_at = now;
+                    self.put_replica(&r)?;
+                    changes.tracking_reset.push((v.name.clone(), reason));
+                }
+            }
+        }
+        Ok(changes)
+    }
+
     // ---- groups
 
     pub fn group(&self, name: &str) -> Result<Option<GroupRecord>, CatalogError> {
@@ -35,6 +88,10 @@ impl Catalog {
 
     pub fn delete_group(&self, name: &str) -> Result<bool, CatalogError> {
         let existed = self.groups.remove(name.as_bytes())?.is_some();
+        let schedules: Vec<_> = self.schedules.scan_prefix(schedule_key(name, "")).keys().collect::<Result<_, _>>()?;
+        for k in schedules {
+            self.schedules.remove(k)?;
+        }
         self.flush_durable()?;
         Ok(existed)
     }

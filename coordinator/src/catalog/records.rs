@@ -2,7 +2,7 @@
 
 use bulwark_protocol::block::Digest;
 use bulwark_protocol::blockmap::TreeRoot;
-use bulwark_protocol::messages::{Consistency, DiskInfo, GuestOs, PowerState};
+use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, GuestOs, PowerState};
 use serde::{Deserialize, Serialize};
 
 /// A join token as stored: only the hash of its secret is the key.
@@ -102,7 +102,7 @@ pub struct ReplicaRecord {
     pub state: ReplicaState,
     pub root: Option<TreeRoot>,
     /// The agent's change token this replica is current with.
-    pub change_token: Option<u64>,
+    pub change_token: Option<ChangeToken>,
     /// Why it is inconsistent, when it is.
     pub reason: Option<String>,
     pub updated_at: u64,
@@ -135,7 +135,7 @@ pub struct RecoveryPointRecord {
 }
 
 /// Kinds of jobs the catalog records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum JobKind {
     Initial,
     Sync,

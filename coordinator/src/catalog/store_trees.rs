@@ -204,6 +204,16 @@ impl Catalog {
         self.flush_durable()
     }
 
+    /// Forgets every replica of a VM (its recovery points are dropped separately); durable.
+    pub fn delete_replicas_of(&self, vm: &str) -> Result<usize, CatalogError> {
+        let keys: Vec<_> = self.replicas.scan_prefix(vm_prefix(vm)).keys().collect::<Result<_, _>>()?;
+        for k in &keys {
+            self.replicas.remove(k)?;
+        }
+        self.flush_durable()?;
+        Ok(keys.len())
+    }
+
     // ---- recovery points
 
     /// Recovery points of one VM, oldest first.

@@ -6,12 +6,12 @@ use crate::catalog::{JobKind, JobRecord, JobState};
 use crate::server::connection::violation;
 use crate::server::registry::{CloseHost, ListConnected};
 use crate::server::store_actor::RunMaintenance;
-use crate::server::State;
+use crate::server::{protect, State};
 use bulwark_pki::quic::close;
 use bulwark_protocol::frame;
 use bulwark_protocol::handshake::check_version;
 use bulwark_protocol::messages::{
-    AdminEnvelope, AdminRequest, AdminResponse, AgentInfo, Consistency, JobInfo, MaintenanceKind, StatusReport,
+    AdminEnvelope, AdminRequest, AdminResponse, AgentInfo, JobInfo, MaintenanceKind, StatusReport,
 };
 use bulwark_protocol::{HostId, PROTOCOL_VERSION};
 use std::sync::Arc;
@@ -34,9 +34,14 @@ pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
                     Ok(None) => return,
                     Err(e) => return violation(&conn, "malformed admin request", &e),
                 };
-                let response = match check_version(env.version) {
-                    Ok(_) => handle(&state, env.request).await,
-                    Err(e) => AdminResponse::Error { message: e.to_string() },
+                let response = match (check_version(env.version), env.request) {
+                    (Ok(_), AdminRequest::RecoverDisk { vm, rp, disk }) => {
+                        protect::recover_disk(&state, &mut send, vm, rp, disk).await;
+                        let _ = send.finish();
+                        return;
+                    }
+                    (Ok(_), request) => handle(&state, request).await,
+                    (Err(e), _) => AdminResponse::Error { message: e.to_string() },
                 };
                 if frame::write_message(&mut send, &response).await.is_ok() {
                     let _ = send.finish();
@@ -73,6 +78,22 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
             ),
             Err(e) => AdminResponse::Error { message: e.to_string() },
         },
+        AdminRequest::VmList => protect::vm_list(state).await,
+        AdminRequest::GroupCreate { name, vms, policy } => protect::group_create(state, name, vms, policy).await,
+        AdminRequest::GroupList => protect::group_show(state, None).await,
+        AdminRequest::GroupShow { name } => protect::group_show(state, Some(name)).await,
+        AdminRequest::GroupAddVm { name, vms } => protect::group_add(state, name, vms).await,
+        AdminRequest::GroupRemoveVm { name, vms, keep_data } => {
+            protect::group_remove(state, name, vms, keep_data).await
+        }
+        AdminRequest::GroupDelete { name } => protect::group_delete(state, name).await,
+        AdminRequest::GroupPlan { name } => protect::group_plan(state, name).await,
+        AdminRequest::Backup { vm, kind } => protect::run_now(state, vm, protect::backup_kind(kind)).await,
+        AdminRequest::ConsistencyCheck { vm } => protect::run_now(state, vm, JobKind::ConsistencyCheck).await,
+        AdminRequest::RecoveryPoints { vm } => protect::rp_list(state, vm).await,
+        AdminRequest::RecoverDisk { .. } => {
+            AdminResponse::Error { message: "recover-disk streams: internal routing error".into() }
+        }
         AdminRequest::TokenCreate { ttl_secs, host } => {
             let authority = state.authority.clone();
             match blocking(move || authority.create_token(Duration::from_secs(ttl_secs), host.as_ref())).await {
@@ -96,14 +117,7 @@ pub fn job_info(j: &JobRecord) -> JobInfo {
         bytes_transferred: j.bytes_transferred,
         bytes_scanned: j.bytes_scanned,
         blocks_changed: j.blocks_changed,
-        consistency: j.consistency.map(|c| {
-            match c {
-                Consistency::App => "app",
-                Consistency::Filesystem => "filesystem",
-                Consistency::Crash => "crash",
-            }
-            .to_owned()
-        }),
+        consistency: j.consistency.map(|c| c.as_str().to_owned()),
         error: j.error.clone(),
         detail: j.detail.clone(),
     }
@@ -157,13 +171,16 @@ async fn status(state: &Arc<State>) -> AdminResponse {
             catalog.vms().map(|v| v.iter().filter(|v| v.group.is_some()).count()).unwrap_or(0),
         )
         .unwrap_or(u32::MAX),
-        jobs_running: u32::try_from(
-            catalog.jobs().map(|j| j.iter().filter(|j| j.state == JobState::Running).count()).unwrap_or(0),
-        )
-        .unwrap_or(u32::MAX),
+        jobs_running: u32::try_from(protect::job_counts(state).await.1 + maintenance_running(catalog))
+            .unwrap_or(u32::MAX),
         store_bytes: dir_size(&state.authority.dir().store()),
         catalog_bytes: catalog.size_on_disk(),
     })
+}
+
+/// Maintenance jobs (verify, prune, GC) running now.
+fn maintenance_running(catalog: &crate::catalog::Catalog) -> usize {
+    catalog.jobs().map(|j| j.iter().filter(|j| j.state == JobState::Running && j.vm.is_none()).count()).unwrap_or(0)
 }
 
 fn dir_size(path: &std::path::Path) -> u64 {

@@ -189,6 +189,7 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
         send: Arc::new(tokio::sync::Mutex::new(send)),
         registry: state.registry.clone(),
         catalog: state.authority.catalog().clone(),
+        router: state.router.clone(),
         span: tracing::Span::current(),
     }
     .start();
@@ -202,7 +203,7 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
 
     tokio::select! {
         () = read_control(recv, session.clone(), &conn) => {}
-        () = refuse_extra_streams(&conn) => {}
+        () = accept_transfers(&state, &conn, certified.as_str()) => {}
     }
     session.do_send(Closed);
 }
@@ -226,10 +227,56 @@ async fn read_control(mut recv: quinn::RecvStream, session: Addr<AgentSession>, 
     }
 }
 
-/// Agents open no other streams yet: any other stream is a protocol violation.
-async fn refuse_extra_streams(conn: &quinn::Connection) {
-    tokio::select! {
-        r = conn.accept_bi() => if r.is_ok() { violation(conn, "unexpected bidirectional stream", &"agents open one control stream") },
-        r = conn.accept_uni() => if r.is_ok() { violation(conn, "unexpected unidirectional stream", &"no transfer was requested") },
+/// Transfer streams: each bidirectional stream after the control stream carries one disk of a
+/// job; it goes to that job if the job runs on this host. Unidirectional streams are not part
+/// of the protocol.
+async fn accept_transfers(state: &Arc<State>, conn: &quinn::Connection, host: &str) {
+    loop {
+        tokio::select! {
+            r = conn.accept_bi() => match r {
+                Ok((send, recv)) => {
+                    let (state, host) = (state.clone(), host.to_owned());
+                    actix_rt::spawn(route_transfer(state, host, send, recv).instrument(tracing::Span::current()));
+                }
+                Err(_) => return,
+            },
+            r = conn.accept_uni() => {
+                if r.is_ok() {
+                    violation(conn, "unexpected unidirectional stream", &"transfers use bidirectional streams");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Reads a transfer stream's `Open` and hands the stream to its job.
+async fn route_transfer(state: Arc<State>, host: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage};
+    let open =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, transfer::read(&mut recv, bulwark_protocol::block::MIN_BLOCK_SIZE))
+            .await;
+    let refuse = |send: &mut quinn::SendStream, why: String| {
+        tracing::warn!(reason = %why, "transfer stream refused");
+        let _ = send.reset(quinn::VarInt::from_u32(close::REFUSED));
+    };
+    let (job, disk, block_size, blocks, mode) = match open {
+        Ok(Ok(Some(TransferFrame::Message(TransferMessage::Open { job, disk, block_size, blocks, mode })))) => {
+            (job, disk, block_size, blocks, mode)
+        }
+        Ok(Ok(other)) => return refuse(&mut send, format!("a transfer stream must start with Open, not {other:?}")),
+        Ok(Err(e)) => return refuse(&mut send, format!("malformed transfer stream: {e}")),
+        Err(_) => return refuse(&mut send, "no Open in time".into()),
+    };
+    if bulwark_protocol::block::check_block_size(block_size as usize).is_err() {
+        return refuse(&mut send, format!("block size {block_size} out of bounds"));
+    }
+    let target = match state.router.stream_target(job, &host) {
+        Ok(t) => t,
+        Err(why) => return refuse(&mut send, why),
+    };
+    let stream = crate::jobs::TransferStream { disk, block_size, blocks, mode, send, recv };
+    if target.send(stream).await.is_err() {
+        tracing::warn!(job_id = job, "the job ended before its transfer stream arrived");
     }
 }

@@ -4,7 +4,9 @@
 
 pub mod admin;
 pub mod connection;
+pub mod protect;
 pub mod registry;
+pub mod scheduler;
 pub mod session;
 pub mod store_actor;
 
@@ -42,6 +44,8 @@ pub struct State {
     /// The store, for quick reads; its work goes through `store_workers`.
     pub store: Arc<crate::store::Store>,
     pub store_workers: Addr<store_actor::StoreActor>,
+    pub router: Arc<crate::jobs::JobRouter>,
+    pub jobs: Addr<crate::jobs::JobQueue>,
 }
 
 impl State {
@@ -83,8 +87,7 @@ impl Actor for Listener {
 /// Runs the coordinator of `dir` until `shutdown` resolves.
 pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
     let catalog = Catalog::open(&dir.catalog())?;
-    let failed = catalog
-        .fail_interrupted_jobs("interrupted: the coordinator stopped while it ran", crate::catalog::now_secs())?;
+    let failed = crate::jobs::recover_interrupted(&catalog, crate::catalog::now_secs())?;
     if !failed.is_empty() {
         tracing::warn!(jobs = ?failed, "jobs left running by the previous run were marked failed");
     }
@@ -111,12 +114,32 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         SyncArbiter::start(2, move || store_actor::StoreActor { store: store.clone() })
     };
     let registry = Registry::default().start();
+    let router = Arc::new(crate::jobs::JobRouter::default());
+    let limits = authority.config().jobs.clone();
+    let lease = humantime::parse_duration(&limits.snapshot_lease).map_err(|e| crate::config::ConfigError::Parse {
+        path: dir.config(),
+        message: format!("[jobs] snapshot_lease: {e}"),
+    })?;
+    let jitter = humantime::parse_duration(&limits.start_jitter).map_err(|e| crate::config::ConfigError::Parse {
+        path: dir.config(),
+        message: format!("[jobs] start_jitter: {e}"),
+    })?;
+    let job_ctx = Arc::new(crate::jobs::JobContext {
+        store: store.clone(),
+        registry: registry.clone(),
+        router: router.clone(),
+        lease,
+    });
+    let jobs = crate::jobs::JobQueue::new(job_ctx, limits.max_running, limits.per_agent).start();
+    let _scheduler = scheduler::Scheduler::new(catalog.clone(), jobs.clone(), jitter).start();
     let state = Arc::new(State {
         authority: Arc::new(authority),
         endpoint: endpoint.clone(),
         registry: registry.clone(),
         store,
         store_workers: workers,
+        router,
+        jobs,
     });
     let _listener = Listener { state: state.clone() }.start();
 

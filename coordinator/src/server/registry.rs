@@ -14,7 +14,7 @@ struct Entry {
     agent_version: String,
     since: u64,
     vms: u32,
-    _session: Addr<AgentSession>,
+    session: Addr<AgentSession>,
 }
 
 /// A connected agent, as `agent list` shows it.
@@ -79,6 +79,20 @@ pub struct CloseHost {
     pub reason: String,
 }
 
+/// The session of a connected host, and its connection's id.
+#[derive(Message)]
+#[rtype(result = "Option<(Addr<AgentSession>, usize)>")]
+pub struct SessionOf {
+    pub host: String,
+}
+
+impl Handler<SessionOf> for Registry {
+    type Result = Option<(Addr<AgentSession>, usize)>;
+    fn handle(&mut self, msg: SessionOf, _: &mut Context<Self>) -> Self::Result {
+        self.agents.get(&msg.host).map(|e| (e.session.clone(), e.conn.stable_id()))
+    }
+}
+
 /// Close every agent connection (shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -93,7 +107,7 @@ impl Handler<Register> for Registry {
             agent_version: msg.agent_version,
             since: msg.now,
             vms: 0,
-            _session: msg.session,
+            session: msg.session,
         };
         if let Some(old) = self.agents.insert(msg.host.clone(), entry) {
             tracing::info!(host = %msg.host, old = %old.remote, "a newer connection of this host replaces the old one");

@@ -2,6 +2,7 @@
 //! is the only way to talk to that agent; a reader task feeds it what the agent sends.
 
 use crate::catalog::{now_secs, Catalog};
+use crate::jobs::JobRouter;
 use crate::server::registry::{Registry, SetInventory, Unregister};
 use actix::prelude::*;
 use bulwark_pki::quic::close;
@@ -17,6 +18,7 @@ pub struct AgentSession {
     pub send: Arc<Mutex<quinn::SendStream>>,
     pub registry: Addr<Registry>,
     pub catalog: Catalog,
+    pub router: Arc<JobRouter>,
     pub span: tracing::Span,
 }
 
@@ -24,6 +26,7 @@ impl Actor for AgentSession {
     type Context = Context<Self>;
 
     fn stopped(&mut self, _: &mut Self::Context) {
+        self.router.connection_lost(&self.host, self.conn.stable_id());
         self.registry.do_send(Unregister { host: self.host.clone(), stable_id: self.conn.stable_id() });
         let _ = self.catalog.touch_agent(&self.host, now_secs(), None);
         let _ = self.catalog.flush();
@@ -60,8 +63,34 @@ impl Handler<Inbound> for AgentSession {
                 tracing::debug!(vms = inv.vms.len(), "inventory");
                 let vms = u32::try_from(inv.vms.len()).unwrap_or(u32::MAX);
                 self.registry.do_send(SetInventory { host: self.host.clone(), stable_id: self.conn.stable_id(), vms });
+                let (catalog, host, span) = (self.catalog.clone(), self.host.clone(), self.span.clone());
+                actix_rt::spawn(async move {
+                    let r = tokio::task::spawn_blocking(move || catalog.apply_inventory(&host, &inv, now_secs())).await;
+                    let _g = span.enter();
+                    match r {
+                        Ok(Ok(c)) => {
+                            for vm in &c.new {
+                                tracing::info!(%vm, "new VM reported");
+                            }
+                            for (vm, from) in &c.moved {
+                                tracing::info!(%vm, %from, "VM migrated here");
+                            }
+                            for (vm, reason) in &c.tracking_reset {
+                                tracing::warn!(%vm, %reason, "replica marked inconsistent");
+                            }
+                        }
+                        Ok(Err(e)) => tracing::error!(error = %e, "cannot record the inventory"),
+                        Err(e) => tracing::error!(error = %e, "inventory worker failed"),
+                    }
+                });
             }
-            AgentMessage::JobResult(r) => tracing::info!(job_id = %r.job, outcome = ?r.outcome, "job result"),
+            AgentMessage::JobResult(r) => {
+                let job = r.job;
+                tracing::info!(job_id = %job, outcome = ?r.outcome, "job result");
+                if !self.router.result(&self.host, r) {
+                    tracing::warn!(job_id = %job, "a result for a job that is not waiting for one from this host");
+                }
+            }
             AgentMessage::Heartbeat => {}
         }
     }

@@ -1,0 +1,422 @@
+//! A job on the agent's side: take the snapshot (through a [`SnapshotActor`]), stream each
+//! disk's blocks on its own transfer stream (see `bulwark_protocol::transfer`), report, and
+//! release the snapshot when the coordinator says whether it committed — advancing the change
+//! token only then, so a transfer that fails anywhere is sent again by the next run.
+//!
+//! Reading and hashing run on blocking threads; frames cross to the stream through a channel
+//! of a few blocks, and QUIC flow control stops the reader when the coordinator is slower.
+//! Memory is a few blocks per disk plus, for a consistency check, the snapshot's block-map
+//! pages, which live in an anonymous scratch file.
+
+use crate::backend::{BackendError, Hypervisor};
+use crate::snapshot::{Finish, Renew, SnapshotActor, Take, Taken};
+use actix::prelude::*;
+use bulwark_protocol::block::{ChunkHasher, Digest, ZERO};
+use bulwark_protocol::blockmap::{self, PageStore, TreeRoot};
+use bulwark_protocol::messages::{
+    AgentMessage, ChangeToken, DiskJob, FailureKind, JobKind, JobOutcome, JobRequest, JobResult,
+};
+use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage, TransferMode};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+/// What a job needs of the agent.
+#[derive(Clone)]
+pub struct JobEnv {
+    pub backend: Arc<dyn Hypervisor>,
+    pub host: String,
+    pub conn: quinn::Connection,
+    pub out: mpsc::Sender<AgentMessage>,
+    /// Where consistency checks keep their scratch pages (an anonymous file, gone on exit).
+    pub scratch: PathBuf,
+}
+
+/// A job that could not be done.
+#[derive(Debug)]
+struct Failure {
+    kind: FailureKind,
+    reason: String,
+}
+
+impl Failure {
+    fn other(reason: impl std::fmt::Display) -> Self {
+        Self { kind: FailureKind::Other, reason: reason.to_string() }
+    }
+}
+
+impl From<BackendError> for Failure {
+    fn from(e: BackendError) -> Self {
+        let kind = match &e {
+            BackendError::Refused(_) => FailureKind::Refused,
+            BackendError::TrackingLost(_) => FailureKind::TrackingLost,
+            BackendError::Failed(_) => FailureKind::Other,
+        };
+        Self { kind, reason: e.to_string() }
+    }
+}
+
+/// Runs one job to its end: reports the outcome, waits for the coordinator's verdict, and
+/// releases the snapshot whatever happens.
+pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>) {
+    let span = tracing::info_span!("job", job_id = %req.job, vm = %req.vm, kind = ?req.kind);
+    async move {
+        let lease = Duration::from_secs(u64::from(req.lease_secs.max(10)));
+        let snapshot = SnapshotActor::new(env.backend.clone(), req.vm.as_str(), &env.host, lease).start();
+        // Renew the lease while the job runs; it lapses by itself if this task dies.
+        let renew = {
+            let snapshot = snapshot.clone();
+            actix_rt::spawn(async move {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    if snapshot.try_send(Renew).is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let outcome = match execute(&env, &req, &snapshot).await {
+            Ok(o) => o,
+            Err(f) => {
+                tracing::warn!(kind = ?f.kind, reason = %f.reason, "job failed");
+                JobOutcome::Failed { kind: f.kind, reason: f.reason }
+            }
+        };
+        let next = match &outcome {
+            JobOutcome::Succeeded { next_token, .. } => Some(*next_token),
+            JobOutcome::Failed { .. } => None,
+        };
+        let reported = env.out.send(AgentMessage::JobResult(JobResult { job: req.job, outcome })).await.is_ok();
+        // Only a commit the coordinator confirms advances the token; silence keeps the changes.
+        let commit = match (next, reported) {
+            (Some(next), true) => match tokio::time::timeout(lease, verdict).await {
+                Ok(Ok(true)) => Some(next),
+                Ok(Ok(false)) => None,
+                Ok(Err(_)) | Err(_) => {
+                    tracing::warn!("no verdict from the coordinator: changes kept for the next run");
+                    None
+                }
+            },
+            _ => None,
+        };
+        renew.abort();
+        match snapshot.send(Finish { commit }).await {
+            Ok(Ok(())) => tracing::info!(committed = commit.is_some(), "snapshot released"),
+            Ok(Err(e)) => tracing::error!(error = %e, "snapshot release failed"),
+            // The actor already stopped (it releases in `stopped`).
+            Err(_) => {}
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn execute(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>) -> Result<JobOutcome, Failure> {
+    if req.kind == JobKind::Recovery {
+        return Err(Failure::other("recovery jobs are not handled by this agent version"));
+    }
+    let vm = req.vm.as_str().to_owned();
+    let here = {
+        let (backend, host) = (env.backend.clone(), env.host.clone());
+        blocking(move || backend.inventory(&host)).await??
+    };
+    if !here.vms.iter().any(|v| v.name == vm) {
+        return Err(Failure { kind: FailureKind::NotHere, reason: format!("{vm} is not on {}", env.host) });
+    }
+    let taken: Taken = snapshot.send(Take).await.map_err(Failure::other)??;
+    let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+    let bs = req.block_size as usize;
+    bulwark_protocol::block::check_block_size(bs).map_err(Failure::other)?;
+    let (mut bytes_read, mut blocks_sent) = (0u64, 0u64);
+    for d in &req.disks {
+        let disk = Disk { vm: vm.clone(), name: d.disk.as_str().to_owned(), block_size: bs, hasher: hasher.clone() };
+        let (sent, read) = match req.kind {
+            JobKind::ConsistencyCheck => compare_disk(env, req.job.0, &disk).await?,
+            kind => {
+                let indices = {
+                    let (backend, disk, token) = (env.backend.clone(), disk.clone(), d.token);
+                    blocking(move || match kind {
+                        JobKind::Initial => backend.allocated_blocks(&disk.vm, &disk.name, disk.block_size as u64),
+                        _ => backend.changed_blocks(&disk.vm, &disk.name, token, disk.block_size as u64),
+                    })
+                    .await??
+                };
+                tracing::info!(disk = %disk.name, blocks = indices.len(), "sending blocks");
+                send_disk(env, req.job.0, &disk, indices, kind == JobKind::Initial).await?
+            }
+        };
+        blocks_sent += sent;
+        bytes_read += read;
+    }
+    Ok(JobOutcome::Succeeded {
+        consistency: taken.consistency,
+        bytes_read,
+        blocks_sent,
+        next_token: next_token(taken.token, &req.disks),
+    })
+}
+
+/// The token the replica is current with once this run commits: one past the snapshot's, or
+/// past the coordinator's when that is one ahead (a confirmation that was lost).
+pub fn next_token(snapshot: ChangeToken, disks: &[DiskJob]) -> ChangeToken {
+    let ahead = disks
+        .iter()
+        .filter_map(|d| d.token)
+        .filter(|t| t.generation == snapshot.generation)
+        .map(|t| t.sequence)
+        .max()
+        .unwrap_or(0);
+    ChangeToken { generation: snapshot.generation, sequence: snapshot.sequence.max(ahead) + 1 }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Failure::other(format!("worker thread failed: {e}")))
+}
+
+#[derive(Clone)]
+struct Disk {
+    vm: String,
+    name: String,
+    block_size: usize,
+    hasher: ChunkHasher,
+}
+
+fn stream_err(what: &str) -> impl FnOnce(transfer::TransferError) -> Failure + '_ {
+    move |e| Failure::other(format!("{what}: {e}"))
+}
+
+/// Opens a disk's transfer stream and says what it is for.
+async fn open(
+    env: &JobEnv,
+    job: u64,
+    disk: &Disk,
+    mode: TransferMode,
+) -> Result<(quinn::SendStream, quinn::RecvStream, u64), Failure> {
+    let size = {
+        let (backend, d) = (env.backend.clone(), disk.clone());
+        blocking(move || backend.disk_size(&d.vm, &d.name)).await??
+    };
+    let blocks = size.div_ceil(disk.block_size as u64);
+    let (mut send, recv) =
+        env.conn.open_bi().await.map_err(|e| Failure::other(format!("cannot open a transfer stream: {e}")))?;
+    let open = TransferMessage::Open { job, disk: disk.name.clone(), block_size: disk.block_size as u32, blocks, mode };
+    transfer::write_message(&mut send, &open, disk.block_size).await.map_err(stream_err("transfer stream"))?;
+    Ok((send, recv, blocks))
+}
+
+/// Streams blocks `indices` of the snapshot as frames (zero blocks as zero frames unless
+/// `skip_zero`); answers the frames sent and the bytes read.
+async fn stream_blocks(
+    env: &JobEnv,
+    send: &mut quinn::SendStream,
+    disk: &Disk,
+    indices: Vec<u64>,
+    skip_zero: bool,
+) -> Result<(u64, u64), Failure> {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let reader = {
+        let (backend, d) = (env.backend.clone(), disk.clone());
+        tokio::task::spawn_blocking(move || {
+            backend.read_blocks(&d.vm, &d.name, indices, d.block_size, &d.hasher, &mut |b| {
+                let body = if b.id == ZERO {
+                    if skip_zero {
+                        return Ok(());
+                    }
+                    transfer::zero_body(b.index)
+                } else {
+                    transfer::block_body(b.index, &b.id, b.data)
+                };
+                tx.blocking_send(body).map_err(|_| "the transfer stream closed".to_owned())
+            })
+        })
+    };
+    let mut sent = 0u64;
+    let mut write_error = None;
+    while let Some(body) = rx.recv().await {
+        if let Err(e) = transfer::write_body(send, &body, disk.block_size).await {
+            write_error = Some(e);
+            break;
+        }
+        sent += 1;
+    }
+    drop(rx);
+    let stats = reader.await.map_err(|e| Failure::other(format!("reader thread failed: {e}")))?;
+    if let Some(e) = write_error {
+        return Err(stream_err("sending blocks")(e));
+    }
+    let stats = stats?;
+    Ok((sent, stats.bytes_read))
+}
+
+/// Waits for the coordinator's `Stored` (or its reason for failing).
+async fn await_stored(recv: &mut quinn::RecvStream, bs: usize) -> Result<(), Failure> {
+    match transfer::read(recv, bs).await {
+        Ok(Some(TransferFrame::Message(TransferMessage::Stored { .. }))) => Ok(()),
+        Ok(Some(TransferFrame::Message(TransferMessage::Failed { reason }))) => {
+            Err(Failure::other(format!("the coordinator could not store the disk: {reason}")))
+        }
+        Ok(other) => Err(Failure::other(format!("unexpected answer on the transfer stream: {other:?}"))),
+        Err(e) => Err(stream_err("waiting for the coordinator")(e)),
+    }
+}
+
+/// Sync, express full, initial: the listed blocks, then `End`, then the coordinator's `Stored`.
+async fn send_disk(
+    env: &JobEnv,
+    job: u64,
+    disk: &Disk,
+    indices: Vec<u64>,
+    skip_zero: bool,
+) -> Result<(u64, u64), Failure> {
+    let (mut send, mut recv, _) = open(env, job, disk, TransferMode::Blocks).await?;
+    let (sent, read) = stream_blocks(env, &mut send, disk, indices, skip_zero).await?;
+    let end = TransferMessage::End { blocks_sent: sent, bytes_read: read };
+    transfer::write_message(&mut send, &end, disk.block_size).await.map_err(stream_err("transfer stream"))?;
+    let _ = send.finish();
+    await_stored(&mut recv, disk.block_size).await?;
+    Ok((sent, read))
+}
+
+/// Consistency check: hash the whole snapshot into a block map, answer the coordinator's page
+/// questions top-down, send the blocks it finds different.
+async fn compare_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64), Failure> {
+    let (mut send, mut recv, blocks) = open(env, job, disk, TransferMode::Compare).await?;
+    let (root, pages, read) = {
+        let (backend, d, scratch) = (env.backend.clone(), disk.clone(), env.scratch.clone());
+        blocking(move || hash_disk(&*backend, &d, blocks, &scratch)).await??
+    };
+    tracing::info!(disk = %disk.name, bytes_read = read, "snapshot hashed; comparing trees");
+    let bs = disk.block_size;
+    transfer::write_message(&mut send, &TransferMessage::Root { root, bytes_read: read }, bs)
+        .await
+        .map_err(stream_err("transfer stream"))?;
+    let pages = Arc::new(pages);
+    let mut sent = 0u64;
+    loop {
+        let frame = transfer::read(&mut recv, bs).await.map_err(stream_err("consistency check"))?;
+        match frame {
+            Some(TransferFrame::Message(TransferMessage::WantPages { nodes })) => {
+                if nodes.len() > transfer::MAX_PAGES_PER_MESSAGE {
+                    return Err(Failure::other("the coordinator asked for too many pages at once"));
+                }
+                let p = pages.clone();
+                let answer = blocking(move || {
+                    nodes
+                        .iter()
+                        .map(|&(level, index)| blockmap::node_entries(&*p, &root, level, index))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await?
+                .map_err(Failure::other)?;
+                transfer::write_message(&mut send, &TransferMessage::Pages { pages: answer }, bs)
+                    .await
+                    .map_err(stream_err("transfer stream"))?;
+            }
+            Some(TransferFrame::Message(TransferMessage::WantBlocks { indices })) if indices.is_empty() => {
+                let end = TransferMessage::End { blocks_sent: sent, bytes_read: read };
+                transfer::write_message(&mut send, &end, bs).await.map_err(stream_err("transfer stream"))?;
+                let _ = send.finish();
+                await_stored(&mut recv, bs).await?;
+                return Ok((sent, read));
+            }
+            Some(TransferFrame::Message(TransferMessage::WantBlocks { indices })) => {
+                if indices.len() > transfer::MAX_WANTED_PER_MESSAGE
+                    || indices.windows(2).any(|w| w[0] >= w[1])
+                    || indices.last().is_some_and(|&i| i >= blocks)
+                {
+                    return Err(Failure::other("the coordinator asked for blocks out of order or range"));
+                }
+                let (n, _) = stream_blocks(env, &mut send, disk, indices, false).await?;
+                sent += n;
+            }
+            Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
+                return Err(Failure::other(format!("the coordinator stopped the check: {reason}")))
+            }
+            other => return Err(Failure::other(format!("unexpected frame in a consistency check: {other:?}"))),
+        }
+    }
+}
+
+/// Reads every block of the snapshot and builds its block map (pages in a scratch file).
+fn hash_disk(
+    backend: &dyn Hypervisor,
+    disk: &Disk,
+    blocks: u64,
+    scratch: &std::path::Path,
+) -> Result<(TreeRoot, ScratchPages, u64), Failure> {
+    std::fs::create_dir_all(scratch).map_err(|e| Failure::other(format!("{}: {e}", scratch.display())))?;
+    let mut pages = ScratchPages::new(scratch, disk.hasher.clone())
+        .map_err(|e| Failure::other(format!("scratch file in {}: {e}", scratch.display())))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Digest)>(4096);
+    let (root, read) = std::thread::scope(|s| {
+        let reader = s.spawn(move || {
+            backend.read_blocks(&disk.vm, &disk.name, (0..blocks).collect(), disk.block_size, &disk.hasher, &mut |b| {
+                if b.id != ZERO {
+                    tx.send((b.index, b.id)).map_err(|_| "tree builder stopped".to_owned())?;
+                }
+                Ok(())
+            })
+        });
+        let root = blockmap::update(&mut pages, None, blocks, rx.iter());
+        let read = reader.join().map_err(|_| Failure::other("reader thread panicked"))?;
+        Ok::<_, Failure>((root, read))
+    })?;
+    let stats = read?;
+    let root = root.map_err(Failure::other)?;
+    Ok((root, pages, stats.bytes_read))
+}
+
+/// Block-map pages in an anonymous scratch file, indexed in memory (one entry per page, a
+/// 1,024th of the blocks).
+pub struct ScratchPages {
+    file: File,
+    end: u64,
+    index: HashMap<Digest, (u64, u32)>,
+    hasher: ChunkHasher,
+}
+
+impl ScratchPages {
+    pub fn new(dir: &std::path::Path, hasher: ChunkHasher) -> std::io::Result<Self> {
+        Ok(Self { file: tempfile::tempfile_in(dir)?, end: 0, index: HashMap::new(), hasher })
+    }
+}
+
+impl PageStore for ScratchPages {
+    type Error = std::io::Error;
+    fn load_page(&self, id: &Digest) -> Result<Vec<u8>, std::io::Error> {
+        let &(offset, len) = self.index.get(id).ok_or_else(|| std::io::Error::other("page not in the scratch file"))?;
+        let mut buf = vec![0u8; len as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+    fn save_page(&mut self, bytes: &[u8], _: Option<(&Digest, &[u8])>) -> Result<Digest, std::io::Error> {
+        let id = self.hasher.hash(bytes);
+        if !self.index.contains_key(&id) {
+            self.file.write_all_at(bytes, self.end)?;
+            self.index.insert(id, (self.end, bytes.len() as u32));
+            self.end += bytes.len() as u64;
+        }
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_protocol::DiskId;
+
+    #[test]
+    fn the_next_token_is_one_past_the_snapshot_or_past_a_coordinator_one_ahead() {
+        let t = |generation, sequence| ChangeToken { generation, sequence };
+        let disk = |token| DiskJob { disk: DiskId::new("os").unwrap(), token };
+        assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 5)))]), t(2, 6));
+        assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 6)))]), t(2, 7), "a lost confirmation");
+        assert_eq!(next_token(t(3, 0), &[disk(Some(t(2, 9)))]), t(3, 1), "tracking was reset");
+        assert_eq!(next_token(t(0, 0), &[disk(None)]), t(0, 1));
+    }
+}

@@ -1,0 +1,419 @@
+//! One VM job, from the request to the agent to the commit and the verdict back.
+//!
+//! The replica changes only in the final commit, atomically: a job that fails anywhere leaves
+//! the replica as it was (and the agent keeps the changes for the next run). What a failure
+//! means for the replica's *continuity* is decided here: lost tracking or a transfer that
+//! died midway make it inconsistent, which queues a consistency check when the group's policy
+//! allows.
+
+use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, ReplicaState, VmRecord};
+use crate::jobs::ingest::{Cmd, IngestHandle};
+use crate::jobs::{compare, Finished, JobContext, TransferStream};
+use crate::server::registry::SessionOf;
+use crate::server::session::Send as SendToAgent;
+use crate::store::NewRecoveryPoint;
+use bulwark_protocol::blockmap::TreeRoot;
+use bulwark_protocol::messages::{
+    CoordinatorMessage, DiskJob, FailureKind, JobKind as WireKind, JobOutcome, JobRequest, JobResult,
+};
+use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage, TransferMode};
+use bulwark_protocol::{JobId, VmId};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// Why a job failed, and what that means.
+struct Failure {
+    reason: String,
+    retry: bool,
+    /// The replica's continuity is broken: mark it inconsistent with this reason.
+    inconsistent: Option<String>,
+}
+
+impl Failure {
+    fn stop(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into(), retry: false, inconsistent: None }
+    }
+    fn retry(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into(), retry: true, inconsistent: None }
+    }
+}
+
+/// What a disk's transfer produced.
+pub struct DiskDone {
+    pub root: TreeRoot,
+    pub changed: u64,
+}
+
+/// Runs `job` to its end and answers the final record.
+pub async fn run(ctx: Arc<JobContext>, mut job: JobRecord) -> Finished {
+    let vm = job.vm.clone().unwrap_or_default();
+    let span = tracing::info_span!("job", job_id = job.id, vm = %vm, kind = job.kind.as_str());
+    async move {
+        job.state = JobState::Running;
+        job.started_at = Some(super::now());
+        job.error = None;
+        save(&ctx, &job);
+        tracing::info!("started");
+        let r = execute(&ctx, &mut job).await;
+        ctx.router.unregister(job.id);
+        job.finished_at = Some(super::now());
+        let retry = match r {
+            Ok(()) => {
+                job.state = JobState::Succeeded;
+                tracing::info!(
+                    bytes_transferred = job.bytes_transferred,
+                    blocks_changed = job.blocks_changed,
+                    "succeeded"
+                );
+                false
+            }
+            Err(f) => {
+                job.state = JobState::Failed;
+                tracing::warn!(reason = %f.reason, retry = f.retry, "failed");
+                if let Some(why) = &f.inconsistent {
+                    mark_inconsistent(&ctx, &vm, why);
+                }
+                job.error = Some(f.reason);
+                f.retry
+            }
+        };
+        save(&ctx, &job);
+        Finished { job, retry }
+    }
+    .instrument(span)
+    .await
+}
+
+fn save(ctx: &JobContext, job: &JobRecord) {
+    if let Err(e) = ctx.catalog().put_job(job) {
+        tracing::error!(error = %e, "cannot record the job's state");
+    }
+}
+
+fn mark_inconsistent(ctx: &JobContext, vm: &str, why: &str) {
+    let Ok(replicas) = ctx.catalog().replicas_of(vm) else { return };
+    for mut r in replicas {
+        if r.state == ReplicaState::Consistent {
+            r.state = ReplicaState::Inconsistent;
+            r.reason = Some(why.to_owned());
+            r.updated_at = super::now();
+            if let Err(e) = ctx.catalog().put_replica(&r) {
+                tracing::error!(error = %e, "cannot mark the replica inconsistent");
+            } else {
+                tracing::warn!(disk = %r.disk, reason = why, "replica marked inconsistent");
+            }
+        }
+    }
+}
+
+fn wire_kind(kind: JobKind) -> Option<WireKind> {
+    Some(match kind {
+        JobKind::Initial => WireKind::Initial,
+        JobKind::Sync => WireKind::Sync,
+        JobKind::ExpressFull => WireKind::ExpressFull,
+        JobKind::ConsistencyCheck => WireKind::ConsistencyCheck,
+        _ => return None,
+    })
+}
+
+async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failure> {
+    let catalog = ctx.catalog().clone();
+    let name = job.vm.clone().ok_or_else(|| Failure::stop("a VM job without a VM"))?;
+    let vm: VmRecord = catalog
+        .vm(&name)
+        .map_err(|e| Failure::retry(e.to_string()))?
+        .ok_or_else(|| Failure::stop(format!("no VM named {name} has been reported by any agent")))?;
+    let block_size = match &vm.group {
+        Some(g) => catalog.group(g).ok().flatten().map(|g| g.policy.block_size),
+        None => None,
+    }
+    .unwrap_or(crate::policy::DEFAULT_BLOCK_SIZE);
+    let replicas: HashMap<String, ReplicaRecord> = catalog
+        .replicas_of(&name)
+        .map_err(|e| Failure::retry(e.to_string()))?
+        .into_iter()
+        .map(|r| (r.disk.clone(), r))
+        .collect();
+
+    // A VM without a complete replica gets its initial copy first, whatever was asked.
+    let complete = vm.disks.iter().all(|d| {
+        replicas.get(d.name.as_str()).is_some_and(|r| {
+            r.state != ReplicaState::Creating
+                && r.root.is_some()
+                && r.size_bytes == d.size_bytes
+                && r.block_size == block_size
+        })
+    });
+    // (A consistency check needs no complete replica: it builds what is missing.)
+    if !complete && matches!(job.kind, JobKind::Sync | JobKind::ExpressFull) {
+        tracing::info!("no complete replica yet: running the initial copy instead");
+        job.kind = JobKind::Initial;
+    }
+    if matches!(job.kind, JobKind::Sync | JobKind::ExpressFull) {
+        if let Some(r) = replicas.values().find(|r| r.state == ReplicaState::Inconsistent) {
+            return Err(Failure::stop(format!(
+                "the replica of {}/{} is inconsistent ({}): a consistency check must run first",
+                name,
+                r.disk,
+                r.reason.as_deref().unwrap_or("no reason recorded")
+            )));
+        }
+    }
+    let kind = wire_kind(job.kind).ok_or_else(|| Failure::stop(format!("{} is not a VM job", job.kind.as_str())))?;
+
+    let (session, conn_id) = ctx
+        .registry
+        .send(SessionOf { host: vm.host.clone() })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| Failure::retry(format!("the agent of {} ({}) is not connected", name, vm.host)))?;
+
+    if job.kind == JobKind::Initial {
+        for d in &vm.disks {
+            let r = ReplicaRecord {
+                vm: name.clone(),
+                disk: d.name.to_string(),
+                size_bytes: d.size_bytes,
+                block_size,
+                state: ReplicaState::Creating,
+                root: None,
+                change_token: None,
+                reason: None,
+                updated_at: super::now(),
+            };
+            catalog.put_replica(&r).map_err(|e| Failure::retry(e.to_string()))?;
+        }
+    }
+    let disks: Vec<DiskJob> = vm
+        .disks
+        .iter()
+        .map(|d| DiskJob {
+            disk: d.name.clone(),
+            token: if job.kind == JobKind::Initial {
+                None
+            } else {
+                replicas.get(d.name.as_str()).and_then(|r| r.change_token)
+            },
+        })
+        .collect();
+    let request = JobRequest {
+        job: JobId(job.id),
+        vm: VmId::new(name.clone()).map_err(|e| Failure::stop(e.to_string()))?,
+        kind,
+        block_size,
+        disks,
+        id_key: ctx.store.codec().hasher.id_key(),
+        lease_secs: ctx.lease.as_secs().min(u64::from(u32::MAX)) as u32,
+    };
+    let (mut streams, mut result) = ctx.router.register(job.id, &vm.host, conn_id);
+    session.do_send(SendToAgent(CoordinatorMessage::JobRequest(request)));
+    tracing::info!(host = %vm.host, disks = vm.disks.len(), block_size, "job sent to the agent");
+
+    let ingest = IngestHandle::start(ctx.store.clone(), job.id).map_err(|e| Failure::retry(e.to_string()))?;
+    let midway = |reason: String, kind: JobKind| Failure {
+        retry: true,
+        inconsistent: matches!(kind, JobKind::Sync | JobKind::ExpressFull)
+            .then(|| format!("a transfer died midway: {reason}")),
+        reason,
+    };
+    let mut done: HashMap<String, DiskDone> = HashMap::new();
+    let outcome: JobResult = loop {
+        tokio::select! {
+            s = streams.recv() => {
+                let Some(stream) = s else { return Err(Failure::retry("the job's stream router closed")) };
+                let disk = stream.disk.clone();
+                let r = disk_transfer(ctx, job, &vm, block_size, &replicas, &ingest, stream).await;
+                match r {
+                    Ok(d) => {
+                        done.insert(disk, d);
+                        save(ctx, job);
+                    }
+                    Err(reason) => return Err(midway(format!("disk {disk}: {reason}"), job.kind)),
+                }
+            }
+            r = &mut result => match r {
+                Ok(r) => break r,
+                Err(_) => return Err(midway(format!("the connection to {} was lost", vm.host), job.kind)),
+            },
+            () = tokio::time::sleep(ctx.lease) => {
+                return Err(midway(format!("no word from the agent of {} for {:?}", vm.host, ctx.lease), job.kind));
+            }
+        }
+    };
+    let (consistency, bytes_read, next_token) = match outcome.outcome {
+        JobOutcome::Succeeded { consistency, bytes_read, next_token, .. } => (consistency, bytes_read, next_token),
+        JobOutcome::Failed { kind: FailureKind::TrackingLost, reason } => {
+            return Err(Failure { reason: reason.clone(), retry: false, inconsistent: Some(reason) })
+        }
+        JobOutcome::Failed { kind: FailureKind::Refused, reason } => return Err(Failure::stop(reason)),
+        JobOutcome::Failed { kind: FailureKind::NotHere, reason } => return Err(Failure::retry(reason)),
+        JobOutcome::Failed { kind: FailureKind::Other, reason } => {
+            let started = !done.is_empty();
+            return Err(if started { midway(reason, job.kind) } else { Failure::retry(reason) });
+        }
+    };
+    if job.kind != JobKind::ConsistencyCheck {
+        job.bytes_scanned = bytes_read;
+    }
+    let verdict = |committed| {
+        session.do_send(SendToAgent(CoordinatorMessage::JobDone { job: JobId(job.id), committed }));
+    };
+    let mut records = vec![];
+    let mut rp_disks = vec![];
+    for d in &vm.disks {
+        let Some(dd) = done.get(d.name.as_str()) else {
+            verdict(false);
+            return Err(midway(format!("the agent reported success but never sent disk {}", d.name), job.kind));
+        };
+        records.push(ReplicaRecord {
+            vm: name.clone(),
+            disk: d.name.to_string(),
+            size_bytes: d.size_bytes,
+            block_size,
+            state: ReplicaState::Consistent,
+            root: Some(dd.root),
+            change_token: Some(next_token),
+            reason: None,
+            updated_at: super::now(),
+        });
+        rp_disks.push(crate::catalog::RpDisk {
+            name: d.name.to_string(),
+            size_bytes: d.size_bytes,
+            block_size,
+            root: dd.root,
+        });
+    }
+    let rp = matches!(job.kind, JobKind::Initial | JobKind::ExpressFull).then(|| NewRecoveryPoint {
+        vm: name.clone(),
+        consistency,
+        config: vec![],
+        disks: rp_disks,
+        created_at: crate::catalog::now_secs().saturating_mul(1000).max(now_ms()),
+    });
+    match ingest.commit(records, rp).await {
+        Ok(rp) => {
+            verdict(true);
+            job.consistency = Some(consistency);
+            if let Some(rp) = rp {
+                let id = crate::store::hex(&rp.id);
+                job.detail = Some(format!("recovery point {id} ({}-consistent)", consistency.as_str()));
+                tracing::info!(rp = %id, consistency = consistency.as_str(), "recovery point committed");
+            } else if job.kind == JobKind::ConsistencyCheck {
+                job.detail =
+                    Some(format!("{} block(s) differed and were repaired; replica consistent", job.blocks_changed));
+            } else {
+                job.detail = Some("replica synchronized".into());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            verdict(false);
+            Err(Failure::retry(format!("commit failed: {e}")))
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Receives one disk's transfer stream into the ingest worker.
+async fn disk_transfer(
+    ctx: &Arc<JobContext>,
+    job: &mut JobRecord,
+    vm: &VmRecord,
+    block_size: u32,
+    replicas: &HashMap<String, ReplicaRecord>,
+    ingest: &IngestHandle,
+    mut s: TransferStream,
+) -> Result<DiskDone, String> {
+    let bs = block_size as usize;
+    let disk = vm.disks.iter().find(|d| d.name.as_str() == s.disk);
+    let Some(disk) = disk else { return Err(format!("{} has no disk {}", vm.name, s.disk)) };
+    let blocks = disk.size_bytes.div_ceil(u64::from(block_size));
+    if s.block_size != block_size || s.blocks != blocks {
+        let why = format!(
+            "stream announces {} blocks of {} bytes, the replica has {blocks} of {block_size}",
+            s.blocks, s.block_size
+        );
+        let _ = fail_stream(&mut s.send, &why, bs).await;
+        return Err(why);
+    }
+    let want_mode = if job.kind == JobKind::ConsistencyCheck { TransferMode::Compare } else { TransferMode::Blocks };
+    if s.mode != want_mode {
+        let why = format!("stream mode {:?} does not fit a {} job", s.mode, job.kind.as_str());
+        let _ = fail_stream(&mut s.send, &why, bs).await;
+        return Err(why);
+    }
+    let old = if job.kind == JobKind::Initial {
+        None
+    } else {
+        replicas
+            .get(&s.disk)
+            .filter(|r| r.size_bytes == disk.size_bytes && r.block_size == block_size)
+            .and_then(|r| r.root)
+    };
+    let r = match s.mode {
+        TransferMode::Blocks => receive_blocks(ingest, &mut s, blocks, old, job).await,
+        TransferMode::Compare => compare::run(ctx, ingest, &mut s, blocks, old, job).await,
+    };
+    match r {
+        Ok(done) => {
+            let _ = transfer::write_message(&mut s.send, &TransferMessage::Stored { blocks: done.changed }, bs).await;
+            let _ = s.send.finish();
+            Ok(done)
+        }
+        Err(why) => {
+            let _ = fail_stream(&mut s.send, &why, bs).await;
+            Err(why)
+        }
+    }
+}
+
+async fn fail_stream(send: &mut quinn::SendStream, why: &str, bs: usize) -> Result<(), transfer::TransferError> {
+    transfer::write_message(send, &TransferMessage::Failed { reason: why.to_owned() }, bs).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Blocks mode: every frame into the worker, `End` checks the count.
+async fn receive_blocks(
+    ingest: &IngestHandle,
+    s: &mut TransferStream,
+    blocks: u64,
+    old: Option<TreeRoot>,
+    job: &mut JobRecord,
+) -> Result<DiskDone, String> {
+    let bs = s.block_size as usize;
+    ingest.send(Cmd::BeginDisk { blocks, old }).await?;
+    let mut received = 0u64;
+    loop {
+        match transfer::read(&mut s.recv, bs).await.map_err(|e| e.to_string())? {
+            Some(TransferFrame::Block { index, id, data }) => {
+                received += 1;
+                job.bytes_transferred += data.len() as u64;
+                ingest.send(Cmd::Block { index, id, data }).await?;
+            }
+            Some(TransferFrame::Zero { index }) => {
+                received += 1;
+                ingest.send(Cmd::Zero { index }).await?;
+            }
+            Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) => {
+                if blocks_sent != received {
+                    return Err(format!("the agent sent {blocks_sent} blocks, {received} arrived"));
+                }
+                break;
+            }
+            Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
+                return Err(format!("the agent gave up: {reason}"))
+            }
+            Some(other) => return Err(format!("unexpected frame {other:?}")),
+            None => return Err("the stream ended before the agent said it was complete".into()),
+        }
+    }
+    let (root, changed) = ingest.end_disk().await?;
+    job.blocks_changed += changed;
+    Ok(DiskDone { root, changed })
+}

@@ -1,0 +1,409 @@
+//! Admin handlers for protection: VMs, protection groups, backups and consistency checks on
+//! demand, recovery points, and streaming a disk of a recovery point to the console.
+
+use crate::catalog::{Catalog, GroupRecord, JobKind, RecoveryPointRecord, ReplicaState};
+use crate::jobs::{Counts, Enqueue};
+use crate::policy;
+use crate::server::State;
+use crate::store::BlockData;
+use bulwark_protocol::messages::{
+    AdminResponse, BackupKind, DiskInfo, GroupInfo, PlanInfo, PolicySpec, PowerState, RecoveryPointInfo, VmSummary,
+};
+use bulwark_protocol::transfer::{self, TransferMessage};
+use bulwark_protocol::DiskId;
+use std::sync::Arc;
+
+fn err(message: impl std::fmt::Display) -> AdminResponse {
+    AdminResponse::Error { message: message.to_string() }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?
+}
+
+/// `none`, `creating`, `consistent`, `inconsistent` and why.
+pub fn replica_state(catalog: &Catalog, vm: &str) -> Result<(String, Option<String>), String> {
+    let replicas = catalog.replicas_of(vm).map_err(|e| e.to_string())?;
+    if replicas.is_empty() {
+        return Ok(("none".into(), None));
+    }
+    if let Some(r) = replicas.iter().find(|r| r.state == ReplicaState::Inconsistent) {
+        return Ok(("inconsistent".into(), r.reason.clone()));
+    }
+    if replicas.iter().any(|r| r.state == ReplicaState::Creating) {
+        return Ok(("creating".into(), None));
+    }
+    Ok(("consistent".into(), None))
+}
+
+pub async fn vm_list(state: &Arc<State>) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || {
+        let vms = catalog.vms().map_err(|e| e.to_string())?;
+        vms.into_iter()
+            .map(|v| {
+                let (replica_state, replica_reason) = replica_state(&catalog, &v.name)?;
+                Ok(VmSummary {
+                    id: v.id,
+                    name: v.name,
+                    host: v.host,
+                    state: match v.power {
+                        PowerState::Running => "running",
+                        PowerState::Paused => "paused",
+                        PowerState::Off => "off",
+                    }
+                    .into(),
+                    os: match v.os {
+                        bulwark_protocol::messages::GuestOs::Linux => "linux",
+                        bulwark_protocol::messages::GuestOs::Windows => "windows",
+                    }
+                    .into(),
+                    group: v.group,
+                    replica_state,
+                    replica_reason,
+                    disks: v.disks,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()
+    })
+    .await;
+    match r {
+        Ok(vms) => AdminResponse::Vms(vms),
+        Err(e) => err(e),
+    }
+}
+
+fn group_info(catalog: &Catalog, g: &GroupRecord) -> GroupInfo {
+    let next_runs = ["sync", "rp", "cc", "initial"]
+        .iter()
+        .filter_map(|k| catalog.next_run(&g.name, k).ok().flatten().map(|at| ((*k).to_owned(), at)))
+        .collect();
+    GroupInfo { name: g.name.clone(), members: g.members.clone(), policy: policy::spec(&g.policy), next_runs }
+}
+
+/// Checks that each VM is known and in no other group; answers their names.
+fn claim(catalog: &Catalog, group: &str, vms: &[String]) -> Result<(), String> {
+    for name in vms {
+        let vm = catalog
+            .vm(name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no VM named {name} has been reported by any agent (see `bulwark vm list`)"))?;
+        if let Some(other) = vm.group.filter(|g| g != group) {
+            return Err(format!("{name} is already protected by group {other}: a VM is in at most one group"));
+        }
+    }
+    Ok(())
+}
+
+fn set_group(catalog: &Catalog, vms: &[String], group: Option<&str>) -> Result<(), String> {
+    for name in vms {
+        if let Some(mut vm) = catalog.vm(name).map_err(|e| e.to_string())? {
+            vm.group = group.map(str::to_owned);
+            catalog.put_vm(&vm).map_err(|e| e.to_string())?;
+        }
+    }
+    catalog.flush_durable().map_err(|e| e.to_string())
+}
+
+async fn start_initial(state: &Arc<State>, g: &GroupRecord, vms: &[String]) {
+    if policy::creation_time(&g.policy.replica_creation) != Ok(policy::Creation::Now) {
+        return;
+    }
+    for vm in vms {
+        let msg = Enqueue {
+            vm: vm.clone(),
+            kind: JobKind::Initial,
+            automatic: false,
+            reason: "replica creation: now".into(),
+        };
+        if let Ok(Err(e)) = state.jobs.send(msg).await {
+            tracing::warn!(%vm, error = %e, "cannot queue the initial copy");
+        }
+    }
+}
+
+pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, spec: PolicySpec) -> AdminResponse {
+    if let Err(e) = bulwark_protocol::VmId::new(name.clone()) {
+        return err(format!("group name: {e}"));
+    }
+    let policy = match policy::validate(&spec) {
+        Ok(p) => p,
+        Err(e) => return err(e),
+    };
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || {
+        if catalog.group(&name).map_err(|e| e.to_string())?.is_some() {
+            return Err(format!("a group named {name} already exists"));
+        }
+        let mut members = vms.clone();
+        members.sort();
+        members.dedup();
+        claim(&catalog, &name, &members)?;
+        let g = GroupRecord {
+            name: name.clone(),
+            members: members.clone(),
+            policy,
+            created_at: crate::catalog::now_secs(),
+        };
+        catalog.put_group(&g).map_err(|e| e.to_string())?;
+        set_group(&catalog, &members, Some(&name))?;
+        Ok((g.clone(), group_info(&catalog, &g)))
+    })
+    .await;
+    match r {
+        Ok((g, info)) => {
+            tracing::info!(group = %g.name, members = g.members.len(), "protection group created");
+            start_initial(state, &g, &g.members).await;
+            AdminResponse::Group(info)
+        }
+        Err(e) => err(e),
+    }
+}
+
+pub async fn group_show(state: &Arc<State>, name: Option<String>) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || {
+        let groups = catalog.groups().map_err(|e| e.to_string())?;
+        match name {
+            Some(n) => groups
+                .iter()
+                .find(|g| g.name == n)
+                .map(|g| AdminResponse::Group(group_info(&catalog, g)))
+                .ok_or_else(|| format!("no group named {n}")),
+            None => Ok(AdminResponse::Groups(groups.iter().map(|g| group_info(&catalog, g)).collect())),
+        }
+    })
+    .await;
+    r.unwrap_or_else(err)
+}
+
+pub async fn group_add(state: &Arc<State>, name: String, vms: Vec<String>) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || {
+        let mut g = catalog.group(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group named {name}"))?;
+        claim(&catalog, &name, &vms)?;
+        let added: Vec<String> = vms.iter().filter(|v| !g.members.contains(v)).cloned().collect();
+        g.members.extend(added.iter().cloned());
+        g.members.sort();
+        g.members.dedup();
+        catalog.put_group(&g).map_err(|e| e.to_string())?;
+        set_group(&catalog, &added, Some(&name))?;
+        Ok((g.clone(), added, group_info(&catalog, &g)))
+    })
+    .await;
+    match r {
+        Ok((g, added, info)) => {
+            start_initial(state, &g, &added).await;
+            AdminResponse::Group(info)
+        }
+        Err(e) => err(e),
+    }
+}
+
+pub async fn group_remove(state: &Arc<State>, name: String, vms: Vec<String>, keep_data: bool) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || {
+        let mut g = catalog.group(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group named {name}"))?;
+        if let Some(v) = vms.iter().find(|v| !g.members.contains(v)) {
+            return Err(format!("{v} is not a member of {name}"));
+        }
+        g.members.retain(|m| !vms.contains(m));
+        catalog.put_group(&g).map_err(|e| e.to_string())?;
+        set_group(&catalog, &vms, None)?;
+        if !keep_data {
+            for vm in &vms {
+                let rps = catalog.recovery_points(vm).map_err(|e| e.to_string())?;
+                let commit = crate::catalog::Commit { drop_recovery_points: rps, ..Default::default() };
+                catalog.commit(&commit).map_err(|e| e.to_string())?;
+                catalog.delete_replicas_of(vm).map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(group_info(&catalog, &g))
+    })
+    .await;
+    r.map(AdminResponse::Group).unwrap_or_else(err)
+}
+
+pub async fn group_delete(state: &Arc<State>, name: String) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || {
+        let g = catalog.group(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group named {name}"))?;
+        set_group(&catalog, &g.members, None)?;
+        catalog.delete_group(&name).map_err(|e| e.to_string())?;
+        Ok(format!(
+            "group {name} deleted; its {} member(s) are no longer protected (their replicas and recovery points are kept)",
+            g.members.len()
+        ))
+    })
+    .await;
+    r.map(|message| AdminResponse::Done { message }).unwrap_or_else(err)
+}
+
+pub async fn group_plan(state: &Arc<State>, name: String) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let store_dir = state.store.packs_dir().to_owned();
+    let r = blocking(move || {
+        let g = catalog.group(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group named {name}"))?;
+        let mut total = 0u64;
+        for m in &g.members {
+            if let Some(vm) = catalog.vm(m).map_err(|e| e.to_string())? {
+                total += vm.disks.iter().map(|d| d.size_bytes).sum::<u64>();
+            }
+        }
+        let recommended = policy::recommended_bytes(total, policy::DEFAULT_CHURN_PER_DAY, g.policy.retention_secs);
+        let fs = rustix::fs::statvfs(&store_dir).map_err(|e| format!("{}: {e}", store_dir.display()))?;
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        Ok(PlanInfo {
+            total_data_bytes: total,
+            recommended_bytes: recommended,
+            free_bytes: free,
+            underprovisioned_bytes: recommended.saturating_sub(free),
+            churn_per_day: policy::DEFAULT_CHURN_PER_DAY,
+            retention_days: g.policy.retention_secs as f64 / 86_400.0,
+        })
+    })
+    .await;
+    r.map(AdminResponse::Plan).unwrap_or_else(err)
+}
+
+/// `backup` and `cc`: a job now for a protected VM.
+pub async fn run_now(state: &Arc<State>, vm: String, kind: JobKind) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let v = vm.clone();
+    let known = blocking(move || catalog.vm(&v).map_err(|e| e.to_string())).await;
+    match known {
+        Ok(Some(rec)) if rec.group.is_some() => {}
+        Ok(Some(_)) => return err(format!("{vm} is not protected: add it to a group first (`bulwark group add-vm`)")),
+        Ok(None) => return err(format!("no VM named {vm} has been reported by any agent")),
+        Err(e) => return err(e),
+    }
+    let reason = format!("{} requested by an administrator", kind.as_str());
+    match state.jobs.send(Enqueue { vm, kind, automatic: false, reason }).await {
+        Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
+        Ok(Err(e)) => err(e),
+        Err(e) => err(format!("the job queue is gone: {e}")),
+    }
+}
+
+pub fn backup_kind(kind: BackupKind) -> JobKind {
+    match kind {
+        BackupKind::ExpressFull => JobKind::ExpressFull,
+        BackupKind::Sync => JobKind::Sync,
+    }
+}
+
+fn rp_info(rp: &RecoveryPointRecord) -> Result<RecoveryPointInfo, String> {
+    Ok(RecoveryPointInfo {
+        id: crate::store::hex(&rp.id),
+        vm: rp.vm.clone(),
+        created_at: rp.created_at,
+        consistency: rp.consistency.as_str().into(),
+        disks: rp
+            .disks
+            .iter()
+            .map(|d| {
+                Ok(DiskInfo { name: DiskId::new(d.name.clone()).map_err(|e| e.to_string())?, size_bytes: d.size_bytes })
+            })
+            .collect::<Result<_, String>>()?,
+        logical_bytes: rp.logical_bytes,
+        stored_bytes: rp.stored_bytes,
+    })
+}
+
+pub async fn rp_list(state: &Arc<State>, vm: String) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || {
+        let rps = catalog.recovery_points(&vm).map_err(|e| e.to_string())?;
+        if rps.is_empty() && catalog.vm(&vm).map_err(|e| e.to_string())?.is_none() {
+            return Err(format!("no VM named {vm}"));
+        }
+        rps.iter().map(rp_info).collect::<Result<Vec<_>, _>>()
+    })
+    .await;
+    r.map(AdminResponse::RecoveryPoints).unwrap_or_else(err)
+}
+
+/// The recovery point `spec` (a full id, a unique prefix, or `latest`) of `vm`.
+pub fn find_rp(catalog: &Catalog, vm: &str, spec: &str) -> Result<RecoveryPointRecord, String> {
+    let rps = catalog.recovery_points(vm).map_err(|e| e.to_string())?;
+    if rps.is_empty() {
+        return Err(format!("{vm} has no recovery points"));
+    }
+    if spec == "latest" {
+        return rps.into_iter().max_by_key(|r| r.created_at).ok_or_else(|| format!("{vm} has no recovery points"));
+    }
+    let spec = spec.to_ascii_lowercase();
+    let hits: Vec<_> = rps.into_iter().filter(|r| crate::store::hex(&r.id).starts_with(&spec)).collect();
+    match hits.len() {
+        0 => Err(format!("{vm} has no recovery point {spec}")),
+        1 => Ok(hits.into_iter().next().ok_or("no recovery point")?),
+        n => Err(format!("{spec} matches {n} recovery points of {vm}: give more of the id")),
+    }
+}
+
+/// Streams a disk of a recovery point on `send`: `DiskStream`, then every block as a
+/// transfer frame in order (zero blocks as zero frames), then `End`.
+pub async fn recover_disk(state: &Arc<State>, send: &mut quinn::SendStream, vm: String, rp: String, disk: String) {
+    let catalog = state.store.catalog().clone();
+    let found = blocking(move || {
+        let rp = find_rp(&catalog, &vm, &rp)?;
+        let d = rp.disks.iter().find(|d| d.name == disk).cloned().ok_or_else(|| {
+            let names: Vec<_> = rp.disks.iter().map(|d| d.name.as_str()).collect();
+            format!(
+                "recovery point {} of {vm} has no disk {disk} (it has: {})",
+                crate::store::hex(&rp.id),
+                names.join(", ")
+            )
+        })?;
+        Ok((rp, d))
+    })
+    .await;
+    let (rp, d) = match found {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = bulwark_protocol::frame::write_message(send, &err(e)).await;
+            return;
+        }
+    };
+    let bs = d.block_size as usize;
+    let head = AdminResponse::DiskStream {
+        rp: crate::store::hex(&rp.id),
+        disk: d.name.clone(),
+        size_bytes: d.size_bytes,
+        block_size: d.block_size,
+    };
+    if bulwark_protocol::frame::write_message(send, &head).await.is_err() {
+        return;
+    }
+    tracing::info!(rp = %crate::store::hex(&rp.id), disk = %d.name, "streaming a disk to the console");
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let store = state.store.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        store.read_disk(&d, |offset, b| {
+            let index = offset / d.block_size as u64;
+            let body = match b {
+                BlockData::Zero(_) => transfer::zero_body(index),
+                BlockData::Data(data) => transfer::block_body(index, &store.codec().hasher.id(data), data),
+            };
+            tx.blocking_send(body).map_err(|_| crate::store::StoreError::BlockMap("the console went away".into()))
+        })
+    });
+    let mut sent = 0u64;
+    while let Some(body) = rx.recv().await {
+        if transfer::write_body(send, &body, bs).await.is_err() {
+            return;
+        }
+        sent += 1;
+    }
+    let end = match reader.await {
+        Ok(Ok(())) => TransferMessage::End { blocks_sent: sent, bytes_read: 0 },
+        Ok(Err(e)) => TransferMessage::Failed { reason: e.to_string() },
+        Err(e) => TransferMessage::Failed { reason: e.to_string() },
+    };
+    let _ = transfer::write_message(send, &end, bs).await;
+}
+
+/// Jobs queued and running (for `status`).
+pub async fn job_counts(state: &Arc<State>) -> (usize, usize) {
+    state.jobs.send(Counts).await.unwrap_or((0, 0))
+}

@@ -1,0 +1,211 @@
+//! The scheduler: one [`GroupActor`] per protection group, started and stopped as groups come
+//! and go. A group actor fires its schedules — synchronization every N, recovery points
+//! (express fulls) at their times, the daily consistency check, off-peak replica creation —
+//! by queueing jobs for its members, each after a jitter inside the start window. Next-run
+//! times are persisted before a schedule fires, so a restart neither doubles a run nor makes
+//! up a missed one more than once. A sweep keeps replicas moving: initial copies for members
+//! without one (`--replica now`) and consistency checks for inconsistent ones (when the policy
+//! allows). Schedule math is `crate::policy`'s; this module only keeps time.
+
+use crate::catalog::{now_secs, Catalog, JobKind, ReplicaState};
+use crate::jobs::{Enqueue, JobQueue};
+use crate::policy::{self, Creation};
+use actix::prelude::*;
+use jiff::tz::TimeZone;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// How often group actors look at their schedules.
+const TICK: Duration = Duration::from_secs(1);
+/// How often they sweep their members' replica states.
+const SWEEP_EVERY: u64 = 5;
+
+/// Starts and stops group actors.
+pub struct Scheduler {
+    catalog: Catalog,
+    jobs: Addr<JobQueue>,
+    jitter: Duration,
+    groups: HashMap<String, Addr<GroupActor>>,
+}
+
+impl Scheduler {
+    pub fn new(catalog: Catalog, jobs: Addr<JobQueue>, jitter: Duration) -> Self {
+        Self { catalog, jobs, jitter, groups: HashMap::new() }
+    }
+
+    fn refresh(&mut self) {
+        let groups = match self.catalog.groups() {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "scheduler cannot read the groups");
+                return;
+            }
+        };
+        self.groups.retain(|_, a| a.connected());
+        for g in groups {
+            if !self.groups.contains_key(&g.name) {
+                tracing::info!(group = %g.name, "scheduling group");
+                let actor = GroupActor {
+                    name: g.name.clone(),
+                    catalog: self.catalog.clone(),
+                    jobs: self.jobs.clone(),
+                    jitter: self.jitter,
+                    tz: TimeZone::system(),
+                    last_sweep: 0,
+                }
+                .start();
+                self.groups.insert(g.name, actor);
+            }
+        }
+    }
+}
+
+impl Actor for Scheduler {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.refresh();
+        ctx.run_interval(Duration::from_secs(2), |act, _| act.refresh());
+    }
+}
+
+/// One protection group's schedules.
+pub struct GroupActor {
+    name: String,
+    catalog: Catalog,
+    jobs: Addr<JobQueue>,
+    jitter: Duration,
+    tz: TimeZone,
+    last_sweep: u64,
+}
+
+impl Actor for GroupActor {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(TICK, |act, ctx| {
+            let span = tracing::info_span!("group", group = %act.name);
+            let _g = span.enter();
+            if let Err(e) = act.tick(ctx) {
+                tracing::error!(error = %e, "schedule tick failed");
+            }
+        });
+    }
+}
+
+impl GroupActor {
+    fn tick(&mut self, ctx: &mut Context<Self>) -> Result<(), crate::catalog::CatalogError> {
+        let Some(group) = self.catalog.group(&self.name)? else {
+            tracing::info!("group deleted: its schedules stop");
+            ctx.stop();
+            return Ok(());
+        };
+        let p = &group.policy;
+        let now = now_secs() as i64;
+        if let Some(every) = p.sync_every_secs {
+            if let Some(due) = self.due("sync", now, |after| Some(after + every as i64))? {
+                self.set_next("sync", policy::next_every(due, every, now))?;
+                self.fire(ctx, &group.members, JobKind::Sync, due, "scheduled synchronization");
+            }
+        }
+        if !p.recovery_points.is_empty() {
+            let (times, tz) = (p.recovery_points.clone(), self.tz.clone());
+            if let Some(due) = self.due("rp", now, |after| policy::next_daily(after, &times, &tz))? {
+                if let Some(next) = policy::next_daily(now, &times, &self.tz) {
+                    self.set_next("rp", next)?;
+                }
+                self.fire(ctx, &group.members, JobKind::ExpressFull, due, "scheduled recovery point (express full)");
+            }
+        }
+        if let Some(at) = p.cc_at {
+            let tz = self.tz.clone();
+            if let Some(due) = self.due("cc", now, |after| policy::next_daily(after, &[at], &tz))? {
+                if let Some(next) = policy::next_daily(now, &[at], &self.tz) {
+                    self.set_next("cc", next)?;
+                }
+                self.fire(ctx, &group.members, JobKind::ConsistencyCheck, due, "scheduled consistency check");
+            }
+        }
+        let creation = policy::creation_time(&p.replica_creation).unwrap_or(Creation::Manual);
+        if let Creation::At(at) = creation {
+            let tz = self.tz.clone();
+            if let Some(due) = self.due("initial", now, |after| policy::next_daily(after, &[at], &tz))? {
+                if let Some(next) = policy::next_daily(now, &[at], &self.tz) {
+                    self.set_next("initial", next)?;
+                }
+                let missing: Vec<String> = group.members.iter().filter(|vm| !self.has_replica(vm)).cloned().collect();
+                self.fire(ctx, &missing, JobKind::Initial, due, "off-peak replica creation");
+            }
+        }
+        if (now as u64).saturating_sub(self.last_sweep) >= SWEEP_EVERY {
+            self.last_sweep = now as u64;
+            self.sweep(&group.members, creation, p.cc_when_inconsistent)?;
+        }
+        Ok(())
+    }
+
+    /// The schedule's due time if it is due now; a schedule seen for the first time gets its
+    /// first run time from `first` and is not due.
+    fn due(
+        &self,
+        kind: &str,
+        now: i64,
+        first: impl FnOnce(i64) -> Option<i64>,
+    ) -> Result<Option<i64>, crate::catalog::CatalogError> {
+        match self.catalog.next_run(&self.name, kind)? {
+            Some(at) if at as i64 <= now => Ok(Some(at as i64)),
+            Some(_) => Ok(None),
+            None => {
+                if let Some(at) = first(now) {
+                    self.set_next(kind, at)?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn set_next(&self, kind: &str, at: i64) -> Result<(), crate::catalog::CatalogError> {
+        self.catalog.set_next_run(&self.name, kind, at.max(0) as u64)
+    }
+
+    fn has_replica(&self, vm: &str) -> bool {
+        self.catalog
+            .replicas_of(vm)
+            .map(|r| !r.is_empty() && r.iter().all(|r| r.state != ReplicaState::Creating && r.root.is_some()))
+            .unwrap_or(false)
+    }
+
+    /// Queues `kind` for each member, spread over the start window.
+    fn fire(&self, ctx: &mut Context<Self>, members: &[String], kind: JobKind, due: i64, reason: &str) {
+        tracing::info!(kind = kind.as_str(), members = members.len(), "schedule due");
+        for vm in members {
+            let delay = Duration::from_secs(policy::jitter(vm, due, self.jitter.as_secs()));
+            let msg = Enqueue { vm: vm.clone(), kind, automatic: true, reason: reason.to_owned() };
+            let jobs = self.jobs.clone();
+            ctx.run_later(delay, move |_, _| jobs.do_send(msg));
+        }
+    }
+
+    /// Initial copies for members without a replica (`--replica now`), consistency checks for
+    /// inconsistent ones (`--cc-when-inconsistent`).
+    fn sweep(&self, members: &[String], creation: Creation, cc: bool) -> Result<(), crate::catalog::CatalogError> {
+        for vm in members {
+            let replicas = self.catalog.replicas_of(vm)?;
+            let inconsistent = replicas.iter().find(|r| r.state == ReplicaState::Inconsistent);
+            if creation == Creation::Now && !self.has_replica(vm) {
+                self.jobs.do_send(Enqueue {
+                    vm: vm.clone(),
+                    kind: JobKind::Initial,
+                    automatic: true,
+                    reason: "replica creation: now".into(),
+                });
+            } else if let (true, Some(r)) = (cc, inconsistent) {
+                self.jobs.do_send(Enqueue {
+                    vm: vm.clone(),
+                    kind: JobKind::ConsistencyCheck,
+                    automatic: true,
+                    reason: format!("replica inconsistent: {}", r.reason.as_deref().unwrap_or("no reason recorded")),
+                });
+            }
+        }
+        Ok(())
+    }
+}
