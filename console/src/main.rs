@@ -8,7 +8,9 @@
 
 use anyhow::Context as _;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
-use bulwark_protocol::messages::{AdminRequest, AdminResponse, AgentInfo, JobInfo, MaintenanceKind};
+use bulwark_protocol::messages::{
+    AdminRequest, AdminResponse, AgentInfo, BackupKind, GroupInfo, JobInfo, MaintenanceKind, PolicySpec,
+};
 use bulwark_protocol::HostId;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
@@ -46,9 +48,9 @@ struct Cli {
     /// The coordinator's TLS name (defaults to the host part of --coordinator).
     #[arg(long, global = true)]
     server_name: Option<String>,
-    /// Output format.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    output: Output,
+    /// Output format: `text` or `json` (for `recover-disk`: the file to write).
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    output: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,6 +85,46 @@ enum Command {
         #[command(subcommand)]
         command: JobCommand,
     },
+    /// VMs the agents report, with their protection and replica state.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Protection groups: members and one policy.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Back a protected VM up now.
+    Backup {
+        vm: String,
+        /// express-full (a recovery point) or sync (replica only).
+        #[arg(long, value_enum, default_value = "express-full")]
+        kind: BackupKindArg,
+        /// Wait for the job and print it (exit 1 if it failed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Run a consistency check of a protected VM now.
+    Cc {
+        vm: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Recovery points.
+    Rp {
+        #[command(subcommand)]
+        command: RpCommand,
+    },
+    /// Stream a disk of a recovery point into a local file.
+    RecoverDisk {
+        vm: String,
+        /// A recovery point id, a unique prefix of one, or `latest`.
+        #[arg(long)]
+        rp: String,
+        #[arg(long)]
+        disk: String,
+    },
     /// The whole story on loopback in one command.
     Quickstart {
         #[arg(long)]
@@ -90,6 +132,76 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackupKindArg {
+    ExpressFull,
+    Sync,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Every VM the agents report.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum RpCommand {
+    /// Recovery points of a VM, oldest first.
+    List { vm: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a protection group; initial replication starts as chosen by --replica.
+    Create {
+        name: String,
+        /// Member VMs (repeat, or separate with commas).
+        #[arg(long = "vm", required = true, value_delimiter = ',')]
+        vms: Vec<String>,
+        /// Synchronization frequency (`15m`), or `off`.
+        #[arg(long, default_value = "15m")]
+        sync_every: String,
+        /// Recovery-point times, `HH:MM,HH:MM,…` in the coordinator's local time, or `none`.
+        #[arg(long, default_value = "08:00,12:00,20:00")]
+        recovery_points: String,
+        /// Run an express full just before each recovery point.
+        #[arg(long)]
+        express_full_before_rp: bool,
+        /// How long recovery points are kept (`5days`).
+        #[arg(long, default_value = "5days")]
+        retention: String,
+        /// Run a consistency check automatically when a replica becomes inconsistent.
+        #[arg(long)]
+        cc_when_inconsistent: bool,
+        /// Also run a consistency check every day at this time (`HH:MM`).
+        #[arg(long)]
+        cc_at: Option<String>,
+        /// Replica creation: `now`, `at:HH:MM` (off-peak) or `manual` (seed import).
+        #[arg(long, default_value = "now")]
+        replica: String,
+        /// Block size (a power of two, 4KiB..16MiB).
+        #[arg(long, default_value = "1MiB")]
+        block_size: String,
+    },
+    /// Every group.
+    List,
+    /// One group, with its policy and next runs.
+    Show { name: String },
+    /// Add VMs to a group.
+    AddVm { name: String, vms: Vec<String> },
+    /// Remove VMs from a group (their replicas and recovery points are deleted unless --keep-data).
+    RemoveVm {
+        name: String,
+        vms: Vec<String>,
+        #[arg(long)]
+        keep_data: bool,
+    },
+    /// Delete a group (members stop being protected; their data is kept).
+    Delete { name: String },
+    /// Disk allocation: data size, recommended space, free space, under-provisioning.
+    Plan { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,7 +244,17 @@ fn main() -> ExitCode {
         _ => {}
     }
     let cli = Cli::parse_from(args);
-    match run(cli) {
+    let format = match (&cli.command, cli.output.as_str()) {
+        (Command::RecoverDisk { .. }, _) | (_, "text") => Output::Text,
+        (_, "json") => Output::Json,
+        (_, other) => {
+            use clap::CommandFactory as _;
+            Cli::command()
+                .error(clap::error::ErrorKind::InvalidValue, format!("--output {other:?}: use text or json"))
+                .exit()
+        }
+    };
+    match run(cli, format) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", bulwark_coordinator::cli::one_line(&e));
@@ -155,7 +277,7 @@ fn target(cli: &Cli) -> anyhow::Result<AdminTarget> {
     Ok(AdminTarget::from_data_dir(dir)?)
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
     let request = match &cli.command {
         Command::Quickstart { .. } => {
             anyhow::bail!("the quickstart is not built yet: it needs the store, the snapshot path and jobs (see the README's Status)")
@@ -172,6 +294,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job { command: JobCommand::Show { id } | JobCommand::Wait { id } } => {
             AdminRequest::JobShow { id: *id }
         }
+        Command::Vm { command: VmCommand::List } => AdminRequest::VmList,
+        Command::Group { command } => group_request(command)?,
+        Command::Backup { vm, kind, .. } => AdminRequest::Backup {
+            vm: vm.clone(),
+            kind: match kind {
+                BackupKindArg::ExpressFull => BackupKind::ExpressFull,
+                BackupKindArg::Sync => BackupKind::Sync,
+            },
+        },
+        Command::Cc { vm, .. } => AdminRequest::ConsistencyCheck { vm: vm.clone() },
+        Command::Rp { command: RpCommand::List { vm } } => AdminRequest::RecoveryPoints { vm: vm.clone() },
+        Command::RecoverDisk { vm, rp, disk } => {
+            // CONTRACT: `recover-disk … --output FILE`: here the global flag names the file.
+            if cli.output == "text" {
+                anyhow::bail!("recover-disk needs --output FILE");
+            }
+            let target = target(&cli)?;
+            let req = AdminRequest::RecoverDisk { vm: vm.clone(), rp: rp.clone(), disk: disk.clone() };
+            return recover_disk(&target, req, std::path::Path::new(&cli.output));
+        }
     };
     let target = target(&cli)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -179,9 +321,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job { command: JobCommand::Wait { id } } => Some(*id),
         _ => None,
     };
+    let wait_started = matches!(&cli.command, Command::Backup { wait: true, .. } | Command::Cc { wait: true, .. });
     let response = rt.block_on(async {
         let client = AdminClient::connect(&target).await?;
         let mut r = client.request(request).await;
+        let wait_for = match (&r, wait_started) {
+            (Ok(AdminResponse::JobStarted { job_id }), true) => {
+                let id = *job_id;
+                r = client.request(AdminRequest::JobShow { id }).await;
+                Some(id)
+            }
+            _ => wait_for,
+        };
         if let Some(id) = wait_for {
             // Poll until the job is final.
             while let Ok(AdminResponse::Job(j)) = &r {
@@ -195,12 +346,133 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         client.close().await;
         r
     })?;
-    print(cli.output, &response);
+    print(format, &response);
     if let AdminResponse::Job(j) = &response {
         if j.state == "failed" {
             anyhow::bail!("job {} ({}) failed: {}", j.id, j.kind, j.error.as_deref().unwrap_or("no reason recorded"));
         }
     }
+    Ok(())
+}
+
+fn group_request(command: &GroupCommand) -> anyhow::Result<AdminRequest> {
+    Ok(match command {
+        GroupCommand::Create {
+            name,
+            vms,
+            sync_every,
+            recovery_points,
+            express_full_before_rp,
+            retention,
+            cc_when_inconsistent,
+            cc_at,
+            replica,
+            block_size,
+        } => {
+            let sync_every_secs = match sync_every.as_str() {
+                "off" | "never" => None,
+                d => Some(
+                    humantime::parse_duration(d)
+                        .with_context(|| format!("--sync-every {d:?}: not a duration"))?
+                        .as_secs(),
+                ),
+            };
+            let recovery_points = match recovery_points.as_str() {
+                "none" | "" => vec![],
+                list => list
+                    .split(',')
+                    .map(|t| {
+                        bulwark_coordinator::policy::parse_hhmm(t.trim())
+                            .with_context(|| format!("--recovery-points: {t:?} is not HH:MM"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            };
+            let cc_at = cc_at
+                .as_deref()
+                .map(|t| {
+                    bulwark_coordinator::policy::parse_hhmm(t).with_context(|| format!("--cc-at {t:?} is not HH:MM"))
+                })
+                .transpose()?;
+            let retention_secs =
+                humantime::parse_duration(retention).with_context(|| format!("--retention {retention:?}"))?.as_secs();
+            let block_size = bulwark_protocol::units::parse_size(block_size)
+                .map_err(|e| anyhow::anyhow!("--block-size {block_size:?}: {e}"))?;
+            AdminRequest::GroupCreate {
+                name: name.clone(),
+                vms: vms.clone(),
+                policy: PolicySpec {
+                    sync_every_secs,
+                    recovery_points,
+                    express_full_before_rp: *express_full_before_rp,
+                    retention_secs,
+                    cc_when_inconsistent: *cc_when_inconsistent,
+                    cc_at,
+                    replica_creation: replica.clone(),
+                    block_size: u32::try_from(block_size).context("--block-size is too large")?,
+                },
+            }
+        }
+        GroupCommand::List => AdminRequest::GroupList,
+        GroupCommand::Show { name } => AdminRequest::GroupShow { name: name.clone() },
+        GroupCommand::AddVm { name, vms } => AdminRequest::GroupAddVm { name: name.clone(), vms: vms.clone() },
+        GroupCommand::RemoveVm { name, vms, keep_data } => {
+            AdminRequest::GroupRemoveVm { name: name.clone(), vms: vms.clone(), keep_data: *keep_data }
+        }
+        GroupCommand::Delete { name } => AdminRequest::GroupDelete { name: name.clone() },
+        GroupCommand::Plan { name } => AdminRequest::GroupPlan { name: name.clone() },
+    })
+}
+
+/// `recover-disk`: the disk's blocks into FILE (written to FILE.partial, then renamed).
+fn recover_disk(target: &AdminTarget, req: AdminRequest, output: &std::path::Path) -> anyhow::Result<()> {
+    use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage};
+    use std::os::unix::fs::FileExt;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let partial = output.with_extension("partial");
+    let result = rt.block_on(async {
+        let client = AdminClient::connect(target).await?;
+        let (head, mut recv) = client.request_stream(req).await?;
+        let AdminResponse::DiskStream { rp, disk, size_bytes, block_size } = head else {
+            anyhow::bail!("unexpected answer: {head:?}");
+        };
+        let file = std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+        file.set_len(size_bytes).with_context(|| format!("cannot size {}", partial.display()))?;
+        let bs = u64::from(block_size);
+        let mut blocks = 0u64;
+        loop {
+            let frame = transfer::read(&mut recv, block_size as usize)
+                .await
+                .map_err(|e| anyhow::anyhow!("the disk stream broke off: {e}"))?;
+            match frame {
+                Some(TransferFrame::Block { index, data, .. }) => {
+                    let at = index.checked_mul(bs).filter(|&o| o + data.len() as u64 <= size_bytes);
+                    let at = at.with_context(|| format!("block {index} lies outside the {size_bytes}-byte disk"))?;
+                    file.write_all_at(&data, at).with_context(|| format!("cannot write {}", partial.display()))?;
+                    blocks += 1;
+                }
+                Some(TransferFrame::Zero { .. }) => blocks += 1,
+                Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) if blocks_sent == blocks => {
+                    break
+                }
+                Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
+                    anyhow::bail!("the coordinator could not read the disk: {reason}")
+                }
+                other => anyhow::bail!("unexpected frame in the disk stream: {other:?}"),
+            }
+        }
+        file.sync_all().with_context(|| format!("cannot sync {}", partial.display()))?;
+        client.close().await;
+        Ok((rp, disk, size_bytes))
+    });
+    let (rp, disk, size) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, output).with_context(|| format!("cannot rename to {}", output.display()))?;
+    println!("disk {disk} of recovery point {rp} ({size} bytes) written to {}", output.display());
     Ok(())
 }
 
@@ -231,6 +503,46 @@ fn fmt_time(secs: Option<u64>) -> String {
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)).to_string()
         }
         None => "never".into(),
+    }
+}
+
+fn fmt_size(n: u64) -> String {
+    bulwark_protocol::units::format_size(n)
+}
+
+fn group_json(g: &GroupInfo) -> serde_json::Value {
+    let p = &g.policy;
+    let hhmm = |t: &u16| bulwark_coordinator::policy::format_hhmm(*t);
+    serde_json::json!({
+        "name": g.name,
+        "members": g.members,
+        "sync_every": p.sync_every_secs.map(|s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string()),
+        "recovery_points": p.recovery_points.iter().map(hhmm).collect::<Vec<_>>(),
+        "express_full_before_rp": p.express_full_before_rp,
+        "retention": humantime::format_duration(std::time::Duration::from_secs(p.retention_secs)).to_string(),
+        "cc_when_inconsistent": p.cc_when_inconsistent,
+        "cc_at": p.cc_at.as_ref().map(hhmm),
+        "replica": p.replica_creation,
+        "block_size": p.block_size,
+        "next_runs": g.next_runs.iter().map(|(k, at)| (k.clone(), serde_json::Value::String(fmt_time(Some(*at))))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+fn print_group(g: &GroupInfo) {
+    let p = &g.policy;
+    println!("group {}", g.name);
+    println!("  members            {}", g.members.join(", "));
+    let every = p
+        .sync_every_secs
+        .map_or("off".into(), |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string());
+    println!("  synchronization    every {every}");
+    let rps: Vec<String> = p.recovery_points.iter().map(|t| bulwark_coordinator::policy::format_hhmm(*t)).collect();
+    println!("  recovery points    {}", if rps.is_empty() { "none".into() } else { rps.join(", ") });
+    println!("  retention          {}", humantime::format_duration(std::time::Duration::from_secs(p.retention_secs)));
+    println!("  replica creation   {}", p.replica_creation);
+    println!("  block size         {}", fmt_size(u64::from(p.block_size)));
+    for (kind, at) in &g.next_runs {
+        println!("  next {kind:<13} {}", fmt_time(Some(*at)));
     }
 }
 
@@ -334,6 +646,91 @@ fn print(output: Output, response: &AdminResponse) {
                 );
             }
         }
+        (Output::Json, AdminResponse::Vms(list)) => println!(
+            "{}",
+            serde_json::Value::Array(
+                list.iter()
+                    .map(|v| serde_json::json!({
+                        "id": v.id, "name": v.name, "host": v.host, "state": v.state, "os": v.os,
+                        "group": v.group, "replica_state": v.replica_state, "replica_reason": v.replica_reason,
+                        "disks": v.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
+                    }))
+                    .collect()
+            )
+        ),
+        (Output::Text, AdminResponse::Vms(list)) => {
+            println!("{:<20} {:<16} {:<8} {:<8} {:<14} {:<13}", "VM", "HOST", "STATE", "OS", "GROUP", "REPLICA");
+            for v in list {
+                let reason = v.replica_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
+                println!(
+                    "{:<20} {:<16} {:<8} {:<8} {:<14} {}{}",
+                    v.name,
+                    v.host,
+                    v.state,
+                    v.os,
+                    v.group.as_deref().unwrap_or("-"),
+                    v.replica_state,
+                    reason
+                );
+            }
+        }
+        (Output::Json, AdminResponse::Group(g)) => println!("{}", group_json(g)),
+        (Output::Text, AdminResponse::Group(g)) => print_group(g),
+        (Output::Json, AdminResponse::Groups(list)) => {
+            println!("{}", serde_json::Value::Array(list.iter().map(group_json).collect()))
+        }
+        (Output::Text, AdminResponse::Groups(list)) => {
+            for g in list {
+                print_group(g);
+            }
+        }
+        (Output::Json, AdminResponse::Plan(p)) => println!(
+            "{}",
+            serde_json::json!({
+                "total_data_bytes": p.total_data_bytes, "recommended_bytes": p.recommended_bytes,
+                "free_bytes": p.free_bytes, "underprovisioned_bytes": p.underprovisioned_bytes,
+                "churn_per_day": p.churn_per_day, "retention_days": p.retention_days,
+            })
+        ),
+        (Output::Text, AdminResponse::Plan(p)) => {
+            println!("data              {}", fmt_size(p.total_data_bytes));
+            println!(
+                "recommended       {} (data × (1 + {:.0}% churn/day × {:.1} days))",
+                fmt_size(p.recommended_bytes),
+                p.churn_per_day * 100.0,
+                p.retention_days
+            );
+            println!("free              {}", fmt_size(p.free_bytes));
+            println!("underprovisioned  {}", fmt_size(p.underprovisioned_bytes));
+        }
+        (Output::Json, AdminResponse::RecoveryPoints(list)) => println!(
+            "{}",
+            serde_json::Value::Array(
+                list.iter()
+                    .map(|r| serde_json::json!({
+                        "id": r.id, "vm": r.vm, "created_at": fmt_time(Some(r.created_at / 1000)),
+                        "consistency": r.consistency,
+                        "disks": r.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
+                        "logical_bytes": r.logical_bytes, "stored_bytes": r.stored_bytes,
+                    }))
+                    .collect()
+            )
+        ),
+        (Output::Text, AdminResponse::RecoveryPoints(list)) => {
+            println!("{:<34} {:<22} {:<11} {:>12} {:>12}", "ID", "CREATED", "CONSISTENCY", "LOGICAL", "STORED");
+            for r in list {
+                println!(
+                    "{:<34} {:<22} {:<11} {:>12} {:>12}",
+                    r.id,
+                    fmt_time(Some(r.created_at / 1000)),
+                    r.consistency,
+                    fmt_size(r.logical_bytes),
+                    fmt_size(r.stored_bytes)
+                );
+            }
+        }
+        (Output::Json, AdminResponse::Done { message }) => println!("{}", serde_json::json!({ "message": message })),
+        (Output::Text, AdminResponse::Done { message }) => println!("{message}"),
         (_, other) => println!("{other:?}"),
     }
 }

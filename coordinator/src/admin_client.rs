@@ -128,6 +128,25 @@ impl AdminClient {
         }
     }
 
+    /// Sends a request whose answer is followed by a stream of transfer frames (recover-disk):
+    /// answers the first response and the stream to read the rest from.
+    pub async fn request_stream(
+        &self,
+        request: AdminRequest,
+    ) -> Result<(AdminResponse, quinn::RecvStream), AdminClientError> {
+        let explain = |e: quinn::ConnectionError| AdminClientError::Request(quic::explain(&e));
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(explain)?;
+        let env = AdminEnvelope { version: PROTOCOL_VERSION, request };
+        frame::write_message(&mut send, &env).await.map_err(|e| self.frame_error(e))?;
+        let _ = send.finish();
+        match frame::read_message::<AdminResponse, _>(&mut recv).await {
+            Ok(Some(AdminResponse::Error { message })) => Err(AdminClientError::Refused(message)),
+            Ok(Some(r)) => Ok((r, recv)),
+            Ok(None) => Err(self.closed_reason("the coordinator closed the stream without answering")),
+            Err(e) => Err(self.frame_error(e)),
+        }
+    }
+
     fn frame_error(&self, e: frame::FrameError) -> AdminClientError {
         self.closed_reason(&e.to_string())
     }

@@ -164,6 +164,37 @@ impl Cluster {
         self.agents.len() - 1
     }
 
+    /// Starts an agent on a sim storage root.
+    pub fn run_sim_agent(&mut self, host: &str, root: &Path) -> usize {
+        let dir = self.agent_dir(host);
+        let log = self.root.path().join(format!("agent-{host}.log"));
+        let args = ["x-agent", "run", "--data-dir", dir.to_str().unwrap(), "--sim-root", root.to_str().unwrap()];
+        self.agents.push(Daemon::spawn(&args, log));
+        self.agents.len() - 1
+    }
+
+    /// `bulwark --data-dir DIR ARGS --output json`, parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let dir = self.dir_str();
+        let mut all = vec!["--data-dir", dir.as_str()];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--output", "json"]);
+        serde_json::from_str(&ok(&all)).unwrap()
+    }
+
+    /// `bulwark --data-dir DIR ARGS` (any outcome).
+    pub fn run(&self, args: &[&str]) -> Output {
+        let dir = self.dir_str();
+        let mut all = vec!["--data-dir", dir.as_str()];
+        all.extend_from_slice(args);
+        bulwark(&all)
+    }
+
+    /// `vm list` as (name → entry).
+    pub fn vm(&self, name: &str) -> Option<serde_json::Value> {
+        self.json(&["vm", "list"]).as_array().unwrap().iter().find(|v| v["name"] == name).cloned()
+    }
+
     /// `agent list --output json`.
     pub fn agents_json(&self) -> Vec<serde_json::Value> {
         let out = ok(&["--data-dir", &self.dir_str(), "agent", "list", "--output", "json"]);
