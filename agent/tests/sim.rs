@@ -92,7 +92,7 @@ proptest! {
                             prop_assert!(changes.is_dirty(*b), "write in tracking block {} not reported", b);
                         }
                     } else {
-                        prop_assert!(matches!(vm.take_snapshot("node1", 1), Err(SimError::Refused(_))));
+                        prop_assert!(matches!(vm.take_snapshot("node1", 1), Err(SimError::Busy(_))));
                     }
                 }
                 Op::ReleaseConfirm | Op::ReleaseAbandon => {

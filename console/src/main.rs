@@ -347,7 +347,9 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         r
     })?;
     print(format, &response);
-    if let AdminResponse::Job(j) = &response {
+    // Waiting for a job makes its failure the command's (`job show` only reports it).
+    let waited = !matches!(&cli.command, Command::Job { command: JobCommand::Show { .. } });
+    if let (AdminResponse::Job(j), true) = (&response, waited) {
         if j.state == "failed" {
             anyhow::bail!("job {} ({}) failed: {}", j.id, j.kind, j.error.as_deref().unwrap_or("no reason recorded"));
         }

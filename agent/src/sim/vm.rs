@@ -25,6 +25,9 @@ pub enum SimError {
     Invalid(String),
     #[error("snapshot refused: {0}")]
     Refused(String),
+    /// Another snapshot of the VM is in progress: try again once it is released.
+    #[error("busy: {0}")]
+    Busy(String),
     #[error("change tracking was lost for {vm}/{disk}: {reason}")]
     TrackingLost { vm: String, disk: String, reason: String },
     #[error("{path}: {source}")]
@@ -365,7 +368,7 @@ impl Vm {
     /// consistency the snapshot will have.
     pub fn freeze(&mut self, now_ms: u64) -> Result<SnapConsistency, SimError> {
         if self.config.frozen.is_some() {
-            return Err(SimError::Refused(format!("{} is already frozen", self.config.name)));
+            return Err(SimError::Busy(format!("{} is already frozen for another snapshot", self.config.name)));
         }
         let consistency = self.consistency()?;
         let paused = consistency == SnapConsistency::Crash && self.config.power == Power::Running;
@@ -391,7 +394,7 @@ impl Vm {
     /// frozen bitmaps are "changes since".
     pub fn take_snapshot(&mut self, holder: &str, now: u64) -> Result<(HeldSnapshot, ChangeToken), SimError> {
         if let Some(s) = &self.config.snapshot {
-            return Err(SimError::Refused(format!(
+            return Err(SimError::Busy(format!(
                 "{} already holds snapshot {} for {}",
                 self.config.name, s.id, s.holder
             )));
