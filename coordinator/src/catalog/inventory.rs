@@ -116,9 +116,12 @@ impl Catalog {
         self.jobs.get(id.to_be_bytes())?.map(|v| decode("jobs", &v)).transpose()
     }
 
+    /// Records a job's state. Not fsynced: sled writes it back within half a second, and what
+    /// a crash loses of a job's progress is decided at the restart anyway (no job stays
+    /// running); what must survive a crash — a commit — is made durable by the commit itself.
     pub fn put_job(&self, job: &JobRecord) -> Result<(), CatalogError> {
         self.jobs.insert(job.id.to_be_bytes(), encode("jobs", job)?)?;
-        self.flush_durable()
+        Ok(())
     }
 
     /// After a restart no job may stay queued or running: each is failed with the reason.

@@ -211,6 +211,15 @@ impl JobQueue {
                     continue;
                 }
             };
+            let on_host = self.running.values().filter(|h| **h == host).count() + 1;
+            tracing::info!(
+                job_id = id,
+                host = %host,
+                running = self.running.len() + 1,
+                on_host,
+                queued = self.queue.len(),
+                "job starting"
+            );
             self.running.insert(id, host);
             let c = self.ctx.clone();
             ctx.spawn(vm_job::run(c, job).into_actor(self).map(|finished, act, ctx| act.finished(finished, ctx)));
