@@ -45,11 +45,33 @@ pub enum Command {
         #[command(subcommand)]
         command: SimCommand,
     },
+    /// Seeds for manual replica creation (removable media).
+    Seed {
+        #[command(subcommand)]
+        command: SeedCommand,
+    },
     /// Run the agent until SIGINT/SIGTERM.
     Run {
         #[arg(long)]
         data_dir: PathBuf,
         /// Use the sim hypervisor on this storage root.
+        #[arg(long)]
+        sim_root: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SeedCommand {
+    /// Write a VM's disks, as of a consistent snapshot, into DIR (for `bulwark seed import`).
+    Export {
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        output: PathBuf,
+        /// The agent's data directory (its host name and hypervisor come from agent.toml).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The sim storage root (instead of, or overriding, agent.toml's).
         #[arg(long)]
         sim_root: Option<PathBuf>,
     },
@@ -291,6 +313,33 @@ async fn shutdown_signal() {
     }
 }
 
+fn seed_export(
+    vm: &str,
+    output: &std::path::Path,
+    data_dir: Option<PathBuf>,
+    sim_root: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let config = data_dir.map(|d| crate::config::AgentConfig::load(&AgentDir::new(d))).transpose()?;
+    let root = sim_root
+        .or_else(|| config.as_ref().and_then(|c| c.hypervisor.root.clone()))
+        .context("say where the VM is: --sim-root R, or --data-dir of an agent configured for the sim")?;
+    let host = match &config {
+        Some(c) => c.host.clone(),
+        None => crate::sim::Vm::open(&root, vm)?.config.host.clone(),
+    };
+    let backend = crate::backend::SimBackend { root };
+    let m = crate::seed::export(&backend, &host, vm, output)?;
+    let total: u64 = m.disks.iter().map(|d| d.size_bytes).sum();
+    println!(
+        "seed of {vm} ({} disk(s), {total} bytes, {}-consistent) written to {}",
+        m.disks.len(),
+        m.consistency,
+        output.display()
+    );
+    Ok(())
+}
+
 /// Parses `args` (with the program name first) and runs the command.
 pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
@@ -306,6 +355,9 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             Ok(())
         })(),
         Command::Sim { command } => run_sim(command),
+        Command::Seed { command: SeedCommand::Export { vm, output, data_dir, sim_root } } => {
+            seed_export(&vm, &output, data_dir, sim_root)
+        }
         Command::Run { data_dir, sim_root } => actix_rt::System::new()
             .block_on(run(AgentDir::new(data_dir), RunOptions { sim_root }, shutdown_signal()))
             .map_err(Into::into),

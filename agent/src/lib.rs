@@ -13,6 +13,7 @@
 //! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
 //! - [`job`]: one job end to end: snapshot, transfer streams, verdict, release.
 //! - [`run`]: `bulwark-agent run`.
+//! - [`seed`]: `bulwark-agent seed export` (manual replica creation).
 //! - [`cli`]: the command line.
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod inventory;
 pub mod job;
 pub mod reader;
 pub mod run;
+pub mod seed;
 pub mod sim;
 pub mod snapshot;
 pub mod uplink;

@@ -125,6 +125,11 @@ enum Command {
         #[arg(long)]
         disk: String,
     },
+    /// Seeds (manual replica creation from removable media).
+    Seed {
+        #[command(subcommand)]
+        command: SeedCommand,
+    },
     /// The whole story on loopback in one command.
     Quickstart {
         #[arg(long)]
@@ -138,6 +143,13 @@ enum Command {
 enum BackupKindArg {
     ExpressFull,
     Sync,
+}
+
+#[derive(Debug, Subcommand)]
+enum SeedCommand {
+    /// Load a seed written by `bulwark-agent seed export` as the VM's replica (inconsistent
+    /// until a consistency check reconciles it with the source).
+    Import { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -305,6 +317,10 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         },
         Command::Cc { vm, .. } => AdminRequest::ConsistencyCheck { vm: vm.clone() },
         Command::Rp { command: RpCommand::List { vm } } => AdminRequest::RecoveryPoints { vm: vm.clone() },
+        Command::Seed { command: SeedCommand::Import { dir } } => {
+            let target = target(&cli)?;
+            return seed_import(&target, dir, format);
+        }
         Command::RecoverDisk { vm, rp, disk } => {
             // CONTRACT: `recover-disk … --output FILE`: here the global flag names the file.
             if cli.output == "text" {
@@ -423,6 +439,72 @@ fn group_request(command: &GroupCommand) -> anyhow::Result<AdminRequest> {
         GroupCommand::Delete { name } => AdminRequest::GroupDelete { name: name.clone() },
         GroupCommand::Plan { name } => AdminRequest::GroupPlan { name: name.clone() },
     })
+}
+
+/// `seed import DIR`: each disk's non-zero blocks, checked against the manifest's digest first.
+fn seed_import(target: &AdminTarget, dir: &std::path::Path, format: Output) -> anyhow::Result<()> {
+    use bulwark_protocol::transfer::{self, TransferMessage};
+    use std::io::Read as _;
+    let manifest = bulwark_agent::seed::read_manifest(dir)?;
+    for d in &manifest.disks {
+        let path = dir.join(&d.file);
+        let digest = bulwark_agent::seed::image_digest(&path)?;
+        anyhow::ensure!(digest == d.blake3, "{} does not match its manifest (damaged seed?)", path.display());
+        let len = std::fs::metadata(&path).with_context(|| format!("{}", path.display()))?.len();
+        anyhow::ensure!(len == d.size_bytes, "{} is {len} bytes, the manifest says {}", path.display(), d.size_bytes);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut messages = vec![];
+    rt.block_on(async {
+        let client = AdminClient::connect(target).await?;
+        for d in &manifest.disks {
+            let req = AdminRequest::SeedImport {
+                vm: manifest.vm.clone(),
+                disk: d.name.clone(),
+                size_bytes: d.size_bytes,
+                source: format!("seed {} (exported {})", dir.display(), fmt_time(Some(manifest.created_at))),
+            };
+            let (head, mut send, recv) = client.request_upload(req).await?;
+            let AdminResponse::SeedReady { block_size } = head else { anyhow::bail!("unexpected answer: {head:?}") };
+            let bs = block_size as usize;
+            let path = dir.join(&d.file);
+            let mut f = std::io::BufReader::with_capacity(bs, std::fs::File::open(&path)?);
+            let mut buf = vec![0u8; bs];
+            let (mut index, mut sent) = (0u64, 0u64);
+            loop {
+                let mut n = 0;
+                while n < bs {
+                    let r = f.read(&mut buf[n..]).with_context(|| format!("{}", path.display()))?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                if n == 0 {
+                    break;
+                }
+                if !bulwark_protocol::block::is_zero(&buf[..n]) {
+                    let id = bulwark_protocol::block::ChunkHasher::plain().hash(&buf[..n]);
+                    transfer::write_body(&mut send, &transfer::block_body(index, &id, &buf[..n]), bs).await?;
+                    sent += 1;
+                }
+                index += 1;
+            }
+            transfer::write_message(&mut send, &TransferMessage::End { blocks_sent: sent, bytes_read: 0 }, bs).await?;
+            let _ = send.finish();
+            match client.finish_upload(recv).await? {
+                AdminResponse::Done { message } => messages.push(message),
+                other => anyhow::bail!("unexpected answer: {other:?}"),
+            }
+        }
+        client.close().await;
+        Ok(())
+    })?;
+    match format {
+        Output::Json => println!("{}", serde_json::json!({ "vm": manifest.vm, "disks": messages })),
+        Output::Text => messages.iter().for_each(|m| println!("{m}")),
+    }
+    Ok(())
 }
 
 /// `recover-disk`: the disk's blocks into FILE (written to FILE.partial, then renamed).

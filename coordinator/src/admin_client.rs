@@ -147,6 +147,34 @@ impl AdminClient {
         }
     }
 
+    /// Sends a request that uploads after its first answer (seed import): answers that
+    /// answer and both halves of the stream.
+    pub async fn request_upload(
+        &self,
+        request: AdminRequest,
+    ) -> Result<(AdminResponse, quinn::SendStream, quinn::RecvStream), AdminClientError> {
+        let explain = |e: quinn::ConnectionError| AdminClientError::Request(quic::explain(&e));
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(explain)?;
+        let env = AdminEnvelope { version: PROTOCOL_VERSION, request };
+        frame::write_message(&mut send, &env).await.map_err(|e| self.frame_error(e))?;
+        match frame::read_message::<AdminResponse, _>(&mut recv).await {
+            Ok(Some(AdminResponse::Error { message })) => Err(AdminClientError::Refused(message)),
+            Ok(Some(r)) => Ok((r, send, recv)),
+            Ok(None) => Err(self.closed_reason("the coordinator closed the stream without answering")),
+            Err(e) => Err(self.frame_error(e)),
+        }
+    }
+
+    /// Reads the final answer of an upload.
+    pub async fn finish_upload(&self, mut recv: quinn::RecvStream) -> Result<AdminResponse, AdminClientError> {
+        match frame::read_message::<AdminResponse, _>(&mut recv).await {
+            Ok(Some(AdminResponse::Error { message })) => Err(AdminClientError::Refused(message)),
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(self.closed_reason("the coordinator closed the stream without answering")),
+            Err(e) => Err(self.frame_error(e)),
+        }
+    }
+
     fn frame_error(&self, e: frame::FrameError) -> AdminClientError {
         self.closed_reason(&e.to_string())
     }

@@ -289,6 +289,16 @@ pub enum AdminRequest {
         rp: String,
         disk: String,
     },
+    /// Load one disk of a seed: answered by [`AdminResponse::SeedReady`]; the console then
+    /// sends the disk's blocks (in that block size, increasing order, transfer frames) and
+    /// `End`, and gets `Done` or `Error`.
+    SeedImport {
+        vm: String,
+        disk: String,
+        size_bytes: u64,
+        /// Where the seed came from, for the replica's record.
+        source: String,
+    },
 }
 
 /// What `bulwark backup` asks for.
@@ -454,6 +464,10 @@ pub enum AdminResponse {
         rp: String,
         disk: String,
         size_bytes: u64,
+        block_size: u32,
+    },
+    /// Send the seed's blocks in this size.
+    SeedReady {
         block_size: u32,
     },
     Done {

@@ -40,6 +40,9 @@ pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
                         let _ = send.finish();
                         return;
                     }
+                    (Ok(_), AdminRequest::SeedImport { vm, disk, size_bytes, source }) => {
+                        protect::seed_import(&state, &mut send, &mut recv, vm, disk, size_bytes, source).await
+                    }
                     (Ok(_), request) => handle(&state, request).await,
                     (Err(e), _) => AdminResponse::Error { message: e.to_string() },
                 };
@@ -91,8 +94,8 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::Backup { vm, kind } => protect::run_now(state, vm, protect::backup_kind(kind)).await,
         AdminRequest::ConsistencyCheck { vm } => protect::run_now(state, vm, JobKind::ConsistencyCheck).await,
         AdminRequest::RecoveryPoints { vm } => protect::rp_list(state, vm).await,
-        AdminRequest::RecoverDisk { .. } => {
-            AdminResponse::Error { message: "recover-disk streams: internal routing error".into() }
+        AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } => {
+            AdminResponse::Error { message: "a streaming request reached the plain handler".into() }
         }
         AdminRequest::TokenCreate { ttl_secs, host } => {
             let authority = state.authority.clone();

@@ -403,6 +403,99 @@ pub async fn recover_disk(state: &Arc<State>, send: &mut quinn::SendStream, vm: 
     let _ = transfer::write_message(send, &end, bs).await;
 }
 
+/// Loads one disk of a seed into a new replica, marked inconsistent until a consistency
+/// check reconciles it with the source. Block ids are computed here: the console's are not
+/// trusted (and it cannot compute keyed ones).
+pub async fn seed_import(
+    state: &Arc<State>,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    vm: String,
+    disk: String,
+    size_bytes: u64,
+    source: String,
+) -> AdminResponse {
+    use crate::catalog::ReplicaRecord;
+    use crate::jobs::ingest::{Cmd, IngestHandle};
+    use bulwark_protocol::transfer::TransferFrame;
+    let catalog = state.store.catalog().clone();
+    let (v, d) = (vm.clone(), disk.clone());
+    let checked = blocking(move || {
+        let rec = catalog.vm(&v).map_err(|e| e.to_string())?.ok_or_else(|| format!("no VM named {v}"))?;
+        let group = rec.group.clone().ok_or_else(|| format!("{v} is not protected: add it to a group first"))?;
+        let g = catalog.group(&group).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group {group}"))?;
+        let info = rec.disks.iter().find(|x| x.name.as_str() == d).ok_or_else(|| format!("{v} has no disk {d}"))?;
+        if info.size_bytes != size_bytes {
+            return Err(format!("the seed's disk {d} is {size_bytes} bytes, the VM's is {}", info.size_bytes));
+        }
+        if let Some(r) = catalog.replica(&v, &d).map_err(|e| e.to_string())? {
+            if r.state == ReplicaState::Consistent {
+                return Err(format!("{v}/{d} already has a consistent replica: a seed is for a VM without one"));
+            }
+        }
+        Ok(g.policy.block_size)
+    })
+    .await;
+    let block_size = match checked {
+        Ok(b) => b,
+        Err(e) => return err(e),
+    };
+    if bulwark_protocol::frame::write_message(send, &AdminResponse::SeedReady { block_size }).await.is_err() {
+        return err("the console went away");
+    }
+    let bs = block_size as usize;
+    let blocks = size_bytes.div_ceil(u64::from(block_size));
+    let ingest = match IngestHandle::start(state.store.clone(), 0) {
+        Ok(i) => i,
+        Err(e) => return err(e),
+    };
+    let r = async {
+        ingest.send(Cmd::BeginDisk { blocks, old: None }).await?;
+        let mut received = 0u64;
+        loop {
+            match transfer::read(recv, bs).await.map_err(|e| e.to_string())? {
+                Some(TransferFrame::Block { index, data, .. }) => {
+                    received += 1;
+                    let id = state.store.codec().hasher.id(&data);
+                    ingest.send(Cmd::Block { index, id, data }).await?;
+                }
+                Some(TransferFrame::Zero { index }) => {
+                    received += 1;
+                    ingest.send(Cmd::Zero { index }).await?;
+                }
+                Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) if blocks_sent == received => {
+                    break
+                }
+                other => return Err(format!("unexpected frame in a seed: {other:?}")),
+            }
+        }
+        let (root, _) = ingest.end_disk().await?;
+        let record = ReplicaRecord {
+            vm: vm.clone(),
+            disk: disk.clone(),
+            size_bytes,
+            block_size,
+            state: ReplicaState::Inconsistent,
+            root: Some(root),
+            change_token: None,
+            reason: Some(format!("seeded from {source}: a consistency check reconciles it with the source")),
+            updated_at: crate::catalog::now_secs(),
+        };
+        ingest.commit(vec![record], None).await?;
+        Ok::<_, String>(received)
+    }
+    .await;
+    match r {
+        Ok(n) => {
+            tracing::info!(%vm, %disk, blocks = n, "seed imported");
+            AdminResponse::Done {
+                message: format!("{vm}/{disk}: {n} block(s) loaded; a consistency check will reconcile it"),
+            }
+        }
+        Err(e) => err(format!("seed import of {vm}/{disk} failed: {e}")),
+    }
+}
+
 /// Jobs queued and running (for `status`).
 pub async fn job_counts(state: &Arc<State>) -> (usize, usize) {
     state.jobs.send(Counts).await.unwrap_or((0, 0))

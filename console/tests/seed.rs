@@ -1,0 +1,117 @@
+//! Manual replica creation: `bulwark-agent seed export` on the host, `bulwark seed import` on
+//! the backup server, and a consistency check that reconciles the seed with the source by
+//! moving only what changed since the export.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use bulwark_agent::sim::{self, CreateVm, DiskConfig};
+use common::*;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn a_seed_and_a_consistency_check_make_a_replica_without_an_initial_copy() {
+    let mut c = Cluster::start();
+    let root = c.root.path().join("sim");
+    let req = CreateVm {
+        random_fill: true,
+        seed: 11,
+        ..CreateVm::new(
+            "db",
+            "node1",
+            vec![DiskConfig { name: "os".into(), size: 48 * MIB }, DiskConfig { name: "data".into(), size: 16 * MIB }],
+        )
+    };
+    sim::create_vm(&root, &req).unwrap();
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("db").is_some());
+    c.json(&[
+        "group",
+        "create",
+        "g",
+        "--vm",
+        "db",
+        "--replica",
+        "manual",
+        "--sync-every",
+        "off",
+        "--recovery-points",
+        "none",
+    ]);
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(c.vm("db").unwrap()["replica_state"], "none", "manual: no initial copy over the network");
+
+    let seed = c.root.path().join("seed");
+    let out = ok(&[
+        "x-agent",
+        "seed",
+        "export",
+        "--vm",
+        "db",
+        "--output",
+        seed.to_str().unwrap(),
+        "--sim-root",
+        root.to_str().unwrap(),
+    ]);
+    assert!(out.contains("app-consistent"), "{out}");
+    let again = bulwark(&[
+        "x-agent",
+        "seed",
+        "export",
+        "--vm",
+        "db",
+        "--output",
+        seed.to_str().unwrap(),
+        "--sim-root",
+        root.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(1), "a seed directory is never overwritten");
+    // The guest keeps working between the export and the import.
+    sim::churn(&root, "db", 5.0, 3).unwrap();
+
+    let imported = c.json(&["seed", "import", seed.to_str().unwrap()]);
+    assert_eq!(imported["disks"].as_array().unwrap().len(), 2);
+    assert_eq!(c.vm("db").unwrap()["replica_state"], "inconsistent");
+
+    let cc = c.json(&["cc", "db", "--wait"]);
+    assert_eq!(cc["state"], "succeeded", "{cc}");
+    // 5 % of 48 one-MiB blocks and of 16: 2 + 1 blocks changed since the export.
+    assert_eq!(cc["blocks_changed"], 3, "{cc}");
+    assert_eq!(cc["bytes_transferred"], 3 * MIB);
+    assert_eq!(c.vm("db").unwrap()["replica_state"], "consistent");
+
+    let job = c.json(&["backup", "db", "--wait"]);
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["bytes_transferred"], 0, "tracking continued across the export: nothing new");
+    for disk in ["os", "data"] {
+        let file = c.root.path().join(format!("{disk}.img"));
+        ok(&[
+            "--data-dir",
+            &c.dir_str(),
+            "recover-disk",
+            "db",
+            "--rp",
+            "latest",
+            "--disk",
+            disk,
+            "--output",
+            file.to_str().unwrap(),
+        ]);
+        let mut want = vec![];
+        sim::read_disk(&root, "db", disk, &mut want).unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), want, "{disk} restores bit-exact");
+    }
+
+    // A damaged seed is refused before anything is sent.
+    let img = seed.join("data.img");
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[100] ^= 1;
+    std::fs::write(&img, bytes).unwrap();
+    let bad = c.run(&["seed", "import", seed.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("does not match its manifest"));
+}
