@@ -83,7 +83,7 @@ fn storage_migration_and_a_bad_chunk_each_trigger_a_check_that_repairs() {
         cc_count(&c, "app") == 2 && c.vm("app").unwrap()["replica_state"] == "consistent"
     });
     let cc = c.json(&["job", "list", "--vm", "app"]);
-    let last = cc.as_array().unwrap().iter().filter(|j| j["kind"] == "consistency-check").last().unwrap().clone();
+    let last = cc.as_array().unwrap().iter().rfind(|j| j["kind"] == "consistency-check").unwrap().clone();
     assert!(last["bytes_transferred"].as_u64().unwrap() > 0, "the bad block was fetched again: {last}");
     let verify = c.json(&["verify", "--wait"]);
     assert_eq!(verify["state"], "succeeded", "healed: {verify}");
