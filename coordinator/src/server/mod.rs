@@ -131,7 +131,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         lease,
     });
     let jobs = crate::jobs::JobQueue::new(job_ctx, limits.max_running, limits.per_agent).start();
-    let _scheduler = scheduler::Scheduler::new(catalog.clone(), jobs.clone(), jitter).start();
+    let _scheduler = scheduler::Scheduler::new(catalog.clone(), jobs.clone(), workers.clone(), jitter).start();
     let state = Arc::new(State {
         authority: Arc::new(authority),
         endpoint: endpoint.clone(),

@@ -5,11 +5,14 @@
 //! times are persisted before a schedule fires, so a restart neither doubles a run nor makes
 //! up a missed one more than once. A sweep keeps replicas moving: initial copies for members
 //! without one (`--replica now`) and consistency checks for inconsistent ones (when the policy
-//! allows). Schedule math is `crate::policy`'s; this module only keeps time.
+//! allows). Once a day the scheduler also prunes recovery points past their group's retention
+//! range (a `prune` job, persisted like any schedule). Schedule math is `crate::policy`'s;
+//! this module only keeps time.
 
-use crate::catalog::{now_secs, Catalog, JobKind, ReplicaState};
+use crate::catalog::{now_secs, Catalog, JobKind, JobRecord, ReplicaState};
 use crate::jobs::{Enqueue, JobQueue};
 use crate::policy::{self, Creation};
+use crate::server::store_actor::{RunMaintenance, StoreActor};
 use actix::prelude::*;
 use jiff::tz::TimeZone;
 use std::collections::HashMap;
@@ -20,17 +23,49 @@ const TICK: Duration = Duration::from_secs(1);
 /// How often they sweep their members' replica states.
 const SWEEP_EVERY: u64 = 5;
 
-/// Starts and stops group actors.
+/// The schedule key of the daily retention prune (not a group name: group names are ids,
+/// which cannot start with `@`).
+const PRUNE_KEY: &str = "@retention";
+/// When the daily prune runs (coordinator local time).
+const PRUNE_AT: u16 = 3 * 60 + 30;
+
+/// Starts and stops group actors, and prunes once a day.
 pub struct Scheduler {
     catalog: Catalog,
     jobs: Addr<JobQueue>,
+    store_workers: Addr<StoreActor>,
     jitter: Duration,
     groups: HashMap<String, Addr<GroupActor>>,
 }
 
 impl Scheduler {
-    pub fn new(catalog: Catalog, jobs: Addr<JobQueue>, jitter: Duration) -> Self {
-        Self { catalog, jobs, jitter, groups: HashMap::new() }
+    pub fn new(catalog: Catalog, jobs: Addr<JobQueue>, store_workers: Addr<StoreActor>, jitter: Duration) -> Self {
+        Self { catalog, jobs, store_workers, jitter, groups: HashMap::new() }
+    }
+
+    /// Queues the daily prune when it is due.
+    fn prune_if_due(&self) -> Result<(), crate::catalog::CatalogError> {
+        let now = now_secs() as i64;
+        let tz = TimeZone::system();
+        let next = |after| policy::next_daily(after, &[PRUNE_AT], &tz);
+        match self.catalog.next_run(PRUNE_KEY, "prune")? {
+            Some(at) if at as i64 <= now => {
+                if let Some(n) = next(now) {
+                    self.catalog.set_next_run(PRUNE_KEY, "prune", n.max(0) as u64)?;
+                }
+                let job = JobRecord::queued(self.catalog.next_job_id()?, JobKind::Prune, None);
+                self.catalog.put_job(&job)?;
+                tracing::info!(job_id = job.id, "daily retention prune");
+                self.store_workers.do_send(RunMaintenance(job));
+            }
+            Some(_) => {}
+            None => {
+                if let Some(n) = next(now) {
+                    self.catalog.set_next_run(PRUNE_KEY, "prune", n.max(0) as u64)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn refresh(&mut self) {
@@ -64,7 +99,12 @@ impl Actor for Scheduler {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.refresh();
-        ctx.run_interval(Duration::from_secs(2), |act, _| act.refresh());
+        ctx.run_interval(Duration::from_secs(2), |act, _| {
+            act.refresh();
+            if let Err(e) = act.prune_if_due() {
+                tracing::error!(error = %e, "cannot schedule the daily prune");
+            }
+        });
     }
 }
 
