@@ -5,7 +5,7 @@
 use crate::reader::{ReadBlock, ReadStats};
 use crate::sim::{self, SimError, SnapConsistency, Vm};
 use bulwark_protocol::block::ChunkHasher;
-use bulwark_protocol::messages::{ChangeToken, Consistency, Inventory};
+use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, GuestOs, Inventory, NewVm};
 use std::path::PathBuf;
 
 /// Why a backend operation failed.
@@ -69,6 +69,29 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn confirm(&self, vm: &str, next: ChangeToken) -> Result<ChangeToken, BackendError>;
     /// The transfer failed: its changes will be sent again next time.
     fn abandon(&self, vm: &str) -> Result<(), BackendError>;
+    /// Prepares `vm` to be overwritten by a recovery (`what` says which, for the record); with
+    /// `create`, makes it first (powered off, zero disks) on `host`. A running VM is refused.
+    fn restore_begin(
+        &self,
+        vm: &str,
+        host: &str,
+        what: &str,
+        create: Option<(&NewVm, &[DiskInfo])>,
+    ) -> Result<(), BackendError>;
+    /// Streams blocks of the VM's current disk (a VM being restored: off, nothing held).
+    fn read_current(
+        &self,
+        vm: &str,
+        disk: &str,
+        indices: Vec<u64>,
+        block_size: usize,
+        hasher: &ChunkHasher,
+        sink: &mut dyn FnMut(ReadBlock<'_>) -> Result<(), String>,
+    ) -> Result<ReadStats, BackendError>;
+    /// Writes restored bytes.
+    fn restore_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> Result<(), BackendError>;
+    /// Syncs and unmarks a restored VM; its change tracking starts over.
+    fn restore_finish(&self, vm: &str) -> Result<(), BackendError>;
 }
 
 /// The sim hypervisor on a storage root.
@@ -153,5 +176,66 @@ impl Hypervisor for SimBackend {
 
     fn abandon(&self, vm: &str) -> Result<(), BackendError> {
         Ok(Vm::open(&self.root, vm)?.abandon()?)
+    }
+
+    fn restore_begin(
+        &self,
+        vm: &str,
+        host: &str,
+        what: &str,
+        create: Option<(&NewVm, &[DiskInfo])>,
+    ) -> Result<(), BackendError> {
+        if let Some((new, disks)) = create {
+            let req = sim::CreateVm {
+                os: match new.os {
+                    GuestOs::Linux => "linux".into(),
+                    GuestOs::Windows => "windows".into(),
+                },
+                power: sim::Power::Off,
+                integration_services: new.integration_services,
+                ..sim::CreateVm::new(
+                    vm,
+                    host,
+                    disks.iter().map(|d| sim::DiskConfig { name: d.name.to_string(), size: d.size_bytes }).collect(),
+                )
+            };
+            sim::create_vm(&self.root, &req)?;
+        }
+        let mut v = Vm::open(&self.root, vm)?;
+        if v.config.host != host {
+            return Err(BackendError::Failed(format!("{vm} runs on {}, not on {host}", v.config.host)));
+        }
+        Ok(v.restore_begin(what)?)
+    }
+
+    fn read_current(
+        &self,
+        vm: &str,
+        disk: &str,
+        indices: Vec<u64>,
+        block_size: usize,
+        hasher: &ChunkHasher,
+        sink: &mut dyn FnMut(ReadBlock<'_>) -> Result<(), String>,
+    ) -> Result<ReadStats, BackendError> {
+        let v = Vm::open(&self.root, vm)?;
+        if v.config.restoring.is_none() {
+            return Err(BackendError::Failed(format!("{vm} is not being restored")));
+        }
+        let image = v.image(disk);
+        let size = v.config.disks.iter().find(|d| d.name == disk).map(|d| d.size).ok_or_else(|| {
+            BackendError::Failed(sim::SimError::NoSuchDisk { vm: vm.to_owned(), disk: disk.to_owned() }.to_string())
+        })?;
+        // The lock is released before reading: nothing else writes a VM being restored.
+        drop(v);
+        crate::reader::read_blocks(&image, size, block_size, indices, hasher, sink)
+            .map_err(|e| BackendError::Failed(e.to_string()))
+    }
+
+    fn restore_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        Ok(Vm::open(&self.root, vm)?.restore_write(disk, offset, data)?)
+    }
+
+    fn restore_finish(&self, vm: &str) -> Result<(), BackendError> {
+        Ok(Vm::open(&self.root, vm)?.restore_finish()?)
     }
 }

@@ -14,7 +14,7 @@ use actix::prelude::*;
 use bulwark_protocol::block::{ChunkHasher, Digest, ZERO};
 use bulwark_protocol::blockmap::{self, PageStore, TreeRoot};
 use bulwark_protocol::messages::{
-    AgentMessage, ChangeToken, DiskJob, FailureKind, JobKind, JobOutcome, JobRequest, JobResult,
+    AgentMessage, ChangeToken, DiskJob, FailureKind, JobKind, JobOutcome, JobRequest, JobResult, RestoreRequest,
 };
 use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage, TransferMode};
 use std::collections::HashMap;
@@ -89,7 +89,7 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
         };
         let next = match &outcome {
             JobOutcome::Succeeded { next_token, .. } => Some(*next_token),
-            JobOutcome::Failed { .. } => None,
+            JobOutcome::Restored { .. } | JobOutcome::Failed { .. } => None,
         };
         let reported = env.out.send(AgentMessage::JobResult(JobResult { job: req.job, outcome })).await.is_ok();
         // Only a commit the coordinator confirms advances the token; silence keeps the changes.
@@ -288,7 +288,7 @@ async fn compare_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
     let (mut send, mut recv, blocks) = open(env, job, disk, TransferMode::Compare).await?;
     let (root, pages, read) = {
         let (backend, d, scratch) = (env.backend.clone(), disk.clone(), env.scratch.clone());
-        blocking(move || hash_disk(&*backend, &d, blocks, &scratch)).await??
+        blocking(move || hash_disk(&*backend, &d, blocks, &scratch, false)).await??
     };
     tracing::info!(disk = %disk.name, bytes_read = read, "snapshot hashed; comparing trees");
     let bs = disk.block_size;
@@ -301,21 +301,7 @@ async fn compare_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
         let frame = transfer::read(&mut recv, bs).await.map_err(stream_err("consistency check"))?;
         match frame {
             Some(TransferFrame::Message(TransferMessage::WantPages { nodes })) => {
-                if nodes.len() > transfer::MAX_PAGES_PER_MESSAGE {
-                    return Err(Failure::other("the coordinator asked for too many pages at once"));
-                }
-                let p = pages.clone();
-                let answer = blocking(move || {
-                    nodes
-                        .iter()
-                        .map(|&(level, index)| blockmap::node_entries(&*p, &root, level, index))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .await?
-                .map_err(Failure::other)?;
-                transfer::write_message(&mut send, &TransferMessage::Pages { pages: answer }, bs)
-                    .await
-                    .map_err(stream_err("transfer stream"))?;
+                answer_pages(&mut send, &pages, root, nodes, bs).await?;
             }
             Some(TransferFrame::Message(TransferMessage::WantBlocks { indices })) if indices.is_empty() => {
                 let end = TransferMessage::End { blocks_sent: sent, bytes_read: read };
@@ -342,12 +328,141 @@ async fn compare_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
     }
 }
 
-/// Reads every block of the snapshot and builds its block map (pages in a scratch file).
+/// Answers a `WantPages` from the pages of `root`.
+async fn answer_pages(
+    send: &mut quinn::SendStream,
+    pages: &Arc<ScratchPages>,
+    root: TreeRoot,
+    nodes: Vec<(u8, u64)>,
+    bs: usize,
+) -> Result<(), Failure> {
+    if nodes.len() > transfer::MAX_PAGES_PER_MESSAGE {
+        return Err(Failure::other("the coordinator asked for too many pages at once"));
+    }
+    let p = pages.clone();
+    let answer = blocking(move || {
+        nodes
+            .iter()
+            .map(|&(level, index)| blockmap::node_entries(&*p, &root, level, index))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?
+    .map_err(Failure::other)?;
+    transfer::write_message(send, &TransferMessage::Pages { pages: answer }, bs)
+        .await
+        .map_err(stream_err("transfer stream"))
+}
+
+/// A recovery onto a VM of this host: mark it, write each disk's differing blocks, unmark.
+/// A failure midway leaves the VM marked as being restored (never silently half-restored).
+pub async fn restore(env: JobEnv, req: RestoreRequest) {
+    let span = tracing::info_span!("restore", job_id = %req.job, vm = %req.vm);
+    async move {
+        let outcome = match execute_restore(&env, &req).await {
+            Ok((bytes_read, bytes_written)) => {
+                tracing::info!(bytes_read, bytes_written, "restored");
+                JobOutcome::Restored { bytes_read, bytes_written }
+            }
+            Err(f) => {
+                tracing::warn!(reason = %f.reason, "restore failed");
+                JobOutcome::Failed { kind: f.kind, reason: f.reason }
+            }
+        };
+        let _ = env.out.send(AgentMessage::JobResult(JobResult { job: req.job, outcome })).await;
+    }
+    .instrument(span)
+    .await
+}
+
+async fn execute_restore(env: &JobEnv, req: &RestoreRequest) -> Result<(u64, u64), Failure> {
+    let vm = req.vm.as_str().to_owned();
+    let bs = req.block_size as usize;
+    bulwark_protocol::block::check_block_size(bs).map_err(Failure::other)?;
+    {
+        let (backend, host, vm, create, disks) =
+            (env.backend.clone(), env.host.clone(), vm.clone(), req.create.clone(), req.disks.clone());
+        let what = format!("recovery job {}", req.job);
+        blocking(move || backend.restore_begin(&vm, &host, &what, create.as_ref().map(|c| (c, disks.as_slice()))))
+            .await??;
+    }
+    let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+    let (mut read, mut written) = (0, 0);
+    for d in &req.disks {
+        let disk = Disk { vm: vm.clone(), name: d.name.as_str().to_owned(), block_size: bs, hasher: hasher.clone() };
+        let (r, w) = restore_disk(env, req.job.0, &disk).await?;
+        read += r;
+        written += w;
+    }
+    let (backend, v) = (env.backend.clone(), vm.clone());
+    blocking(move || backend.restore_finish(&v)).await??;
+    Ok((read, written))
+}
+
+async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64), Failure> {
+    let (mut send, mut recv, blocks) = open(env, job, disk, TransferMode::Restore).await?;
+    let size = {
+        let (backend, d) = (env.backend.clone(), disk.clone());
+        blocking(move || backend.disk_size(&d.vm, &d.name)).await??
+    };
+    let (root, pages, read) = {
+        let (backend, d, scratch) = (env.backend.clone(), disk.clone(), env.scratch.clone());
+        blocking(move || hash_disk(&*backend, &d, blocks, &scratch, true)).await??
+    };
+    let bs = disk.block_size;
+    transfer::write_message(&mut send, &TransferMessage::Root { root, bytes_read: read }, bs)
+        .await
+        .map_err(stream_err("transfer stream"))?;
+    let pages = Arc::new(pages);
+    let (mut received, mut written) = (0u64, 0u64);
+    let mut last: Option<u64> = None;
+    loop {
+        let frame = transfer::read(&mut recv, bs).await.map_err(stream_err("restore"))?;
+        let (index, data) = match frame {
+            Some(TransferFrame::Message(TransferMessage::WantPages { nodes })) => {
+                answer_pages(&mut send, &pages, root, nodes, bs).await?;
+                continue;
+            }
+            Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) if blocks_sent == received => break,
+            Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
+                return Err(Failure::other(format!("the coordinator stopped the restore: {reason}")))
+            }
+            Some(TransferFrame::Block { index, id, data }) => {
+                if disk.hasher.id(&data) != id {
+                    return Err(Failure::other(format!("block {index} does not match its id")));
+                }
+                (index, data)
+            }
+            Some(TransferFrame::Zero { index }) => {
+                let len = (bs as u64).min(size.saturating_sub(index.saturating_mul(bs as u64))) as usize;
+                (index, vec![0u8; len])
+            }
+            other => return Err(Failure::other(format!("unexpected frame in a restore: {other:?}"))),
+        };
+        let offset = index.checked_mul(bs as u64).filter(|o| *o + data.len() as u64 <= size);
+        let Some(offset) = offset.filter(|_| index < blocks && last.is_none_or(|l| index > l)) else {
+            return Err(Failure::other(format!("block {index} is out of order or outside the disk")));
+        };
+        last = Some(index);
+        received += 1;
+        written += data.len() as u64;
+        let (backend, d) = (env.backend.clone(), disk.clone());
+        blocking(move || backend.restore_write(&d.vm, &d.name, offset, &data)).await??;
+    }
+    transfer::write_message(&mut send, &TransferMessage::Stored { blocks: received }, bs)
+        .await
+        .map_err(stream_err("transfer stream"))?;
+    let _ = send.finish();
+    Ok((read, written))
+}
+
+/// Reads every block of the snapshot (or, with `current`, of a VM being restored) and builds
+/// its block map (pages in a scratch file).
 fn hash_disk(
     backend: &dyn Hypervisor,
     disk: &Disk,
     blocks: u64,
     scratch: &std::path::Path,
+    current: bool,
 ) -> Result<(TreeRoot, ScratchPages, u64), Failure> {
     std::fs::create_dir_all(scratch).map_err(|e| Failure::other(format!("{}: {e}", scratch.display())))?;
     let mut pages = ScratchPages::new(scratch, disk.hasher.clone())
@@ -355,12 +470,18 @@ fn hash_disk(
     let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Digest)>(4096);
     let (root, read) = std::thread::scope(|s| {
         let reader = s.spawn(move || {
-            backend.read_blocks(&disk.vm, &disk.name, (0..blocks).collect(), disk.block_size, &disk.hasher, &mut |b| {
+            let mut sink = |b: crate::reader::ReadBlock<'_>| {
                 if b.id != ZERO {
                     tx.send((b.index, b.id)).map_err(|_| "tree builder stopped".to_owned())?;
                 }
                 Ok(())
-            })
+            };
+            let all = (0..blocks).collect();
+            if current {
+                backend.read_current(&disk.vm, &disk.name, all, disk.block_size, &disk.hasher, &mut sink)
+            } else {
+                backend.read_blocks(&disk.vm, &disk.name, all, disk.block_size, &disk.hasher, &mut sink)
+            }
         });
         let root = blockmap::update(&mut pages, None, blocks, rx.iter());
         let read = reader.join().map_err(|_| Failure::other("reader thread panicked"))?;

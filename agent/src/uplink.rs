@@ -266,6 +266,25 @@ pub async fn run_session(
                     };
                     actix_rt::spawn(crate::job::run(env, job, rx));
                 }
+                Ok(Some(CoordinatorMessage::RestoreRequest(req))) => {
+                    let Some(backend) = hosting.backend.clone() else {
+                        let refusal = AgentMessage::JobResult(JobResult {
+                            job: req.job,
+                            outcome: JobOutcome::Failed { kind: FailureKind::Other, reason: "this agent has no hypervisor configured".into() },
+                        });
+                        let _ = out_tx.send(refusal).await;
+                        continue;
+                    };
+                    tracing::info!(job_id = %req.job, vm = %req.vm, "restore requested");
+                    let env = JobEnv {
+                        backend,
+                        host: config.host.clone(),
+                        conn: conn.clone(),
+                        out: out_tx.clone(),
+                        scratch: hosting.scratch.clone(),
+                    };
+                    actix_rt::spawn(crate::job::restore(env, req));
+                }
                 Ok(Some(CoordinatorMessage::JobDone { job, committed })) => {
                     match verdicts.remove(&job.0) {
                         Some(v) => { let _ = v.send(committed); }

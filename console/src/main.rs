@@ -116,6 +116,24 @@ enum Command {
         #[command(subcommand)]
         command: RpCommand,
     },
+    /// Recover a VM from a recovery point: onto the original VM (it must be off; only blocks
+    /// that differ are written) or as a new VM on a host.
+    Recover {
+        vm: String,
+        /// A recovery point id, a unique prefix of one, or `latest`.
+        #[arg(long)]
+        rp: String,
+        #[arg(long, value_enum)]
+        to: RecoverTo,
+        /// With --to host: the host to create the VM on.
+        #[arg(long, required_if_eq("to", "host"))]
+        host: Option<String>,
+        /// With --to host: the new VM's name (default VM-restored).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
     /// Stream a disk of a recovery point into a local file.
     RecoverDisk {
         vm: String,
@@ -137,6 +155,12 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum RecoverTo {
+    Original,
+    Host,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -316,6 +340,17 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
             },
         },
         Command::Cc { vm, .. } => AdminRequest::ConsistencyCheck { vm: vm.clone() },
+        Command::Recover { vm, rp, to, host, name, .. } => {
+            if *to == RecoverTo::Original && (host.is_some() || name.is_some()) {
+                anyhow::bail!("--host and --name go with --to host");
+            }
+            AdminRequest::Recover {
+                vm: vm.clone(),
+                rp: rp.clone(),
+                to_host: if *to == RecoverTo::Host { host.clone() } else { None },
+                name: name.clone(),
+            }
+        }
         Command::Rp { command: RpCommand::List { vm } } => AdminRequest::RecoveryPoints { vm: vm.clone() },
         Command::Seed { command: SeedCommand::Import { dir } } => {
             let target = target(&cli)?;
@@ -337,7 +372,10 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         Command::Job { command: JobCommand::Wait { id } } => Some(*id),
         _ => None,
     };
-    let wait_started = matches!(&cli.command, Command::Backup { wait: true, .. } | Command::Cc { wait: true, .. });
+    let wait_started = matches!(
+        &cli.command,
+        Command::Backup { wait: true, .. } | Command::Cc { wait: true, .. } | Command::Recover { wait: true, .. }
+    );
     let response = rt.block_on(async {
         let client = AdminClient::connect(&target).await?;
         let mut r = client.request(request).await;

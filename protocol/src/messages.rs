@@ -146,6 +146,28 @@ pub struct JobRequest {
     pub lease_secs: u32,
 }
 
+/// A recovery onto a VM: the agent hashes the VM's current disks, the coordinator sends only
+/// the blocks that differ from the recovery point (transfer streams in `Restore` mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub job: JobId,
+    /// The VM to write (the original, or the new one to create).
+    pub vm: VmId,
+    /// Create the VM first (alternate-location recovery), with these properties.
+    pub create: Option<NewVm>,
+    pub disks: Vec<DiskInfo>,
+    pub block_size: u32,
+    pub id_key: Option<[u8; 32]>,
+    pub lease_secs: u32,
+}
+
+/// A VM an alternate-location recovery creates (powered off).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewVm {
+    pub os: GuestOs,
+    pub integration_services: bool,
+}
+
 /// Why an agent could not do a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FailureKind {
@@ -168,6 +190,11 @@ pub enum JobOutcome {
         blocks_sent: u64,
         /// The token the replica is current with once the coordinator has committed.
         next_token: ChangeToken,
+    },
+    /// A recovery wrote the VM's disks.
+    Restored {
+        bytes_read: u64,
+        bytes_written: u64,
     },
     Failed {
         kind: FailureKind,
@@ -200,6 +227,7 @@ pub enum CoordinatorMessage {
         reason: String,
     },
     JobRequest(JobRequest),
+    RestoreRequest(RestoreRequest),
     /// The coordinator's verdict on a job the agent reported: `committed` advances the change
     /// token and releases the snapshot; otherwise the snapshot is released and its changes
     /// are kept for the next run.
@@ -288,6 +316,14 @@ pub enum AdminRequest {
         /// A recovery point id, a unique prefix of one, or `latest`.
         rp: String,
         disk: String,
+    },
+    /// Recover a VM from a recovery point: onto itself (it must be off) or, with `to_host`,
+    /// as a new VM on that host.
+    Recover {
+        vm: String,
+        rp: String,
+        to_host: Option<String>,
+        name: Option<String>,
     },
     /// Load one disk of a seed: answered by [`AdminResponse::SeedReady`]; the console then
     /// sends the disk's blocks (in that block size, increasing order, transfer frames) and

@@ -16,6 +16,10 @@
 //!   (top-down, only mismatching subtrees) → C `WantBlocks` → A blocks/zeros → A `End` → …
 //!   → C `Stored`.
 //!
+//! - **restore** (recovery onto a VM): A `Open` → A `Root` (the VM's current disk) → C
+//!   `WantPages` ⇄ A `Pages` → C blocks/zeros that differ from the recovery point → C `End` →
+//!   A `Stored` (once written and synced).
+//!
 //! QUIC flow control is the back-pressure: a slow store stops reading, the agent's writes wait.
 
 use crate::block::{Digest, BLOCK_HEADER_LEN, ZERO};
@@ -41,6 +45,10 @@ pub enum TransferMode {
     Blocks,
     /// A consistency check: trees are compared first, then only mismatching blocks move.
     Compare,
+    /// A recovery: trees are compared first (the agent's is the VM's current disk), then the
+    /// coordinator sends the blocks that differ from the recovery point; the agent writes them
+    /// and answers `Stored`.
+    Restore,
 }
 
 /// Control messages on a transfer stream.

@@ -65,6 +65,7 @@ pub fn create_vm(root: &Path, req: &CreateVm) -> Result<(), SimError> {
         disks: req.disks.clone(),
         snapshot: None,
         next_snapshot: 1,
+        restoring: None,
     };
     let vm = Vm::create(root, config)?;
     if req.random_fill {

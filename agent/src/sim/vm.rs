@@ -119,6 +119,10 @@ pub struct VmConfig {
     /// Set while the guest is frozen or paused for a snapshot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen: Option<Frozen>,
+    /// Set while a recovery writes the disks (what it was): a VM left with this set was never
+    /// fully restored and must be restored again before it is started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring: Option<String>,
 }
 
 /// Change tokens are the protocol's: generation (bumped when tracking is lost) and sequence
@@ -535,6 +539,51 @@ impl Vm {
             std::fs::remove_file(&frozen_path).map_err(io(&frozen_path))?;
         }
         Ok(())
+    }
+
+    /// A recovery is about to overwrite the disks: the VM must be off and hold no snapshot.
+    /// Marks the VM as being restored (persistently) until [`Vm::restore_finish`].
+    pub fn restore_begin(&mut self, what: &str) -> Result<(), SimError> {
+        if self.config.power != Power::Off {
+            return Err(SimError::Refused(format!(
+                "{} is {}: turn it off before restoring onto it",
+                self.config.name,
+                match self.config.power {
+                    Power::Running => "running",
+                    Power::Paused => "paused",
+                    Power::Off => "off",
+                }
+            )));
+        }
+        if let Some(s) = &self.config.snapshot {
+            return Err(SimError::Busy(format!("{} holds snapshot {} for {}", self.config.name, s.id, s.holder)));
+        }
+        self.config.restoring = Some(what.to_owned());
+        self.save()
+    }
+
+    /// Writes restored bytes straight into a disk image (not a guest write: untracked).
+    pub fn restore_write(&self, disk: &str, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        if self.config.restoring.is_none() {
+            return Err(SimError::Invalid(format!("{} is not being restored", self.config.name)));
+        }
+        let size = self.disk(disk)?.size;
+        if offset.checked_add(data.len() as u64).is_none_or(|e| e > size) {
+            return Err(SimError::Invalid(format!("a restore write at {offset} does not fit disk {disk}")));
+        }
+        let img = self.image(disk);
+        OpenOptions::new().write(true).open(&img).map_err(io(&img))?.write_all_at(data, offset).map_err(io(&img))
+    }
+
+    /// The restore is complete: the images are synced, the mark cleared, and change tracking
+    /// starts over (the disks no longer follow the replica's history).
+    pub fn restore_finish(&mut self) -> Result<(), SimError> {
+        for d in self.config.disks.clone() {
+            let img = self.image(&d.name);
+            File::open(&img).map_err(io(&img))?.sync_all().map_err(io(&img))?;
+        }
+        self.config.restoring = None;
+        self.lose_tracking()
     }
 
     /// Tracking is lost (host crash, storage migration): new generation, everything dirty.

@@ -173,6 +173,19 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// What the job did, in words (maintenance reports).
     pub detail: Option<String>,
+    /// For a recovery job: what to recover where.
+    pub recovery: Option<RecoverySpec>,
+}
+
+/// A recovery job's parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverySpec {
+    /// The recovery point (of the job's VM).
+    pub rp: [u8; 16],
+    /// None: onto the original VM; else as a new VM on this host.
+    pub to_host: Option<String>,
+    /// The new VM's name (alternate location).
+    pub name: Option<String>,
 }
 
 impl JobRecord {
@@ -191,6 +204,7 @@ impl JobRecord {
             consistency: None,
             error: None,
             detail: None,
+            recovery: None,
         }
     }
 }

@@ -290,13 +290,17 @@ pub struct Enqueue {
     pub kind: JobKind,
     pub automatic: bool,
     pub reason: String,
+    /// A recovery's parameters (recoveries are never merged with another job).
+    pub recovery: Option<crate::catalog::RecoverySpec>,
 }
 
 impl Handler<Enqueue> for JobQueue {
     type Result = Result<u64, String>;
     fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
         // One waiting job of a kind per VM: asking twice gives the same job.
-        if let Some((&id, _)) = self
+        if msg.recovery.is_some() {
+            // Recoveries are each their own.
+        } else if let Some((&id, _)) = self
             .active
             .iter()
             .find(|(id, (vm, kind))| *vm == msg.vm && *kind == msg.kind && !self.running.contains_key(id))
@@ -318,6 +322,7 @@ impl Handler<Enqueue> for JobQueue {
         let id = catalog.next_job_id().map_err(|e| e.to_string())?;
         let mut job = JobRecord::queued(id, msg.kind, Some(msg.vm.clone()));
         job.detail = Some(msg.reason.clone());
+        job.recovery = msg.recovery;
         catalog.put_job(&job).map_err(|e| e.to_string())?;
         tracing::info!(job_id = id, vm = %msg.vm, kind = msg.kind.as_str(), reason = %msg.reason, "job queued");
         self.active.insert(id, (msg.vm, msg.kind));

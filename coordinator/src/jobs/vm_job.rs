@@ -118,6 +118,9 @@ fn wire_kind(kind: JobKind) -> Option<WireKind> {
 }
 
 async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failure> {
+    if job.kind == JobKind::Recovery {
+        return execute_recovery(ctx, job).await;
+    }
     let catalog = ctx.catalog().clone();
     let name = job.vm.clone().ok_or_else(|| Failure::stop("a VM job without a VM"))?;
     let vm: VmRecord = catalog
@@ -253,6 +256,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
             let started = !done.is_empty();
             return Err(if started { midway(reason, job.kind) } else { Failure::retry(reason) });
         }
+        JobOutcome::Restored { .. } => return Err(Failure::stop("the agent answered a backup with a restore")),
     };
     if job.kind != JobKind::ConsistencyCheck {
         job.bytes_scanned = bytes_read;
@@ -315,6 +319,111 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
     }
 }
 
+/// A recovery: the agent of the target host hashes the target VM's disks; each disk gets only
+/// the blocks that differ from the recovery point.
+async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failure> {
+    use bulwark_protocol::messages::{DiskInfo, NewVm, RestoreRequest};
+    let catalog = ctx.catalog().clone();
+    let name = job.vm.clone().ok_or_else(|| Failure::stop("a recovery without a VM"))?;
+    let spec = job.recovery.clone().ok_or_else(|| Failure::stop("a recovery job without its parameters"))?;
+    let vm = catalog
+        .vm(&name)
+        .map_err(|e| Failure::retry(e.to_string()))?
+        .ok_or_else(|| Failure::stop(format!("no VM {name}")))?;
+    let rp = catalog
+        .recovery_points(&name)
+        .map_err(|e| Failure::retry(e.to_string()))?
+        .into_iter()
+        .find(|r| r.id == spec.rp)
+        .ok_or_else(|| {
+            Failure::stop(format!("recovery point {} of {name} no longer exists", crate::store::hex(&spec.rp)))
+        })?;
+    let (target, host, create) = match &spec.to_host {
+        None => (name.clone(), vm.host.clone(), None),
+        Some(h) => (
+            spec.name.clone().unwrap_or_else(|| format!("{name}-restored")),
+            h.clone(),
+            Some(NewVm { os: vm.os, integration_services: true }),
+        ),
+    };
+    let block_size = rp.disks.first().map_or(crate::policy::DEFAULT_BLOCK_SIZE, |d| d.block_size);
+    if rp.disks.iter().any(|d| d.block_size != block_size) {
+        return Err(Failure::stop("the recovery point's disks have different block sizes"));
+    }
+    let disks = rp
+        .disks
+        .iter()
+        .map(|d| Ok(DiskInfo { name: bulwark_protocol::DiskId::new(d.name.clone())?, size_bytes: d.size_bytes }))
+        .collect::<Result<Vec<_>, bulwark_protocol::ids::IdError>>()
+        .map_err(|e| Failure::stop(e.to_string()))?;
+    let (session, conn_id) = ctx
+        .registry
+        .send(SessionOf { host: host.clone() })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| Failure::retry(format!("the agent of {host} is not connected")))?;
+    let request = RestoreRequest {
+        job: JobId(job.id),
+        vm: VmId::new(target.clone()).map_err(|e| Failure::stop(e.to_string()))?,
+        create,
+        disks,
+        block_size,
+        id_key: ctx.store.codec().hasher.id_key(),
+        lease_secs: ctx.lease.as_secs().min(u64::from(u32::MAX)) as u32,
+    };
+    let (mut streams, mut result) = ctx.router.register(job.id, &host, conn_id);
+    session.do_send(SendToAgent(CoordinatorMessage::RestoreRequest(request)));
+    tracing::info!(%host, %target, rp = %crate::store::hex(&rp.id), "recovery sent to the agent");
+    let mut restored = 0usize;
+    let outcome = loop {
+        tokio::select! {
+            s = streams.recv() => {
+                let Some(mut s) = s else { return Err(Failure::retry("the job's stream router closed")) };
+                let Some(d) = rp.disks.iter().find(|d| d.name == s.disk) else {
+                    return Err(Failure::stop(format!("the agent opened a stream for disk {}, not in the recovery point", s.disk)));
+                };
+                let blocks = d.size_bytes.div_ceil(u64::from(block_size));
+                if s.mode != TransferMode::Restore || s.blocks != blocks || s.block_size != block_size {
+                    return Err(Failure::stop("the agent's restore stream does not fit the recovery point"));
+                }
+                if let Err(e) = compare::restore(ctx, &mut s, d.root, job).await {
+                    let _ = fail_stream(&mut s.send, &e, block_size as usize).await;
+                    return Err(Failure::stop(format!(
+                        "disk {}: {e}; {target} is marked as not fully restored: recover it again",
+                        d.name
+                    )));
+                }
+                restored += 1;
+                save(ctx, job);
+            }
+            r = &mut result => match r {
+                Ok(r) => break r,
+                Err(_) => return Err(Failure::retry(format!("the connection to {host} was lost"))),
+            },
+            () = tokio::time::sleep(ctx.lease) => {
+                return Err(Failure::stop(format!("no word from the agent of {host} for {:?}", ctx.lease)));
+            }
+        }
+    };
+    match outcome.outcome {
+        JobOutcome::Restored { bytes_read, .. } if restored == rp.disks.len() => {
+            job.bytes_scanned = bytes_read;
+            job.consistency = Some(rp.consistency);
+            job.detail = Some(format!(
+                "recovery point {} restored onto {target} on {host}: {} block(s) written",
+                crate::store::hex(&rp.id),
+                job.blocks_changed
+            ));
+            Ok(())
+        }
+        JobOutcome::Restored { .. } => Err(Failure::stop("the agent reported a restore of fewer disks than sent")),
+        JobOutcome::Failed { kind: FailureKind::Refused, reason } => Err(Failure::stop(reason)),
+        JobOutcome::Failed { reason, .. } => Err(Failure::stop(reason)),
+        JobOutcome::Succeeded { .. } => Err(Failure::stop("the agent answered a restore with a backup")),
+    }
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -358,6 +467,7 @@ async fn disk_transfer(
     let r = match s.mode {
         TransferMode::Blocks => receive_blocks(ingest, &mut s, blocks, old, job).await,
         TransferMode::Compare => compare::run(ctx, ingest, &mut s, blocks, old, job).await,
+        TransferMode::Restore => Err("a restore stream in a backup job".into()),
     };
     match r {
         Ok(done) => {

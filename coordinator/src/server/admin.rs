@@ -94,6 +94,7 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::Backup { vm, kind } => protect::run_now(state, vm, protect::backup_kind(kind)).await,
         AdminRequest::ConsistencyCheck { vm } => protect::run_now(state, vm, JobKind::ConsistencyCheck).await,
         AdminRequest::RecoveryPoints { vm } => protect::rp_list(state, vm).await,
+        AdminRequest::Recover { vm, rp, to_host, name } => protect::recover(state, vm, rp, to_host, name).await,
         AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } => {
             AdminResponse::Error { message: "a streaming request reached the plain handler".into() }
         }

@@ -115,6 +115,7 @@ async fn start_initial(state: &Arc<State>, g: &GroupRecord, vms: &[String]) {
             kind: JobKind::Initial,
             automatic: false,
             reason: "replica creation: now".into(),
+            recovery: None,
         };
         if let Ok(Err(e)) = state.jobs.send(msg).await {
             tracing::warn!(%vm, error = %e, "cannot queue the initial copy");
@@ -278,7 +279,7 @@ pub async fn run_now(state: &Arc<State>, vm: String, kind: JobKind) -> AdminResp
         Err(e) => return err(e),
     }
     let reason = format!("{} requested by an administrator", kind.as_str());
-    match state.jobs.send(Enqueue { vm, kind, automatic: false, reason }).await {
+    match state.jobs.send(Enqueue { vm, kind, automatic: false, reason, recovery: None }).await {
         Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
         Ok(Err(e)) => err(e),
         Err(e) => err(format!("the job queue is gone: {e}")),
@@ -493,6 +494,54 @@ pub async fn seed_import(
             }
         }
         Err(e) => err(format!("seed import of {vm}/{disk} failed: {e}")),
+    }
+}
+
+/// `recover`: queue a recovery of `vm` from recovery point `rp` onto itself or, with
+/// `to_host`, as a new VM there.
+pub async fn recover(
+    state: &Arc<State>,
+    vm: String,
+    rp: String,
+    to_host: Option<String>,
+    name: Option<String>,
+) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let (v, h, n) = (vm.clone(), to_host.clone(), name.clone());
+    let checked = blocking(move || {
+        let rec = catalog.vm(&v).map_err(|e| e.to_string())?.ok_or_else(|| format!("no VM named {v}"))?;
+        let point = find_rp(&catalog, &v, &rp)?;
+        match &h {
+            None => {
+                if rec.power != PowerState::Off {
+                    return Err(format!("{v} is not off: turn it off before recovering onto it (or use --to host)"));
+                }
+            }
+            Some(host) => {
+                if catalog.agent(host).map_err(|e| e.to_string())?.is_none_or(|a| a.revoked) {
+                    return Err(format!("{host} is not an enrolled host"));
+                }
+                let new = n.clone().unwrap_or_else(|| format!("{v}-restored"));
+                bulwark_protocol::VmId::new(new.clone()).map_err(|e| format!("--name: {e}"))?;
+                if catalog.vm(&new).map_err(|e| e.to_string())?.is_some() {
+                    return Err(format!("a VM named {new} exists already: choose another --name"));
+                }
+            }
+        }
+        Ok(point.id)
+    })
+    .await;
+    let rp_id = match checked {
+        Ok(id) => id,
+        Err(e) => return err(e),
+    };
+    let spec = crate::catalog::RecoverySpec { rp: rp_id, to_host, name };
+    let reason = format!("recovery of {vm} from {} requested by an administrator", crate::store::hex(&rp_id));
+    match state.jobs.send(Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
+    {
+        Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
+        Ok(Err(e)) => err(e),
+        Err(e) => err(format!("the job queue is gone: {e}")),
     }
 }
 

@@ -218,7 +218,7 @@ impl GroupActor {
         tracing::info!(kind = kind.as_str(), members = members.len(), "schedule due");
         for vm in members {
             let delay = Duration::from_secs(policy::jitter(vm, due, self.jitter.as_secs()));
-            let msg = Enqueue { vm: vm.clone(), kind, automatic: true, reason: reason.to_owned() };
+            let msg = Enqueue { vm: vm.clone(), kind, automatic: true, reason: reason.to_owned(), recovery: None };
             let jobs = self.jobs.clone();
             ctx.run_later(delay, move |_, _| jobs.do_send(msg));
         }
@@ -236,6 +236,7 @@ impl GroupActor {
                     kind: JobKind::Initial,
                     automatic: true,
                     reason: "replica creation: now".into(),
+                    recovery: None,
                 });
             } else if let (true, Some(r)) = (cc, inconsistent) {
                 self.jobs.do_send(Enqueue {
@@ -243,6 +244,7 @@ impl GroupActor {
                     kind: JobKind::ConsistencyCheck,
                     automatic: true,
                     reason: format!("replica inconsistent: {}", r.reason.as_deref().unwrap_or("no reason recorded")),
+                    recovery: None,
                 });
             }
         }
