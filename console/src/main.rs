@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
 use bulwark_protocol::messages::{
     AdminRequest, AdminResponse, AgentInfo, BackupKind, GroupInfo, JobInfo, MaintenanceKind, PolicySpec,
+    RecoveryOptions,
 };
 use bulwark_protocol::HostId;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -133,6 +134,8 @@ enum Command {
         name: Option<String>,
         #[arg(long)]
         wait: bool,
+        #[command(flatten)]
+        options: RecoveryOpts,
     },
     /// Stream a disk of a recovery point into a local file.
     RecoverDisk {
@@ -142,6 +145,8 @@ enum Command {
         rp: String,
         #[arg(long)]
         disk: String,
+        #[command(flatten)]
+        options: RecoveryOpts,
     },
     /// Seeds (manual replica creation from removable media).
     Seed {
@@ -155,6 +160,43 @@ enum Command {
         #[arg(long)]
         keep_running: bool,
     },
+}
+
+/// Recovery options (bandwidth throttling with a time window, e-mail when done).
+#[derive(Debug, Clone, clap::Args)]
+struct RecoveryOpts {
+    /// Bandwidth limit, e.g. `10MiB/s`.
+    #[arg(long)]
+    limit: Option<String>,
+    /// Apply --limit only between these times (coordinator local time), e.g. `08:00-18:00`.
+    #[arg(long, requires = "limit")]
+    window: Option<String>,
+    /// E-mail this address when the recovery finishes or fails (`[smtp]` in coordinator.toml).
+    #[arg(long)]
+    notify: Option<String>,
+}
+
+impl RecoveryOpts {
+    fn wire(&self) -> anyhow::Result<RecoveryOptions> {
+        let limit_bps = self
+            .limit
+            .as_deref()
+            .map(|r| bulwark_protocol::units::parse_rate(r).map_err(|e| anyhow::anyhow!("--limit {r:?}: {e}")))
+            .transpose()?;
+        let window = self
+            .window
+            .as_deref()
+            .map(|w| {
+                let (a, b) = w.split_once('-').with_context(|| format!("--window {w:?}: write HH:MM-HH:MM"))?;
+                let t = |x: &str| {
+                    bulwark_coordinator::policy::parse_hhmm(x.trim())
+                        .with_context(|| format!("--window: {x:?} is not HH:MM"))
+                };
+                Ok::<_, anyhow::Error>((t(a)?, t(b)?))
+            })
+            .transpose()?;
+        Ok(RecoveryOptions { limit_bps, window, notify: self.notify.clone() })
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -340,7 +382,7 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
             },
         },
         Command::Cc { vm, .. } => AdminRequest::ConsistencyCheck { vm: vm.clone() },
-        Command::Recover { vm, rp, to, host, name, .. } => {
+        Command::Recover { vm, rp, to, host, name, options, .. } => {
             if *to == RecoverTo::Original && (host.is_some() || name.is_some()) {
                 anyhow::bail!("--host and --name go with --to host");
             }
@@ -349,6 +391,7 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
                 rp: rp.clone(),
                 to_host: if *to == RecoverTo::Host { host.clone() } else { None },
                 name: name.clone(),
+                options: options.wire()?,
             }
         }
         Command::Rp { command: RpCommand::List { vm } } => AdminRequest::RecoveryPoints { vm: vm.clone() },
@@ -356,13 +399,18 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
             let target = target(&cli)?;
             return seed_import(&target, dir, format);
         }
-        Command::RecoverDisk { vm, rp, disk } => {
+        Command::RecoverDisk { vm, rp, disk, options } => {
             // CONTRACT: `recover-disk … --output FILE`: here the global flag names the file.
             if cli.output == "text" {
                 anyhow::bail!("recover-disk needs --output FILE");
             }
             let target = target(&cli)?;
-            let req = AdminRequest::RecoverDisk { vm: vm.clone(), rp: rp.clone(), disk: disk.clone() };
+            let req = AdminRequest::RecoverDisk {
+                vm: vm.clone(),
+                rp: rp.clone(),
+                disk: disk.clone(),
+                options: options.wire()?,
+            };
             return recover_disk(&target, req, std::path::Path::new(&cli.output));
         }
     };

@@ -25,6 +25,35 @@ pub struct CoordinatorConfig {
     /// Job concurrency.
     #[serde(default)]
     pub jobs: JobLimits,
+    /// The mail server for `--notify` (absent: notifications fail with a clear reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<SmtpConfig>,
+}
+
+/// `[smtp]` in `coordinator.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub server: String,
+    #[serde(default = "default_smtp_port")]
+    pub port: u16,
+    /// The sender address.
+    pub from: String,
+    /// `none` (plain, e.g. a local relay), `starttls` or `tls`.
+    #[serde(default = "default_smtp_tls")]
+    pub tls: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+fn default_smtp_port() -> u16 {
+    25
+}
+
+fn default_smtp_tls() -> String {
+    "starttls".into()
 }
 
 /// `[jobs]` in `coordinator.toml`: how many VM jobs run at once.

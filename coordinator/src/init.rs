@@ -140,6 +140,7 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
         encrypt: opts.encrypt,
         agent_cert_validity: "730days".into(),
         jobs: crate::config::JobLimits::default(),
+        smtp: None,
     };
     config.save(&dir)?;
     Ok(config)

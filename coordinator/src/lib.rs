@@ -9,6 +9,8 @@
 //! - [`server`]: the listener, registry and session actors, and the admin API.
 //! - [`store`]: the replica store (chunks, packs, block maps, verify, GC).
 //! - [`policy`]: protection-group policy: validation, schedule math, the space plan.
+//! - [`notify`]: e-mail when a recovery finishes.
+//! - [`throttle`]: recovery bandwidth throttling with a time window.
 //! - [`jobs`]: the job queue and VM jobs (initial, sync, express full, consistency check).
 //! - [`admin_client`]: the client side of the admin API (used by the console).
 //! - [`cli`]: the `bulwark-coordinator` command line.
@@ -22,6 +24,8 @@ pub mod cli;
 pub mod config;
 pub mod init;
 pub mod jobs;
+pub mod notify;
 pub mod policy;
 pub mod server;
 pub mod store;
+pub mod throttle;

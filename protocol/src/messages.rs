@@ -316,6 +316,7 @@ pub enum AdminRequest {
         /// A recovery point id, a unique prefix of one, or `latest`.
         rp: String,
         disk: String,
+        options: RecoveryOptions,
     },
     /// Recover a VM from a recovery point: onto itself (it must be off) or, with `to_host`,
     /// as a new VM on that host.
@@ -324,6 +325,7 @@ pub enum AdminRequest {
         rp: String,
         to_host: Option<String>,
         name: Option<String>,
+        options: RecoveryOptions,
     },
     /// Load one disk of a seed: answered by [`AdminResponse::SeedReady`]; the console then
     /// sends the disk's blocks (in that block size, increasing order, transfer frames) and
@@ -335,6 +337,17 @@ pub enum AdminRequest {
         /// Where the seed came from, for the replica's record.
         source: String,
     },
+}
+
+/// Options of every recovery (CONTRACT: "recovery options on `recover*`").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryOptions {
+    /// Bandwidth limit, bytes per second.
+    pub limit_bps: Option<u64>,
+    /// The limit applies inside `[start, end)` minutes after midnight (coordinator local time).
+    pub window: Option<(u16, u16)>,
+    /// E-mail this address when the recovery finishes or fails.
+    pub notify: Option<String>,
 }
 
 /// What `bulwark backup` asks for.

@@ -186,6 +186,8 @@ pub struct RecoverySpec {
     pub to_host: Option<String>,
     /// The new VM's name (alternate location).
     pub name: Option<String>,
+    /// Throttle and notification.
+    pub options: bulwark_protocol::messages::RecoveryOptions,
 }
 
 impl JobRecord {

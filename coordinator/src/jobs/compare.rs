@@ -233,7 +233,14 @@ pub async fn restore(
     s: &mut TransferStream,
     rp_root: TreeRoot,
     job: &mut JobRecord,
+    options: &bulwark_protocol::messages::RecoveryOptions,
 ) -> Result<(), String> {
+    let mut throttle = options.limit_bps.map(|bytes_per_sec| {
+        crate::throttle::Throttle::new(
+            crate::throttle::Limit { bytes_per_sec, window: options.window },
+            std::time::Instant::now(),
+        )
+    });
     let (theirs, bytes_read) = match read_frame(s).await? {
         TransferFrame::Message(TransferMessage::Root { root, bytes_read }) => (root, bytes_read),
         other => return Err(format!("expected the disk's root, got {other:?}")),
@@ -278,6 +285,7 @@ pub async fn restore(
     };
     let mut sent = 0u64;
     while let Some((body, n)) = rx.recv().await {
+        crate::throttle::pace(&mut throttle, body.len() as u64).await;
         transfer::write_body(&mut s.send, &body, bs).await.map_err(|e| e.to_string())?;
         sent += 1;
         job.bytes_transferred += n;

@@ -108,6 +108,8 @@ pub struct JobContext {
     pub registry: Addr<Registry>,
     pub router: Arc<JobRouter>,
     pub lease: Duration,
+    /// For `--notify`.
+    pub smtp: Option<crate::config::SmtpConfig>,
 }
 
 impl JobContext {

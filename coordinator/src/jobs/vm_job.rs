@@ -79,10 +79,41 @@ pub async fn run(ctx: Arc<JobContext>, mut job: JobRecord) -> Finished {
             }
         };
         save(&ctx, &job);
+        if let Some(to) = job.recovery.as_ref().and_then(|r| r.options.notify.clone()) {
+            if !(retry && job.state == JobState::Failed) {
+                notify_done(&ctx, &job, to);
+            }
+        }
         Finished { job, retry }
     }
     .instrument(span)
     .await
+}
+
+/// Mails the outcome of a finished recovery (in the background; a failure is logged).
+fn notify_done(ctx: &JobContext, job: &JobRecord, to: String) {
+    let smtp = ctx.smtp.clone();
+    let subject = format!(
+        "Bulwark: recovery of {} {}",
+        job.vm.as_deref().unwrap_or("?"),
+        if job.state == JobState::Succeeded { "succeeded" } else { "FAILED" }
+    );
+    let body = format!(
+        "Job {} ({}) {}.\n{}\nBytes written: {}\nBlocks written: {}\n",
+        job.id,
+        job.kind.as_str(),
+        job.state.as_str(),
+        job.error.as_deref().or(job.detail.as_deref()).unwrap_or(""),
+        job.bytes_transferred,
+        job.blocks_changed
+    );
+    let span = tracing::Span::current();
+    actix_rt::spawn(async move {
+        match crate::notify::send(smtp.as_ref(), &to, &subject, body).await {
+            Ok(()) => tracing::info!(parent: &span, %to, "recovery notification sent"),
+            Err(e) => tracing::warn!(parent: &span, %to, error = %e, "recovery notification not sent"),
+        }
+    });
 }
 
 fn save(ctx: &JobContext, job: &JobRecord) {
@@ -387,7 +418,7 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
                 if s.mode != TransferMode::Restore || s.blocks != blocks || s.block_size != block_size {
                     return Err(Failure::stop("the agent's restore stream does not fit the recovery point"));
                 }
-                if let Err(e) = compare::restore(ctx, &mut s, d.root, job).await {
+                if let Err(e) = compare::restore(ctx, &mut s, d.root, job, &spec.options).await {
                     let _ = fail_stream(&mut s.send, &e, block_size as usize).await;
                     return Err(Failure::stop(format!(
                         "disk {}: {e}; {target} is marked as not fully restored: recover it again",

@@ -35,8 +35,8 @@ pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
                     Err(e) => return violation(&conn, "malformed admin request", &e),
                 };
                 let response = match (check_version(env.version), env.request) {
-                    (Ok(_), AdminRequest::RecoverDisk { vm, rp, disk }) => {
-                        protect::recover_disk(&state, &mut send, vm, rp, disk).await;
+                    (Ok(_), AdminRequest::RecoverDisk { vm, rp, disk, options }) => {
+                        protect::recover_disk(&state, &mut send, vm, rp, disk, options).await;
                         let _ = send.finish();
                         return;
                     }
@@ -94,7 +94,9 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::Backup { vm, kind } => protect::run_now(state, vm, protect::backup_kind(kind)).await,
         AdminRequest::ConsistencyCheck { vm } => protect::run_now(state, vm, JobKind::ConsistencyCheck).await,
         AdminRequest::RecoveryPoints { vm } => protect::rp_list(state, vm).await,
-        AdminRequest::Recover { vm, rp, to_host, name } => protect::recover(state, vm, rp, to_host, name).await,
+        AdminRequest::Recover { vm, rp, to_host, name, options } => {
+            protect::recover(state, vm, rp, to_host, name, options).await
+        }
         AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } => {
             AdminResponse::Error { message: "a streaming request reached the plain handler".into() }
         }

@@ -129,6 +129,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         registry: registry.clone(),
         router: router.clone(),
         lease,
+        smtp: authority.config().smtp.clone(),
     });
     let jobs = crate::jobs::JobQueue::new(job_ctx, limits.max_running, limits.per_agent).start();
     let _scheduler = scheduler::Scheduler::new(catalog.clone(), jobs.clone(), workers.clone(), jitter).start();

@@ -344,7 +344,21 @@ pub fn find_rp(catalog: &Catalog, vm: &str, spec: &str) -> Result<RecoveryPointR
 
 /// Streams a disk of a recovery point on `send`: `DiskStream`, then every block as a
 /// transfer frame in order (zero blocks as zero frames), then `End`.
-pub async fn recover_disk(state: &Arc<State>, send: &mut quinn::SendStream, vm: String, rp: String, disk: String) {
+pub async fn recover_disk(
+    state: &Arc<State>,
+    send: &mut quinn::SendStream,
+    vm: String,
+    rp: String,
+    disk: String,
+    options: bulwark_protocol::messages::RecoveryOptions,
+) {
+    let mut throttle = options.limit_bps.map(|bytes_per_sec| {
+        crate::throttle::Throttle::new(
+            crate::throttle::Limit { bytes_per_sec, window: options.window },
+            std::time::Instant::now(),
+        )
+    });
+    let what = format!("disk {disk} of {vm} ({rp})");
     let catalog = state.store.catalog().clone();
     let found = blocking(move || {
         let rp = find_rp(&catalog, &vm, &rp)?;
@@ -390,18 +404,42 @@ pub async fn recover_disk(state: &Arc<State>, send: &mut quinn::SendStream, vm: 
         })
     });
     let mut sent = 0u64;
+    let mut bytes = 0u64;
+    let mut broke = None;
     while let Some(body) = rx.recv().await {
-        if transfer::write_body(send, &body, bs).await.is_err() {
-            return;
+        crate::throttle::pace(&mut throttle, body.len() as u64).await;
+        if let Err(e) = transfer::write_body(send, &body, bs).await {
+            broke = Some(format!("the console went away: {e}"));
+            break;
         }
         sent += 1;
+        bytes += body.len() as u64;
     }
-    let end = match reader.await {
-        Ok(Ok(())) => TransferMessage::End { blocks_sent: sent, bytes_read: 0 },
-        Ok(Err(e)) => TransferMessage::Failed { reason: e.to_string() },
-        Err(e) => TransferMessage::Failed { reason: e.to_string() },
+    drop(rx);
+    let end = match (reader.await, broke) {
+        (_, Some(e)) => TransferMessage::Failed { reason: e },
+        (Ok(Ok(())), None) => TransferMessage::End { blocks_sent: sent, bytes_read: 0 },
+        (Ok(Err(e)), None) => TransferMessage::Failed { reason: e.to_string() },
+        (Err(e), None) => TransferMessage::Failed { reason: e.to_string() },
     };
     let _ = transfer::write_message(send, &end, bs).await;
+    if let Some(to) = options.notify {
+        let (subject, body) = match &end {
+            TransferMessage::End { .. } => (
+                format!("Bulwark: recovery of {what} succeeded"),
+                format!("{what}: {sent} block(s), {bytes} bytes streamed to the console.\n"),
+            ),
+            TransferMessage::Failed { reason } => {
+                (format!("Bulwark: recovery of {what} FAILED"), format!("{what}: {reason}\n"))
+            }
+            _ => return,
+        };
+        let smtp = state.authority.config().smtp.clone();
+        match crate::notify::send(smtp.as_ref(), &to, &subject, body).await {
+            Ok(()) => tracing::info!(%to, "recovery notification sent"),
+            Err(e) => tracing::warn!(%to, error = %e, "recovery notification not sent"),
+        }
+    }
 }
 
 /// Loads one disk of a seed into a new replica, marked inconsistent until a consistency
@@ -505,6 +543,7 @@ pub async fn recover(
     rp: String,
     to_host: Option<String>,
     name: Option<String>,
+    options: bulwark_protocol::messages::RecoveryOptions,
 ) -> AdminResponse {
     let catalog = state.store.catalog().clone();
     let (v, h, n) = (vm.clone(), to_host.clone(), name.clone());
@@ -535,7 +574,7 @@ pub async fn recover(
         Ok(id) => id,
         Err(e) => return err(e),
     };
-    let spec = crate::catalog::RecoverySpec { rp: rp_id, to_host, name };
+    let spec = crate::catalog::RecoverySpec { rp: rp_id, to_host, name, options };
     let reason = format!("recovery of {vm} from {} requested by an administrator", crate::store::hex(&rp_id));
     match state.jobs.send(Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
     {
