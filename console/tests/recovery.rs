@@ -71,3 +71,48 @@ fn recovery_to_the_original_vm_writes_only_the_difference_and_to_a_host_makes_a_
     assert!(String::from_utf8_lossy(&again.stderr).contains("exists"), "{again:?}");
     assert_eq!(disk(&root, "r2"), original, "and r2 is untouched");
 }
+
+#[test]
+fn an_agent_killed_during_a_recovery_leaves_the_vm_marked_and_a_new_recovery_completes_it() {
+    let mut c = Cluster::start();
+    let root = c.root.path().join("sim");
+    let req = CreateVm {
+        power: Power::Off,
+        random_fill: true,
+        seed: 9,
+        ..CreateVm::new("k", "node1", vec![DiskConfig { name: "os".into(), size: 48 * MIB }])
+    };
+    sim::create_vm(&root, &req).unwrap();
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("k").is_some());
+    c.json(&["group", "create", "g", "--vm", "k", "--sync-every", "off", "--recovery-points", "none"]);
+    wait_until("initial replica", Duration::from_secs(60), || c.vm("k").unwrap()["replica_state"] == "consistent");
+    let original = disk(&root, "k");
+    // The disk is wiped (untracked), then restored slowly; the agent dies midway.
+    std::fs::write(root.join("vms/k/os.img"), vec![0u8; (48 * MIB) as usize]).unwrap();
+    let started = c.json(&["recover", "k", "--rp", "latest", "--to", "original", "--limit", "8MiB/s"]);
+    let id = started["job_id"].as_u64().unwrap().to_string();
+    wait_until("the restore is writing", Duration::from_secs(30), || {
+        let d = disk(&root, "k");
+        d.iter().any(|b| *b != 0) && Vm::open(&root, "k").unwrap().config.restoring.is_some()
+    });
+    c.agents[0].signal(9);
+    let _ = c.agents[0].child.wait();
+    let vm = Vm::open(&root, "k").unwrap();
+    assert!(vm.config.restoring.is_some(), "a half-written VM stays marked");
+    drop(vm);
+    assert_ne!(disk(&root, "k"), original, "it was interrupted midway");
+    wait_until("the job failed with the reason", Duration::from_secs(60), || {
+        let j = c.json(&["job", "show", &id]);
+        j["state"] == "failed" && j["error"].as_str().unwrap().contains("not fully restored")
+    });
+
+    c.agents.clear();
+    c.run_sim_agent("node1", &root);
+    c.wait_connected("node1", true);
+    let job = c.json(&["recover", "k", "--rp", "latest", "--to", "original", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(disk(&root, "k"), original, "completed bit-exact");
+    assert!(Vm::open(&root, "k").unwrap().config.restoring.is_none(), "the mark is cleared");
+}

@@ -430,7 +430,10 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
             }
             r = &mut result => match r {
                 Ok(r) => break r,
-                Err(_) => return Err(Failure::retry(format!("the connection to {host} was lost"))),
+                // Not retried: the target may be half-written; the operator decides.
+                Err(_) => return Err(Failure::stop(format!(
+                    "the connection to {host} was lost during the recovery; {target} is marked as not fully restored: recover it again"
+                ))),
             },
             () = tokio::time::sleep(ctx.lease) => {
                 return Err(Failure::stop(format!("no word from the agent of {host} for {:?}", ctx.lease)));
