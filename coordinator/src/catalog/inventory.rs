@@ -116,11 +116,13 @@ impl Catalog {
         self.jobs.get(id.to_be_bytes())?.map(|v| decode("jobs", &v)).transpose()
     }
 
-    /// Records a job's state. Not fsynced: sled writes it back within half a second, and what
-    /// a crash loses of a job's progress is decided at the restart anyway (no job stays
-    /// running); what must survive a crash — a commit — is made durable by the commit itself.
+    /// Records a job's state, flushed to sled's files (so a killed coordinator keeps every
+    /// job it announced, and fails the unfinished ones at its restart) but not fsynced: a power
+    /// loss may forget a job's last state change; what must survive that — a commit — is made
+    /// durable by the commit itself.
     pub fn put_job(&self, job: &JobRecord) -> Result<(), CatalogError> {
         self.jobs.insert(job.id.to_be_bytes(), encode("jobs", job)?)?;
+        self.db.flush()?;
         Ok(())
     }
 
