@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+mod items;
+
 use anyhow::Context as _;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
 use bulwark_protocol::messages::{
@@ -132,6 +134,37 @@ enum Command {
         /// With --to host: the new VM's name (default VM-restored).
         #[arg(long)]
         name: Option<String>,
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        options: RecoveryOpts,
+    },
+    /// Browse the files of a disk of a recovery point.
+    Ls {
+        vm: String,
+        #[arg(long)]
+        rp: String,
+        #[arg(long)]
+        disk: String,
+        /// A directory or file (`/` is the disk; on a partitioned disk, `/p1/…`).
+        #[arg(default_value = "/")]
+        path: String,
+    },
+    /// Copy files and folders out of a recovery point into --output DIR (never outside it).
+    RecoverItems {
+        vm: String,
+        #[arg(long)]
+        rp: String,
+        #[arg(long)]
+        disk: String,
+        /// A file or folder to recover (repeatable).
+        #[arg(long = "path", required = true)]
+        paths: Vec<String>,
+        /// Recover to a directory on an enrolled host instead (with --dest).
+        #[arg(long)]
+        dest_host: Option<String>,
+        #[arg(long, requires = "dest_host")]
+        dest: Option<PathBuf>,
         #[arg(long)]
         wait: bool,
         #[command(flatten)]
@@ -323,7 +356,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse_from(args);
     let format = match (&cli.command, cli.output.as_str()) {
-        (Command::RecoverDisk { .. }, _) | (_, "text") => Output::Text,
+        (Command::RecoverDisk { .. } | Command::RecoverItems { .. }, _) | (_, "text") => Output::Text,
         (_, "json") => Output::Json,
         (_, other) => {
             use clap::CommandFactory as _;
@@ -398,6 +431,27 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         Command::Seed { command: SeedCommand::Import { dir } } => {
             let target = target(&cli)?;
             return seed_import(&target, dir, format);
+        }
+        Command::Ls { vm, rp, disk, path } => {
+            AdminRequest::Ls { vm: vm.clone(), rp: rp.clone(), disk: disk.clone(), path: path.clone() }
+        }
+        Command::RecoverItems { vm, rp, disk, paths, dest_host, options, .. } => {
+            if dest_host.is_some() {
+                anyhow::bail!("--dest-host is not supported yet: recover to a local directory with --output DIR");
+            }
+            // CONTRACT: `recover-items … --output DIR`: here the global flag names the directory.
+            if cli.output == "text" {
+                anyhow::bail!("recover-items needs --output DIR (or --dest-host HOST --dest DIR)");
+            }
+            let target = target(&cli)?;
+            let req = AdminRequest::RecoverItems {
+                vm: vm.clone(),
+                rp: rp.clone(),
+                disk: disk.clone(),
+                paths: paths.clone(),
+                options: options.wire()?,
+            };
+            return recover_items(&target, req, std::path::Path::new(&cli.output));
         }
         Command::RecoverDisk { vm, rp, disk, options } => {
             // CONTRACT: `recover-disk … --output FILE`: here the global flag names the file.
@@ -589,6 +643,31 @@ fn seed_import(target: &AdminTarget, dir: &std::path::Path, format: Output) -> a
     match format {
         Output::Json => println!("{}", serde_json::json!({ "vm": manifest.vm, "disks": messages })),
         Output::Text => messages.iter().for_each(|m| println!("{m}")),
+    }
+    Ok(())
+}
+
+/// `recover-items --output DIR`.
+fn recover_items(target: &AdminTarget, req: AdminRequest, dir: &std::path::Path) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (rp, w) = rt.block_on(async {
+        let client = AdminClient::connect(target).await?;
+        let (head, mut recv) = client.request_stream(req).await?;
+        let AdminResponse::ItemsStream { rp } = head else { anyhow::bail!("unexpected answer: {head:?}") };
+        let w = items::write_items(&mut recv, dir).await?;
+        client.close().await;
+        Ok::<_, anyhow::Error>((rp, w))
+    })?;
+    println!(
+        "recovered {} file(s), {} folder(s), {} link(s), {} bytes from recovery point {rp} into {}",
+        w.files,
+        w.dirs,
+        w.links,
+        w.bytes,
+        dir.display()
+    );
+    for s in &w.skipped {
+        println!("skipped {s}");
     }
     Ok(())
 }
@@ -897,6 +976,23 @@ fn print(output: Output, response: &AdminResponse) {
                     fmt_size(r.logical_bytes),
                     fmt_size(r.stored_bytes)
                 );
+            }
+        }
+        (Output::Json, AdminResponse::Items(list)) => println!(
+            "{}",
+            serde_json::Value::Array(
+                list.iter()
+                    .map(|i| serde_json::json!({
+                        "path": i.path, "kind": i.kind, "size": i.size,
+                        "mtime": fmt_time(u64::try_from(i.mtime).ok()), "mode": format!("{:o}", i.mode), "target": i.target,
+                    }))
+                    .collect()
+            )
+        ),
+        (Output::Text, AdminResponse::Items(list)) => {
+            for i in list {
+                let link = i.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
+                println!("{:<9} {:>6o} {:>12} {:<22} {}{link}", i.kind, i.mode, i.size, fmt_time(u64::try_from(i.mtime).ok()), i.path);
             }
         }
         (Output::Json, AdminResponse::Done { message }) => println!("{}", serde_json::json!({ "message": message })),

@@ -9,6 +9,7 @@
 //! - [`server`]: the listener, registry and session actors, and the admin API.
 //! - [`store`]: the replica store (chunks, packs, block maps, verify, GC).
 //! - [`policy`]: protection-group policy: validation, schedule math, the space plan.
+//! - [`items`]: item-level recovery: partitions, ext4 and FAT read from a recovery point.
 //! - [`notify`]: e-mail when a recovery finishes.
 //! - [`throttle`]: recovery bandwidth throttling with a time window.
 //! - [`jobs`]: the job queue and VM jobs (initial, sync, express full, consistency check).
@@ -23,6 +24,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod init;
+pub mod items;
 pub mod jobs;
 pub mod notify;
 pub mod policy;

@@ -327,6 +327,22 @@ pub enum AdminRequest {
         name: Option<String>,
         options: RecoveryOptions,
     },
+    /// Item-level browse: the entries at `path` of a disk of a recovery point.
+    Ls {
+        vm: String,
+        rp: String,
+        disk: String,
+        path: String,
+    },
+    /// Item-level recovery to the console: answered by `ItemsStream`, then per item a
+    /// `TransferMessage::Item` and (files) its bytes as block frames, then `End`.
+    RecoverItems {
+        vm: String,
+        rp: String,
+        disk: String,
+        paths: Vec<String>,
+        options: RecoveryOptions,
+    },
     /// Load one disk of a seed: answered by [`AdminResponse::SeedReady`]; the console then
     /// sends the disk's blocks (in that block size, increasing order, transfer frames) and
     /// `End`, and gets `Done` or `Error`.
@@ -348,6 +364,19 @@ pub struct RecoveryOptions {
     pub window: Option<(u16, u16)>,
     /// E-mail this address when the recovery finishes or fails.
     pub notify: Option<String>,
+}
+
+/// An entry of an item-level listing (CONTRACT: `ls`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemInfo {
+    pub path: String,
+    /// `partition`, `dir`, `file`, `symlink`, `other`.
+    pub kind: String,
+    pub size: u64,
+    /// Unix seconds.
+    pub mtime: i64,
+    pub mode: u32,
+    pub target: Option<String>,
 }
 
 /// What `bulwark backup` asks for.
@@ -514,6 +543,11 @@ pub enum AdminResponse {
         disk: String,
         size_bytes: u64,
         block_size: u32,
+    },
+    Items(Vec<ItemInfo>),
+    /// Items follow on this stream.
+    ItemsStream {
+        rp: String,
     },
     /// Send the seed's blocks in this size.
     SeedReady {

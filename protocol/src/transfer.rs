@@ -68,6 +68,10 @@ pub enum TransferMessage {
     WantBlocks { indices: Vec<u64> },
     /// C: everything arrived and is written to the store (not yet committed).
     Stored { blocks: u64 },
+    /// Item-level recovery: the next entry, at `rel` (raw name components, checked by the
+    /// receiver) under the destination; a `file` entry is followed by its bytes as block
+    /// frames (index counting from 0, id unused).
+    Item { rel: Vec<Vec<u8>>, kind: String, mode: u32, mtime: i64, size: u64, target: Option<Vec<u8>> },
     /// Either side: the transfer cannot go on.
     Failed { reason: String },
 }

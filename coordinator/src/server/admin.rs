@@ -40,6 +40,11 @@ pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
                         let _ = send.finish();
                         return;
                     }
+                    (Ok(_), AdminRequest::RecoverItems { vm, rp, disk, paths, options }) => {
+                        protect::recover_items(&state, &mut send, vm, rp, disk, paths, options).await;
+                        let _ = send.finish();
+                        return;
+                    }
                     (Ok(_), AdminRequest::SeedImport { vm, disk, size_bytes, source }) => {
                         protect::seed_import(&state, &mut send, &mut recv, vm, disk, size_bytes, source).await
                     }
@@ -97,7 +102,8 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::Recover { vm, rp, to_host, name, options } => {
             protect::recover(state, vm, rp, to_host, name, options).await
         }
-        AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } => {
+        AdminRequest::Ls { vm, rp, disk, path } => protect::ls(state, vm, rp, disk, path).await,
+        AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } | AdminRequest::RecoverItems { .. } => {
             AdminResponse::Error { message: "a streaming request reached the plain handler".into() }
         }
         AdminRequest::TokenCreate { ttl_secs, host } => {

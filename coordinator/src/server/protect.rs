@@ -584,6 +584,141 @@ pub async fn recover(
     }
 }
 
+fn rp_disk(
+    catalog: &Catalog,
+    vm: &str,
+    rp: &str,
+    disk: &str,
+) -> Result<(RecoveryPointRecord, crate::catalog::RpDisk), String> {
+    let rp = find_rp(catalog, vm, rp)?;
+    let d = rp.disks.iter().find(|d| d.name == disk).cloned().ok_or_else(|| {
+        let names: Vec<_> = rp.disks.iter().map(|d| d.name.as_str()).collect();
+        format!(
+            "recovery point {} of {vm} has no disk {disk} (it has: {})",
+            crate::store::hex(&rp.id),
+            names.join(", ")
+        )
+    })?;
+    Ok((rp, d))
+}
+
+/// `ls`: browse a disk of a recovery point.
+pub async fn ls(state: &Arc<State>, vm: String, rp: String, disk: String, path: String) -> AdminResponse {
+    let store = state.store.clone();
+    let r = blocking(move || {
+        let (_, d) = rp_disk(store.catalog(), &vm, &rp, &disk)?;
+        let items = crate::items::list(store.clone(), &d, &path).map_err(|e| e.to_string())?;
+        Ok(items
+            .into_iter()
+            .map(|i| bulwark_protocol::messages::ItemInfo {
+                path: i.path,
+                kind: i.kind.as_str().into(),
+                size: i.size,
+                mtime: i.mtime,
+                mode: i.mode,
+                target: i.target.map(|t| String::from_utf8_lossy(&t).into_owned()),
+            })
+            .collect())
+    })
+    .await;
+    r.map(AdminResponse::Items).unwrap_or_else(err)
+}
+
+/// `recover-items … --output DIR`: streams the items to the console, which writes them.
+pub async fn recover_items(
+    state: &Arc<State>,
+    send: &mut quinn::SendStream,
+    vm: String,
+    rp: String,
+    disk: String,
+    paths: Vec<String>,
+    options: bulwark_protocol::messages::RecoveryOptions,
+) {
+    const BS: usize = 1 << 20;
+    let store = state.store.clone();
+    let (v, r, dk) = (vm.clone(), rp.clone(), disk.clone());
+    let found = blocking(move || rp_disk(store.catalog(), &v, &r, &dk)).await;
+    let (point, d) = match found {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = bulwark_protocol::frame::write_message(send, &err(e)).await;
+            return;
+        }
+    };
+    let head = AdminResponse::ItemsStream { rp: crate::store::hex(&point.id) };
+    if bulwark_protocol::frame::write_message(send, &head).await.is_err() {
+        return;
+    }
+    let mut throttle = options.limit_bps.map(|bytes_per_sec| {
+        crate::throttle::Throttle::new(
+            crate::throttle::Limit { bytes_per_sec, window: options.window },
+            std::time::Instant::now(),
+        )
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let store = state.store.clone();
+    let walker = tokio::task::spawn_blocking(move || {
+        let mut seq = 0u64;
+        let mut emit = |e: crate::items::Emit<'_>| -> Result<(), String> {
+            let body = match e {
+                crate::items::Emit::Entry { rel, item } => {
+                    seq = 0;
+                    let msg = TransferMessage::Item {
+                        rel,
+                        kind: item.kind.as_str().into(),
+                        mode: item.mode,
+                        mtime: item.mtime,
+                        size: item.size,
+                        target: item.target,
+                    };
+                    transfer::message_body(&msg).map_err(|e| e.to_string())?
+                }
+                crate::items::Emit::Data(bytes) => {
+                    for c in bytes.chunks(BS) {
+                        let frame = transfer::block_body(seq, &bulwark_protocol::block::ZERO, c);
+                        seq += 1;
+                        tx.blocking_send(frame).map_err(|_| "the console went away".to_owned())?;
+                    }
+                    return Ok(());
+                }
+            };
+            tx.blocking_send(body).map_err(|_| "the console went away".to_owned())
+        };
+        crate::items::copy_out(store, &d, &paths, &mut emit).map_err(|e| e.to_string())
+    });
+    let mut sent = 0u64;
+    let mut broke = None;
+    while let Some(body) = rx.recv().await {
+        crate::throttle::pace(&mut throttle, body.len() as u64).await;
+        if let Err(e) = transfer::write_body(send, &body, BS).await {
+            broke = Some(format!("the console went away: {e}"));
+            break;
+        }
+        sent += 1;
+    }
+    drop(rx);
+    let end = match (walker.await, broke) {
+        (_, Some(e)) => TransferMessage::Failed { reason: e },
+        (Ok(Ok(())), None) => TransferMessage::End { blocks_sent: sent, bytes_read: 0 },
+        (Ok(Err(e)), None) => TransferMessage::Failed { reason: e },
+        (Err(e), None) => TransferMessage::Failed { reason: e.to_string() },
+    };
+    let ok = matches!(end, TransferMessage::End { .. });
+    let _ = transfer::write_message(send, &end, BS).await;
+    if let Some(to) = options.notify {
+        let what = format!("items of {vm}/{disk} ({rp})");
+        let subject = format!("Bulwark: recovery of {what} {}", if ok { "succeeded" } else { "FAILED" });
+        let body = match &end {
+            TransferMessage::Failed { reason } => format!("{what}: {reason}\n"),
+            _ => format!("{what}: {sent} frame(s) streamed to the console.\n"),
+        };
+        let smtp = state.authority.config().smtp.clone();
+        if let Err(e) = crate::notify::send(smtp.as_ref(), &to, &subject, body).await {
+            tracing::warn!(%to, error = %e, "recovery notification not sent");
+        }
+    }
+}
+
 /// Jobs queued and running (for `status`).
 pub async fn job_counts(state: &Arc<State>) -> (usize, usize) {
     state.jobs.send(Counts).await.unwrap_or((0, 0))
