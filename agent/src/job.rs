@@ -138,7 +138,7 @@ async fn execute(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>)
         let (sent, read) = match req.kind {
             JobKind::ConsistencyCheck => compare_disk(env, req.job.0, &disk).await?,
             kind => {
-                let indices = {
+                let mut indices = {
                     let (backend, disk, token) = (env.backend.clone(), disk.clone(), d.token);
                     blocking(move || match kind {
                         JobKind::Initial => backend.allocated_blocks(&disk.vm, &disk.name, disk.block_size as u64),
@@ -146,6 +146,12 @@ async fn execute(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>)
                     })
                     .await??
                 };
+                // Swap (page file) ranges the coordinator leaves out of incrementals.
+                let before = indices.len();
+                indices.retain(|i| !d.exclude.iter().any(|(a, b)| (*a..*b).contains(i)));
+                if indices.len() < before {
+                    tracing::info!(disk = %disk.name, skipped = before - indices.len(), "changed swap blocks left out");
+                }
                 tracing::info!(disk = %disk.name, blocks = indices.len(), "sending blocks");
                 send_disk(env, req.job.0, &disk, indices, kind == JobKind::Initial).await?
             }
@@ -534,7 +540,7 @@ mod tests {
     #[test]
     fn the_next_token_is_one_past_the_snapshot_or_past_a_coordinator_one_ahead() {
         let t = |generation, sequence| ChangeToken { generation, sequence };
-        let disk = |token| DiskJob { disk: DiskId::new("os").unwrap(), token };
+        let disk = |token| DiskJob { disk: DiskId::new("os").unwrap(), token, exclude: vec![] };
         assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 5)))]), t(2, 6));
         assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 6)))]), t(2, 7), "a lost confirmation");
         assert_eq!(next_token(t(3, 0), &[disk(Some(t(2, 9)))]), t(3, 1), "tracking was reset");

@@ -902,6 +902,7 @@ fn print(output: Output, response: &AdminResponse) {
                     .map(|v| serde_json::json!({
                         "id": v.id, "name": v.name, "host": v.host, "state": v.state, "os": v.os,
                         "group": v.group, "replica_state": v.replica_state, "replica_reason": v.replica_reason,
+                        "excluded_bytes": v.excluded_bytes,
                         "disks": v.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
                     }))
                     .collect()

@@ -60,6 +60,7 @@ fn verify_names_a_corrupt_chunk_and_fails_its_job() {
             change_token: None,
             reason: None,
             updated_at: 0,
+            excluded: vec![],
         };
         let rp = NewRecoveryPoint {
             vm: "vm1".into(),

@@ -74,6 +74,7 @@ fn backup(store: &Store, vm: &str, old: Option<(&TreeRoot, &[Vec<u8>])>, new: &[
         change_token: None,
         reason: None,
         updated_at: 0,
+        excluded: vec![],
     };
     let new_bytes = ingest.new_bytes;
     let rp = NewRecoveryPoint {

@@ -130,6 +130,8 @@ pub struct DiskJob {
     pub disk: DiskId,
     /// The token the coordinator's replica of this disk is current with (None: no replica).
     pub token: Option<ChangeToken>,
+    /// Block ranges `[start, end)` a synchronization or express full leaves out (swap).
+    pub exclude: Vec<(u64, u64)>,
 }
 
 /// A job the coordinator hands to an agent.
@@ -438,6 +440,8 @@ pub struct VmSummary {
     pub replica_state: String,
     pub replica_reason: Option<String>,
     pub disks: Vec<DiskInfo>,
+    /// Bytes left out of synchronizations and express fulls (swap partitions).
+    pub excluded_bytes: u64,
 }
 
 /// A recovery point as `rp list` shows it.

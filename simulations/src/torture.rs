@@ -111,6 +111,7 @@ pub fn run(dir: &Path, seed: u64, gc: bool) -> anyhow::Result<()> {
             change_token: Some(bulwark_protocol::messages::ChangeToken { generation: 0, sequence: version }),
             reason: None,
             updated_at: 0,
+            excluded: vec![],
         };
         let created_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
         let rp = NewRecoveryPoint {

@@ -106,6 +106,9 @@ pub struct ReplicaRecord {
     /// Why it is inconsistent, when it is.
     pub reason: Option<String>,
     pub updated_at: u64,
+    /// Block ranges `[start, end)` left out of synchronizations and express fulls (the inside
+    /// of a swap partition: its header block stays in).
+    pub excluded: Vec<(u64, u64)>,
 }
 
 /// One disk of a recovery point: a frozen root.

@@ -151,6 +151,29 @@ pub fn volumes(disk: &DiskReader) -> Option<Vec<Volume>> {
     )
 }
 
+/// The blocks inside the swap partitions of a disk, as `[start, end)` ranges: whole blocks of
+/// the partition after the one holding its header (so a restored disk keeps a valid swap
+/// signature).
+pub fn swap_blocks(
+    store: Arc<Store>,
+    root: bulwark_protocol::blockmap::TreeRoot,
+    block_size: u32,
+    size: u64,
+) -> Vec<(u64, u64)> {
+    let disk = DiskReader::new(store, root, block_size, size);
+    let bs = u64::from(block_size);
+    volumes(&disk)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|v| v.fs == FsKind::Swap)
+        .filter_map(|v| {
+            let first = (v.start + 4096).div_ceil(bs);
+            let end = (v.start + v.len) / bs;
+            (first < end).then_some((first, end))
+        })
+        .collect()
+}
+
 /// A browsable file system of a volume.
 enum GuestFs {
     Ext(ext4_view::Ext4),

@@ -216,6 +216,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
                 change_token: None,
                 reason: None,
                 updated_at: super::now(),
+                excluded: vec![],
             };
             catalog.put_replica(&r).map_err(|e| Failure::retry(e.to_string()))?;
         }
@@ -229,6 +230,13 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
                 None
             } else {
                 replicas.get(d.name.as_str()).and_then(|r| r.change_token)
+            },
+            // Only synchronizations and express fulls leave swap out: an initial copy and a
+            // consistency check take everything, so the tree always matches its source.
+            exclude: if matches!(job.kind, JobKind::Sync | JobKind::ExpressFull) {
+                replicas.get(d.name.as_str()).map(|r| r.excluded.clone()).unwrap_or_default()
+            } else {
+                vec![]
             },
         })
         .collect();
@@ -312,6 +320,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
             change_token: Some(next_token),
             reason: None,
             updated_at: super::now(),
+            excluded: replicas.get(d.name.as_str()).map(|r| r.excluded.clone()).unwrap_or_default(),
         });
         rp_disks.push(crate::catalog::RpDisk {
             name: d.name.to_string(),
@@ -327,9 +336,11 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         disks: rp_disks,
         created_at: crate::catalog::now_secs().saturating_mul(1000).max(now_ms()),
     });
+    let committed = records.clone();
     match ingest.commit(records, rp).await {
         Ok(rp) => {
             verdict(true);
+            find_swap(ctx, committed).await;
             job.consistency = Some(consistency);
             if let Some(rp) = rp {
                 let id = crate::store::hex(&rp.id);
@@ -455,6 +466,29 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
         JobOutcome::Failed { kind: FailureKind::Refused, reason } => Err(Failure::stop(reason)),
         JobOutcome::Failed { reason, .. } => Err(Failure::stop(reason)),
         JobOutcome::Succeeded { .. } => Err(Failure::stop("the agent answered a restore with a backup")),
+    }
+}
+
+/// Looks for swap partitions in freshly committed replicas and records the blocks later
+/// synchronizations and express fulls leave out (logged when they change).
+async fn find_swap(ctx: &Arc<JobContext>, replicas: Vec<ReplicaRecord>) {
+    let store = ctx.store.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        for mut r in replicas {
+            let Some(root) = r.root else { continue };
+            let ranges = crate::items::swap_blocks(store.clone(), root, r.block_size, r.size_bytes);
+            if ranges != r.excluded {
+                let bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size);
+                tracing::info!(disk = %r.disk, excluded_bytes = bytes, "swap space left out of synchronizations and express fulls");
+                r.excluded = ranges;
+                store.catalog().put_replica(&r)?;
+            }
+        }
+        Ok::<_, crate::catalog::CatalogError>(())
+    })
+    .await;
+    if let Ok(Err(e)) = r {
+        tracing::warn!(error = %e, "cannot record the swap exclusion");
     }
 }
 

@@ -43,6 +43,12 @@ pub async fn vm_list(state: &Arc<State>) -> AdminResponse {
         vms.into_iter()
             .map(|v| {
                 let (replica_state, replica_reason) = replica_state(&catalog, &v.name)?;
+                let excluded_bytes = catalog
+                    .replicas_of(&v.name)
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .map(|r| r.excluded.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size))
+                    .sum();
                 Ok(VmSummary {
                     id: v.id,
                     name: v.name,
@@ -62,6 +68,7 @@ pub async fn vm_list(state: &Arc<State>) -> AdminResponse {
                     replica_state,
                     replica_reason,
                     disks: v.disks,
+                    excluded_bytes,
                 })
             })
             .collect::<Result<Vec<_>, String>>()
@@ -519,6 +526,7 @@ pub async fn seed_import(
             change_token: None,
             reason: Some(format!("seeded from {source}: a consistency check reconciles it with the source")),
             updated_at: crate::catalog::now_secs(),
+            excluded: vec![],
         };
         ingest.commit(vec![record], None).await?;
         Ok::<_, String>(received)

@@ -1,0 +1,119 @@
+//! Swap exclusion ("excludes the page file from incremental backups"): a disk with an MBR
+//! swap partition that the guest churns heavily; the express full moves only the non-swap
+//! churn, `vm list` shows the excluded bytes, and the restored disk's swap partition still
+//! carries its signature.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use bulwark_agent::sim::{self, CreateVm, DiskConfig, Vm};
+use common::*;
+use std::io::Write;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn swap_churn_stays_out_of_express_fulls_and_the_signature_survives() {
+    let mut c = Cluster::start();
+    let root = c.root.path().join("sim");
+    // 64 MiB: p1 data at 1 MiB (31 MiB), p2 swap at 32 MiB (32 MiB, type 0x82, mkswap signature).
+    let image = c.root.path().join("disk.img");
+    {
+        let mut d =
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&image).unwrap();
+        d.set_len(64 * MIB).unwrap();
+        let mut mbr = mbrman::MBR::new_from(&mut d, 512, [9, 9, 9, 9]).unwrap();
+        let part = |start: u32, sectors: u32, sys: u8| mbrman::MBRPartitionEntry {
+            boot: mbrman::BOOT_INACTIVE,
+            first_chs: mbrman::CHS::empty(),
+            sys,
+            last_chs: mbrman::CHS::empty(),
+            starting_lba: start,
+            sectors,
+        };
+        mbr[1] = part(2048, 63488, 0x83);
+        mbr[2] = part(65536, 65536, 0x82);
+        mbr.write_into(&mut d).unwrap();
+        use std::io::{Seek, SeekFrom};
+        d.seek(SeekFrom::Start(32 * MIB + 4086)).unwrap();
+        d.write_all(b"SWAPSPACE2").unwrap();
+        d.seek(SeekFrom::Start(2 * MIB)).unwrap();
+        d.write_all(&vec![0x5A; (4 * MIB) as usize]).unwrap();
+    }
+    let req = CreateVm {
+        os: "linux".into(),
+        ..CreateVm::new("sw", "node1", vec![DiskConfig { name: "os".into(), size: 64 * MIB }])
+    };
+    sim::create_vm(&root, &req).unwrap();
+    ok(&[
+        "x-agent",
+        "sim",
+        "write",
+        "--root",
+        root.to_str().unwrap(),
+        "--vm",
+        "sw",
+        "--disk",
+        "os",
+        "--offset",
+        "0",
+        "--input",
+        image.to_str().unwrap(),
+    ]);
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("sw").is_some());
+    c.json(&["group", "create", "g", "--vm", "sw", "--sync-every", "off", "--recovery-points", "none"]);
+    wait_until("initial replica with swap found", Duration::from_secs(60), || {
+        let v = c.vm("sw").unwrap();
+        v["replica_state"] == "consistent" && v["excluded_bytes"] == 31 * MIB
+    });
+
+    // Heavy swap churn (20 blocks, header block included) and 2 blocks of data churn.
+    {
+        let mut vm = Vm::open(&root, "sw").unwrap();
+        for b in 32..52u64 {
+            vm.guest_write("os", b * MIB, &vec![b as u8; MIB as usize]).unwrap();
+        }
+        // The guest rewrites its swap header too (as mkswap would): that block is kept.
+        let mut header = vec![0u8; 4096];
+        header[4086..].copy_from_slice(b"SWAPSPACE2");
+        header[1024] = 7;
+        vm.guest_write("os", 32 * MIB, &header).unwrap();
+        vm.guest_write("os", 10 * MIB, &vec![1u8; MIB as usize]).unwrap();
+        vm.guest_write("os", 20 * MIB, &vec![2u8; MIB as usize]).unwrap();
+    }
+    let job = c.json(&["backup", "sw", "--wait"]);
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(
+        job["bytes_transferred"],
+        3 * MIB,
+        "2 data blocks and the swap header block, none of the 19 swap blocks"
+    );
+
+    let out = c.root.path().join("restored.img");
+    ok(&[
+        "--data-dir",
+        &c.dir_str(),
+        "recover-disk",
+        "sw",
+        "--rp",
+        "latest",
+        "--disk",
+        "os",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let restored = std::fs::read(&out).unwrap();
+    assert_eq!(
+        &restored[(32 * MIB + 4086) as usize..(32 * MIB + 4096) as usize],
+        b"SWAPSPACE2",
+        "the swap signature survives"
+    );
+    assert_eq!(restored[(32 * MIB + 1024) as usize], 7, "the header block is current");
+    let mut source = vec![];
+    sim::read_disk(&root, "sw", "os", &mut source).unwrap();
+    assert_eq!(restored[..(32 * MIB) as usize], source[..(32 * MIB) as usize], "everything outside swap is exact");
+}
