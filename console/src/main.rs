@@ -490,14 +490,17 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
             _ => wait_for,
         };
         if let Some(id) = wait_for {
-            // Poll until the job is final.
+            // Poll until the job is final, showing its progress on stderr.
+            let mut progress = Progress::new(id);
             while let Ok(AdminResponse::Job(j)) = &r {
                 if is_final(j) {
                     break;
                 }
+                progress.show(j);
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
                 r = client.request(AdminRequest::JobShow { id }).await;
             }
+            progress.finish();
         }
         client.close().await;
         r
@@ -725,6 +728,73 @@ fn recover_disk(target: &AdminTarget, req: AdminRequest, output: &std::path::Pat
     Ok(())
 }
 
+/// Progress of a job being waited for: an indicatif bar on a terminal, a plain line every
+/// few seconds otherwise (logs, CI).
+struct Progress {
+    id: u64,
+    bar: Option<indicatif::ProgressBar>,
+    started: std::time::Instant,
+    last_line: Option<std::time::Instant>,
+    last_state: String,
+}
+
+impl Progress {
+    fn new(id: u64) -> Self {
+        use std::io::IsTerminal as _;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            let style = indicatif::ProgressStyle::with_template(
+                "job {msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            b.set_style(style);
+            b.set_message(id.to_string());
+            b
+        });
+        Self { id, bar, started: std::time::Instant::now(), last_line: None, last_state: String::new() }
+    }
+
+    fn show(&mut self, j: &JobInfo) {
+        let done = j.bytes_transferred;
+        match &self.bar {
+            Some(b) => {
+                b.set_length(j.bytes_total.unwrap_or(done).max(done));
+                b.set_position(done);
+            }
+            None => {
+                // A line when the state changes, and every 5 s.
+                let quiet = self.last_line.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(5));
+                if quiet && j.state == self.last_state {
+                    return;
+                }
+                self.last_state = j.state.clone();
+                self.last_line = Some(std::time::Instant::now());
+                let secs = self.started.elapsed().as_secs_f64().max(0.001);
+                let rate = done as f64 / secs;
+                let eta = match j.bytes_total {
+                    Some(t) if rate > 0.0 && t > done => {
+                        format!(
+                            ", ETA {}",
+                            humantime::format_duration(std::time::Duration::from_secs(
+                                ((t - done) as f64 / rate) as u64
+                            ))
+                        )
+                    }
+                    _ => String::new(),
+                };
+                let total = j.bytes_total.map(|t| format!(" of {}", fmt_size(t))).unwrap_or_default();
+                eprintln!("job {} {}: {}{total} ({}/s{eta})", self.id, j.state, fmt_size(done), fmt_size(rate as u64));
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
 fn is_final(j: &JobInfo) -> bool {
     matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled")
 }
@@ -738,6 +808,7 @@ fn job_json(j: &JobInfo) -> serde_json::Value {
         "started_at": j.started_at.map(|s| fmt_time(Some(s))),
         "finished_at": j.finished_at.map(|s| fmt_time(Some(s))),
         "bytes_transferred": j.bytes_transferred,
+        "bytes_total": j.bytes_total,
         "bytes_scanned": j.bytes_scanned,
         "blocks_changed": j.blocks_changed,
         "consistency": j.consistency,

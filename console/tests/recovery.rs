@@ -111,8 +111,15 @@ fn an_agent_killed_during_a_recovery_leaves_the_vm_marked_and_a_new_recovery_com
     c.agents.clear();
     c.run_sim_agent("node1", &root);
     c.wait_connected("node1", true);
-    let job = c.json(&["recover", "k", "--rp", "latest", "--to", "original", "--wait"]);
+    let done = c.run(&[
+        "recover", "k", "--rp", "latest", "--to", "original", "--wait", "--limit", "16MiB/s", "--output", "json",
+    ]);
+    assert!(done.status.success(), "{done:?}");
+    let job: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
     assert_eq!(job["state"], "succeeded", "{job}");
+    let id = job["id"].as_u64().unwrap();
+    let progress = String::from_utf8_lossy(&done.stderr);
+    assert!(progress.contains(&format!("job {id} running: ")), "plain progress lines off a terminal: {progress}");
     assert_eq!(disk(&root, "k"), original, "completed bit-exact");
     assert!(Vm::open(&root, "k").unwrap().config.restoring.is_none(), "the mark is cleared");
 }

@@ -480,6 +480,8 @@ pub struct JobInfo {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub bytes_transferred: u64,
+    /// What `bytes_transferred` will reach, once known.
+    pub bytes_total: Option<u64>,
     pub bytes_scanned: u64,
     pub blocks_changed: u64,
     pub consistency: Option<String>,

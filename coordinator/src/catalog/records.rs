@@ -170,6 +170,8 @@ pub struct JobRecord {
     pub started_at: Option<u64>,
     pub finished_at: Option<u64>,
     pub bytes_transferred: u64,
+    /// What `bytes_transferred` will reach, once known (recoveries): for progress and ETA.
+    pub bytes_total: Option<u64>,
     pub bytes_scanned: u64,
     pub blocks_changed: u64,
     pub consistency: Option<Consistency>,
@@ -204,6 +206,7 @@ impl JobRecord {
             started_at: None,
             finished_at: None,
             bytes_transferred: 0,
+            bytes_total: None,
             bytes_scanned: 0,
             blocks_changed: 0,
             consistency: None,

@@ -259,6 +259,8 @@ pub async fn restore(
     want.sort_unstable();
     want.dedup();
     tracing::info!(blocks = want.len(), "blocks differ from the recovery point");
+    job.bytes_total = Some(job.bytes_total.unwrap_or(0) + want.len() as u64 * u64::from(s.block_size));
+    let mut saved = std::time::Instant::now();
     let bs = s.block_size as usize;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, u64)>(4);
     let count = want.len() as u64;
@@ -289,6 +291,10 @@ pub async fn restore(
         transfer::write_body(&mut s.send, &body, bs).await.map_err(|e| e.to_string())?;
         sent += 1;
         job.bytes_transferred += n;
+        if saved.elapsed() >= std::time::Duration::from_secs(1) {
+            saved = std::time::Instant::now();
+            let _ = ctx.catalog().put_job(job);
+        }
     }
     reader.await.map_err(|e| e.to_string())??;
     if sent != count {

@@ -127,6 +127,7 @@ pub fn job_info(j: &JobRecord) -> JobInfo {
         started_at: j.started_at,
         finished_at: j.finished_at,
         bytes_transferred: j.bytes_transferred,
+        bytes_total: j.bytes_total,
         bytes_scanned: j.bytes_scanned,
         blocks_changed: j.blocks_changed,
         consistency: j.consistency.map(|c| c.as_str().to_owned()),
