@@ -12,6 +12,7 @@
 //! - [`snapshot`]: the snapshot actor (VSS sequence, freeze bound, lease).
 //! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
 //! - [`job`]: one job end to end: snapshot, transfer streams, verdict, release.
+//! - [`items_writer`]: writes recovered files under a destination, names treated as hostile.
 //! - [`run`]: `bulwark-agent run`.
 //! - [`seed`]: `bulwark-agent seed export` (manual replica creation).
 //! - [`cli`]: the command line.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod inventory;
+pub mod items_writer;
 pub mod job;
 pub mod reader;
 pub mod run;

@@ -6,8 +6,6 @@
 
 #![forbid(unsafe_code)]
 
-mod items;
-
 use anyhow::Context as _;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
 use bulwark_protocol::messages::{
@@ -657,7 +655,7 @@ fn recover_items(target: &AdminTarget, req: AdminRequest, dir: &std::path::Path)
         let client = AdminClient::connect(target).await?;
         let (head, mut recv) = client.request_stream(req).await?;
         let AdminResponse::ItemsStream { rp } = head else { anyhow::bail!("unexpected answer: {head:?}") };
-        let w = items::write_items(&mut recv, dir).await?;
+        let w = bulwark_agent::items_writer::write_items(&mut recv, dir).await?;
         client.close().await;
         Ok::<_, anyhow::Error>((rp, w))
     })?;

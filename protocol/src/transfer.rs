@@ -49,6 +49,9 @@ pub enum TransferMode {
     /// coordinator sends the blocks that differ from the recovery point; the agent writes them
     /// and answers `Stored`.
     Restore,
+    /// Item-level recovery to a directory of the agent's host: the coordinator sends `Item`s
+    /// and their bytes, then `End`; the agent answers `Stored`.
+    Items,
 }
 
 /// Control messages on a transfer stream.
@@ -133,6 +136,12 @@ impl TransferFrame {
             other => Err(TransferError::Tag(other)),
         }
     }
+}
+
+/// Whether a raw name from a guest may be one path component of a restored file: not empty,
+/// not `.` or `..`, no `/` and no NUL. Anything else could escape the destination.
+pub fn safe_component(c: &[u8]) -> bool {
+    !c.is_empty() && c != b"." && c != b".." && !c.contains(&b'/') && !c.contains(&0)
 }
 
 /// The body of a block frame (what [`write_block`] sends).

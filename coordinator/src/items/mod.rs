@@ -470,10 +470,75 @@ fn walk(
     }
 }
 
-/// Whether a raw name from a guest may be one path component of a restored file: not empty,
-/// not `.` or `..`, no `/` and no NUL. Anything else could escape the destination.
-pub fn safe_component(c: &[u8]) -> bool {
-    !c.is_empty() && c != b"." && c != b".." && !c.contains(&b'/') && !c.contains(&0)
+pub use bulwark_protocol::transfer::safe_component;
+
+/// File bytes travel in frames of at most this size.
+pub const ITEM_CHUNK: usize = 1 << 20;
+
+/// Streams the items at `paths` of disk `d` on `send` (an `Item` message per entry, file
+/// bytes as block frames), paced by the options' throttle; answers the frames sent. The
+/// caller ends the stream (`End` or `Failed`).
+pub async fn stream_items(
+    store: Arc<Store>,
+    send: &mut quinn::SendStream,
+    d: RpDisk,
+    paths: Vec<String>,
+    options: &bulwark_protocol::messages::RecoveryOptions,
+) -> Result<u64, String> {
+    use bulwark_protocol::transfer::{self, TransferMessage};
+    let mut throttle = options.limit_bps.map(|bytes_per_sec| {
+        crate::throttle::Throttle::new(
+            crate::throttle::Limit { bytes_per_sec, window: options.window },
+            std::time::Instant::now(),
+        )
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let walker = tokio::task::spawn_blocking(move || {
+        let mut seq = 0u64;
+        let mut emit = |e: Emit<'_>| -> Result<(), String> {
+            match e {
+                Emit::Entry { rel, item } => {
+                    seq = 0;
+                    let msg = TransferMessage::Item {
+                        rel,
+                        kind: item.kind.as_str().into(),
+                        mode: item.mode,
+                        mtime: item.mtime,
+                        size: item.size,
+                        target: item.target,
+                    };
+                    let body = transfer::message_body(&msg).map_err(|e| e.to_string())?;
+                    tx.blocking_send(body).map_err(|_| "the receiver went away".to_owned())
+                }
+                Emit::Data(bytes) => {
+                    for c in bytes.chunks(ITEM_CHUNK) {
+                        let frame = transfer::block_body(seq, &bulwark_protocol::block::ZERO, c);
+                        seq += 1;
+                        tx.blocking_send(frame).map_err(|_| "the receiver went away".to_owned())?;
+                    }
+                    Ok(())
+                }
+            }
+        };
+        copy_out(store, &d, &paths, &mut emit).map_err(|e| e.to_string())
+    });
+    let mut sent = 0u64;
+    let mut broke = None;
+    while let Some(body) = rx.recv().await {
+        crate::throttle::pace(&mut throttle, body.len() as u64).await;
+        if let Err(e) = transfer::write_body(send, &body, ITEM_CHUNK).await {
+            broke = Some(format!("the receiver went away: {e}"));
+            break;
+        }
+        sent += 1;
+    }
+    drop(rx);
+    match (walker.await, broke) {
+        (_, Some(e)) => Err(e),
+        (Ok(Ok(())), None) => Ok(sent),
+        (Ok(Err(e)), None) => Err(e),
+        (Err(e), None) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]

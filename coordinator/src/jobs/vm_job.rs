@@ -535,7 +535,7 @@ async fn disk_transfer(
     let r = match s.mode {
         TransferMode::Blocks => receive_blocks(ingest, &mut s, blocks, old, job).await,
         TransferMode::Compare => compare::run(ctx, ingest, &mut s, blocks, old, job).await,
-        TransferMode::Restore => Err("a restore stream in a backup job".into()),
+        TransferMode::Restore | TransferMode::Items => Err("a recovery stream in a backup job".into()),
     };
     match r {
         Ok(done) => {

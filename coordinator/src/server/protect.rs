@@ -642,7 +642,6 @@ pub async fn recover_items(
     paths: Vec<String>,
     options: bulwark_protocol::messages::RecoveryOptions,
 ) {
-    const BS: usize = 1 << 20;
     let store = state.store.clone();
     let (v, r, dk) = (vm.clone(), rp.clone(), disk.clone());
     let found = blocking(move || rp_disk(store.catalog(), &v, &r, &dk)).await;
@@ -657,62 +656,12 @@ pub async fn recover_items(
     if bulwark_protocol::frame::write_message(send, &head).await.is_err() {
         return;
     }
-    let mut throttle = options.limit_bps.map(|bytes_per_sec| {
-        crate::throttle::Throttle::new(
-            crate::throttle::Limit { bytes_per_sec, window: options.window },
-            std::time::Instant::now(),
-        )
-    });
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    let store = state.store.clone();
-    let walker = tokio::task::spawn_blocking(move || {
-        let mut seq = 0u64;
-        let mut emit = |e: crate::items::Emit<'_>| -> Result<(), String> {
-            let body = match e {
-                crate::items::Emit::Entry { rel, item } => {
-                    seq = 0;
-                    let msg = TransferMessage::Item {
-                        rel,
-                        kind: item.kind.as_str().into(),
-                        mode: item.mode,
-                        mtime: item.mtime,
-                        size: item.size,
-                        target: item.target,
-                    };
-                    transfer::message_body(&msg).map_err(|e| e.to_string())?
-                }
-                crate::items::Emit::Data(bytes) => {
-                    for c in bytes.chunks(BS) {
-                        let frame = transfer::block_body(seq, &bulwark_protocol::block::ZERO, c);
-                        seq += 1;
-                        tx.blocking_send(frame).map_err(|_| "the console went away".to_owned())?;
-                    }
-                    return Ok(());
-                }
-            };
-            tx.blocking_send(body).map_err(|_| "the console went away".to_owned())
-        };
-        crate::items::copy_out(store, &d, &paths, &mut emit).map_err(|e| e.to_string())
-    });
-    let mut sent = 0u64;
-    let mut broke = None;
-    while let Some(body) = rx.recv().await {
-        crate::throttle::pace(&mut throttle, body.len() as u64).await;
-        if let Err(e) = transfer::write_body(send, &body, BS).await {
-            broke = Some(format!("the console went away: {e}"));
-            break;
-        }
-        sent += 1;
-    }
-    drop(rx);
-    let end = match (walker.await, broke) {
-        (_, Some(e)) => TransferMessage::Failed { reason: e },
-        (Ok(Ok(())), None) => TransferMessage::End { blocks_sent: sent, bytes_read: 0 },
-        (Ok(Err(e)), None) => TransferMessage::Failed { reason: e },
-        (Err(e), None) => TransferMessage::Failed { reason: e.to_string() },
+    let (sent, end) = match crate::items::stream_items(state.store.clone(), send, d, paths, &options).await {
+        Ok(sent) => (sent, TransferMessage::End { blocks_sent: sent, bytes_read: 0 }),
+        Err(reason) => (0, TransferMessage::Failed { reason }),
     };
     let ok = matches!(end, TransferMessage::End { .. });
-    let _ = transfer::write_message(send, &end, BS).await;
+    let _ = transfer::write_message(send, &end, crate::items::ITEM_CHUNK).await;
     if let Some(to) = options.notify {
         let what = format!("items of {vm}/{disk} ({rp})");
         let subject = format!("Bulwark: recovery of {what} {}", if ok { "succeeded" } else { "FAILED" });

@@ -5,8 +5,7 @@
 //! restored as links, never followed. Nothing is written outside the destination.
 
 use anyhow::{bail, Context as _};
-use bulwark_coordinator::items::safe_component;
-use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage};
+use bulwark_protocol::transfer::{self, safe_component, TransferFrame, TransferMessage};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -49,7 +48,8 @@ fn set_mtime(path: &Path, mtime: i64) {
     }
 }
 
-/// Reads item frames from `recv` and writes them under `root`.
+/// Reads item frames from `recv` and writes them under `root` (the console's `--output DIR`,
+/// or an agent's `--dest DIR`). Used on both sides, so the same checks guard both.
 pub async fn write_items(recv: &mut quinn::RecvStream, root: &Path) -> anyhow::Result<Written> {
     const BS: usize = 1 << 20;
     std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
