@@ -461,6 +461,55 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
     Ok((read, written))
 }
 
+/// Item-level recovery onto this host: open an `Items` stream and write what arrives under
+/// `dest`, with every guest name treated as hostile (`items_writer`).
+pub async fn items(
+    conn: quinn::Connection,
+    out: mpsc::Sender<AgentMessage>,
+    job: bulwark_protocol::JobId,
+    dest: String,
+) {
+    let span = tracing::info_span!("items", job_id = %job, %dest);
+    async move {
+        let r = async {
+            if !dest.starts_with('/') {
+                return Err(Failure::other(format!("destination {dest:?} is not an absolute path")));
+            }
+            let (mut send, mut recv) =
+                conn.open_bi().await.map_err(|e| Failure::other(format!("cannot open a transfer stream: {e}")))?;
+            const CHUNK: usize = 1 << 20;
+            let open = TransferMessage::Open {
+                job: job.0,
+                disk: String::new(),
+                block_size: CHUNK as u32,
+                blocks: 0,
+                mode: TransferMode::Items,
+            };
+            transfer::write_message(&mut send, &open, CHUNK).await.map_err(stream_err("transfer stream"))?;
+            let w = crate::items_writer::write_items(&mut recv, std::path::Path::new(&dest))
+                .await
+                .map_err(|e| Failure::other(format!("{e:#}")))?;
+            transfer::write_message(&mut send, &TransferMessage::Stored { blocks: w.files }, CHUNK)
+                .await
+                .map_err(stream_err("transfer stream"))?;
+            let _ = send.finish();
+            tracing::info!(files = w.files, dirs = w.dirs, links = w.links, bytes = w.bytes, "items recovered");
+            Ok(w.bytes)
+        }
+        .await;
+        let outcome = match r {
+            Ok(bytes_written) => JobOutcome::Restored { bytes_read: 0, bytes_written },
+            Err(f) => {
+                tracing::warn!(reason = %f.reason, "item recovery failed");
+                JobOutcome::Failed { kind: f.kind, reason: f.reason }
+            }
+        };
+        let _ = out.send(AgentMessage::JobResult(JobResult { job, outcome })).await;
+    }
+    .instrument(span)
+    .await
+}
+
 /// Reads every block of the snapshot (or, with `current`, of a VM being restored) and builds
 /// its block map (pages in a scratch file).
 fn hash_disk(

@@ -285,6 +285,10 @@ pub async fn run_session(
                     };
                     actix_rt::spawn(crate::job::restore(env, req));
                 }
+                Ok(Some(CoordinatorMessage::ItemsRequest { job, dest })) => {
+                    tracing::info!(job_id = %job, %dest, "item recovery requested");
+                    actix_rt::spawn(crate::job::items(conn.clone(), out_tx.clone(), job, dest));
+                }
                 Ok(Some(CoordinatorMessage::JobDone { job, committed })) => {
                     match verdicts.remove(&job.0) {
                         Some(v) => { let _ = v.send(committed); }

@@ -354,7 +354,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse_from(args);
     let format = match (&cli.command, cli.output.as_str()) {
-        (Command::RecoverDisk { .. } | Command::RecoverItems { .. }, _) | (_, "text") => Output::Text,
+        (Command::RecoverDisk { .. } | Command::RecoverItems { dest_host: None, .. }, _) | (_, "text") => Output::Text,
         (_, "json") => Output::Json,
         (_, other) => {
             use clap::CommandFactory as _;
@@ -433,10 +433,19 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         Command::Ls { vm, rp, disk, path } => {
             AdminRequest::Ls { vm: vm.clone(), rp: rp.clone(), disk: disk.clone(), path: path.clone() }
         }
-        Command::RecoverItems { vm, rp, disk, paths, dest_host, options, .. } => {
-            if dest_host.is_some() {
-                anyhow::bail!("--dest-host is not supported yet: recover to a local directory with --output DIR");
+        Command::RecoverItems { vm, rp, disk, paths, dest_host: Some(host), dest, options, .. } => {
+            let dest = dest.as_ref().context("--dest-host needs --dest DIR (a directory on that host)")?;
+            AdminRequest::RecoverItemsToHost {
+                vm: vm.clone(),
+                rp: rp.clone(),
+                disk: disk.clone(),
+                paths: paths.clone(),
+                host: host.clone(),
+                dest: dest.display().to_string(),
+                options: options.wire()?,
             }
+        }
+        Command::RecoverItems { vm, rp, disk, paths, options, .. } => {
             // CONTRACT: `recover-items … --output DIR`: here the global flag names the directory.
             if cli.output == "text" {
                 anyhow::bail!("recover-items needs --output DIR (or --dest-host HOST --dest DIR)");
@@ -474,7 +483,10 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
     };
     let wait_started = matches!(
         &cli.command,
-        Command::Backup { wait: true, .. } | Command::Cc { wait: true, .. } | Command::Recover { wait: true, .. }
+        Command::Backup { wait: true, .. }
+            | Command::Cc { wait: true, .. }
+            | Command::Recover { wait: true, .. }
+            | Command::RecoverItems { wait: true, .. }
     );
     let response = rt.block_on(async {
         let client = AdminClient::connect(&target).await?;

@@ -156,6 +156,44 @@ fn files_are_browsed_and_recovered_from_ext4_and_fat_partitions() {
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(out.join("hello.txt")).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o644, "modes kept");
 
+    // The same onto a directory of an enrolled host, as a job.
+    let remote = c.root.path().join("on-node1");
+    let job = c.json(&[
+        "recover-items",
+        "files",
+        "--rp",
+        "latest",
+        "--disk",
+        "os",
+        "--path",
+        "/p1/sub",
+        "--path",
+        "/p1/link",
+        "--dest-host",
+        "node1",
+        "--dest",
+        remote.to_str().unwrap(),
+        "--wait",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(std::fs::read(remote.join("sub/data.bin")).unwrap(), data);
+    assert!(std::fs::symlink_metadata(remote.join("link")).unwrap().file_type().is_symlink());
+    let rel = c.run(&[
+        "recover-items",
+        "files",
+        "--rp",
+        "latest",
+        "--disk",
+        "os",
+        "--path",
+        "/p1/sub",
+        "--dest-host",
+        "node1",
+        "--dest",
+        "relative/dir",
+    ]);
+    assert_eq!(rel.status.code(), Some(1), "a destination must be absolute");
+
     // A second recovery into the same place never overwrites what is there.
     let again = c.run(&[
         "recover-items",

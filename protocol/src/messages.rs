@@ -230,6 +230,12 @@ pub enum CoordinatorMessage {
     },
     JobRequest(JobRequest),
     RestoreRequest(RestoreRequest),
+    /// Item-level recovery onto this host: open an `Items` transfer stream for `job` and write
+    /// what arrives under `dest` (an absolute directory).
+    ItemsRequest {
+        job: JobId,
+        dest: String,
+    },
     /// The coordinator's verdict on a job the agent reported: `committed` advances the change
     /// token and releases the snapshot; otherwise the snapshot is released and its changes
     /// are kept for the next run.
@@ -343,6 +349,16 @@ pub enum AdminRequest {
         rp: String,
         disk: String,
         paths: Vec<String>,
+        options: RecoveryOptions,
+    },
+    /// Item-level recovery to a directory on an enrolled host, as a job.
+    RecoverItemsToHost {
+        vm: String,
+        rp: String,
+        disk: String,
+        paths: Vec<String>,
+        host: String,
+        dest: String,
         options: RecoveryOptions,
     },
     /// Load one disk of a seed: answered by [`AdminResponse::SeedReady`]; the console then

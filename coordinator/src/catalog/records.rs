@@ -193,6 +193,16 @@ pub struct RecoverySpec {
     pub name: Option<String>,
     /// Throttle and notification.
     pub options: bulwark_protocol::messages::RecoveryOptions,
+    /// Item-level recovery to `to_host`: which disk, which paths, into which directory.
+    pub items: Option<ItemsTarget>,
+}
+
+/// Files to recover onto a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemsTarget {
+    pub disk: String,
+    pub paths: Vec<String>,
+    pub dest: String,
 }
 
 impl JobRecord {

@@ -380,6 +380,9 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
         .ok_or_else(|| {
             Failure::stop(format!("recovery point {} of {name} no longer exists", crate::store::hex(&spec.rp)))
         })?;
+    if let (Some(items), Some(host)) = (&spec.items, &spec.to_host) {
+        return execute_items(ctx, job, &rp, items, host, &spec.options).await;
+    }
     let (target, host, create) = match &spec.to_host {
         None => (name.clone(), vm.host.clone(), None),
         Some(h) => (
@@ -489,6 +492,66 @@ async fn find_swap(ctx: &Arc<JobContext>, replicas: Vec<ReplicaRecord>) {
     .await;
     if let Ok(Err(e)) = r {
         tracing::warn!(error = %e, "cannot record the swap exclusion");
+    }
+}
+
+/// Item-level recovery onto a host: the agent opens an `Items` stream; the items go down it.
+async fn execute_items(
+    ctx: &Arc<JobContext>,
+    job: &mut JobRecord,
+    rp: &crate::catalog::RecoveryPointRecord,
+    items: &crate::catalog::ItemsTarget,
+    host: &str,
+    options: &bulwark_protocol::messages::RecoveryOptions,
+) -> Result<(), Failure> {
+    let d = rp
+        .disks
+        .iter()
+        .find(|d| d.name == items.disk)
+        .cloned()
+        .ok_or_else(|| Failure::stop(format!("the recovery point has no disk {}", items.disk)))?;
+    let (session, conn_id) = ctx
+        .registry
+        .send(SessionOf { host: host.to_owned() })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| Failure::retry(format!("the agent of {host} is not connected")))?;
+    let (mut streams, mut result) = ctx.router.register(job.id, host, conn_id);
+    session.do_send(SendToAgent(CoordinatorMessage::ItemsRequest { job: JobId(job.id), dest: items.dest.clone() }));
+    let mut s = tokio::select! {
+        s = streams.recv() => s.ok_or_else(|| Failure::stop("the job's stream router closed"))?,
+        r = &mut result => return Err(Failure::stop(match r {
+            Ok(JobResult { outcome: JobOutcome::Failed { reason, .. }, .. }) => reason,
+            _ => format!("the agent of {host} did not open the item stream"),
+        })),
+        () = tokio::time::sleep(ctx.lease) => return Err(Failure::stop(format!("no word from the agent of {host}"))),
+    };
+    if s.mode != TransferMode::Items {
+        return Err(Failure::stop("the agent opened the wrong kind of stream"));
+    }
+    let bs = crate::items::ITEM_CHUNK;
+    let sent = crate::items::stream_items(ctx.store.clone(), &mut s.send, d, items.paths.clone(), options).await;
+    let end = match &sent {
+        Ok(n) => TransferMessage::End { blocks_sent: *n, bytes_read: 0 },
+        Err(reason) => TransferMessage::Failed { reason: reason.clone() },
+    };
+    let _ = transfer::write_message(&mut s.send, &end, bs).await;
+    let _ = s.send.finish();
+    let sent = sent.map_err(Failure::stop)?;
+    let outcome = tokio::select! {
+        r = &mut result => r.map_err(|_| Failure::stop(format!("the connection to {host} was lost")))?,
+        () = tokio::time::sleep(ctx.lease) => return Err(Failure::stop(format!("no word from the agent of {host}"))),
+    };
+    match outcome.outcome {
+        JobOutcome::Restored { bytes_written, .. } => {
+            job.bytes_transferred = bytes_written;
+            job.blocks_changed = sent;
+            job.detail = Some(format!("{} path(s) recovered into {}:{}", items.paths.len(), host, items.dest));
+            Ok(())
+        }
+        JobOutcome::Failed { reason, .. } => Err(Failure::stop(reason)),
+        JobOutcome::Succeeded { .. } => Err(Failure::stop("the agent answered an item recovery with a backup")),
     }
 }
 

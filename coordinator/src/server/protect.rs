@@ -582,7 +582,7 @@ pub async fn recover(
         Ok(id) => id,
         Err(e) => return err(e),
     };
-    let spec = crate::catalog::RecoverySpec { rp: rp_id, to_host, name, options };
+    let spec = crate::catalog::RecoverySpec { rp: rp_id, to_host, name, options, items: None };
     let reason = format!("recovery of {vm} from {} requested by an administrator", crate::store::hex(&rp_id));
     match state.jobs.send(Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
     {
@@ -673,6 +673,50 @@ pub async fn recover_items(
         if let Err(e) = crate::notify::send(smtp.as_ref(), &to, &subject, body).await {
             tracing::warn!(%to, error = %e, "recovery notification not sent");
         }
+    }
+}
+
+/// `recover-items … --dest-host H --dest DIR`: a recovery job whose agent writes the items.
+pub async fn recover_items_to_host(
+    state: &Arc<State>,
+    vm: String,
+    rp: String,
+    disk: String,
+    paths: Vec<String>,
+    host: String,
+    dest: String,
+    options: bulwark_protocol::messages::RecoveryOptions,
+) -> AdminResponse {
+    if !dest.starts_with('/') {
+        return err(format!("--dest {dest:?} must be an absolute directory on {host}"));
+    }
+    let catalog = state.store.catalog().clone();
+    let (v, r, d, h) = (vm.clone(), rp.clone(), disk.clone(), host.clone());
+    let checked = blocking(move || {
+        let (point, _) = rp_disk(&catalog, &v, &r, &d)?;
+        if catalog.agent(&h).map_err(|e| e.to_string())?.is_none_or(|a| a.revoked) {
+            return Err(format!("{h} is not an enrolled host"));
+        }
+        Ok(point.id)
+    })
+    .await;
+    let rp_id = match checked {
+        Ok(id) => id,
+        Err(e) => return err(e),
+    };
+    let spec = crate::catalog::RecoverySpec {
+        rp: rp_id,
+        to_host: Some(host),
+        name: None,
+        options,
+        items: Some(crate::catalog::ItemsTarget { disk, paths, dest }),
+    };
+    let reason = format!("item-level recovery from {} requested by an administrator", crate::store::hex(&rp_id));
+    match state.jobs.send(Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
+    {
+        Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
+        Ok(Err(e)) => err(e),
+        Err(e) => err(format!("the job queue is gone: {e}")),
     }
 }
 
