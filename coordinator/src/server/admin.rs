@@ -104,7 +104,8 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         }
         AdminRequest::Ls { vm, rp, disk, path } => protect::ls(state, vm, rp, disk, path).await,
         AdminRequest::RecoverItemsToHost { vm, rp, disk, paths, host, dest, options } => {
-            protect::recover_items_to_host(state, vm, rp, disk, paths, host, dest, options).await
+            let req = protect::ItemsToHost { vm, rp, disk, paths, host, dest, options };
+            protect::recover_items_to_host(state, req).await
         }
         AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } | AdminRequest::RecoverItems { .. } => {
             AdminResponse::Error { message: "a streaming request reached the plain handler".into() }

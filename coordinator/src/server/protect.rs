@@ -676,17 +676,20 @@ pub async fn recover_items(
     }
 }
 
+/// What `recover-items … --dest-host H --dest DIR` asks for.
+pub struct ItemsToHost {
+    pub vm: String,
+    pub rp: String,
+    pub disk: String,
+    pub paths: Vec<String>,
+    pub host: String,
+    pub dest: String,
+    pub options: bulwark_protocol::messages::RecoveryOptions,
+}
+
 /// `recover-items … --dest-host H --dest DIR`: a recovery job whose agent writes the items.
-pub async fn recover_items_to_host(
-    state: &Arc<State>,
-    vm: String,
-    rp: String,
-    disk: String,
-    paths: Vec<String>,
-    host: String,
-    dest: String,
-    options: bulwark_protocol::messages::RecoveryOptions,
-) -> AdminResponse {
+pub async fn recover_items_to_host(state: &Arc<State>, req: ItemsToHost) -> AdminResponse {
+    let ItemsToHost { vm, rp, disk, paths, host, dest, options } = req;
     if !dest.starts_with('/') {
         return err(format!("--dest {dest:?} must be an absolute directory on {host}"));
     }
