@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+mod quickstart;
+
 use anyhow::Context as _;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
 use bulwark_protocol::messages::{
@@ -388,9 +390,7 @@ fn target(cli: &Cli) -> anyhow::Result<AdminTarget> {
 
 fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
     let request = match &cli.command {
-        Command::Quickstart { .. } => {
-            anyhow::bail!("the quickstart is not built yet: it needs the store, the snapshot path and jobs (see the README's Status)")
-        }
+        Command::Quickstart { dir, keep_running } => return quickstart::run(dir.clone(), *keep_running),
         Command::Status => AdminRequest::Status,
         Command::Agent { command: AgentCommand::List } => AdminRequest::AgentList,
         Command::Agent { command: AgentCommand::Revoke { host } } => AdminRequest::AgentRevoke { host: host.clone() },
