@@ -12,11 +12,17 @@ fn the_quickstart_tells_the_whole_story_and_verifies_it() {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("qs");
     let out = ok(&["quickstart", "--dir", work.to_str().unwrap()]);
-    assert!(out.contains("3 VMs protected, 3 restores verified bit for bit"), "{out}");
+    assert!(out.contains("3 VMs protected, 5 restores verified bit for bit"), "{out}");
     for (vm, c) in [("web", "app"), ("db", "filesystem"), ("legacy", "crash")] {
-        let line = out.lines().find(|l| l.starts_with(vm)).unwrap();
-        assert!(line.contains(c) && line.contains("bit-exact"), "{line}");
+        let line = out.lines().find(|l| l.starts_with("express full ") && l.contains(&format!(" {vm} "))).unwrap();
+        assert!(line.contains(c) && line.contains("1.0 MiB"), "2 % churn of 64 MiB moves one block: {line}");
+        let restore = out.lines().find(|l| l.starts_with("recover disk") && l.contains(&format!(" {vm} "))).unwrap();
+        assert!(restore.ends_with("bit-exact"), "{restore}");
     }
+    assert!(out.lines().any(|l| l.starts_with("express full on node2") && l.contains("1.0 MiB")), "{out}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("consistency check")).count(), 2, "db and web after the crash");
+    assert!(out.lines().any(|l| l.starts_with("recover to node2") && l.ends_with("bit-exact")), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("recover file /p1/etc/motd") && l.ends_with("bit-exact")), "{out}");
     assert!(work.join("coordinator/coordinator.toml").exists(), "--dir keeps everything");
     assert!(!work.join("coordinator/coordinator.addr").exists(), "the coordinator stopped cleanly");
     let again = bulwark(&["quickstart", "--dir", work.to_str().unwrap()]);
