@@ -274,9 +274,11 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
         Ok(vm_list()?.iter().all(|v| v.replica_state == "consistent").then_some(()))
     })?;
     for (name, ..) in &vms {
-        if let Some(j) = jobs_of(name)?.into_iter().find(|j| j.kind == "initial") {
-            rows.push(Row::from_job("initial replica", &j, None, None));
-        }
+        // The replica is committed a moment before its job is recorded as succeeded.
+        let j = wait_for(&format!("the initial job of {name}"), Duration::from_secs(60), || {
+            Ok(jobs_of(name)?.into_iter().find(|j| j.kind == "initial" && j.state == "succeeded"))
+        })?;
+        rows.push(Row::from_job("initial replica", &j, None, None));
     }
 
     step("the guests write 2 % of their disks; an express full of each moves only that");

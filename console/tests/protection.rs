@@ -100,6 +100,10 @@ fn a_cluster_is_protected_end_to_end() {
         let rps = c.json(&["rp", "list", vm]);
         assert_eq!(rps.as_array().unwrap().len(), 1, "the initial copy is the first recovery point");
         assert_eq!(rps[0]["consistency"], consistency, "{vm}");
+        // The replica is committed a moment before its job is recorded as succeeded.
+        wait_until("the initial job recorded", Duration::from_secs(30), || {
+            jobs_of(&c, vm).iter().any(|j| j["kind"] == "initial" && j["state"] == "succeeded")
+        });
         let initial = jobs_of(&c, vm).into_iter().find(|j| j["kind"] == "initial").unwrap();
         assert_eq!(initial["state"], "succeeded");
         assert_eq!(initial["bytes_transferred"], DISK, "random disks: every block moves once");

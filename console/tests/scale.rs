@@ -51,8 +51,11 @@ fn hundreds_of_vms_get_their_initial_replicas_within_the_bounds() {
         vms.as_array().unwrap().iter().all(|v| v["replica_state"] == "consistent")
     });
     let elapsed = started.elapsed();
-    let jobs = c.json(&["job", "list", "--state", "succeeded"]);
-    assert_eq!(jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "initial").count(), n);
+    // Each replica is committed a moment before its job is recorded as succeeded.
+    wait_until("every initial job recorded", Duration::from_secs(60), || {
+        let jobs = c.json(&["job", "list", "--state", "succeeded"]);
+        jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "initial").count() == n
+    });
 
     // The bounds, from the queue's own account of every start.
     let log = c.coordinator.log_text();
