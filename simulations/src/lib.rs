@@ -6,6 +6,7 @@
 //! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
 //!   loopback) that every other figure is a ratio against.
 //! - [`report`]: `bench-results.json` and the SVG chart.
+//! - [`restorebench`]: full and smart restores with a real coordinator and agent on loopback.
 //! - [`storebench`]: store benchmarks (ingest, metadata per recovery point, dedup, GC).
 //! - [`torture`]: the store workload that crash tests `kill -9`.
 
@@ -14,5 +15,6 @@
 pub mod agentbench;
 pub mod limits;
 pub mod report;
+pub mod restorebench;
 pub mod storebench;
 pub mod torture;

@@ -52,6 +52,9 @@ pub struct Report {
     /// The agent's read path, when the `read` scenario ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_read: Option<crate::agentbench::ReadFigures>,
+    /// Full and smart restore figures (`restore`, `smart-restore`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::restorebench::RestoreFigures>,
 }
 
 /// A horizontal bar chart of named rates (bytes/s), as SVG.

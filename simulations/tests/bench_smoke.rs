@@ -36,3 +36,23 @@ fn bench_refuses_unknown_scenarios_and_bad_sizes() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a size"));
 }
+
+#[test]
+fn bench_restores_run_end_to_end_and_report_both_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark-bench"))
+        .args(["--scenario", "restore", "--sizes", "16MiB", "--limit-bytes", "8MiB", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("bench-results.json")).unwrap()).unwrap();
+    let rows = report["results"].as_array().unwrap();
+    let full = rows.iter().find(|r| r["scenario"] == "restore").unwrap();
+    let smart = rows.iter().find(|r| r["scenario"] == "smart-restore").unwrap();
+    assert_eq!(full["tool"], "bulwark");
+    assert_eq!(full["bytes_sent"], 16 << 20, "a full restore writes every block of the random disk");
+    assert!(smart["bytes_sent"].as_u64().unwrap() < 16 << 20, "a smart restore writes only what diverged");
+    assert!(report["restore"]["full_seconds"].as_f64().unwrap() > 0.0);
+}

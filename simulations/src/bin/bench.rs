@@ -39,8 +39,8 @@ struct Cli {
     output: String,
 }
 
-const BUILT: &[&str] = &["limits", "store", "read"];
-const PLANNED: &[&str] = &["initial", "incremental", "cc", "restore", "smart-restore"];
+const BUILT: &[&str] = &["limits", "store", "read", "restore", "smart-restore"];
+const PLANNED: &[&str] = &["initial", "incremental", "cc"];
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -79,7 +79,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cli.out).with_context(|| format!("cannot create {}", cli.out.display()))?;
 
     let mut lim = Limits { sample_bytes: sample, ..Limits::default() };
-    if scenarios.contains(&"limits") || scenarios.contains(&"store") {
+    let restoring = scenarios.contains(&"restore") || scenarios.contains(&"smart-restore");
+    if scenarios.contains(&"limits") || scenarios.contains(&"store") || restoring {
         let file = cli.out.join("limits-sample.bin");
         eprintln!("measuring limits on {} of random data", format_size(sample));
         limits::write_random_file(&file, sample, 1)?;
@@ -116,12 +117,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         eprintln!("read: initial read of a {} random sim disk vs cat and BLAKE3", format_size(size));
         agent_read = Some(bulwark_simulations::agentbench::initial_read(work.path(), size)?);
     }
+    let mut results = vec![];
+    let mut restore = None;
+    if restoring {
+        let size = parse_size(cli.sizes.first().map(String::as_str).unwrap_or("1GiB"))?;
+        let work = tempfile::tempdir_in(&cli.out)?;
+        let (figures, rows) = bulwark_simulations::restorebench::restores(work.path(), size)?;
+        results.extend(rows);
+        restore = Some(figures);
+    }
     let report = Report {
         machine: Machine { cores: limits::cores(), mem_bytes: limits::mem_bytes() },
         limits: lim,
-        results: vec![],
+        results,
         store,
         agent_read,
+        restore,
     };
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(cli.out.join("bench-results.json"), &json)?;
@@ -184,6 +195,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.vs_blake3,
                 mib(r.blake3_bps),
                 if r.cold_cache { ", cold cache" } else { ", warm cache" }
+            );
+        }
+        if let Some(r) = &report.restore {
+            println!(
+                "full restore (new VM)        {:>12.1}  {:.2}x raw read, {:.2}x QUIC ({} in {:.2} s)",
+                mib(r.full_bps),
+                r.full_bps / l.read_bps.max(1.0),
+                r.full_bps / l.quic_bps.max(1.0),
+                format_size(r.disk_bytes),
+                r.full_seconds
+            );
+            println!(
+                "smart restore, 1% diverged   {:>12.2} s  {:.1}x faster than the full restore ({} written)",
+                r.smart_seconds,
+                r.smart_speedup,
+                format_size(r.smart_bytes_written)
             );
         }
         println!("wrote {}", cli.out.join("bench-results.json").display());
