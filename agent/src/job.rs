@@ -444,7 +444,8 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
             }
             other => return Err(Failure::other(format!("unexpected frame in a restore: {other:?}"))),
         };
-        let offset = index.checked_mul(bs as u64).filter(|o| *o + data.len() as u64 <= size);
+        let offset =
+            index.checked_mul(bs as u64).filter(|o| o.checked_add(data.len() as u64).is_some_and(|end| end <= size));
         let Some(offset) = offset.filter(|_| index < blocks && last.is_none_or(|l| index > l)) else {
             return Err(Failure::other(format!("block {index} is out of order or outside the disk")));
         };

@@ -246,43 +246,15 @@ pub async fn run_session(
             msg = frame::read_message::<CoordinatorMessage, _>(&mut recv) => match msg {
                 Ok(Some(CoordinatorMessage::Heartbeat)) => {}
                 Ok(Some(CoordinatorMessage::JobRequest(job))) => {
-                    let Some(backend) = hosting.backend.clone() else {
-                        let refusal = AgentMessage::JobResult(JobResult {
-                            job: job.job,
-                            outcome: JobOutcome::Failed { kind: FailureKind::Other, reason: "this agent has no hypervisor configured".into() },
-                        });
-                        let _ = out_tx.send(refusal).await;
-                        continue;
-                    };
+                    let Some(env) = job_env(&hosting, config, &conn, &out_tx, job.job).await else { continue };
                     tracing::info!(job_id = %job.job, vm = %job.vm, kind = ?job.kind, "job requested");
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     verdicts.insert(job.job.0, tx);
-                    let env = JobEnv {
-                        backend,
-                        host: config.host.clone(),
-                        conn: conn.clone(),
-                        out: out_tx.clone(),
-                        scratch: hosting.scratch.clone(),
-                    };
                     actix_rt::spawn(crate::job::run(env, job, rx));
                 }
                 Ok(Some(CoordinatorMessage::RestoreRequest(req))) => {
-                    let Some(backend) = hosting.backend.clone() else {
-                        let refusal = AgentMessage::JobResult(JobResult {
-                            job: req.job,
-                            outcome: JobOutcome::Failed { kind: FailureKind::Other, reason: "this agent has no hypervisor configured".into() },
-                        });
-                        let _ = out_tx.send(refusal).await;
-                        continue;
-                    };
+                    let Some(env) = job_env(&hosting, config, &conn, &out_tx, req.job).await else { continue };
                     tracing::info!(job_id = %req.job, vm = %req.vm, "restore requested");
-                    let env = JobEnv {
-                        backend,
-                        host: config.host.clone(),
-                        conn: conn.clone(),
-                        out: out_tx.clone(),
-                        scratch: hosting.scratch.clone(),
-                    };
                     actix_rt::spawn(crate::job::restore(env, req));
                 }
                 Ok(Some(CoordinatorMessage::ItemsRequest { job, dest })) => {
@@ -301,6 +273,29 @@ pub async fn run_session(
             },
         }
     }
+}
+
+/// What a job needs of this session; without a hypervisor the job is refused at once.
+async fn job_env(
+    hosting: &Hosting,
+    config: &AgentConfig,
+    conn: &quinn::Connection,
+    out: &tokio::sync::mpsc::Sender<AgentMessage>,
+    job: bulwark_protocol::JobId,
+) -> Option<JobEnv> {
+    let Some(backend) = hosting.backend.clone() else {
+        let outcome =
+            JobOutcome::Failed { kind: FailureKind::Other, reason: "this agent has no hypervisor configured".into() };
+        let _ = out.send(AgentMessage::JobResult(JobResult { job, outcome })).await;
+        return None;
+    };
+    Some(JobEnv {
+        backend,
+        host: config.host.clone(),
+        conn: conn.clone(),
+        out: out.clone(),
+        scratch: hosting.scratch.clone(),
+    })
 }
 
 fn lost(conn: &quinn::Connection, fallback: String) -> SessionEnd {

@@ -707,7 +707,9 @@ fn recover_disk(target: &AdminTarget, req: AdminRequest, output: &std::path::Pat
                 .map_err(|e| anyhow::anyhow!("the disk stream broke off: {e}"))?;
             match frame {
                 Some(TransferFrame::Block { index, data, .. }) => {
-                    let at = index.checked_mul(bs).filter(|&o| o + data.len() as u64 <= size_bytes);
+                    let at = index
+                        .checked_mul(bs)
+                        .filter(|&o| o.checked_add(data.len() as u64).is_some_and(|end| end <= size_bytes));
                     let at = at.with_context(|| format!("block {index} lies outside the {size_bytes}-byte disk"))?;
                     file.write_all_at(&data, at).with_context(|| format!("cannot write {}", partial.display()))?;
                     blocks += 1;

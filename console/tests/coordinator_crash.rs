@@ -22,22 +22,7 @@ fn digest_of_source(root: &Path, vm: &str) -> blake3::Hash {
 }
 
 fn digest_of_restore(c: &Cluster, vm: &str) -> blake3::Hash {
-    let out = c.root.path().join("restored.img");
-    ok(&[
-        "--data-dir",
-        &c.dir_str(),
-        "recover-disk",
-        vm,
-        "--rp",
-        "latest",
-        "--disk",
-        "os",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    let h = blake3::hash(&std::fs::read(&out).unwrap());
-    std::fs::remove_file(&out).unwrap();
-    h
+    blake3::hash(&c.recover_disk(vm, "latest", "os"))
 }
 
 #[test]

@@ -48,16 +48,8 @@ fn build_disk(dir: &std::path::Path, data: &[u8]) -> std::path::PathBuf {
     let mut d = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&disk).unwrap();
     d.set_len(32 * MIB).unwrap();
     let mut mbr = mbrman::MBR::new_from(&mut d, 512, [1, 2, 3, 4]).unwrap();
-    let part = |start: u32, sectors: u32, sys: u8| mbrman::MBRPartitionEntry {
-        boot: mbrman::BOOT_INACTIVE,
-        first_chs: mbrman::CHS::empty(),
-        sys,
-        last_chs: mbrman::CHS::empty(),
-        starting_lba: start,
-        sectors,
-    };
-    mbr[1] = part(2048, 32768, 0x83);
-    mbr[2] = part(36864, 16384, 0x0c);
+    mbr[1] = mbr_entry(2048, 32768, 0x83);
+    mbr[2] = mbr_entry(36864, 16384, 0x0c);
     mbr.write_into(&mut d).unwrap();
     for (img, at) in [(&ext, MIB), (&fat, 18 * MIB)] {
         d.seek(SeekFrom::Start(at)).unwrap();

@@ -29,26 +29,11 @@ fn make_vm(root: &Path, name: &str, host: &str, os: &str, integration: bool, see
 }
 
 fn source(root: &Path, vm: &str) -> Vec<u8> {
-    let mut out = vec![];
-    sim::read_disk(root, vm, "os", &mut out).unwrap();
-    out
+    sim_disk(root, vm, "os")
 }
 
 fn restore(c: &Cluster, vm: &str, rp: &str) -> Vec<u8> {
-    let out = c.root.path().join(format!("restored-{vm}.img"));
-    ok(&[
-        "--data-dir",
-        &c.dir_str(),
-        "recover-disk",
-        vm,
-        "--rp",
-        rp,
-        "--disk",
-        "os",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    std::fs::read(&out).unwrap()
+    c.recover_disk(vm, rp, "os")
 }
 
 fn backup(c: &Cluster, vm: &str) -> serde_json::Value {

@@ -87,20 +87,5 @@ fn storage_migration_and_a_bad_chunk_each_trigger_a_check_that_repairs() {
     assert!(last["bytes_transferred"].as_u64().unwrap() > 0, "the bad block was fetched again: {last}");
     let verify = c.json(&["verify", "--wait"]);
     assert_eq!(verify["state"], "succeeded", "healed: {verify}");
-    let out = c.root.path().join("app.img");
-    ok(&[
-        "--data-dir",
-        &c.dir_str(),
-        "recover-disk",
-        "app",
-        "--rp",
-        "latest",
-        "--disk",
-        "os",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    let mut want = vec![];
-    sim::read_disk(&root, "app", "os", &mut want).unwrap();
-    assert_eq!(std::fs::read(&out).unwrap(), want);
+    assert_eq!(c.recover_disk("app", "latest", "os"), sim_disk(&root, "app", "os"));
 }

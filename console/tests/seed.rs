@@ -88,22 +88,7 @@ fn a_seed_and_a_consistency_check_make_a_replica_without_an_initial_copy() {
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["bytes_transferred"], 0, "tracking continued across the export: nothing new");
     for disk in ["os", "data"] {
-        let file = c.root.path().join(format!("{disk}.img"));
-        ok(&[
-            "--data-dir",
-            &c.dir_str(),
-            "recover-disk",
-            "db",
-            "--rp",
-            "latest",
-            "--disk",
-            disk,
-            "--output",
-            file.to_str().unwrap(),
-        ]);
-        let mut want = vec![];
-        sim::read_disk(&root, "db", disk, &mut want).unwrap();
-        assert_eq!(std::fs::read(&file).unwrap(), want, "{disk} restores bit-exact");
+        assert_eq!(c.recover_disk("db", "latest", disk), sim_disk(&root, "db", disk), "{disk} restores bit-exact");
     }
 
     // A damaged seed is refused before anything is sent.

@@ -25,16 +25,8 @@ fn swap_churn_stays_out_of_express_fulls_and_the_signature_survives() {
             std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&image).unwrap();
         d.set_len(64 * MIB).unwrap();
         let mut mbr = mbrman::MBR::new_from(&mut d, 512, [9, 9, 9, 9]).unwrap();
-        let part = |start: u32, sectors: u32, sys: u8| mbrman::MBRPartitionEntry {
-            boot: mbrman::BOOT_INACTIVE,
-            first_chs: mbrman::CHS::empty(),
-            sys,
-            last_chs: mbrman::CHS::empty(),
-            starting_lba: start,
-            sectors,
-        };
-        mbr[1] = part(2048, 63488, 0x83);
-        mbr[2] = part(65536, 65536, 0x82);
+        mbr[1] = mbr_entry(2048, 63488, 0x83);
+        mbr[2] = mbr_entry(65536, 65536, 0x82);
         mbr.write_into(&mut d).unwrap();
         use std::io::{Seek, SeekFrom};
         d.seek(SeekFrom::Start(32 * MIB + 4086)).unwrap();
@@ -93,27 +85,13 @@ fn swap_churn_stays_out_of_express_fulls_and_the_signature_survives() {
         "2 data blocks and the swap header block, none of the 19 swap blocks"
     );
 
-    let out = c.root.path().join("restored.img");
-    ok(&[
-        "--data-dir",
-        &c.dir_str(),
-        "recover-disk",
-        "sw",
-        "--rp",
-        "latest",
-        "--disk",
-        "os",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
-    let restored = std::fs::read(&out).unwrap();
+    let restored = c.recover_disk("sw", "latest", "os");
     assert_eq!(
         &restored[(32 * MIB + 4086) as usize..(32 * MIB + 4096) as usize],
         b"SWAPSPACE2",
         "the swap signature survives"
     );
     assert_eq!(restored[(32 * MIB + 1024) as usize], 7, "the header block is current");
-    let mut source = vec![];
-    sim::read_disk(&root, "sw", "os", &mut source).unwrap();
+    let source = sim_disk(&root, "sw", "os");
     assert_eq!(restored[..(32 * MIB) as usize], source[..(32 * MIB) as usize], "everything outside swap is exact");
 }

@@ -36,6 +36,11 @@ impl Throttle {
         Self { limit, tokens: 0.0, last: now }
     }
 
+    /// The throttle a recovery's options ask for (None: full speed).
+    pub fn for_options(o: &bulwark_protocol::messages::RecoveryOptions) -> Option<Self> {
+        o.limit_bps.map(|bytes_per_sec| Self::new(Limit { bytes_per_sec, window: o.window }, Instant::now()))
+    }
+
     /// The bucket holds at most a quarter second of the rate (bursts stay short).
     fn capacity(&self) -> f64 {
         (self.limit.bytes_per_sec as f64 / 4.0).max(1.0)

@@ -195,6 +195,18 @@ impl Cluster {
         self.json(&["vm", "list"]).as_array().unwrap().iter().find(|v| v["name"] == name).cloned()
     }
 
+    /// `recover-disk VM --rp RP --disk DISK` into a scratch file; answers its bytes.
+    pub fn recover_disk(&self, vm: &str, rp: &str, disk: &str) -> Vec<u8> {
+        let out = self.root.path().join(format!("recovered-{vm}-{disk}.img"));
+        let dir = self.dir_str();
+        let args =
+            ["--data-dir", &dir, "recover-disk", vm, "--rp", rp, "--disk", disk, "--output", out.to_str().unwrap()];
+        ok(&args);
+        let bytes = std::fs::read(&out).unwrap();
+        std::fs::remove_file(&out).unwrap();
+        bytes
+    }
+
     /// `agent list --output json`.
     pub fn agents_json(&self) -> Vec<serde_json::Value> {
         let out = ok(&["--data-dir", &self.dir_str(), "agent", "list", "--output", "json"]);
@@ -225,6 +237,25 @@ impl Cluster {
         let cert = std::fs::read_to_string(self.dir().join("pki/ca.pem")).unwrap();
         let key = std::fs::read_to_string(self.dir().join("pki/ca.key")).unwrap();
         bulwark_pki::Ca::from_pem(&cert, &key).unwrap()
+    }
+}
+
+/// A sim VM's disk as the guest sees it now.
+pub fn sim_disk(root: &Path, vm: &str, disk: &str) -> Vec<u8> {
+    let mut out = vec![];
+    bulwark_agent::sim::read_disk(root, vm, disk, &mut out).unwrap();
+    out
+}
+
+/// A primary MBR partition entry.
+pub fn mbr_entry(starting_lba: u32, sectors: u32, sys: u8) -> mbrman::MBRPartitionEntry {
+    mbrman::MBRPartitionEntry {
+        boot: mbrman::BOOT_INACTIVE,
+        first_chs: mbrman::CHS::empty(),
+        sys,
+        last_chs: mbrman::CHS::empty(),
+        starting_lba,
+        sectors,
     }
 }
 

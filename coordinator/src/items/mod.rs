@@ -486,12 +486,7 @@ pub async fn stream_items(
     options: &bulwark_protocol::messages::RecoveryOptions,
 ) -> Result<u64, String> {
     use bulwark_protocol::transfer::{self, TransferMessage};
-    let mut throttle = options.limit_bps.map(|bytes_per_sec| {
-        crate::throttle::Throttle::new(
-            crate::throttle::Limit { bytes_per_sec, window: options.window },
-            std::time::Instant::now(),
-        )
-    });
+    let mut throttle = crate::throttle::Throttle::for_options(options);
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let walker = tokio::task::spawn_blocking(move || {
         let mut seq = 0u64;

@@ -235,12 +235,7 @@ pub async fn restore(
     job: &mut JobRecord,
     options: &bulwark_protocol::messages::RecoveryOptions,
 ) -> Result<(), String> {
-    let mut throttle = options.limit_bps.map(|bytes_per_sec| {
-        crate::throttle::Throttle::new(
-            crate::throttle::Limit { bytes_per_sec, window: options.window },
-            std::time::Instant::now(),
-        )
-    });
+    let mut throttle = crate::throttle::Throttle::for_options(options);
     let (theirs, bytes_read) = match read_frame(s).await? {
         TransferFrame::Message(TransferMessage::Root { root, bytes_read }) => (root, bytes_read),
         other => return Err(format!("expected the disk's root, got {other:?}")),

@@ -286,11 +286,7 @@ pub async fn run_now(state: &Arc<State>, vm: String, kind: JobKind) -> AdminResp
         Err(e) => return err(e),
     }
     let reason = format!("{} requested by an administrator", kind.as_str());
-    match state.jobs.send(Enqueue { vm, kind, automatic: false, reason, recovery: None }).await {
-        Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
-        Ok(Err(e)) => err(e),
-        Err(e) => err(format!("the job queue is gone: {e}")),
-    }
+    queue(state, Enqueue { vm, kind, automatic: false, reason, recovery: None }).await
 }
 
 pub fn backup_kind(kind: BackupKind) -> JobKind {
@@ -359,27 +355,10 @@ pub async fn recover_disk(
     disk: String,
     options: bulwark_protocol::messages::RecoveryOptions,
 ) {
-    let mut throttle = options.limit_bps.map(|bytes_per_sec| {
-        crate::throttle::Throttle::new(
-            crate::throttle::Limit { bytes_per_sec, window: options.window },
-            std::time::Instant::now(),
-        )
-    });
+    let mut throttle = crate::throttle::Throttle::for_options(&options);
     let what = format!("disk {disk} of {vm} ({rp})");
     let catalog = state.store.catalog().clone();
-    let found = blocking(move || {
-        let rp = find_rp(&catalog, &vm, &rp)?;
-        let d = rp.disks.iter().find(|d| d.name == disk).cloned().ok_or_else(|| {
-            let names: Vec<_> = rp.disks.iter().map(|d| d.name.as_str()).collect();
-            format!(
-                "recovery point {} of {vm} has no disk {disk} (it has: {})",
-                crate::store::hex(&rp.id),
-                names.join(", ")
-            )
-        })?;
-        Ok((rp, d))
-    })
-    .await;
+    let found = blocking(move || rp_disk(&catalog, &vm, &rp, &disk)).await;
     let (rp, d) = match found {
         Ok(x) => x,
         Err(e) => {
@@ -584,12 +563,7 @@ pub async fn recover(
     };
     let spec = crate::catalog::RecoverySpec { rp: rp_id, to_host, name, options, items: None };
     let reason = format!("recovery of {vm} from {} requested by an administrator", crate::store::hex(&rp_id));
-    match state.jobs.send(Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
-    {
-        Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
-        Ok(Err(e)) => err(e),
-        Err(e) => err(format!("the job queue is gone: {e}")),
-    }
+    queue(state, Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
 }
 
 fn rp_disk(
@@ -676,6 +650,15 @@ pub async fn recover_items(
     }
 }
 
+/// Queues a job an administrator asked for; answers its id.
+async fn queue(state: &Arc<State>, msg: Enqueue) -> AdminResponse {
+    match state.jobs.send(msg).await {
+        Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
+        Ok(Err(e)) => err(e),
+        Err(e) => err(format!("the job queue is gone: {e}")),
+    }
+}
+
 /// What `recover-items … --dest-host H --dest DIR` asks for.
 pub struct ItemsToHost {
     pub vm: String,
@@ -715,12 +698,7 @@ pub async fn recover_items_to_host(state: &Arc<State>, req: ItemsToHost) -> Admi
         items: Some(crate::catalog::ItemsTarget { disk, paths, dest }),
     };
     let reason = format!("item-level recovery from {} requested by an administrator", crate::store::hex(&rp_id));
-    match state.jobs.send(Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
-    {
-        Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
-        Ok(Err(e)) => err(e),
-        Err(e) => err(format!("the job queue is gone: {e}")),
-    }
+    queue(state, Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
 }
 
 /// Jobs queued and running (for `status`).
