@@ -113,19 +113,31 @@ impl AdminClient {
         Ok(Self { endpoint, conn })
     }
 
-    /// Sends one request and waits for its answer. An `Error` answer becomes `Refused`.
-    pub async fn request(&self, request: AdminRequest) -> Result<AdminResponse, AdminClientError> {
+    /// Opens a request stream and sends the request (the sending half stays open).
+    async fn send_request(
+        &self,
+        request: AdminRequest,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), AdminClientError> {
         let explain = |e: quinn::ConnectionError| AdminClientError::Request(quic::explain(&e));
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(explain)?;
+        let (mut send, recv) = self.conn.open_bi().await.map_err(explain)?;
         let env = AdminEnvelope { version: PROTOCOL_VERSION, request };
         frame::write_message(&mut send, &env).await.map_err(|e| self.frame_error(e))?;
-        let _ = send.finish();
-        match frame::read_message::<AdminResponse, _>(&mut recv).await {
+        Ok((send, recv))
+    }
+
+    /// Reads one answer; an `Error` answer becomes `Refused`.
+    async fn read_answer(&self, recv: &mut quinn::RecvStream) -> Result<AdminResponse, AdminClientError> {
+        match frame::read_message::<AdminResponse, _>(recv).await {
             Ok(Some(AdminResponse::Error { message })) => Err(AdminClientError::Refused(message)),
             Ok(Some(r)) => Ok(r),
             Ok(None) => Err(self.closed_reason("the coordinator closed the stream without answering")),
             Err(e) => Err(self.frame_error(e)),
         }
+    }
+
+    /// Sends one request and waits for its answer. An `Error` answer becomes `Refused`.
+    pub async fn request(&self, request: AdminRequest) -> Result<AdminResponse, AdminClientError> {
+        self.request_stream(request).await.map(|(r, _)| r)
     }
 
     /// Sends a request whose answer is followed by a stream of transfer frames (recover-disk):
@@ -134,17 +146,9 @@ impl AdminClient {
         &self,
         request: AdminRequest,
     ) -> Result<(AdminResponse, quinn::RecvStream), AdminClientError> {
-        let explain = |e: quinn::ConnectionError| AdminClientError::Request(quic::explain(&e));
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(explain)?;
-        let env = AdminEnvelope { version: PROTOCOL_VERSION, request };
-        frame::write_message(&mut send, &env).await.map_err(|e| self.frame_error(e))?;
+        let (mut send, mut recv) = self.send_request(request).await?;
         let _ = send.finish();
-        match frame::read_message::<AdminResponse, _>(&mut recv).await {
-            Ok(Some(AdminResponse::Error { message })) => Err(AdminClientError::Refused(message)),
-            Ok(Some(r)) => Ok((r, recv)),
-            Ok(None) => Err(self.closed_reason("the coordinator closed the stream without answering")),
-            Err(e) => Err(self.frame_error(e)),
-        }
+        Ok((self.read_answer(&mut recv).await?, recv))
     }
 
     /// Sends a request that uploads after its first answer (seed import): answers that
@@ -153,26 +157,13 @@ impl AdminClient {
         &self,
         request: AdminRequest,
     ) -> Result<(AdminResponse, quinn::SendStream, quinn::RecvStream), AdminClientError> {
-        let explain = |e: quinn::ConnectionError| AdminClientError::Request(quic::explain(&e));
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(explain)?;
-        let env = AdminEnvelope { version: PROTOCOL_VERSION, request };
-        frame::write_message(&mut send, &env).await.map_err(|e| self.frame_error(e))?;
-        match frame::read_message::<AdminResponse, _>(&mut recv).await {
-            Ok(Some(AdminResponse::Error { message })) => Err(AdminClientError::Refused(message)),
-            Ok(Some(r)) => Ok((r, send, recv)),
-            Ok(None) => Err(self.closed_reason("the coordinator closed the stream without answering")),
-            Err(e) => Err(self.frame_error(e)),
-        }
+        let (send, mut recv) = self.send_request(request).await?;
+        Ok((self.read_answer(&mut recv).await?, send, recv))
     }
 
     /// Reads the final answer of an upload.
     pub async fn finish_upload(&self, mut recv: quinn::RecvStream) -> Result<AdminResponse, AdminClientError> {
-        match frame::read_message::<AdminResponse, _>(&mut recv).await {
-            Ok(Some(AdminResponse::Error { message })) => Err(AdminClientError::Refused(message)),
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(self.closed_reason("the coordinator closed the stream without answering")),
-            Err(e) => Err(self.frame_error(e)),
-        }
+        self.read_answer(&mut recv).await
     }
 
     fn frame_error(&self, e: frame::FrameError) -> AdminClientError {
