@@ -116,14 +116,17 @@ pub enum SimCommand {
         #[arg(long)]
         input: PathBuf,
     },
-    /// Guest writes of random data covering P % of each disk's blocks.
+    /// Guest writes of random data covering P % of each disk's 1 MiB blocks (or --bytes of it).
     Churn {
         #[arg(long)]
         root: PathBuf,
         #[arg(long)]
         vm: String,
-        #[arg(long)]
-        percent: f64,
+        #[arg(long, required_unless_present = "bytes", conflicts_with = "bytes")]
+        percent: Option<f64>,
+        /// A fixed amount per disk instead (`64MiB`), in whole 1 MiB blocks.
+        #[arg(long, value_parser = parse_size)]
+        bytes: Option<u64>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -241,8 +244,12 @@ fn run_sim(command: SimCommand) -> anyhow::Result<()> {
             }
             println!("wrote {} bytes at offset {offset}", at - offset);
         }
-        SimCommand::Churn { root, vm, percent, seed } => {
-            let n = sim::churn(&root, &vm, percent, seed)?;
+        SimCommand::Churn { root, vm, percent, bytes, seed } => {
+            let n = match (percent, bytes) {
+                (_, Some(bytes)) => sim::churn_bytes(&root, &vm, bytes, seed)?,
+                (Some(percent), None) => sim::churn(&root, &vm, percent, seed)?,
+                (None, None) => anyhow::bail!("give --percent or --bytes"),
+            };
             println!("churned {n} bytes");
         }
         SimCommand::Migrate { root, vm, to, storage } => {

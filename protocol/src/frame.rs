@@ -98,6 +98,15 @@ pub fn encode_frame(body: &[u8], limit: usize) -> Result<Vec<u8>, FrameError> {
 
 /// Reads one frame body. `Ok(None)` at a clean end of stream (before any header byte).
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result<Option<Vec<u8>>, FrameError> {
+    let Some(len) = read_header(r, limit).await? else { return Ok(None) };
+    let mut body = Vec::with_capacity(len);
+    read_into(r, &mut body, len, HEADER_LEN).await?;
+    Ok(Some(body))
+}
+
+/// Reads a frame's length prefix and checks it against `limit`. `Ok(None)` at a clean end of
+/// stream. The caller reads the body (see [`read_into`]).
+pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result<Option<usize>, FrameError> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -112,16 +121,26 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, limit: usize) -> Result
     }
     let len = u32::from_be_bytes(header) as usize;
     check_len(len, limit)?;
-    let mut body = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        let n = r.read(&mut body[got..]).await?;
-        if n == 0 {
-            return Err(FrameError::Truncated { got: HEADER_LEN + got, want: HEADER_LEN + len });
+    Ok(Some(len))
+}
+
+/// Appends exactly `n` more bytes of a frame to `out` (no zero-filling first); `before` is how
+/// many bytes of the frame came before, for the error.
+pub async fn read_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    out: &mut Vec<u8>,
+    n: usize,
+    before: usize,
+) -> Result<(), FrameError> {
+    let want = out.len() + n;
+    out.reserve_exact(n);
+    while out.len() < want {
+        let mut limited = (&mut *r).take((want - out.len()) as u64);
+        if limited.read_buf(out).await? == 0 {
+            return Err(FrameError::Truncated { got: before + out.len(), want: before + want });
         }
-        got += n;
     }
-    Ok(Some(body))
+    Ok(())
 }
 
 /// Writes one frame.

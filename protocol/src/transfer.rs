@@ -169,12 +169,28 @@ pub fn message_body(msg: &TransferMessage) -> Result<Vec<u8>, TransferError> {
     Ok(out)
 }
 
-/// Reads one transfer frame; `Ok(None)` at a clean end of stream.
+/// Reads one transfer frame; `Ok(None)` at a clean end of stream. A block's data is read
+/// straight into its own buffer (the bulk of every transfer is not copied again).
 pub async fn read<R: AsyncRead + Unpin>(r: &mut R, block_size: usize) -> Result<Option<TransferFrame>, TransferError> {
-    match frame::read_frame(r, frame_limit(block_size)).await? {
-        Some(body) => Ok(Some(TransferFrame::parse(body, block_size)?)),
-        None => Ok(None),
+    let Some(len) = frame::read_header(r, frame_limit(block_size)).await? else { return Ok(None) };
+    let head_len = len.min(1 + BLOCK_HEADER_LEN);
+    let mut head = Vec::with_capacity(head_len);
+    frame::read_into(r, &mut head, head_len, frame::HEADER_LEN).await?;
+    if head.len() == 1 + BLOCK_HEADER_LEN && head[0] == TAG_BLOCK && len > head.len() {
+        let data_len = len - head.len();
+        if data_len > block_size {
+            return Err(TransferError::Malformed { len, what: "more data than the block size" });
+        }
+        let mut data = Vec::with_capacity(data_len);
+        frame::read_into(r, &mut data, data_len, frame::HEADER_LEN + head.len()).await?;
+        let mut index = [0u8; 8];
+        index.copy_from_slice(&head[1..9]);
+        let mut id = ZERO;
+        id.copy_from_slice(&head[9..]);
+        return Ok(Some(TransferFrame::Block { index: u64::from_be_bytes(index), id, data }));
     }
+    frame::read_into(r, &mut head, len - head_len, frame::HEADER_LEN).await?;
+    Ok(Some(TransferFrame::parse(head, block_size)?))
 }
 
 /// Writes a prepared frame body.
@@ -223,10 +239,63 @@ mod tests {
         assert!(matches!(read(&mut wire, 4096).await, Err(TransferError::Frame(FrameError::TooLarge { .. }))));
     }
 
+    async fn wire_of(bodies: &[Vec<u8>]) -> Vec<u8> {
+        let mut wire = vec![];
+        for b in bodies {
+            write_body(&mut wire, b, 4096).await.unwrap();
+        }
+        wire
+    }
+
+    #[tokio::test]
+    async fn read_gives_what_parse_gives_for_every_kind_of_frame() {
+        let data = vec![7u8; 4096];
+        let id = *blake3::hash(&data).as_bytes();
+        let m = TransferMessage::WantBlocks { indices: vec![1, 2, 3] };
+        // Short bodies too: a message shorter than a block header, a one-byte block.
+        let bodies = vec![
+            block_body(5, &id, &data),
+            zero_body(9),
+            message_body(&m).unwrap(),
+            block_body(6, &id, &[1]),
+            vec![TAG_MESSAGE],
+        ];
+        let wire = wire_of(&bodies).await;
+        let mut r: &[u8] = &wire;
+        for body in &bodies {
+            match (TransferFrame::parse(body.clone(), 4096), read(&mut r, 4096).await) {
+                (Ok(a), Ok(Some(b))) => assert_eq!(a, b),
+                (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => panic!("parse gave {a:?}, read gave {b:?}"),
+            }
+        }
+        assert!(read(&mut r, 4096).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn read_refuses_truncated_and_overlong_block_data() {
+        let wire = wire_of(&[block_body(1, &[3; 32], &[5u8; 100])]).await;
+        for cut in 1..wire.len() {
+            let mut r: &[u8] = &wire[..cut];
+            assert!(read(&mut r, 4096).await.is_err(), "cut at {cut}");
+        }
+        // A block frame with more data than the stream's block size, within the frame limit.
+        let wire = wire_of(&[block_body(1, &[3; 32], &[5u8; 100])]).await;
+        let mut r: &[u8] = &wire;
+        assert!(matches!(read(&mut r, 64).await, Err(TransferError::Malformed { .. })));
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = TransferFrame::parse(bytes, 128);
+        }
+
+        #[test]
+        fn read_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut r: &[u8] = &bytes;
+            let _ = rt.block_on(read(&mut r, 128));
         }
     }
 }

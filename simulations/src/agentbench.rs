@@ -23,11 +23,6 @@ pub struct ReadFigures {
     pub vs_blake3: f64,
 }
 
-/// Drops the page cache (needs root); false when it cannot.
-fn drop_caches() -> bool {
-    std::fs::write("/proc/sys/vm/drop_caches", "1\n").is_ok()
-}
-
 /// Runs the comparison on a fresh random disk of `size` bytes under `dir`.
 pub fn initial_read(dir: &Path, size: u64) -> anyhow::Result<ReadFigures> {
     let root = dir.join("sim");
@@ -43,7 +38,7 @@ pub fn initial_read(dir: &Path, size: u64) -> anyhow::Result<ReadFigures> {
     drop(vm);
     let mut f = ReadFigures { disk_bytes: size, ..ReadFigures::default() };
 
-    f.cold_cache = drop_caches();
+    f.cold_cache = crate::limits::drop_caches();
     let start = Instant::now();
     let hasher = ChunkHasher::plain();
     let mut sent = 0u64;
@@ -54,13 +49,13 @@ pub fn initial_read(dir: &Path, size: u64) -> anyhow::Result<ReadFigures> {
     f.agent_read_bps = crate::limits::rate(size, start.elapsed());
     anyhow::ensure!(sent == size, "a random disk has no zero block: {sent} of {size} bytes came out");
 
-    drop_caches();
+    crate::limits::drop_caches();
     let start = Instant::now();
     let status = std::process::Command::new("cat").arg(&image).stdout(std::process::Stdio::null()).status()?;
     anyhow::ensure!(status.success(), "cat failed");
     f.cat_bps = crate::limits::rate(size, start.elapsed());
 
-    drop_caches();
+    crate::limits::drop_caches();
     let start = Instant::now();
     let mut h = blake3::Hasher::new();
     let mut file = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&image)?);

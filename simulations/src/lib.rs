@@ -3,9 +3,13 @@
 //!
 //! Modules in reading order:
 //! - [`agentbench`]: the agent's initial read against `cat` and BLAKE3.
+//! - [`cluster`]: a real coordinator and agent in this process, on loopback, for benchmarks.
 //! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
 //!   loopback) that every other figure is a ratio against.
-//! - [`report`]: `bench-results.json` and the SVG chart.
+//! - [`peers`]: restic and borg, run as their users run them.
+//! - [`protectbench`]: initial, incremental and consistency-check runs, Bulwark against the
+//!   peers on the same image and the same churn.
+//! - [`report`]: `bench-results.json` and the SVG charts.
 //! - [`restorebench`]: full and smart restores with a real coordinator and agent on loopback.
 //! - [`storebench`]: store benchmarks (ingest, metadata per recovery point, dedup, GC).
 //! - [`torture`]: the store workload that crash tests `kill -9`.
@@ -13,7 +17,10 @@
 #![forbid(unsafe_code)]
 
 pub mod agentbench;
+pub mod cluster;
 pub mod limits;
+pub mod peers;
+pub mod protectbench;
 pub mod report;
 pub mod restorebench;
 pub mod storebench;

@@ -65,6 +65,36 @@ pub fn direct_read_bps(path: &Path) -> std::io::Result<Option<f64>> {
     Ok(Some(rate(total, start.elapsed())))
 }
 
+/// Drops the page cache (needs root), so the next read comes from the device; false when it
+/// cannot. Dirty pages are written back first.
+pub fn drop_caches() -> bool {
+    rustix::fs::sync();
+    std::fs::write("/proc/sys/vm/drop_caches", "1\n").is_ok()
+}
+
+/// Sequential write throughput in bytes/s of `size` bytes (1 MiB writes of incompressible
+/// data, then fsync): what a store's pack writes cannot beat.
+pub fn write_bps(path: &Path, size: u64) -> std::io::Result<f64> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut buf = vec![0u8; BLOCK];
+    rng.fill_bytes(&mut buf);
+    let mut f = std::fs::File::create(path)?;
+    let start = Instant::now();
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(BLOCK as u64) as usize;
+        // A different first word per block, so nothing below could deduplicate or compress.
+        buf[..8].copy_from_slice(&left.to_le_bytes());
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    let r = rate(size, start.elapsed());
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok(r)
+}
+
 /// Sequential read throughput of `path` in bytes/s through the page cache.
 pub fn read_bps(path: &Path) -> std::io::Result<f64> {
     let mut f = std::fs::File::open(path)?;

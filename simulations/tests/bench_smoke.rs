@@ -56,3 +56,48 @@ fn bench_restores_run_end_to_end_and_report_both_rows() {
     assert!(smart["bytes_sent"].as_u64().unwrap() < 16 << 20, "a smart restore writes only what diverged");
     assert!(report["restore"]["full_seconds"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_incremental_compares_with_restic_and_borg_on_the_same_churn() {
+    let out = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark-bench"))
+        .args(["--scenario", "incremental", "--sizes", "16MiB,32MiB", "--churn-bytes", "2MiB"])
+        .args(["--limit-bytes", "8MiB", "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("bench-results.json")).unwrap()).unwrap();
+    let rows = report["results"].as_array().unwrap();
+    let find = |tool: &str, scenario: &str, size: u64| {
+        rows.iter()
+            .find(|r| r["tool"] == tool && r["scenario"] == scenario && r["size_bytes"] == size)
+            .unwrap_or_else(|| panic!("no {tool} {scenario} row at {size}: {report}"))
+    };
+    for size in [16u64 << 20, 32 << 20] {
+        for tool in ["bulwark", "restic", "borg"] {
+            let initial = find(tool, "initial", size);
+            // (The peers' figure includes the small sibling file of their directory.)
+            let read = initial["bytes_read"].as_u64().unwrap();
+            assert!((size..size + 4096).contains(&read), "{tool} reads the whole random image once: {initial}");
+            assert!(initial["bytes_stored"].as_u64().unwrap() >= size * 9 / 10, "random data does not shrink");
+            let inc = find(tool, "incremental", size);
+            assert_eq!(inc["churn_bytes"], 2 << 20, "the same churn for every tool");
+            assert_eq!(inc["churn"], "2.0 MiB");
+            assert!(inc["seconds"].as_f64().unwrap() > 0.0);
+        }
+        // Bulwark reads and stores only the churn; the peers re-read the whole image.
+        let b = find("bulwark", "incremental", size);
+        assert_eq!(b["bytes_read"], 2 << 20, "{b}");
+        assert!(b["bytes_stored"].as_u64().unwrap() < 3 << 20, "{b}");
+        for peer in ["restic", "borg"] {
+            let read = find(peer, "incremental", size)["bytes_read"].as_u64().unwrap();
+            assert!((size..size + 4096).contains(&read), "{peer} re-reads the image: {read}");
+        }
+    }
+    let findings: Vec<&str> = report["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(findings.iter().any(|f| f.contains("faster")), "{findings:?}");
+    let svg = std::fs::read_to_string(out.path().join("bench-incremental.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 3, "one line per tool");
+}

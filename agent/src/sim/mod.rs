@@ -100,12 +100,23 @@ pub fn churn(root: &Path, name: &str, percent: f64, seed: u64) -> Result<u64, Si
     if !(0.0..=100.0).contains(&percent) {
         return Err(SimError::Invalid(format!("churn of {percent} %: use 0 to 100")));
     }
+    churn_blocks(root, name, seed, |blocks| ((blocks as f64) * percent / 100.0).round() as u64)
+}
+
+/// Guest writes of random data to `bytes` (rounded up to whole 1 MiB blocks) of each disk, at
+/// seeded random blocks. Returns the bytes written.
+pub fn churn_bytes(root: &Path, name: &str, bytes: u64, seed: u64) -> Result<u64, SimError> {
+    churn_blocks(root, name, seed, |blocks| bytes.div_ceil(1 << 20).min(blocks))
+}
+
+/// Rewrites `count(blocks of the disk)` seeded random 1 MiB blocks of every disk.
+fn churn_blocks(root: &Path, name: &str, seed: u64, count: impl Fn(u64) -> u64) -> Result<u64, SimError> {
     let mut vm = Vm::open(root, name)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut written = 0;
     for d in vm.config.disks.clone() {
         let blocks = d.size.div_ceil(1 << 20);
-        let n = ((blocks as f64) * percent / 100.0).round() as u64;
+        let n = count(blocks).min(blocks);
         let mut chosen: Vec<u64> =
             rand::seq::index::sample(&mut rng, blocks as usize, n as usize).into_iter().map(|b| b as u64).collect();
         chosen.sort_unstable();

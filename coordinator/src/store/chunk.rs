@@ -12,9 +12,8 @@
 //! never wrong bytes.
 
 use crate::store::StoreError;
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
 use bulwark_protocol::block::Digest;
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 /// The id of an all-zero block or page: never stored, always read as zeros.
 pub const ZERO: Digest = bulwark_protocol::block::ZERO;
@@ -36,7 +35,7 @@ pub use bulwark_protocol::block::{is_zero, ChunkHasher};
 #[derive(Clone)]
 pub struct ChunkCodec {
     pub hasher: ChunkHasher,
-    cipher: Option<Aes256Gcm>,
+    cipher: Option<LessSafeKey>,
     level: i32,
 }
 
@@ -62,7 +61,7 @@ impl ChunkCodec {
             Some(k) => {
                 let id_key = blake3::derive_key("bulwark chunk id v1", &k);
                 let enc_key = blake3::derive_key("bulwark chunk encryption v1", &k);
-                let cipher = Aes256Gcm::new_from_slice(&enc_key).ok();
+                let cipher = UnboundKey::new(&AES_256_GCM, &enc_key).ok().map(LessSafeKey::new);
                 Self { hasher: ChunkHasher::keyed(id_key), cipher, level }
             }
         }
@@ -79,23 +78,33 @@ impl ChunkCodec {
         }
         let mut flags = 0;
         let compressed = zstd::bulk::compress(plain, self.level).map_err(|e| StoreError::Codec(e.to_string()))?;
-        let mut payload = if compressed.len() + plain.len() / 16 < plain.len() {
+        let body: &[u8] = if compressed.len() + plain.len() / 16 < plain.len() {
             flags |= FLAG_ZSTD;
-            compressed
+            &compressed
         } else {
-            plain.to_vec()
+            plain
         };
-        if let Some(cipher) = &self.cipher {
-            let mut nonce = [0u8; NONCE_LEN];
-            rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
-            let sealed = cipher
-                .encrypt(Nonce::from_slice(&nonce), Payload { msg: &payload, aad: id })
-                .map_err(|_| StoreError::Codec("encryption failed".into()))?;
-            payload = Vec::with_capacity(NONCE_LEN + sealed.len());
-            payload.extend_from_slice(&nonce);
-            payload.extend_from_slice(&sealed);
-            flags |= FLAG_AES;
-        }
+        let payload = match &self.cipher {
+            None => body.to_vec(),
+            Some(key) => {
+                // One buffer: the nonce, the body sealed in place, the tag.
+                let mut nonce = [0u8; NONCE_LEN];
+                rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
+                let mut payload = Vec::with_capacity(NONCE_LEN + body.len() + AES_256_GCM.tag_len());
+                payload.extend_from_slice(&nonce);
+                payload.extend_from_slice(body);
+                let tag = key
+                    .seal_in_place_separate_tag(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(&id[..]),
+                        &mut payload[NONCE_LEN..],
+                    )
+                    .map_err(|_| StoreError::Codec("encryption failed".into()))?;
+                payload.extend_from_slice(tag.as_ref());
+                flags |= FLAG_AES;
+                payload
+            }
+        };
         Ok(Encoded { flags, plain_len: plain.len() as u32, payload })
     }
 
@@ -124,9 +133,14 @@ impl ChunkCodec {
         if flags & FLAG_AES != 0 {
             let cipher = self.cipher.as_ref().ok_or("record is encrypted but the store has no key")?;
             let (nonce, sealed) = payload.split_at_checked(NONCE_LEN).ok_or("encrypted record too short")?;
-            opened = cipher
-                .decrypt(Nonce::from_slice(nonce), Payload { msg: sealed, aad: id })
-                .map_err(|_| "authentication failed (corrupt or forged record)".to_owned())?;
+            let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| "bad nonce")?;
+            let mut buf = sealed.to_vec();
+            let n = cipher
+                .open_in_place(nonce, Aad::from(&id[..]), &mut buf)
+                .map_err(|_| "authentication failed (corrupt or forged record)".to_owned())?
+                .len();
+            buf.truncate(n);
+            opened = buf;
             body = &opened;
         } else if self.cipher.is_some() {
             return Err("record is not encrypted in an encrypted store".into());

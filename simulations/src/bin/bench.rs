@@ -4,7 +4,9 @@
 use anyhow::Context as _;
 use bulwark_protocol::units::{format_size, parse_size};
 use bulwark_simulations::limits;
-use bulwark_simulations::report::{bar_chart_svg, Limits, Machine, Report};
+use bulwark_simulations::peers::Peer;
+use bulwark_simulations::protectbench::{Churn, Plan};
+use bulwark_simulations::report::{bar_chart_svg, line_chart_svg, Limits, Machine, Report};
 use clap::Parser;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,13 +15,27 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "bulwark-bench", version, about)]
 struct Cli {
-    /// initial, incremental, cc, restore, smart-restore, limits, all.
+    /// initial, incremental, cc, restore, smart-restore, limits, store, read, all.
     #[arg(long, default_value = "all")]
     scenario: String,
-    /// Disk sizes to benchmark, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "1GiB")]
+    /// Disk sizes for initial, incremental and cc, comma-separated (restores use the first).
+    #[arg(long, value_delimiter = ',', default_value = "1GiB,4GiB,16GiB")]
     sizes: Vec<String>,
-    /// Bytes used to measure the machine's limits (read, BLAKE3, QUIC).
+    /// Churn between backups: this percentage of the disk's 1 MiB blocks. Without --churn or
+    /// --churn-bytes, both 1 % and 64MiB run, one after the other.
+    #[arg(long, conflicts_with = "churn_bytes")]
+    churn: Option<f64>,
+    /// Churn between backups: this many bytes, whatever the disk's size.
+    #[arg(long)]
+    churn_bytes: Option<String>,
+    /// Peers to compare with (restic, borg; `none` for none). Installed from Debian if missing.
+    #[arg(long, value_delimiter = ',', default_value = "restic,borg")]
+    peers: Vec<String>,
+    /// Bulwark with an unencrypted store (restic and borg encrypt theirs; by default so does
+    /// Bulwark here).
+    #[arg(long)]
+    plain_store: bool,
+    /// Bytes used to measure the machine's limits (read, BLAKE3, QUIC, write).
     #[arg(long, default_value = "1GiB")]
     limit_bytes: String,
     /// Size of the random sim disk of the `read` scenario.
@@ -28,10 +44,7 @@ struct Cli {
     /// Chunks in the store for the GC benchmark.
     #[arg(long, default_value_t = 1_048_576)]
     gc_chunks: u64,
-    /// Peers to compare with.
-    #[arg(long, value_delimiter = ',', default_value = "restic,borg")]
-    peers: Vec<String>,
-    /// Where bench-results.json and the chart go.
+    /// Where bench-results.json and the charts go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// text or json (the report on stdout).
@@ -39,8 +52,13 @@ struct Cli {
     output: String,
 }
 
-const BUILT: &[&str] = &["limits", "store", "read", "restore", "smart-restore"];
-const PLANNED: &[&str] = &["initial", "incremental", "cc"];
+const SCENARIOS: &[&str] = &["limits", "store", "read", "initial", "incremental", "cc", "restore", "smart-restore"];
+
+/// Free bytes on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
+    let st = rustix::fs::statvfs(dir).with_context(|| format!("cannot statvfs {}", dir.display()))?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
@@ -54,35 +72,56 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let scenarios: Vec<&str> = match cli.scenario.as_str() {
-        "all" => BUILT.to_vec(),
-        s if BUILT.contains(&s) => vec![s],
-        s if PLANNED.contains(&s) => anyhow::bail!(
-            "scenario {s:?} is not in the benchmark yet: the feature works (its multi-process tests pass) \
-             but its timing against the machine's limits and the peers is not measured here yet"
-        ),
-        s => anyhow::bail!("unknown scenario {s:?} (known: {}, all)", [BUILT, PLANNED].concat().join(", ")),
+        "all" => SCENARIOS.to_vec(),
+        s if SCENARIOS.contains(&s) => vec![s],
+        s => anyhow::bail!("unknown scenario {s:?} (known: {}, all)", SCENARIOS.join(", ")),
     };
-    if cli.scenario == "all" {
-        eprintln!(
-            "note: scenarios not in the benchmark yet and skipped: {} (--sizes and --peers apply to those)",
-            PLANNED.join(", ")
-        );
-    }
-    for s in &cli.sizes {
-        parse_size(s)?;
-    }
-    for p in &cli.peers {
-        anyhow::ensure!(["restic", "borg"].contains(&p.as_str()), "unknown peer {p:?} (known: restic, borg)");
-    }
+    let has = |s: &str| scenarios.contains(&s);
+    let sizes =
+        cli.sizes.iter().map(|s| parse_size(s).map_err(anyhow::Error::from)).collect::<anyhow::Result<Vec<u64>>>()?;
+    anyhow::ensure!(!sizes.is_empty() && sizes.iter().all(|&s| s >= 16 << 20), "--sizes: each at least 16MiB");
+    let churns = match (cli.churn, &cli.churn_bytes) {
+        (Some(p), _) if !(p > 0.0 && p <= 100.0) => {
+            anyhow::bail!("--churn {p}: give a percentage above 0, at most 100")
+        }
+        (Some(p), _) => vec![Churn::Percent(p)],
+        (None, Some(b)) => vec![Churn::Bytes(parse_size(b)?)],
+        (None, None) => vec![Churn::Percent(1.0), Churn::Bytes(64 << 20)],
+    };
+    let peers = if cli.peers.iter().any(|p| p == "none") {
+        vec![]
+    } else {
+        cli.peers.iter().map(|p| Peer::parse(p)).collect::<anyhow::Result<Vec<_>>>()?
+    };
     let sample = parse_size(&cli.limit_bytes)?;
     anyhow::ensure!(sample >= 1 << 20, "--limit-bytes must be at least 1MiB");
     std::fs::create_dir_all(&cli.out).with_context(|| format!("cannot create {}", cli.out.display()))?;
 
+    let protecting = has("initial") || has("incremental") || has("cc");
+    if protecting {
+        // The largest image, one repository or store of it at a time, and some slack.
+        let largest = sizes.iter().copied().max().unwrap_or(0);
+        let need = largest.saturating_mul(23) / 10 + (1 << 30);
+        let free = free_bytes(&cli.out)?;
+        anyhow::ensure!(
+            free >= need,
+            "{} has {} free; sizes up to {} need about {} (give smaller --sizes or another --out)",
+            cli.out.display(),
+            format_size(free),
+            format_size(largest),
+            format_size(need)
+        );
+        for p in &peers {
+            eprintln!("peer: {}", p.ensure_installed()?);
+        }
+    }
+
     let mut lim = Limits { sample_bytes: sample, ..Limits::default() };
-    let restoring = scenarios.contains(&"restore") || scenarios.contains(&"smart-restore");
-    if scenarios.contains(&"limits") || scenarios.contains(&"store") || restoring {
+    let restoring = has("restore") || has("smart-restore");
+    if has("limits") || has("store") || restoring || protecting {
         let file = cli.out.join("limits-sample.bin");
         eprintln!("measuring limits on {} of random data", format_size(sample));
+        lim.write_bps = limits::write_bps(&cli.out.join("limits-write.bin"), sample)?;
         limits::write_random_file(&file, sample, 1)?;
         lim.read_bps_cached = limits::read_bps(&file)?;
         match limits::direct_read_bps(&file)? {
@@ -97,7 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         lim.quic_bps = lim.quic_bps_1_stream.max(lim.quic_bps_4_streams);
     }
     let mut store = None;
-    if scenarios.contains(&"store") {
+    if has("store") {
         let work = tempfile::tempdir_in(&cli.out)?;
         let mut f = bulwark_simulations::storebench::StoreFigures::default();
         eprintln!("store: ingest of {} vs a plain file write", format_size(sample));
@@ -111,29 +150,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         store = Some(f);
     }
     let mut agent_read = None;
-    if scenarios.contains(&"read") {
+    if has("read") {
         let size = parse_size(&cli.read_bytes)?;
         let work = tempfile::tempdir_in(&cli.out)?;
         eprintln!("read: initial read of a {} random sim disk vs cat and BLAKE3", format_size(size));
         agent_read = Some(bulwark_simulations::agentbench::initial_read(work.path(), size)?);
     }
     let mut results = vec![];
+    if protecting {
+        let plan = Plan {
+            sizes: sizes.clone(),
+            churns,
+            peers,
+            incremental: has("incremental"),
+            cc: has("cc"),
+            encrypt: !cli.plain_store,
+        };
+        results.extend(bulwark_simulations::protectbench::run(&cli.out, &plan)?);
+    }
     let mut restore = None;
     if restoring {
-        let size = parse_size(cli.sizes.first().map(String::as_str).unwrap_or("1GiB"))?;
         let work = tempfile::tempdir_in(&cli.out)?;
-        let (figures, rows) = bulwark_simulations::restorebench::restores(work.path(), size)?;
+        let (figures, rows) = bulwark_simulations::restorebench::restores(work.path(), sizes[0])?;
         results.extend(rows);
         restore = Some(figures);
     }
-    let report = Report {
+    let mut report = Report {
         machine: Machine { cores: limits::cores(), mem_bytes: limits::mem_bytes() },
         limits: lim,
         results,
         store,
         agent_read,
         restore,
+        findings: vec![],
     };
+    report.compute_findings();
+    let series = report.incremental_series();
+    if !series.is_empty() {
+        let svg = line_chart_svg("Incremental backup time vs disk size", "disk size (GiB)", "seconds", &series);
+        std::fs::write(cli.out.join("bench-incremental.svg"), svg)?;
+    }
     let json = serde_json::to_string_pretty(&report)?;
     std::fs::write(cli.out.join("bench-results.json"), &json)?;
     let l = &report.limits;
@@ -144,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         (format!("BLAKE3, {} threads", report.machine.cores), l.blake3_bps),
         ("QUIC + mTLS, 1 stream".to_owned(), l.quic_bps_1_stream),
         ("QUIC + mTLS, 4 streams".to_owned(), l.quic_bps_4_streams),
+        ("write + fsync".to_owned(), l.write_bps),
     ];
     std::fs::write(cli.out.join("bench-limits.svg"), bar_chart_svg("Machine limits (loopback)", &bars))?;
 
@@ -212,6 +269,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.smart_speedup,
                 format_size(r.smart_bytes_written)
             );
+        }
+        if !report.results.is_empty() {
+            println!();
+            println!(
+                "{:<8} {:<14} {:>8} {:>7} {:>9} {:>10} {:>11} {:>11} {:>11}",
+                "tool", "scenario", "size", "churn", "seconds", "MiB/s", "read", "sent", "stored"
+            );
+            for r in &report.results {
+                println!(
+                    "{:<8} {:<14} {:>8} {:>7} {:>9.2} {:>10.1} {:>11} {:>11} {:>11}",
+                    r.tool,
+                    r.scenario,
+                    format_size(r.size_bytes),
+                    r.churn.as_deref().unwrap_or("-"),
+                    r.seconds,
+                    mib(r.size_bytes as f64 / r.seconds.max(1e-9)),
+                    format_size(r.bytes_read),
+                    format_size(r.bytes_sent),
+                    format_size(r.bytes_stored)
+                );
+            }
+        }
+        if !report.findings.is_empty() {
+            println!();
+            for f in &report.findings {
+                println!("- {f}");
+            }
         }
         println!("wrote {}", cli.out.join("bench-results.json").display());
     }

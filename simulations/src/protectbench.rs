@@ -1,0 +1,194 @@
+//! Protection benchmarks, Bulwark against restic and borg on the same data: for each disk size,
+//! a seeded random image gets an initial full backup, then each churn in turn (seeded 1 MiB
+//! blocks rewritten by the guest) and an incremental backup after each, then (Bulwark) a
+//! consistency check. Bulwark runs as a real coordinator and agent on loopback; the peers back
+//! up the very same image file. Every tool starts from its own fresh copy of the image, made
+//! from the same seed and churned with the same seeds, so their inputs are byte-identical while
+//! only one repository at a time takes disk space.
+
+use crate::cluster::Cluster;
+use crate::peers::{Peer, PeerRepo};
+use crate::report::BenchResult;
+use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power};
+use bulwark_protocol::messages::{AdminRequest, BackupKind};
+use bulwark_protocol::units::format_size;
+use std::path::Path;
+
+/// One churn between backups.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Churn {
+    /// This percentage of the disk's 1 MiB blocks.
+    Percent(f64),
+    /// This many bytes, in whole 1 MiB blocks, whatever the disk's size.
+    Bytes(u64),
+}
+
+impl Churn {
+    fn apply(self, root: &Path, vm: &str, seed: u64) -> anyhow::Result<u64> {
+        Ok(match self {
+            Churn::Percent(p) => sim::churn(root, vm, p, seed)?,
+            Churn::Bytes(b) => sim::churn_bytes(root, vm, b, seed)?,
+        })
+    }
+
+    /// (churn_percent, churn_bytes) of a report row, the bytes as really written.
+    fn fields(self, written: u64, size: u64) -> (f64, u64) {
+        (100.0 * written as f64 / size.max(1) as f64, written)
+    }
+
+    pub fn label(self) -> String {
+        match self {
+            Churn::Percent(p) => format!("{p}%"),
+            Churn::Bytes(b) => format_size(b),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub sizes: Vec<u64>,
+    pub churns: Vec<Churn>,
+    pub peers: Vec<Peer>,
+    /// Run the incremental backups (else only the initial one).
+    pub incremental: bool,
+    /// Run Bulwark's consistency check at the end.
+    pub cc: bool,
+    /// Bulwark with an encrypted store, as restic and borg encrypt theirs.
+    pub encrypt: bool,
+}
+
+const VM: &str = "bench";
+
+fn image_seed(size: u64) -> u64 {
+    0xB0_1A_4C ^ size
+}
+
+fn churn_seed(i: usize) -> u64 {
+    1000 + i as u64
+}
+
+/// Runs the plan in `work` (each size in its own directory, removed afterwards).
+pub fn run(work: &Path, plan: &Plan) -> anyhow::Result<Vec<BenchResult>> {
+    let mut rows = vec![];
+    for &size in &plan.sizes {
+        let dir = tempfile::tempdir_in(work)?;
+        rows.extend(bulwark(dir.path(), size, plan)?);
+        for &peer in &plan.peers {
+            let peer_dir = dir.path().join(peer.name());
+            std::fs::create_dir_all(&peer_dir)?;
+            rows.extend(peer_runs(&peer_dir, size, plan, peer)?);
+            std::fs::remove_dir_all(&peer_dir)?;
+        }
+    }
+    Ok(rows)
+}
+
+fn row(tool: &str, scenario: &str, size: u64, churn: (f64, u64), seconds: f64) -> BenchResult {
+    BenchResult {
+        tool: tool.into(),
+        scenario: scenario.into(),
+        size_bytes: size,
+        churn_percent: churn.0,
+        churn_bytes: churn.1,
+        seconds,
+        bytes_read: 0,
+        bytes_sent: 0,
+        bytes_stored: 0,
+        churn: None,
+    }
+}
+
+fn bulwark(dir: &Path, size: u64, plan: &Plan) -> anyhow::Result<Vec<BenchResult>> {
+    let mut rows = vec![];
+    let cluster = Cluster::start(dir, plan.encrypt)?;
+    eprintln!("bulwark: a {} random disk", format_size(size));
+    let req = CreateVm {
+        os: "linux".into(),
+        power: Power::Running,
+        random_fill: true,
+        seed: image_seed(size),
+        ..CreateVm::new(VM, "node1", vec![DiskConfig { name: "os".into(), size }])
+    };
+    cluster.create_vm(&req)?;
+    cluster.protect(VM)?;
+    let stored = |c: &Cluster| -> anyhow::Result<u64> {
+        let (store, catalog) = c.store_bytes()?;
+        Ok(store + catalog)
+    };
+
+    let before = stored(&cluster)?;
+    crate::limits::drop_caches();
+    eprintln!("bulwark: initial replica");
+    let (job, seconds) = cluster.backup(VM, BackupKind::ExpressFull)?;
+    anyhow::ensure!(job.kind == "initial", "the first backup ran as {}", job.kind);
+    let mut r = row("bulwark", "initial", size, (0.0, 0), seconds);
+    r.bytes_read = job.bytes_scanned;
+    r.bytes_sent = job.bytes_transferred;
+    r.bytes_stored = stored(&cluster)?.saturating_sub(before);
+    rows.push(r);
+
+    if plan.incremental {
+        for (i, churn) in plan.churns.iter().enumerate() {
+            let written = churn.apply(&cluster.sim_root, VM, churn_seed(i))?;
+            eprintln!("bulwark: express full after {} of churn", format_size(written));
+            let before = stored(&cluster)?;
+            crate::limits::drop_caches();
+            let (job, seconds) = cluster.backup(VM, BackupKind::ExpressFull)?;
+            let mut r = row("bulwark", "incremental", size, churn.fields(written, size), seconds);
+            r.churn = Some(churn.label());
+            r.bytes_read = job.bytes_scanned;
+            r.bytes_sent = job.bytes_transferred;
+            r.bytes_stored = stored(&cluster)?.saturating_sub(before);
+            rows.push(r);
+        }
+    }
+    if plan.cc {
+        eprintln!("bulwark: consistency check");
+        crate::limits::drop_caches();
+        let (job, seconds) = cluster.run_job(AdminRequest::ConsistencyCheck { vm: VM.into() })?;
+        let mut r = row("bulwark", "cc", size, (0.0, 0), seconds);
+        r.bytes_read = job.bytes_scanned;
+        r.bytes_sent = job.bytes_transferred;
+        rows.push(r);
+    }
+    cluster.stop();
+    Ok(rows)
+}
+
+fn peer_runs(dir: &Path, size: u64, plan: &Plan, peer: Peer) -> anyhow::Result<Vec<BenchResult>> {
+    let mut rows = vec![];
+    let root = dir.join("sim");
+    eprintln!("{}: the same {} random disk", peer.name(), format_size(size));
+    let req = CreateVm {
+        os: "linux".into(),
+        power: Power::Running,
+        random_fill: true,
+        seed: image_seed(size),
+        ..CreateVm::new(VM, "node1", vec![DiskConfig { name: "os".into(), size }])
+    };
+    sim::create_vm(&root, &req)?;
+    let image = sim::Vm::open(&root, VM)?.image("os");
+    let mut repo = PeerRepo::create(peer, dir, &image)?;
+    eprintln!("{}: initial backup", peer.name());
+    let run = repo.backup()?;
+    let mut r = row(peer.name(), "initial", size, (0.0, 0), run.seconds);
+    r.bytes_read = run.bytes_read;
+    r.bytes_sent = run.bytes_read;
+    r.bytes_stored = run.bytes_stored;
+    rows.push(r);
+    if plan.incremental {
+        for (i, churn) in plan.churns.iter().enumerate() {
+            let written = churn.apply(&root, VM, churn_seed(i))?;
+            eprintln!("{}: backup after {} of churn", peer.name(), format_size(written));
+            let run = repo.backup()?;
+            let mut r = row(peer.name(), "incremental", size, churn.fields(written, size), run.seconds);
+            r.churn = Some(churn.label());
+            r.bytes_read = run.bytes_read;
+            r.bytes_sent = run.bytes_read;
+            r.bytes_stored = run.bytes_stored;
+            rows.push(r);
+        }
+    }
+    Ok(rows)
+}
