@@ -50,6 +50,8 @@ pub enum Command {
         #[command(subcommand)]
         command: SeedCommand,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
     /// Run the agent until SIGINT/SIGTERM.
     Run {
         #[arg(long)]
@@ -362,6 +364,11 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             Ok(())
         })(),
         Command::Sim { command } => run_sim(command),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "bulwark-agent", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Seed { command: SeedCommand::Export { vm, output, data_dir, sim_root } } => {
             seed_export(&vm, &output, data_dir, sim_root)
         }

@@ -62,6 +62,8 @@ struct Cli {
 enum Command {
     /// Coordinator name, version, agents connected, VMs protected, jobs running, store usage.
     Status,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
     /// Enrolled agents.
     Agent {
         #[command(subcommand)]
@@ -391,6 +393,11 @@ fn target(cli: &Cli) -> anyhow::Result<AdminTarget> {
 fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
     let request = match &cli.command {
         Command::Quickstart { dir, keep_running } => return quickstart::run(dir.clone(), *keep_running),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(*shell, &mut Cli::command(), "bulwark", &mut std::io::stdout());
+            return Ok(());
+        }
         Command::Status => AdminRequest::Status,
         Command::Agent { command: AgentCommand::List } => AdminRequest::AgentList,
         Command::Agent { command: AgentCommand::Revoke { host } } => AdminRequest::AgentRevoke { host: host.clone() },

@@ -70,6 +70,8 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +146,11 @@ pub async fn shutdown_signal() {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "bulwark-coordinator", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Init { data_dir, name, listen, advertise, encrypt } => {
             let config = init(&data_dir, &InitOptions { name, listen, advertise, encrypt })?;
             println!("initialized coordinator {:?} in {} (listen {})", config.name, data_dir.display(), config.listen);

@@ -28,6 +28,17 @@ pub struct CoordinatorConfig {
     /// The mail server for `--notify` (absent: notifications fail with a clear reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<SmtpConfig>,
+    /// `[metrics]`: the Prometheus endpoint, off unless a listen address is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `[metrics]` in `coordinator.toml`: `listen = "127.0.0.1:9464"` serves `GET /metrics` in
+/// Prometheus' text format (plain HTTP: bind it to loopback or a management network).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: SocketAddr,
 }
 
 /// `[smtp]` in `coordinator.toml`.

@@ -141,6 +141,7 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
         agent_cert_validity: "730days".into(),
         jobs: crate::config::JobLimits::default(),
         smtp: None,
+        metrics: None,
     };
     config.save(&dir)?;
     Ok(config)

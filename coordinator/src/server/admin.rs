@@ -1,6 +1,7 @@
 //! The admin API: one request per bidirectional stream, admin certificate required (checked by
 //! the caller). Handlers decide with the authority and the registry, then answer.
 
+use super::blocking;
 use crate::catalog::now_secs;
 use crate::catalog::{JobKind, JobRecord, JobState};
 use crate::server::connection::violation;
@@ -58,10 +59,6 @@ pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
             .instrument(tracing::Span::current()),
         );
     }
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
 }
 
 async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
@@ -200,7 +197,8 @@ fn maintenance_running(catalog: &crate::catalog::Catalog) -> usize {
     catalog.jobs().map(|j| j.iter().filter(|j| j.state == JobState::Running && j.vm.is_none()).count()).unwrap_or(0)
 }
 
-fn dir_size(path: &std::path::Path) -> u64 {
+/// Bytes the files under `path` take (their lengths), recursively.
+pub(crate) fn dir_size(path: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else { return 0 };
     entries
         .flatten()

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod connection;
+pub mod metrics;
 pub mod protect;
 pub mod registry;
 pub mod scheduler;
@@ -34,6 +35,11 @@ pub enum ServeError {
     Write { path: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+}
+
+/// Runs `f` on a blocking thread (catalog and store work) and waits for it.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())
 }
 
 /// What every connection handler shares.
@@ -143,6 +149,18 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         jobs,
     });
     let _listener = Listener { state: state.clone() }.start();
+    if let Some(m) = &state.authority.config().metrics {
+        let listener = tokio::net::TcpListener::bind(m.listen)
+            .await
+            .map_err(|source| ServeError::Bind { addr: m.listen, source })?;
+        let local = listener.local_addr().map_err(|source| ServeError::Bind { addr: m.listen, source })?;
+        tracing::info!(addr = %local, "metrics endpoint listening (GET /metrics)");
+        std::fs::write(dir.root.join("metrics.addr"), local.to_string()).map_err(|source| ServeError::Write {
+            path: dir.root.join("metrics.addr").display().to_string(),
+            source,
+        })?;
+        actix_rt::spawn(metrics::serve(state.clone(), listener));
+    }
 
     shutdown.await;
     tracing::info!("shutting down");

@@ -1,0 +1,241 @@
+//! The opt-in Prometheus endpoint (`[metrics] listen` in `coordinator.toml`): `GET /metrics`
+//! answers the OpenMetrics text format, built at scrape time from the catalog and the
+//! registry, so the figures are the same ones `bulwark status` and `job list` show and survive
+//! restarts (job records are never deleted, so the job counters only grow).
+//!
+//! The HTTP side is deliberately tiny: one request per connection, the request head bounded
+//! to 8 KiB and ten seconds, nothing but `GET /metrics` (and `GET /` pointing to it).
+
+use crate::server::registry::ListConnected;
+use crate::server::{blocking, State};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MAX_HEAD: usize = 8 << 10;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(&'static str, String)>;
+
+/// What a scrape reports, gathered from the catalog on a blocking thread.
+#[derive(Debug, Default)]
+struct Snapshot {
+    /// (kind, state) → job records.
+    jobs: Vec<((String, String), u64)>,
+    /// kind → bytes transferred / scanned by finished jobs.
+    transferred: Vec<(String, u64)>,
+    scanned: Vec<(String, u64)>,
+    replicas: Vec<(String, u64)>,
+    vms: u64,
+    vms_protected: u64,
+    recovery_points: u64,
+    agents_enrolled: u64,
+    store_bytes: u64,
+    catalog_bytes: u64,
+}
+
+fn gather(state: &State) -> Result<Snapshot, String> {
+    use std::collections::BTreeMap;
+    let catalog = state.store.catalog();
+    let mut jobs: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let mut transferred: BTreeMap<String, u64> = BTreeMap::new();
+    let mut scanned: BTreeMap<String, u64> = BTreeMap::new();
+    for j in catalog.jobs().map_err(|e| e.to_string())? {
+        let kind = j.kind.as_str().to_owned();
+        *jobs.entry((kind.clone(), j.state.as_str().to_owned())).or_default() += 1;
+        if j.state.is_final() {
+            *transferred.entry(kind.clone()).or_default() += j.bytes_transferred;
+            *scanned.entry(kind).or_default() += j.bytes_scanned;
+        }
+    }
+    let mut replicas: BTreeMap<String, u64> =
+        ["creating", "consistent", "inconsistent"].iter().map(|s| ((*s).to_owned(), 0)).collect();
+    for r in catalog.replicas().map_err(|e| e.to_string())? {
+        *replicas.entry(r.state.as_str().to_owned()).or_default() += 1;
+    }
+    let vms = catalog.vms().map_err(|e| e.to_string())?;
+    let authority = state.authority.catalog();
+    Ok(Snapshot {
+        jobs: jobs.into_iter().collect(),
+        transferred: transferred.into_iter().collect(),
+        scanned: scanned.into_iter().collect(),
+        replicas: replicas.into_iter().collect(),
+        vms: vms.len() as u64,
+        vms_protected: vms.iter().filter(|v| v.group.is_some()).count() as u64,
+        recovery_points: catalog.all_recovery_points().map_err(|e| e.to_string())?.len() as u64,
+        agents_enrolled: authority.agents().map_err(|e| e.to_string())?.iter().filter(|a| !a.revoked).count() as u64,
+        store_bytes: super::admin::dir_size(&state.authority.dir().store()),
+        catalog_bytes: catalog.size_on_disk(),
+    })
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let g: Gauge = Gauge::default();
+    g.set(i64::try_from(value).unwrap_or(i64::MAX));
+    registry.register(name, help, g);
+}
+
+/// The exposition text of `snap` (and the agents connected now).
+fn render(snap: &Snapshot, connected: u64) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("bulwark");
+    let jobs = Family::<Labels, Gauge>::default();
+    let finished = Family::<Labels, Counter>::default();
+    for ((kind, state), n) in &snap.jobs {
+        let labels = vec![("kind", kind.clone()), ("state", state.clone())];
+        jobs.get_or_create(&labels).set(i64::try_from(*n).unwrap_or(i64::MAX));
+        if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+            finished.get_or_create(&vec![("kind", kind.clone()), ("outcome", state.clone())]).inc_by(*n);
+        }
+    }
+    registry.register("jobs", "Jobs the catalog holds, by kind and state (queued and running: now)", jobs);
+    registry.register("jobs_finished", "Jobs finished, by kind and outcome", finished);
+    let transferred = Family::<Labels, Counter>::default();
+    for (kind, n) in &snap.transferred {
+        transferred.get_or_create(&vec![("kind", kind.clone())]).inc_by(*n);
+    }
+    registry.register(
+        "transferred_bytes",
+        "Bytes moved over the network by finished jobs (backups: received; recoveries: sent)",
+        transferred,
+    );
+    let scanned = Family::<Labels, Counter>::default();
+    for (kind, n) in &snap.scanned {
+        scanned.get_or_create(&vec![("kind", kind.clone())]).inc_by(*n);
+    }
+    registry.register("scanned_bytes", "Bytes read on the hosts by finished jobs", scanned);
+    let replicas = Family::<Labels, Gauge>::default();
+    for (state, n) in &snap.replicas {
+        replicas.get_or_create(&vec![("state", state.clone())]).set(i64::try_from(*n).unwrap_or(i64::MAX));
+    }
+    registry.register("replicas", "Disk replicas, by state", replicas);
+    gauge(&mut registry, "vms", "VMs reported by the agents", snap.vms);
+    gauge(&mut registry, "vms_protected", "VMs in a protection group", snap.vms_protected);
+    gauge(&mut registry, "recovery_points", "Recovery points in the catalog", snap.recovery_points);
+    gauge(&mut registry, "agents_connected", "Agents connected now", connected);
+    gauge(&mut registry, "agents_enrolled", "Agents enrolled and not revoked", snap.agents_enrolled);
+    gauge(&mut registry, "store_bytes", "Bytes the chunk store takes on disk", snap.store_bytes);
+    gauge(&mut registry, "catalog_bytes", "Bytes the catalog takes on disk", snap.catalog_bytes);
+    let mut out = String::new();
+    encode(&mut out, &registry)?;
+    Ok(out)
+}
+
+/// Serves the endpoint until the listener fails (it runs for the coordinator's lifetime).
+pub async fn serve(state: Arc<State>, listener: TcpListener) {
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        actix_rt::spawn(async move {
+            match tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, sock)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
+                Err(_) => tracing::debug!(%peer, "metrics request timed out"),
+            }
+        });
+    }
+}
+
+async fn handle(state: &Arc<State>, mut sock: TcpStream) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if head.len() > MAX_HEAD {
+            return respond(&mut sock, "431 Request Header Fields Too Large", "text/plain", "request too large\n")
+                .await;
+        }
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
+    match (method, path) {
+        (b"GET", b"/metrics") => {
+            let connected = state.registry.send(ListConnected).await.map(|c| c.len() as u64).unwrap_or(0);
+            let st = state.clone();
+            let snap = match blocking(move || gather(&st)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) | Err(e) => {
+                    tracing::warn!(error = %e, "metrics: cannot read the catalog");
+                    return respond(&mut sock, "500 Internal Server Error", "text/plain", &format!("{e}\n")).await;
+                }
+            };
+            match render(&snap, connected) {
+                Ok(body) => respond(&mut sock, "200 OK", CONTENT_TYPE, &body).await,
+                Err(_) => respond(&mut sock, "500 Internal Server Error", "text/plain", "encoding failed\n").await,
+            }
+        }
+        (b"GET", b"/") => respond(&mut sock, "200 OK", "text/plain", "Bulwark coordinator: see /metrics\n").await,
+        (b"GET", _) => respond(&mut sock, "404 Not Found", "text/plain", "not found: try /metrics\n").await,
+        _ => respond(&mut sock, "405 Method Not Allowed", "text/plain", "only GET\n").await,
+    }
+}
+
+async fn respond(sock: &mut TcpStream, status: &str, content_type: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await?;
+    sock.write_all(body.as_bytes()).await?;
+    sock.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_names_every_family_with_its_labels() {
+        let snap = Snapshot {
+            jobs: vec![
+                (("sync".into(), "succeeded".into()), 3),
+                (("sync".into(), "running".into()), 1),
+                (("initial".into(), "failed".into()), 2),
+            ],
+            transferred: vec![("sync".into(), 4096)],
+            scanned: vec![("sync".into(), 8192)],
+            replicas: vec![("consistent".into(), 5), ("inconsistent".into(), 1)],
+            vms: 7,
+            vms_protected: 6,
+            recovery_points: 9,
+            agents_enrolled: 2,
+            store_bytes: 123,
+            catalog_bytes: 45,
+        };
+        let text = render(&snap, 2).unwrap();
+        for line in [
+            r#"bulwark_jobs{kind="sync",state="running"} 1"#,
+            r#"bulwark_jobs_finished_total{kind="sync",outcome="succeeded"} 3"#,
+            r#"bulwark_jobs_finished_total{kind="initial",outcome="failed"} 2"#,
+            r#"bulwark_transferred_bytes_total{kind="sync"} 4096"#,
+            r#"bulwark_scanned_bytes_total{kind="sync"} 8192"#,
+            r#"bulwark_replicas{state="inconsistent"} 1"#,
+            "bulwark_agents_connected 2",
+            "bulwark_recovery_points 9",
+            "bulwark_store_bytes 123",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains(r#"outcome="running""#), "running jobs are not finished");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
