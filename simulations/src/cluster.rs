@@ -119,9 +119,14 @@ impl Cluster {
     /// Creates a sim VM and waits until the agent has reported it.
     pub fn create_vm(&self, req: &CreateVm) -> anyhow::Result<()> {
         sim::create_vm(&self.sim_root, req)?;
+        self.wait_vm(&req.name)
+    }
+
+    /// Waits until the agent has reported VM `name`.
+    pub fn wait_vm(&self, name: &str) -> anyhow::Result<()> {
         wait("the VM in the inventory", || {
             Ok(match self.ask(AdminRequest::VmList)? {
-                AdminResponse::Vms(v) if v.iter().any(|v| v.name == req.name) => Some(()),
+                AdminResponse::Vms(v) if v.iter().any(|v| v.name == name) => Some(()),
                 _ => None,
             })
         })

@@ -141,7 +141,7 @@ impl PeerRepo {
         self.runs += 1;
         // The newest file of the run is a small sibling, never the image.
         std::fs::write(self.source.join("newer.txt"), format!("run {}\n", self.runs))?;
-        let before = dir_bytes(&self.repo);
+        let before = bulwark_coordinator::server::admin::dir_size(&self.repo);
         crate::limits::drop_caches();
         let mut c = self.command();
         match self.peer {
@@ -168,7 +168,11 @@ impl PeerRepo {
                 .and_then(|v| v["archive"]["stats"]["original_size"].as_u64()),
         }
         .with_context(|| format!("{} printed no summary: {stdout}", self.peer.name()))?;
-        Ok(PeerRun { seconds, bytes_read, bytes_stored: dir_bytes(&self.repo).saturating_sub(before) })
+        Ok(PeerRun {
+            seconds,
+            bytes_read,
+            bytes_stored: bulwark_coordinator::server::admin::dir_size(&self.repo).saturating_sub(before),
+        })
     }
 
     /// Restores the newest backup into `target` and returns the seconds it took.
@@ -201,17 +205,4 @@ fn run_quiet(c: &mut Command, what: &str) -> anyhow::Result<()> {
         bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
-}
-
-/// Bytes the files under `path` take (their lengths), recursively.
-pub fn dir_bytes(path: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }

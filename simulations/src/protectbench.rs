@@ -60,8 +60,16 @@ pub struct Plan {
 
 const VM: &str = "bench";
 
-fn image_seed(size: u64) -> u64 {
-    0xB0_1A_4C ^ size
+/// The benchmark's VM: a running Linux guest with one seeded random disk, the same bytes for
+/// every tool at a given size.
+fn bench_vm(size: u64) -> CreateVm {
+    CreateVm {
+        os: "linux".into(),
+        power: Power::Running,
+        random_fill: true,
+        seed: 0xB0_1A_4C ^ size,
+        ..CreateVm::new(VM, "node1", vec![DiskConfig { name: "os".into(), size }])
+    }
 }
 
 fn churn_seed(i: usize) -> u64 {
@@ -101,16 +109,11 @@ fn row(tool: &str, scenario: &str, size: u64, churn: (f64, u64), seconds: f64) -
 
 fn bulwark(dir: &Path, size: u64, plan: &Plan) -> anyhow::Result<Vec<BenchResult>> {
     let mut rows = vec![];
-    let cluster = Cluster::start(dir, plan.encrypt)?;
+    // The image first: writing a large one takes longer than an idle admin connection lives.
     eprintln!("bulwark: a {} random disk", format_size(size));
-    let req = CreateVm {
-        os: "linux".into(),
-        power: Power::Running,
-        random_fill: true,
-        seed: image_seed(size),
-        ..CreateVm::new(VM, "node1", vec![DiskConfig { name: "os".into(), size }])
-    };
-    cluster.create_vm(&req)?;
+    sim::create_vm(&dir.join("sim"), &bench_vm(size))?;
+    let cluster = Cluster::start(dir, plan.encrypt)?;
+    cluster.wait_vm(VM)?;
     cluster.protect(VM)?;
     let stored = |c: &Cluster| -> anyhow::Result<u64> {
         let (store, catalog) = c.store_bytes()?;
@@ -160,14 +163,7 @@ fn peer_runs(dir: &Path, size: u64, plan: &Plan, peer: Peer) -> anyhow::Result<V
     let mut rows = vec![];
     let root = dir.join("sim");
     eprintln!("{}: the same {} random disk", peer.name(), format_size(size));
-    let req = CreateVm {
-        os: "linux".into(),
-        power: Power::Running,
-        random_fill: true,
-        seed: image_seed(size),
-        ..CreateVm::new(VM, "node1", vec![DiskConfig { name: "os".into(), size }])
-    };
-    sim::create_vm(&root, &req)?;
+    sim::create_vm(&root, &bench_vm(size))?;
     let image = sim::Vm::open(&root, VM)?.image("os");
     let mut repo = PeerRepo::create(peer, dir, &image)?;
     eprintln!("{}: initial backup", peer.name());

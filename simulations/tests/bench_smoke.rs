@@ -37,17 +37,22 @@ fn bench_refuses_unknown_scenarios_and_bad_sizes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a size"));
 }
 
-#[test]
-fn bench_restores_run_end_to_end_and_report_both_rows() {
-    let out = tempfile::tempdir().unwrap();
+/// Runs `bulwark-bench ARGS --out DIR` successfully and returns its bench-results.json.
+fn run_bench(args: &[&str], out: &std::path::Path) -> serde_json::Value {
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark-bench"))
-        .args(["--scenario", "restore", "--sizes", "16MiB", "--limit-bytes", "8MiB", "--out"])
-        .arg(out.path())
+        .args(args)
+        .arg("--out")
+        .arg(out)
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("bench-results.json")).unwrap()).unwrap();
+    serde_json::from_str(&std::fs::read_to_string(out.join("bench-results.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn bench_restores_run_end_to_end_and_report_both_rows() {
+    let out = tempfile::tempdir().unwrap();
+    let report = run_bench(&["--scenario", "restore", "--sizes", "16MiB", "--limit-bytes", "8MiB"], out.path());
     let rows = report["results"].as_array().unwrap();
     let full = rows.iter().find(|r| r["scenario"] == "restore").unwrap();
     let smart = rows.iter().find(|r| r["scenario"] == "smart-restore").unwrap();
@@ -60,15 +65,9 @@ fn bench_restores_run_end_to_end_and_report_both_rows() {
 #[test]
 fn bench_incremental_compares_with_restic_and_borg_on_the_same_churn() {
     let out = tempfile::tempdir().unwrap();
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark-bench"))
-        .args(["--scenario", "incremental", "--sizes", "16MiB,32MiB", "--churn-bytes", "2MiB"])
-        .args(["--limit-bytes", "8MiB", "--out"])
-        .arg(out.path())
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("bench-results.json")).unwrap()).unwrap();
+    let args =
+        ["--scenario", "incremental", "--sizes", "16MiB,32MiB", "--churn-bytes", "2MiB", "--limit-bytes", "8MiB"];
+    let report = run_bench(&args, out.path());
     let rows = report["results"].as_array().unwrap();
     let find = |tool: &str, scenario: &str, size: u64| {
         rows.iter()

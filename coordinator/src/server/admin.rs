@@ -198,7 +198,7 @@ fn maintenance_running(catalog: &crate::catalog::Catalog) -> usize {
 }
 
 /// Bytes the files under `path` take (their lengths), recursively.
-pub(crate) fn dir_size(path: &std::path::Path) -> u64 {
+pub fn dir_size(path: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(path) else { return 0 };
     entries
         .flatten()

@@ -15,9 +15,10 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "bulwark-bench", version, about)]
 struct Cli {
-    /// initial, incremental, cc, restore, smart-restore, limits, store, read, all.
-    #[arg(long, default_value = "all")]
-    scenario: String,
+    /// initial, incremental, cc, restore, smart-restore, limits, store, read, all (several:
+    /// comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    scenario: Vec<String>,
     /// Disk sizes for initial, incremental and cc, comma-separated (restores use the first).
     #[arg(long, value_delimiter = ',', default_value = "1GiB,4GiB,16GiB")]
     sizes: Vec<String>,
@@ -71,11 +72,14 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let scenarios: Vec<&str> = match cli.scenario.as_str() {
-        "all" => SCENARIOS.to_vec(),
-        s if SCENARIOS.contains(&s) => vec![s],
-        s => anyhow::bail!("unknown scenario {s:?} (known: {}, all)", SCENARIOS.join(", ")),
-    };
+    let mut scenarios: Vec<&str> = vec![];
+    for s in &cli.scenario {
+        match s.as_str() {
+            "all" => scenarios.extend(SCENARIOS),
+            s if SCENARIOS.contains(&s) => scenarios.push(s),
+            s => anyhow::bail!("unknown scenario {s:?} (known: {}, all)", SCENARIOS.join(", ")),
+        }
+    }
     let has = |s: &str| scenarios.contains(&s);
     let sizes =
         cli.sizes.iter().map(|s| parse_size(s).map_err(anyhow::Error::from)).collect::<anyhow::Result<Vec<u64>>>()?;
