@@ -81,7 +81,10 @@ pub fn run(work: &Path, plan: &Plan) -> anyhow::Result<Vec<BenchResult>> {
     let mut rows = vec![];
     for &size in &plan.sizes {
         let dir = tempfile::tempdir_in(work)?;
-        rows.extend(bulwark(dir.path(), size, plan)?);
+        // One tool's image and repository on disk at a time.
+        let ours = dir.path().join("bulwark");
+        rows.extend(bulwark(&ours, size, plan)?);
+        std::fs::remove_dir_all(&ours)?;
         for &peer in &plan.peers {
             let peer_dir = dir.path().join(peer.name());
             std::fs::create_dir_all(&peer_dir)?;
