@@ -694,8 +694,6 @@ fn recover_items(target: &AdminTarget, req: AdminRequest, dir: &std::path::Path)
 
 /// `recover-disk`: the disk's blocks into FILE (written to FILE.partial, then renamed).
 fn recover_disk(target: &AdminTarget, req: AdminRequest, output: &std::path::Path) -> anyhow::Result<()> {
-    use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage};
-    use std::os::unix::fs::FileExt;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let partial = output.with_extension("partial");
     let result = rt.block_on(async {
@@ -706,31 +704,7 @@ fn recover_disk(target: &AdminTarget, req: AdminRequest, output: &std::path::Pat
         };
         let file = std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
         file.set_len(size_bytes).with_context(|| format!("cannot size {}", partial.display()))?;
-        let bs = u64::from(block_size);
-        let mut blocks = 0u64;
-        loop {
-            let frame = transfer::read(&mut recv, block_size as usize)
-                .await
-                .map_err(|e| anyhow::anyhow!("the disk stream broke off: {e}"))?;
-            match frame {
-                Some(TransferFrame::Block { index, data, .. }) => {
-                    let at = index
-                        .checked_mul(bs)
-                        .filter(|&o| o.checked_add(data.len() as u64).is_some_and(|end| end <= size_bytes));
-                    let at = at.with_context(|| format!("block {index} lies outside the {size_bytes}-byte disk"))?;
-                    file.write_all_at(&data, at).with_context(|| format!("cannot write {}", partial.display()))?;
-                    blocks += 1;
-                }
-                Some(TransferFrame::Zero { .. }) => blocks += 1,
-                Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) if blocks_sent == blocks => {
-                    break
-                }
-                Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
-                    anyhow::bail!("the coordinator could not read the disk: {reason}")
-                }
-                other => anyhow::bail!("unexpected frame in the disk stream: {other:?}"),
-            }
-        }
+        bulwark_coordinator::admin_client::receive_disk(&mut recv, size_bytes, block_size, &file).await?;
         file.sync_all().with_context(|| format!("cannot sync {}", partial.display()))?;
         client.close().await;
         Ok((rp, disk, size_bytes))

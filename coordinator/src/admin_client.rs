@@ -183,3 +183,45 @@ impl AdminClient {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
+
+/// Receives the blocks of a disk stream (after a [`AdminResponse::DiskStream`] answer) into
+/// `file`, which must already have the disk's size (zero blocks stay holes). Every block's
+/// place is checked against the disk's size; the stream must end with the coordinator's
+/// `End` naming exactly the blocks that arrived. Returns the number of blocks.
+pub async fn receive_disk(
+    recv: &mut quinn::RecvStream,
+    size_bytes: u64,
+    block_size: u32,
+    file: &std::fs::File,
+) -> Result<u64, AdminClientError> {
+    use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage};
+    use std::os::unix::fs::FileExt;
+    let bs = u64::from(block_size);
+    let mut blocks = 0u64;
+    loop {
+        let frame = transfer::read(recv, block_size as usize)
+            .await
+            .map_err(|e| AdminClientError::Request(format!("the disk stream broke off: {e}")))?;
+        match frame {
+            Some(TransferFrame::Block { index, data, .. }) => {
+                let at = index
+                    .checked_mul(bs)
+                    .filter(|&o| o.checked_add(data.len() as u64).is_some_and(|end| end <= size_bytes))
+                    .ok_or_else(|| {
+                        AdminClientError::Invalid(format!("block {index} lies outside the {size_bytes}-byte disk"))
+                    })?;
+                file.write_all_at(&data, at)
+                    .map_err(|e| AdminClientError::Request(format!("cannot write the disk: {e}")))?;
+                blocks += 1;
+            }
+            Some(TransferFrame::Zero { .. }) => blocks += 1,
+            Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) if blocks_sent == blocks => {
+                return Ok(blocks)
+            }
+            Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
+                return Err(AdminClientError::Refused(format!("the coordinator could not read the disk: {reason}")))
+            }
+            other => return Err(AdminClientError::Invalid(format!("unexpected frame in the disk stream: {other:?}"))),
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //!
 //! Modules in reading order:
 //! - [`agentbench`]: the agent's initial read against `cat` and BLAKE3.
+//! - [`chaos`]: `bulwark-chaos`, seeded fault runs against the real daemons, and the invariants
+//!   that prove nothing was lost.
 //! - [`cluster`]: a real coordinator and agent in this process, on loopback, for benchmarks.
 //! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
 //!   loopback) that every other figure is a ratio against.
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agentbench;
+pub mod chaos;
 pub mod cluster;
 pub mod limits;
 pub mod peers;

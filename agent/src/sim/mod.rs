@@ -12,7 +12,10 @@ pub mod vm;
 use rand::{RngCore, SeedableRng};
 use std::io::Write;
 use std::path::Path;
-pub use vm::{ChangeToken, DiskConfig, Frozen, Power, ReplicaHealth, SimError, SnapConsistency, Vm, VmConfig};
+pub use vm::{
+    ground_truth, ChangeToken, DiskConfig, Frozen, GroundTruth, Power, ReplicaHealth, SimError, SnapConsistency, Vm,
+    VmConfig, GROUND_TRUTH_DIR,
+};
 
 /// What `sim create-vm` asks for.
 #[derive(Debug, Clone)]

@@ -142,6 +142,38 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// Whether this process plays the chaos harness's deliberately broken build
+/// (`BULWARK_SIM_BREAK=lose-changes-on-abandon`): a snapshot given up without a commit drops
+/// its changes instead of merging them back. Only the sim has it; it exists so a test can show
+/// that the harness catches a lost change (simulations/tests/chaos.rs).
+fn broken_build() -> bool {
+    std::env::var("BULWARK_SIM_BREAK").is_ok_and(|v| v == "lose-changes-on-abandon")
+}
+
+/// The directory under a sim root whose presence turns ground-truth recording on.
+pub const GROUND_TRUTH_DIR: &str = "ground-truth";
+
+/// One line of `ground-truth/VM.jsonl`: the guest's view of each disk at a snapshot point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroundTruth {
+    pub vm: String,
+    pub snapshot: u64,
+    /// Disk name → BLAKE3 (hex) of its whole contents.
+    pub disks: std::collections::BTreeMap<String, String>,
+}
+
+/// Every ground-truth record of `vm` under `root`, in snapshot order (empty when none).
+pub fn ground_truth(root: &Path, vm: &str) -> Result<Vec<GroundTruth>, SimError> {
+    let path = root.join(GROUND_TRUTH_DIR).join(format!("{vm}.jsonl"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(SimError::Io { path, source: e }),
+    };
+    // A torn last line (a crash mid-append) is not a record.
+    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+}
+
 /// The VM directory of `name` under root `root`.
 pub fn vm_dir(root: &Path, name: &str) -> PathBuf {
     root.join("vms").join(name)
@@ -420,6 +452,7 @@ impl Vm {
             frozen.save(&frozen_path).map_err(io(&frozen_path))?;
             DirtyBitmap::new(d.size).save(&live_path).map_err(io(&live_path))?;
         }
+        self.record_ground_truth(self.config.next_snapshot)?;
         let snap = HeldSnapshot {
             id: self.config.next_snapshot,
             consistency,
@@ -431,6 +464,38 @@ impl Vm {
         self.config.snapshot = Some(snap.clone());
         self.save()?;
         Ok((snap, ChangeToken { generation: self.config.generation, sequence: self.config.sequence }))
+    }
+
+    /// For chaos runs: when the storage root has a `ground-truth/` directory, appends the
+    /// BLAKE3 of every disk's guest view at this snapshot point to `ground-truth/VM.jsonl`
+    /// (fsynced), so every recovery point can later be checked against what the guest really
+    /// had. Called with the VM locked and before the overlay starts, so the image is the view.
+    fn record_ground_truth(&self, snapshot: u64) -> Result<(), SimError> {
+        let Some(root) = self.dir.parent().and_then(Path::parent) else { return Ok(()) };
+        let dir = root.join(GROUND_TRUTH_DIR);
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let mut disks = std::collections::BTreeMap::new();
+        let mut buf = vec![0u8; 1 << 20];
+        for d in &self.config.disks {
+            let mut h = blake3::Hasher::new();
+            let mut offset = 0;
+            while offset < d.size {
+                let n = (buf.len() as u64).min(d.size - offset) as usize;
+                self.guest_read(&d.name, offset, &mut buf[..n])?;
+                h.update(&buf[..n]);
+                offset += n as u64;
+            }
+            disks.insert(d.name.clone(), h.finalize().to_hex().to_string());
+        }
+        let line = GroundTruth { vm: self.config.name.clone(), snapshot, disks };
+        let mut text = serde_json::to_string(&line).map_err(|e| SimError::Invalid(e.to_string()))?;
+        text.push('\n');
+        let path = dir.join(format!("{}.jsonl", self.config.name));
+        let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
+        std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io(&path))?;
+        f.sync_all().map_err(io(&path))
     }
 
     /// Changes since `token` as of the held snapshot: the frozen bitmap, or `TrackingLost`.
@@ -531,6 +596,11 @@ impl Vm {
     pub fn abandon(&mut self) -> Result<(), SimError> {
         for d in self.config.disks.clone() {
             let frozen_path = self.frozen(&d.name);
+            if broken_build() {
+                // The deliberately broken build of the chaos harness: the changes are lost.
+                let _ = std::fs::remove_file(&frozen_path);
+                continue;
+            }
             let Some(frozen) = DirtyBitmap::load(&frozen_path).map_err(io(&frozen_path))? else { continue };
             let live_path = self.bitmap(&d.name);
             let mut live = self.load_bitmap(&live_path, d.size)?;

@@ -1,0 +1,112 @@
+//! `bulwark-chaos`: seeded fault runs against the real daemons as processes on loopback (see
+//! `bulwark_simulations::chaos`). Also a multi-call launcher: `bulwark-chaos x-coordinator …`
+//! and `x-agent …` run exactly the daemons' code, so a run needs nothing else built.
+
+use bulwark_protocol::units::parse_size;
+use bulwark_simulations::chaos::{self, schedule::Scenario, Options};
+use clap::Parser;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Bulwark chaos runs.
+#[derive(Debug, Parser)]
+#[command(name = "bulwark-chaos", version, about)]
+struct Cli {
+    /// The first seed; runs use seed, seed+1, …
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// How many seeds to run.
+    #[arg(long, default_value_t = 1)]
+    runs: u64,
+    /// Length of each run's fault phase, in minutes (fractions allowed).
+    #[arg(long, default_value_t = 1.0)]
+    minutes: f64,
+    /// mixed, agents, coordinator, hosts.
+    #[arg(long, default_value = "mixed")]
+    scenario: String,
+    /// Cluster nodes (agents).
+    #[arg(long, default_value_t = 2)]
+    nodes: usize,
+    /// VMs.
+    #[arg(long, default_value_t = 4)]
+    vms: usize,
+    /// Size of each VM's disk.
+    #[arg(long, default_value = "32MiB")]
+    disk: String,
+    /// Where the runs' directories go (a failing seed's is kept there).
+    #[arg(long, default_value = "target/chaos")]
+    work: PathBuf,
+    /// text or json (the summary on stdout).
+    #[arg(long, default_value = "text")]
+    output: String,
+}
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("x-coordinator") => {
+            args.remove(1);
+            args[0] = "bulwark-coordinator".into();
+            return bulwark_coordinator::cli::main_with(args);
+        }
+        Some("x-agent") => {
+            args.remove(1);
+            args[0] = "bulwark-agent".into();
+            return bulwark_agent::cli::main_with(args);
+        }
+        _ => {}
+    }
+    match run(Cli::parse_from(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<bool> {
+    let scenario = Scenario::parse(&cli.scenario).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(cli.nodes >= 1 && cli.vms >= 1 && cli.runs >= 1, "--nodes, --vms and --runs must be at least 1");
+    anyhow::ensure!(cli.minutes > 0.0 && cli.minutes <= 24.0 * 60.0, "--minutes must be above 0, at most a day");
+    anyhow::ensure!(["text", "json"].contains(&cli.output.as_str()), "--output: text or json");
+    let disk_bytes = parse_size(&cli.disk)?;
+    anyhow::ensure!(disk_bytes >= 1 << 20, "--disk must be at least 1MiB");
+    std::fs::create_dir_all(&cli.work)?;
+    let opts = Options {
+        seed: cli.seed,
+        runs: cli.runs,
+        minutes: cli.minutes,
+        scenario,
+        nodes: cli.nodes,
+        vms: cli.vms,
+        disk_bytes,
+        work: std::fs::canonicalize(&cli.work)?,
+        exe: std::env::current_exe()?,
+    };
+    let summary = chaos::sweep(&opts)?;
+    if cli.output == "json" {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "runs {}, seeds {:?}, recovery points checked {}, restores verified {}",
+            summary.runs, summary.seeds, summary.recovery_points_checked, summary.restores_verified
+        );
+        for (k, n) in &summary.faults {
+            println!("  fault {k}: {n}");
+        }
+        println!("violations: {}", summary.violations.len());
+        for v in &summary.violations {
+            println!("  seed {}: {}: {}", v.seed, v.invariant, v.detail);
+        }
+    }
+    for (seed, timeline) in &summary.timelines {
+        eprintln!("fault timeline of seed {seed} (replay: bulwark-chaos --seed {seed} --scenario {}):", cli.scenario);
+        for line in timeline {
+            eprintln!("  {line}");
+        }
+    }
+    Ok(summary.violations.is_empty())
+}

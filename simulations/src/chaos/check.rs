@@ -1,0 +1,166 @@
+//! After the faults: settle the cluster, then check the invariants.
+//!
+//! - `replica-consistent`: after one round of consistency checks every replica is consistent;
+//! - `no-stuck-job`: no job stays queued or running;
+//! - `rp-ground-truth`: every recovery point in the catalog restores (a real `recover-disk`
+//!   stream) to exactly the guest's view at one of the VM's snapshot points, and the snapshot
+//!   points of a VM's recovery points go forward in creation order;
+//! - `no-frozen-vm`: no VM is left frozen or paused by a snapshot, holds a snapshot, or has an
+//!   overlay left behind;
+//! - `verify-clean`: store verification succeeds;
+//! - `no-panic`: no process log shows a panic.
+
+use super::procs::World;
+use super::{RunOutcome, Violation};
+use bulwark_agent::sim;
+use bulwark_protocol::messages::{AdminRequest, AdminResponse, BackupKind, MaintenanceKind};
+use std::time::Duration;
+
+fn violation(outcome: &mut RunOutcome, seed: u64, invariant: &str, detail: String) {
+    eprintln!("chaos: seed {seed}: {invariant}: {detail}");
+    outcome.violations.push(Violation { seed, invariant: invariant.into(), detail });
+}
+
+/// Brings the cluster to rest and checks every invariant, recording violations in `outcome`.
+pub fn settle_and_check(
+    world: &mut World,
+    names: &[String],
+    seed: u64,
+    outcome: &mut RunOutcome,
+) -> anyhow::Result<()> {
+    let hosts = world.agents.len();
+    world.wait("every agent connected", Duration::from_secs(90), |w| match w.must(AdminRequest::AgentList)? {
+        AdminResponse::Agents(a) => Ok(a.iter().filter(|a| a.connected).count() == hosts),
+        _ => Ok(false),
+    })?;
+    let idle = |w: &World| -> anyhow::Result<bool> {
+        Ok(w.jobs(Some("running"))?.is_empty() && w.jobs(Some("queued"))?.is_empty())
+    };
+    // Retries of failed jobs may still be queued: give them time to end.
+    if world.wait("the jobs to end", Duration::from_secs(240), idle).is_err() {
+        let stuck: Vec<String> = world
+            .jobs(None)?
+            .iter()
+            .filter(|j| j.state == "running" || j.state == "queued")
+            .map(|j| format!("job {} {} of {} {}", j.id, j.kind, j.vm.clone().unwrap_or_default(), j.state))
+            .collect();
+        violation(outcome, seed, "no-stuck-job", stuck.join("; "));
+    }
+
+    // One round of consistency checks where needed, then a final express full of every VM.
+    for vm in names {
+        for attempt in 0..5 {
+            let state = world.vms()?.into_iter().find(|v| &v.name == vm).map(|v| v.replica_state);
+            if state.as_deref() == Some("consistent") {
+                break;
+            }
+            let job = world.run_job(AdminRequest::ConsistencyCheck { vm: vm.clone() })?;
+            if job.state != "succeeded" && attempt == 4 {
+                violation(outcome, seed, "replica-consistent", format!("{vm}: the check failed: {:?}", job.error));
+            }
+        }
+        let mut last = None;
+        for _ in 0..5 {
+            let job = world.run_job(AdminRequest::Backup { vm: vm.clone(), kind: BackupKind::ExpressFull })?;
+            if job.state == "succeeded" {
+                last = None;
+                break;
+            }
+            last = job.error;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        if let Some(e) = last {
+            violation(outcome, seed, "final-backup", format!("{vm}: the final express full failed five times: {e}"));
+        }
+    }
+    for v in world.vms()? {
+        if names.contains(&v.name) && v.replica_state != "consistent" {
+            violation(
+                outcome,
+                seed,
+                "replica-consistent",
+                format!("{}: {} ({:?})", v.name, v.replica_state, v.replica_reason),
+            );
+        }
+    }
+
+    // Every recovery point against the ground truth.
+    let scratch = world.dir.join("restore.img");
+    for vm in names {
+        let truth = sim::ground_truth(&world.sim_root, vm)?;
+        let rps = match world.must(AdminRequest::RecoveryPoints { vm: vm.clone() })? {
+            AdminResponse::RecoveryPoints(r) => r,
+            other => anyhow::bail!("unexpected answer {other:?}"),
+        };
+        let mut at = 0usize; // the earliest snapshot the next recovery point may be
+        for rp in &rps {
+            outcome.recovery_points_checked += 1;
+            let mut digests = std::collections::BTreeMap::new();
+            for d in &rp.disks {
+                world.recover_disk(vm, &rp.id, d.name.as_str(), &scratch)?;
+                let mut h = blake3::Hasher::new();
+                h.update_reader(std::fs::File::open(&scratch)?)?;
+                digests.insert(d.name.as_str().to_owned(), h.finalize().to_hex().to_string());
+            }
+            match truth.iter().skip(at).position(|t| t.disks == digests) {
+                Some(i) => {
+                    at += i;
+                    outcome.restores_verified += rp.disks.len() as u64;
+                }
+                None => {
+                    let anywhere = truth.iter().position(|t| t.disks == digests);
+                    violation(
+                        outcome,
+                        seed,
+                        "rp-ground-truth",
+                        format!(
+                            "{vm}: recovery point {} (created {}) {}",
+                            rp.id,
+                            rp.created_at,
+                            match anywhere {
+                                Some(i) => format!(
+                                    "matches snapshot {} of {}, but out of order",
+                                    truth[i].snapshot,
+                                    truth.len()
+                                ),
+                                None => format!("matches none of the {} snapshot points of the guest", truth.len()),
+                            }
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&scratch);
+
+    for vm in names {
+        let v = sim::Vm::open(&world.sim_root, vm)?;
+        let c = &v.config;
+        if c.frozen.is_some() || c.snapshot.is_some() || c.power == sim::Power::Paused {
+            violation(
+                outcome,
+                seed,
+                "no-frozen-vm",
+                format!("{vm}: frozen {:?}, snapshot {:?}, power {:?}", c.frozen, c.snapshot, c.power),
+            );
+        }
+        for e in std::fs::read_dir(v.dir())?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".overlay") || name.ends_with(".overlay.map") {
+                violation(outcome, seed, "no-frozen-vm", format!("{vm}: overlay {name} left behind"));
+            }
+        }
+    }
+
+    let verify = world.run_job(AdminRequest::Maintenance { kind: MaintenanceKind::Verify, wait: false })?;
+    if verify.state != "succeeded" {
+        violation(outcome, seed, "verify-clean", format!("verify {}: {:?}", verify.state, verify.error));
+    }
+
+    for (name, log) in world.logs() {
+        if let Some(line) = log.lines().find(|l| l.contains("panicked at")) {
+            violation(outcome, seed, "no-panic", format!("{name}: {line}"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! `bulwark-chaos`: seeded fault runs against the real binaries as processes on loopback.
+//!
+//! A run: a coordinator and N agents (nodes on one shared sim root, ground truth on), V VMs in
+//! one protection group with their initial replicas; then the seed's [`schedule`] of guest
+//! churn, backups and checks interleaved with faults — SIGKILL of agents and of the
+//! coordinator at random moments and mid-backup, host power losses, live and storage
+//! migrations; then every stopped process is started again, the replicas are brought back to
+//! `consistent`, each VM gets a final express full, and the invariants of [`check`] are
+//! checked. The same seed replays the same schedule; a violation prints the seed and the
+//! timeline.
+//!
+//! Modules: [`schedule`] (the seeded timeline), [`procs`] (the processes), [`check`] (the
+//! invariants), this file (one run and a sweep of seeds).
+
+pub mod check;
+pub mod procs;
+pub mod schedule;
+
+use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power};
+use procs::World;
+use schedule::{Event, Scenario, Timed};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What a sweep runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    pub runs: u64,
+    /// Length of each run's fault phase.
+    pub minutes: f64,
+    pub scenario: Scenario,
+    pub nodes: usize,
+    pub vms: usize,
+    pub disk_bytes: u64,
+    /// Where the runs' directories go (kept when a run finds a violation).
+    pub work: PathBuf,
+    /// The executable that answers `x-coordinator …` and `x-agent …`.
+    pub exe: PathBuf,
+}
+
+/// One broken invariant.
+#[derive(Debug, Clone, Serialize)]
+pub struct Violation {
+    pub seed: u64,
+    pub invariant: String,
+    pub detail: String,
+}
+
+/// The sweep's summary (CONTRACT: bulwark-chaos).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub runs: u64,
+    pub seeds: Vec<u64>,
+    pub faults: BTreeMap<String, u64>,
+    pub recovery_points_checked: u64,
+    pub restores_verified: u64,
+    pub violations: Vec<Violation>,
+    /// The fault timeline of every seed that found a violation.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub timelines: BTreeMap<u64, Vec<String>>,
+}
+
+/// Runs `opts.runs` seeds from `opts.seed` on.
+pub fn sweep(opts: &Options) -> anyhow::Result<Summary> {
+    let mut summary = Summary::default();
+    for seed in opts.seed..opts.seed.saturating_add(opts.runs) {
+        let dir = opts.work.join(format!("seed-{seed}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        eprintln!(
+            "chaos: seed {seed} ({:?}, {} nodes, {} VMs, {} min)",
+            opts.scenario, opts.nodes, opts.vms, opts.minutes
+        );
+        let run = run_seed(opts, seed, &dir);
+        summary.runs += 1;
+        summary.seeds.push(seed);
+        let (outcome, timeline) = match run {
+            Ok(r) => r,
+            Err(e) => {
+                let v = Violation { seed, invariant: "harness".into(), detail: format!("{e:#}") };
+                (RunOutcome { violations: vec![v], ..RunOutcome::default() }, vec![])
+            }
+        };
+        for (k, n) in outcome.faults {
+            *summary.faults.entry(k).or_default() += n;
+        }
+        summary.recovery_points_checked += outcome.recovery_points_checked;
+        summary.restores_verified += outcome.restores_verified;
+        if outcome.violations.is_empty() {
+            let _ = std::fs::remove_dir_all(&dir);
+        } else {
+            eprintln!(
+                "chaos: seed {seed} broke {} invariant(s); its directory is kept: {}",
+                outcome.violations.len(),
+                dir.display()
+            );
+            summary.timelines.insert(seed, timeline.iter().map(ToString::to_string).collect());
+            summary.violations.extend(outcome.violations);
+        }
+    }
+    Ok(summary)
+}
+
+/// What one seed found.
+#[derive(Debug, Default)]
+pub struct RunOutcome {
+    pub faults: BTreeMap<String, u64>,
+    pub recovery_points_checked: u64,
+    pub restores_verified: u64,
+    pub violations: Vec<Violation>,
+}
+
+fn vm_name(i: usize) -> String {
+    format!("v{i}")
+}
+
+fn node_name(i: usize) -> String {
+    format!("node{}", i + 1)
+}
+
+/// One seed: set up, run the schedule, settle, check.
+pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOutcome, Vec<Timed>)> {
+    let duration_ms = (opts.minutes * 60_000.0) as u64;
+    let timeline = schedule::schedule(seed, opts.scenario, opts.nodes, opts.vms, duration_ms);
+    let mut world = World::start(&opts.exe, dir, opts.nodes)?;
+    std::fs::create_dir_all(world.sim_root.join(sim::GROUND_TRUTH_DIR))?;
+    for i in 0..opts.vms {
+        let req = CreateVm {
+            os: if i % 2 == 0 { "linux" } else { "windows" }.into(),
+            power: Power::Running,
+            random_fill: true,
+            seed: seed.wrapping_mul(1000) + i as u64,
+            ..CreateVm::new(
+                &vm_name(i),
+                &node_name(i % opts.nodes),
+                vec![DiskConfig { name: "os".into(), size: opts.disk_bytes }],
+            )
+        };
+        sim::create_vm(&world.sim_root, &req)?;
+    }
+    let names: Vec<String> = (0..opts.vms).map(vm_name).collect();
+    world.wait_inventory(&names, Duration::from_secs(60))?;
+    world.protect(&names)?;
+    world.wait_replicas_consistent(&names, Duration::from_secs(180))?;
+
+    let mut outcome = RunOutcome::default();
+    let start = Instant::now();
+    // Agents a mid-backup kill stopped, and when they come back.
+    let mut restart_at: BTreeMap<usize, Instant> = BTreeMap::new();
+    for step in &timeline {
+        let due = start + Duration::from_millis(step.at_ms);
+        loop {
+            let now = Instant::now();
+            world.restart_due_agents(&mut restart_at, now)?;
+            if now >= due {
+                break;
+            }
+            std::thread::sleep((due - now).min(Duration::from_millis(50)));
+        }
+        if let Some(kind) = step.event.fault_kind() {
+            *outcome.faults.entry(kind.to_owned()).or_default() += 1;
+        }
+        world.apply(&step.event, &mut restart_at).map_err(|e| anyhow::anyhow!("at {step}: {e:#}"))?;
+    }
+    // Faults stop: everything comes back.
+    world.start_all()?;
+    check::settle_and_check(&mut world, &names, seed, &mut outcome)?;
+    world.stop_all();
+    Ok((outcome, timeline))
+}
+
+impl World {
+    fn node_of(&self, vm: usize) -> anyhow::Result<usize> {
+        let host = sim::Vm::open(&self.sim_root, &vm_name(vm))?.config.host.clone();
+        (0..self.agents.len())
+            .find(|&n| node_name(n) == host)
+            .ok_or_else(|| anyhow::anyhow!("VM on unknown host {host}"))
+    }
+
+    /// Waits (at most 3 s) until VM `vm` holds a snapshot: the moment a job's transfer starts.
+    fn wait_snapshot(&self, vm: usize) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if sim::Vm::open(&self.sim_root, &vm_name(vm)).is_ok_and(|v| v.config.snapshot.is_some()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn restart_due_agents(&mut self, restart_at: &mut BTreeMap<usize, Instant>, now: Instant) -> anyhow::Result<()> {
+        let due: Vec<usize> = restart_at.iter().filter(|(_, t)| **t <= now).map(|(n, _)| *n).collect();
+        for node in due {
+            restart_at.remove(&node);
+            self.agents[node].start()?;
+        }
+        Ok(())
+    }
+
+    /// Applies one event. Admin requests to a coordinator that is down are skipped (that is
+    /// the fault, not a failure of the harness).
+    fn apply(&mut self, event: &Event, restart_at: &mut BTreeMap<usize, Instant>) -> anyhow::Result<()> {
+        match *event {
+            Event::Churn { vm, blocks, seed } => {
+                sim::churn_bytes(&self.sim_root, &vm_name(vm), blocks << 20, seed)?;
+            }
+            Event::Backup { vm, sync } => self.backup(&vm_name(vm), sync),
+            Event::Check { vm } => self.check(&vm_name(vm)),
+            Event::BackupThenKillAgent { vm, delay_ms } => {
+                self.backup(&vm_name(vm), false);
+                self.wait_snapshot(vm);
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                let node = self.node_of(vm)?;
+                if self.agents[node].is_running() {
+                    self.agents[node].kill9();
+                    restart_at.insert(node, Instant::now() + Duration::from_secs(2));
+                }
+            }
+            Event::BackupThenKillCoordinator { vm, delay_ms } => {
+                self.backup(&vm_name(vm), false);
+                self.wait_snapshot(vm);
+                std::thread::sleep(Duration::from_millis(delay_ms));
+                self.coordinator.kill9();
+            }
+            Event::KillAgent { node } => self.agents[node].kill9(),
+            Event::StartAgent { node } => {
+                restart_at.remove(&node);
+                self.agents[node].start()?;
+            }
+            Event::KillCoordinator => self.coordinator.kill9(),
+            Event::StartCoordinator => self.start_coordinator()?,
+            Event::CrashHost { node } => {
+                self.agents[node].kill9();
+                sim::crash_host(&self.sim_root, &node_name(node))?;
+            }
+            Event::Migrate { vm, to, storage } => {
+                sim::migrate(&self.sim_root, &vm_name(vm), &node_name(to), storage)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,360 @@
+//! The processes of a chaos run: a coordinator and N agents, each a child process of the chaos
+//! executable's multi-call names (`x-coordinator`, `x-agent`: exactly the daemons' code),
+//! killed with real signals and started again; and admin requests that tolerate a coordinator
+//! that is down.
+
+use anyhow::{bail, Context as _};
+use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
+use bulwark_protocol::messages::{AdminRequest, AdminResponse, BackupKind, JobInfo, PolicySpec};
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One daemon process, restartable.
+pub struct Proc {
+    pub name: String,
+    exe: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(String, String)>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn new(name: &str, exe: &Path, args: Vec<OsString>, log: PathBuf) -> Self {
+        // The deliberately broken build reaches the agents through their environment.
+        let env =
+            std::env::var("BULWARK_SIM_BREAK").map(|v| vec![("BULWARK_SIM_BREAK".to_owned(), v)]).unwrap_or_default();
+        Self { name: name.to_owned(), exe: exe.to_owned(), args, env, log, child: None }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Starts the process unless it runs; its stderr is appended to its log.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let log = OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(&self.exe)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, as a crash: nothing is cleaned up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 15 s.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "TERM");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sends signal `sig` (`TERM`, …) with the `kill` command: this crate forbids `unsafe`.
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A chaos run's cluster.
+pub struct World {
+    pub dir: PathBuf,
+    pub sim_root: PathBuf,
+    pub data_dir: PathBuf,
+    pub coordinator: Proc,
+    pub agents: Vec<Proc>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn run_ok(exe: &Path, args: &[&OsString]) -> anyhow::Result<String> {
+    let out = Command::new(exe).args(args).output()?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", args, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn os(s: &str) -> OsString {
+    s.into()
+}
+
+impl World {
+    /// Initializes and starts a coordinator and `nodes` enrolled agents under `dir`.
+    pub fn start(exe: &Path, dir: &Path, nodes: usize) -> anyhow::Result<World> {
+        let data_dir = dir.join("coordinator");
+        let sim_root = dir.join("sim");
+        std::fs::create_dir_all(&sim_root)?;
+        let d = data_dir.clone().into_os_string();
+        run_ok(exe, &[&os("x-coordinator"), &os("init"), &os("--data-dir"), &d, &os("--listen"), &os("127.0.0.1:0")])?;
+        let coordinator = Proc::new(
+            "coordinator",
+            exe,
+            vec![os("x-coordinator"), os("serve"), os("--data-dir"), d.clone()],
+            dir.join("coordinator.log"),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let mut world =
+            World { dir: dir.to_owned(), sim_root: sim_root.clone(), data_dir, coordinator, agents: vec![], rt };
+        world.start_coordinator()?;
+        for n in 0..nodes {
+            let host = format!("node{}", n + 1);
+            let token = run_ok(
+                exe,
+                &[&os("x-coordinator"), &os("token"), &os("create"), &os("--data-dir"), &d, &os("--host"), &os(&host)],
+            )?;
+            let agent_dir = dir.join(format!("agent-{host}")).into_os_string();
+            run_ok(
+                exe,
+                &[
+                    &os("x-agent"),
+                    &os("enroll"),
+                    &os("--data-dir"),
+                    &agent_dir,
+                    &os("--token"),
+                    &os(&token),
+                    &os("--host"),
+                    &os(&host),
+                ],
+            )?;
+            let mut p = Proc::new(
+                &host,
+                exe,
+                vec![
+                    os("x-agent"),
+                    os("run"),
+                    os("--data-dir"),
+                    agent_dir,
+                    os("--sim-root"),
+                    sim_root.clone().into_os_string(),
+                ],
+                dir.join(format!("agent-{host}.log")),
+            );
+            p.start()?;
+            world.agents.push(p);
+        }
+        Ok(world)
+    }
+
+    /// Starts the coordinator (if down) and waits until it accepts admin connections.
+    pub fn start_coordinator(&mut self) -> anyhow::Result<()> {
+        if self.coordinator.is_running() {
+            return Ok(());
+        }
+        self.coordinator.start()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.ask(AdminRequest::Status).is_some() {
+                return Ok(());
+            }
+            if !self.coordinator.is_running() {
+                bail!("the coordinator exited at start; see {}", self.coordinator.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the coordinator did not answer within 30 s of its start")
+    }
+
+    /// Starts every process that is down.
+    pub fn start_all(&mut self) -> anyhow::Result<()> {
+        self.start_coordinator()?;
+        for a in &mut self.agents {
+            a.start()?;
+        }
+        Ok(())
+    }
+
+    /// Stops everything cleanly (SIGTERM).
+    pub fn stop_all(&mut self) {
+        for a in &mut self.agents {
+            a.stop();
+        }
+        self.coordinator.stop();
+    }
+
+    /// One admin request on a fresh connection; `None` when the coordinator is not reachable
+    /// (down, starting) or the request broke off.
+    pub fn ask(&self, req: AdminRequest) -> Option<AdminResponse> {
+        let target = AdminTarget::from_data_dir(&self.data_dir).ok()?;
+        self.rt.block_on(async {
+            let client = tokio::time::timeout(CONNECT_TIMEOUT, AdminClient::connect(&target)).await.ok()?.ok()?;
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req)).await.ok()?.ok();
+            client.close().await;
+            r
+        })
+    }
+
+    /// A request that must be answered: retried while the coordinator is unreachable.
+    pub fn must(&self, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(r) = self.ask(req.clone()) {
+                return Ok(r);
+            }
+            if Instant::now() > deadline {
+                bail!("the coordinator did not answer {req:?} for 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Streams a recovery point's disk into `file` (sized first).
+    pub fn recover_disk(&self, vm: &str, rp: &str, disk: &str, file: &Path) -> anyhow::Result<()> {
+        let target = AdminTarget::from_data_dir(&self.data_dir)?;
+        let req =
+            AdminRequest::RecoverDisk { vm: vm.into(), rp: rp.into(), disk: disk.into(), options: Default::default() };
+        self.rt.block_on(async {
+            let client = AdminClient::connect(&target).await?;
+            let (head, mut recv) = client.request_stream(req).await?;
+            let AdminResponse::DiskStream { size_bytes, block_size, .. } = head else {
+                bail!("unexpected answer {head:?}");
+            };
+            let f = std::fs::File::create(file)?;
+            f.set_len(size_bytes)?;
+            bulwark_coordinator::admin_client::receive_disk(&mut recv, size_bytes, block_size, &f).await?;
+            client.close().await;
+            Ok(())
+        })
+    }
+
+    pub fn backup(&self, vm: &str, sync: bool) {
+        let kind = if sync { BackupKind::Sync } else { BackupKind::ExpressFull };
+        let _ = self.ask(AdminRequest::Backup { vm: vm.into(), kind });
+    }
+
+    pub fn check(&self, vm: &str) {
+        let _ = self.ask(AdminRequest::ConsistencyCheck { vm: vm.into() });
+    }
+
+    pub fn vms(&self) -> anyhow::Result<Vec<bulwark_protocol::messages::VmSummary>> {
+        match self.must(AdminRequest::VmList)? {
+            AdminResponse::Vms(v) => Ok(v),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    pub fn jobs(&self, state: Option<&str>) -> anyhow::Result<Vec<JobInfo>> {
+        match self.must(AdminRequest::JobList { vm: None, state: state.map(Into::into) })? {
+            AdminResponse::Jobs(j) => Ok(j),
+            other => bail!("unexpected answer {other:?}"),
+        }
+    }
+
+    /// Polls until `f` holds or `timeout` passes (then an error naming `what`).
+    pub fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&World) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f(self)? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {} s waiting for {what}", timeout.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn wait_inventory(&self, names: &[String], timeout: Duration) -> anyhow::Result<()> {
+        self.wait("every VM in the inventory", timeout, |w| {
+            let vms = w.vms()?;
+            Ok(names.iter().all(|n| vms.iter().any(|v| &v.name == n)))
+        })
+    }
+
+    /// One group with every VM: no schedules (the harness drives backups), checks whenever a
+    /// replica is inconsistent, initial replicas now.
+    pub fn protect(&self, names: &[String]) -> anyhow::Result<()> {
+        let policy = PolicySpec {
+            sync_every_secs: None,
+            recovery_points: vec![],
+            express_full_before_rp: false,
+            retention_secs: 30 * 86_400,
+            cc_when_inconsistent: true,
+            cc_at: None,
+            replica_creation: "now".into(),
+            block_size: 1 << 20,
+        };
+        match self.must(AdminRequest::GroupCreate { name: "chaos".into(), vms: names.to_vec(), policy })? {
+            AdminResponse::Group(_) => Ok(()),
+            other => bail!("cannot create the group: {other:?}"),
+        }
+    }
+
+    pub fn wait_replicas_consistent(&self, names: &[String], timeout: Duration) -> anyhow::Result<()> {
+        self.wait("every replica consistent", timeout, |w| {
+            let vms = w.vms()?;
+            Ok(names.iter().all(|n| vms.iter().any(|v| &v.name == n && v.replica_state == "consistent")))
+        })
+    }
+
+    /// Runs a job to its end: `Ok(job)` whatever its outcome, retried while the coordinator
+    /// cannot be reached.
+    pub fn run_job(&self, req: AdminRequest) -> anyhow::Result<JobInfo> {
+        let id = match self.must(req)? {
+            AdminResponse::JobStarted { job_id } => job_id,
+            AdminResponse::Job(j) => return Ok(j),
+            other => bail!("unexpected answer {other:?}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let AdminResponse::Job(j) = self.must(AdminRequest::JobShow { id })? {
+                if matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled") {
+                    return Ok(j);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("job {id} did not end within 300 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Every log of the run, with its name.
+    pub fn logs(&self) -> Vec<(String, String)> {
+        std::iter::once(&self.coordinator)
+            .chain(self.agents.iter())
+            .map(|p| (p.name.clone(), std::fs::read_to_string(&p.log).unwrap_or_default()))
+            .collect()
+    }
+}
