@@ -143,11 +143,12 @@ impl std::fmt::Debug for Vm {
 }
 
 /// Whether this process plays the chaos harness's deliberately broken build
-/// (`BULWARK_SIM_BREAK=lose-changes-on-abandon`): a snapshot given up without a commit drops
-/// its changes instead of merging them back. Only the sim has it; it exists so a test can show
-/// that the harness catches a lost change (simulations/tests/chaos.rs).
+/// (`BULWARK_SIM_BREAK=write-through-snapshot`): guest writes made while a snapshot is held go
+/// straight into the image the snapshot reads, so a backup can see data from after its
+/// snapshot point. Only the sim has it; it exists so a test can show that the harness catches
+/// a recovery point that is not the guest's view at one moment (simulations/tests/chaos.rs).
 fn broken_build() -> bool {
-    std::env::var("BULWARK_SIM_BREAK").is_ok_and(|v| v == "lose-changes-on-abandon")
+    std::env::var("BULWARK_SIM_BREAK").is_ok_and(|v| v == "write-through-snapshot")
 }
 
 /// The directory under a sim root whose presence turns ground-truth recording on.
@@ -289,7 +290,7 @@ impl Vm {
         let mut live = self.load_bitmap(&bitmap_path, size)?;
         live.mark(offset, data.len() as u64);
         live.save(&bitmap_path).map_err(io(&bitmap_path))?;
-        let target = if self.config.snapshot.is_some() {
+        let target = if self.config.snapshot.is_some() && !broken_build() {
             self.copy_up(disk, size, offset, end)?;
             self.overlay(disk)
         } else {
@@ -596,11 +597,6 @@ impl Vm {
     pub fn abandon(&mut self) -> Result<(), SimError> {
         for d in self.config.disks.clone() {
             let frozen_path = self.frozen(&d.name);
-            if broken_build() {
-                // The deliberately broken build of the chaos harness: the changes are lost.
-                let _ = std::fs::remove_file(&frozen_path);
-                continue;
-            }
             let Some(frozen) = DirtyBitmap::load(&frozen_path).map_err(io(&frozen_path))? else { continue };
             let live_path = self.bitmap(&d.name);
             let mut live = self.load_bitmap(&live_path, d.size)?;

@@ -17,6 +17,7 @@ pub mod procs;
 pub mod schedule;
 
 use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power};
+use bulwark_protocol::messages::{AdminRequest, AdminResponse, BackupKind};
 use procs::World;
 use schedule::{Event, Scenario, Timed};
 use serde::Serialize;
@@ -165,6 +166,7 @@ pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOut
         if let Some(kind) = step.event.fault_kind() {
             *outcome.faults.entry(kind.to_owned()).or_default() += 1;
         }
+        eprintln!("chaos: seed {seed}: {step}");
         world.apply(&step.event, &mut restart_at).map_err(|e| anyhow::anyhow!("at {step}: {e:#}"))?;
     }
     // Faults stop: everything comes back.
@@ -211,6 +213,36 @@ impl World {
             }
             Event::Backup { vm, sync } => self.backup(&vm_name(vm), sync),
             Event::Check { vm } => self.check(&vm_name(vm)),
+            Event::BackupUnderLoad { vm, seed } => {
+                // The guest rewrites its whole disk, pass after pass, while the backup runs.
+                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let writer = {
+                    let (root, name, stop) = (self.sim_root.clone(), vm_name(vm), stop.clone());
+                    std::thread::spawn(move || -> anyhow::Result<u64> {
+                        let mut passes = 0;
+                        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            sim::churn(&root, &name, 100.0, seed.wrapping_add(passes))?;
+                            passes += 1;
+                        }
+                        Ok(passes)
+                    })
+                };
+                let job = match self.ask(AdminRequest::Backup { vm: vm_name(vm), kind: BackupKind::ExpressFull }) {
+                    Some(AdminResponse::JobStarted { job_id }) => Some(job_id),
+                    _ => None,
+                };
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while let Some(id) = job {
+                    let ended = matches!(self.ask(AdminRequest::JobShow { id }),
+                        Some(AdminResponse::Job(j)) if matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled"));
+                    if ended || Instant::now() > deadline {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                writer.join().map_err(|_| anyhow::anyhow!("the guest writer panicked"))??;
+            }
             Event::BackupThenKillAgent { vm, delay_ms } => {
                 self.backup(&vm_name(vm), false);
                 self.wait_snapshot(vm);

@@ -45,6 +45,12 @@ pub enum Event {
         vm: usize,
         sync: bool,
     },
+    /// An express full while the guest rewrites its whole disk again and again (none of what
+    /// it writes after the snapshot point may reach that recovery point).
+    BackupUnderLoad {
+        vm: usize,
+        seed: u64,
+    },
     /// A consistency check now.
     Check {
         vm: usize,
@@ -84,7 +90,7 @@ impl Event {
     /// The fault's kind in the summary, or `None` for workload.
     pub fn fault_kind(&self) -> Option<&'static str> {
         match self {
-            Event::Churn { .. } | Event::Backup { .. } | Event::Check { .. } => None,
+            Event::Churn { .. } | Event::Backup { .. } | Event::BackupUnderLoad { .. } | Event::Check { .. } => None,
             Event::StartAgent { .. } | Event::StartCoordinator => None,
             Event::BackupThenKillAgent { .. } => Some("kill_agent_mid_backup"),
             Event::BackupThenKillCoordinator { .. } => Some("kill_coordinator_mid_backup"),
@@ -141,10 +147,11 @@ pub fn schedule(seed: u64, scenario: Scenario, nodes: usize, vms: usize, duratio
             coordinator_back_at = None;
         }
         let vm = rng.gen_range(0..vms);
-        let event = match rng.gen_range(0..10) {
+        let event = match rng.gen_range(0..11) {
             0..=3 => Event::Churn { vm, blocks: rng.gen_range(1..8), seed: rng.gen() },
             4 | 5 => Event::Backup { vm, sync: rng.gen_bool(0.2) },
             6 => Event::Check { vm },
+            7 => Event::BackupUnderLoad { vm, seed: rng.gen() },
             _ => {
                 let node = rng.gen_range(0..nodes);
                 let back = t + rng.gen_range(1000..4000);
