@@ -4,16 +4,18 @@
 //! one protection group with their initial replicas; then the seed's [`schedule`] of guest
 //! churn, backups and checks interleaved with faults — SIGKILL of agents and of the
 //! coordinator at random moments and mid-backup, host power losses, live and storage
-//! migrations; then every stopped process is started again, the replicas are brought back to
+//! migrations, partitions, packet loss and delay between an agent and the coordinator (each
+//! agent dials the coordinator through its own [`proxy`]); then every stopped process is started again, the replicas are brought back to
 //! `consistent`, each VM gets a final express full, and the invariants of [`check`] are
 //! checked. The same seed replays the same schedule; a violation prints the seed and the
 //! timeline.
 //!
-//! Modules: [`schedule`] (the seeded timeline), [`procs`] (the processes), [`check`] (the
-//! invariants), this file (one run and a sweep of seeds).
+//! Modules: [`schedule`] (the seeded timeline), [`procs`] (the processes), [`proxy`] (the UDP
+//! fault proxy), [`check`] (the invariants), this file (one run and a sweep of seeds).
 
 pub mod check;
 pub mod procs;
+pub mod proxy;
 pub mod schedule;
 
 use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power};
@@ -158,6 +160,7 @@ pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOut
         loop {
             let now = Instant::now();
             world.restart_due_agents(&mut restart_at, now)?;
+            world.heal_due(now);
             if now >= due {
                 break;
             }
@@ -170,6 +173,7 @@ pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOut
         world.apply(&step.event, &mut restart_at).map_err(|e| anyhow::anyhow!("at {step}: {e:#}"))?;
     }
     // Faults stop: everything comes back.
+    world.heal_due(Instant::now() + Duration::from_secs(86_400));
     world.start_all()?;
     check::settle_and_check(&mut world, &names, seed, &mut outcome)?;
     world.stop_all();
@@ -192,6 +196,15 @@ impl World {
                 return;
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Ends the network faults that are over by `now`.
+    fn heal_due(&mut self, now: Instant) {
+        let due: Vec<usize> = self.heal_at.iter().filter(|(_, t)| **t <= now).map(|(n, _)| *n).collect();
+        for node in due {
+            self.heal_at.remove(&node);
+            self.proxies[node].set(proxy::Faults::default());
         }
     }
 
@@ -269,6 +282,15 @@ impl World {
             Event::CrashHost { node } => {
                 self.agents[node].kill9();
                 sim::crash_host(&self.sim_root, &node_name(node))?;
+            }
+            Event::Network { node, loss_percent, delay_ms, ms } => {
+                let faults = proxy::Faults {
+                    partitioned: loss_percent >= 100,
+                    loss: f64::from(loss_percent) / 100.0,
+                    delay: Duration::from_millis(delay_ms),
+                };
+                self.proxies[node].set(faults);
+                self.heal_at.insert(node, Instant::now() + Duration::from_millis(ms));
             }
             Event::Migrate { vm, to, storage } => {
                 sim::migrate(&self.sim_root, &vm_name(vm), &node_name(to), storage)?;

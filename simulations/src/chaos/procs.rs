@@ -100,6 +100,10 @@ pub struct World {
     pub data_dir: PathBuf,
     pub coordinator: Proc,
     pub agents: Vec<Proc>,
+    /// One UDP fault proxy per agent, in front of the coordinator.
+    pub proxies: Vec<super::proxy::Proxy>,
+    /// When each node's network fault ends.
+    pub heal_at: std::collections::BTreeMap<usize, Instant>,
     rt: tokio::runtime::Runtime,
 }
 
@@ -130,9 +134,21 @@ impl World {
             dir.join("coordinator.log"),
         );
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let mut world =
-            World { dir: dir.to_owned(), sim_root: sim_root.clone(), data_dir, coordinator, agents: vec![], rt };
+        let mut world = World {
+            dir: dir.to_owned(),
+            sim_root: sim_root.clone(),
+            data_dir,
+            coordinator,
+            agents: vec![],
+            proxies: vec![],
+            heal_at: Default::default(),
+            rt,
+        };
         world.start_coordinator()?;
+        let coordinator_addr: std::net::SocketAddr = std::fs::read_to_string(world.data_dir.join("coordinator.addr"))?
+            .trim()
+            .parse()
+            .context("coordinator.addr")?;
         for n in 0..nodes {
             let host = format!("node{}", n + 1);
             let token = run_ok(
@@ -153,6 +169,22 @@ impl World {
                     &os(&host),
                 ],
             )?;
+            // The agent dials the coordinator through its own fault proxy.
+            let proxy = super::proxy::Proxy::start(coordinator_addr)?;
+            let config = Path::new(&agent_dir).join("agent.toml");
+            let text = std::fs::read_to_string(&config)?;
+            let text: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("coordinator = ") {
+                        format!("coordinator = \"{}\"", proxy.addr)
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect();
+            std::fs::write(&config, text.join("\n") + "\n")?;
+            world.proxies.push(proxy);
             let mut p = Proc::new(
                 &host,
                 exe,

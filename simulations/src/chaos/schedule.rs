@@ -17,6 +17,8 @@ pub enum Scenario {
     Coordinator,
     /// Host power losses (tracking lost, agent killed) and live and storage migrations.
     Hosts,
+    /// Partitions, packet loss and delay between an agent and the coordinator.
+    Network,
 }
 
 impl Scenario {
@@ -26,7 +28,8 @@ impl Scenario {
             "agents" => Ok(Scenario::Agents),
             "coordinator" => Ok(Scenario::Coordinator),
             "hosts" => Ok(Scenario::Hosts),
-            other => Err(format!("unknown scenario {other:?} (known: mixed, agents, coordinator, hosts)")),
+            "network" => Ok(Scenario::Network),
+            other => Err(format!("unknown scenario {other:?} (known: mixed, agents, coordinator, hosts, network)")),
         }
     }
 }
@@ -78,6 +81,14 @@ pub enum Event {
     CrashHost {
         node: usize,
     },
+    /// Network trouble between a node's agent and the coordinator for `ms`: everything dropped
+    /// (`loss_percent` 100), a share dropped, or every datagram delayed by `delay_ms`.
+    Network {
+        node: usize,
+        loss_percent: u8,
+        delay_ms: u64,
+        ms: u64,
+    },
     /// Live migration (with `storage`: tracking resets).
     Migrate {
         vm: usize,
@@ -99,6 +110,9 @@ impl Event {
             Event::CrashHost { .. } => Some("crash_host"),
             Event::Migrate { storage: false, .. } => Some("migrate"),
             Event::Migrate { storage: true, .. } => Some("migrate_storage"),
+            Event::Network { loss_percent: 100, .. } => Some("partition"),
+            Event::Network { delay_ms: 1.., .. } => Some("delay"),
+            Event::Network { .. } => Some("packet_loss"),
         }
     }
 }
@@ -125,10 +139,13 @@ pub fn schedule(seed: u64, scenario: Scenario, nodes: usize, vms: usize, duratio
     let mut coordinator_back_at: Option<u64> = None;
     let mut t = 0u64;
     let faults: &[&str] = match scenario {
-        Scenario::Mixed => &["kill_agent", "kill_agent_mid", "kill_coord", "kill_coord_mid", "crash", "migrate"],
+        Scenario::Mixed => {
+            &["kill_agent", "kill_agent_mid", "kill_coord", "kill_coord_mid", "crash", "migrate", "network"]
+        }
         Scenario::Agents => &["kill_agent", "kill_agent_mid", "kill_agent_mid"],
         Scenario::Coordinator => &["kill_coord", "kill_coord_mid", "kill_coord_mid"],
         Scenario::Hosts => &["crash", "migrate", "migrate"],
+        Scenario::Network => &["network"],
     };
     loop {
         t += rng.gen_range(300..1500);
@@ -182,6 +199,14 @@ pub fn schedule(seed: u64, scenario: Scenario, nodes: usize, vms: usize, duratio
                     "kill_coord_mid" => {
                         coordinator_back_at = Some(back);
                         Event::BackupThenKillCoordinator { vm, delay_ms: rng.gen_range(0..60) }
+                    }
+                    "network" => {
+                        let ms = rng.gen_range(500..8000);
+                        match rng.gen_range(0..3) {
+                            0 => Event::Network { node, loss_percent: 100, delay_ms: 0, ms },
+                            1 => Event::Network { node, loss_percent: rng.gen_range(5..40), delay_ms: 0, ms },
+                            _ => Event::Network { node, loss_percent: 0, delay_ms: rng.gen_range(20..400), ms },
+                        }
                     }
                     _ => Event::Migrate { vm, to: rng.gen_range(0..nodes), storage: rng.gen_bool(0.25) },
                 }
@@ -246,6 +271,9 @@ mod tests {
         assert!(kinds(Scenario::Agents).iter().all(|k| k.starts_with("kill_agent")));
         assert!(kinds(Scenario::Coordinator).iter().all(|k| k.starts_with("kill_coordinator")));
         assert!(kinds(Scenario::Hosts).iter().all(|k| ["crash_host", "migrate", "migrate_storage"].contains(k)));
+        let net = kinds(Scenario::Network);
+        assert!(net.iter().all(|k| ["partition", "packet_loss", "delay"].contains(k)));
+        assert!(["partition", "packet_loss", "delay"].iter().all(|k| net.contains(k)), "{net:?}");
         assert!(kinds(Scenario::Mixed).len() > 50);
     }
 }
