@@ -227,6 +227,13 @@ impl World {
             Event::Backup { vm, sync } => self.backup(&vm_name(vm), sync),
             Event::Check { vm } => self.check(&vm_name(vm)),
             Event::BackupUnderLoad { vm, seed } => {
+                // An express full needs a consistent replica: check it first if it is not, so
+                // that this backup really runs (and makes a recovery point) under load.
+                if let Some(AdminResponse::Vms(v)) = self.ask(AdminRequest::VmList) {
+                    if v.iter().any(|x| x.name == vm_name(vm) && x.replica_state == "inconsistent") {
+                        let _ = self.run_job(AdminRequest::ConsistencyCheck { vm: vm_name(vm) });
+                    }
+                }
                 // The guest rewrites its whole disk, pass after pass, while the backup runs.
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let writer = {
