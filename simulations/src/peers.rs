@@ -174,29 +174,6 @@ impl PeerRepo {
             bytes_stored: bulwark_coordinator::server::admin::dir_size(&self.repo).saturating_sub(before),
         })
     }
-
-    /// Restores the newest backup into `target` and returns the seconds it took.
-    pub fn restore(&self, target: &Path) -> anyhow::Result<f64> {
-        std::fs::create_dir_all(target)?;
-        crate::limits::drop_caches();
-        let mut c = self.command();
-        match self.peer {
-            Peer::Restic => c.args(["restore", "latest", "--repo"]).arg(&self.repo).arg("--target").arg(target),
-            Peer::Borg => {
-                c.current_dir(target).arg("extract").arg(format!("{}::run{}", self.repo.display(), self.runs))
-            }
-        };
-        let t = Instant::now();
-        run_quiet(&mut c, "restore")?;
-        Ok(t.elapsed().as_secs_f64())
-    }
-
-    /// The file a restore into `target` produced for `image`.
-    pub fn restored_path(&self, target: &Path, image: &Path) -> PathBuf {
-        let name = image.file_name().map(PathBuf::from).unwrap_or_default();
-        // Both tools recreate the absolute source path under the target (borg without its "/").
-        target.join(self.source.strip_prefix("/").unwrap_or(&self.source)).join(name)
-    }
 }
 
 fn run_quiet(c: &mut Command, what: &str) -> anyhow::Result<()> {

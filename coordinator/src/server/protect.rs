@@ -21,6 +21,14 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, String> + Sen
     tokio::task::spawn_blocking(f).await.map_err(|e| e.to_string())?
 }
 
+/// `Err` unless `host` is enrolled and not revoked: where a recovery may write.
+fn enrolled_host(catalog: &Catalog, host: &str) -> Result<(), String> {
+    if catalog.agent(host).map_err(|e| e.to_string())?.is_none_or(|a| a.revoked) {
+        return Err(format!("{host} is not an enrolled host"));
+    }
+    Ok(())
+}
+
 /// `none`, `creating`, `consistent`, `inconsistent` and why.
 pub fn replica_state(catalog: &Catalog, vm: &str) -> Result<(String, Option<String>), String> {
     let replicas = catalog.replicas_of(vm).map_err(|e| e.to_string())?;
@@ -544,9 +552,7 @@ pub async fn recover(
                 }
             }
             Some(host) => {
-                if catalog.agent(host).map_err(|e| e.to_string())?.is_none_or(|a| a.revoked) {
-                    return Err(format!("{host} is not an enrolled host"));
-                }
+                enrolled_host(&catalog, host)?;
                 let new = n.clone().unwrap_or_else(|| format!("{v}-restored"));
                 bulwark_protocol::VmId::new(new.clone()).map_err(|e| format!("--name: {e}"))?;
                 if catalog.vm(&new).map_err(|e| e.to_string())?.is_some() {
@@ -680,9 +686,7 @@ pub async fn recover_items_to_host(state: &Arc<State>, req: ItemsToHost) -> Admi
     let (v, r, d, h) = (vm.clone(), rp.clone(), disk.clone(), host.clone());
     let checked = blocking(move || {
         let (point, _) = rp_disk(&catalog, &v, &r, &d)?;
-        if catalog.agent(&h).map_err(|e| e.to_string())?.is_none_or(|a| a.revoked) {
-            return Err(format!("{h} is not an enrolled host"));
-        }
+        enrolled_host(&catalog, &h)?;
         Ok(point.id)
     })
     .await;
