@@ -57,8 +57,25 @@ pub enum Command {
         #[arg(long)]
         data_dir: PathBuf,
         /// Use the sim hypervisor on this storage root.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "qemu_vm_dir")]
         sim_root: Option<PathBuf>,
+        /// Use the QEMU backend with the VM definitions in this directory.
+        #[arg(long)]
+        qemu_vm_dir: Option<PathBuf>,
+    },
+    /// The QEMU backend's tools.
+    Qemu {
+        #[command(subcommand)]
+        command: QemuCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QemuCommand {
+    /// Validate every VM definition in DIR and probe its sockets (exit 1, one line per problem).
+    Check {
+        #[arg(long)]
+        vm_dir: PathBuf,
     },
 }
 
@@ -372,9 +389,22 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Seed { command: SeedCommand::Export { vm, output, data_dir, sim_root } } => {
             seed_export(&vm, &output, data_dir, sim_root)
         }
-        Command::Run { data_dir, sim_root } => actix_rt::System::new()
-            .block_on(run(AgentDir::new(data_dir), RunOptions { sim_root }, shutdown_signal()))
+        Command::Run { data_dir, sim_root, qemu_vm_dir } => actix_rt::System::new()
+            .block_on(run(AgentDir::new(data_dir), RunOptions { sim_root, qemu_vm_dir }, shutdown_signal()))
             .map_err(Into::into),
+        Command::Qemu { command: QemuCommand::Check { vm_dir } } => match crate::qemu::defs::check_dir(&vm_dir) {
+            Ok(problems) if problems.is_empty() => {
+                println!("{}: every VM definition is valid", vm_dir.display());
+                Ok(())
+            }
+            Ok(problems) => {
+                for p in &problems {
+                    println!("{p}");
+                }
+                return ExitCode::from(1);
+            }
+            Err(e) => Err(e.into()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,12 +7,18 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HypervisorConfig {
-    /// `sim` (the embedded simulator) or `none` (no VMs yet).
+    /// `sim` (the embedded simulator), `qemu` (real QEMU/KVM VMs) or `none` (no VMs yet).
     #[serde(default = "default_kind")]
     pub kind: String,
     /// The sim's shared storage root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<PathBuf>,
+    /// The QEMU backend's VM definitions (one `NAME.toml` per VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_dir: Option<PathBuf>,
+    /// Where restores to new QEMU VMs write images and definitions (default `vm_dir/restored`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_dir: Option<PathBuf>,
 }
 
 fn default_kind() -> String {

@@ -121,7 +121,7 @@ pub async fn enroll(dir: &AgentDir, token_text: &str, host: Option<String>) -> R
         host: host.to_string(),
         coordinator: token.addr.clone(),
         coordinator_name: coordinator,
-        hypervisor: HypervisorConfig { kind: "none".into(), root: None },
+        hypervisor: HypervisorConfig { kind: "none".into(), ..Default::default() },
     };
     let write = |path: PathBuf, body: &[u8], mode: u32| {
         write_atomic(&path, body, mode).map_err(|source| EnrollError::Write { path, source })

@@ -9,6 +9,7 @@
 //! - [`uplink`]: the uplink actor and its session logic.
 //! - [`sim`]: the embedded sim hypervisor (VMs, tracked writes, snapshots, overlays).
 //! - [`backend`]: the hypervisor backend trait, and the sim's implementation.
+//! - [`qemu`]: the QEMU/KVM backend (QMP, fleecing, NBD, dirty bitmaps, guest agent).
 //! - [`snapshot`]: the snapshot actor (VSS sequence, freeze bound, lease).
 //! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
 //! - [`job`]: one job end to end: snapshot, transfer streams, verdict, release.
@@ -27,6 +28,7 @@ pub mod enroll;
 pub mod inventory;
 pub mod items_writer;
 pub mod job;
+pub mod qemu;
 pub mod reader;
 pub mod run;
 pub mod seed;

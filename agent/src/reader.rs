@@ -49,14 +49,29 @@ pub fn read_blocks(
     block_size: usize,
     indices: impl IntoIterator<Item = u64> + Send,
     hasher: &ChunkHasher,
-    mut sink: impl FnMut(ReadBlock<'_>) -> Result<(), String>,
+    sink: impl FnMut(ReadBlock<'_>) -> Result<(), String>,
 ) -> Result<ReadStats, ReadError> {
-    bulwark_protocol::block::check_block_size(block_size).map_err(|_| ReadError::BlockSize(block_size))?;
     let file =
         File::open(image).map_err(|source| ReadError::Io { path: image.display().to_string(), offset: 0, source })?;
+    let path = image.display().to_string();
+    read_blocks_from(&path, size, block_size, indices, hasher, sink, |buf, offset| file.read_exact_at(buf, offset))
+}
+
+/// [`read_blocks`] from any source that reads exactly `buf.len()` bytes at an offset (an NBD
+/// export, say); `what` names it in errors.
+pub fn read_blocks_from(
+    what: &str,
+    size: u64,
+    block_size: usize,
+    indices: impl IntoIterator<Item = u64> + Send,
+    hasher: &ChunkHasher,
+    mut sink: impl FnMut(ReadBlock<'_>) -> Result<(), String>,
+    mut read_at: impl FnMut(&mut [u8], u64) -> std::io::Result<()> + Send,
+) -> Result<ReadStats, ReadError> {
+    bulwark_protocol::block::check_block_size(block_size).map_err(|_| ReadError::BlockSize(block_size))?;
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(BATCH);
     let bs = block_size as u64;
-    let path = image.display().to_string();
+    let path = what.to_owned();
     // Batches travel reader → hasher in a channel of one; spent buffers come back for reuse.
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Batch, ReadError>>(1);
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
@@ -74,7 +89,7 @@ pub fn read_blocks(
                 for (k, &index) in batch.iter().enumerate() {
                     let offset = index * bs;
                     let len = bs.min(size - offset) as usize;
-                    if let Err(source) = file.read_exact_at(&mut bufs[k][..len], offset) {
+                    if let Err(source) = read_at(&mut bufs[k][..len], offset) {
                         let _ = full_tx.send(Err(ReadError::Io { path: path.clone(), offset, source }));
                         return;
                     }

@@ -2,6 +2,7 @@
 
 use crate::backend::{Hypervisor, SimBackend};
 use crate::config::{read_text, AgentConfig, AgentConfigError, AgentDir};
+use crate::qemu::QemuBackend;
 use crate::uplink::{Hosting, Shutdown, Uplink};
 use actix::prelude::*;
 use bulwark_pki::{quic, tls};
@@ -27,6 +28,8 @@ pub enum RunError {
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     pub sim_root: Option<PathBuf>,
+    /// Use the QEMU backend on this VM directory (overrides agent.toml).
+    pub qemu_vm_dir: Option<PathBuf>,
 }
 
 /// The quinn client config of an enrolled agent.
@@ -49,6 +52,10 @@ pub async fn run(
         config.hypervisor.kind = "sim".into();
         config.hypervisor.root = Some(root);
     }
+    if let Some(vm_dir) = opts.qemu_vm_dir {
+        config.hypervisor.kind = "qemu".into();
+        config.hypervisor.vm_dir = Some(vm_dir);
+    }
     let client = client_config(&dir)?;
     let bind = match config.coordinator.parse::<std::net::SocketAddr>() {
         Ok(a) => quic::client_bind_addr(a),
@@ -68,6 +75,19 @@ pub async fn run(
             Some(Arc::new(SimBackend { root }))
         }
         ("sim", None) => return Err(RunError::Invalid("the sim hypervisor needs a storage root (--sim-root)".into())),
+        ("qemu", _) => {
+            let vm_dir = config.hypervisor.vm_dir.clone().ok_or_else(|| {
+                RunError::Invalid("the qemu hypervisor needs vm_dir in agent.toml (or --qemu-vm-dir)".into())
+            })?;
+            let qemu = QemuBackend::new(vm_dir, config.hypervisor.restore_dir.clone(), dir.root.join("qemu"))
+                .map_err(|e| RunError::Invalid(e.to_string()))?;
+            // A killed run's leftovers: thaw, resume, tear down, merge the bits back.
+            let cleaned = qemu.cleanup_orphans().map_err(|e| RunError::Invalid(e.to_string()))?;
+            if !cleaned.is_empty() {
+                tracing::warn!(vms = ?cleaned, "cleaned snapshots an earlier run left behind (VMs resumed, changes kept)");
+            }
+            Some(Arc::new(qemu))
+        }
         (other, _) => {
             tracing::warn!(kind = other, "no hypervisor backend of this kind in this build: the agent serves no VMs");
             None

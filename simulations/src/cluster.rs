@@ -42,7 +42,7 @@ fn coordinator(dir: DataDir) -> Daemon {
 
 fn agent(dir: AgentDir, sim_root: &Path) -> Daemon {
     let (tx, rx) = oneshot::channel::<()>();
-    let opts = bulwark_agent::run::RunOptions { sim_root: Some(sim_root.to_owned()) };
+    let opts = bulwark_agent::run::RunOptions { sim_root: Some(sim_root.to_owned()), qemu_vm_dir: None };
     let thread = std::thread::spawn(move || {
         let r = actix_rt::System::new().block_on(bulwark_agent::run::run(dir, opts, async {
             let _ = rx.await;

@@ -1,0 +1,237 @@
+//! The QEMU backend's VM definitions: one `NAME.toml` per VM in the `vm_dir` (CONTRACT, "The
+//! QEMU/KVM backend"), and `bulwark-agent qemu check`, which validates them and probes sockets.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// One disk of a QEMU VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskDef {
+    /// The disk's name in Bulwark.
+    pub name: String,
+    /// The QEMU block node name (`-blockdev node-name=…`) of the image's format node.
+    pub node: String,
+    /// The qdev id of the guest device (`-device …,id=…`).
+    pub device: String,
+    /// The image file.
+    pub path: PathBuf,
+    /// `qcow2` (persistent dirty bitmaps) or `raw`.
+    pub format: String,
+}
+
+/// `NAME.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmDef {
+    pub name: String,
+    /// QEMU's QMP unix socket; absent or silent means the VM is off.
+    pub qmp: PathBuf,
+    /// The qemu-guest-agent chardev socket, if the guest has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<PathBuf>,
+    /// `linux` or `windows`.
+    #[serde(default = "default_os")]
+    pub os: String,
+    /// The guest's fsfreeze hooks quiesce its applications (the snapshot is then `app`).
+    #[serde(default)]
+    pub app_hooks: bool,
+    /// Where point-in-time fleecing images go (default: the agent's state directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleece_dir: Option<PathBuf>,
+    /// Opaque VM configuration kept with each recovery point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+    /// A host command run before the snapshot (`sh -c`); failing lowers consistency to crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_snapshot: Option<String>,
+    /// A host command run after the snapshot point (`sh -c`); its failure is logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_snapshot: Option<String>,
+    /// Bound on each hook, in seconds (default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook_timeout_secs: Option<u64>,
+    pub disks: Vec<DiskDef>,
+}
+
+fn default_os() -> String {
+    "linux".to_owned()
+}
+
+/// Why a definition is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum DefError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A name that is safe as a file-name part and a QEMU node-name part.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !s.starts_with('.')
+}
+
+impl VmDef {
+    /// Parses and validates one definition.
+    pub fn load(path: &Path) -> Result<VmDef, DefError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DefError::Read { path: path.to_owned(), source })?;
+        let invalid = |message: String| DefError::Invalid { path: path.to_owned(), message };
+        let def: VmDef = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        def.validate().map_err(invalid)?;
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if stem != def.name {
+            return Err(invalid(format!("the file must be named after the VM: {}.toml", def.name)));
+        }
+        Ok(def)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !valid_name(&self.name) {
+            return Err(format!("VM name {:?}: use letters, digits, '-', '_' and '.'", self.name));
+        }
+        if !matches!(self.os.as_str(), "linux" | "windows") {
+            return Err(format!("os {:?}: use linux or windows", self.os));
+        }
+        if self.disks.is_empty() {
+            return Err("no [[disks]]".into());
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if !valid_name(&d.name) {
+                return Err(format!("disk name {:?}: use letters, digits, '-', '_' and '.'", d.name));
+            }
+            if self.disks[..i].iter().any(|o| o.name == d.name || o.node == d.node || o.device == d.device) {
+                return Err(format!("disk {:?}: name, node and device must each be unique", d.name));
+            }
+            if d.node.is_empty() || d.device.is_empty() {
+                return Err(format!("disk {:?}: node and device are required", d.name));
+            }
+            if !matches!(d.format.as_str(), "qcow2" | "raw") {
+                return Err(format!("disk {:?}: format {:?}: use qcow2 or raw", d.name, d.format));
+            }
+            if !d.path.is_absolute() {
+                return Err(format!("disk {:?}: path {} must be absolute", d.name, d.path.display()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn disk(&self, name: &str) -> Option<&DiskDef> {
+        self.disks.iter().find(|d| d.name == name)
+    }
+
+    /// The hook bound.
+    pub fn hook_timeout(&self) -> Duration {
+        Duration::from_secs(self.hook_timeout_secs.unwrap_or(60).clamp(1, 3600))
+    }
+}
+
+/// Every `*.toml` of `dir`, parsed; unusable files come back as errors beside the good ones.
+pub fn load_dir(dir: &Path) -> Result<Vec<Result<VmDef, DefError>>, DefError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| DefError::Read { path: dir.to_owned(), source })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    paths.sort();
+    Ok(paths.iter().map(|p| VmDef::load(p)).collect())
+}
+
+/// `bulwark-agent qemu check`: one line per problem (empty: all good). Sockets that do not
+/// answer are not problems (the VM is off) unless they exist and refuse to speak QMP.
+pub fn check_dir(dir: &Path) -> Result<Vec<String>, DefError> {
+    let mut problems = vec![];
+    let mut seen: Vec<(String, PathBuf)> = vec![];
+    for def in load_dir(dir)? {
+        let def = match def {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        for d in &def.disks {
+            if let Some((other, _)) = seen.iter().find(|(_, p)| *p == d.path) {
+                problems.push(format!("{}: disk {} uses {}, as {other} does", def.name, d.name, d.path.display()));
+            }
+            seen.push((def.name.clone(), d.path.clone()));
+            if !d.path.is_file() {
+                problems.push(format!("{}: disk {}: no image at {}", def.name, d.name, d.path.display()));
+            }
+        }
+        if def.qmp.exists() {
+            match super::qmp::Qmp::connect(&def.qmp, Duration::from_secs(5)) {
+                Ok(mut q) => {
+                    if let Err(e) = super::graph_matches(&mut q, &def) {
+                        problems.push(format!("{}: {e}", def.name));
+                    }
+                }
+                Err(super::qmp::QmpError::Connect { .. }) => {} // a stale socket of a VM that is off
+                Err(e) => problems.push(format!("{}: {e}", def.name)),
+            }
+        }
+        if let Some(ga) = &def.guest_agent {
+            if !ga.exists() && def.qmp.exists() {
+                problems.push(format!("{}: guest agent socket {} does not exist", def.name, ga.display()));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn definitions_are_validated_with_clear_reasons() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = "name = \"web1\"\nqmp = \"/run/web1.qmp\"\n[[disks]]\nname = \"os\"\nnode = \"disk0\"\ndevice = \"vda\"\npath = \"/v/web1.qcow2\"\nformat = \"qcow2\"\n";
+        let def = VmDef::load(&write(dir.path(), "web1.toml", good)).unwrap();
+        assert_eq!(def.os, "linux");
+        assert_eq!(def.disk("os").map(|d| d.node.as_str()), Some("disk0"));
+        let cases = [
+            ("other.toml", good.to_owned(), "named after the VM"),
+            ("web1.toml", good.replace("qcow2\"", "vmdk\""), "format"),
+            ("web1.toml", good.replace("/v/web1", "v/web1"), "absolute"),
+            ("web1.toml", good.replace("name = \"web1\"", "name = \"../x\""), "VM name"),
+            ("web1.toml", good.replace("name = \"os\"", "name = \"os\"\nextra = 1"), "unknown field"),
+            ("web1.toml", format!("{good}[[disks]]\nname = \"os\"\nnode = \"d1\"\ndevice = \"vdb\"\npath = \"/v/b\"\nformat = \"raw\"\n"), "unique"),
+        ];
+        for (file, text, want) in cases {
+            let d = tempfile::tempdir().unwrap();
+            let e = VmDef::load(&write(d.path(), file, &text)).unwrap_err().to_string();
+            assert!(e.contains(want), "{file}: {e} should mention {want}");
+        }
+    }
+
+    #[test]
+    fn check_reports_every_problem_one_line_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.qcow2");
+        std::fs::write(&img, b"x").unwrap();
+        let a = format!(
+            "name = \"a\"\nqmp = \"{}/a.qmp\"\n[[disks]]\nname = \"os\"\nnode = \"n\"\ndevice = \"vda\"\npath = \"{}\"\nformat = \"qcow2\"\n",
+            dir.path().display(),
+            img.display()
+        );
+        write(dir.path(), "a.toml", &a);
+        write(dir.path(), "b.toml", &a.replace("name = \"a\"", "name = \"b\""));
+        write(dir.path(), "c.toml", "name = \"c\"\n");
+        let problems = check_dir(dir.path()).unwrap();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("as a does")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("c.toml")), "{problems:?}");
+    }
+}

@@ -1,0 +1,1180 @@
+//! The QEMU/KVM backend (DESIGN §5, CONTRACT "The QEMU/KVM backend"): real VMs driven over
+//! QMP, behind the same [`Hypervisor`] trait as the sim, so the coordinator cannot tell them
+//! apart.
+//!
+//! - **Tracking**: a dirty bitmap `bulwark` per disk node, persistent on qcow2 (raw images get
+//!   a non-persistent one, lost when QEMU restarts). A bitmap that is missing or that QEMU
+//!   reports `inconsistent` (QEMU was killed) bumps the generation: `TrackingLost`.
+//! - **Snapshot** (the VSS sequence): freeze through the guest agent (bounded), or `stop`
+//!   without one; then, with the VM stopped for a moment, one QMP `transaction` moves the live
+//!   bitmap's bits into a disabled `bulwark-snap` bitmap and clears the live one, and each disk
+//!   gets a point-in-time view by fleecing: a `copy-before-write` filter swapped under the guest
+//!   device (old data goes to a sparse fleecing image) and a `snapshot-access` node on top.
+//!   `cont`/thaw follow at once: guest writes never wait for the network.
+//! - **Reading**: the access nodes are exported over QEMU's NBD server on a unix socket with
+//!   the snapshot bitmap; the agent reads `qemu:dirty-bitmap:bulwark-snap` (changes) or
+//!   `base:allocation` (initial copies) block status, then the blocks. A VM that is off is read
+//!   through `qemu-nbd -r` with the same bitmaps, moved offline with `qemu-img bitmap`.
+//! - **Release** tears the graph down; `confirm` drops the snapshot bitmap, `abandon` merges it
+//!   back into the live one, so no change is ever lost. Every step is recorded first in the
+//!   VM's state file, so a killed agent's leftovers are found and cleaned at start-up.
+//! - **Restores** write through a writable `qemu-nbd` of the image (QEMU must not run); a
+//!   restore to a new VM creates images and a `NAME.toml` in the restore directory.
+//!
+//! Modules: [`qmp`] (QMP and guest agent clients), [`nbd`] (NBD client), [`defs`] (VM files).
+
+pub mod defs;
+pub mod nbd;
+pub mod qmp;
+
+use crate::backend::{BackendError, Hypervisor};
+use crate::reader::{ReadBlock, ReadStats};
+use bulwark_protocol::block::ChunkHasher;
+use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, GuestOs, Inventory, NewVm, PowerState, VmInfo};
+use bulwark_protocol::{DiskId, VmId};
+use defs::{DiskDef, VmDef};
+use nbd::Nbd;
+use qmp::{Qga, Qmp, QmpError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The live dirty bitmap of every protected disk.
+pub const LIVE_BITMAP: &str = "bulwark";
+/// The frozen bitmap of a held snapshot (kept until the coordinator commits).
+pub const SNAP_BITMAP: &str = "bulwark-snap";
+/// How long a guest may take to freeze.
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long QEMU may take to answer a command.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Meta context of the snapshot bitmap.
+fn dirty_context() -> String {
+    format!("qemu:dirty-bitmap:{SNAP_BITMAP}")
+}
+const ALLOCATION: &str = "base:allocation";
+
+fn fleece_node(d: &DiskDef) -> String {
+    format!("bulwark-fl-{}", d.node)
+}
+fn cbw_node(d: &DiskDef) -> String {
+    format!("bulwark-cbw-{}", d.node)
+}
+fn access_node(d: &DiskDef) -> String {
+    format!("bulwark-acc-{}", d.node)
+}
+fn export_id(d: &DiskDef) -> String {
+    format!("bulwark-exp-{}", d.node)
+}
+
+fn failed(e: impl std::fmt::Display) -> BackendError {
+    BackendError::Failed(e.to_string())
+}
+
+/// What the agent remembers of a VM across restarts (`STATE_DIR/NAME.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct VmState {
+    /// Bumped whenever tracking is lost.
+    generation: u64,
+    /// The last change token the coordinator confirmed.
+    sequence: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    frozen: Option<FrozenState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<SnapState>,
+    /// A recovery that has not finished writing the disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    restoring: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct FrozenState {
+    /// `guest-fsfreeze-freeze` was (or may have been) sent.
+    guest: bool,
+    /// We paused the VM.
+    paused: bool,
+    consistency: Consistency,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SnapState {
+    holder: String,
+    /// The VM ran: the fleecing graph and NBD exports live in QEMU.
+    running: bool,
+    /// We stopped the VM for the snapshot point and may not have resumed it yet.
+    paused: bool,
+}
+
+/// Open NBD connections (and the `qemu-nbd` servers behind them) of a VM.
+#[derive(Default)]
+struct Open {
+    disks: HashMap<String, Arc<Mutex<Nbd>>>,
+    servers: Vec<Child>,
+}
+
+impl Open {
+    fn close(mut self) {
+        for (_, n) in self.disks.drain() {
+            if let Ok(m) = Arc::try_unwrap(n) {
+                if let Ok(n) = m.into_inner() {
+                    n.disconnect();
+                }
+            }
+        }
+        for mut c in self.servers.drain(..) {
+            // qemu-nbd exits once its client leaves; a hung one is killed.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// The QEMU backend of one host.
+pub struct QemuBackend {
+    vm_dir: PathBuf,
+    restore_dir: PathBuf,
+    state_dir: PathBuf,
+    open: Mutex<HashMap<String, Open>>,
+}
+
+impl std::fmt::Debug for QemuBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuBackend").field("vm_dir", &self.vm_dir).field("state_dir", &self.state_dir).finish()
+    }
+}
+
+impl QemuBackend {
+    /// A backend over the definitions in `vm_dir`, keeping its own state in `state_dir`.
+    /// Restores to new VMs go to `restore_dir` (default `vm_dir/restored`).
+    pub fn new(vm_dir: PathBuf, restore_dir: Option<PathBuf>, state_dir: PathBuf) -> Result<Self, BackendError> {
+        if !vm_dir.is_dir() {
+            return Err(failed(format!("the QEMU VM directory {} does not exist", vm_dir.display())));
+        }
+        let restore_dir = restore_dir.unwrap_or_else(|| vm_dir.join("restored"));
+        // The NBD sockets there serve whole disks: only the agent's user may reach them.
+        for d in [&state_dir, &state_dir.join("nbd"), &state_dir.join("fleece")] {
+            std::fs::create_dir_all(d).map_err(|e| failed(format!("cannot create {}: {e}", d.display())))?;
+            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(|e| failed(format!("cannot restrict {}: {e}", d.display())))?;
+        }
+        Ok(Self { vm_dir, restore_dir, state_dir, open: Mutex::new(HashMap::new()) })
+    }
+
+    fn def(&self, vm: &str) -> Result<VmDef, BackendError> {
+        for dir in [&self.vm_dir, &self.restore_dir] {
+            let p = dir.join(format!("{vm}.toml"));
+            if p.is_file() {
+                return VmDef::load(&p).map_err(failed);
+            }
+        }
+        Err(failed(format!("no QEMU VM {vm} in {}", self.vm_dir.display())))
+    }
+
+    fn state_path(&self, vm: &str) -> PathBuf {
+        self.state_dir.join(format!("{vm}.json"))
+    }
+
+    fn load_state(&self, vm: &str) -> Result<VmState, BackendError> {
+        let p = self.state_path(vm);
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| failed(format!("{} is damaged: {e}", p.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(VmState::default()),
+            Err(e) => Err(failed(format!("cannot read {}: {e}", p.display()))),
+        }
+    }
+
+    /// Writes the state durably: temp file, fsync, rename, fsync of the directory.
+    fn save_state(&self, vm: &str, st: &VmState) -> Result<(), BackendError> {
+        let p = self.state_path(vm);
+        let text = serde_json::to_vec_pretty(st).map_err(failed)?;
+        write_durably(&p, &text).map_err(|e| failed(format!("cannot write {}: {e}", p.display())))
+    }
+
+    fn nbd_socket(&self, name: &str) -> Result<PathBuf, BackendError> {
+        let p = self.state_dir.join("nbd").join(format!("{name}.sock"));
+        // sockaddr_un holds 108 bytes.
+        if p.as_os_str().len() > 100 {
+            return Err(failed(format!("the socket path {} is too long; use a shorter state directory", p.display())));
+        }
+        Ok(p)
+    }
+
+    /// A QMP session with the VM's QEMU, or `None` when it is off.
+    fn qmp(&self, def: &VmDef) -> Result<Option<Qmp>, BackendError> {
+        match Qmp::connect(&def.qmp, QMP_TIMEOUT) {
+            Ok(q) => Ok(Some(q)),
+            Err(QmpError::Connect { .. }) => Ok(None),
+            Err(e) => Err(failed(format!("{}: {e}", def.name))),
+        }
+    }
+
+    fn fleece_path(&self, def: &VmDef, d: &DiskDef) -> PathBuf {
+        def.fleece_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("fleece"))
+            .join(format!("{}-{}.fleece", def.name, d.name))
+    }
+
+    /// The size of a disk: from QEMU when it runs, else from the image.
+    fn size_of(&self, def: &VmDef, d: &DiskDef, q: Option<&mut Qmp>) -> Result<u64, BackendError> {
+        if let Some(q) = q {
+            let nodes = q.execute("query-named-block-nodes", json!({ "flat": true })).map_err(failed)?;
+            if let Some(n) = find_node(&nodes, &d.node) {
+                if let Some(s) = n.get("image").and_then(|i| i.get("virtual-size")).and_then(Value::as_u64) {
+                    return Ok(s);
+                }
+            }
+            return Err(failed(format!("{}: QEMU has no block node {} (disk {})", def.name, d.node, d.name)));
+        }
+        let info = image_info(&d.path, &d.format)?;
+        info.get("virtual-size")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| failed(format!("qemu-img info {} gave no size", d.path.display())))
+    }
+
+    fn with_nbd<T>(
+        &self,
+        vm: &str,
+        disk: &str,
+        f: impl FnOnce(&mut Nbd) -> Result<T, BackendError>,
+    ) -> Result<T, BackendError> {
+        let conn = {
+            let open = self.open.lock().map_err(|_| failed("backend state poisoned"))?;
+            open.get(vm).and_then(|o| o.disks.get(disk)).cloned()
+        };
+        let Some(conn) = conn else {
+            return Err(failed(format!("{vm}: no snapshot or restore of disk {disk} is open on this agent")));
+        };
+        let mut n = conn.lock().map_err(|_| failed("NBD connection poisoned"))?;
+        f(&mut n)
+    }
+
+    fn close_open(&self, vm: &str) {
+        let taken = self.open.lock().ok().and_then(|mut o| o.remove(vm));
+        if let Some(o) = taken {
+            o.close();
+        }
+    }
+
+    /// Makes sure every disk has its live bitmap. Answers whether tracking was lost (a bitmap
+    /// missing or inconsistent, or an inconsistent snapshot bitmap), in which case stale
+    /// snapshot bitmaps are dropped too.
+    fn ensure_tracking_online(&self, q: &mut Qmp, def: &VmDef) -> Result<bool, BackendError> {
+        let nodes = q.execute("query-named-block-nodes", json!({ "flat": true })).map_err(failed)?;
+        let mut lost = false;
+        for d in &def.disks {
+            let node = find_node(&nodes, &d.node)
+                .ok_or_else(|| failed(format!("{}: QEMU has no block node {} (disk {})", def.name, d.node, d.name)))?;
+            let bitmaps = node.get("dirty-bitmaps").and_then(Value::as_array).cloned().unwrap_or_default();
+            let get = |name: &str| bitmaps.iter().find(|b| b.get("name").and_then(Value::as_str) == Some(name));
+            let bad = |b: &Value| b.get("inconsistent").and_then(Value::as_bool).unwrap_or(false);
+            match get(LIVE_BITMAP) {
+                Some(b) if !bad(b) => {}
+                Some(_) => {
+                    tracing::warn!(vm = %def.name, disk = %d.name, "the dirty bitmap is inconsistent (QEMU was killed): tracking lost");
+                    remove_bitmap_online(q, &d.node, LIVE_BITMAP)?;
+                    lost = true;
+                }
+                None => lost = true,
+            }
+            if get(SNAP_BITMAP).is_some_and(bad) {
+                lost = true;
+            }
+        }
+        if lost {
+            for d in &def.disks {
+                remove_bitmap_online(q, &d.node, SNAP_BITMAP)?;
+                remove_bitmap_online(q, &d.node, LIVE_BITMAP)?;
+                q.execute(
+                    "block-dirty-bitmap-add",
+                    json!({ "node": d.node, "name": LIVE_BITMAP, "persistent": d.format == "qcow2" }),
+                )
+                .map_err(failed)?;
+            }
+        }
+        Ok(lost)
+    }
+
+    /// The same for a VM that is off, on the images themselves. Raw images cannot keep a
+    /// bitmap: their changes while off are unknown, so tracking is always lost.
+    fn ensure_tracking_offline(&self, def: &VmDef) -> Result<bool, BackendError> {
+        let mut lost = false;
+        for d in &def.disks {
+            if d.format != "qcow2" {
+                lost = true;
+                continue;
+            }
+            let bitmaps = offline_bitmaps(&d.path)?;
+            let get = |name: &str| bitmaps.iter().find(|(n, _)| n == name);
+            match get(LIVE_BITMAP) {
+                Some((_, in_use)) if !in_use => {}
+                Some(_) => lost = true,
+                None => lost = true,
+            }
+            if get(SNAP_BITMAP).is_some_and(|(_, in_use)| *in_use) {
+                lost = true;
+            }
+        }
+        if lost {
+            for d in def.disks.iter().filter(|d| d.format == "qcow2") {
+                let bitmaps = offline_bitmaps(&d.path)?;
+                for name in [SNAP_BITMAP, LIVE_BITMAP] {
+                    if bitmaps.iter().any(|(n, _)| n == name) {
+                        qemu_img(&["bitmap", "--remove", "-f", "qcow2"], &d.path, name)?;
+                    }
+                }
+                qemu_img(&["bitmap", "--add", "-f", "qcow2"], &d.path, LIVE_BITMAP)?;
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Builds the fleecing graph and NBD exports of a running VM (stopped by the caller).
+    fn fleece(&self, q: &mut Qmp, def: &VmDef) -> Result<(), BackendError> {
+        let mut actions = vec![];
+        let nodes = q.execute("query-named-block-nodes", json!({ "flat": true })).map_err(failed)?;
+        for d in &def.disks {
+            let has_snap = find_node(&nodes, &d.node)
+                .and_then(|n| n.get("dirty-bitmaps").and_then(Value::as_array))
+                .is_some_and(|b| b.iter().any(|b| b.get("name").and_then(Value::as_str) == Some(SNAP_BITMAP)));
+            if !has_snap {
+                actions.push(json!({ "type": "block-dirty-bitmap-add", "data": {
+                    "node": d.node, "name": SNAP_BITMAP, "persistent": d.format == "qcow2", "disabled": true } }));
+            }
+            // Changes an unconfirmed earlier run left in the snapshot bitmap stay there.
+            actions.push(json!({ "type": "block-dirty-bitmap-merge", "data": {
+                "node": d.node, "target": SNAP_BITMAP, "bitmaps": [LIVE_BITMAP] } }));
+            actions
+                .push(json!({ "type": "block-dirty-bitmap-clear", "data": { "node": d.node, "name": LIVE_BITMAP } }));
+        }
+        q.execute("transaction", json!({ "actions": actions })).map_err(failed)?;
+        for d in &def.disks {
+            let size = self.size_of(def, d, Some(q))?;
+            let fleece = self.fleece_path(def, d);
+            if let Some(parent) = fleece.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| failed(format!("{}: {e}", parent.display())))?;
+            }
+            let f = std::fs::File::create(&fleece).map_err(|e| failed(format!("{}: {e}", fleece.display())))?;
+            f.set_len(size).map_err(|e| failed(format!("{}: {e}", fleece.display())))?;
+            q.execute(
+                "blockdev-add",
+                json!({ "node-name": fleece_node(d), "driver": "file", "filename": fleece.display().to_string() }),
+            )
+            .map_err(failed)?;
+            q.execute(
+                "blockdev-add",
+                json!({ "node-name": cbw_node(d), "driver": "copy-before-write", "file": d.node, "target": fleece_node(d) }),
+            )
+            .map_err(failed)?;
+            q.execute(
+                "qom-set",
+                json!({ "path": format!("/machine/peripheral/{}", d.device), "property": "drive", "value": cbw_node(d) }),
+            )
+            .map_err(failed)?;
+            q.execute(
+                "blockdev-add",
+                json!({ "node-name": access_node(d), "driver": "snapshot-access", "file": cbw_node(d) }),
+            )
+            .map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    /// Exports the access nodes over QEMU's NBD server and connects to each.
+    fn export_running(&self, q: &mut Qmp, def: &VmDef) -> Result<Open, BackendError> {
+        let sock = self.nbd_socket(&def.name)?;
+        let _ = std::fs::remove_file(&sock);
+        q.execute(
+            "nbd-server-start",
+            json!({ "addr": { "type": "unix", "data": { "path": sock.display().to_string() } } }),
+        )
+        .map_err(failed)?;
+        let mut open = Open::default();
+        for d in &def.disks {
+            q.execute(
+                "block-export-add",
+                json!({ "type": "nbd", "id": export_id(d), "node-name": access_node(d), "name": d.name,
+                        "bitmaps": [{ "node": d.node, "name": SNAP_BITMAP }] }),
+            )
+            .map_err(failed)?;
+            let n = Nbd::connect(&sock, &d.name, &[ALLOCATION, &dirty_context()], QMP_TIMEOUT).map_err(failed)?;
+            open.disks.insert(d.name.clone(), Arc::new(Mutex::new(n)));
+        }
+        Ok(open)
+    }
+
+    /// Tears down whatever of the fleecing graph and exports exists (each step tolerates what
+    /// is already gone), then checks nothing of ours is left.
+    fn unfleece(&self, q: &mut Qmp, def: &VmDef) -> Result<(), BackendError> {
+        for d in &def.disks {
+            ignore_missing(q.execute("block-export-del", json!({ "id": export_id(d), "mode": "hard" })))?;
+        }
+        // Export deletion completes asynchronously; wait until QEMU lists none of ours.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let exports = q.execute("query-block-exports", json!({})).map_err(failed)?;
+            let ours = exports.as_array().is_some_and(|a| {
+                a.iter().any(|e| e.get("id").and_then(Value::as_str).is_some_and(|id| id.starts_with("bulwark-exp-")))
+            });
+            if !ours {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(failed(format!("{}: QEMU did not delete the NBD exports", def.name)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        match q.execute("nbd-server-stop", json!({})) {
+            Ok(_) => {}
+            Err(e) if e.class() == Some("GenericError") => {} // not running
+            Err(e) => return Err(failed(e)),
+        }
+        let _ = std::fs::remove_file(self.nbd_socket(&def.name)?);
+        for d in &def.disks {
+            ignore_missing(q.execute("blockdev-del", json!({ "node-name": access_node(d) })))?;
+            let path = format!("/machine/peripheral/{}", d.device);
+            let drive = q.execute("qom-get", json!({ "path": path, "property": "drive" })).map_err(failed)?;
+            if drive.as_str() == Some(cbw_node(d).as_str()) {
+                q.execute("qom-set", json!({ "path": path, "property": "drive", "value": d.node })).map_err(failed)?;
+            }
+            ignore_missing(q.execute("blockdev-del", json!({ "node-name": cbw_node(d) })))?;
+            ignore_missing(q.execute("blockdev-del", json!({ "node-name": fleece_node(d) })))?;
+            let fleece = self.fleece_path(def, d);
+            match std::fs::remove_file(&fleece) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(failed(format!("cannot remove {}: {e}", fleece.display()))),
+            }
+        }
+        let nodes = q.execute("query-named-block-nodes", json!({ "flat": true })).map_err(failed)?;
+        let left: Vec<String> = nodes
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n.get("node-name").and_then(Value::as_str))
+                    .filter(|n| {
+                        def.disks.iter().any(|d| [fleece_node(d), cbw_node(d), access_node(d)].iter().any(|o| o == n))
+                    })
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !left.is_empty() {
+            return Err(failed(format!("{}: block nodes left behind: {}", def.name, left.join(", "))));
+        }
+        Ok(())
+    }
+
+    /// Serves the images of a VM that is off through `qemu-nbd` (read-only with the snapshot
+    /// bitmap for a backup; writable for a restore) and connects to each.
+    fn serve_offline(&self, def: &VmDef, writable: bool) -> Result<Open, BackendError> {
+        let mut open = Open::default();
+        for d in &def.disks {
+            let sock = self.nbd_socket(&format!("{}-{}", def.name, d.name))?;
+            let _ = std::fs::remove_file(&sock);
+            let mut cmd = Command::new("qemu-nbd");
+            cmd.arg("-f").arg(&d.format).arg("-x").arg(&d.name).arg("-k").arg(&sock);
+            let mut contexts = vec![ALLOCATION.to_owned()];
+            if writable {
+                cmd.arg("--cache=writeback");
+            } else {
+                cmd.arg("-r");
+                if d.format == "qcow2" {
+                    cmd.arg("-B").arg(SNAP_BITMAP);
+                    contexts.push(dirty_context());
+                }
+            }
+            cmd.arg(&d.path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+            let mut child = cmd.spawn().map_err(|e| failed(format!("cannot run qemu-nbd: {e}")))?;
+            let ctx: Vec<&str> = contexts.iter().map(String::as_str).collect();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let n = loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let mut err = String::new();
+                    if let Some(mut e) = child.stderr.take() {
+                        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                    }
+                    open.close();
+                    return Err(failed(format!("qemu-nbd for {} exited ({status}): {}", d.path.display(), err.trim())));
+                }
+                match Nbd::connect(&sock, &d.name, &ctx, QMP_TIMEOUT) {
+                    Ok(n) => break n,
+                    Err(nbd::NbdError::Connect { .. }) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(20))
+                    }
+                    Err(e) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        open.close();
+                        return Err(failed(e));
+                    }
+                }
+            };
+            open.servers.push(child);
+            open.disks.insert(d.name.clone(), Arc::new(Mutex::new(n)));
+        }
+        Ok(open)
+    }
+
+    /// Runs a host hook with its bound; answers why it failed, if it did.
+    fn run_hook(&self, def: &VmDef, which: &str, command: &str) -> Option<String> {
+        let mut child = match Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .env("BULWARK_VM", &def.name)
+            .env("BULWARK_HOOK", which)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => return Some(format!("{which} hook could not start: {e}")),
+        };
+        let deadline = Instant::now() + def.hook_timeout();
+        loop {
+            match child.try_wait() {
+                Ok(Some(s)) if s.success() => return None,
+                Ok(Some(s)) => return Some(format!("{which} hook failed ({s})")),
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Some(format!("{which} hook did not finish within {:?}", def.hook_timeout()));
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Some(format!("{which} hook: {e}")),
+            }
+        }
+    }
+
+    /// At agent start-up: thaws guests, resumes VMs, tears down graphs and exports and merges
+    /// snapshot bitmaps back for every VM an earlier run of this agent left mid-snapshot.
+    /// Answers the VMs cleaned.
+    pub fn cleanup_orphans(&self) -> Result<Vec<String>, BackendError> {
+        let mut cleaned = vec![];
+        for def in defs::load_dir(&self.vm_dir).map_err(failed)?.into_iter().flatten() {
+            let st = self.load_state(&def.name)?;
+            if st.frozen.is_none() && st.snapshot.is_none() {
+                continue;
+            }
+            self.thaw(&def.name)?;
+            self.release(&def.name)?;
+            self.abandon(&def.name)?;
+            cleaned.push(def.name);
+        }
+        Ok(cleaned)
+    }
+
+    fn check_token(st: &VmState, vm: &str, token: Option<ChangeToken>) -> Result<(), BackendError> {
+        let current = ChangeToken { generation: st.generation, sequence: st.sequence };
+        let lost = |why: &str| Err(BackendError::TrackingLost(format!("{vm}: {why}")));
+        match token {
+            None => lost("no change token: nothing was backed up with tracking yet"),
+            Some(t) if t.generation != current.generation => {
+                lost("tracking was reset (QEMU was killed, a bitmap vanished, or the disks were restored)")
+            }
+            Some(t) if t != current && t.sequence != current.sequence + 1 => {
+                lost("the token is not the last one confirmed")
+            }
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+impl Hypervisor for QemuBackend {
+    fn inventory(&self, _host: &str) -> Result<Inventory, BackendError> {
+        let mut vms = vec![];
+        for def in defs::load_dir(&self.vm_dir).map_err(failed)? {
+            let def = match def {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a VM definition is not usable: left out of the inventory");
+                    continue;
+                }
+            };
+            let mut q = match self.qmp(&def) {
+                Ok(q) => q,
+                Err(e) => {
+                    tracing::warn!(vm = %def.name, error = %e, "QEMU does not answer properly: left out of the inventory");
+                    continue;
+                }
+            };
+            let power = match q.as_mut().map(Qmp::status).transpose().map_err(failed)? {
+                None => PowerState::Off,
+                Some(s) if s == "running" => PowerState::Running,
+                Some(_) => PowerState::Paused,
+            };
+            let mut disks = vec![];
+            for d in &def.disks {
+                let size = self.size_of(&def, d, q.as_mut())?;
+                disks.push(DiskInfo { name: DiskId::new(d.name.clone()).map_err(failed)?, size_bytes: size });
+            }
+            let st = self.load_state(&def.name)?;
+            vms.push(VmInfo {
+                id: VmId::new(def.name.clone()).map_err(failed)?,
+                name: def.name.clone(),
+                power,
+                os: if def.os == "windows" { GuestOs::Windows } else { GuestOs::Linux },
+                integration_services: def.guest_agent.is_some(),
+                disks,
+                change_generation: Some(st.generation),
+            });
+        }
+        Ok(Inventory { vms })
+    }
+
+    fn freeze(&self, vm: &str) -> Result<Consistency, BackendError> {
+        let def = self.def(vm)?;
+        let mut st = self.load_state(vm)?;
+        if st.frozen.is_some() || st.snapshot.is_some() {
+            return Err(failed(format!("{vm} is already frozen or holds a snapshot")));
+        }
+        let Some(mut q) = self.qmp(&def)? else {
+            // Off: the images are still; nothing to quiesce.
+            st.frozen = Some(FrozenState { guest: false, paused: false, consistency: Consistency::Crash });
+            self.save_state(vm, &st)?;
+            return Ok(Consistency::Crash);
+        };
+        if q.status().map_err(failed)? != "running" {
+            st.frozen = Some(FrozenState { guest: false, paused: false, consistency: Consistency::Crash });
+            self.save_state(vm, &st)?;
+            return Ok(Consistency::Crash);
+        }
+        let mut why_crash = None;
+        if let Some(hook) = &def.pre_snapshot {
+            why_crash = self.run_hook(&def, "pre_snapshot", hook);
+        }
+        if why_crash.is_none() {
+            match &def.guest_agent {
+                Some(ga) => {
+                    let consistency =
+                        if def.os == "windows" || def.app_hooks { Consistency::App } else { Consistency::Filesystem };
+                    // Recorded first: a freeze that may have reached the guest is always thawed.
+                    st.frozen = Some(FrozenState { guest: true, paused: false, consistency });
+                    self.save_state(vm, &st)?;
+                    let frozen = Qga::connect(ga, FREEZE_TIMEOUT)
+                        .and_then(|mut g| g.execute("guest-fsfreeze-freeze", json!({})));
+                    match frozen {
+                        Ok(_) => return Ok(consistency),
+                        Err(e) => {
+                            why_crash = Some(format!("the guest did not freeze ({e})"));
+                            // It may freeze late: thaw now, in case.
+                            if let Ok(mut g) = Qga::connect(ga, FREEZE_TIMEOUT) {
+                                let _ = g.execute("guest-fsfreeze-thaw", json!({}));
+                            }
+                        }
+                    }
+                }
+                None => why_crash = Some("no guest agent: the VM is paused instead".into()),
+            }
+        }
+        tracing::warn!(vm, reason = why_crash.as_deref().unwrap_or(""), "crash-consistent snapshot");
+        st.frozen = Some(FrozenState {
+            guest: st.frozen.as_ref().is_some_and(|f| f.guest),
+            paused: true,
+            consistency: Consistency::Crash,
+        });
+        self.save_state(vm, &st)?;
+        q.execute("stop", json!({})).map_err(failed)?;
+        Ok(Consistency::Crash)
+    }
+
+    fn take(&self, vm: &str, holder: &str) -> Result<ChangeToken, BackendError> {
+        let def = self.def(vm)?;
+        let mut st = self.load_state(vm)?;
+        if st.snapshot.is_some() {
+            return Err(failed(format!("{vm} already holds a snapshot")));
+        }
+        if st.restoring.is_some() {
+            return Err(BackendError::Refused(format!("{vm} is being restored")));
+        }
+        let mut q = self.qmp(&def)?;
+        let lost = match q.as_mut() {
+            Some(q) => self.ensure_tracking_online(q, &def)?,
+            None => self.ensure_tracking_offline(&def)?,
+        };
+        if lost {
+            st.generation += 1;
+        }
+        st.snapshot = Some(SnapState { holder: holder.to_owned(), running: q.is_some(), paused: false });
+        self.save_state(vm, &st)?;
+        let token = ChangeToken { generation: st.generation, sequence: st.sequence };
+        let built = match q.as_mut() {
+            Some(q) => {
+                // The snapshot point: the VM stops for the bitmap transaction and the graph
+                // swap only (a few milliseconds), whatever the guest agent did.
+                let stop_here = q.status().map_err(failed)? == "running";
+                if stop_here {
+                    st.snapshot = Some(SnapState { holder: holder.to_owned(), running: true, paused: true });
+                    self.save_state(vm, &st)?;
+                    q.execute("stop", json!({})).map_err(failed)?;
+                }
+                let built = self.fleece(q, &def);
+                if stop_here {
+                    q.execute("cont", json!({})).map_err(failed)?;
+                    st.snapshot = Some(SnapState { holder: holder.to_owned(), running: true, paused: false });
+                    self.save_state(vm, &st)?;
+                }
+                built.and_then(|()| self.export_running(q, &def))
+            }
+            None => self.snapshot_offline(&def).and_then(|()| self.serve_offline(&def, false)),
+        };
+        match built {
+            Ok(open) => {
+                if let Ok(mut o) = self.open.lock() {
+                    if let Some(old) = o.insert(vm.to_owned(), open) {
+                        old.close();
+                    }
+                }
+                Ok(token)
+            }
+            Err(e) => {
+                tracing::warn!(vm, error = %e, "snapshot failed: undoing");
+                if let Err(u) = self.release(vm).and_then(|()| self.abandon(vm)) {
+                    tracing::error!(vm, error = %u, "could not undo a failed snapshot; the next start-up retries");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn thaw(&self, vm: &str) -> Result<(), BackendError> {
+        let def = self.def(vm)?;
+        let mut st = self.load_state(vm)?;
+        let Some(f) = st.frozen.clone() else { return Ok(()) };
+        if let Some(mut q) = self.qmp(&def)? {
+            if f.guest {
+                if let Some(ga) = &def.guest_agent {
+                    let thawed =
+                        Qga::connect(ga, FREEZE_TIMEOUT).and_then(|mut g| g.execute("guest-fsfreeze-thaw", json!({})));
+                    if let Err(e) = thawed {
+                        return Err(failed(format!("{vm}: the guest did not thaw: {e}")));
+                    }
+                }
+            }
+            if f.paused && q.status().map_err(failed)? == "paused" {
+                q.execute("cont", json!({})).map_err(failed)?;
+            }
+        }
+        if let Some(hook) = &def.post_snapshot {
+            if let Some(why) = self.run_hook(&def, "post_snapshot", hook) {
+                tracing::warn!(vm, reason = %why, "post-snapshot hook");
+            }
+        }
+        st.frozen = None;
+        self.save_state(vm, &st)
+    }
+
+    fn changed_blocks(
+        &self,
+        vm: &str,
+        disk: &str,
+        token: Option<ChangeToken>,
+        block_size: u64,
+    ) -> Result<Vec<u64>, BackendError> {
+        let def = self.def(vm)?;
+        let st = self.load_state(vm)?;
+        Self::check_token(&st, vm, token)?;
+        let d = def.disk(disk).ok_or_else(|| failed(format!("{vm} has no disk {disk}")))?;
+        if d.format != "qcow2" && !st.snapshot.as_ref().is_some_and(|s| s.running) {
+            return Err(BackendError::TrackingLost(format!(
+                "{vm}: raw disk {disk} is not tracked while the VM is off"
+            )));
+        }
+        self.with_nbd(vm, disk, |n| {
+            let size = n.size();
+            let extents = n.block_status(&dirty_context(), 0, size).map_err(failed)?;
+            Ok(nbd::blocks_of(&extents, block_size, |f| f & nbd::STATE_DIRTY != 0))
+        })
+    }
+
+    fn allocated_blocks(&self, vm: &str, disk: &str, block_size: u64) -> Result<Vec<u64>, BackendError> {
+        self.with_nbd(vm, disk, |n| {
+            let size = n.size();
+            let extents = n.block_status(ALLOCATION, 0, size).map_err(failed)?;
+            Ok(nbd::blocks_of(&extents, block_size, |f| f & nbd::STATE_ZERO == 0))
+        })
+    }
+
+    fn disk_size(&self, vm: &str, disk: &str) -> Result<u64, BackendError> {
+        if let Ok(size) = self.with_nbd(vm, disk, |n| Ok(n.size())) {
+            return Ok(size);
+        }
+        let def = self.def(vm)?;
+        let d = def.disk(disk).ok_or_else(|| failed(format!("{vm} has no disk {disk}")))?;
+        let mut q = self.qmp(&def)?;
+        self.size_of(&def, d, q.as_mut())
+    }
+
+    fn read_blocks(
+        &self,
+        vm: &str,
+        disk: &str,
+        indices: Vec<u64>,
+        block_size: usize,
+        hasher: &ChunkHasher,
+        sink: &mut dyn FnMut(ReadBlock<'_>) -> Result<(), String>,
+    ) -> Result<ReadStats, BackendError> {
+        self.with_nbd(vm, disk, |n| {
+            let size = n.size();
+            let what = format!("NBD export {disk} of {vm}");
+            crate::reader::read_blocks_from(&what, size, block_size, indices, hasher, sink, |buf, offset| {
+                n.read_at(buf, offset).map_err(std::io::Error::other)
+            })
+            .map_err(failed)
+        })
+    }
+
+    fn release(&self, vm: &str) -> Result<(), BackendError> {
+        self.close_open(vm);
+        let def = self.def(vm)?;
+        let mut st = self.load_state(vm)?;
+        if let Some(mut q) = self.qmp(&def)? {
+            self.unfleece(&mut q, &def)?;
+            if st.snapshot.as_ref().is_some_and(|s| s.paused) && q.status().map_err(failed)? == "paused" {
+                q.execute("cont", json!({})).map_err(failed)?;
+            }
+        } else {
+            for d in &def.disks {
+                let _ = std::fs::remove_file(self.fleece_path(&def, d));
+            }
+        }
+        if st.snapshot.take().is_some() {
+            self.save_state(vm, &st)?;
+        }
+        Ok(())
+    }
+
+    fn confirm(&self, vm: &str, next: ChangeToken) -> Result<ChangeToken, BackendError> {
+        let def = self.def(vm)?;
+        let mut st = self.load_state(vm)?;
+        match self.qmp(&def)? {
+            Some(mut q) => {
+                for d in &def.disks {
+                    remove_bitmap_online(&mut q, &d.node, SNAP_BITMAP)?;
+                }
+            }
+            None => {
+                for d in def.disks.iter().filter(|d| d.format == "qcow2") {
+                    if offline_bitmaps(&d.path)?.iter().any(|(n, _)| n == SNAP_BITMAP) {
+                        qemu_img(&["bitmap", "--remove", "-f", "qcow2"], &d.path, SNAP_BITMAP)?;
+                    }
+                }
+            }
+        }
+        if next.generation == st.generation {
+            st.sequence = st.sequence.max(next.sequence);
+        }
+        self.save_state(vm, &st)?;
+        Ok(ChangeToken { generation: st.generation, sequence: st.sequence })
+    }
+
+    fn abandon(&self, vm: &str) -> Result<(), BackendError> {
+        let def = self.def(vm)?;
+        match self.qmp(&def)? {
+            Some(mut q) => {
+                let nodes = q.execute("query-named-block-nodes", json!({ "flat": true })).map_err(failed)?;
+                for d in &def.disks {
+                    let names: Vec<String> = find_node(&nodes, &d.node)
+                        .and_then(|n| n.get("dirty-bitmaps").and_then(Value::as_array))
+                        .map(|b| {
+                            b.iter().filter_map(|b| b.get("name").and_then(Value::as_str).map(str::to_owned)).collect()
+                        })
+                        .unwrap_or_default();
+                    if !names.iter().any(|n| n == SNAP_BITMAP) {
+                        continue;
+                    }
+                    let mut actions = vec![];
+                    if names.iter().any(|n| n == LIVE_BITMAP) {
+                        actions.push(json!({ "type": "block-dirty-bitmap-merge", "data": {
+                            "node": d.node, "target": LIVE_BITMAP, "bitmaps": [SNAP_BITMAP] } }));
+                    }
+                    actions.push(
+                        json!({ "type": "block-dirty-bitmap-remove", "data": { "node": d.node, "name": SNAP_BITMAP } }),
+                    );
+                    q.execute("transaction", json!({ "actions": actions })).map_err(failed)?;
+                }
+            }
+            None => {
+                for d in def.disks.iter().filter(|d| d.format == "qcow2") {
+                    let names = offline_bitmaps(&d.path)?;
+                    if !names.iter().any(|(n, _)| n == SNAP_BITMAP) {
+                        continue;
+                    }
+                    if names.iter().any(|(n, _)| n == LIVE_BITMAP) {
+                        qemu_img(&["bitmap", "--merge", SNAP_BITMAP, "-f", "qcow2"], &d.path, LIVE_BITMAP)?;
+                    }
+                    qemu_img(&["bitmap", "--remove", "-f", "qcow2"], &d.path, SNAP_BITMAP)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn restore_begin(
+        &self,
+        vm: &str,
+        _host: &str,
+        what: &str,
+        create: Option<(&NewVm, &[DiskInfo])>,
+    ) -> Result<(), BackendError> {
+        let def = match create {
+            Some((new, disks)) => self.create_restored(vm, new, disks)?,
+            None => self.def(vm)?,
+        };
+        if self.qmp(&def)?.is_some() {
+            return Err(BackendError::Refused(format!("{vm} is running: shut QEMU down before restoring onto it")));
+        }
+        let mut st = self.load_state(vm)?;
+        if st.snapshot.is_some() {
+            return Err(BackendError::Refused(format!("{vm} holds a snapshot")));
+        }
+        st.restoring = Some(what.to_owned());
+        self.save_state(vm, &st)?;
+        let open = self.serve_offline(&def, true)?;
+        if let Ok(mut o) = self.open.lock() {
+            if let Some(old) = o.insert(vm.to_owned(), open) {
+                old.close();
+            }
+        }
+        Ok(())
+    }
+
+    fn read_current(
+        &self,
+        vm: &str,
+        disk: &str,
+        indices: Vec<u64>,
+        block_size: usize,
+        hasher: &ChunkHasher,
+        sink: &mut dyn FnMut(ReadBlock<'_>) -> Result<(), String>,
+    ) -> Result<ReadStats, BackendError> {
+        if self.load_state(vm)?.restoring.is_none() {
+            return Err(failed(format!("{vm} is not being restored")));
+        }
+        self.read_blocks(vm, disk, indices, block_size, hasher, sink)
+    }
+
+    fn restore_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.with_nbd(vm, disk, |n| n.write_at(data, offset).map_err(failed))
+    }
+
+    fn restore_finish(&self, vm: &str) -> Result<(), BackendError> {
+        let def = self.def(vm)?;
+        for d in &def.disks {
+            self.with_nbd(vm, &d.name, |n| n.flush().map_err(failed))?;
+        }
+        self.close_open(vm);
+        // The disks no longer follow the replica's history: tracking starts over.
+        for d in def.disks.iter().filter(|d| d.format == "qcow2") {
+            for (name, _) in offline_bitmaps(&d.path)? {
+                if name == LIVE_BITMAP || name == SNAP_BITMAP {
+                    qemu_img(&["bitmap", "--remove", "-f", "qcow2"], &d.path, &name)?;
+                }
+            }
+        }
+        let mut st = self.load_state(vm)?;
+        st.restoring = None;
+        st.generation += 1;
+        self.save_state(vm, &st)
+    }
+}
+
+impl QemuBackend {
+    /// Moves the live bitmap's bits into the snapshot bitmap of a VM that is off.
+    fn snapshot_offline(&self, def: &VmDef) -> Result<(), BackendError> {
+        for d in def.disks.iter().filter(|d| d.format == "qcow2") {
+            let names = offline_bitmaps(&d.path)?;
+            if !names.iter().any(|(n, _)| n == SNAP_BITMAP) {
+                qemu_img(&["bitmap", "--add", "--disable", "-f", "qcow2"], &d.path, SNAP_BITMAP)?;
+            }
+            qemu_img(&["bitmap", "--merge", LIVE_BITMAP, "-f", "qcow2"], &d.path, SNAP_BITMAP)?;
+            qemu_img(&["bitmap", "--clear", "-f", "qcow2"], &d.path, LIVE_BITMAP)?;
+        }
+        Ok(())
+    }
+
+    /// A restore to a new VM: empty images of the same sizes (qcow2) and a `NAME.toml` in the
+    /// restore directory. Never overwrites an existing VM or image.
+    fn create_restored(&self, vm: &str, new: &NewVm, disks: &[DiskInfo]) -> Result<VmDef, BackendError> {
+        if self.vm_dir.join(format!("{vm}.toml")).exists() || self.restore_dir.join(format!("{vm}.toml")).exists() {
+            return Err(BackendError::Refused(format!("a QEMU VM named {vm} already exists on this host")));
+        }
+        std::fs::create_dir_all(&self.restore_dir)
+            .map_err(|e| failed(format!("cannot create {}: {e}", self.restore_dir.display())))?;
+        let mut defs = vec![];
+        for (i, d) in disks.iter().enumerate() {
+            let path = self.restore_dir.join(format!("{vm}-{}.qcow2", d.name.as_str()));
+            if path.exists() {
+                return Err(BackendError::Refused(format!("{} already exists", path.display())));
+            }
+            let out = Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&path)
+                .arg(d.size_bytes.to_string())
+                .output()
+                .map_err(|e| failed(format!("cannot run qemu-img: {e}")))?;
+            if !out.status.success() {
+                return Err(failed(format!(
+                    "qemu-img create {}: {}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            defs.push(DiskDef {
+                name: d.name.as_str().to_owned(),
+                node: format!("disk{i}"),
+                device: format!("virtio-disk{i}"),
+                path,
+                format: "qcow2".into(),
+            });
+        }
+        let def = VmDef {
+            name: vm.to_owned(),
+            qmp: self.restore_dir.join(format!("{vm}.qmp")),
+            guest_agent: None,
+            os: match new.os {
+                GuestOs::Linux => "linux".into(),
+                GuestOs::Windows => "windows".into(),
+            },
+            app_hooks: false,
+            fleece_dir: None,
+            config: None,
+            pre_snapshot: None,
+            post_snapshot: None,
+            hook_timeout_secs: None,
+            disks: defs,
+        };
+        let text = toml::to_string(&def).map_err(failed)?;
+        let path = self.restore_dir.join(format!("{vm}.toml"));
+        write_durably(&path, text.as_bytes()).map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
+        Ok(def)
+    }
+}
+
+/// Does QEMU's block graph have what `def` names (nodes and devices)?
+pub fn graph_matches(q: &mut Qmp, def: &VmDef) -> Result<(), QmpError> {
+    let nodes = q.execute("query-named-block-nodes", json!({ "flat": true }))?;
+    let mut problems = vec![];
+    for d in &def.disks {
+        if find_node(&nodes, &d.node).is_none() {
+            problems.push(format!("disk {}: QEMU has no block node {}", d.name, d.node));
+        }
+        let path = format!("/machine/peripheral/{}", d.device);
+        if q.execute("qom-get", json!({ "path": path, "property": "drive" })).is_err() {
+            problems.push(format!("disk {}: QEMU has no device {} with a drive", d.name, d.device));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(QmpError::Protocol { path: def.qmp.clone(), message: problems.join("; ") })
+    }
+}
+
+fn find_node<'a>(nodes: &'a Value, name: &str) -> Option<&'a Value> {
+    nodes.as_array()?.iter().find(|n| n.get("node-name").and_then(Value::as_str) == Some(name))
+}
+
+/// A QMP error that only says the thing is already gone is no error for a teardown.
+fn ignore_missing(r: Result<Value, QmpError>) -> Result<(), BackendError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(QmpError::Command { class, desc, .. })
+            if class == "DeviceNotFound"
+                || desc.contains("not found")
+                || desc.contains("Cannot find")
+                || desc.contains("does not exist") =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(failed(e)),
+    }
+}
+
+fn remove_bitmap_online(q: &mut Qmp, node: &str, name: &str) -> Result<(), BackendError> {
+    ignore_missing(q.execute("block-dirty-bitmap-remove", json!({ "node": node, "name": name })))
+}
+
+/// `qemu-img info --output=json` of an image nobody else may be writing.
+fn image_info(path: &Path, format: &str) -> Result<Value, BackendError> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U", "-f", format])
+        .arg(path)
+        .output()
+        .map_err(|e| failed(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "qemu-img info {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| failed(format!("qemu-img info {}: {e}", path.display())))
+}
+
+/// The bitmaps of a qcow2 image: (name, in use — i.e. inconsistent when no QEMU has it open).
+fn offline_bitmaps(path: &Path) -> Result<Vec<(String, bool)>, BackendError> {
+    let info = image_info(path, "qcow2")?;
+    let list = info
+        .get("format-specific")
+        .and_then(|f| f.get("data"))
+        .and_then(|d| d.get("bitmaps"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    Ok(list
+        .iter()
+        .filter_map(|b| {
+            let name = b.get("name")?.as_str()?.to_owned();
+            let in_use = b
+                .get("flags")
+                .and_then(Value::as_array)
+                .is_some_and(|f| f.iter().any(|x| x.as_str() == Some("in-use")));
+            Some((name, in_use))
+        })
+        .collect())
+}
+
+/// Runs `qemu-img ARGS… IMAGE BITMAP`.
+fn qemu_img(args: &[&str], image: &Path, bitmap: &str) -> Result<(), BackendError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .arg(image)
+        .arg(bitmap)
+        .output()
+        .map_err(|e| failed(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(failed(format!(
+            "qemu-img {} {} {bitmap}: {}",
+            args.join(" "),
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// temp → fsync → rename → fsync of the directory.
+fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -1,0 +1,386 @@
+//! The QEMU backend against real `qemu-system-x86_64` (TCG, no guest OS: guest writes go
+//! through HMP `qemu-io` on the device's backend) and real `qemu-nbd`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bulwark_agent::backend::{BackendError, Hypervisor};
+use bulwark_agent::qemu::nbd::{self, Nbd};
+use bulwark_agent::qemu::qmp::Qmp;
+use bulwark_agent::qemu::QemuBackend;
+use bulwark_protocol::block::{ChunkHasher, ZERO};
+use bulwark_protocol::messages::{ChangeToken, Consistency, PowerState};
+use proptest::prelude::*;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+/// A QEMU VM with one disk, its definition in `dir/vms/NAME.toml`.
+struct Vm {
+    dir: PathBuf,
+    name: String,
+    image: PathBuf,
+    format: &'static str,
+    qemu: Option<Child>,
+}
+
+impl Vm {
+    fn create(dir: &Path, name: &str, size: u64, format: &'static str) -> Vm {
+        std::fs::create_dir_all(dir.join("vms")).unwrap();
+        let image = dir.join(format!("{name}.{format}"));
+        let ok = Command::new("qemu-img")
+            .args(["create", "-q", "-f", format])
+            .arg(&image)
+            .arg(size.to_string())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let def = format!(
+            "name = \"{name}\"\nqmp = \"{}\"\nos = \"linux\"\n[[disks]]\nname = \"os\"\nnode = \"disk0\"\ndevice = \"vda\"\npath = \"{}\"\nformat = \"{format}\"\n",
+            dir.join(format!("{name}.qmp")).display(),
+            image.display()
+        );
+        std::fs::write(dir.join("vms").join(format!("{name}.toml")), def).unwrap();
+        Vm { dir: dir.to_owned(), name: name.to_owned(), image, format, qemu: None }
+    }
+
+    fn qmp_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.qmp", self.name))
+    }
+
+    fn start(&mut self) {
+        let _ = std::fs::remove_file(self.qmp_path());
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "64"])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", self.qmp_path().display()))
+            .arg("-blockdev")
+            .arg(format!("node-name=disk0-file,driver=file,filename={}", self.image.display()))
+            .arg("-blockdev")
+            .arg(format!("node-name=disk0,driver={},file=disk0-file", self.format))
+            .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 runs (installed by .ci/run)");
+        self.qemu = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Qmp::connect(&self.qmp_path(), Duration::from_secs(5)).is_err() {
+            assert!(Instant::now() < deadline, "QEMU's QMP socket never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path(), Duration::from_secs(10)).unwrap()
+    }
+
+    /// A guest write of `len` bytes of `pattern` at `offset`.
+    fn write(&self, offset: u64, len: u64, pattern: u8) {
+        let out = self
+            .qmp()
+            .hmp(&format!("qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P {pattern} {offset} {len}\""))
+            .unwrap();
+        // qemu-io prints its report on QEMU's stdout; HMP returns only errors, as text.
+        assert!(out.trim().is_empty(), "qemu-io: {out}");
+    }
+
+    /// Clean shutdown (QEMU writes its persistent bitmaps).
+    fn quit(&mut self) {
+        let _ = self.qmp().execute("quit", json!({}));
+        if let Some(mut c) = self.qemu.take() {
+            c.wait().unwrap();
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.qemu.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    fn status(&self) -> String {
+        self.qmp().status().unwrap()
+    }
+
+    /// Names of the block nodes QEMU has.
+    fn nodes(&self) -> Vec<String> {
+        let v = self.qmp().execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
+        v.as_array().unwrap().iter().map(|n| n["node-name"].as_str().unwrap().to_owned()).collect()
+    }
+
+    fn bitmap_count(&self, name: &str) -> Option<u64> {
+        let v = self.qmp().execute("query-named-block-nodes", json!({ "flat": true })).unwrap();
+        let node = v.as_array().unwrap().iter().find(|n| n["node-name"] == "disk0").unwrap().clone();
+        node["dirty-bitmaps"].as_array()?.iter().find(|b| b["name"] == name).map(|b| b["count"].as_u64().unwrap())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn backend(dir: &Path) -> QemuBackend {
+    QemuBackend::new(dir.join("vms"), None, dir.join("state")).unwrap()
+}
+
+/// Every byte of the held snapshot of disk `os`, through the backend's NBD reads.
+fn read_all(b: &QemuBackend, vm: &str, size: u64, bs: usize) -> (Vec<u8>, u64) {
+    let mut out = vec![0u8; size as usize];
+    let blocks = size.div_ceil(bs as u64);
+    let h = ChunkHasher::plain();
+    let stats = b
+        .read_blocks(vm, "os", (0..blocks).collect(), bs, &h, &mut |blk| {
+            if blk.id != ZERO {
+                let at = blk.index as usize * bs;
+                out[at..at + blk.data.len()].copy_from_slice(blk.data);
+            }
+            Ok(())
+        })
+        .unwrap();
+    (out, stats.bytes_read)
+}
+
+/// One snapshot run: freeze, take, thaw.
+fn snap(b: &QemuBackend, vm: &str) -> (Consistency, ChangeToken) {
+    let c = b.freeze(vm).unwrap();
+    let t = b.take(vm, "node1").unwrap();
+    b.thaw(vm).unwrap();
+    (c, t)
+}
+
+#[test]
+fn nbd_client_against_qemu_nbd_reads_writes_and_reports_extents() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.qcow2");
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("8M")
+        .status()
+        .unwrap()
+        .success());
+    let sock = dir.path().join("n.sock");
+    let mut server =
+        Command::new("qemu-nbd").args(["-f", "qcow2", "-x", "exp", "-t", "-k"]).arg(&sock).arg(&img).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = loop {
+        match Nbd::connect(&sock, "exp", &["base:allocation"], Duration::from_secs(5)) {
+            Ok(n) => break n,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(n.size(), 8 * MIB);
+    let data: Vec<u8> = (0..MIB as usize + 5).map(|i| (i % 253) as u8).collect();
+    n.write_at(&data, 3 * MIB).unwrap();
+    n.flush().unwrap();
+    let mut back = vec![0u8; data.len() + 100];
+    n.read_at(&mut back, 3 * MIB - 100).unwrap();
+    assert!(back[..100].iter().all(|&b| b == 0), "a hole reads as zeroes");
+    assert_eq!(&back[100..], &data[..]);
+    let ex = n.block_status("base:allocation", 0, 8 * MIB).unwrap();
+    assert_eq!(ex.iter().map(|e| e.length).sum::<u64>(), 8 * MIB, "extents cover the disk: {ex:?}");
+    let data_blocks = nbd::blocks_of(&ex, MIB, |f| f & nbd::STATE_ZERO == 0);
+    assert_eq!(data_blocks, vec![3, 4], "only the written megabytes hold data");
+    // Out-of-range requests are refused before they reach the server.
+    assert!(n.read_at(&mut [0u8; 16], 8 * MIB - 8).is_err());
+    assert!(n.block_status("qemu:dirty-bitmap:none", 0, MIB).is_err(), "an unnegotiated context is refused");
+    n.disconnect();
+    // An export that does not exist is a clear error.
+    let e = Nbd::connect(&sock, "nope", &[], Duration::from_secs(5)).unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
+
+#[test]
+fn snapshot_is_point_in_time_and_incrementals_read_only_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 64 * MIB;
+    let mut vm = Vm::create(dir.path(), "web1", size, "qcow2");
+    vm.start();
+    let b = backend(dir.path());
+    let inv = b.inventory("node1").unwrap();
+    assert_eq!(inv.vms.len(), 1);
+    assert_eq!(inv.vms[0].power, PowerState::Running);
+    assert_eq!(inv.vms[0].disks[0].size_bytes, size);
+
+    vm.write(0, MIB, 0x11);
+    vm.write(10 * MIB, 2 * MIB, 0x22);
+    // The initial copy: no token yet.
+    let (c, t0) = snap(&b, "web1");
+    assert_eq!(c, Consistency::Crash, "no guest agent: paused, crash-consistent");
+    assert_eq!(vm.status(), "running", "the VM runs again right after the snapshot point");
+    assert!(matches!(b.changed_blocks("web1", "os", None, MIB), Err(BackendError::TrackingLost(_))));
+    assert_eq!(b.allocated_blocks("web1", "os", MIB).unwrap(), vec![0, 10, 11]);
+    // Writes after the snapshot point never show in what is read.
+    vm.write(0, MIB, 0x33);
+    vm.write(20 * MIB, MIB, 0x44);
+    let (img, _) = read_all(&b, "web1", size, MIB as usize);
+    assert!(img[..MIB as usize].iter().all(|&x| x == 0x11));
+    assert!(img[10 * MIB as usize..12 * MIB as usize].iter().all(|&x| x == 0x22));
+    assert!(img[20 * MIB as usize..21 * MIB as usize].iter().all(|&x| x == 0));
+    b.release("web1").unwrap();
+    assert!(vm.nodes().iter().all(|n| !n.starts_with("bulwark-")), "no filter node left: {:?}", vm.nodes());
+    assert!(!dir.path().join("state/fleece/web1-os.fleece").exists(), "the fleecing image is gone");
+    let t1 = b.confirm("web1", ChangeToken { generation: t0.generation, sequence: t0.sequence + 1 }).unwrap();
+    assert_eq!(vm.bitmap_count("bulwark-snap"), None, "a confirmed snapshot bitmap is dropped");
+
+    // The next run sees exactly the writes made since the last snapshot point.
+    let (_, t) = snap(&b, "web1");
+    assert_eq!(t, t1);
+    assert_eq!(b.changed_blocks("web1", "os", Some(t1), MIB).unwrap(), vec![0, 20]);
+    let (img, _) = read_all(&b, "web1", size, MIB as usize);
+    assert!(img[..MIB as usize].iter().all(|&x| x == 0x33));
+    assert!(img[20 * MIB as usize..21 * MIB as usize].iter().all(|&x| x == 0x44));
+    // A failed transfer: released and abandoned, its changes come back with the next ones.
+    b.release("web1").unwrap();
+    b.abandon("web1").unwrap();
+    vm.write(30 * MIB, 4096, 0x55);
+    let (_, t) = snap(&b, "web1");
+    assert_eq!(t, t1, "an abandoned run does not advance the token");
+    assert_eq!(b.changed_blocks("web1", "os", Some(t1), MIB).unwrap(), vec![0, 20, 30]);
+    b.release("web1").unwrap();
+    b.confirm("web1", ChangeToken { generation: t.generation, sequence: t.sequence + 1 }).unwrap();
+    vm.quit();
+}
+
+#[test]
+fn qemu_kill_9_makes_the_bitmap_inconsistent_and_tracking_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::create(dir.path(), "db", 16 * MIB, "qcow2");
+    vm.start();
+    let b = backend(dir.path());
+    let (_, t0) = snap(&b, "db");
+    b.release("db").unwrap();
+    let t1 = b.confirm("db", ChangeToken { generation: t0.generation, sequence: t0.sequence + 1 }).unwrap();
+    vm.write(MIB, 4096, 7);
+    // A clean shutdown keeps the bitmap: the next run (QEMU off) still knows the changes.
+    vm.quit();
+    let (c, t) = snap(&b, "db");
+    assert_eq!(c, Consistency::Crash);
+    assert_eq!(t, t1);
+    assert_eq!(b.changed_blocks("db", "os", Some(t1), MIB).unwrap(), vec![1], "the bitmap survived a clean shutdown");
+    b.release("db").unwrap();
+    let t2 = b.confirm("db", ChangeToken { generation: t.generation, sequence: t.sequence + 1 }).unwrap();
+
+    vm.start();
+    vm.write(2 * MIB, 4096, 8);
+    vm.kill9();
+    vm.start();
+    let (_, t) = snap(&b, "db");
+    assert!(t.generation > t2.generation, "QEMU's kill -9 starts a new tracking generation");
+    let e = b.changed_blocks("db", "os", Some(t2), MIB).unwrap_err();
+    assert!(matches!(e, BackendError::TrackingLost(_)), "{e}");
+    b.release("db").unwrap();
+    b.abandon("db").unwrap();
+    vm.quit();
+}
+
+#[test]
+fn a_killed_agents_leftovers_are_cleaned_and_no_write_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::create(dir.path(), "app", 16 * MIB, "qcow2");
+    vm.start();
+    let b = backend(dir.path());
+    let (_, t0) = snap(&b, "app");
+    b.release("app").unwrap();
+    let t1 = b.confirm("app", ChangeToken { generation: t0.generation, sequence: t0.sequence + 1 }).unwrap();
+    vm.write(MIB, 4096, 1);
+    // The agent dies holding a frozen (paused) snapshot: nothing released, thawed or confirmed.
+    b.freeze("app").unwrap();
+    b.take("app", "node1").unwrap();
+    assert_eq!(vm.status(), "paused");
+    std::mem::forget(b);
+    vm.write(3 * MIB, 4096, 2);
+    let b = backend(dir.path());
+    assert_eq!(b.cleanup_orphans().unwrap(), vec!["app".to_owned()]);
+    assert_eq!(vm.status(), "running", "the VM a dead agent paused runs again");
+    assert!(vm.nodes().iter().all(|n| !n.starts_with("bulwark-")), "{:?}", vm.nodes());
+    assert!(vm.qmp().execute("query-block-exports", json!({})).unwrap().as_array().unwrap().is_empty());
+    let (_, t) = snap(&b, "app");
+    assert_eq!(t, t1);
+    assert_eq!(b.changed_blocks("app", "os", Some(t1), MIB).unwrap(), vec![1, 3], "every write is still covered");
+    b.release("app").unwrap();
+    vm.quit();
+}
+
+#[test]
+fn restores_go_through_qemu_nbd_and_refuse_a_running_vm() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    let mut vm = Vm::create(dir.path(), "fs", size, "qcow2");
+    vm.start();
+    let b = backend(dir.path());
+    let e = b.restore_begin("fs", "node1", "test", None).unwrap_err();
+    assert!(matches!(e, BackendError::Refused(_)), "{e}");
+    vm.quit();
+    b.restore_begin("fs", "node1", "test", None).unwrap();
+    let data = vec![0x5au8; MIB as usize];
+    b.restore_write("fs", "os", 2 * MIB, &data).unwrap();
+    b.restore_finish("fs").unwrap();
+    let out = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(&vm.image)
+        .arg(dir.path().join("out.raw"))
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let raw = std::fs::read(dir.path().join("out.raw")).unwrap();
+    assert_eq!(raw.len() as u64, size);
+    assert!(raw[2 * MIB as usize..3 * MIB as usize].iter().all(|&x| x == 0x5a));
+    assert!(raw[..2 * MIB as usize].iter().all(|&x| x == 0));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3, ..ProptestConfig::default() })]
+
+    /// Random guest writes interleaved with snapshots: each snapshot reads exactly the model
+    /// disk at its point, and its changed blocks cover every block written since the last.
+    #[test]
+    fn random_writes_and_snapshots_match_a_model_disk(
+        ops in proptest::collection::vec((0u64..32, 1u64..3, 1u8..255, prop::bool::weighted(0.25)), 6..14)
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 32 * MIB;
+        let mut vm = Vm::create(dir.path(), "p", size, "qcow2");
+        vm.start();
+        let b = backend(dir.path());
+        let mut model = vec![0u8; size as usize];
+        let mut token: Option<ChangeToken> = None;
+        let mut dirty = std::collections::BTreeSet::new();
+        let bs = 64 * 1024;
+        for (mb, len_blocks, pattern, snapshot) in ops {
+            let offset = mb * MIB + u64::from(pattern) * 4096 % MIB;
+            let len = (len_blocks * 48 * 1024).min(size - offset);
+            vm.write(offset, len, pattern);
+            model[offset as usize..(offset + len) as usize].fill(pattern);
+            for blk in offset / bs..(offset + len).div_ceil(bs) {
+                dirty.insert(blk);
+            }
+            if snapshot {
+                let (_, t) = snap(&b, "p");
+                // A write racing right after the point must not show.
+                vm.write(0, 4096, 0xfe);
+                let (img, _) = read_all(&b, "p", size, bs as usize);
+                prop_assert!(img == model, "the snapshot differs from the model");
+                if let Some(prev) = token {
+                    let changed: std::collections::BTreeSet<u64> =
+                        b.changed_blocks("p", "os", Some(prev), bs).unwrap().into_iter().collect();
+                    prop_assert!(dirty.is_subset(&changed), "a written block is missing from the changes");
+                }
+                b.release("p").unwrap();
+                token = Some(b.confirm("p", ChangeToken { generation: t.generation, sequence: t.sequence + 1 }).unwrap());
+                model[..4096].fill(0xfe);
+                dirty.clear();
+                dirty.insert(0);
+            }
+        }
+        vm.quit();
+    }
+}
