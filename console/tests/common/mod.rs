@@ -164,6 +164,16 @@ impl Cluster {
         self.agents.len() - 1
     }
 
+    /// Starts an agent with extra `run` arguments (`--qemu-vm-dir DIR`, say).
+    pub fn run_agent_with(&mut self, host: &str, extra: &[&str]) -> usize {
+        let dir = self.agent_dir(host);
+        let log = self.root.path().join(format!("agent-{host}.log"));
+        let mut args = vec!["x-agent", "run", "--data-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.agents.push(Daemon::spawn(&args, log));
+        self.agents.len() - 1
+    }
+
     /// Starts an agent on a sim storage root.
     pub fn run_sim_agent(&mut self, host: &str, root: &Path) -> usize {
         let dir = self.agent_dir(host);
