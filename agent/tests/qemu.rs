@@ -7,7 +7,6 @@ mod qemu_vm;
 
 use bulwark_agent::backend::{BackendError, Hypervisor};
 use bulwark_agent::qemu::nbd::{self, Nbd};
-use bulwark_agent::qemu::qmp::Qmp;
 use bulwark_agent::qemu::QemuBackend;
 use bulwark_protocol::block::{ChunkHasher, ZERO};
 use bulwark_protocol::messages::{ChangeToken, Consistency, PowerState};
