@@ -97,3 +97,67 @@ fn a_coordinator_protects_a_qemu_vm_and_a_sim_vm_in_one_group() {
         Vm { dir: qdir.clone(), name: "q2".into(), image: restored.join("q2-os.qcow2"), format: "qcow2", qemu: None };
     assert_eq!(copy.raw(), view, "the new image is bit-exact");
 }
+
+#[test]
+fn an_agent_killed_mid_read_leaves_the_vm_running_and_no_change_lost() {
+    let mut c = Cluster::start();
+    let qdir = c.root.path().join("q");
+    let mut vm = Vm::create(&qdir, "k1", 512 * MIB, "qcow2");
+    vm.start();
+    vm.write(0, 8 * MIB, 1);
+    c.enroll("node1");
+    let vm_dir = qdir.join("vms");
+    let vm_dir_arg = ["--qemu-vm-dir", vm_dir.to_str().unwrap()];
+    let agent = c.run_agent_with("node1", &vm_dir_arg);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("k1").is_some());
+    c.json(&["group", "create", "g", "--vm", "k1", "--sync-every", "off", "--recovery-points", "none"]);
+    wait_until("initial replica", Duration::from_secs(60), || c.vm("k1").unwrap()["replica_state"] == "consistent");
+
+    // A big change set, so the express full reads for a while; the agent dies mid-read.
+    for i in 0..40u64 {
+        vm.write(16 * MIB + i * 12 * MIB, 8 * MIB, 0x40 + i as u8);
+    }
+    let dir = c.dir_str();
+    let backup = std::process::Command::new(bin())
+        .args(["--data-dir", &dir, "backup", "k1", "--wait", "--output", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the fleecing graph is up", Duration::from_secs(30), || {
+        vm.nodes().iter().any(|n| n.starts_with("bulwark-acc-"))
+    });
+    c.agents[agent].signal(9);
+    let _ = c.agents[agent].child.wait();
+    let out = backup.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the express full whose agent died does not succeed: {out:?}");
+    // The guest goes on writing while no agent runs.
+    vm.write(500 * MIB, MIB, 0x99);
+
+    c.run_agent_with("node1", &vm_dir_arg);
+    c.wait_connected("node1", true);
+    assert_eq!(vm.status(), "running", "the VM is not left paused");
+    wait_until("the dead agent's graph is torn down", Duration::from_secs(30), || {
+        vm.nodes().iter().all(|n| !n.starts_with("bulwark-"))
+    });
+    let exports = vm.qmp().execute("query-block-exports", serde_json::json!({})).unwrap();
+    assert!(exports.as_array().unwrap().is_empty(), "no export is left: {exports}");
+    assert!(std::fs::read_dir(c.agent_dir("node1").join("qemu/fleece")).unwrap().next().is_none(), "no fleecing image");
+
+    // The snapshot's bits went back into the live bitmap: it covers every write.
+    assert_eq!(vm.bitmap_count("bulwark-snap"), None, "the snapshot bitmap was merged back and dropped");
+    let dirty = vm.bitmap_count("bulwark").unwrap();
+    assert!(dirty >= 321 * MIB, "the live bitmap covers the interrupted changes and the new write: {dirty}");
+
+    // The coordinator saw the transfer die: its replica needs a consistency check, then the
+    // next recovery point is the image as it is.
+    assert_eq!(c.vm("k1").unwrap()["replica_state"], "inconsistent");
+    let cc = c.json(&["cc", "k1", "--wait"]);
+    assert_eq!(cc["state"], "succeeded", "{cc}");
+    vm.write(200 * MIB, MIB, 0x77);
+    let job = c.json(&["backup", "k1", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    vm.quit();
+    let view = vm.raw();
+    assert_eq!(c.recover_disk("k1", "latest", "os"), view, "no change was lost");
+}
