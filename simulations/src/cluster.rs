@@ -40,9 +40,8 @@ fn coordinator(dir: DataDir) -> Daemon {
     Daemon { stop: Some(tx), thread: Some(thread) }
 }
 
-fn agent(dir: AgentDir, sim_root: &Path) -> Daemon {
+fn agent(dir: AgentDir, opts: bulwark_agent::run::RunOptions) -> Daemon {
     let (tx, rx) = oneshot::channel::<()>();
-    let opts = bulwark_agent::run::RunOptions { sim_root: Some(sim_root.to_owned()), qemu_vm_dir: None };
     let thread = std::thread::spawn(move || {
         let r = actix_rt::System::new().block_on(bulwark_agent::run::run(dir, opts, async {
             let _ = rx.await;
@@ -81,8 +80,18 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Initializes and starts both daemons under `work` (`encrypt`: an encrypted store).
+    /// Initializes and starts both daemons under `work` (`encrypt`: an encrypted store); the
+    /// agent drives the sim on `work/sim`.
     pub fn start(work: &Path, encrypt: bool) -> anyhow::Result<Self> {
+        Self::start_with(work, encrypt, None)
+    }
+
+    /// The same with an agent on the QEMU backend over the VM definitions in `qemu_vm_dir`.
+    pub fn start_qemu(work: &Path, encrypt: bool, qemu_vm_dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(work, encrypt, Some(qemu_vm_dir))
+    }
+
+    fn start_with(work: &Path, encrypt: bool, qemu_vm_dir: Option<&Path>) -> anyhow::Result<Self> {
         let data = DataDir::new(work.join("coordinator"));
         let opts = bulwark_coordinator::init::InitOptions {
             name: Some("bench".into()),
@@ -107,7 +116,11 @@ impl Cluster {
         std::fs::create_dir_all(&sim_root)?;
         let agent_dir = AgentDir::new(work.join("agent"));
         rt.block_on(bulwark_agent::enroll::enroll(&agent_dir, &token, Some("node1".into())))?;
-        let agent = agent(agent_dir, &sim_root);
+        let opts = match qemu_vm_dir {
+            Some(d) => bulwark_agent::run::RunOptions { sim_root: None, qemu_vm_dir: Some(d.to_owned()) },
+            None => bulwark_agent::run::RunOptions { sim_root: Some(sim_root.clone()), qemu_vm_dir: None },
+        };
+        let agent = agent(agent_dir, opts);
         Ok(Self { work: work.to_owned(), sim_root, data, rt, client, _agent: agent, _coordinator: coordinator })
     }
 

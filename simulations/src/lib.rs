@@ -24,6 +24,7 @@ pub mod cluster;
 pub mod limits;
 pub mod peers;
 pub mod protectbench;
+pub mod qemubench;
 pub mod report;
 pub mod restorebench;
 pub mod storebench;

@@ -60,6 +60,9 @@ pub struct Report {
     /// Full and smart restore figures (`restore`, `smart-restore`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<crate::restorebench::RestoreFigures>,
+    /// The QEMU backend against the sim and `qemu-img convert` (`qemu`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<crate::qemubench::QemuFigures>,
     /// The headline ratios, in words (also printed).
     pub findings: Vec<String>,
 }
@@ -172,6 +175,25 @@ impl Report {
                 line += &format!("; {:.2}x the slowest stage ({name}, {:.0} MiB/s)", bps / v, v / 1048576.0);
             }
             out.push(line);
+        }
+        if let Some(q) = &self.qemu {
+            let mib = |b: f64| b / (1u64 << 20) as f64;
+            out.push(format!(
+                "qemu, initial {}: over NBD {:.0} MiB/s = {:.2}x qemu-img convert ({:.0} MiB/s), {:.2}x the sim backend ({:.0} MiB/s)",
+                size(q.disk_bytes),
+                mib(q.qemu_initial_bps),
+                q.qemu_initial_bps / q.convert_bps.max(1.0),
+                mib(q.convert_bps),
+                q.qemu_initial_bps / q.sim_initial_bps.max(1.0),
+                mib(q.sim_initial_bps)
+            ));
+            out.push(format!(
+                "qemu, incremental after 1 % churn: {:.2} s reading {} over NBD vs the sim backend {:.2} s reading {}",
+                q.qemu_incremental_seconds,
+                size(q.qemu_incremental_read),
+                q.sim_incremental_seconds,
+                size(q.sim_incremental_read)
+            ));
         }
         self.findings = out;
     }

@@ -100,3 +100,24 @@ fn bench_incremental_compares_with_restic_and_borg_on_the_same_churn() {
     let svg = std::fs::read_to_string(out.path().join("bench-incremental.svg")).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 3, "one line per tool");
 }
+
+#[test]
+fn bench_qemu_compares_nbd_reads_with_the_sim_and_qemu_img_convert() {
+    let out = tempfile::tempdir().unwrap();
+    let report = run_bench(&["--scenario", "qemu", "--sizes", "128MiB", "--limit-bytes", "8MiB"], out.path());
+    let rows = report["results"].as_array().unwrap();
+    let find = |tool: &str, scenario: &str| {
+        rows.iter()
+            .find(|r| r["tool"] == tool && r["scenario"] == scenario)
+            .unwrap_or_else(|| panic!("no {tool} {scenario} row: {report}"))
+    };
+    for tool in ["bulwark-qemu", "bulwark-sim"] {
+        assert_eq!(find(tool, "qemu-initial")["bytes_read"], 128 << 20, "{tool} reads the whole random disk");
+        assert_eq!(find(tool, "qemu-incremental")["bytes_read"], 1 << 20, "{tool}: 1 % of 128 MiB is one 1 MiB block");
+    }
+    assert!(find("qemu-img convert", "qemu-initial")["seconds"].as_f64().unwrap() > 0.0);
+    let q = &report["qemu"];
+    assert!(q["qemu_initial_bps"].as_f64().unwrap() > 0.0 && q["convert_bps"].as_f64().unwrap() > 0.0, "{q}");
+    let findings = report["findings"].as_array().unwrap();
+    assert!(findings.iter().any(|f| f.as_str().unwrap().contains("qemu-img convert")), "{findings:?}");
+}

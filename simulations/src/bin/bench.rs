@@ -15,8 +15,8 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "bulwark-bench", version, about)]
 struct Cli {
-    /// initial, incremental, cc, restore, smart-restore, limits, store, read, all (several:
-    /// comma-separated).
+    /// initial, incremental, cc, restore, smart-restore, limits, store, read, qemu, all
+    /// (several: comma-separated; `qemu` needs qemu-system-x86_64 and uses the first size).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenario: Vec<String>,
     /// Disk sizes for initial, incremental and cc, comma-separated (restores use the first).
@@ -53,7 +53,8 @@ struct Cli {
     output: String,
 }
 
-const SCENARIOS: &[&str] = &["limits", "store", "read", "initial", "incremental", "cc", "restore", "smart-restore"];
+const SCENARIOS: &[&str] =
+    &["limits", "store", "read", "initial", "incremental", "cc", "restore", "smart-restore", "qemu"];
 
 /// Free bytes on the file system holding `dir`.
 fn free_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
@@ -122,7 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
     let mut lim = Limits { sample_bytes: sample, ..Limits::default() };
     let restoring = has("restore") || has("smart-restore");
-    if has("limits") || has("store") || restoring || protecting {
+    if has("limits") || has("store") || restoring || protecting || has("qemu") {
         let file = cli.out.join("limits-sample.bin");
         eprintln!("measuring limits on {} of random data", format_size(sample));
         lim.write_bps = limits::write_bps(&cli.out.join("limits-write.bin"), sample)?;
@@ -179,6 +180,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         results.extend(rows);
         restore = Some(figures);
     }
+    let mut qemu = None;
+    if has("qemu") {
+        let work = tempfile::tempdir_in(&cli.out)?;
+        let (figures, rows) = bulwark_simulations::qemubench::run_bench(work.path(), sizes[0])?;
+        results.extend(rows);
+        qemu = Some(figures);
+    }
     let mut report = Report {
         machine: Machine { cores: limits::cores(), mem_bytes: limits::mem_bytes() },
         limits: lim,
@@ -186,6 +194,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         store,
         agent_read,
         restore,
+        qemu,
         findings: vec![],
     };
     report.compute_findings();
