@@ -31,12 +31,27 @@ impl From<SimError> for BackendError {
     }
 }
 
+/// How far a freeze got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quiesced {
+    pub consistency: Consistency,
+    /// Why the consistency is lower than asked for, in words; `None` when nothing went wrong.
+    pub note: Option<String>,
+}
+
+impl Quiesced {
+    pub fn clean(consistency: Consistency) -> Quiesced {
+        Quiesced { consistency, note: None }
+    }
+}
+
 /// What the agent asks of a hypervisor.
 pub trait Hypervisor: Send + Sync + 'static {
     /// The VMs of `host`.
     fn inventory(&self, host: &str) -> Result<Inventory, BackendError>;
-    /// Quiesce (or pause) the guest; answers the consistency the snapshot will have.
-    fn freeze(&self, vm: &str) -> Result<Consistency, BackendError>;
+    /// Quiesce (or pause) the guest; answers the consistency the snapshot will have, and why it
+    /// is lower than the guest could give (a guest agent that did not answer, a failed hook).
+    fn freeze(&self, vm: &str) -> Result<Quiesced, BackendError>;
     /// The snapshot point, for `holder`; answers the change token its changes are relative to.
     fn take(&self, vm: &str, holder: &str) -> Result<ChangeToken, BackendError>;
     /// Undo the freeze; harmless when not frozen.
@@ -109,12 +124,12 @@ impl Hypervisor for SimBackend {
         Ok(crate::inventory::sim_inventory(&self.root, host)?)
     }
 
-    fn freeze(&self, vm: &str) -> Result<Consistency, BackendError> {
-        Ok(match Vm::open(&self.root, vm)?.freeze(now_ms())? {
+    fn freeze(&self, vm: &str) -> Result<Quiesced, BackendError> {
+        Ok(Quiesced::clean(match Vm::open(&self.root, vm)?.freeze(now_ms())? {
             SnapConsistency::App => Consistency::App,
             SnapConsistency::Filesystem => Consistency::Filesystem,
             SnapConsistency::Crash => Consistency::Crash,
-        })
+        }))
     }
 
     fn take(&self, vm: &str, holder: &str) -> Result<ChangeToken, BackendError> {

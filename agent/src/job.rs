@@ -161,6 +161,7 @@ async fn execute(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>)
     }
     Ok(JobOutcome::Succeeded {
         consistency: taken.consistency,
+        consistency_note: taken.note.clone(),
         bytes_read,
         blocks_sent,
         next_token: next_token(taken.token, &req.disks),

@@ -99,7 +99,7 @@ pub fn export(backend: &dyn Hypervisor, host: &str, vm: &str, out: &Path) -> Res
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        consistency: consistency.as_str().to_owned(),
+        consistency: consistency.consistency.as_str().to_owned(),
         disks,
     };
     let text = toml::to_string_pretty(&manifest).map_err(|e| SeedError::Invalid(e.to_string()))?;

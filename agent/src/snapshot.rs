@@ -3,7 +3,7 @@
 //! bound, when the coordinator stops renewing the lease, when the actor stops for any reason.
 //! The sequence and what is owed from each state are `bulwark_protocol::snapshot`'s.
 
-use crate::backend::{BackendError, Hypervisor};
+use crate::backend::{BackendError, Hypervisor, Quiesced};
 use actix::prelude::*;
 use bulwark_protocol::messages::{ChangeToken, Consistency};
 use bulwark_protocol::snapshot::{Cleanup, SnapshotState};
@@ -106,6 +106,8 @@ impl Actor for SnapshotActor {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     pub consistency: Consistency,
+    /// Why the consistency is lower than the guest could give, when it is.
+    pub note: Option<String>,
     pub token: ChangeToken,
     /// How long the guest was frozen.
     pub frozen_for: Duration,
@@ -143,8 +145,8 @@ impl Handler<Take> for SnapshotActor {
             return Err(BackendError::Failed(format!("snapshot already {:?}", self.state)));
         }
         self.step(SnapshotState::Preparing);
-        let consistency = match self.backend.freeze(&self.vm) {
-            Ok(c) => c,
+        let Quiesced { consistency, note } = match self.backend.freeze(&self.vm) {
+            Ok(q) => q,
             Err(e) => {
                 // Nothing is frozen or held yet.
                 self.state = SnapshotState::Released;
@@ -179,8 +181,8 @@ impl Handler<Take> for SnapshotActor {
         }
         self.step(SnapshotState::Thawed);
         self.arm_lease(ctx);
-        tracing::info!(?consistency, ?frozen_for, "snapshot taken");
-        Ok(Taken { consistency, token, frozen_for })
+        tracing::info!(?consistency, note = note.as_deref().unwrap_or(""), ?frozen_for, "snapshot taken");
+        Ok(Taken { consistency, note, token, frozen_for })
     }
 }
 

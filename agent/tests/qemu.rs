@@ -40,7 +40,7 @@ fn read_all(b: &QemuBackend, vm: &str, size: u64, bs: usize) -> (Vec<u8>, u64) {
 
 /// One snapshot run: freeze, take, thaw.
 fn snap(b: &QemuBackend, vm: &str) -> (Consistency, ChangeToken) {
-    let c = b.freeze(vm).unwrap();
+    let c = b.freeze(vm).unwrap().consistency;
     let t = b.take(vm, "node1").unwrap();
     b.thaw(vm).unwrap();
     (c, t)

@@ -58,6 +58,8 @@ fn a_coordinator_protects_a_qemu_vm_and_a_sim_vm_in_one_group() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["kind"], "express-full");
     assert_eq!(job["consistency"], "crash", "no guest agent: paused for the snapshot point");
+    let detail = job["detail"].as_str().unwrap();
+    assert!(detail.contains("crash-consistent: no guest agent is configured: the VM was paused instead"), "{job}");
     let scanned = job["bytes_scanned"].as_u64().unwrap();
     assert!((10 * MIB..=11 * MIB).contains(&scanned), "the express full read ≈ 1 % of 1 GiB over NBD: {job}");
     let job = c.json(&["backup", "s1", "--wait"]);

@@ -38,6 +38,7 @@ pub const ALPN: &[u8] = b"bulwark/1";
 pub const ALPN_ENROLL: &[u8] = b"bulwark-enroll/1";
 
 /// The protocol version this build speaks natively.
-pub const PROTOCOL_VERSION: u16 = 1;
-/// The oldest protocol version this build still accepts.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// 2: a backup's outcome says why its consistency is lower (`consistency_note`).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The oldest protocol version this build still accepts (1 encoded job outcomes differently).
+pub const MIN_PROTOCOL_VERSION: u16 = 2;

@@ -188,6 +188,8 @@ pub enum FailureKind {
 pub enum JobOutcome {
     Succeeded {
         consistency: Consistency,
+        /// Why the consistency is lower than the guest could give, when it is.
+        consistency_note: Option<String>,
         bytes_read: u64,
         blocks_sent: u64,
         /// The token the replica is current with once the coordinator has committed.

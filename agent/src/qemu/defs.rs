@@ -52,6 +52,10 @@ pub struct VmDef {
     /// Bound on each hook, in seconds (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook_timeout_secs: Option<u64>,
+    /// How long the guest agent has to answer and freeze (default 10 s); after it, the VM is
+    /// paused instead and the snapshot is crash-consistent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_timeout_secs: Option<u64>,
     pub disks: Vec<DiskDef>,
 }
 
@@ -125,6 +129,10 @@ impl VmDef {
     }
 
     /// The hook bound.
+    pub fn freeze_timeout(&self) -> Duration {
+        Duration::from_secs(self.freeze_timeout_secs.unwrap_or(10).clamp(1, 60))
+    }
+
     pub fn hook_timeout(&self) -> Duration {
         Duration::from_secs(self.hook_timeout_secs.unwrap_or(60).clamp(1, 3600))
     }

@@ -27,7 +27,7 @@ pub mod defs;
 pub mod nbd;
 pub mod qmp;
 
-use crate::backend::{BackendError, Hypervisor};
+use crate::backend::{BackendError, Hypervisor, Quiesced};
 use crate::reader::{ReadBlock, ReadStats};
 use bulwark_protocol::block::ChunkHasher;
 use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, GuestOs, Inventory, NewVm, PowerState, VmInfo};
@@ -48,7 +48,6 @@ pub const LIVE_BITMAP: &str = "bulwark";
 /// The frozen bitmap of a held snapshot (kept until the coordinator commits).
 pub const SNAP_BITMAP: &str = "bulwark-snap";
 /// How long a guest may take to freeze.
-const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long QEMU may take to answer a command.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Meta context of the snapshot bitmap.
@@ -635,7 +634,7 @@ impl Hypervisor for QemuBackend {
         Ok(Inventory { vms })
     }
 
-    fn freeze(&self, vm: &str) -> Result<Consistency, BackendError> {
+    fn freeze(&self, vm: &str) -> Result<Quiesced, BackendError> {
         let def = self.def(vm)?;
         let mut st = self.load_state(vm)?;
         if st.frozen.is_some() || st.snapshot.is_some() {
@@ -645,12 +644,13 @@ impl Hypervisor for QemuBackend {
             // Off: the images are still; nothing to quiesce.
             st.frozen = Some(FrozenState { guest: false, paused: false, consistency: Consistency::Crash });
             self.save_state(vm, &st)?;
-            return Ok(Consistency::Crash);
+            return Ok(Quiesced { consistency: Consistency::Crash, note: Some("the VM is off".into()) });
         };
-        if q.status().map_err(failed)? != "running" {
+        let status = q.status().map_err(failed)?;
+        if status != "running" {
             st.frozen = Some(FrozenState { guest: false, paused: false, consistency: Consistency::Crash });
             self.save_state(vm, &st)?;
-            return Ok(Consistency::Crash);
+            return Ok(Quiesced { consistency: Consistency::Crash, note: Some(format!("the VM is {status}")) });
         }
         let mut why_crash = None;
         if let Some(hook) = &def.pre_snapshot {
@@ -664,23 +664,34 @@ impl Hypervisor for QemuBackend {
                     // Recorded first: a freeze that may have reached the guest is always thawed.
                     st.frozen = Some(FrozenState { guest: true, paused: false, consistency });
                     self.save_state(vm, &st)?;
-                    let frozen = Qga::connect(ga, FREEZE_TIMEOUT)
-                        .and_then(|mut g| g.execute("guest-fsfreeze-freeze", json!({})));
-                    match frozen {
-                        Ok(_) => return Ok(consistency),
+                    let bound = def.freeze_timeout();
+                    match Qga::connect(ga, bound) {
+                        // The agent did not even answer its sync: no freeze was sent.
                         Err(e) => {
-                            why_crash = Some(format!("the guest did not freeze ({e})"));
-                            // It may freeze late: thaw now, in case.
-                            if let Ok(mut g) = Qga::connect(ga, FREEZE_TIMEOUT) {
-                                let _ = g.execute("guest-fsfreeze-thaw", json!({}));
-                            }
+                            st.frozen = None;
+                            why_crash = Some(format!("the guest agent did not answer within {bound:?} ({e})"));
                         }
+                        Ok(mut g) => match g.execute("guest-fsfreeze-freeze", json!({})) {
+                            Ok(_) => return Ok(Quiesced::clean(consistency)),
+                            Err(e) => {
+                                why_crash = Some(format!("the guest did not freeze within {bound:?} ({e})"));
+                                // It may freeze late: thaw now, in case; once that answers,
+                                // nothing of the guest is left frozen.
+                                drop(g);
+                                let thawed = Qga::connect(ga, bound)
+                                    .and_then(|mut g| g.execute("guest-fsfreeze-thaw", json!({})));
+                                if thawed.is_ok() {
+                                    st.frozen = None;
+                                }
+                            }
+                        },
                     }
                 }
-                None => why_crash = Some("no guest agent: the VM is paused instead".into()),
+                None => why_crash = Some("no guest agent is configured".into()),
             }
         }
-        tracing::warn!(vm, reason = why_crash.as_deref().unwrap_or(""), "crash-consistent snapshot");
+        let why = format!("{}: the VM was paused instead", why_crash.as_deref().unwrap_or("no freeze"));
+        tracing::warn!(vm, reason = %why, "crash-consistent snapshot");
         st.frozen = Some(FrozenState {
             guest: st.frozen.as_ref().is_some_and(|f| f.guest),
             paused: true,
@@ -688,7 +699,7 @@ impl Hypervisor for QemuBackend {
         });
         self.save_state(vm, &st)?;
         q.execute("stop", json!({})).map_err(failed)?;
-        Ok(Consistency::Crash)
+        Ok(Quiesced { consistency: Consistency::Crash, note: Some(why) })
     }
 
     fn take(&self, vm: &str, holder: &str) -> Result<ChangeToken, BackendError> {
@@ -755,17 +766,24 @@ impl Hypervisor for QemuBackend {
         let mut st = self.load_state(vm)?;
         let Some(f) = st.frozen.clone() else { return Ok(()) };
         if let Some(mut q) = self.qmp(&def)? {
-            if f.guest {
-                if let Some(ga) = &def.guest_agent {
-                    let thawed =
-                        Qga::connect(ga, FREEZE_TIMEOUT).and_then(|mut g| g.execute("guest-fsfreeze-thaw", json!({})));
-                    if let Err(e) = thawed {
-                        return Err(failed(format!("{vm}: the guest did not thaw: {e}")));
-                    }
-                }
-            }
+            // Resume first: a paused guest's agent cannot answer a thaw.
             if f.paused && q.status().map_err(failed)? == "paused" {
                 q.execute("cont", json!({})).map_err(failed)?;
+            }
+            if f.guest {
+                if let Some(ga) = &def.guest_agent {
+                    let thawed = Qga::connect(ga, def.freeze_timeout())
+                        .and_then(|mut g| g.execute("guest-fsfreeze-thaw", json!({})));
+                    match thawed {
+                        Ok(_) => {}
+                        // The freeze never answered and the VM was paused instead: a guest
+                        // agent that is still silent has nothing frozen to thaw.
+                        Err(e) if f.paused => {
+                            tracing::warn!(vm, error = %e, "the guest agent did not answer the thaw either")
+                        }
+                        Err(e) => return Err(failed(format!("{vm}: the guest did not thaw: {e}"))),
+                    }
+                }
             }
         }
         if let Some(hook) = &def.post_snapshot {
@@ -1055,6 +1073,7 @@ impl QemuBackend {
             pre_snapshot: None,
             post_snapshot: None,
             hook_timeout_secs: None,
+            freeze_timeout_secs: None,
             disks: defs,
         };
         let text = toml::to_string(&def).map_err(failed)?;

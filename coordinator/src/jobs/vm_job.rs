@@ -284,8 +284,10 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
             }
         }
     };
-    let (consistency, bytes_read, next_token) = match outcome.outcome {
-        JobOutcome::Succeeded { consistency, bytes_read, next_token, .. } => (consistency, bytes_read, next_token),
+    let (consistency, note, bytes_read, next_token) = match outcome.outcome {
+        JobOutcome::Succeeded { consistency, consistency_note, bytes_read, next_token, .. } => {
+            (consistency, consistency_note, bytes_read, next_token)
+        }
         JobOutcome::Failed { kind: FailureKind::TrackingLost, reason } => {
             return Err(Failure { reason: reason.clone(), retry: false, inconsistent: Some(reason) })
         }
@@ -344,8 +346,11 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
             job.consistency = Some(consistency);
             if let Some(rp) = rp {
                 let id = crate::store::hex(&rp.id);
-                job.detail = Some(format!("recovery point {id} ({}-consistent)", consistency.as_str()));
-                tracing::info!(rp = %id, consistency = consistency.as_str(), "recovery point committed");
+                job.detail = Some(match &note {
+                    Some(why) => format!("recovery point {id} ({}-consistent: {why})", consistency.as_str()),
+                    None => format!("recovery point {id} ({}-consistent)", consistency.as_str()),
+                });
+                tracing::info!(rp = %id, consistency = consistency.as_str(), note = note.as_deref().unwrap_or(""), "recovery point committed");
             } else if job.kind == JobKind::ConsistencyCheck {
                 job.detail =
                     Some(format!("{} block(s) differed and were repaired; replica consistent", job.blocks_changed));

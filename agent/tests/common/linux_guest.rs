@@ -1,0 +1,190 @@
+//! A tiny real Linux guest for the QEMU backend's freeze tests: Debian's cloud kernel and a
+//! busybox initramfs running Debian's `qemu-guest-agent`, booted under TCG, with one ext4
+//! disk mounted on `/mnt`. `tests/guest/build-guest.sh` builds the kernel and initramfs once;
+//! they are cached under the target directory.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use bulwark_agent::qemu::qmp::{Qga, Qmp};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Bump when `build-guest.sh` changes what it builds.
+const GUEST_VERSION: &str = "v1";
+
+/// The directory with `vmlinuz` and `initrd.gz`, built on first use.
+pub fn guest_image() -> PathBuf {
+    // target/<profile>/deps/<test binary>
+    let exe = std::env::current_exe().unwrap();
+    let target = exe.ancestors().nth(3).unwrap().to_owned();
+    let dir = target.join(format!("bulwark-guest-{GUEST_VERSION}"));
+    if !dir.join("initrd.gz").is_file() {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
+        let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "building the test guest failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir
+}
+
+/// A booted guest, its definition in `dir/vms/NAME.toml`.
+pub struct LinuxVm {
+    pub dir: PathBuf,
+    pub name: String,
+    pub image: PathBuf,
+    pub qemu: Option<Child>,
+}
+
+impl LinuxVm {
+    /// A qcow2 disk of `size` bytes holding a fresh ext4 filesystem.
+    pub fn create(dir: &Path, name: &str, size: u64) -> LinuxVm {
+        std::fs::create_dir_all(dir.join("vms")).unwrap();
+        let raw = dir.join(format!("{name}.raw"));
+        std::fs::File::create(&raw).unwrap().set_len(size).unwrap();
+        // No lazy initialisation: the guest's disk is still unless the test writes.
+        let ok = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&raw)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mkfs.ext4");
+        let image = dir.join(format!("{name}.qcow2"));
+        let ok =
+            Command::new("qemu-img").args(["convert", "-q", "-O", "qcow2"]).arg(&raw).arg(&image).status().unwrap();
+        assert!(ok.success(), "qemu-img convert");
+        std::fs::remove_file(&raw).unwrap();
+        let vm = LinuxVm { dir: dir.to_owned(), name: name.to_owned(), image, qemu: None };
+        vm.define("");
+        vm
+    }
+
+    pub fn qmp_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.qmp", self.name))
+    }
+
+    /// The guest agent's socket (`org.qemu.guest_agent.0`).
+    pub fn ga_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.qga", self.name))
+    }
+
+    /// A second virtio-serial port that nothing in the guest listens on: an agent that never
+    /// answers.
+    pub fn silent_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.silent", self.name))
+    }
+
+    /// (Re)writes the VM's definition; `extra` is more TOML keys (guest_agent, hooks...).
+    pub fn define(&self, extra: &str) {
+        let def = format!(
+            "name = \"{}\"\nqmp = \"{}\"\nos = \"linux\"\n{extra}\n[[disks]]\nname = \"os\"\nnode = \"disk0\"\ndevice = \"vda\"\npath = \"{}\"\nformat = \"qcow2\"\n",
+            self.name,
+            self.qmp_path().display(),
+            self.image.display()
+        );
+        std::fs::write(self.dir.join("vms").join(format!("{}.toml", self.name)), def).unwrap();
+    }
+
+    /// Boots the guest and waits for its agent.
+    pub fn boot(&mut self) {
+        let img = guest_image();
+        let console = self.dir.join(format!("{}.console", self.name));
+        for p in [self.qmp_path(), self.ga_path(), self.silent_path(), console.clone()] {
+            let _ = std::fs::remove_file(p);
+        }
+        let chardev = |id: &str, path: &Path| format!("socket,id={id},path={},server=on,wait=off", path.display());
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "256", "-no-reboot"])
+            .arg("-kernel")
+            .arg(img.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(img.join("initrd.gz"))
+            .args(["-append", "console=ttyS0 quiet panic=-1"])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", self.qmp_path().display()))
+            .arg("-blockdev")
+            .arg(format!("node-name=disk0-file,driver=file,filename={}", self.image.display()))
+            .args(["-blockdev", "node-name=disk0,driver=qcow2,file=disk0-file"])
+            .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
+            .args(["-device", "virtio-serial-pci,id=vser"])
+            .arg("-chardev")
+            .arg(chardev("ga", &self.ga_path()))
+            .args(["-device", "virtserialport,chardev=ga,name=org.qemu.guest_agent.0"])
+            .arg("-chardev")
+            .arg(chardev("silent", &self.silent_path()))
+            .args(["-device", "virtserialport,chardev=silent,name=org.bulwark.silent"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 runs (installed by .ci/run)");
+        self.qemu = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            assert!(!text.contains("BULWARK-GUEST-FAILED"), "the guest failed to start:\n{text}");
+            if text.contains("BULWARK-GUEST-READY") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the guest never came up:\n{text}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The agent answers once it has opened its port.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Qga::connect(&self.ga_path(), Duration::from_secs(2)).is_err() {
+            assert!(Instant::now() < deadline, "the guest agent never answered");
+        }
+    }
+
+    pub fn qmp(&self) -> Qmp {
+        Qmp::connect(&self.qmp_path(), Duration::from_secs(10)).unwrap()
+    }
+
+    pub fn qga(&self) -> Qga {
+        Qga::connect(&self.ga_path(), Duration::from_secs(10)).unwrap()
+    }
+
+    pub fn status(&self) -> String {
+        self.qmp().status().unwrap()
+    }
+
+    /// Runs `sh -c script` in the guest through its agent; answers its exit code.
+    pub fn exec(&self, script: &str) -> i64 {
+        let mut ga = self.qga();
+        let pid = ga.execute("guest-exec", json!({ "path": "/bin/sh", "arg": ["-c", script] })).unwrap()["pid"]
+            .as_i64()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = ga.execute("guest-exec-status", json!({ "pid": pid })).unwrap();
+            if st["exited"] == true {
+                return st["exitcode"].as_i64().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "guest command {script:?} did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `guest-fsfreeze-status`: `frozen` or `thawed`.
+    pub fn freeze_status(&self) -> String {
+        self.qga().execute("guest-fsfreeze-status", json!({})).unwrap().as_str().unwrap().to_owned()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.qemu.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for LinuxVm {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
