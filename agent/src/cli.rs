@@ -77,6 +77,20 @@ pub enum QemuCommand {
         #[arg(long)]
         vm_dir: PathBuf,
     },
+    /// Print the qemu-system command line VM's definition expects (QMP socket, block node
+    /// names, device ids, the guest agent's port); add your own network, display and boot
+    /// options to it.
+    Command {
+        #[arg(long)]
+        vm_dir: PathBuf,
+        #[arg(long)]
+        vm: String,
+        /// QEMU's accelerator list (`kvm:tcg` falls back to TCG without KVM).
+        #[arg(long, default_value = "kvm:tcg")]
+        accel: String,
+        #[arg(long, default_value_t = 1024)]
+        memory_mib: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -392,6 +406,17 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Run { data_dir, sim_root, qemu_vm_dir } => actix_rt::System::new()
             .block_on(run(AgentDir::new(data_dir), RunOptions { sim_root, qemu_vm_dir }, shutdown_signal()))
             .map_err(Into::into),
+        Command::Qemu { command: QemuCommand::Command { vm_dir, vm, accel, memory_mib } } => {
+            match crate::qemu::defs::VmDef::load(&vm_dir.join(format!("{vm}.toml"))) {
+                Ok(def) => {
+                    let line = crate::qemu::launch::command_line(&def, &accel, memory_mib);
+                    let quoted: Vec<String> = line.iter().map(|a| crate::qemu::launch::shell_quote(a)).collect();
+                    println!("{}", quoted.join(" "));
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Qemu { command: QemuCommand::Check { vm_dir } } => match crate::qemu::defs::check_dir(&vm_dir) {
             Ok(problems) if problems.is_empty() => {
                 println!("{}: every VM definition is valid", vm_dir.display());

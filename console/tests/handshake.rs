@@ -8,7 +8,7 @@ mod common;
 use bulwark_pki::ca::{LeafSpec, AGENT_VALIDITY};
 use bulwark_pki::Role;
 use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage, Hello};
-use bulwark_protocol::{codec, HostId};
+use bulwark_protocol::{codec, HostId, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use common::*;
 use std::time::{Duration, SystemTime};
 
@@ -25,7 +25,7 @@ fn hello(host: &str, min: u16, max: u16) -> Vec<u8> {
 async fn refused(c: &Cluster, creds: Option<Creds>, host: &str) -> String {
     match raw_connect(c, creds).await {
         Err(e) => e,
-        Ok((_ep, conn)) => match first_exchange(&conn, &hello(host, 1, 1)).await {
+        Ok((_ep, conn)) => match first_exchange(&conn, &hello(host, PROTOCOL_VERSION, PROTOCOL_VERSION)).await {
             Err(e) => e,
             Ok(body) => panic!("expected a refusal, got an answer: {:?}", codec::decode::<CoordinatorMessage>(&body)),
         },
@@ -103,7 +103,7 @@ async fn an_agent_certificate_cannot_reach_the_admin_api() {
     let dir = c.enroll("node1");
     let (_ep, conn) = raw_connect(&c, Some(Creds::from_agent_dir(&dir))).await.unwrap();
     let admin = framed(&bulwark_protocol::messages::AdminEnvelope {
-        version: 1,
+        version: PROTOCOL_VERSION,
         request: bulwark_protocol::messages::AdminRequest::AgentRevoke { host: HostId::new("node1").unwrap() },
     });
     let err = first_exchange(&conn, &admin).await.unwrap_err();
@@ -116,7 +116,7 @@ async fn a_hello_naming_another_host_is_refused() {
     let c = Cluster::start();
     let dir = c.enroll("node1");
     let (_ep, conn) = raw_connect(&c, Some(Creds::from_agent_dir(&dir))).await.unwrap();
-    let body = first_exchange(&conn, &hello("node2", 1, 1)).await.unwrap();
+    let body = first_exchange(&conn, &hello("node2", PROTOCOL_VERSION, PROTOCOL_VERSION)).await.unwrap();
     let answer: CoordinatorMessage = codec::decode(&body).unwrap();
     let CoordinatorMessage::Refused { reason } = answer else { panic!("expected a refusal, got {answer:?}") };
     assert!(reason.contains("names host \"node2\" but the certificate is for \"node1\""), "{reason}");
@@ -131,6 +131,7 @@ async fn an_incompatible_protocol_version_is_refused_naming_both_versions() {
     let (_ep, conn) = raw_connect(&c, Some(Creds::from_agent_dir(&dir))).await.unwrap();
     let body = first_exchange(&conn, &hello("node1", 7, 9)).await.unwrap();
     let CoordinatorMessage::Refused { reason } = codec::decode(&body).unwrap() else { panic!("expected a refusal") };
-    assert!(reason.contains("1..=1") && reason.contains("7..=9"), "{reason}");
+    let ours = format!("{MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}");
+    assert!(reason.contains(&ours) && reason.contains("7..=9"), "{reason}");
     c.coordinator.wait_log("incompatible protocol versions");
 }

@@ -23,8 +23,8 @@ async fn closed_reason(conn: &quinn::Connection) -> String {
 
 fn hello(host: &str) -> Vec<u8> {
     framed(&AgentMessage::Hello(Hello {
-        min_version: 1,
-        max_version: 1,
+        min_version: bulwark_protocol::PROTOCOL_VERSION,
+        max_version: bulwark_protocol::PROTOCOL_VERSION,
         host: HostId::new(host).unwrap(),
         agent_version: "test".into(),
     }))

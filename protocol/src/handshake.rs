@@ -73,7 +73,8 @@ mod tests {
     fn an_incompatible_version_names_both_ranges() {
         let err = accept_hello(&hello(7, 9, "n1"), &host("n1"), "c", 5).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("1..=1") && text.contains("7..=9"), "{text}");
+        let ours = format!("{MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}");
+        assert!(text.contains(&ours) && text.contains("7..=9"), "{text}");
     }
 
     #[test]
@@ -83,14 +84,15 @@ mod tests {
 
     #[test]
     fn a_hello_for_another_host_is_refused() {
-        let err = accept_hello(&hello(1, 1, "node2"), &host("node1"), "c", 5).unwrap_err();
+        let err =
+            accept_hello(&hello(PROTOCOL_VERSION, PROTOCOL_VERSION, "node2"), &host("node1"), "c", 5).unwrap_err();
         assert_eq!(err, HandshakeRefusal::HostMismatch { claimed: "node2".into(), certified: "node1".into() });
     }
 
     #[test]
     fn a_matching_hello_is_welcomed() {
-        let w = accept_hello(&hello(1, 1, "node1"), &host("node1"), "coord", 5).unwrap();
-        assert_eq!(w.version, 1);
+        let w = accept_hello(&hello(MIN_PROTOCOL_VERSION, 9, "node1"), &host("node1"), "coord", 5).unwrap();
+        assert_eq!(w.version, PROTOCOL_VERSION, "the highest version both speak");
         assert_eq!(w.coordinator, "coord");
     }
 }

@@ -5,6 +5,8 @@
 use crate::cluster::Cluster;
 use crate::report::BenchResult;
 use anyhow::{bail, Context};
+use bulwark_agent::qemu::defs::VmDef;
+use bulwark_agent::qemu::launch;
 use bulwark_agent::qemu::qmp::Qmp;
 use bulwark_agent::sim::{self, CreateVm, DiskConfig};
 use bulwark_protocol::messages::{BackupKind, JobInfo};
@@ -60,29 +62,20 @@ fn row(tool: &str, scenario: &str, size: u64, seconds: f64, job: Option<&JobInfo
     }
 }
 
-/// Starts QEMU on `image` with QMP at `qmp`, and waits for the monitor.
-fn start_qemu(image: &Path, qmp: &Path) -> anyhow::Result<Qemu> {
-    let _ = std::fs::remove_file(qmp);
-    let child = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "64"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-blockdev")
-        .arg(format!("node-name=disk0-file,driver=file,filename={}", image.display()))
-        .args(["-blockdev", "node-name=disk0,driver=qcow2,file=disk0-file"])
-        .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
+/// Starts QEMU as the definition `def` expects, and waits for its monitor.
+fn start_qemu(def: &Path) -> anyhow::Result<Qemu> {
+    let def = VmDef::load(def)?;
+    let _ = std::fs::remove_file(&def.qmp);
+    let line = launch::command_line(&def, "tcg", 64);
+    let child = Command::new(&line[0])
+        .args(&line[1..])
+        .args(["-nodefaults", "-display", "none"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
         .context("cannot run qemu-system-x86_64 (apt-get install qemu-system-x86 from bookworm-backports)")?;
     let q = Qemu(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Qmp::connect(qmp, Duration::from_secs(5)).is_err() {
-        if Instant::now() > deadline {
-            bail!("QEMU's monitor never answered");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    launch::wait_for_qmp(&def.qmp, Duration::from_secs(30)).context("QEMU's monitor never answered")?;
     Ok(q)
 }
 
@@ -149,7 +142,7 @@ pub fn run_bench(work: &Path, size: u64) -> anyhow::Result<(QemuFigures, Vec<Ben
         qcow2.display()
     );
     std::fs::write(qdir.join("vms/bench.toml"), def)?;
-    let _qemu = start_qemu(&qcow2, &qmp)?;
+    let _qemu = start_qemu(&qdir.join("vms/bench.toml"))?;
     let cluster = Cluster::start_qemu(&work.join("q-run"), false, &qdir.join("vms"))?;
     cluster.wait_vm("bench")?;
     cluster.protect("bench")?;

@@ -24,6 +24,7 @@
 //! Modules: [`qmp`] (QMP and guest agent clients), [`nbd`] (NBD client), [`defs`] (VM files).
 
 pub mod defs;
+pub mod launch;
 pub mod nbd;
 pub mod qmp;
 

@@ -4,6 +4,8 @@
 //! they are cached under the target directory.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use bulwark_agent::qemu::defs::VmDef;
+use bulwark_agent::qemu::launch;
 use bulwark_agent::qemu::qmp::{Qga, Qmp};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -96,9 +98,14 @@ impl LinuxVm {
         for p in [self.qmp_path(), self.ga_path(), self.silent_path(), console.clone()] {
             let _ = std::fs::remove_file(p);
         }
-        let chardev = |id: &str, path: &Path| format!("socket,id={id},path={},server=on,wait=off", path.display());
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "256", "-no-reboot"])
+        // Booted with the guest agent defined, so the command line has its port; a second
+        // port, that nothing in the guest opens, is the silent agent.
+        self.define(&format!("guest_agent = \"{}\"", self.ga_path().display()));
+        let def = VmDef::load(&self.dir.join("vms").join(format!("{}.toml", self.name))).unwrap();
+        let line = launch::command_line(&def, "tcg", 256);
+        let child = Command::new(&line[0])
+            .args(&line[1..])
+            .args(["-nodefaults", "-display", "none", "-no-reboot"])
             .arg("-kernel")
             .arg(img.join("vmlinuz"))
             .arg("-initrd")
@@ -106,18 +113,8 @@ impl LinuxVm {
             .args(["-append", "console=ttyS0 quiet panic=-1"])
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", self.qmp_path().display()))
-            .arg("-blockdev")
-            .arg(format!("node-name=disk0-file,driver=file,filename={}", self.image.display()))
-            .args(["-blockdev", "node-name=disk0,driver=qcow2,file=disk0-file"])
-            .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
-            .args(["-device", "virtio-serial-pci,id=vser"])
             .arg("-chardev")
-            .arg(chardev("ga", &self.ga_path()))
-            .args(["-device", "virtserialport,chardev=ga,name=org.qemu.guest_agent.0"])
-            .arg("-chardev")
-            .arg(chardev("silent", &self.silent_path()))
+            .arg(format!("socket,id=silent,path={},server=on,wait=off", self.silent_path().display()))
             .args(["-device", "virtserialport,chardev=silent,name=org.bulwark.silent"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())

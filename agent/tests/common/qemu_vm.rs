@@ -3,11 +3,13 @@
 //! backend. Shared by the agent's and the console's QEMU tests.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use bulwark_agent::qemu::defs::VmDef;
+use bulwark_agent::qemu::launch;
 use bulwark_agent::qemu::qmp::Qmp;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const MIB: u64 = 1 << 20;
 
@@ -46,25 +48,17 @@ impl Vm {
 
     pub fn start(&mut self) {
         let _ = std::fs::remove_file(self.qmp_path());
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-machine", "q35,accel=tcg", "-nodefaults", "-display", "none", "-m", "64"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", self.qmp_path().display()))
-            .arg("-blockdev")
-            .arg(format!("node-name=disk0-file,driver=file,filename={}", self.image.display()))
-            .arg("-blockdev")
-            .arg(format!("node-name=disk0,driver={},file=disk0-file", self.format))
-            .args(["-device", "virtio-blk-pci,drive=disk0,id=vda"])
+        let def = VmDef::load(&self.dir.join("vms").join(format!("{}.toml", self.name))).unwrap();
+        let line = launch::command_line(&def, "tcg", 64);
+        let child = Command::new(&line[0])
+            .args(&line[1..])
+            .args(["-nodefaults", "-display", "none"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64 runs (installed by .ci/run)");
         self.qemu = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Qmp::connect(&self.qmp_path(), Duration::from_secs(5)).is_err() {
-            assert!(Instant::now() < deadline, "QEMU's QMP socket never answered");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        launch::wait_for_qmp(&self.qmp_path(), Duration::from_secs(20)).expect("QEMU's QMP socket answers");
     }
 
     pub fn qmp(&self) -> Qmp {
