@@ -51,3 +51,21 @@ fn the_harness_catches_a_build_whose_snapshots_are_not_a_point_in_time() {
     let seed = violations[0]["seed"].as_u64().unwrap();
     assert!(stderr.contains(&format!("fault timeline of seed {seed}")), "the timeline is printed for replay: {stderr}");
 }
+
+/// The coordinator's store on a small tmpfs of its own, filled to the last byte while backups
+/// run and the coordinator is killed: jobs fail with a clear "store is full", a coordinator
+/// that cannot start says so, and once there is room every recovery point still restores and
+/// every replica is repaired. Mounting the tmpfs needs root, which CI has.
+#[test]
+fn a_full_store_disk_fails_jobs_cleanly_and_loses_nothing() {
+    let (code, s, stderr) = chaos(
+        &["--scenario", "store-full", "--seed", "3", "--runs", "1", "--minutes", "0.3", "--vms", "3", "--disk", "8MiB"],
+        &[],
+    );
+    assert_eq!(s["violations"], serde_json::json!([]), "{stderr}");
+    assert_eq!(code, Some(0));
+    assert!(s["faults"]["store_full"].as_u64().unwrap() >= 2, "{s}");
+    assert!(s["full_disk_errors"].as_u64().unwrap() >= 1, "the full disk made jobs fail: {s}\n{stderr}");
+    assert!(s["recovery_points_checked"].as_u64().unwrap() >= 3, "{s}");
+    assert_eq!(s["recovery_points_checked"], s["restores_verified"], "{s}");
+}

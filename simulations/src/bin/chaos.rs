@@ -22,7 +22,7 @@ struct Cli {
     /// Length of each run's fault phase, in minutes (fractions allowed).
     #[arg(long, default_value_t = 1.0)]
     minutes: f64,
-    /// mixed, agents, coordinator, hosts.
+    /// mixed, agents, coordinator, hosts, network, store-full (root: mounts a tmpfs), sim.
     #[arg(long, default_value = "mixed")]
     scenario: String,
     /// Cluster nodes (agents).
@@ -37,6 +37,9 @@ struct Cli {
     /// Where the runs' directories go (a failing seed's is kept there).
     #[arg(long, default_value = "target/chaos")]
     work: PathBuf,
+    /// Keep every run's directory (its logs), not only those of runs that found a violation.
+    #[arg(long)]
+    keep: bool,
     /// text or json (the summary on stdout).
     #[arg(long, default_value = "text")]
     output: String,
@@ -85,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         disk_bytes,
         work: std::fs::canonicalize(&cli.work)?,
         exe: std::env::current_exe()?,
+        keep: cli.keep,
     };
     let summary = chaos::sweep(&opts)?;
     if cli.output == "json" {

@@ -42,6 +42,8 @@ pub struct Options {
     pub work: PathBuf,
     /// The executable that answers `x-coordinator …` and `x-agent …`.
     pub exe: PathBuf,
+    /// Keep every run's directory (logs), not only a failing one's.
+    pub keep: bool,
 }
 
 /// One broken invariant.
@@ -61,9 +63,16 @@ pub struct Summary {
     pub recovery_points_checked: u64,
     pub restores_verified: u64,
     pub violations: Vec<Violation>,
+    /// Coordinator log lines that report a full disk (store-full runs): the fault bit.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub full_disk_errors: u64,
     /// The fault timeline of every seed that found a violation.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub timelines: BTreeMap<u64, Vec<String>>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Runs `opts.runs` seeds from `opts.seed` on.
@@ -94,8 +103,11 @@ pub fn sweep(opts: &Options) -> anyhow::Result<Summary> {
         }
         summary.recovery_points_checked += outcome.recovery_points_checked;
         summary.restores_verified += outcome.restores_verified;
+        summary.full_disk_errors += outcome.full_disk_errors;
         if outcome.violations.is_empty() {
-            let _ = std::fs::remove_dir_all(&dir);
+            if !opts.keep {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
         } else {
             eprintln!(
                 "chaos: seed {seed} broke {} invariant(s); its directory is kept: {}",
@@ -116,6 +128,7 @@ pub struct RunOutcome {
     pub recovery_points_checked: u64,
     pub restores_verified: u64,
     pub violations: Vec<Violation>,
+    pub full_disk_errors: u64,
 }
 
 fn vm_name(i: usize) -> String {
@@ -130,7 +143,11 @@ fn node_name(i: usize) -> String {
 pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOutcome, Vec<Timed>)> {
     let duration_ms = (opts.minutes * 60_000.0) as u64;
     let timeline = schedule::schedule(seed, opts.scenario, opts.nodes, opts.vms, duration_ms);
-    let mut world = World::start(&opts.exe, dir, opts.nodes)?;
+    // The store-full scenario gives the coordinator a disk of its own: room for every VM's
+    // replica twice over plus the catalog, so that a ballast file can fill it.
+    let store_bytes = (opts.scenario == Scenario::StoreFull)
+        .then(|| (opts.vms as u64 * opts.disk_bytes * 2 + (48 << 20)).next_multiple_of(1 << 20));
+    let mut world = World::start(&opts.exe, dir, opts.nodes, store_bytes)?;
     std::fs::create_dir_all(world.sim_root.join(sim::GROUND_TRUTH_DIR))?;
     for i in 0..opts.vms {
         let req = CreateVm {
@@ -177,6 +194,15 @@ pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOut
     world.start_all()?;
     check::settle_and_check(&mut world, &names, seed, &mut outcome)?;
     world.stop_all();
+    // What the full disk did, as the coordinator said it (job failures, refused starts).
+    let log = std::fs::read_to_string(&world.coordinator.log).unwrap_or_default();
+    outcome.full_disk_errors = log
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("no space left") || l.contains("disk is full")
+        })
+        .count() as u64;
     Ok((outcome, timeline))
 }
 
@@ -200,7 +226,38 @@ impl World {
     }
 
     /// Ends the network faults that are over by `now`.
+    /// Starts the coordinator; while its disk is full it may refuse, with a clear error and
+    /// nothing changed, and is started again once the ballast goes.
+    fn start_coordinator_unless_full(&mut self) -> anyhow::Result<()> {
+        match self.start_coordinator() {
+            Ok(()) => Ok(()),
+            Err(e) if self.store_free_at.is_some() => {
+                let log = std::fs::read_to_string(&self.coordinator.log).unwrap_or_default();
+                match log.lines().rev().find(|l| l.starts_with("error:")) {
+                    Some(line) if line.contains("disk is full") => {
+                        eprintln!(
+                            "chaos: the coordinator does not start on a full disk ({line}); it will once there is room"
+                        );
+                        self.start_when_freed = true;
+                        Ok(())
+                    }
+                    _ => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn heal_due(&mut self, now: Instant) {
+        if self.store_free_at.is_some_and(|t| t <= now) {
+            self.free_store();
+        }
+        if self.start_when_freed && self.store_free_at.is_none() {
+            self.start_when_freed = false;
+            if let Err(e) = self.start_coordinator() {
+                eprintln!("chaos: the coordinator did not start once its disk had room: {e:#}");
+            }
+        }
         let due: Vec<usize> = self.heal_at.iter().filter(|(_, t)| **t <= now).map(|(n, _)| *n).collect();
         for node in due {
             self.heal_at.remove(&node);
@@ -285,7 +342,7 @@ impl World {
                 self.agents[node].start()?;
             }
             Event::KillCoordinator => self.coordinator.kill9(),
-            Event::StartCoordinator => self.start_coordinator()?,
+            Event::StartCoordinator => self.start_coordinator_unless_full()?,
             Event::CrashHost { node } => {
                 self.agents[node].kill9();
                 sim::crash_host(&self.sim_root, &node_name(node))?;
@@ -301,6 +358,28 @@ impl World {
             }
             Event::Migrate { vm, to, storage } => {
                 sim::migrate(&self.sim_root, &vm_name(vm), &node_name(to), storage)?;
+            }
+            Event::FillStore { ms, vm, seed } => {
+                let bytes = self.fill_store()?;
+                self.store_free_at = Some(Instant::now() + Duration::from_millis(ms));
+                eprintln!("chaos: the store disk is full ({bytes} bytes of ballast)");
+                // New data for the full disk: the express full must fail cleanly, and keep
+                // its changes for a later run.
+                sim::churn_bytes(&self.sim_root, &vm_name(vm), 2 << 20, seed)?;
+                if let Some(AdminResponse::JobStarted { job_id }) =
+                    self.ask(AdminRequest::Backup { vm: vm_name(vm), kind: BackupKind::ExpressFull })
+                {
+                    let deadline = Instant::now() + Duration::from_millis(ms);
+                    while Instant::now() < deadline {
+                        match self.ask(AdminRequest::JobShow { id: job_id }) {
+                            Some(AdminResponse::Job(j)) if j.state != "queued" && j.state != "running" => {
+                                eprintln!("chaos: express full of v{vm} on the full disk: {} {:?}", j.state, j.error);
+                                break;
+                            }
+                            _ => std::thread::sleep(Duration::from_millis(50)),
+                        }
+                    }
+                }
             }
         }
         Ok(())

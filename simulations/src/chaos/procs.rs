@@ -104,8 +104,17 @@ pub struct World {
     pub proxies: Vec<super::proxy::Proxy>,
     /// When each node's network fault ends.
     pub heal_at: std::collections::BTreeMap<usize, Instant>,
+    /// The coordinator's data directory is a tmpfs of its own (the store-full scenario).
+    pub store_mounted: bool,
+    /// When the ballast that fills the store disk goes.
+    pub store_free_at: Option<Instant>,
+    /// The coordinator refused to start on the full disk: start it once the ballast goes.
+    pub start_when_freed: bool,
     rt: tokio::runtime::Runtime,
 }
+
+/// The file that fills the coordinator's store disk.
+const BALLAST: &str = "ballast";
 
 fn run_ok(exe: &Path, args: &[&OsString]) -> anyhow::Result<String> {
     let out = Command::new(exe).args(args).output()?;
@@ -121,12 +130,48 @@ fn os(s: &str) -> OsString {
 
 impl World {
     /// Initializes and starts a coordinator and `nodes` enrolled agents under `dir`.
-    pub fn start(exe: &Path, dir: &Path, nodes: usize) -> anyhow::Result<World> {
-        let data_dir = dir.join("coordinator");
+    /// With `store_bytes`, the coordinator's data directory is a tmpfs of that size (root only).
+    pub fn start(exe: &Path, dir: &Path, nodes: usize, store_bytes: Option<u64>) -> anyhow::Result<World> {
+        // With a disk of its own, the data directory is inside the mount (init makes it).
+        let store_disk = dir.join("store-disk");
+        let data_dir = if store_bytes.is_some() { store_disk.join("coordinator") } else { dir.join("coordinator") };
         let sim_root = dir.join("sim");
         std::fs::create_dir_all(&sim_root)?;
+        if let Some(bytes) = store_bytes {
+            std::fs::create_dir_all(&store_disk)?;
+            let out = Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes},mode=0700"), "bulwark-chaos-store"])
+                .arg(&store_disk)
+                .output()
+                .context("cannot run mount")?;
+            if !out.status.success() {
+                bail!(
+                    "the store-full scenario mounts a tmpfs for the coordinator's store and needs root: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        let mounted = store_bytes.is_some();
+        let unmount = |disk: &Path| {
+            if mounted {
+                let _ = Command::new("umount").arg("-l").arg(disk).status();
+            }
+        };
+        if let Err(e) = run_ok(
+            exe,
+            &[
+                &os("x-coordinator"),
+                &os("init"),
+                &os("--data-dir"),
+                &data_dir.clone().into_os_string(),
+                &os("--listen"),
+                &os("127.0.0.1:0"),
+            ],
+        ) {
+            unmount(&store_disk);
+            return Err(e);
+        }
         let d = data_dir.clone().into_os_string();
-        run_ok(exe, &[&os("x-coordinator"), &os("init"), &os("--data-dir"), &d, &os("--listen"), &os("127.0.0.1:0")])?;
         let coordinator = Proc::new(
             "coordinator",
             exe,
@@ -142,6 +187,9 @@ impl World {
             agents: vec![],
             proxies: vec![],
             heal_at: Default::default(),
+            store_mounted: mounted,
+            store_free_at: None,
+            start_when_freed: false,
             rt,
         };
         world.start_coordinator()?;
@@ -230,6 +278,38 @@ impl World {
             a.start()?;
         }
         Ok(())
+    }
+
+    /// Fills the store disk to the last byte with a ballast file; answers the bytes written.
+    pub fn fill_store(&self) -> anyhow::Result<u64> {
+        use std::io::Write;
+        anyhow::ensure!(self.store_mounted, "the store disk is not a tmpfs of its own: it will not be filled");
+        let path = self.store_disk().join(BALLAST);
+        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut written = 0u64;
+        for chunk in [1usize << 20, 4096, 1] {
+            let buf = vec![0xA5u8; chunk];
+            loop {
+                match f.write(&buf) {
+                    Ok(0) => break,
+                    Ok(n) => written += n as u64,
+                    Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+                    Err(e) => return Err(e).context("writing the ballast"),
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    /// The store's own disk (the tmpfs), when it has one.
+    fn store_disk(&self) -> PathBuf {
+        self.dir.join("store-disk")
+    }
+
+    /// Removes the ballast.
+    pub fn free_store(&mut self) {
+        self.store_free_at = None;
+        let _ = std::fs::remove_file(self.store_disk().join(BALLAST));
     }
 
     /// Stops everything cleanly (SIGTERM).
@@ -388,5 +468,17 @@ impl World {
             .chain(self.agents.iter())
             .map(|p| (p.name.clone(), std::fs::read_to_string(&p.log).unwrap_or_default()))
             .collect()
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if self.store_mounted {
+            for a in &mut self.agents {
+                a.kill9();
+            }
+            self.coordinator.kill9();
+            let _ = Command::new("umount").arg("-l").arg(self.store_disk()).status();
+        }
     }
 }

@@ -19,6 +19,9 @@ pub enum Scenario {
     Hosts,
     /// Partitions, packet loss and delay between an agent and the coordinator.
     Network,
+    /// The coordinator's store disk (a small tmpfs of its own) filled to the last byte, with
+    /// backups and coordinator kills while it is full. Needs root (it mounts the tmpfs).
+    StoreFull,
 }
 
 impl Scenario {
@@ -29,7 +32,10 @@ impl Scenario {
             "coordinator" => Ok(Scenario::Coordinator),
             "hosts" => Ok(Scenario::Hosts),
             "network" => Ok(Scenario::Network),
-            other => Err(format!("unknown scenario {other:?} (known: mixed, agents, coordinator, hosts, network)")),
+            "store-full" => Ok(Scenario::StoreFull),
+            other => Err(format!(
+                "unknown scenario {other:?} (known: mixed, agents, coordinator, hosts, network, store-full)"
+            )),
         }
     }
 }
@@ -95,6 +101,14 @@ pub enum Event {
         to: usize,
         storage: bool,
     },
+    /// The coordinator's store disk filled to the last byte by a ballast file, removed again
+    /// after `ms`; meanwhile `vm`'s guest writes and an express full of it runs on the full
+    /// disk.
+    FillStore {
+        ms: u64,
+        vm: usize,
+        seed: u64,
+    },
 }
 
 impl Event {
@@ -113,6 +127,7 @@ impl Event {
             Event::Network { loss_percent: 100, .. } => Some("partition"),
             Event::Network { delay_ms: 1.., .. } => Some("delay"),
             Event::Network { .. } => Some("packet_loss"),
+            Event::FillStore { .. } => Some("store_full"),
         }
     }
 }
@@ -146,6 +161,7 @@ pub fn schedule(seed: u64, scenario: Scenario, nodes: usize, vms: usize, duratio
         Scenario::Coordinator => &["kill_coord", "kill_coord_mid", "kill_coord_mid"],
         Scenario::Hosts => &["crash", "migrate", "migrate"],
         Scenario::Network => &["network"],
+        Scenario::StoreFull => &["fill", "fill", "fill", "kill_coord_mid"],
     };
     loop {
         t += rng.gen_range(300..1500);
@@ -208,6 +224,7 @@ pub fn schedule(seed: u64, scenario: Scenario, nodes: usize, vms: usize, duratio
                             _ => Event::Network { node, loss_percent: 0, delay_ms: rng.gen_range(20..400), ms },
                         }
                     }
+                    "fill" => Event::FillStore { ms: rng.gen_range(1500..6000), vm, seed: rng.gen() },
                     _ => Event::Migrate { vm, to: rng.gen_range(0..nodes), storage: rng.gen_bool(0.25) },
                 }
             }
@@ -275,5 +292,9 @@ mod tests {
         assert!(net.iter().all(|k| ["partition", "packet_loss", "delay"].contains(k)));
         assert!(["partition", "packet_loss", "delay"].iter().all(|k| net.contains(k)), "{net:?}");
         assert!(kinds(Scenario::Mixed).len() > 50);
+        assert!(!kinds(Scenario::Mixed).contains(&"store_full"), "mixed runs need no root");
+        let full = kinds(Scenario::StoreFull);
+        assert!(full.iter().all(|k| ["store_full", "kill_coordinator", "kill_coordinator_mid_backup"].contains(k)));
+        assert!(full.contains(&"store_full"), "{full:?}");
     }
 }
