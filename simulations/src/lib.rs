@@ -21,6 +21,7 @@
 pub mod agentbench;
 pub mod chaos;
 pub mod cluster;
+pub mod dsim;
 pub mod limits;
 pub mod peers;
 pub mod protectbench;

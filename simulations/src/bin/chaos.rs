@@ -4,6 +4,7 @@
 
 use bulwark_protocol::units::parse_size;
 use bulwark_simulations::chaos::{self, schedule::Scenario, Options};
+use bulwark_simulations::dsim;
 use clap::Parser;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -71,12 +72,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
-    let scenario = Scenario::parse(&cli.scenario).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(cli.nodes >= 1 && cli.vms >= 1 && cli.runs >= 1, "--nodes, --vms and --runs must be at least 1");
     anyhow::ensure!(cli.minutes > 0.0 && cli.minutes <= 24.0 * 60.0, "--minutes must be above 0, at most a day");
     anyhow::ensure!(["text", "json"].contains(&cli.output.as_str()), "--output: text or json");
     let disk_bytes = parse_size(&cli.disk)?;
     anyhow::ensure!(disk_bytes >= 1 << 20, "--disk must be at least 1MiB");
+    if cli.scenario == "sim" {
+        return run_sim(&cli, disk_bytes);
+    }
+    let scenario = Scenario::parse(&cli.scenario).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&cli.work)?;
     let opts = Options {
         seed: cli.seed,
@@ -91,6 +95,31 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         keep: cli.keep,
     };
     let summary = chaos::sweep(&opts)?;
+    print_summary(&cli, &summary)
+}
+
+/// The deterministic simulation: `--minutes` of simulated time per seed, `--disk` sized
+/// disks (default for it: 1MiB), files on /dev/shm where there is one.
+fn run_sim(cli: &Cli, disk_bytes: u64) -> anyhow::Result<bool> {
+    let broken = match std::env::var("BULWARK_SIM_BREAK").as_deref() {
+        Ok("forget-uncommitted") => Some(dsim::nodes::Break::ForgetUncommitted),
+        Ok(other) => anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows forget-uncommitted"),
+        Err(_) => None,
+    };
+    let template = dsim::Options {
+        seed: cli.seed,
+        hosts: cli.nodes,
+        vms: cli.vms,
+        duration_ms: (cli.minutes * 60_000.0) as u64,
+        disk_bytes,
+        scratch: dsim::default_scratch(),
+        broken,
+    };
+    let summary = dsim::sweep(cli.seed, cli.runs, &template)?;
+    print_summary(cli, &summary)
+}
+
+fn print_summary(cli: &Cli, summary: &chaos::Summary) -> anyhow::Result<bool> {
     if cli.output == "json" {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -105,6 +134,9 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         for v in &summary.violations {
             println!("  seed {}: {}: {}", v.seed, v.invariant, v.detail);
         }
+    }
+    if let Some(rate) = summary.seeds_per_minute {
+        eprintln!("{rate} seeds per minute");
     }
     for (seed, timeline) in &summary.timelines {
         eprintln!("fault timeline of seed {seed} (replay: bulwark-chaos --seed {seed} --scenario {}):", cli.scenario);

@@ -66,6 +66,12 @@ pub struct Summary {
     /// Coordinator log lines that report a full disk (store-full runs): the fault bit.
     #[serde(skip_serializing_if = "is_zero")]
     pub full_disk_errors: u64,
+    /// The deterministic simulation: each seed's digest of its fault timeline and final
+    /// catalog (sweeps of up to 20 seeds), and the sweep's rate.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub digests: BTreeMap<u64, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seeds_per_minute: Option<f64>,
     /// The fault timeline of every seed that found a violation.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub timelines: BTreeMap<u64, Vec<String>>,

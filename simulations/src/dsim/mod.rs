@@ -1,0 +1,593 @@
+//! The deterministic simulation (`bulwark-chaos --scenario sim`): one thread drives a
+//! coordinator over the real store and catalog and several agents over the real sim
+//! hypervisor (snapshots, overlays, dirty bitmaps, ground truth) with a simulated clock. The
+//! network is a queue of messages that the seed delays, drops and cuts; crashes drop a
+//! process's volatile state (jobs, held snapshots, connections) and restart it from what it
+//! persisted. Everything random comes from the seed, so a seed replays exactly: the same
+//! fault timeline and the same final catalog, which [`Outcome::digest`] sums up.
+//!
+//! What it drives for real: `Store` (packs, block maps, recovery-point and replica commits),
+//! `Catalog` (sled), and the sim's `Vm` (freeze, take, changes, release, confirm, abandon,
+//! crash-host, migration, and `cleanup_orphans` at agent start). What it models: the job
+//! protocol between them ([`nodes`]); the real coordinator runs it as actix actors.
+//! A crash here is a process crash: what reached the files stays (the real-process chaos runs
+//! and the store's `kill -9` tests cover torn writes).
+
+pub mod nodes;
+
+use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power, Vm};
+use bulwark_coordinator::catalog::ReplicaState;
+use bulwark_coordinator::store::{hex, BlockData};
+use nodes::{Agent, Break, Coordinator, Msg, DISK};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One seed's run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub seed: u64,
+    pub hosts: usize,
+    pub vms: usize,
+    /// Simulated length of the fault phase.
+    pub duration_ms: u64,
+    pub disk_bytes: u64,
+    /// Where the run's files go (a fresh directory is made inside).
+    pub scratch: PathBuf,
+    pub broken: Option<Break>,
+}
+
+/// What a seed did and found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Outcome {
+    pub seed: u64,
+    pub faults: BTreeMap<String, u64>,
+    pub timeline: Vec<String>,
+    pub recovery_points_checked: u64,
+    pub jobs_committed: BTreeMap<String, u64>,
+    pub messages: u64,
+    pub messages_lost: u64,
+    pub violations: Vec<(String, String)>,
+    /// BLAKE3 of the fault timeline and the final catalog (replicas and recovery points,
+    /// without their random ids).
+    pub digest: String,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Tick,
+    Churn,
+    Fault,
+    /// A message on host `host`'s connection of epoch `epoch`.
+    Deliver {
+        host: usize,
+        epoch: u64,
+        to_agent: bool,
+        msg: Msg,
+    },
+    StartAgent(usize),
+    StartCoordinator,
+    /// A crash aimed at a job just dispatched (mid-snapshot, mid-transfer or mid-commit).
+    KillAgentMidJob(usize),
+    KillCoordinatorMidJob,
+    Heal(usize),
+}
+
+/// The network between the coordinator and one host.
+#[derive(Debug, Default, Clone)]
+struct Link {
+    /// Bumped whenever the connection breaks: what is in flight on an older one is lost.
+    epoch: u64,
+    cut_until: u64,
+    loss: f64,
+    delay_ms: u64,
+    faulty_until: u64,
+}
+
+struct World {
+    rng: StdRng,
+    now: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), Ev>,
+    root: PathBuf,
+    coord_dir: PathBuf,
+    coordinator: Option<Coordinator>,
+    incarnation: u64,
+    agents: Vec<Option<Agent>>,
+    links: Vec<Link>,
+    vms: Vec<String>,
+    faults_on: bool,
+    opts: Options,
+    out: Outcome,
+}
+
+fn host_name(h: usize) -> String {
+    format!("node{}", h + 1)
+}
+
+impl World {
+    fn at(&mut self, t: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.insert((t, self.seq), ev);
+    }
+
+    fn note(&mut self, kind: &str, what: String) {
+        *self.out.faults.entry(kind.to_owned()).or_default() += 1;
+        self.out.timeline.push(format!("{:>8} ms {what}", self.now));
+    }
+
+    fn up(&self, h: usize) -> bool {
+        self.coordinator.is_some() && self.agents[h].is_some() && self.links[h].cut_until <= self.now
+    }
+
+    fn break_link(&mut self, h: usize) {
+        self.links[h].epoch += 1;
+    }
+
+    /// Sends on host `h`'s connection, `after_ms` from now plus the network's delay; a lost
+    /// message breaks the connection (a QUIC stream does not skip a frame).
+    fn send(&mut self, h: usize, to_agent: bool, after_ms: u64, msg: Msg) {
+        if !self.up(h) {
+            return;
+        }
+        self.out.messages += 1;
+        let link = self.links[h].clone();
+        let faulty = link.faulty_until > self.now;
+        if faulty && link.loss > 0.0 && self.rng.gen_bool(link.loss) {
+            self.out.messages_lost += 1;
+            self.break_link(h);
+            return;
+        }
+        let delay = self.rng.gen_range(1..20) + if faulty { link.delay_ms } else { 0 };
+        let t = self.now + after_ms + delay;
+        self.at(t, Ev::Deliver { host: h, epoch: link.epoch, to_agent, msg });
+    }
+
+    fn crash_coordinator(&mut self, kind: &str) {
+        if self.coordinator.take().is_some() {
+            for h in 0..self.links.len() {
+                self.break_link(h);
+            }
+            self.note(kind, format!("{kind} coordinator"));
+            let back = self.now + self.rng.gen_range(1000..4000);
+            self.at(back, Ev::StartCoordinator);
+        }
+    }
+
+    fn crash_agent(&mut self, h: usize, kind: &str) -> bool {
+        if self.agents[h].take().is_none() {
+            return false;
+        }
+        self.break_link(h);
+        self.note(kind, format!("{kind} {}", host_name(h)));
+        let back = self.now + self.rng.gen_range(1000..4000);
+        self.at(back, Ev::StartAgent(h));
+        true
+    }
+
+    fn start_coordinator(&mut self) -> Result<(), String> {
+        if self.coordinator.is_none() {
+            self.incarnation += 1;
+            self.coordinator = Some(Coordinator::open(&self.coord_dir, self.incarnation, self.opts.disk_bytes)?);
+        }
+        Ok(())
+    }
+
+    fn start_agent(&mut self, h: usize) -> Result<(), String> {
+        if self.agents[h].is_none() {
+            self.agents[h] = Some(Agent::start(&self.root, &host_name(h), self.opts.broken)?);
+        }
+        Ok(())
+    }
+
+    fn host_of(&self, vm: &str) -> Result<usize, String> {
+        let v = Vm::open(&self.root, vm).map_err(|e| e.to_string())?;
+        (0..self.agents.len()).find(|&h| host_name(h) == v.config.host).ok_or_else(|| format!("{vm} on no host"))
+    }
+
+    fn tick(&mut self) -> Result<(), String> {
+        let now = self.now;
+        for h in 0..self.agents.len() {
+            if let Some(a) = self.agents[h].as_mut() {
+                a.expire(now)?;
+            }
+        }
+        let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
+        for (h, msg) in c.expire(now) {
+            self.send(h, true, 0, msg);
+        }
+        for i in 0..self.vms.len() {
+            let vm = self.vms[i].clone();
+            let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
+            if c.jobs.contains_key(&vm) {
+                continue;
+            }
+            let due = *c.next_backup_at.entry(vm.clone()).or_insert(now);
+            if due > now {
+                continue;
+            }
+            let h = self.host_of(&vm)?;
+            if !self.up(h) {
+                continue;
+            }
+            let gap = self.rng.gen_range(500..3000);
+            let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
+            c.next_backup_at.insert(vm.clone(), now + gap);
+            let msg = c.dispatch(&vm, h, now)?;
+            self.send(h, true, 0, msg);
+            // Now and then a crash lands right in this job (mid-snapshot, -transfer, -commit).
+            if self.faults_on && self.rng.gen_bool(0.08) {
+                let t = now + self.rng.gen_range(0..40);
+                let ev = if self.rng.gen_bool(0.5) { Ev::KillAgentMidJob(h) } else { Ev::KillCoordinatorMidJob };
+                self.at(t, ev);
+            }
+        }
+        Ok(())
+    }
+
+    fn churn(&mut self) -> Result<(), String> {
+        let i = self.rng.gen_range(0..self.vms.len());
+        let len = self.rng.gen_range(1..48) * 4096;
+        let off = self.rng.gen_range(0..(self.opts.disk_bytes - len) / 4096) * 4096;
+        let byte: u8 = self.rng.gen();
+        let data = vec![byte; len as usize];
+        let mut vm = Vm::open(&self.root, &self.vms[i]).map_err(|e| e.to_string())?;
+        vm.guest_write(DISK, off, &data).map_err(|e| e.to_string())
+    }
+
+    fn fault(&mut self) -> Result<(), String> {
+        let hosts = self.agents.len();
+        let h = self.rng.gen_range(0..hosts);
+        match self.rng.gen_range(0..8) {
+            0 => {
+                self.crash_agent(h, "kill_agent");
+            }
+            1 => self.crash_coordinator("kill_coordinator"),
+            2 => {
+                if self.crash_agent(h, "crash_host") {
+                    sim::crash_host(&self.root, &host_name(h)).map_err(|e| e.to_string())?;
+                }
+            }
+            3 | 4 => {
+                let vm = self.vms[self.rng.gen_range(0..self.vms.len())].clone();
+                let to = self.rng.gen_range(0..hosts);
+                let storage = self.rng.gen_bool(0.3);
+                sim::migrate(&self.root, &vm, &host_name(to), storage).map_err(|e| e.to_string())?;
+                let kind = if storage { "migrate_storage" } else { "migrate" };
+                self.note(kind, format!("{kind} {vm} to {}", host_name(to)));
+            }
+            k => {
+                let ms = self.rng.gen_range(300..5000);
+                let link = &mut self.links[h];
+                link.faulty_until = self.now + ms;
+                let kind = match k {
+                    5 => {
+                        link.cut_until = self.now + ms;
+                        link.epoch += 1;
+                        "partition"
+                    }
+                    6 => {
+                        link.loss = self.rng.gen_range(0.01..0.2);
+                        "packet_loss"
+                    }
+                    _ => {
+                        link.delay_ms = self.rng.gen_range(20..800);
+                        "delay"
+                    }
+                };
+                self.note(kind, format!("{kind} {} for {ms} ms", host_name(h)));
+                let t = self.now + ms;
+                self.at(t, Ev::Heal(h));
+            }
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, host: usize, epoch: u64, to_agent: bool, msg: Msg) -> Result<(), String> {
+        if epoch != self.links[host].epoch || !self.up(host) {
+            return Ok(());
+        }
+        let now = self.now;
+        if to_agent {
+            let Some(a) = self.agents[host].as_mut() else { return Ok(()) };
+            for o in a.receive(msg, now)? {
+                self.send(host, false, o.after_ms, o.msg);
+            }
+        } else {
+            let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
+            for m in c.receive(msg, now)? {
+                self.send(host, true, 0, m);
+            }
+        }
+        Ok(())
+    }
+
+    fn step(&mut self, ev: Ev) -> Result<(), String> {
+        match ev {
+            Ev::Tick => {
+                self.tick()?;
+                let t = self.now + 200;
+                self.at(t, Ev::Tick);
+            }
+            Ev::Churn => {
+                if self.faults_on {
+                    self.churn()?;
+                    let t = self.now + self.rng.gen_range(50..400);
+                    self.at(t, Ev::Churn);
+                }
+            }
+            Ev::Fault => {
+                if self.faults_on {
+                    self.fault()?;
+                    let t = self.now + self.rng.gen_range(300..2500);
+                    self.at(t, Ev::Fault);
+                }
+            }
+            Ev::Deliver { host, epoch, to_agent, msg } => self.deliver(host, epoch, to_agent, msg)?,
+            Ev::KillAgentMidJob(h) => {
+                if self.faults_on {
+                    self.crash_agent(h, "kill_agent_mid_job");
+                }
+            }
+            Ev::KillCoordinatorMidJob => {
+                if self.faults_on {
+                    self.crash_coordinator("kill_coordinator_mid_job");
+                }
+            }
+            Ev::StartAgent(h) => self.start_agent(h)?,
+            Ev::StartCoordinator => self.start_coordinator()?,
+            Ev::Heal(h) => {
+                if self.links[h].faulty_until <= self.now {
+                    self.links[h].loss = 0.0;
+                    self.links[h].delay_ms = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn run_until(&mut self, end: u64, mut done: impl FnMut(&World) -> bool) -> Result<bool, String> {
+        while let Some((&(t, seq), _)) = self.queue.first_key_value() {
+            if t > end {
+                return Ok(false);
+            }
+            let Some(ev) = self.queue.remove(&(t, seq)) else { break };
+            self.now = t;
+            self.step(ev)?;
+            if done(self) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+/// Runs one seed: set-up, the fault phase, then faults stop, every process comes back, and
+/// the run goes on until every VM has a consistent replica committed after the faults; then
+/// the invariants are checked.
+pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
+    let dir = tempfile::Builder::new().prefix(&format!("dsim-{}-", opts.seed)).tempdir_in(&opts.scratch)?;
+    let root = dir.path().join("sim");
+    std::fs::create_dir_all(root.join(sim::GROUND_TRUTH_DIR))?;
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let vms: Vec<String> = (0..opts.vms).map(|i| format!("v{i}")).collect();
+    for (i, name) in vms.iter().enumerate() {
+        let req = CreateVm {
+            os: if i % 2 == 0 { "linux" } else { "windows" }.into(),
+            power: Power::Running,
+            random_fill: true,
+            seed: rng.gen(),
+            ..CreateVm::new(
+                name,
+                &host_name(i % opts.hosts),
+                vec![DiskConfig { name: DISK.into(), size: opts.disk_bytes }],
+            )
+        };
+        sim::create_vm(&root, &req)?;
+    }
+    let mut w = World {
+        rng,
+        now: 0,
+        seq: 0,
+        queue: BTreeMap::new(),
+        root,
+        coord_dir: dir.path().join("coordinator"),
+        coordinator: None,
+        incarnation: 0,
+        agents: (0..opts.hosts).map(|_| None).collect(),
+        links: vec![Link::default(); opts.hosts],
+        vms,
+        faults_on: true,
+        opts: opts.clone(),
+        out: Outcome { seed: opts.seed, ..Outcome::default() },
+    };
+    w.start_coordinator().map_err(anyhow::Error::msg)?;
+    for h in 0..opts.hosts {
+        w.start_agent(h).map_err(anyhow::Error::msg)?;
+    }
+    w.at(0, Ev::Tick);
+    w.at(1000, Ev::Churn);
+    w.at(2000, Ev::Fault);
+    w.run_until(opts.duration_ms, |_| false).map_err(anyhow::Error::msg)?;
+
+    // Faults stop; everything comes back; the network heals.
+    w.faults_on = false;
+    w.now = opts.duration_ms;
+    w.start_coordinator().map_err(anyhow::Error::msg)?;
+    for h in 0..opts.hosts {
+        w.start_agent(h).map_err(anyhow::Error::msg)?;
+        w.links[h].cut_until = 0;
+        w.links[h].faulty_until = 0;
+        w.links[h].loss = 0.0;
+        w.links[h].delay_ms = 0;
+    }
+    // Settled: every VM's replica is consistent and was committed after the faults stopped.
+    let calm = opts.duration_ms;
+    let settled = |w: &World| {
+        let Some(c) = w.coordinator.as_ref() else { return false };
+        c.jobs.is_empty()
+            && w.agents.iter().all(|a| a.as_ref().is_some_and(|a| a.held.is_empty()))
+            && w.vms.iter().all(|vm| {
+                matches!(c.store.catalog().replica(vm, DISK), Ok(Some(r))
+                    if r.state == ReplicaState::Consistent && r.updated_at * 1000 > calm + 1000)
+            })
+    };
+    let ok = w.run_until(calm + 120_000, settled).map_err(anyhow::Error::msg)?;
+    if !ok {
+        w.out.violations.push(("settle".into(), "the replicas did not all become consistent within 120 s".into()));
+    }
+    check(&mut w)?;
+    if let Some(c) = &w.coordinator {
+        w.out.jobs_committed = c.committed.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+    }
+    Ok(w.out)
+}
+
+fn guest_digest(vm: &Vm, size: u64) -> anyhow::Result<String> {
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(buf.len() as u64) as usize;
+        vm.guest_read(DISK, off, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// The invariants, and the digest of the final catalog.
+fn check(w: &mut World) -> anyhow::Result<()> {
+    let Some(c) = w.coordinator.as_ref() else { anyhow::bail!("no coordinator at the end") };
+    let mut violations = vec![];
+    let mut digest = blake3::Hasher::new();
+    for line in &w.out.timeline {
+        digest.update(line.as_bytes());
+    }
+    let mut checked = 0;
+    for name in &w.vms {
+        let vm = Vm::open(&w.root, name)?;
+        if vm.config.frozen.is_some() || vm.config.snapshot.is_some() || vm.config.power == Power::Paused {
+            violations
+                .push(("no-frozen-vm".into(), format!("{name}: {:?} {:?}", vm.config.frozen, vm.config.snapshot)));
+        }
+        // Every recovery point is the guest's view at one of its snapshot points, in order.
+        let truth = sim::ground_truth(&w.root, name)?;
+        let mut rps = c.store.catalog().recovery_points(name)?;
+        rps.sort_by_key(|r| r.created_at);
+        let mut from = 0;
+        for rp in &rps {
+            let Some(disk) = rp.disks.first() else { continue };
+            let got = hex(&c.store.disk_digest(disk)?);
+            checked += 1;
+            match truth.iter().skip(from).position(|t| t.disks.get(DISK) == Some(&got)) {
+                Some(i) => from += i + 1,
+                None => violations.push((
+                    "rp-ground-truth".into(),
+                    format!("{name}: the recovery point of {} ms matches no later snapshot point", rp.created_at),
+                )),
+            }
+            digest.update(format!("{name} rp {} {:?} {:?}", rp.created_at, rp.consistency, disk.root).as_bytes());
+        }
+        // The replica is the guest's disk as it is now (nothing was written after the faults).
+        match c.store.catalog().replica(name, DISK)? {
+            Some(r) if r.state == ReplicaState::Consistent => {
+                if let Some(root) = r.root {
+                    let disk = bulwark_coordinator::catalog::RpDisk {
+                        name: DISK.into(),
+                        size_bytes: r.size_bytes,
+                        block_size: r.block_size,
+                        root,
+                    };
+                    let mut bytes = 0u64;
+                    c.store.read_disk(&disk, |_, b| {
+                        bytes += match b {
+                            BlockData::Zero(n) => n as u64,
+                            BlockData::Data(d) => d.len() as u64,
+                        };
+                        Ok(())
+                    })?;
+                    let replica = hex(&c.store.disk_digest(&disk)?);
+                    if replica != guest_digest(&vm, w.opts.disk_bytes)? || bytes != w.opts.disk_bytes {
+                        violations
+                            .push(("replica-current".into(), format!("{name}: the replica is not the guest's disk")));
+                    }
+                }
+                digest.update(format!("{name} replica {:?} {:?}", r.change_token, r.root).as_bytes());
+            }
+            other => violations.push(("replica-consistent".into(), format!("{name}: {other:?}"))),
+        }
+    }
+    if !c.jobs.is_empty() {
+        violations.push(("no-stuck-job".into(), format!("{:?}", c.jobs.keys().collect::<Vec<_>>())));
+    }
+    w.out.recovery_points_checked = checked;
+    w.out.violations.extend(violations);
+    w.out.digest = digest.finalize().to_hex().to_string();
+    Ok(())
+}
+
+/// The directory for the runs' files: memory-backed when the machine has `/dev/shm`.
+pub fn default_scratch() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// Runs `runs` seeds from `first` on, as `bulwark-chaos --scenario sim` does: on every core,
+/// each seed on its own, summed up in seed order (so the summary is the same however the
+/// seeds were spread).
+pub fn sweep(first: u64, runs: u64, template: &Options) -> anyhow::Result<crate::chaos::Summary> {
+    let started = std::time::Instant::now();
+    let seeds: Vec<u64> = (first..first.saturating_add(runs)).collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<anyhow::Result<Outcome>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = vec![];
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&seed) = seeds.get(i) else { break };
+                        mine.push((i, run(&Options { seed, ..template.clone() })));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut all: Vec<(usize, anyhow::Result<Outcome>)> =
+            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, r)| r).collect()
+    });
+    anyhow::ensure!(results.len() == seeds.len(), "a simulation thread died");
+    let mut summary = crate::chaos::Summary::default();
+    for (seed, out) in seeds.iter().copied().zip(results) {
+        let out = out.map_err(|e| e.context(format!("seed {seed}")))?;
+        summary.runs += 1;
+        summary.seeds.push(seed);
+        for (k, n) in &out.faults {
+            *summary.faults.entry(k.clone()).or_default() += n;
+        }
+        summary.recovery_points_checked += out.recovery_points_checked;
+        summary.restores_verified += out.recovery_points_checked;
+        if runs <= 20 {
+            summary.digests.insert(seed, out.digest.clone());
+        }
+        if !out.violations.is_empty() {
+            summary.timelines.insert(seed, out.timeline.clone());
+        }
+        for (invariant, detail) in out.violations {
+            summary.violations.push(crate::chaos::Violation { seed, invariant, detail });
+        }
+    }
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    summary.seeds_per_minute = Some((summary.runs as f64 / minutes.max(1e-9)).round());
+    Ok(summary)
+}
