@@ -3,18 +3,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::process::Command;
+mod common;
 
 fn sim(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, serde_json::Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bulwark-chaos"))
-        .args(["--scenario", "sim", "--disk", "1MiB", "--vms", "3", "--nodes", "2", "--output", "json"])
-        .args(args)
-        .envs(env.iter().copied())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let summary = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no JSON summary ({e}): {stderr}"));
-    (out.status.code(), summary, stderr)
+    let mut all = vec!["--scenario", "sim", "--disk", "1MiB", "--vms", "3", "--nodes", "2"];
+    all.extend_from_slice(args);
+    common::chaos(&all, env)
 }
 
 #[test]
