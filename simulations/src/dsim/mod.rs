@@ -368,6 +368,8 @@ impl World {
 /// the run goes on until every VM has a consistent replica committed after the faults; then
 /// the invariants are checked.
 pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
+    anyhow::ensure!(opts.hosts >= 1 && opts.vms >= 1, "a simulation needs a host and a VM");
+    anyhow::ensure!(opts.disk_bytes >= 1 << 20, "the simulation's disks are at least 1 MiB");
     let dir = tempfile::Builder::new().prefix(&format!("dsim-{}-", opts.seed)).tempdir_in(&opts.scratch)?;
     let root = dir.path().join("sim");
     std::fs::create_dir_all(root.join(sim::GROUND_TRUTH_DIR))?;
