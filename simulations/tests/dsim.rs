@@ -1,5 +1,5 @@
 //! The deterministic simulation (`bulwark-chaos --scenario sim`): a seed replays exactly, a
-//! CI-sized sweep keeps every invariant, and a deliberately broken agent is caught.
+//! CI-sized sweep keeps every invariant, and a deliberately broken coordinator is caught.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -52,14 +52,14 @@ fn two_thousand_simulated_seeds_keep_every_invariant() {
 }
 
 #[test]
-fn an_agent_that_forgets_uncommitted_changes_is_caught() {
+fn a_coordinator_that_commits_before_every_block_arrived_is_caught() {
     let (code, s, stderr) =
-        sim(&["--seed", "1", "--runs", "20", "--minutes", "0.5"], &[("BULWARK_SIM_BREAK", "forget-uncommitted")]);
+        sim(&["--seed", "1", "--runs", "20", "--minutes", "0.5"], &[("BULWARK_SIM_BREAK", "commit-early")]);
     assert_eq!(code, Some(1), "{s}\n{stderr}");
     let violations = s["violations"].as_array().unwrap();
     assert!(
         violations.iter().any(|v| v["invariant"] == "rp-ground-truth" || v["invariant"] == "replica-current"),
-        "recovery points or replicas that miss the forgotten changes: {s}"
+        "recovery points or replicas that miss blocks still on their way: {s}"
     );
     let seed = violations[0]["seed"].as_u64().unwrap();
     assert!(stderr.contains(&format!("fault timeline of seed {seed}")), "the timeline is printed for replay: {stderr}");

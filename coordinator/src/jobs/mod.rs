@@ -12,6 +12,7 @@
 
 pub mod compare;
 pub mod ingest;
+pub mod plan;
 pub mod vm_job;
 
 use crate::catalog::{now_secs, Catalog, CatalogError, JobKind, JobRecord, JobState};

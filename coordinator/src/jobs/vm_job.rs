@@ -8,36 +8,20 @@
 
 use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, ReplicaState, VmRecord};
 use crate::jobs::ingest::{Cmd, IngestHandle};
+use crate::jobs::plan::{self, Failure};
 use crate::jobs::{compare, Finished, JobContext, TransferStream};
 use crate::server::registry::SessionOf;
 use crate::server::session::Send as SendToAgent;
 use crate::store::NewRecoveryPoint;
 use bulwark_protocol::blockmap::TreeRoot;
 use bulwark_protocol::messages::{
-    CoordinatorMessage, DiskJob, FailureKind, JobKind as WireKind, JobOutcome, JobRequest, JobResult,
+    CoordinatorMessage, FailureKind, JobKind as WireKind, JobOutcome, JobRequest, JobResult,
 };
 use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage, TransferMode};
 use bulwark_protocol::{JobId, VmId};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::Instrument;
-
-/// Why a job failed, and what that means.
-struct Failure {
-    reason: String,
-    retry: bool,
-    /// The replica's continuity is broken: mark it inconsistent with this reason.
-    inconsistent: Option<String>,
-}
-
-impl Failure {
-    fn stop(reason: impl Into<String>) -> Self {
-        Self { reason: reason.into(), retry: false, inconsistent: None }
-    }
-    fn retry(reason: impl Into<String>) -> Self {
-        Self { reason: reason.into(), retry: true, inconsistent: None }
-    }
-}
 
 /// What a disk's transfer produced.
 pub struct DiskDone {
@@ -170,29 +154,10 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         .map(|r| (r.disk.clone(), r))
         .collect();
 
-    // A VM without a complete replica gets its initial copy first, whatever was asked.
-    let complete = vm.disks.iter().all(|d| {
-        replicas.get(d.name.as_str()).is_some_and(|r| {
-            r.state != ReplicaState::Creating
-                && r.root.is_some()
-                && r.size_bytes == d.size_bytes
-                && r.block_size == block_size
-        })
-    });
-    // (A consistency check needs no complete replica: it builds what is missing.)
-    if !complete && matches!(job.kind, JobKind::Sync | JobKind::ExpressFull) {
+    let planned = plan::plan(job.kind, &name, &vm.disks, &replicas, block_size)?;
+    if planned.kind != job.kind {
         tracing::info!("no complete replica yet: running the initial copy instead");
-        job.kind = JobKind::Initial;
-    }
-    if matches!(job.kind, JobKind::Sync | JobKind::ExpressFull) {
-        if let Some(r) = replicas.values().find(|r| r.state == ReplicaState::Inconsistent) {
-            return Err(Failure::stop(format!(
-                "the replica of {}/{} is inconsistent ({}): a consistency check must run first",
-                name,
-                r.disk,
-                r.reason.as_deref().unwrap_or("no reason recorded")
-            )));
-        }
+        job.kind = planned.kind;
     }
     let kind = wire_kind(job.kind).ok_or_else(|| Failure::stop(format!("{} is not a VM job", job.kind.as_str())))?;
 
@@ -221,25 +186,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
             catalog.put_replica(&r).map_err(|e| Failure::retry(e.to_string()))?;
         }
     }
-    let disks: Vec<DiskJob> = vm
-        .disks
-        .iter()
-        .map(|d| DiskJob {
-            disk: d.name.clone(),
-            token: if job.kind == JobKind::Initial {
-                None
-            } else {
-                replicas.get(d.name.as_str()).and_then(|r| r.change_token)
-            },
-            // Only synchronizations and express fulls leave swap out: an initial copy and a
-            // consistency check take everything, so the tree always matches its source.
-            exclude: if matches!(job.kind, JobKind::Sync | JobKind::ExpressFull) {
-                replicas.get(d.name.as_str()).map(|r| r.excluded.clone()).unwrap_or_default()
-            } else {
-                vec![]
-            },
-        })
-        .collect();
+    let disks = planned.disks;
     let request = JobRequest {
         job: JobId(job.id),
         vm: VmId::new(name.clone()).map_err(|e| Failure::stop(e.to_string()))?,
@@ -254,12 +201,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
     tracing::info!(host = %vm.host, disks = vm.disks.len(), block_size, "job sent to the agent");
 
     let ingest = IngestHandle::start(ctx.store.clone(), job.id).map_err(|e| Failure::retry(e.to_string()))?;
-    let midway = |reason: String, kind: JobKind| Failure {
-        retry: true,
-        inconsistent: matches!(kind, JobKind::Sync | JobKind::ExpressFull)
-            .then(|| format!("a transfer died midway: {reason}")),
-        reason,
-    };
+    let midway = Failure::midway;
     let mut done: HashMap<String, DiskDone> = HashMap::new();
     let outcome: JobResult = loop {
         tokio::select! {
@@ -288,14 +230,8 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         JobOutcome::Succeeded { consistency, consistency_note, bytes_read, next_token, .. } => {
             (consistency, consistency_note, bytes_read, next_token)
         }
-        JobOutcome::Failed { kind: FailureKind::TrackingLost, reason } => {
-            return Err(Failure { reason: reason.clone(), retry: false, inconsistent: Some(reason) })
-        }
-        JobOutcome::Failed { kind: FailureKind::Refused, reason } => return Err(Failure::stop(reason)),
-        JobOutcome::Failed { kind: FailureKind::NotHere, reason } => return Err(Failure::retry(reason)),
-        JobOutcome::Failed { kind: FailureKind::Other, reason } => {
-            let started = !done.is_empty();
-            return Err(if started { midway(reason, job.kind) } else { Failure::retry(reason) });
+        JobOutcome::Failed { kind, reason } => {
+            return Err(Failure::from_agent(kind, reason, !done.is_empty(), job.kind))
         }
         JobOutcome::Restored { .. } => return Err(Failure::stop("the agent answered a backup with a restore")),
     };

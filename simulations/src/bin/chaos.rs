@@ -102,8 +102,8 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
 /// disks (default for it: 1MiB), files on /dev/shm where there is one.
 fn run_sim(cli: &Cli, disk_bytes: u64) -> anyhow::Result<bool> {
     let broken = match std::env::var("BULWARK_SIM_BREAK").as_deref() {
-        Ok("forget-uncommitted") => Some(dsim::nodes::Break::ForgetUncommitted),
-        Ok(other) => anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows forget-uncommitted"),
+        Ok("commit-early") => Some(dsim::nodes::Break::CommitEarly),
+        Ok(other) => anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early"),
         Err(_) => None,
     };
     let template = dsim::Options {

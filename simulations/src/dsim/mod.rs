@@ -94,7 +94,6 @@ struct World {
     root: PathBuf,
     coord_dir: PathBuf,
     coordinator: Option<Coordinator>,
-    incarnation: u64,
     agents: Vec<Option<Agent>>,
     links: Vec<Link>,
     vms: Vec<String>,
@@ -169,15 +168,15 @@ impl World {
 
     fn start_coordinator(&mut self) -> Result<(), String> {
         if self.coordinator.is_none() {
-            self.incarnation += 1;
-            self.coordinator = Some(Coordinator::open(&self.coord_dir, self.incarnation, self.opts.disk_bytes)?);
+            self.coordinator =
+                Some(Coordinator::open(&self.coord_dir, self.opts.disk_bytes, self.now, self.opts.broken)?);
         }
         Ok(())
     }
 
     fn start_agent(&mut self, h: usize) -> Result<(), String> {
         if self.agents[h].is_none() {
-            self.agents[h] = Some(Agent::start(&self.root, &host_name(h), self.opts.broken)?);
+            self.agents[h] = Some(Agent::start(&self.root, &host_name(h))?);
         }
         Ok(())
     }
@@ -195,7 +194,7 @@ impl World {
             }
         }
         let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
-        for (h, msg) in c.expire(now) {
+        for (h, msg) in c.expire(now)? {
             self.send(h, true, 0, msg);
         }
         for i in 0..self.vms.len() {
@@ -397,7 +396,6 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
         root,
         coord_dir: dir.path().join("coordinator"),
         coordinator: None,
-        incarnation: 0,
         agents: (0..opts.hosts).map(|_| None).collect(),
         links: vec![Link::default(); opts.hosts],
         vms,

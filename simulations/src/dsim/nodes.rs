@@ -4,11 +4,15 @@
 //! sleeps, spawns or reads a clock.
 
 use bulwark_agent::sim::{SimError, Vm};
-use bulwark_coordinator::catalog::{Catalog, Commit, ReplicaRecord, ReplicaState, RpDisk};
+use bulwark_coordinator::catalog::{
+    Catalog, Commit, JobKind, JobRecord, JobState, ReplicaRecord, ReplicaState, RpDisk,
+};
 use bulwark_coordinator::config::DataDir;
+use bulwark_coordinator::jobs::plan::{self, Failure};
 use bulwark_coordinator::store::{NewRecoveryPoint, Store, StoreConfig};
 use bulwark_protocol::block::{ChunkHasher, Digest};
-use bulwark_protocol::messages::{ChangeToken, Consistency};
+use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, FailureKind};
+use bulwark_protocol::DiskId;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -20,17 +24,6 @@ pub const BLOCK: u64 = 64 * 1024;
 pub const LEASE_MS: u64 = 6_000;
 /// How long the coordinator waits for a job's blocks and result.
 pub const JOB_TIMEOUT_MS: u64 = 5_000;
-
-/// What a job reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Every block (no replica yet).
-    Initial,
-    /// The blocks changed since the replica's token (an express full).
-    Incremental,
-    /// Every block, to repair an inconsistent replica (no recovery point).
-    Check,
-}
 
 /// Why an agent could not run a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +37,7 @@ pub enum Refusal {
 #[derive(Debug, Clone)]
 pub enum Msg {
     /// Coordinator → agent.
-    Job { job: u64, vm: String, kind: Kind, token: Option<ChangeToken> },
+    Job { job: u64, vm: String, kind: JobKind, token: Option<ChangeToken> },
     /// Coordinator → agent: the verdict on a job whose snapshot the agent holds.
     Done { job: u64, vm: String, committed: bool },
     /// Agent → coordinator.
@@ -68,7 +61,7 @@ pub struct RunningJob {
     pub id: u64,
     pub vm: String,
     pub host: usize,
-    pub kind: Kind,
+    pub kind: JobKind,
     pub deadline: u64,
     blocks: BTreeMap<u64, Digest>,
     sent: Option<(ChangeToken, u64, Consistency)>,
@@ -79,8 +72,8 @@ pub struct Coordinator {
     pub store: Store,
     pub jobs: BTreeMap<String, RunningJob>,
     pub next_backup_at: BTreeMap<String, u64>,
-    next_id: u64,
     disk_bytes: u64,
+    broken: Option<Break>,
     /// Jobs that committed, by kind (`initial`, `incremental`, `check`).
     pub committed: BTreeMap<&'static str, u64>,
 }
@@ -89,21 +82,23 @@ pub struct Coordinator {
 pub type StoreFailure = String;
 
 impl Coordinator {
-    /// Opens (or creates) the coordinator's store in `dir`; `incarnation` keeps job ids unique
-    /// across restarts.
-    pub fn open(dir: &Path, incarnation: u64, disk_bytes: u64) -> Result<Coordinator, StoreFailure> {
+    /// Opens (or creates) the coordinator's store in `dir`; like the real coordinator's start,
+    /// jobs a killed run left running are failed and their replicas' continuity questioned
+    /// (`recover_interrupted`).
+    pub fn open(dir: &Path, disk_bytes: u64, now: u64, broken: Option<Break>) -> Result<Coordinator, StoreFailure> {
         let data = DataDir::new(dir);
         let catalog =
             if data.catalog().exists() { Catalog::open(&data.catalog()) } else { Catalog::create(&data.catalog()) }
                 .map_err(|e| format!("catalog: {e}"))?;
         let config = StoreConfig { pack_max_bytes: 1 << 20, gc_filter_bytes: 1 << 16, ..StoreConfig::default() };
+        bulwark_coordinator::jobs::recover_interrupted(&catalog, now / 1000).map_err(|e| e.to_string())?;
         let store = Store::open(&data, catalog, config).map_err(|e| format!("store: {e}"))?;
         Ok(Coordinator {
             store,
             jobs: BTreeMap::new(),
             next_backup_at: BTreeMap::new(),
-            next_id: incarnation << 32,
             disk_bytes,
+            broken,
             committed: BTreeMap::new(),
         })
     }
@@ -112,29 +107,63 @@ impl Coordinator {
         self.disk_bytes.div_ceil(BLOCK)
     }
 
-    /// The job to run for `vm` now, from its replica's state.
+    /// The job to run for `vm` now: an express full as the coordinator's own planning turns
+    /// it (an initial copy without a complete replica), or a consistency check of an
+    /// inconsistent replica (as `cc_when_inconsistent` queues it). Recorded in the catalog as
+    /// running, as the real job queue does.
     pub fn dispatch(&mut self, vm: &str, host: usize, now: u64) -> Result<Msg, StoreFailure> {
-        let replica = self.store.catalog().replica(vm, DISK).map_err(|e| e.to_string())?;
-        let (kind, token) = match &replica {
-            None => (Kind::Initial, None),
-            Some(r) if r.state != ReplicaState::Consistent => (Kind::Check, None),
-            Some(r) => (Kind::Incremental, r.change_token),
+        let cat = self.store.catalog();
+        let replicas =
+            cat.replicas_of(vm).map_err(|e| e.to_string())?.into_iter().map(|r| (r.disk.clone(), r)).collect();
+        let disks = [DiskInfo { name: DiskId::new(DISK).map_err(|e| e.to_string())?, size_bytes: self.disk_bytes }];
+        let planned = match plan::plan(JobKind::ExpressFull, vm, &disks, &replicas, BLOCK as u32) {
+            Ok(p) => p,
+            Err(_) => plan::plan(JobKind::ConsistencyCheck, vm, &disks, &replicas, BLOCK as u32)
+                .map_err(|f| format!("a check of {vm} was refused: {}", f.reason))?,
         };
-        self.next_id += 1;
-        let id = self.next_id;
+        let id = cat.next_job_id().map_err(|e| e.to_string())?;
+        cat.put_job(&job_record(id, planned.kind, vm, JobState::Running, now, None)).map_err(|e| e.to_string())?;
+        if planned.kind == JobKind::Initial {
+            let creating = ReplicaRecord {
+                vm: vm.to_owned(),
+                disk: DISK.to_owned(),
+                size_bytes: self.disk_bytes,
+                block_size: BLOCK as u32,
+                state: ReplicaState::Creating,
+                root: None,
+                change_token: None,
+                reason: None,
+                updated_at: now / 1000,
+                excluded: vec![],
+            };
+            cat.put_replica(&creating).map_err(|e| e.to_string())?;
+        }
+        let token = planned.disks.first().and_then(|d| d.token);
         self.jobs.insert(
             vm.to_owned(),
             RunningJob {
                 id,
                 vm: vm.to_owned(),
                 host,
-                kind,
+                kind: planned.kind,
                 deadline: now + JOB_TIMEOUT_MS,
                 blocks: BTreeMap::new(),
                 sent: None,
             },
         );
-        Ok(Msg::Job { job: id, vm: vm.to_owned(), kind, token })
+        Ok(Msg::Job { job: id, vm: vm.to_owned(), kind: planned.kind, token })
+    }
+
+    /// Ends `vm`'s job as failed, with what the failure means for the replica.
+    fn fail(&mut self, vm: &str, failure: Failure, now: u64) -> Result<(), StoreFailure> {
+        let Some(j) = self.jobs.remove(vm) else { return Ok(()) };
+        let cat = self.store.catalog();
+        cat.put_job(&job_record(j.id, j.kind, vm, JobState::Failed, now, Some(failure.reason.clone())))
+            .map_err(|e| e.to_string())?;
+        if let Some(why) = failure.inconsistent {
+            self.mark_inconsistent(vm, &why, now)?;
+        }
+        Ok(())
     }
 
     fn vm_of(&self, job: u64) -> Option<String> {
@@ -166,10 +195,14 @@ impl Coordinator {
             }
             Msg::Refused { job, why } => {
                 let Some(vm) = self.vm_of(job) else { return Ok(vec![]) };
-                self.jobs.remove(&vm);
-                if why == Refusal::TrackingLost {
-                    self.mark_inconsistent(&vm, "change tracking was lost", now)?;
-                }
+                let Some(j) = self.jobs.get(&vm) else { return Ok(vec![]) };
+                let (kind, reason) = match why {
+                    Refusal::TrackingLost => (FailureKind::TrackingLost, "change tracking was lost"),
+                    Refusal::NotHere => (FailureKind::NotHere, "the VM is not on this host"),
+                    Refusal::Busy => (FailureKind::Other, "the VM holds a snapshot already"),
+                };
+                let failure = Failure::from_agent(kind, reason.into(), !j.blocks.is_empty(), j.kind);
+                self.fail(&vm, failure, now)?;
                 Ok(vec![])
             }
             Msg::Job { .. } | Msg::Done { .. } => Ok(vec![]),
@@ -191,18 +224,18 @@ impl Coordinator {
     fn try_commit(&mut self, vm: &str, now: u64) -> Result<Vec<Msg>, StoreFailure> {
         let Some(j) = self.jobs.get(vm) else { return Ok(vec![]) };
         let Some((next, count, consistency)) = j.sent else { return Ok(vec![]) };
-        if (j.blocks.len() as u64) < count {
+        if (j.blocks.len() as u64) < count && self.broken != Some(Break::CommitEarly) {
             return Ok(vec![]);
         }
         let blocks = self.blocks();
-        if j.kind != Kind::Incremental && count != blocks {
+        if j.kind != JobKind::ExpressFull && count != blocks {
             return Err(format!("job {}: a full read sent {count} of {blocks} blocks", j.id));
         }
         let old = match j.kind {
-            Kind::Incremental => {
+            JobKind::ExpressFull => {
                 self.store.catalog().replica(vm, DISK).map_err(|e| e.to_string())?.and_then(|r| r.root)
             }
-            Kind::Initial | Kind::Check => None,
+            _ => None,
         };
         let mut ingest = self.store.begin();
         let root = ingest
@@ -221,7 +254,7 @@ impl Coordinator {
             excluded: vec![],
         };
         let (id, kind) = (j.id, j.kind);
-        if kind == Kind::Check {
+        if kind == JobKind::ConsistencyCheck {
             self.store.commit_replicas(ingest, vec![replica]).map_err(|e| e.to_string())?;
         } else {
             let rp = NewRecoveryPoint {
@@ -233,26 +266,45 @@ impl Coordinator {
             };
             self.store.commit_recovery_point(ingest, rp, vec![replica]).map_err(|e| e.to_string())?;
         }
-        let label = match kind {
-            Kind::Initial => "initial",
-            Kind::Incremental => "incremental",
-            Kind::Check => "check",
-        };
-        *self.committed.entry(label).or_default() += 1;
+        *self.committed.entry(kind.as_str()).or_default() += 1;
         self.jobs.remove(vm);
+        self.store
+            .catalog()
+            .put_job(&job_record(id, kind, vm, JobState::Succeeded, now, None))
+            .map_err(|e| e.to_string())?;
         Ok(vec![Msg::Done { job: id, vm: vm.to_owned(), committed: true }])
     }
 
-    /// Jobs past their deadline end, their snapshots handed back; answers (host, message).
-    pub fn expire(&mut self, now: u64) -> Vec<(usize, Msg)> {
-        let late: Vec<String> = self.jobs.values().filter(|j| j.deadline <= now).map(|j| j.vm.clone()).collect();
+    /// Jobs past their deadline fail as the real job does when the agent falls silent (a
+    /// transfer that died midway), and their snapshots are handed back; answers (host, message).
+    pub fn expire(&mut self, now: u64) -> Result<Vec<(usize, Msg)>, StoreFailure> {
+        let late: Vec<(String, u64, usize, JobKind)> =
+            self.jobs.values().filter(|j| j.deadline <= now).map(|j| (j.vm.clone(), j.id, j.host, j.kind)).collect();
         let mut out = vec![];
-        for vm in late {
-            if let Some(j) = self.jobs.remove(&vm) {
-                out.push((j.host, Msg::Done { job: j.id, vm, committed: false }));
-            }
+        for (vm, id, host, kind) in late {
+            self.fail(&vm, Failure::midway(format!("no word from the agent for {JOB_TIMEOUT_MS} ms"), kind), now)?;
+            out.push((host, Msg::Done { job: id, vm, committed: false }));
         }
-        out
+        Ok(out)
+    }
+}
+
+fn job_record(id: u64, kind: JobKind, vm: &str, state: JobState, now: u64, error: Option<String>) -> JobRecord {
+    JobRecord {
+        id,
+        kind,
+        vm: Some(vm.to_owned()),
+        state,
+        started_at: Some(now / 1000),
+        finished_at: (state != JobState::Running).then_some(now / 1000),
+        bytes_transferred: 0,
+        bytes_total: None,
+        bytes_scanned: 0,
+        blocks_changed: 0,
+        consistency: None,
+        error,
+        detail: None,
+        recovery: None,
     }
 }
 
@@ -264,12 +316,12 @@ pub struct Held {
     pub lease_until: u64,
 }
 
-/// A deliberately broken agent, to show the simulation bites.
+/// A deliberately broken build, to show the simulation bites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Break {
-    /// A snapshot released without a commit drops its changes instead of merging them back
-    /// into change tracking (as if it were released before the transfer committed).
-    ForgetUncommitted,
+    /// The coordinator commits a job as soon as the agent says everything is sent, without
+    /// waiting for the blocks still on their way.
+    CommitEarly,
 }
 
 /// An agent: its snapshots are in the sim's files; what it holds for which job is volatile.
@@ -278,7 +330,6 @@ pub struct Agent {
     pub held: BTreeMap<String, Held>,
     root: PathBuf,
     hasher: ChunkHasher,
-    broken: Option<Break>,
 }
 
 fn sim_err(e: SimError) -> String {
@@ -288,15 +339,9 @@ fn sim_err(e: SimError) -> String {
 impl Agent {
     /// Starts an agent: first it cleans what a dead one of its host left (thaw, release,
     /// changes merged back), as the real agent does at start-up.
-    pub fn start(root: &Path, host: &str, broken: Option<Break>) -> Result<Agent, String> {
+    pub fn start(root: &Path, host: &str) -> Result<Agent, String> {
         bulwark_agent::sim::cleanup_orphans(root, host).map_err(sim_err)?;
-        Ok(Agent {
-            host: host.to_owned(),
-            held: BTreeMap::new(),
-            root: root.to_owned(),
-            hasher: ChunkHasher::plain(),
-            broken,
-        })
+        Ok(Agent { host: host.to_owned(), held: BTreeMap::new(), root: root.to_owned(), hasher: ChunkHasher::plain() })
     }
 
     /// A message from the coordinator; answers what to send back, in order.
@@ -319,7 +364,7 @@ impl Agent {
         &mut self,
         job: u64,
         name: &str,
-        kind: Kind,
+        kind: JobKind,
         token: Option<ChangeToken>,
         now: u64,
     ) -> Result<Vec<Out>, String> {
@@ -340,8 +385,7 @@ impl Agent {
         vm.thaw().map_err(sim_err)?;
         let size = vm.config.disks.first().map_or(0, |d| d.size);
         let indices: Vec<u64> = match kind {
-            Kind::Initial | Kind::Check => (0..size.div_ceil(BLOCK)).collect(),
-            Kind::Incremental => match vm.changes_since(DISK, token) {
+            JobKind::ExpressFull | JobKind::Sync => match vm.changes_since(DISK, token) {
                 Ok(map) => map.dirty_blocks(BLOCK),
                 Err(SimError::TrackingLost { .. }) => {
                     drop(vm);
@@ -350,6 +394,7 @@ impl Agent {
                 }
                 Err(e) => return Err(sim_err(e)),
             },
+            _ => (0..size.div_ceil(BLOCK)).collect(),
         };
         let mut out = vec![];
         let mut buf = vec![0u8; BLOCK as usize];
@@ -376,10 +421,6 @@ impl Agent {
         vm.release_snapshot().map_err(sim_err)?;
         match commit {
             Some(next) => vm.confirm_to(next).map(|_| ()).map_err(sim_err),
-            None if self.broken == Some(Break::ForgetUncommitted) => {
-                let same = ChangeToken { generation: vm.config.generation, sequence: vm.config.sequence };
-                vm.confirm_to(same).map(|_| ()).map_err(sim_err)
-            }
             None => vm.abandon().map_err(sim_err),
         }
     }
