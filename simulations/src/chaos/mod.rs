@@ -149,10 +149,12 @@ fn node_name(i: usize) -> String {
 pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOutcome, Vec<Timed>)> {
     let duration_ms = (opts.minutes * 60_000.0) as u64;
     let timeline = schedule::schedule(seed, opts.scenario, opts.nodes, opts.vms, duration_ms);
-    // The store-full scenario gives the coordinator a disk of its own: room for every VM's
-    // replica twice over plus the catalog, so that a ballast file can fill it.
+    // The store-full scenario gives the coordinator a disk of its own, filled by a ballast
+    // file now and then. Without the ballast it must hold a run's whole history (no prune or
+    // GC runs): every replica, the churn, and whole-disk rewrites under load, ten disks' worth
+    // per VM, plus the catalog.
     let store_bytes = (opts.scenario == Scenario::StoreFull)
-        .then(|| (opts.vms as u64 * opts.disk_bytes * 2 + (48 << 20)).next_multiple_of(1 << 20));
+        .then(|| (opts.vms as u64 * opts.disk_bytes * 10 + (64 << 20)).next_multiple_of(1 << 20));
     let mut world = World::start(&opts.exe, dir, opts.nodes, store_bytes)?;
     std::fs::create_dir_all(world.sim_root.join(sim::GROUND_TRUTH_DIR))?;
     for i in 0..opts.vms {
@@ -199,6 +201,11 @@ pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOut
     world.heal_due(Instant::now() + Duration::from_secs(86_400));
     world.start_all()?;
     check::settle_and_check(&mut world, &names, seed, &mut outcome)?;
+    if let Some(total) = store_bytes {
+        let out = std::process::Command::new("df").args(["-B1", "--output=used"]).arg(&world.data_dir).output();
+        let used = out.map(|o| String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("").trim().to_owned());
+        eprintln!("chaos: seed {seed}: the store disk holds {} of {total} bytes", used.unwrap_or_default());
+    }
     world.stop_all();
     // What the full disk did, as the coordinator said it (job failures, refused starts).
     let log = std::fs::read_to_string(&world.coordinator.log).unwrap_or_default();
