@@ -23,7 +23,7 @@ struct Cli {
     /// Length of each run's fault phase, in minutes (fractions allowed).
     #[arg(long, default_value_t = 1.0)]
     minutes: f64,
-    /// mixed, agents, coordinator, hosts, network, store-full (root: mounts a tmpfs), sim.
+    /// mixed, agents, coordinator, hosts, network, store-full (root: mounts a tmpfs); sim (or sim-mixed): the deterministic simulation.
     #[arg(long, default_value = "mixed")]
     scenario: String,
     /// Cluster nodes (agents).
@@ -77,7 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     anyhow::ensure!(["text", "json"].contains(&cli.output.as_str()), "--output: text or json");
     let disk_bytes = parse_size(&cli.disk)?;
     anyhow::ensure!(disk_bytes >= 1 << 20, "--disk must be at least 1MiB");
-    if cli.scenario == "sim" {
+    if cli.scenario == "sim" || cli.scenario == "sim-mixed" {
         return run_sim(&cli, disk_bytes);
     }
     let scenario = Scenario::parse(&cli.scenario).map_err(anyhow::Error::msg)?;

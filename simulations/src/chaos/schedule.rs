@@ -34,7 +34,7 @@ impl Scenario {
             "network" => Ok(Scenario::Network),
             "store-full" => Ok(Scenario::StoreFull),
             other => Err(format!(
-                "unknown scenario {other:?} (known: mixed, agents, coordinator, hosts, network, store-full)"
+                "unknown scenario {other:?} (known: mixed, agents, coordinator, hosts, network, store-full; sim, sim-mixed)"
             )),
         }
     }
