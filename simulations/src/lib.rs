@@ -6,6 +6,8 @@
 //! - [`chaos`]: `bulwark-chaos`, seeded fault runs against the real daemons, and the invariants
 //!   that prove nothing was lost.
 //! - [`cluster`]: a real coordinator and agent in this process, on loopback, for benchmarks.
+//! - [`dsim`]: the deterministic simulation (`bulwark-chaos --scenario sim`): the real store,
+//!   catalog, job planning and sim hypervisor driven by a simulated clock, one thread per seed.
 //! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
 //!   loopback) that every other figure is a ratio against.
 //! - [`peers`]: restic and borg, run as their users run them.

@@ -9,6 +9,8 @@
 //!   waiting for it, and only if it came from the host the job runs on.
 //! - [`ingest`] writes a job's blocks into the store on its own thread; [`compare`] is the
 //!   coordinator's half of a consistency check.
+//! - [`plan`] holds a job's decisions in plain code (which job really runs, what a failure
+//!   means for the replica), shared with the deterministic simulation.
 
 pub mod compare;
 pub mod ingest;
