@@ -12,7 +12,7 @@ use bulwark_agent::sim::{self, CreateVm, DiskConfig};
 use bulwark_protocol::messages::{BackupKind, JobInfo};
 use rand::{Rng, SeedableRng};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// What the QEMU benchmark measured.
@@ -66,12 +66,7 @@ fn row(tool: &str, scenario: &str, size: u64, seconds: f64, job: Option<&JobInfo
 fn start_qemu(def: &Path) -> anyhow::Result<Qemu> {
     let def = VmDef::load(def)?;
     let _ = std::fs::remove_file(&def.qmp);
-    let line = launch::command_line(&def, "tcg", 64);
-    let child = Command::new(&line[0])
-        .args(&line[1..])
-        .args(["-nodefaults", "-display", "none"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
+    let child = launch::headless(&def, "tcg", 64)
         .spawn()
         .context("cannot run qemu-system-x86_64 (apt-get install qemu-system-x86 from bookworm-backports)")?;
     let q = Qemu(child);

@@ -48,6 +48,19 @@ pub fn command_line(def: &VmDef, accel: &str, memory_mib: u64) -> Vec<String> {
     a
 }
 
+/// [`command_line`] as a `Command` for a VM with no default devices and no display, its
+/// stdin and stdout closed (QEMU's own errors still reach stderr): how the tests and the
+/// benchmark run their VMs.
+pub fn headless(def: &VmDef, accel: &str, memory_mib: u64) -> std::process::Command {
+    let line = command_line(def, accel, memory_mib);
+    let mut cmd = std::process::Command::new(&line[0]);
+    cmd.args(&line[1..])
+        .args(["-nodefaults", "-display", "none"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    cmd
+}
+
 /// Quotes `arg` for a POSIX shell when it needs it.
 pub fn shell_quote(arg: &str) -> String {
     let plain = |c: char| c.is_ascii_alphanumeric() || "-_=,.:/+@%".contains(c);

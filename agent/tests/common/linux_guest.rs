@@ -9,7 +9,7 @@ use bulwark_agent::qemu::launch;
 use bulwark_agent::qemu::qmp::{Qga, Qmp};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Bump when `build-guest.sh` changes what it builds.
@@ -102,10 +102,8 @@ impl LinuxVm {
         // port, that nothing in the guest opens, is the silent agent.
         self.define(&format!("guest_agent = \"{}\"", self.ga_path().display()));
         let def = VmDef::load(&self.dir.join("vms").join(format!("{}.toml", self.name))).unwrap();
-        let line = launch::command_line(&def, "tcg", 256);
-        let child = Command::new(&line[0])
-            .args(&line[1..])
-            .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        let child = launch::headless(&def, "tcg", 256)
+            .arg("-no-reboot")
             .arg("-kernel")
             .arg(img.join("vmlinuz"))
             .arg("-initrd")
@@ -116,8 +114,6 @@ impl LinuxVm {
             .arg("-chardev")
             .arg(format!("socket,id=silent,path={},server=on,wait=off", self.silent_path().display()))
             .args(["-device", "virtserialport,chardev=silent,name=org.bulwark.silent"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .spawn()
             .expect("qemu-system-x86_64 runs (installed by .ci/run)");
         self.qemu = Some(child);

@@ -8,7 +8,7 @@ use bulwark_agent::qemu::launch;
 use bulwark_agent::qemu::qmp::Qmp;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 pub const MIB: u64 = 1 << 20;
@@ -49,14 +49,7 @@ impl Vm {
     pub fn start(&mut self) {
         let _ = std::fs::remove_file(self.qmp_path());
         let def = VmDef::load(&self.dir.join("vms").join(format!("{}.toml", self.name))).unwrap();
-        let line = launch::command_line(&def, "tcg", 64);
-        let child = Command::new(&line[0])
-            .args(&line[1..])
-            .args(["-nodefaults", "-display", "none"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 runs (installed by .ci/run)");
+        let child = launch::headless(&def, "tcg", 64).spawn().expect("qemu-system-x86_64 runs (installed by .ci/run)");
         self.qemu = Some(child);
         launch::wait_for_qmp(&self.qmp_path(), Duration::from_secs(20)).expect("QEMU's QMP socket answers");
     }
