@@ -175,7 +175,11 @@ pub async fn read<R: AsyncRead + Unpin>(r: &mut R, block_size: usize) -> Result<
     let Some(len) = frame::read_header(r, frame_limit(block_size)).await? else { return Ok(None) };
     let head_len = len.min(1 + BLOCK_HEADER_LEN);
     let mut head = Vec::with_capacity(head_len);
-    frame::read_into(r, &mut head, head_len, frame::HEADER_LEN).await?;
+    // A stream that ends inside the head is short of the whole frame, not just of the head.
+    frame::read_into(r, &mut head, head_len, frame::HEADER_LEN).await.map_err(|e| match e {
+        FrameError::Truncated { got, .. } => FrameError::Truncated { got, want: frame::HEADER_LEN + len },
+        e => e,
+    })?;
     if head.len() == 1 + BLOCK_HEADER_LEN && head[0] == TAG_BLOCK && len > head.len() {
         let data_len = len - head.len();
         if data_len > block_size {
