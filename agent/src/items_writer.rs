@@ -1,18 +1,38 @@
-//! Writing recovered items under a destination directory, treating every name from the guest
-//! as hostile: each component is checked ([`safe_component`]), no existing symlink or file is
-//! ever followed or overwritten (directories are walked component by component with
-//! `symlink_metadata`, files are created with `O_CREAT | O_EXCL | O_NOFOLLOW`), and symlinks are
-//! restored as links, never followed. Nothing is written outside the destination.
+//! Writing recovered items under a destination directory, treating every name and every mode
+//! from the guest as hostile. Used by the console (`recover-items --output DIR`), the agent
+//! (`--dest-host`) and the quickstart, so the same rules hold on every restoring host:
+//! - **names**: each component is checked ([`safe_component`]); no existing symlink or file is
+//!   followed or overwritten (directories are walked with `symlink_metadata`, files created with
+//!   `O_CREAT | O_EXCL | O_NOFOLLOW`); symlinks are restored as links, never followed. Nothing
+//!   is written outside the destination.
+//! - **modes**: as `tar` gives them to a non-owner ([`restored_mode`]): setuid, setgid and sticky
+//!   bits dropped, the process umask applied, never world-writable — unless `keep_modes`.
+//!   Everything belongs to the restoring user: guest uids are never applied.
+//! - **holes**: runs of zeros in file data are not written (positioned writes, `set_len` at the
+//!   end), so a sparse file takes about its allocated blocks again.
+//! - **space**: each file's size is checked against the free space before it is created; a
+//!   write error (`ENOSPC`, `EIO`, …) ends the restore with the system's own words.
+//! - **one bad entry** (an unsafe name, a name that exists, a path that cannot be created) is
+//!   skipped with a warning in [`Written::skipped`]; the rest is restored.
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use bulwark_protocol::transfer::{self, safe_component, TransferFrame, TransferMessage};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
-use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
+
+/// How items are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// Keep the guest's permission bits as they are (setuid, setgid, sticky, world-writable).
+    pub keep_modes: bool,
+}
+
+/// Skipped entries listed by name; beyond this many only the count grows.
+pub const SKIPPED_LISTED: usize = 100;
 
 /// What was written.
 #[derive(Debug, Default)]
@@ -20,106 +40,349 @@ pub struct Written {
     pub files: u64,
     pub dirs: u64,
     pub links: u64,
+    /// Bytes of file data received (holes included).
     pub bytes: u64,
+    /// Entries skipped, with the reason (the first [`SKIPPED_LISTED`]).
     pub skipped: Vec<String>,
+    /// How many entries were skipped in all.
+    pub skipped_count: u64,
 }
 
-/// The directory `root/dirs…`, created where missing; refuses anything on the way that is not
-/// a real directory (a symlink a hostile entry planted, a file).
-fn safe_dirs(root: &Path, dirs: &[Vec<u8>]) -> anyhow::Result<PathBuf> {
-    let mut cur = root.to_owned();
-    for c in dirs {
-        cur.push(OsStr::from_bytes(c));
-        match std::fs::symlink_metadata(&cur) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => bail!("{} exists and is not a directory: refusing to write through it", cur.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                std::fs::create_dir(&cur).with_context(|| format!("cannot create {}", cur.display()))?
-            }
-            Err(e) => return Err(e).with_context(|| format!("{}", cur.display())),
+impl Written {
+    fn skip(&mut self, what: String) {
+        tracing::warn!(entry = %what, "item skipped");
+        self.skipped_count += 1;
+        if self.skipped.len() < SKIPPED_LISTED {
+            self.skipped.push(what);
         }
     }
-    Ok(cur)
+
+    /// The skipped entries as lines, with a last line counting those not listed.
+    pub fn skipped_lines(&self) -> Vec<String> {
+        let mut lines = self.skipped.clone();
+        let more = self.skipped_count.saturating_sub(self.skipped.len() as u64);
+        if more > 0 {
+            lines.push(format!("… and {more} more"));
+        }
+        lines
+    }
 }
 
-fn set_mtime(path: &Path, mtime: i64) {
-    if let (Ok(f), Ok(secs)) = (File::open(path), u64::try_from(mtime)) {
-        let _ = f.set_modified(UNIX_EPOCH + Duration::from_secs(secs));
+/// The permission bits a restored entry gets. Without `keep`: what `tar` gives a non-owner —
+/// no setuid, setgid or sticky bit, the umask applied, and never writable by others (a
+/// world-writable directory from a guest would let any local user plant files in it). Owners
+/// keep `rwx` on directories so their children can be written.
+pub fn restored_mode(mode: u32, is_dir: bool, keep: bool, umask: u32) -> u32 {
+    let bits = if keep { mode & 0o7777 } else { mode & 0o777 & !umask & !0o002 };
+    if is_dir {
+        bits | 0o700
+    } else {
+        bits
+    }
+}
+
+/// The process umask (from `/proc/self/status`, which reads it without changing it); 022 when
+/// it cannot be read.
+pub fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Umask:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .map_or(0o022, |m| m & 0o777)
+}
+
+/// Holes are found at this granularity (aligned to the file offset): a page, and the block
+/// size of most file systems.
+const HOLE_GRAIN: u64 = 4096;
+static ZEROS: [u8; HOLE_GRAIN as usize] = [0; HOLE_GRAIN as usize];
+
+/// The runs of `data` (which starts at file offset `at`) that hold something other than zeros,
+/// as `(offset, bytes)`; all-zero grains are left out so they stay holes.
+pub fn data_runs(at: u64, data: &[u8]) -> Vec<(u64, &[u8])> {
+    let mut runs: Vec<(u64, &[u8])> = vec![];
+    let mut start: Option<usize> = None;
+    let mut i = 0usize;
+    while i < data.len() {
+        // The grain ends at the next multiple of HOLE_GRAIN in file offsets.
+        let off = at + i as u64;
+        let len = (HOLE_GRAIN - off % HOLE_GRAIN).min((data.len() - i) as u64) as usize;
+        let grain = &data[i..i + len];
+        // Slice equality is a memcmp: fast even in debug builds, and a sparse file is mostly zeros.
+        let zero = grain == &ZEROS[..len];
+        match (zero, start) {
+            (true, Some(s)) => {
+                runs.push((at + s as u64, &data[s..i]));
+                start = None;
+            }
+            (false, None) => start = Some(i),
+            _ => {}
+        }
+        i += len;
+    }
+    if let Some(s) = start {
+        runs.push((at + s as u64, &data[s..]));
+    }
+    runs
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Whether an I/O error is about the destination as a whole (so nothing further can be
+/// written) rather than about one entry.
+fn is_fatal(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT | libc::EIO | libc::EROFS))
+}
+
+/// The error text of a failed write: the system's words, and for a full disk the phrase
+/// operators and scripts look for.
+fn write_error(e: &std::io::Error, what: &str, path: &Path) -> anyhow::Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        anyhow::anyhow!("no space left on the device: cannot {what} {}: {e}", path.display())
+    } else {
+        anyhow::anyhow!("cannot {what} {}: {e}", path.display())
+    }
+}
+
+/// A step towards one entry that failed: either the entry is skipped, or the whole restore ends.
+enum Refusal {
+    Skip(String),
+    Fatal(anyhow::Error),
+}
+
+fn refuse(e: std::io::Error, what: &str, path: &Path) -> Refusal {
+    if is_fatal(&e) {
+        Refusal::Fatal(write_error(&e, what, path))
+    } else {
+        Refusal::Skip(format!("{}: cannot {what}: {e}", path.display()))
+    }
+}
+
+/// The directory `root/dirs…`, created (mode 0700 until the end) where missing; refuses
+/// anything on the way that is not a real directory (a symlink a hostile entry planted, a
+/// file). Answers the directory and whether its last component was created here.
+fn safe_dirs(root: &Path, dirs: &[Vec<u8>]) -> Result<(PathBuf, bool), Refusal> {
+    let mut cur = root.to_owned();
+    let mut created = false;
+    for c in dirs {
+        cur.push(OsStr::from_bytes(c));
+        created = false;
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(Refusal::Skip(format!("{} exists and is not a directory", cur.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::DirBuilder::new().mode(0o700).create(&cur).map_err(|e| refuse(e, "create", &cur))?;
+                created = true;
+            }
+            Err(e) => return Err(refuse(e, "inspect", &cur)),
+        }
+    }
+    Ok((cur, created))
+}
+
+/// Sets a directory's mode and mtime through a descriptor (never following a link).
+fn finish_dir(path: &Path, mode: u32, mtime: i64) -> std::io::Result<()> {
+    let d = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(path)?;
+    if let Ok(secs) = u64::try_from(mtime) {
+        let _ = d.set_modified(UNIX_EPOCH + Duration::from_secs(secs));
+    }
+    d.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+/// A file being written.
+struct OpenFile {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    got: u64,
+    mode: u32,
+    mtime: i64,
+}
+
+/// The entry the next data frames belong to.
+enum Current {
+    Nothing,
+    File(OpenFile),
+    /// A skipped file: its data is read and dropped.
+    Skipping,
+}
+
+/// The writer's state between frames.
+struct Writer {
+    root: PathBuf,
+    opts: WriteOptions,
+    umask: u32,
+    out: Written,
+    current: Current,
+    /// Directories created here: their modes and mtimes are set at the end (deepest first).
+    dirs: Vec<(PathBuf, u32, i64)>,
+}
+
+impl Writer {
+    /// The next entry: created, or skipped with a warning; `Err` ends the restore.
+    fn entry(
+        &mut self,
+        rel: &[Vec<u8>],
+        kind: &str,
+        mode: u32,
+        mtime: i64,
+        size: u64,
+        target: Option<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        self.close()?;
+        let r = match rel.iter().find(|c| !safe_component(c)) {
+            Some(bad) => Err(Refusal::Skip(format!(
+                "{:?}: unsafe name {:?}",
+                String::from_utf8_lossy(&rel.join(&b'/')),
+                String::from_utf8_lossy(bad)
+            ))),
+            None => self.create(rel, kind, mode, mtime, size, target),
+        };
+        self.current = match r {
+            Ok(c) => c,
+            Err(Refusal::Fatal(e)) => return Err(e),
+            Err(Refusal::Skip(why)) => {
+                self.out.skip(why);
+                if kind == "file" {
+                    Current::Skipping
+                } else {
+                    Current::Nothing
+                }
+            }
+        };
+        Ok(())
+    }
+
+    fn create(
+        &mut self,
+        rel: &[Vec<u8>],
+        kind: &str,
+        mode: u32,
+        mtime: i64,
+        size: u64,
+        target: Option<Vec<u8>>,
+    ) -> Result<Current, Refusal> {
+        let Some((last, parents)) = rel.split_last() else {
+            return Err(Refusal::Skip("an entry without a name".into()));
+        };
+        let (parent, _) = safe_dirs(&self.root, parents)?;
+        let dest = parent.join(OsStr::from_bytes(last));
+        match kind {
+            "dir" => {
+                let (_, created) = safe_dirs(&self.root, rel)?;
+                if created {
+                    self.dirs.push((dest, restored_mode(mode, true, self.opts.keep_modes, self.umask), mtime));
+                }
+                self.out.dirs += 1;
+                Ok(Current::Nothing)
+            }
+            "file" => {
+                if size > 0 {
+                    let free = free_bytes(&parent).map_err(|e| refuse(e, "inspect", &parent))?;
+                    if size > free {
+                        return Err(Refusal::Fatal(anyhow::anyhow!(
+                            "no space left on the device ({} needs {size} bytes, {free} free)",
+                            dest.display()
+                        )));
+                    }
+                }
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
+                    .mode(0o600)
+                    .open(&dest)
+                    .map_err(|e| refuse(e, "create", &dest))?;
+                let mode = restored_mode(mode, false, self.opts.keep_modes, self.umask);
+                Ok(Current::File(OpenFile { file, path: dest, size, got: 0, mode, mtime }))
+            }
+            "symlink" => {
+                let t = target.unwrap_or_default();
+                std::os::unix::fs::symlink(OsStr::from_bytes(&t), &dest).map_err(|e| refuse(e, "create", &dest))?;
+                self.out.links += 1;
+                Ok(Current::Nothing)
+            }
+            other => Err(Refusal::Skip(format!("{}: a {other} is not restored", dest.display()))),
+        }
+    }
+
+    /// File data for the current entry; zero runs are left as holes.
+    fn data(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        self.out.bytes += data.len() as u64;
+        match &mut self.current {
+            Current::File(f) => {
+                let end = f.got.checked_add(data.len() as u64).filter(|&e| e <= f.size);
+                let Some(end) = end else {
+                    bail!("{}: more bytes arrived than its {} announced", f.path.display(), f.size);
+                };
+                for (at, run) in data_runs(f.got, data) {
+                    f.file.write_all_at(run, at).map_err(|e| write_error(&e, "write", &f.path))?;
+                }
+                f.got = end;
+                Ok(())
+            }
+            Current::Skipping => Ok(()),
+            Current::Nothing => bail!("file data without a file"),
+        }
+    }
+
+    /// Finishes the current file: its length (a trailing hole), data on disk, mode, mtime.
+    fn close(&mut self) -> anyhow::Result<()> {
+        let Current::File(f) = std::mem::replace(&mut self.current, Current::Nothing) else { return Ok(()) };
+        if f.got != f.size {
+            drop(f.file);
+            let _ = std::fs::remove_file(&f.path);
+            self.out.skip(format!("{}: {} bytes arrived, {} expected", f.path.display(), f.got, f.size));
+            return Ok(());
+        }
+        f.file.set_len(f.size).map_err(|e| write_error(&e, "extend", &f.path))?;
+        f.file.sync_all().map_err(|e| write_error(&e, "write", &f.path))?;
+        if let Ok(secs) = u64::try_from(f.mtime) {
+            let _ = f.file.set_modified(UNIX_EPOCH + Duration::from_secs(secs));
+        }
+        f.file
+            .set_permissions(std::fs::Permissions::from_mode(f.mode))
+            .map_err(|e| write_error(&e, "chmod", &f.path))?;
+        self.out.files += 1;
+        Ok(())
+    }
+
+    /// Directories last, deepest first, so their children do not touch their mtimes again.
+    fn finish(mut self) -> anyhow::Result<Written> {
+        self.close()?;
+        for (path, mode, mtime) in std::mem::take(&mut self.dirs).into_iter().rev() {
+            if let Err(e) = finish_dir(&path, mode, mtime) {
+                self.out.skip(format!("{}: cannot set its mode: {e}", path.display()));
+            }
+        }
+        Ok(self.out)
     }
 }
 
 /// Reads item frames from `recv` and writes them under `root` (the console's `--output DIR`,
 /// or an agent's `--dest DIR`). Used on both sides, so the same checks guard both.
-pub async fn write_items(recv: &mut quinn::RecvStream, root: &Path) -> anyhow::Result<Written> {
+pub async fn write_items(recv: &mut quinn::RecvStream, root: &Path, opts: WriteOptions) -> anyhow::Result<Written> {
     const BS: usize = 1 << 20;
-    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
-    let mut out = Written::default();
-    let mut file: Option<(File, PathBuf, u64, u64, u32, i64)> = None;
-    let mut dirs: Vec<(PathBuf, u32, i64)> = vec![];
-    let close = |f: Option<(File, PathBuf, u64, u64, u32, i64)>, out: &mut Written| -> anyhow::Result<()> {
-        if let Some((mut file, path, want, got, mode, mtime)) = f {
-            if want != got {
-                bail!("{}: {got} bytes arrived, {want} expected", path.display());
-            }
-            file.flush()?;
-            file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
-            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
-            drop(file);
-            set_mtime(&path, mtime);
-            out.files += 1;
-        }
-        Ok(())
+    std::fs::create_dir_all(root).map_err(|e| write_error(&e, "create", root))?;
+    let mut w = Writer {
+        root: root.to_owned(),
+        opts,
+        umask: process_umask(),
+        out: Written::default(),
+        current: Current::Nothing,
+        dirs: vec![],
     };
     loop {
         let frame = transfer::read(recv, BS).await.map_err(|e| anyhow::anyhow!("the item stream broke off: {e}"))?;
         match frame {
             Some(TransferFrame::Message(TransferMessage::Item { rel, kind, mode, mtime, size, target })) => {
-                close(file.take(), &mut out)?;
-                let Some((last, parents)) = rel.split_last() else { bail!("an item without a name") };
-                if let Some(bad) = rel.iter().find(|c| !safe_component(c)) {
-                    out.skipped.push(format!(
-                        "{:?} (unsafe name {:?})",
-                        String::from_utf8_lossy(&rel.join(&b'/')),
-                        String::from_utf8_lossy(bad)
-                    ));
-                    if kind == "file" {
-                        bail!("refusing a file with an unsafe name: {}", String::from_utf8_lossy(bad));
-                    }
-                    continue;
-                }
-                let parent = safe_dirs(root, parents)?;
-                let dest = parent.join(OsStr::from_bytes(last));
-                match kind.as_str() {
-                    "dir" => {
-                        safe_dirs(root, &rel)?;
-                        dirs.push((dest, mode, mtime));
-                        out.dirs += 1;
-                    }
-                    "file" => {
-                        let f = OpenOptions::new()
-                            .write(true)
-                            .create_new(true)
-                            .custom_flags(libc::O_NOFOLLOW)
-                            .mode(0o600)
-                            .open(&dest)
-                            .with_context(|| format!("cannot create {} (it must not exist)", dest.display()))?;
-                        file = Some((f, dest, size, 0, mode, mtime));
-                    }
-                    "symlink" => {
-                        let t = target.unwrap_or_default();
-                        std::os::unix::fs::symlink(OsStr::from_bytes(&t), &dest)
-                            .with_context(|| format!("cannot create the link {}", dest.display()))?;
-                        out.links += 1;
-                    }
-                    other => out.skipped.push(format!("{} ({other})", dest.display())),
-                }
+                w.entry(&rel, &kind, mode, mtime, size, target)?;
             }
-            Some(TransferFrame::Block { data, .. }) => {
-                let Some((f, path, _, got, _, _)) = file.as_mut() else { bail!("file data without a file") };
-                f.write_all(&data).with_context(|| format!("cannot write {}", path.display()))?;
-                *got += data.len() as u64;
-                out.bytes += data.len() as u64;
-            }
+            Some(TransferFrame::Block { data, .. }) => w.data(&data)?,
             Some(TransferFrame::Message(TransferMessage::End { .. })) => break,
             Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
                 bail!("the coordinator stopped: {reason}")
@@ -127,11 +390,58 @@ pub async fn write_items(recv: &mut quinn::RecvStream, root: &Path) -> anyhow::R
             other => bail!("unexpected frame in the item stream: {other:?}"),
         }
     }
-    close(file.take(), &mut out)?;
-    // Directories last, deepest first, so their children do not touch their mtimes again.
-    for (path, mode, mtime) in dirs.into_iter().rev() {
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode((mode & 0o7777) | 0o700));
-        set_mtime(&path, mtime);
+    w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_lose_setuid_setgid_sticky_and_world_write_unless_kept() {
+        assert_eq!(restored_mode(0o4755, false, false, 0o022), 0o755, "setuid root binary");
+        assert_eq!(restored_mode(0o2755, false, false, 0o022), 0o755, "setgid");
+        assert_eq!(restored_mode(0o1777, true, false, 0o022), 0o755, "sticky world-writable /tmp");
+        assert_eq!(restored_mode(0o666, false, false, 0), 0o664, "never world-writable, even with umask 0");
+        assert_eq!(restored_mode(0o640, false, false, 0o077), 0o600, "the umask applies");
+        assert_eq!(restored_mode(0o000, true, false, 0o022), 0o700, "owners can fill their directories");
+        assert_eq!(restored_mode(0o4755, false, true, 0o022), 0o4755);
+        assert_eq!(restored_mode(0o1777, true, true, 0o077), 0o1777);
+        assert_eq!(restored_mode(0o170755, false, true, 0), 0o755, "file-type bits never pass");
     }
-    Ok(out)
+
+    #[test]
+    fn zero_grains_are_holes_and_runs_keep_their_offsets() {
+        let mut d = vec![0u8; 3 * 4096];
+        d[5000] = 1;
+        assert_eq!(data_runs(0, &d), vec![(4096, &d[4096..8192])]);
+        assert!(data_runs(0, &[0u8; 10]).is_empty());
+        assert_eq!(data_runs(0, &[1u8; 10]), vec![(0, &[1u8; 10][..])]);
+        // Grains follow file offsets: data at offset 100 ends its first grain at 4096.
+        let mut e = vec![0u8; 8192];
+        e[0] = 7;
+        e[8100] = 9;
+        let runs = data_runs(100, &e);
+        assert_eq!(runs, vec![(100, &e[..3996]), (8192, &e[8092..])]);
+    }
+
+    #[test]
+    fn runs_cover_every_non_zero_byte() {
+        use proptest::prelude::*;
+        proptest!(|(at in 0u64..10_000, bytes in proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..20_000))| {
+            let mut rebuilt = vec![0u8; bytes.len()];
+            for (off, run) in data_runs(at, &bytes) {
+                let s = (off - at) as usize;
+                rebuilt[s..s + run.len()].copy_from_slice(run);
+            }
+            prop_assert_eq!(rebuilt, bytes);
+        });
+    }
+
+    #[test]
+    fn the_umask_is_read_without_changing_it() {
+        let m = process_umask();
+        assert_eq!(m, process_umask());
+        assert_eq!(m & !0o777, 0);
+    }
 }

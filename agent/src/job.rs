@@ -368,7 +368,7 @@ pub async fn restore(env: JobEnv, req: RestoreRequest) {
         let outcome = match execute_restore(&env, &req).await {
             Ok((bytes_read, bytes_written)) => {
                 tracing::info!(bytes_read, bytes_written, "restored");
-                JobOutcome::Restored { bytes_read, bytes_written }
+                JobOutcome::Restored { bytes_read, bytes_written, skipped: vec![] }
             }
             Err(f) => {
                 tracing::warn!(reason = %f.reason, "restore failed");
@@ -464,12 +464,15 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
 }
 
 /// Item-level recovery onto this host: open an `Items` stream and write what arrives under
-/// `dest`, with every guest name treated as hostile (`items_writer`).
+/// `dest`, with every guest name and mode treated as hostile (`items_writer`). A write that
+/// fails here (a full disk, say) is this job's reason: it goes out as the job's result, and the
+/// coordinator prefers it to the broken stream it sees.
 pub async fn items(
     conn: quinn::Connection,
     out: mpsc::Sender<AgentMessage>,
     job: bulwark_protocol::JobId,
     dest: String,
+    opts: crate::items_writer::WriteOptions,
 ) {
     let span = tracing::info_span!("items", job_id = %job, %dest);
     async move {
@@ -488,19 +491,40 @@ pub async fn items(
                 mode: TransferMode::Items,
             };
             transfer::write_message(&mut send, &open, CHUNK).await.map_err(stream_err("transfer stream"))?;
-            let w = crate::items_writer::write_items(&mut recv, std::path::Path::new(&dest))
-                .await
-                .map_err(|e| Failure::other(format!("{e:#}")))?;
+            let written = crate::items_writer::write_items(&mut recv, std::path::Path::new(&dest), opts).await;
+            let w = match written {
+                Ok(w) => w,
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    // Tell the sender on the stream too, then stop reading it.
+                    let failed = TransferMessage::Failed { reason: reason.clone() };
+                    let _ = transfer::write_message(&mut send, &failed, CHUNK).await;
+                    let _ = send.finish();
+                    let _ = recv.stop(0u32.into());
+                    return Err(Failure::other(reason));
+                }
+            };
             transfer::write_message(&mut send, &TransferMessage::Stored { blocks: w.files }, CHUNK)
                 .await
                 .map_err(stream_err("transfer stream"))?;
             let _ = send.finish();
-            tracing::info!(files = w.files, dirs = w.dirs, links = w.links, bytes = w.bytes, "items recovered");
-            Ok(w.bytes)
+            tracing::info!(
+                files = w.files,
+                dirs = w.dirs,
+                links = w.links,
+                bytes = w.bytes,
+                skipped = w.skipped_count,
+                "items recovered"
+            );
+            Ok(w)
         }
         .await;
         let outcome = match r {
-            Ok(bytes_written) => JobOutcome::Restored { bytes_read: 0, bytes_written },
+            Ok(w) => JobOutcome::Restored {
+                bytes_read: 0,
+                bytes_written: w.bytes,
+                skipped: w.skipped_lines().into_iter().map(|l| cap(l, 256)).collect(),
+            },
             Err(f) => {
                 tracing::warn!(reason = %f.reason, "item recovery failed");
                 JobOutcome::Failed { kind: f.kind, reason: f.reason }
@@ -510,6 +534,19 @@ pub async fn items(
     }
     .instrument(span)
     .await
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary).
+fn cap(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
 }
 
 /// Reads every block of the snapshot (or, with `current`, of a VM being restored) and builds

@@ -11,7 +11,7 @@ use crate::backend::{BackendError, Hypervisor};
 use bulwark_protocol::block::{ChunkHasher, ZERO};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 /// The manifest's format version.
@@ -103,7 +103,7 @@ pub fn export(backend: &dyn Hypervisor, host: &str, vm: &str, out: &Path) -> Res
         disks,
     };
     let text = toml::to_string_pretty(&manifest).map_err(|e| SeedError::Invalid(e.to_string()))?;
-    bulwark_pki::files::write_atomic(&manifest_path, text.as_bytes(), 0o644).map_err(io(&manifest_path))?;
+    bulwark_pki::files::write_atomic(&manifest_path, text.as_bytes(), 0o600).map_err(io(&manifest_path))?;
     Ok(manifest)
 }
 
@@ -111,8 +111,44 @@ fn export_disk(backend: &dyn Hypervisor, vm: &str, disk: &str, size: u64, out: &
     let file_name = format!("{disk}.img");
     let path = out.join(&file_name);
     let partial = out.join(format!("{file_name}.partial"));
-    let f = File::create(&partial).map_err(io(&partial))?;
-    f.set_len(size).map_err(io(&partial))?;
+    // The image is the guest's whole disk, in plaintext even from an encrypted store: only
+    // its owner reads it, and nothing already there is truncated or followed.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(io(&partial))?;
+    let r = fill_image(backend, vm, disk, size, &f, &partial).and_then(|()| {
+        drop(f);
+        let digest = image_digest(&partial)?;
+        let cwd = rustix::fs::CWD;
+        rustix::fs::renameat_with(cwd, partial.as_path(), cwd, path.as_path(), rustix::fs::RenameFlags::NOREPLACE)
+            .map_err(|e| io(&path)(e.into()))?;
+        Ok(digest)
+    });
+    let digest = match r {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
+    };
+    bulwark_pki::files::sync_dir(out).map_err(io(out))?;
+    Ok(SeedDisk { name: disk.to_owned(), size_bytes: size, file: file_name, blake3: digest })
+}
+
+/// The snapshot's allocated blocks of `disk` into `f` (sized to the disk; holes stay holes).
+fn fill_image(
+    backend: &dyn Hypervisor,
+    vm: &str,
+    disk: &str,
+    size: u64,
+    f: &File,
+    partial: &Path,
+) -> Result<(), SeedError> {
+    f.set_len(size).map_err(io(partial))?;
     let indices = backend.allocated_blocks(vm, disk, READ_BLOCK as u64)?;
     let mut write_error = None;
     backend.read_blocks(vm, disk, indices, READ_BLOCK, &ChunkHasher::plain(), &mut |b| {
@@ -128,12 +164,7 @@ fn export_disk(backend: &dyn Hypervisor, vm: &str, disk: &str, size: u64, out: &
     if let Some(e) = write_error {
         return Err(io(&partial)(e));
     }
-    f.sync_all().map_err(io(&partial))?;
-    drop(f);
-    let digest = image_digest(&partial)?;
-    std::fs::rename(&partial, &path).map_err(io(&path))?;
-    bulwark_pki::files::sync_dir(out).map_err(io(out))?;
-    Ok(SeedDisk { name: disk.to_owned(), size_bytes: size, file: file_name, blake3: digest })
+    f.sync_all().map_err(io(partial))
 }
 
 /// BLAKE3 (hex) of a whole image file.

@@ -257,9 +257,10 @@ pub async fn run_session(
                     tracing::info!(job_id = %req.job, vm = %req.vm, "restore requested");
                     actix_rt::spawn(crate::job::restore(env, req));
                 }
-                Ok(Some(CoordinatorMessage::ItemsRequest { job, dest })) => {
-                    tracing::info!(job_id = %job, %dest, "item recovery requested");
-                    actix_rt::spawn(crate::job::items(conn.clone(), out_tx.clone(), job, dest));
+                Ok(Some(CoordinatorMessage::ItemsRequest { job, dest, keep_modes })) => {
+                    tracing::info!(job_id = %job, %dest, keep_modes, "item recovery requested");
+                    let opts = crate::items_writer::WriteOptions { keep_modes };
+                    actix_rt::spawn(crate::job::items(conn.clone(), out_tx.clone(), job, dest, opts));
                 }
                 Ok(Some(CoordinatorMessage::JobDone { job, committed })) => {
                     match verdicts.remove(&job.0) {

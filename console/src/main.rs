@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod disk_output;
 mod quickstart;
 
 use anyhow::Context as _;
@@ -167,6 +168,10 @@ enum Command {
         dest_host: Option<String>,
         #[arg(long, requires = "dest_host")]
         dest: Option<PathBuf>,
+        /// Keep the guest's setuid, setgid and sticky bits and world-writable modes (by default
+        /// they are dropped and the umask applies, as `tar` does for a non-owner).
+        #[arg(long)]
+        keep_modes: bool,
         #[arg(long)]
         wait: bool,
         #[command(flatten)]
@@ -180,6 +185,12 @@ enum Command {
         rp: String,
         #[arg(long)]
         disk: String,
+        /// Replace an existing regular file (never a device, link or other node).
+        #[arg(long)]
+        force: bool,
+        /// Write onto an existing block device in place (its size must hold the disk).
+        #[arg(long)]
+        device: bool,
         #[command(flatten)]
         options: RecoveryOpts,
     },
@@ -440,7 +451,7 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         Command::Ls { vm, rp, disk, path } => {
             AdminRequest::Ls { vm: vm.clone(), rp: rp.clone(), disk: disk.clone(), path: path.clone() }
         }
-        Command::RecoverItems { vm, rp, disk, paths, dest_host: Some(host), dest, options, .. } => {
+        Command::RecoverItems { vm, rp, disk, paths, dest_host: Some(host), dest, options, keep_modes, .. } => {
             let dest = dest.as_ref().context("--dest-host needs --dest DIR (a directory on that host)")?;
             AdminRequest::RecoverItemsToHost {
                 vm: vm.clone(),
@@ -450,9 +461,10 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
                 host: host.clone(),
                 dest: dest.display().to_string(),
                 options: options.wire()?,
+                keep_modes: *keep_modes,
             }
         }
-        Command::RecoverItems { vm, rp, disk, paths, options, .. } => {
+        Command::RecoverItems { vm, rp, disk, paths, options, keep_modes, .. } => {
             // CONTRACT: `recover-items … --output DIR`: here the global flag names the directory.
             if cli.output == "text" {
                 anyhow::bail!("recover-items needs --output DIR (or --dest-host HOST --dest DIR)");
@@ -465,9 +477,10 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
                 paths: paths.clone(),
                 options: options.wire()?,
             };
-            return recover_items(&target, req, std::path::Path::new(&cli.output));
+            let opts = bulwark_agent::items_writer::WriteOptions { keep_modes: *keep_modes };
+            return recover_items(&target, req, std::path::Path::new(&cli.output), opts);
         }
-        Command::RecoverDisk { vm, rp, disk, options } => {
+        Command::RecoverDisk { vm, rp, disk, force, device, options } => {
             // CONTRACT: `recover-disk … --output FILE`: here the global flag names the file.
             if cli.output == "text" {
                 anyhow::bail!("recover-disk needs --output FILE");
@@ -479,7 +492,8 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
                 disk: disk.clone(),
                 options: options.wire()?,
             };
-            return recover_disk(&target, req, std::path::Path::new(&cli.output));
+            let place = disk_output::Place::check(std::path::Path::new(&cli.output), *force, *device)?;
+            return recover_disk(&target, req, place);
         }
     };
     let target = target(&cli)?;
@@ -668,56 +682,73 @@ fn seed_import(target: &AdminTarget, dir: &std::path::Path, format: Output) -> a
 }
 
 /// `recover-items --output DIR`.
-fn recover_items(target: &AdminTarget, req: AdminRequest, dir: &std::path::Path) -> anyhow::Result<()> {
+fn recover_items(
+    target: &AdminTarget,
+    req: AdminRequest,
+    dir: &std::path::Path,
+    opts: bulwark_agent::items_writer::WriteOptions,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (rp, w) = rt.block_on(async {
         let client = AdminClient::connect(target).await?;
         let (head, mut recv) = client.request_stream(req).await?;
         let AdminResponse::ItemsStream { rp } = head else { anyhow::bail!("unexpected answer: {head:?}") };
-        let w = bulwark_agent::items_writer::write_items(&mut recv, dir).await?;
+        let w = bulwark_agent::items_writer::write_items(&mut recv, dir, opts).await?;
         client.close().await;
         Ok::<_, anyhow::Error>((rp, w))
     })?;
     println!(
-        "recovered {} file(s), {} folder(s), {} link(s), {} bytes from recovery point {rp} into {}",
+        "recovered {} file(s), {} folder(s), {} link(s), {} bytes from recovery point {rp} into {}{}",
         w.files,
         w.dirs,
         w.links,
         w.bytes,
-        dir.display()
+        dir.display(),
+        if w.skipped_count > 0 { format!("; {} entr(ies) skipped", w.skipped_count) } else { String::new() }
     );
-    for s in &w.skipped {
+    for s in w.skipped_lines() {
         println!("skipped {s}");
+        eprintln!("warning: skipped {s}");
     }
     Ok(())
 }
 
-/// `recover-disk`: the disk's blocks into FILE (written to FILE.partial, then renamed).
-fn recover_disk(target: &AdminTarget, req: AdminRequest, output: &std::path::Path) -> anyhow::Result<()> {
+/// `recover-disk`: the disk's blocks into the place checked by [`disk_output::Place::check`]
+/// (a new or replaced file through `FILE.partial`, or a block device in place). SIGINT and
+/// SIGTERM end it with the partial file removed.
+fn recover_disk(target: &AdminTarget, req: AdminRequest, place: disk_output::Place) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let partial = output.with_extension("partial");
-    let result = rt.block_on(async {
-        let client = AdminClient::connect(target).await?;
-        let (head, mut recv) = client.request_stream(req).await?;
-        let AdminResponse::DiskStream { rp, disk, size_bytes, block_size } = head else {
-            anyhow::bail!("unexpected answer: {head:?}");
+    let (rp, disk, size) = rt.block_on(async {
+        // Signals are caught before anything is created, so none can leave a partial file.
+        let mut interrupted = disk_output::Interrupted::catch()?;
+        let work = async {
+            let client = AdminClient::connect(target).await?;
+            let (head, mut recv) = client.request_stream(req).await?;
+            let AdminResponse::DiskStream { rp, disk, size_bytes, block_size } = head else {
+                anyhow::bail!("unexpected answer: {head:?}");
+            };
+            let out = place.open(size_bytes)?;
+            let r = async {
+                bulwark_coordinator::admin_client::receive_disk(
+                    &mut recv,
+                    size_bytes,
+                    block_size,
+                    out.file(),
+                    out.needs_zeros(),
+                )
+                .await?;
+                out.finish()
+            }
+            .await;
+            client.close().await;
+            r.map(|()| (rp, disk, size_bytes))
         };
-        let file = std::fs::File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
-        file.set_len(size_bytes).with_context(|| format!("cannot size {}", partial.display()))?;
-        bulwark_coordinator::admin_client::receive_disk(&mut recv, size_bytes, block_size, &file).await?;
-        file.sync_all().with_context(|| format!("cannot sync {}", partial.display()))?;
-        client.close().await;
-        Ok((rp, disk, size_bytes))
-    });
-    let (rp, disk, size) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
+        tokio::select! {
+            r = work => r,
+            sig = interrupted.next() => Err(anyhow::anyhow!("{}", place.interrupted(sig))),
         }
-    };
-    std::fs::rename(&partial, output).with_context(|| format!("cannot rename to {}", output.display()))?;
-    println!("disk {disk} of recovery point {rp} ({size} bytes) written to {}", output.display());
+    })?;
+    println!("disk {disk} of recovery point {rp} ({size} bytes) written to {}", place.path().display());
     Ok(())
 }
 

@@ -334,7 +334,8 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
             options: Default::default(),
         };
         let t = Instant::now();
-        crate::recover_disk(&target, req, &out)?;
+        // The quickstart's own directory: an image of an earlier run is replaced.
+        crate::recover_disk(&target, req, crate::disk_output::Place::check(&out, true, false)?)?;
         let secs = t.elapsed().as_secs_f64();
         let mut restored = blake3::Hasher::new();
         std::io::copy(&mut std::fs::File::open(&out)?, &mut restored)?;
@@ -359,7 +360,7 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
     let t = Instant::now();
     let (head, mut recv) = rt.block_on(client.request_stream(req))?;
     anyhow::ensure!(matches!(head, AdminResponse::ItemsStream { .. }), "unexpected answer {head:?}");
-    let w = rt.block_on(bulwark_agent::items_writer::write_items(&mut recv, &files))?;
+    let w = rt.block_on(bulwark_agent::items_writer::write_items(&mut recv, &files, Default::default()))?;
     let same = std::fs::read(files.join("etc/motd"))? == motd;
     rows.push(Row {
         what: "recover file /p1/etc/motd".into(),

@@ -186,7 +186,9 @@ fn files_are_browsed_and_recovered_from_ext4_and_fat_partitions() {
     ]);
     assert_eq!(rel.status.code(), Some(1), "a destination must be absolute");
 
-    // A second recovery into the same place never overwrites what is there.
+    // A second recovery into the same place never overwrites what is there: the name that
+    // exists is skipped with a warning.
+    std::fs::write(out.join("hello.txt"), b"changed here\n").unwrap();
     let again = c.run(&[
         "recover-items",
         "files",
@@ -199,5 +201,7 @@ fn files_are_browsed_and_recovered_from_ext4_and_fat_partitions() {
         "--output",
         out.to_str().unwrap(),
     ]);
-    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(again.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&again.stdout).contains("skipped"), "{again:?}");
+    assert_eq!(std::fs::read(out.join("hello.txt")).unwrap(), b"changed here\n");
 }

@@ -58,6 +58,11 @@ fn a_seed_and_a_consistency_check_make_a_replica_without_an_initial_copy() {
         root.to_str().unwrap(),
     ]);
     assert!(out.contains("app-consistent"), "{out}");
+    // The images are the guest's disks in plaintext: only their owner reads them.
+    for f in ["data.img", "seed.toml"] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(seed.join(f)).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
     let again = bulwark(&[
         "x-agent",
         "seed",

@@ -185,7 +185,8 @@ impl AdminClient {
 }
 
 /// Receives the blocks of a disk stream (after a [`AdminResponse::DiskStream`] answer) into
-/// `file`, which must already have the disk's size (zero blocks stay holes). Every block's
+/// `file`, which must already have the disk's size (zero blocks stay holes, or are written
+/// with `write_zeros`, for a device that holds older data). Every block's
 /// place is checked against the disk's size; the stream must end with the coordinator's
 /// `End` naming exactly the blocks that arrived. Returns the number of blocks.
 pub async fn receive_disk(
@@ -193,10 +194,14 @@ pub async fn receive_disk(
     size_bytes: u64,
     block_size: u32,
     file: &std::fs::File,
+    write_zeros: bool,
 ) -> Result<u64, AdminClientError> {
     use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage};
     use std::os::unix::fs::FileExt;
+    bulwark_protocol::block::check_block_size(block_size as usize)
+        .map_err(|e| AdminClientError::Invalid(format!("the disk stream's block size: {e}")))?;
     let bs = u64::from(block_size);
+    let zeros = if write_zeros { vec![0u8; block_size as usize] } else { vec![] };
     let mut blocks = 0u64;
     loop {
         let frame = transfer::read(recv, block_size as usize)
@@ -214,7 +219,18 @@ pub async fn receive_disk(
                     .map_err(|e| AdminClientError::Request(format!("cannot write the disk: {e}")))?;
                 blocks += 1;
             }
-            Some(TransferFrame::Zero { .. }) => blocks += 1,
+            // A new file is sparse; a device holds old data, so its zero blocks are written.
+            Some(TransferFrame::Zero { index }) => {
+                let at = index.checked_mul(bs).filter(|&o| o < size_bytes).ok_or_else(|| {
+                    AdminClientError::Invalid(format!("block {index} lies outside the {size_bytes}-byte disk"))
+                })?;
+                if write_zeros {
+                    let len = bs.min(size_bytes - at) as usize;
+                    file.write_all_at(zeros.get(..len).unwrap_or_default(), at)
+                        .map_err(|e| AdminClientError::Request(format!("cannot write the disk: {e}")))?;
+                }
+                blocks += 1;
+            }
             Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) if blocks_sent == blocks => {
                 return Ok(blocks)
             }

@@ -39,6 +39,9 @@ pub const ALPN_ENROLL: &[u8] = b"bulwark-enroll/1";
 
 /// The protocol version this build speaks natively.
 /// 2: a backup's outcome says why its consistency is lower (`consistency_note`).
-pub const PROTOCOL_VERSION: u16 = 2;
-/// The oldest protocol version this build still accepts (1 encoded job outcomes differently).
-pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// 3: item recoveries to a host carry `keep_modes` and report the entries they `skipped`.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this build still accepts (2 encoded item recoveries without
+/// their options and outcome; bincode has no optional fields, so a peer speaking it is
+/// refused with both version ranges named rather than misread).
+pub const MIN_PROTOCOL_VERSION: u16 = 3;

@@ -195,10 +195,13 @@ pub enum JobOutcome {
         /// The token the replica is current with once the coordinator has committed.
         next_token: ChangeToken,
     },
-    /// A recovery wrote the VM's disks.
+    /// A recovery wrote the VM's disks (or an item recovery its files).
     Restored {
         bytes_read: u64,
         bytes_written: u64,
+        /// Entries an item recovery skipped, each with its reason (protocol 3; at most
+        /// a hundred lines, the last one counting the rest).
+        skipped: Vec<String>,
     },
     Failed {
         kind: FailureKind,
@@ -237,6 +240,8 @@ pub enum CoordinatorMessage {
     ItemsRequest {
         job: JobId,
         dest: String,
+        /// Keep the guest's setuid/setgid/sticky and world-writable bits (protocol 3).
+        keep_modes: bool,
     },
     /// The coordinator's verdict on a job the agent reported: `committed` advances the change
     /// token and releases the snapshot; otherwise the snapshot is released and its changes
@@ -362,6 +367,8 @@ pub enum AdminRequest {
         host: String,
         dest: String,
         options: RecoveryOptions,
+        /// `--keep-modes`: keep setuid/setgid/sticky and world-writable bits (protocol 3).
+        keep_modes: bool,
     },
     /// Load one disk of a seed: answered by [`AdminResponse::SeedReady`]; the console then
     /// sends the disk's blocks (in that block size, increasing order, transfer frames) and

@@ -203,6 +203,8 @@ pub struct ItemsTarget {
     pub disk: String,
     pub paths: Vec<String>,
     pub dest: String,
+    /// `--keep-modes`: the agent keeps setuid/setgid/sticky and world-writable bits.
+    pub keep_modes: bool,
 }
 
 impl JobRecord {

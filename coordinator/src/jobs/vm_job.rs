@@ -459,7 +459,11 @@ async fn execute_items(
         .flatten()
         .ok_or_else(|| Failure::retry(format!("the agent of {host} is not connected")))?;
     let (mut streams, mut result) = ctx.router.register(job.id, host, conn_id);
-    session.do_send(SendToAgent(CoordinatorMessage::ItemsRequest { job: JobId(job.id), dest: items.dest.clone() }));
+    session.do_send(SendToAgent(CoordinatorMessage::ItemsRequest {
+        job: JobId(job.id),
+        dest: items.dest.clone(),
+        keep_modes: items.keep_modes,
+    }));
     let mut s = tokio::select! {
         s = streams.recv() => s.ok_or_else(|| Failure::stop("the job's stream router closed"))?,
         r = &mut result => return Err(Failure::stop(match r {
@@ -479,21 +483,51 @@ async fn execute_items(
     };
     let _ = transfer::write_message(&mut s.send, &end, bs).await;
     let _ = s.send.finish();
-    let sent = sent.map_err(Failure::stop)?;
+    // A stream the agent stopped reading is the symptom; the agent's result carries the cause
+    // (a full disk, say), so it is awaited for a while before the symptom is reported.
+    let wait_for_agent = if sent.is_ok() { ctx.lease } else { ctx.lease.min(std::time::Duration::from_secs(10)) };
     let outcome = tokio::select! {
-        r = &mut result => r.map_err(|_| Failure::stop(format!("the connection to {host} was lost")))?,
-        () = tokio::time::sleep(ctx.lease) => return Err(Failure::stop(format!("no word from the agent of {host}"))),
+        r = &mut result => match (r, &sent) {
+            (Ok(r), _) => r,
+            (Err(_), Err(why)) => return Err(Failure::stop(why.clone())),
+            (Err(_), Ok(_)) => return Err(Failure::stop(format!("the connection to {host} was lost"))),
+        },
+        () = tokio::time::sleep(wait_for_agent) => return Err(Failure::stop(match &sent {
+            Err(why) => why.clone(),
+            Ok(_) => format!("no word from the agent of {host}"),
+        })),
     };
-    match outcome.outcome {
-        JobOutcome::Restored { bytes_written, .. } => {
+    match (outcome.outcome, sent) {
+        (JobOutcome::Failed { reason, .. }, _) => Err(Failure::stop(reason)),
+        (_, Err(why)) => Err(Failure::stop(why)),
+        (JobOutcome::Restored { bytes_written, skipped, .. }, Ok(sent)) => {
             job.bytes_transferred = bytes_written;
             job.blocks_changed = sent;
-            job.detail = Some(format!("{} path(s) recovered into {}:{}", items.paths.len(), host, items.dest));
+            job.detail = Some(items_detail(items.paths.len(), host, &items.dest, &skipped));
             Ok(())
         }
-        JobOutcome::Failed { reason, .. } => Err(Failure::stop(reason)),
-        JobOutcome::Succeeded { .. } => Err(Failure::stop("the agent answered an item recovery with a backup")),
+        (JobOutcome::Succeeded { .. }, Ok(_)) => {
+            Err(Failure::stop("the agent answered an item recovery with a backup"))
+        }
     }
+}
+
+/// What an item recovery to a host did, with the entries the agent skipped (at most 4 KiB).
+fn items_detail(paths: usize, host: &str, dest: &str, skipped: &[String]) -> String {
+    let mut d = format!("{paths} path(s) recovered into {host}:{dest}");
+    if !skipped.is_empty() {
+        d.push_str("; skipped: ");
+        d.push_str(&skipped.join("; "));
+    }
+    if d.len() > 4096 {
+        let mut end = 4093;
+        while !d.is_char_boundary(end) {
+            end -= 1;
+        }
+        d.truncate(end);
+        d.push('…');
+    }
+    d
 }
 
 fn now_ms() -> u64 {

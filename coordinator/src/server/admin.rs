@@ -100,8 +100,8 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
             protect::recover(state, vm, rp, to_host, name, options).await
         }
         AdminRequest::Ls { vm, rp, disk, path } => protect::ls(state, vm, rp, disk, path).await,
-        AdminRequest::RecoverItemsToHost { vm, rp, disk, paths, host, dest, options } => {
-            let req = protect::ItemsToHost { vm, rp, disk, paths, host, dest, options };
+        AdminRequest::RecoverItemsToHost { vm, rp, disk, paths, host, dest, options, keep_modes } => {
+            let req = protect::ItemsToHost { vm, rp, disk, paths, host, dest, options, keep_modes };
             protect::recover_items_to_host(state, req).await
         }
         AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } | AdminRequest::RecoverItems { .. } => {

@@ -674,11 +674,12 @@ pub struct ItemsToHost {
     pub host: String,
     pub dest: String,
     pub options: bulwark_protocol::messages::RecoveryOptions,
+    pub keep_modes: bool,
 }
 
 /// `recover-items … --dest-host H --dest DIR`: a recovery job whose agent writes the items.
 pub async fn recover_items_to_host(state: &Arc<State>, req: ItemsToHost) -> AdminResponse {
-    let ItemsToHost { vm, rp, disk, paths, host, dest, options } = req;
+    let ItemsToHost { vm, rp, disk, paths, host, dest, options, keep_modes } = req;
     if !dest.starts_with('/') {
         return err(format!("--dest {dest:?} must be an absolute directory on {host}"));
     }
@@ -699,7 +700,7 @@ pub async fn recover_items_to_host(state: &Arc<State>, req: ItemsToHost) -> Admi
         to_host: Some(host),
         name: None,
         options,
-        items: Some(crate::catalog::ItemsTarget { disk, paths, dest }),
+        items: Some(crate::catalog::ItemsTarget { disk, paths, dest, keep_modes }),
     };
     let reason = format!("item-level recovery from {} requested by an administrator", crate::store::hex(&rp_id));
     queue(state, Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await

@@ -359,7 +359,7 @@ impl World {
             };
             let f = std::fs::File::create(file)?;
             f.set_len(size_bytes)?;
-            bulwark_coordinator::admin_client::receive_disk(&mut recv, size_bytes, block_size, &f).await?;
+            bulwark_coordinator::admin_client::receive_disk(&mut recv, size_bytes, block_size, &f, false).await?;
             client.close().await;
             Ok(())
         })
