@@ -3,9 +3,15 @@
 //! registry, so the figures are the same ones `bulwark status` and `job list` show and survive
 //! restarts (job records are never deleted, so the job counters only grow).
 //!
-//! The HTTP side is deliberately tiny: one request per connection, the request head bounded
-//! to 8 KiB and ten seconds, nothing but `GET /metrics` (and `GET /` pointing to it).
+//! The HTTP side is deliberately tiny, and unauthenticated peers cannot make it hold more than
+//! a bounded share of the coordinator: at most [`MAX_CONNECTIONS`] connections at once (one
+//! more is closed at once), the request head bounded to 8 KiB and [`IDLE_TIMEOUT`], one request
+//! per connection, nothing but `GET /metrics` (and `GET /` pointing to it). The text is built
+//! at most once per [`CACHE_FOR`], however many scrapes arrive. Accepting pauses while the
+//! process's descriptors come within the reserve of [`fds::FdBudget`], so nothing here can
+//! make a commit fail for want of a file descriptor.
 
+use crate::server::fds::{self, FdBudget};
 use crate::server::registry::ListConnected;
 use crate::server::{blocking, State};
 use prometheus_client::encoding::text::encode;
@@ -14,12 +20,22 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 const MAX_HEAD: usize = 8 << 10;
+/// Connections served at once; the next one is closed as soon as it is accepted.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A connection that has not sent its whole request head by then is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A whole request, answer included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Scrapes within this long of a build get the same text.
+pub const CACHE_FOR: Duration = Duration::from_secs(1);
+/// How long accepting pauses when descriptors run short before it looks again.
+const FD_PAUSE: Duration = Duration::from_millis(200);
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 type Labels = Vec<(&'static str, String)>;
@@ -127,9 +143,40 @@ fn render(snap: &Snapshot, connected: u64) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
+/// The last exposition text and when it was built.
+type Built = Option<(Instant, Arc<str>)>;
+
+/// The cached text if it was built less than [`CACHE_FOR`] before `now`.
+fn fresh(built: &Built, now: Instant) -> Option<Arc<str>> {
+    built.as_ref().filter(|(at, _)| now.saturating_duration_since(*at) < CACHE_FOR).map(|(_, text)| text.clone())
+}
+
 /// Serves the endpoint until the listener fails (it runs for the coordinator's lifetime).
-pub async fn serve(state: Arc<State>, listener: TcpListener) {
+pub async fn serve(state: Arc<State>, listener: TcpListener, budget: FdBudget) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Held across a build, so concurrent scrapes wait for one build instead of each reading
+    // the catalog.
+    let cache: Arc<tokio::sync::Mutex<Built>> = Arc::default();
+    let mut paused = false;
     loop {
+        // Descriptors first: while short, connections wait in the kernel's backlog, not in
+        // this process's descriptor table.
+        if fds::open_count().is_some_and(|open| !budget.admits(open)) {
+            if !paused {
+                tracing::warn!(
+                    limit = budget.limit,
+                    reserve = budget.reserve,
+                    "metrics endpoint: file descriptors are running short; not accepting until some are free"
+                );
+                paused = true;
+            }
+            tokio::time::sleep(FD_PAUSE).await;
+            continue;
+        }
+        if paused {
+            tracing::info!("metrics endpoint: accepting again");
+            paused = false;
+        }
         let (sock, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -138,9 +185,15 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
                 continue;
             }
         };
-        let state = state.clone();
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics endpoint busy: connection closed");
+            drop(sock);
+            continue;
+        };
+        let (state, cache) = (state.clone(), cache.clone());
         actix_rt::spawn(async move {
-            match tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, sock)).await {
+            let _slot = slot;
+            match tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, &cache, sock)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "metrics request failed"),
                 Err(_) => tracing::debug!(%peer, "metrics request timed out"),
@@ -149,40 +202,61 @@ pub async fn serve(state: Arc<State>, listener: TcpListener) {
     }
 }
 
-async fn handle(state: &Arc<State>, mut sock: TcpStream) -> std::io::Result<()> {
+/// Reads the request head; None if the peer closed or stayed idle past [`IDLE_TIMEOUT`].
+async fn read_head(sock: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
         if head.len() > MAX_HEAD {
-            return respond(&mut sock, "431 Request Header Fields Too Large", "text/plain", "request too large\n")
-                .await;
+            return Ok(Some(head));
         }
-        let n = sock.read(&mut chunk).await?;
+        let n = match tokio::time::timeout_at(deadline, sock.read(&mut chunk)).await {
+            Ok(n) => n?,
+            Err(_) => return Ok(None),
+        };
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         head.extend_from_slice(&chunk[..n]);
+    }
+    Ok(Some(head))
+}
+
+/// The exposition text, from the cache or built now.
+async fn scrape(state: &Arc<State>, cache: &tokio::sync::Mutex<Built>) -> Result<Arc<str>, String> {
+    let mut built = cache.lock().await;
+    if let Some(text) = fresh(&built, Instant::now()) {
+        return Ok(text);
+    }
+    let connected = state.registry.send(ListConnected).await.map(|c| c.len() as u64).unwrap_or(0);
+    let st = state.clone();
+    let snap = match blocking(move || gather(&st)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) | Err(e) => {
+            tracing::warn!(error = %e, "metrics: cannot read the catalog");
+            return Err(e);
+        }
+    };
+    let text: Arc<str> = render(&snap, connected).map_err(|_| "encoding failed".to_owned())?.into();
+    *built = Some((Instant::now(), text.clone()));
+    Ok(text)
+}
+
+async fn handle(state: &Arc<State>, cache: &tokio::sync::Mutex<Built>, mut sock: TcpStream) -> std::io::Result<()> {
+    let Some(head) = read_head(&mut sock).await? else { return Ok(()) };
+    if head.len() > MAX_HEAD {
+        return respond(&mut sock, "431 Request Header Fields Too Large", "text/plain", "request too large\n").await;
     }
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut parts = line.split(|&b| b == b' ');
     let (method, path) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     let path = path.split(|&b| b == b'?').next().unwrap_or_default();
     match (method, path) {
-        (b"GET", b"/metrics") => {
-            let connected = state.registry.send(ListConnected).await.map(|c| c.len() as u64).unwrap_or(0);
-            let st = state.clone();
-            let snap = match blocking(move || gather(&st)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) | Err(e) => {
-                    tracing::warn!(error = %e, "metrics: cannot read the catalog");
-                    return respond(&mut sock, "500 Internal Server Error", "text/plain", &format!("{e}\n")).await;
-                }
-            };
-            match render(&snap, connected) {
-                Ok(body) => respond(&mut sock, "200 OK", CONTENT_TYPE, &body).await,
-                Err(_) => respond(&mut sock, "500 Internal Server Error", "text/plain", "encoding failed\n").await,
-            }
-        }
+        (b"GET", b"/metrics") => match scrape(state, cache).await {
+            Ok(body) => respond(&mut sock, "200 OK", CONTENT_TYPE, &body).await,
+            Err(e) => respond(&mut sock, "500 Internal Server Error", "text/plain", &format!("{e}\n")).await,
+        },
         (b"GET", b"/") => respond(&mut sock, "200 OK", "text/plain", "Bulwark coordinator: see /metrics\n").await,
         (b"GET", _) => respond(&mut sock, "404 Not Found", "text/plain", "not found: try /metrics\n").await,
         _ => respond(&mut sock, "405 Method Not Allowed", "text/plain", "only GET\n").await,
@@ -237,5 +311,16 @@ mod tests {
         }
         assert!(!text.contains(r#"outcome="running""#), "running jobs are not finished");
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_built_text_is_served_for_a_second_then_rebuilt() {
+        let t0 = Instant::now();
+        assert!(fresh(&None, t0).is_none(), "nothing built yet");
+        let built: Built = Some((t0, Arc::from("text")));
+        assert_eq!(fresh(&built, t0).as_deref(), Some("text"));
+        assert_eq!(fresh(&built, t0 + CACHE_FOR - Duration::from_millis(1)).as_deref(), Some("text"));
+        assert!(fresh(&built, t0 + CACHE_FOR).is_none(), "stale after CACHE_FOR");
+        assert_eq!(fresh(&built, t0.checked_sub(Duration::from_secs(5)).unwrap_or(t0)).as_deref(), Some("text"));
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod connection;
+pub mod fds;
 pub mod metrics;
 pub mod protect;
 pub mod registry;
@@ -100,6 +101,14 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
     let mut authority = Authority::open(dir.clone(), catalog.clone())?;
     authority.refresh_crl()?;
     let config = authority.config().clone();
+    let fd_budget = match fds::raise_limit() {
+        Ok(limit) => fds::FdBudget::for_limit(limit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the file descriptor limit");
+            fds::FdBudget::for_limit(fds::soft_limit())
+        }
+    };
+    tracing::info!(limit = fd_budget.limit, reserve = fd_budget.reserve, "file descriptors");
     let server_config = authority.server_config()?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
@@ -159,7 +168,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
             path: dir.root.join("metrics.addr").display().to_string(),
             source,
         })?;
-        actix_rt::spawn(metrics::serve(state.clone(), listener));
+        actix_rt::spawn(metrics::serve(state.clone(), listener, fd_budget));
     }
 
     shutdown.await;
