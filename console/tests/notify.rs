@@ -1,7 +1,9 @@
 //! Recovery options with a real SMTP server on loopback (aiosmtpd from PyPI, started by the
 //! test): `--notify` mails the outcome of a recovery job and of a disk recovery; `--limit`
 //! with a `--window` still recovers bit-exact (the rate itself is the throttle's unit tests'
-//! and the benchmark's business, not a pass/fail timing).
+//! and the benchmark's business, not a pass/fail timing). SMTP credentials never cross the
+//! network in cleartext unless the configuration allows it (an aiosmtpd server that accepts
+//! AUTH without TLS records what it was sent).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -9,6 +11,7 @@ mod common;
 
 use bulwark_agent::sim::{self, CreateVm, DiskConfig};
 use common::*;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -39,6 +42,43 @@ impl Smtp {
     fn mail(&self) -> String {
         let Ok(entries) = std::fs::read_dir(self.mbox.join("new")) else { return String::new() };
         entries.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// An SMTP server that accepts AUTH PLAIN/LOGIN over a plain connection and writes every
+/// login it is sent to `auth.log`.
+const AUTH_SERVER: &str = r#"
+import signal, sys
+from aiosmtpd.controller import Controller
+from aiosmtpd.handlers import Mailbox
+from aiosmtpd.smtp import AuthResult
+port, mbox, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+def authenticator(server, session, envelope, mechanism, auth_data):
+    with open(log, "a") as f:
+        f.write(f"{mechanism} {auth_data.login.decode()} {auth_data.password.decode()}\n")
+    return AuthResult(success=True)
+controller = Controller(Mailbox(mbox), hostname="127.0.0.1", port=port, authenticator=authenticator,
+                        auth_require_tls=False)
+controller.start()
+open(log, "a").close()
+signal.pause()
+"#;
+
+impl Smtp {
+    fn start_with_auth(dir: &std::path::Path) -> (Smtp, std::path::PathBuf) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mbox = dir.join("maildir");
+        let log = dir.join("auth.log");
+        let child = Command::new("python3")
+            .args(["-c", AUTH_SERVER, &port.to_string()])
+            .arg(&mbox)
+            .arg(&log)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 with aiosmtpd (pip install aiosmtpd)");
+        wait_until("the SMTP server with AUTH is ready", Duration::from_secs(20), || log.exists());
+        (Smtp { child, mbox, port }, log)
     }
 }
 
@@ -147,4 +187,89 @@ fn recoveries_mail_their_outcome_and_throttled_ones_stay_exact() {
     ]);
     assert_eq!(failed.status.code(), Some(1));
     wait_until("the failure's mail", Duration::from_secs(30), || smtp.mail().contains("recovery of m FAILED"));
+}
+
+#[test]
+fn smtp_credentials_are_not_sent_in_cleartext_unless_allowed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (smtp, auth_log) = Smtp::start_with_auth(tmp.path());
+    let port = smtp.port;
+    let mut c = Cluster::start_with(|dir| {
+        let path = dir.join("coordinator.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "\n[smtp]\nserver = \"127.0.0.1\"\nport = {port}\nfrom = \"bulwark@backup.test\"\ntls = \"none\"\n\
+             username = \"bulwark\"\npassword = \"s3cret-pw\"\n"
+        ));
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    });
+    // The file holds a password: serve made it private, and both facts are in the log.
+    c.coordinator.wait_log("its mode is now 600");
+    c.coordinator.wait_log("recovery notifications will not be sent");
+    assert!(c.coordinator.log_text().contains("in cleartext"), "{}", c.coordinator.log_text());
+    let config = c.dir().join("coordinator.toml");
+    assert_eq!(std::fs::metadata(&config).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let root = c.root.path().join("sim");
+    let req = CreateVm {
+        random_fill: true,
+        seed: 4,
+        ..CreateVm::new("p", "node1", vec![DiskConfig { name: "os".into(), size: 8 << 20 }])
+    };
+    sim::create_vm(&root, &req).unwrap();
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("p").is_some());
+    c.json(&["group", "create", "g", "--vm", "p", "--sync-every", "off", "--recovery-points", "none"]);
+    wait_until("initial replica", Duration::from_secs(60), || c.vm("p").unwrap()["replica_state"] == "consistent");
+
+    let recover = |c: &Cluster, name: &str| {
+        let job = c.json(&[
+            "recover",
+            "p",
+            "--rp",
+            "latest",
+            "--to",
+            "host",
+            "--host",
+            "node1",
+            "--name",
+            name,
+            "--wait",
+            "--notify",
+            "ops@example.test",
+        ]);
+        assert_eq!(job["state"], "succeeded", "{job}");
+        job["id"].as_u64().unwrap().to_string()
+    };
+    // The recovery succeeds; its notification is refused, and the job says why.
+    let id = recover(&c, "p2");
+    wait_until("the refusal in the job's detail", Duration::from_secs(30), || {
+        c.json(&["job", "show", &id])["detail"].as_str().is_some_and(|d| d.contains("not sent"))
+    });
+    let detail = c.json(&["job", "show", &id])["detail"].as_str().unwrap().to_owned();
+    assert!(detail.contains("notification to ops@example.test not sent"), "{detail}");
+    assert!(detail.contains("in cleartext") && detail.contains("allow_plaintext_auth"), "{detail}");
+    c.coordinator.wait_log("recovery notification not sent");
+    assert_eq!(std::fs::read_to_string(&auth_log).unwrap(), "", "no credentials reached the server");
+    assert_eq!(smtp.mail(), "", "no mail was sent");
+
+    // Allowed explicitly: the same server gets the login (so the refusal above was the fix).
+    c.coordinator.signal(15);
+    wait_until("the coordinator stops", Duration::from_secs(30), || !c.coordinator.is_running());
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("tls = \"none\"", "tls = \"none\"\nallow_plaintext_auth = true");
+    std::fs::write(&config, text).unwrap();
+    c.coordinator =
+        Daemon::spawn(&["x-coordinator", "serve", "--data-dir", &c.dir_str()], c.root.path().join("coord2.log"));
+    wait_until("coordinator.addr", Duration::from_secs(20), || c.dir().join("coordinator.addr").exists());
+    c.wait_connected("node1", true);
+    let id = recover(&c, "p3");
+    wait_until("the mail", Duration::from_secs(30), || {
+        smtp.mail().contains("Subject: Bulwark: recovery of p succeeded")
+    });
+    assert!(smtp.mail().contains(&format!("Job {id} (recovery) succeeded")), "{}", smtp.mail());
+    assert!(std::fs::read_to_string(&auth_log).unwrap().contains("bulwark s3cret-pw"));
 }

@@ -195,7 +195,8 @@ fn the_example_configurations_are_what_the_binaries_load() {
     // The coordinator's example, dropped into a freshly initialized data dir, starts a server.
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("coord");
-    ok(&["x-coordinator", "init", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    // (`--encrypt`: the example's store is encrypted, with its key where `key_file` says.)
+    ok(&["x-coordinator", "init", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0", "--encrypt"]);
     let example = std::fs::read_to_string(docs.join("coordinator.toml")).unwrap();
     let example = example
         .replace("0.0.0.0:7443", "127.0.0.1:0")

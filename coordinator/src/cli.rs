@@ -56,7 +56,8 @@ pub enum Command {
         /// Address agents dial (put into join tokens) when it differs from --listen.
         #[arg(long)]
         advertise: Option<String>,
-        /// Encrypt the chunk store (AES-256-GCM; the key is written to store/key, mode 0600).
+        /// Encrypt the chunk store (AES-256-GCM; the key is written to pki/store.key, mode
+        /// 0600, apart from the store: keep a recovery copy with `key export`).
         #[arg(long)]
         encrypt: bool,
     },
@@ -70,8 +71,37 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The store key of an encrypted store: a printable recovery copy, and restoring it.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Print a recovery copy of the store key (one `bwk1_…` line with a checksum): keep it
+    /// apart from the backups; without the key the store reads nothing.
+    Export {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Restore the store key from its recovery copy (the argument, or one line on stdin).
+    /// Refuses to overwrite a different key.
+    Import {
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Where to write the key (recorded as `key_file` in coordinator.toml); default: where
+        /// coordinator.toml says, else pki/store.key.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// The recovery copy (`bwk1_…`); `-` or absent: read from stdin.
+        key: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +189,34 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve { data_dir } => {
             let dir = DataDir::new(data_dir);
             actix_rt::System::new().block_on(crate::server::serve(dir, shutdown_signal()))?;
+            Ok(())
+        }
+        Command::Key { command: KeyCommand::Export { data_dir, output } } => {
+            let (copy, path) = crate::store::key::export(&DataDir::new(data_dir))?;
+            if output == Output::Json {
+                println!("{}", serde_json::json!({ "key": copy, "key_file": path }));
+            } else {
+                println!("{copy}");
+            }
+            Ok(())
+        }
+        Command::Key { command: KeyCommand::Import { data_dir, key_file, key } } => {
+            let copy = match key.filter(|k| k != "-") {
+                Some(k) => k,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line
+                }
+            };
+            // A relative --key-file is relative to where the command runs, as on any command line.
+            let key_file = key_file.map(std::path::absolute).transpose()?;
+            match crate::store::key::import(&DataDir::new(&data_dir), &copy, key_file.as_deref())? {
+                crate::store::key::Imported::Written(p) => println!("store key written to {}", p.display()),
+                crate::store::key::Imported::AlreadyThere(p) => {
+                    println!("store key already in place at {}", p.display())
+                }
+            }
             Ok(())
         }
         Command::Token { command: TokenCommand::Create { data_dir, ttl, host, output } } => {

@@ -19,6 +19,11 @@ pub struct CoordinatorConfig {
     /// Whether the chunk store encrypts (set at `init`, never changes).
     #[serde(default)]
     pub encrypt: bool,
+    /// Where the store key lives: absolute, or relative to the data directory. `init
+    /// --encrypt` writes `pki/store.key`; absent, the key is read from `store/key` (data
+    /// directories made before this setting existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
     /// Validity of agent certificates, humantime ("730days").
     #[serde(default = "default_agent_cert_validity")]
     pub agent_cert_validity: String,
@@ -57,6 +62,61 @@ pub struct SmtpConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// Send the username and password even over `tls = "none"` (they cross the network in
+    /// cleartext). Off: such a configuration sends no mail and says why.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_plaintext_auth: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// How the connection to the SMTP server is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    None,
+    StartTls,
+    Tls,
+}
+
+/// Why an `[smtp]` section cannot be used as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SmtpConfigError {
+    #[error("[smtp] tls = {0:?} is not one of \"none\", \"starttls\", \"tls\"")]
+    UnknownTls(String),
+    #[error(
+        "refusing to send the SMTP username and password to {server} in cleartext ([smtp] tls = \"none\"): \
+         set tls = \"starttls\" or \"tls\", or allow_plaintext_auth = true if nobody can read that path"
+    )]
+    PlaintextAuth { server: String },
+}
+
+impl SmtpConfig {
+    /// The `tls` setting, checked.
+    pub fn tls_mode(&self) -> Result<SmtpTls, SmtpConfigError> {
+        match self.tls.as_str() {
+            "none" => Ok(SmtpTls::None),
+            "starttls" => Ok(SmtpTls::StartTls),
+            "tls" => Ok(SmtpTls::Tls),
+            other => Err(SmtpConfigError::UnknownTls(other.to_owned())),
+        }
+    }
+
+    /// Whether mail would authenticate (both a username and a password are set).
+    pub fn authenticates(&self) -> bool {
+        self.username.is_some() && self.password.is_some()
+    }
+
+    /// The `tls` setting, refused when it would put the credentials on the wire in cleartext
+    /// without `allow_plaintext_auth`.
+    pub fn check(&self) -> Result<SmtpTls, SmtpConfigError> {
+        let tls = self.tls_mode()?;
+        if tls == SmtpTls::None && self.authenticates() && !self.allow_plaintext_auth {
+            return Err(SmtpConfigError::PlaintextAuth { server: format!("{}:{}", self.server, self.port) });
+        }
+        Ok(tls)
+    }
 }
 
 fn default_smtp_port() -> u16 {
@@ -122,8 +182,13 @@ impl DataDir {
     pub fn packs(&self) -> PathBuf {
         self.store().join("packs")
     }
+    /// Where data directories made before `key_file` existed keep the store key.
     pub fn store_key(&self) -> PathBuf {
         self.store().join("key")
+    }
+    /// Where `init --encrypt` and `key import` put the store key: apart from the store.
+    pub fn default_key_file(&self) -> PathBuf {
+        self.pki_file("store.key")
     }
 }
 
@@ -151,16 +216,56 @@ impl CoordinatorConfig {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path, message: e.to_string() })
+        let config: Self =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
+        if let Some(smtp) = &config.smtp {
+            smtp.tls_mode().map_err(|e| ConfigError::Parse { path, message: e.to_string() })?;
+        }
+        Ok(config)
     }
 
-    /// Writes `DIR/coordinator.toml` atomically.
+    /// Writes `DIR/coordinator.toml` atomically, mode 0600: it may hold the SMTP password.
     pub fn save(&self, dir: &DataDir) -> Result<(), ConfigError> {
         let path = dir.config();
         let text = toml::to_string_pretty(self)
             .map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
-        bulwark_pki::files::write_atomic(&path, text.as_bytes(), 0o644)
+        bulwark_pki::files::write_atomic(&path, text.as_bytes(), 0o600)
             .map_err(|source| ConfigError::Write { path, source })
+    }
+
+    /// Whether the file holds a secret (the SMTP password).
+    pub fn holds_secret(&self) -> bool {
+        self.smtp.as_ref().is_some_and(|s| s.password.is_some())
+    }
+
+    /// If the file holds a secret and others than its owner may read it, makes it 0600;
+    /// answers the mode it had then.
+    pub fn tighten_mode(&self, dir: &DataDir) -> Result<Option<u32>, ConfigError> {
+        use std::os::unix::fs::PermissionsExt;
+        if !self.holds_secret() {
+            return Ok(None);
+        }
+        let path = dir.config();
+        let mode = std::fs::metadata(&path)
+            .map_err(|source| ConfigError::Read { path: path.clone(), source })?
+            .permissions()
+            .mode()
+            & 0o7777;
+        if mode & 0o077 == 0 {
+            return Ok(None);
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o700))
+            .map_err(|source| ConfigError::Write { path, source })?;
+        Ok(Some(mode))
+    }
+
+    /// The store key's file: `key_file` (relative to the data directory unless absolute), or
+    /// `store/key` where `key_file` is not set.
+    pub fn store_key_path(&self, dir: &DataDir) -> PathBuf {
+        match &self.key_file {
+            Some(p) => dir.root.join(p),
+            None => dir.store_key(),
+        }
     }
 
     /// Validity of agent certificates.
@@ -175,4 +280,86 @@ impl CoordinatorConfig {
 /// True if `dir` already holds anything of a coordinator.
 pub fn is_initialized(dir: &Path) -> bool {
     dir.join("coordinator.toml").exists() || dir.join("pki").exists() || dir.join("catalog").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn smtp(tls: &str, auth: bool, allow: bool) -> SmtpConfig {
+        SmtpConfig {
+            server: "mail.test".into(),
+            port: 25,
+            from: "b@test".into(),
+            tls: tls.into(),
+            username: auth.then(|| "u".to_owned()),
+            password: auth.then(|| "p".to_owned()),
+            allow_plaintext_auth: allow,
+        }
+    }
+
+    #[test]
+    fn smtp_credentials_never_go_out_in_cleartext_unless_allowed() {
+        assert_eq!(smtp("starttls", true, false).check(), Ok(SmtpTls::StartTls));
+        assert_eq!(smtp("tls", true, false).check(), Ok(SmtpTls::Tls));
+        assert_eq!(smtp("none", false, false).check(), Ok(SmtpTls::None), "a relay without AUTH is fine");
+        assert_eq!(smtp("none", true, true).check(), Ok(SmtpTls::None), "explicitly allowed");
+        let refused = smtp("none", true, false).check().unwrap_err();
+        assert!(matches!(refused, SmtpConfigError::PlaintextAuth { .. }));
+        assert!(refused.to_string().contains("cleartext"), "{refused}");
+        assert!(refused.to_string().contains("mail.test:25"), "{refused}");
+        assert_eq!(smtp("ssl", false, false).check(), Err(SmtpConfigError::UnknownTls("ssl".into())));
+    }
+
+    fn data_dir(extra: &str) -> (tempfile::TempDir, DataDir) {
+        let t = tempfile::tempdir().unwrap();
+        let dir = DataDir::new(t.path());
+        let text = format!("name = \"c\"\nlisten = \"127.0.0.1:0\"\n{extra}");
+        std::fs::write(dir.config(), text).unwrap();
+        (t, dir)
+    }
+
+    #[test]
+    fn an_unknown_smtp_tls_mode_is_refused_at_load() {
+        let (_t, dir) = data_dir("[smtp]\nserver = \"m\"\nfrom = \"b@test\"\ntls = \"STARTTLS\"\n");
+        let e = CoordinatorConfig::load(&dir).unwrap_err();
+        assert!(e.to_string().contains("\"STARTTLS\" is not one of"), "{e}");
+    }
+
+    #[test]
+    fn a_config_holding_a_password_is_made_private_and_saved_private() {
+        let (_t, dir) = data_dir("[smtp]\nserver = \"m\"\nfrom = \"b@test\"\nusername = \"u\"\npassword = \"p\"\n");
+        std::fs::set_permissions(dir.config(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config = CoordinatorConfig::load(&dir).unwrap();
+        assert!(config.holds_secret());
+        assert_eq!(config.tighten_mode(&dir).unwrap(), Some(0o644));
+        assert_eq!(std::fs::metadata(dir.config()).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(config.tighten_mode(&dir).unwrap(), None, "already private");
+        std::fs::set_permissions(dir.config(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        config.save(&dir).unwrap();
+        assert_eq!(std::fs::metadata(dir.config()).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_config_without_a_secret_keeps_its_mode() {
+        let (_t, dir) = data_dir("");
+        std::fs::set_permissions(dir.config(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config = CoordinatorConfig::load(&dir).unwrap();
+        assert_eq!(config.tighten_mode(&dir).unwrap(), None);
+        assert_eq!(std::fs::metadata(dir.config()).unwrap().permissions().mode() & 0o777, 0o644);
+    }
+
+    #[test]
+    fn the_key_file_is_relative_to_the_data_dir_unless_absolute() {
+        let (_t, dir) = data_dir("");
+        let mut config = CoordinatorConfig::load(&dir).unwrap();
+        assert_eq!(config.store_key_path(&dir), dir.root.join("store/key"), "older data dirs");
+        config.key_file = Some("pki/store.key".into());
+        assert_eq!(config.store_key_path(&dir), dir.root.join("pki/store.key"));
+        config.key_file = Some("/etc/bulwark/store.key".into());
+        assert_eq!(config.store_key_path(&dir), PathBuf::from("/etc/bulwark/store.key"));
+        config.save(&dir).unwrap();
+        assert_eq!(CoordinatorConfig::load(&dir).unwrap().key_file, config.key_file, "round trip");
+    }
 }

@@ -4,6 +4,7 @@
 
 use crate::catalog::Catalog;
 use crate::config::{is_initialized, CoordinatorConfig, DataDir};
+use crate::store::key as store_key;
 use bulwark_pki::ca::{LeafSpec, SERVICE_VALIDITY};
 use bulwark_pki::files::{create_private_dir, write_atomic};
 use bulwark_pki::{Ca, Role};
@@ -36,6 +37,8 @@ pub enum InitError {
     Catalog(#[from] crate::catalog::CatalogError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Key(#[from] store_key::KeyError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
@@ -125,19 +128,24 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
     }
 
     let catalog = Catalog::create(&dir.catalog())?;
-    drop(catalog);
     std::fs::create_dir_all(dir.packs()).map_err(io(&dir.packs()))?;
-    if opts.encrypt {
-        use rand::RngCore;
-        let mut key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut key);
-        write_atomic(&dir.store_key(), &key, 0o600).map_err(io(&dir.store_key()))?;
-    }
+    // The key lives apart from the packs it protects, and the catalog knows it by its check
+    // value from the start.
+    let key_file = if opts.encrypt {
+        let key = store_key::generate();
+        store_key::write(&dir.default_key_file(), &key)?;
+        catalog.set_store_key_check(store_key::check_value(&key))?;
+        dir.default_key_file().strip_prefix(root).ok().map(Path::to_path_buf)
+    } else {
+        None
+    };
+    drop(catalog);
     let config = CoordinatorConfig {
         name: name.to_owned(),
         listen: opts.listen,
         advertise: opts.advertise.clone(),
         encrypt: opts.encrypt,
+        key_file,
         agent_cert_validity: "730days".into(),
         jobs: crate::config::JobLimits::default(),
         smtp: None,
@@ -173,8 +181,14 @@ mod tests {
         }
         assert!(root.join("catalog").is_dir());
         assert!(root.join("store/packs").is_dir());
-        assert_eq!(std::fs::metadata(root.join("store/key")).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(Catalog::open(&root.join("catalog")).is_ok());
+        assert_eq!(std::fs::metadata(root.join("pki/store.key")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!root.join("store/key").exists(), "the key lives apart from the store");
+        assert_eq!(std::fs::metadata(root.join("coordinator.toml")).unwrap().permissions().mode() & 0o777, 0o600);
+        let config = CoordinatorConfig::load(&DataDir::new(&root)).unwrap();
+        assert_eq!(config.key_file.as_deref(), Some(Path::new("pki/store.key")), "recorded relative");
+        let catalog = Catalog::open(&root.join("catalog")).unwrap();
+        let key = store_key::read(&root.join("pki/store.key")).unwrap().unwrap();
+        assert_eq!(catalog.store_key_check().unwrap(), Some(store_key::check_value(&key)));
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! E-mail when a recovery finishes (`--notify ADDR`), through the SMTP server of `[smtp]` in
 //! `coordinator.toml`. Sending happens after the job is recorded and never changes its
-//! outcome: a mail that cannot be sent is logged with the reason.
+//! outcome: a mail that cannot be sent is logged with the reason. Credentials never cross the
+//! network in cleartext: with `tls = "none"` and a username and password, nothing is sent
+//! unless `allow_plaintext_auth` says so ([`SmtpConfig::check`]), and the refusal is the reason.
 
-use crate::config::SmtpConfig;
+use crate::config::{SmtpConfig, SmtpConfigError, SmtpTls};
 use lettre::message::header::ContentType;
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
@@ -18,11 +20,15 @@ pub enum NotifyError {
     Message(String),
     #[error("SMTP server {server}: {reason}")]
     Smtp { server: String, reason: String },
+    #[error(transparent)]
+    Config(#[from] SmtpConfigError),
 }
 
 /// Sends one plain-text message.
 pub async fn send(smtp: Option<&SmtpConfig>, to: &str, subject: &str, body: String) -> Result<(), NotifyError> {
     let smtp = smtp.ok_or(NotifyError::NotConfigured)?;
+    // Before anything else: a refused configuration never opens a connection.
+    let tls = smtp.check()?;
     let from = smtp
         .from
         .parse()
@@ -38,12 +44,14 @@ pub async fn send(smtp: Option<&SmtpConfig>, to: &str, subject: &str, body: Stri
         .map_err(|e| NotifyError::Message(e.to_string()))?;
     let server = format!("{}:{}", smtp.server, smtp.port);
     let smtp_err = |reason: String| NotifyError::Smtp { server: server.clone(), reason };
-    let mut builder = match smtp.tls.as_str() {
-        "tls" => AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.server).map_err(|e| smtp_err(e.to_string()))?,
-        "starttls" => {
+    let mut builder = match tls {
+        SmtpTls::Tls => {
+            AsyncSmtpTransport::<Tokio1Executor>::relay(&smtp.server).map_err(|e| smtp_err(e.to_string()))?
+        }
+        SmtpTls::StartTls => {
             AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&smtp.server).map_err(|e| smtp_err(e.to_string()))?
         }
-        _ => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.server),
+        SmtpTls::None => AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.server),
     }
     .port(smtp.port)
     .timeout(Some(std::time::Duration::from_secs(30)));

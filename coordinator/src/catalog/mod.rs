@@ -18,6 +18,7 @@
 //! tree "bad_chunks"   chunk id [32] → BadChunk
 //! tree "packs"        pack id u32 BE → durable length u64 BE
 //! meta "next_job_id"  u64 BE
+//! meta "store_key_check" [32], the check value of an encrypted store's key (store::key)
 //! ```
 //! Writes that must survive a crash (a consumed token, a revocation, a commit) are made
 //! durable before the caller is answered: sled's `flush()` and then an fsync of every file of
@@ -222,6 +223,23 @@ impl Catalog {
             packs: db.open_tree("packs")?,
             db,
         })
+    }
+
+    /// The check value of the store key, if the store is encrypted and recorded one.
+    pub fn store_key_check(&self) -> Result<Option<[u8; 32]>, CatalogError> {
+        match self.meta.get("store_key_check")? {
+            None => Ok(None),
+            Some(v) => <[u8; 32]>::try_from(v.as_ref()).map(Some).map_err(|_| CatalogError::Corrupt {
+                key: "meta/store_key_check".into(),
+                reason: format!("{} bytes", v.len()),
+            }),
+        }
+    }
+
+    /// Records the check value of the store key, durably.
+    pub fn set_store_key_check(&self, check: [u8; 32]) -> Result<(), CatalogError> {
+        self.meta.insert("store_key_check", &check)?;
+        self.flush_durable()
     }
 
     fn is_empty(&self) -> bool {

@@ -92,12 +92,31 @@ fn notify_done(ctx: &JobContext, job: &JobRecord, to: String) {
         job.blocks_changed
     );
     let span = tracing::Span::current();
+    let (catalog, id) = (ctx.catalog().clone(), job.id);
     actix_rt::spawn(async move {
         match crate::notify::send(smtp.as_ref(), &to, &subject, body).await {
             Ok(()) => tracing::info!(parent: &span, %to, "recovery notification sent"),
-            Err(e) => tracing::warn!(parent: &span, %to, error = %e, "recovery notification not sent"),
+            Err(e) => {
+                tracing::warn!(parent: &span, %to, error = %e, "recovery notification not sent");
+                note_undelivered(&catalog, id, format!("notification to {to} not sent: {e}"));
+            }
         }
     });
+}
+
+/// Adds why the notification was not sent to the finished job's detail (`job show`).
+fn note_undelivered(catalog: &crate::catalog::Catalog, id: u64, note: String) {
+    let noted = catalog.job(id).and_then(|job| {
+        let Some(mut job) = job else { return Ok(()) };
+        job.detail = Some(match job.detail.take().filter(|d| !d.is_empty()) {
+            Some(d) => format!("{d}; {note}"),
+            None => note,
+        });
+        catalog.put_job(&job)
+    });
+    if let Err(e) = noted {
+        tracing::warn!(job_id = id, error = %e, "cannot note the undelivered notification");
+    }
 }
 
 fn save(ctx: &JobContext, job: &JobRecord) {

@@ -91,6 +91,24 @@ impl Actor for Listener {
     }
 }
 
+/// What `serve` checks of the secrets in `coordinator.toml` at start: a file holding the SMTP
+/// password that others may read is made 0600 (with a warning); SMTP credentials that would
+/// cross the network in cleartext are warned about (each notification then refuses, and says
+/// why), because a mail setting must not stop backups.
+fn check_secrets(dir: &DataDir, config: &CoordinatorConfig) -> Result<(), crate::config::ConfigError> {
+    if let Some(mode) = config.tighten_mode(dir)? {
+        tracing::warn!(
+            path = %dir.config().display(),
+            was = format!("{mode:o}"),
+            "coordinator.toml holds the SMTP password and was readable by others: its mode is now 600"
+        );
+    }
+    if let Some(Err(e)) = config.smtp.as_ref().map(|s| s.check()) {
+        tracing::warn!(error = %e, "[smtp]: recovery notifications will not be sent");
+    }
+    Ok(())
+}
+
 /// Runs the coordinator of `dir` until `shutdown` resolves.
 pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServeError> {
     let catalog = Catalog::open(&dir.catalog())?;
@@ -101,6 +119,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
     let mut authority = Authority::open(dir.clone(), catalog.clone())?;
     authority.refresh_crl()?;
     let config = authority.config().clone();
+    check_secrets(&dir, &config)?;
     let fd_budget = match fds::raise_limit() {
         Ok(limit) => fds::FdBudget::for_limit(limit),
         Err(e) => {
@@ -109,6 +128,8 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         }
     };
     tracing::info!(limit = fd_budget.limit, reserve = fd_budget.reserve, "file descriptors");
+    // The store (and its key) before anything listens: a store without its key does not open.
+    let store = Arc::new(crate::store::Store::open(&dir, catalog.clone(), crate::store::StoreConfig::default())?);
     let server_config = authority.server_config()?;
     let endpoint = quinn::Endpoint::server(server_config, config.listen)
         .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
@@ -123,7 +144,6 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         .map_err(|source| ServeError::Write { path: addr_path.display().to_string(), source })?;
     tracing::info!(addr = %local, name = %authority.config().name, "coordinator listening");
 
-    let store = Arc::new(crate::store::Store::open(&dir, catalog.clone(), crate::store::StoreConfig::default())?);
     let workers = {
         let store = store.clone();
         SyncArbiter::start(2, move || store_actor::StoreActor { store: store.clone() })

@@ -15,11 +15,16 @@
 //!   rewrites each pack under the store's exclusive gate, which dedup checks take shared
 //!   ([`gc`]).
 //!
-//! Modules in reading order: [`chunk`] (codec), [`pack`] (file format), this file (ingest,
-//! read, commit, prune), [`pages`] (block-map pages and page deltas), [`verify`], [`gc`].
+//! - **An encrypted store opens only with its own key** ([`key`]): without it, or with
+//!   another, it reads nothing.
+//!
+//! Modules in reading order: [`chunk`] (codec), [`key`] (the store key), [`pack`] (file
+//! format), this file (ingest, read, commit, prune), [`pages`] (block-map pages and page
+//! deltas), [`verify`], [`gc`].
 
 pub mod chunk;
 pub mod gc;
+pub mod key;
 pub mod pack;
 pub mod pages;
 pub mod verify;
@@ -77,8 +82,8 @@ pub enum StoreError {
     Codec(String),
     #[error("block map: {0}")]
     BlockMap(String),
-    #[error("store key {path}: {reason}")]
-    Key { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Key(#[from] key::KeyError),
 }
 
 /// Lowercase hex of an id.
@@ -150,17 +155,24 @@ pub enum BlockData<'a> {
 }
 
 impl Store {
-    /// Opens the store of `dir`, repairing what a crash may have left.
+    /// Opens the store of `dir` with the key its configuration names ([`key::locate`]),
+    /// repairing what a crash may have left.
     pub fn open(dir: &DataDir, catalog: Catalog, config: StoreConfig) -> Result<Store, StoreError> {
-        let key_path = dir.store_key();
-        let key = match std::fs::read(&key_path) {
-            Ok(bytes) => Some(<[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| StoreError::Key {
-                path: key_path.clone(),
-                reason: format!("{} bytes, expected 32", bytes.len()),
-            })?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err(&key_path)(e)),
-        };
+        let (key_path, key) = key::locate(dir)?;
+        Self::open_with_key(dir, &key_path, key, catalog, config)
+    }
+
+    /// Opens the store of `dir` with `key` (read from `key_path`, named in errors). A store
+    /// whose catalog knows another key, or that is encrypted while `key` is None, is refused.
+    pub fn open_with_key(
+        dir: &DataDir,
+        key_path: &Path,
+        key: Option<key::StoreKey>,
+        catalog: Catalog,
+        config: StoreConfig,
+    ) -> Result<Store, StoreError> {
+        // Before anything is repaired, read or written.
+        key::check(&catalog, key_path, key.as_ref())?;
         let packs_dir = dir.packs();
         std::fs::create_dir_all(&packs_dir).map_err(io_err(&packs_dir))?;
         let known = recover_packs(&packs_dir, &catalog)?;
@@ -170,7 +182,7 @@ impl Store {
             None => (1, 0),
         };
         let writer = PackWriter::open(&packs_dir, current, len, config.pack_max_bytes).map_err(io_err(&packs_dir))?;
-        Ok(Store {
+        let store = Store {
             packs_dir,
             catalog,
             codec: ChunkCodec::new(key, config.zstd_level),
@@ -180,7 +192,9 @@ impl Store {
             gate: RwLock::new(()),
             pins: Mutex::new(Vec::new()),
             gc_keep: Mutex::new(None),
-        })
+        };
+        key::bind(&store, key_path, key.as_ref())?;
+        Ok(store)
     }
 
     pub fn catalog(&self) -> &Catalog {
