@@ -893,6 +893,7 @@ fn print_group(g: &GroupInfo) {
 fn agent_json(a: &AgentInfo) -> serde_json::Value {
     serde_json::json!({
         "host": a.host.as_str(),
+        "cluster": a.cluster,
         "connected": a.connected,
         "last_seen": a.last_seen.map(|s| fmt_time(Some(s))),
         "cert_serial": a.cert_serial,
@@ -925,7 +926,10 @@ fn print(output: Output, response: &AdminResponse) {
             println!("{}", serde_json::Value::Array(list.iter().map(agent_json).collect()))
         }
         (Output::Text, AdminResponse::Agents(list)) => {
-            println!("{:<24} {:<10} {:<22} {:<34} {:>4}", "HOST", "STATE", "LAST SEEN", "CERT SERIAL", "VMS");
+            println!(
+                "{:<24} {:<24} {:<10} {:<22} {:<34} {:>4}",
+                "HOST", "CLUSTER", "STATE", "LAST SEEN", "CERT SERIAL", "VMS"
+            );
             for a in list {
                 let state = if a.revoked {
                     "revoked"
@@ -935,8 +939,9 @@ fn print(output: Output, response: &AdminResponse) {
                     "offline"
                 };
                 println!(
-                    "{:<24} {:<10} {:<22} {:<34} {:>4}",
+                    "{:<24} {:<24} {:<10} {:<22} {:<34} {:>4}",
                     a.host,
+                    a.cluster,
                     state,
                     fmt_time(a.last_seen),
                     a.cert_serial,

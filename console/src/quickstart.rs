@@ -211,7 +211,20 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
     step("two agents enroll with one-time join tokens and connect over QUIC + mutual TLS");
     let mut agents = vec![];
     for host in ["node1", "node2"] {
-        let token = me(&["x-coordinator", "token", "create", "--data-dir", &coord_s, "--ttl", "10m", "--host", host])?;
+        // Both hosts in one cluster: VMs migrate between them.
+        let token = me(&[
+            "x-coordinator",
+            "token",
+            "create",
+            "--data-dir",
+            &coord_s,
+            "--ttl",
+            "10m",
+            "--host",
+            host,
+            "--cluster",
+            "quickstart",
+        ])?;
         let dir = root.join(format!("agent-{host}"));
         let dir_s = dir.to_string_lossy().into_owned();
         me(&["x-agent", "enroll", "--data-dir", &dir_s, "--token", &token, "--host", host])?;

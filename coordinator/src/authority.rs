@@ -4,9 +4,10 @@
 
 use crate::catalog::{now_secs, AgentRecord, Catalog, CatalogError, RevocationRecord, TokenRecord, TokenRefusal};
 use crate::config::{ConfigError, CoordinatorConfig, DataDir};
+use crate::enrollment::{self, EnrolledHost, ScopeError, TokenScope};
 use bulwark_pki::ca::{PkiError, Revocation};
-use bulwark_pki::{tls, Ca, JoinToken};
-use bulwark_protocol::messages::{EnrollRequest, EnrollResponse};
+use bulwark_pki::{tls, AgentCsr, Ca, JoinToken};
+use bulwark_protocol::messages::{EnrollRequest, EnrollResponse, TokenInfo};
 use bulwark_protocol::{HostId, ALPN, ALPN_ENROLL};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -26,6 +27,19 @@ pub enum AuthorityError {
     Write { path: String, source: std::io::Error },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Token(#[from] ScopeError),
+}
+
+/// A join token just made.
+#[derive(Debug, Clone)]
+pub struct CreatedToken {
+    /// The text the agent enrolls with (carries the secret).
+    pub token: String,
+    /// Its public id.
+    pub id: String,
+    /// Unix seconds.
+    pub expires_at: u64,
 }
 
 /// What an enrollment decided.
@@ -46,6 +60,8 @@ pub struct Authority {
     catalog: Catalog,
     /// Serializes CRL rewrites.
     crl_lock: Mutex<()>,
+    /// Serializes enrollments, so two tokens cannot both enroll one new host name.
+    enroll_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -63,7 +79,7 @@ impl Authority {
     pub fn open(dir: DataDir, catalog: Catalog) -> Result<Self, AuthorityError> {
         let config = CoordinatorConfig::load(&dir)?;
         let ca = Ca::from_pem(&read(dir.pki_file("ca.pem"))?, &read(dir.pki_file("ca.key"))?)?;
-        Ok(Self { dir, config, ca, catalog, crl_lock: Mutex::new(()) })
+        Ok(Self { dir, config, ca, catalog, crl_lock: Mutex::new(()), enroll_lock: Mutex::new(()) })
     }
 
     pub fn config(&self) -> &CoordinatorConfig {
@@ -115,23 +131,106 @@ impl Authority {
         Ok(listen.to_string())
     }
 
-    /// Creates a one-time join token; returns it and its expiry (Unix seconds).
-    pub fn create_token(&self, ttl: Duration, host: Option<&HostId>) -> Result<(String, u64), AuthorityError> {
+    /// The host enrolled as `host`, as enrollment decisions see it.
+    fn enrolled(&self, host: &str) -> Result<Option<EnrolledHost>, CatalogError> {
+        self.catalog.agent(host)?.map(|rec| self.as_enrolled(&rec)).transpose()
+    }
+
+    fn as_enrolled(&self, rec: &AgentRecord) -> Result<EnrolledHost, CatalogError> {
+        let active = !rec.revoked && !self.catalog.is_revoked(&rec.cert_serial)?;
+        Ok(EnrolledHost { cluster: rec.cluster.clone(), active })
+    }
+
+    /// Creates a one-time join token for `scope` (see [`enrollment`] for the rules). Purges a
+    /// bounded number of tokens finished more than a day ago first.
+    pub fn create_token(&self, ttl: Duration, scope: &TokenScope) -> Result<CreatedToken, AuthorityError> {
+        let cap = self.config.max_token_ttl()?;
+        let mut lookup_failed = None;
+        let checked = enrollment::check_scope(scope, ttl, cap, |host| {
+            self.enrolled(host.as_str()).unwrap_or_else(|e| {
+                lookup_failed = Some(e);
+                None
+            })
+        });
+        if let Some(e) = lookup_failed {
+            return Err(e.into());
+        }
+        let checked = checked?;
         let token = JoinToken::new(self.advertised_addr()?, self.config.name.clone(), self.ca.fingerprint());
         let now = now_secs();
+        let purged = self.catalog.purge_tokens(enrollment::PURGE_SCAN_LIMIT, |t| enrollment::purgeable(t, now))?;
+        if purged > 0 {
+            tracing::info!(purged, "purged finished join tokens");
+        }
         let expires_at = now.saturating_add(ttl.as_secs());
         let record = TokenRecord {
             created_at: now,
             expires_at,
-            host: host.map(|h| h.to_string()),
+            host: checked.host.as_ref().map(|h| h.to_string()),
             used_at: None,
             used_by: None,
+            cluster: checked.cluster.as_ref().map(|c| c.to_string()),
+            replace: checked.replace.as_ref().map(|h| h.to_string()),
+            revoked_at: None,
         };
-        self.catalog.insert_token(token.secret_hash(), &record)?;
-        Ok((token.encode(), expires_at))
+        let hash = token.secret_hash();
+        self.catalog.insert_token(hash, &record)?;
+        let id = enrollment::token_id(&hash);
+        tracing::info!(token = %id, host = ?record.host, cluster = ?record.cluster, replace = ?record.replace, "join token created");
+        Ok(CreatedToken { token: token.encode(), id, expires_at })
     }
 
-    /// Decides an enrollment request: a valid unused token buys a certificate for the host.
+    /// Every token not yet purged, oldest first.
+    pub fn list_tokens(&self) -> Result<Vec<TokenInfo>, AuthorityError> {
+        Ok(self
+            .catalog
+            .tokens()?
+            .into_iter()
+            .map(|(hash, t)| TokenInfo {
+                id: enrollment::token_id(&hash),
+                host: t.host,
+                cluster: t.cluster,
+                replace: t.replace,
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                used_at: t.used_at,
+                used_by: t.used_by,
+                revoked_at: t.revoked_at,
+            })
+            .collect())
+    }
+
+    /// Revokes an unused token by its public id; answers whether it was revoked just now
+    /// (false: it already was).
+    pub fn revoke_token(&self, id: &str) -> Result<bool, AuthorityError> {
+        let prefix = enrollment::parse_token_id(id)?;
+        let hashes = self.catalog.token_hashes_with_prefix(&prefix)?;
+        let [hash] = hashes.as_slice() else {
+            // 64 bits of a hash: two tokens sharing an id would be a broken hash.
+            return Err(ScopeError::UnknownId(id.to_owned()).into());
+        };
+        let now = now_secs();
+        let changed = self.catalog.update_token(*hash, |t| {
+            if t.revoked_at.is_some() {
+                return Ok(false);
+            }
+            if let Some(by) = &t.used_by {
+                return Err(ScopeError::AlreadyUsed { id: id.to_owned(), by: by.clone() });
+            }
+            t.revoked_at = Some(now);
+            Ok(true)
+        })?;
+        let revoked = changed.ok_or_else(|| ScopeError::UnknownId(id.to_owned()))??;
+        if revoked {
+            tracing::warn!(token = id, "join token revoked");
+        }
+        Ok(revoked)
+    }
+
+    /// Decides an enrollment request. The CSR is checked first (a broken one spends nothing),
+    /// then the token is checked against the host asked for and consumed, atomically; only
+    /// then is the certificate signed and, for a `--replace` token, the host's previous
+    /// certificate revoked. A refusal at any step leaves the catalog and the CRL as they were.
     pub fn enroll(&self, req: &EnrollRequest) -> Result<Enrollment, AuthorityError> {
         let refuse = |reason: String| Enrollment {
             response: EnrollResponse::Refused { reason },
@@ -145,23 +244,34 @@ impl Authority {
             return Ok(refuse(TokenRefusal::Unknown.to_string()));
         };
         let host = req.host.as_str();
-        // Check the CSR before spending the token, so a broken agent can retry.
         let validity = self.config.agent_validity()?;
-        let cert = match self.ca.sign_agent_csr(&req.csr_pem, host, validity) {
+        let csr = match AgentCsr::parse(&req.csr_pem) {
             Ok(c) => c,
             Err(e) => return Ok(refuse(e.to_string())),
         };
+        let _one_at_a_time = self.enroll_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = self.catalog.agent(host)?;
+        let existing = previous.as_ref().map(|rec| self.as_enrolled(rec)).transpose()?;
         let now = now_secs();
-        if let Err(refusal) = self.catalog.consume_token(bulwark_pki::token::secret_hash(&secret), host, now)? {
-            return Ok(refuse(refusal.to_string()));
-        }
-        // A host that enrolls again replaces its certificate; the old one is revoked.
-        let mut revoked = vec![];
-        if let Some(old) = self.catalog.agent(host)? {
-            if !self.catalog.is_revoked(&old.cert_serial)? {
-                revoked.push(old.cert_serial.clone());
+        let hash = bulwark_pki::token::secret_hash(&secret);
+        let admission = match self
+            .catalog
+            .consume_token(hash, host, now, |t| enrollment::admit(t, &req.host, existing.as_ref(), now))?
+        {
+            Ok(a) => a,
+            Err(refusal) => return Ok(refuse(refusal.to_string())),
+        };
+        let cert = match self.ca.sign_agent(&csr, host, validity) {
+            Ok(c) => c,
+            Err(e) => {
+                self.catalog.release_token(hash, host)?;
+                return Err(e.into());
             }
-        }
+        };
+        let revoked: Vec<String> = match previous {
+            Some(old) if admission.revoke_previous => vec![old.cert_serial],
+            _ => vec![],
+        };
         self.catalog.put_agent(&AgentRecord {
             host: host.to_owned(),
             cert_serial: cert.serial_hex.clone(),
@@ -171,12 +281,14 @@ impl Authority {
             last_seen: None,
             agent_version: None,
             vms: 0,
+            cluster: admission.cluster.clone(),
         })?;
         if !revoked.is_empty() {
             self.revoke_serials(host, &revoked)?;
         } else {
             self.catalog.flush()?;
         }
+        tracing::info!(host, cluster = %admission.cluster, replaced = !revoked.is_empty(), "host enrolled");
         Ok(Enrollment {
             response: EnrollResponse::Accepted {
                 cert_pem: cert.pem,

@@ -3,12 +3,14 @@
 
 use crate::admin_client::{AdminClient, AdminTarget};
 use crate::authority::Authority;
+use crate::authority::{AuthorityError, CreatedToken};
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::DataDir;
+use crate::enrollment::TokenScope;
 use crate::init::{init, InitOptions};
-use bulwark_protocol::messages::{AdminRequest, AdminResponse};
-use bulwark_protocol::HostId;
-use clap::{Parser, Subcommand, ValueEnum};
+use bulwark_protocol::messages::{AdminRequest, AdminResponse, TokenInfo};
+use bulwark_protocol::{ClusterId, HostId};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -106,16 +108,41 @@ pub enum KeyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// Print a one-time join token for an agent.
+    /// Print a one-time join token for an agent: for one host (--host), a new host of a
+    /// cluster (--cluster), or both.
+    #[command(group(ArgGroup::new("scope").required(true).multiple(true).args(["host", "cluster"])))]
     Create {
         #[arg(long)]
         data_dir: PathBuf,
-        /// How long the token stays valid ("1h", "30m", "2days").
+        /// How long the token stays valid ("1h", "30m", "2days"); at most `[tokens] max_ttl`
+        /// of coordinator.toml (default 7 days).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
-        /// Only this host may enroll with the token.
+        /// Only this host may enroll with the token (alone: a standalone host, its own cluster).
         #[arg(long)]
         host: Option<HostId>,
+        /// The enrolling host joins this cluster; without --host, any new host name may enroll.
+        #[arg(long)]
+        cluster: Option<ClusterId>,
+        /// Re-enroll this enrolled host: its certificate is revoked when the new one is issued,
+        /// and it keeps its cluster unless --cluster says otherwise.
+        #[arg(long)]
+        replace: Option<HostId>,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List join tokens (used, expired and revoked ones until purged, about a day later).
+    List {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Revoke an unused join token by the id `token list` shows.
+    Revoke {
+        #[arg(long)]
+        data_dir: PathBuf,
+        id: String,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -219,25 +246,124 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Token { command: TokenCommand::Create { data_dir, ttl, host, output } } => {
-            let (token, expires_at) = create_token(&data_dir, ttl, host)?;
+        Command::Token { command } => token(command),
+    }
+}
+
+fn token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { data_dir, ttl, host, cluster, replace, output } => {
+            let scope = TokenScope { host, cluster, replace };
+            let request = AdminRequest::TokenCreate {
+                ttl_secs: ttl.as_secs(),
+                host: scope.host.clone(),
+                cluster: scope.cluster.clone(),
+                replace: scope.replace.clone(),
+            };
+            let created = with_authority(
+                &data_dir,
+                "create the token",
+                request,
+                |answer| match answer {
+                    AdminResponse::Token { token, id, expires_at } => Some(CreatedToken { token, id, expires_at }),
+                    _ => None,
+                },
+                |authority| authority.create_token(ttl, &scope),
+            )?;
             if output == Output::Json {
-                println!("{}", serde_json::json!({ "token": token, "expires_at": expires_at }));
+                let CreatedToken { token, id, expires_at } = created;
+                println!("{}", serde_json::json!({ "token": token, "id": id, "expires_at": expires_at }));
             } else {
-                println!("{token}");
+                println!("{}", created.token);
+            }
+            Ok(())
+        }
+        TokenCommand::List { data_dir, output } => {
+            let tokens = with_authority(
+                &data_dir,
+                "list the tokens",
+                AdminRequest::TokenList,
+                |answer| match answer {
+                    AdminResponse::Tokens(t) => Some(t),
+                    _ => None,
+                },
+                |authority| authority.list_tokens(),
+            )?;
+            print_tokens(output, &tokens, crate::catalog::now_secs());
+            Ok(())
+        }
+        TokenCommand::Revoke { data_dir, id, output } => {
+            let message = with_authority(
+                &data_dir,
+                "revoke the token",
+                AdminRequest::TokenRevoke { id: id.clone() },
+                |answer| match answer {
+                    AdminResponse::Done { message } => Some(message),
+                    _ => None,
+                },
+                |authority| Ok(crate::enrollment::revoked_message(&id, authority.revoke_token(&id)?)),
+            )?;
+            if output == Output::Json {
+                println!("{}", serde_json::json!({ "id": id, "revoked": true, "message": message }));
+            } else {
+                println!("{message}");
             }
             Ok(())
         }
     }
 }
 
-/// Creates a token through the running coordinator when one holds the catalog, else directly
-/// in the catalog (a stale `coordinator.addr` left by a killed coordinator is not trusted).
-fn create_token(
+fn print_tokens(output: Output, tokens: &[TokenInfo], now: u64) {
+    let state = |t: &TokenInfo| match (&t.used_by, t.revoked_at) {
+        (Some(by), _) => format!("used by {by}"),
+        (None, Some(_)) => "revoked".to_owned(),
+        (None, None) if now >= t.expires_at => "expired".to_owned(),
+        (None, None) => "unused".to_owned(),
+    };
+    if output == Output::Json {
+        let list: Vec<_> = tokens
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "id": t.id, "host": t.host, "cluster": t.cluster, "replace": t.replace,
+                    "created_at": t.created_at, "expires_at": t.expires_at,
+                    "used": t.used_by.is_some(), "used_by": t.used_by, "used_at": t.used_at,
+                    "revoked": t.revoked_at.is_some(), "expired": now >= t.expires_at,
+                    "state": state(t),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+        return;
+    }
+    let time = |s: u64| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)).to_string()
+    };
+    println!("{:<16}  {:<20} {:<20} {:<20} {:<21} STATE", "ID", "HOST", "CLUSTER", "REPLACES", "EXPIRES");
+    for t in tokens {
+        let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+        println!(
+            "{:<16}  {:<20} {:<20} {:<20} {:<21} {}",
+            t.id,
+            dash(&t.host),
+            dash(&t.cluster),
+            dash(&t.replace),
+            time(t.expires_at),
+            state(t)
+        );
+    }
+}
+
+/// Runs a token command through the running coordinator when one holds the catalog (its
+/// admin API: `request`, answered as `answer` picks), else directly on the catalog with
+/// `offline` (a stale `coordinator.addr` left by a killed coordinator is not trusted).
+fn with_authority<T>(
     data_dir: &std::path::Path,
-    ttl: std::time::Duration,
-    host: Option<HostId>,
-) -> anyhow::Result<(String, u64)> {
+    what: &str,
+    request: AdminRequest,
+    answer: impl FnOnce(AdminResponse) -> Option<T>,
+    offline: impl FnOnce(&Authority) -> Result<T, AuthorityError>,
+) -> anyhow::Result<T> {
     let dir = DataDir::new(data_dir);
     crate::config::CoordinatorConfig::load(&dir)?;
     if Catalog::in_use(&dir.catalog()) {
@@ -245,29 +371,35 @@ fn create_token(
         let via_admin = rt.block_on(async {
             let target = AdminTarget::from_data_dir(data_dir)?;
             let client = AdminClient::connect(&target).await?;
-            let r = client.request(AdminRequest::TokenCreate { ttl_secs: ttl.as_secs(), host: host.clone() }).await;
+            let r = client.request(request).await;
             client.close().await;
-            match r? {
-                AdminResponse::Token { token, expires_at } => Ok((token, expires_at)),
-                other => anyhow::bail!("unexpected answer from the coordinator: {other:?}"),
+            let r = r?;
+            match answer(r.clone()) {
+                Some(t) => Ok(t),
+                None => anyhow::bail!("unexpected answer from the coordinator: {r:?}"),
             }
         });
-        match via_admin {
-            Ok(t) => return Ok(t),
-            // A refusal from a running coordinator is final.
-            Err(e)
-                if e.downcast_ref::<crate::admin_client::AdminClientError>()
-                    .is_some_and(|e| matches!(e, crate::admin_client::AdminClientError::Refused(_))) =>
-            {
-                return Err(e.context("the running coordinator refused to create the token"))
+        return match via_admin {
+            Ok(t) => Ok(t),
+            // A refusal from a running coordinator is final, and says why itself.
+            Err(e) => {
+                let refused = match e.downcast_ref::<crate::admin_client::AdminClientError>() {
+                    Some(crate::admin_client::AdminClientError::Refused(reason)) => Some(reason.clone()),
+                    _ => None,
+                };
+                match refused {
+                    Some(reason) => Err(anyhow::anyhow!(reason)),
+                    None => {
+                        Err(e.context(format!("the coordinator holds the catalog but could not be asked to {what}")))
+                    }
+                }
             }
-            Err(e) => return Err(e.context("the coordinator holds the catalog but could not be asked for a token")),
-        }
+        };
     }
     match Catalog::open(&dir.catalog()) {
         Ok(catalog) => {
             let authority = Authority::open(dir, catalog)?;
-            Ok(authority.create_token(ttl, host.as_ref())?)
+            Ok(offline(&authority)?)
         }
         Err(CatalogError::Locked(reason)) => {
             anyhow::bail!("the catalog was taken by another process meanwhile ({reason}); try again")

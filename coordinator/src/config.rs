@@ -30,6 +30,9 @@ pub struct CoordinatorConfig {
     /// Job concurrency.
     #[serde(default)]
     pub jobs: JobLimits,
+    /// `[tokens]`: join token limits.
+    #[serde(default)]
+    pub tokens: TokenLimits,
     /// The mail server for `--notify` (absent: notifications fail with a clear reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<SmtpConfig>,
@@ -144,6 +147,20 @@ pub struct JobLimits {
 impl Default for JobLimits {
     fn default() -> Self {
         Self { max_running: 8, per_agent: 2, snapshot_lease: "2m".into(), start_jitter: "1m".into() }
+    }
+}
+
+/// `[tokens]` in `coordinator.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenLimits {
+    /// The longest `--ttl` a join token may have, humantime ("7days").
+    pub max_ttl: String,
+}
+
+impl Default for TokenLimits {
+    fn default() -> Self {
+        Self { max_ttl: humantime::format_duration(crate::enrollment::DEFAULT_MAX_TTL).to_string() }
     }
 }
 
@@ -273,6 +290,14 @@ impl CoordinatorConfig {
         humantime::parse_duration(&self.agent_cert_validity).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("coordinator.toml"),
             message: format!("agent_cert_validity {:?}: {e}", self.agent_cert_validity),
+        })
+    }
+
+    /// The cap on a join token's lifetime.
+    pub fn max_token_ttl(&self) -> Result<std::time::Duration, ConfigError> {
+        humantime::parse_duration(&self.tokens.max_ttl).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("coordinator.toml"),
+            message: format!("[tokens] max_ttl {:?}: {e}", self.tokens.max_ttl),
         })
     }
 }

@@ -148,6 +148,7 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
         key_file,
         agent_cert_validity: "730days".into(),
         jobs: crate::config::JobLimits::default(),
+        tokens: crate::config::TokenLimits::default(),
         smtp: None,
         metrics: None,
     };

@@ -5,7 +5,8 @@
 //! - [`config`]: `coordinator.toml` and the data directory layout.
 //! - [`catalog`]: the sled catalog and its key layout.
 //! - [`init`]: `bulwark-coordinator init`.
-//! - [`authority`]: CA, join tokens, enrollment and revocation decisions.
+//! - [`enrollment`]: join token scopes and enrollment decisions, plain (no I/O).
+//! - [`authority`]: CA, join tokens, enrollment and revocation, applied to the catalog.
 //! - [`server`]: the listener, registry and session actors, and the admin API.
 //! - [`store`]: the replica store (chunks, packs, block maps, verify, GC).
 //! - [`policy`]: protection-group policy: validation, schedule math, the space plan.
@@ -23,6 +24,7 @@ pub mod authority;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod enrollment;
 pub mod init;
 pub mod items;
 pub mod jobs;

@@ -214,9 +214,13 @@ impl Ca {
     /// Signs an agent's CSR for `host`. Only the CSR's public key is used (after its
     /// signature is checked); every field comes from the CA.
     pub fn sign_agent_csr(&self, csr_pem: &str, host: &str, validity: Duration) -> Result<IssuedCert, PkiError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| PkiError::BadCsr(e.to_string()))?;
+        self.sign_agent(&AgentCsr::parse(csr_pem)?, host, validity)
+    }
+
+    /// Signs a CSR already checked by [`AgentCsr::parse`] for `host`.
+    pub fn sign_agent(&self, csr: &AgentCsr, host: &str, validity: Duration) -> Result<IssuedCert, PkiError> {
         let spec = LeafSpec::new(Role::Agent, host, vec![host.to_owned()], validity);
-        self.issue(&spec, &csr.public_key)
+        self.issue(&spec, &csr.0.public_key)
     }
 
     /// A CRL (PEM) listing `revoked`, numbered `crl_number`, valid for a year.
@@ -244,6 +248,24 @@ impl Ca {
             key_identifier_method: KeyIdMethod::Sha256,
         };
         Ok(params.signed_by(&self.issuer()?)?.pem()?)
+    }
+}
+
+/// An agent's certificate signing request whose signature has been checked: parsing is
+/// separate from signing so a coordinator can refuse a broken CSR before it spends anything
+/// (a join token), and sign only once everything else has been decided.
+pub struct AgentCsr(CertificateSigningRequestParams);
+
+impl std::fmt::Debug for AgentCsr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentCsr").finish_non_exhaustive()
+    }
+}
+
+impl AgentCsr {
+    /// Parses a PEM CSR and checks its signature.
+    pub fn parse(csr_pem: &str) -> Result<Self, PkiError> {
+        CertificateSigningRequestParams::from_pem(csr_pem).map(Self).map_err(|e| PkiError::BadCsr(e.to_string()))
     }
 }
 

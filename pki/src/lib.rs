@@ -24,6 +24,6 @@ pub mod quic;
 pub mod tls;
 pub mod token;
 
-pub use ca::{Ca, IssuedCert, PkiError};
+pub use ca::{AgentCsr, Ca, IssuedCert, PkiError};
 pub use identity::{PeerIdentity, Role};
 pub use token::JoinToken;

@@ -97,6 +97,12 @@ name_id!(
     /// A disk of a VM, by its name within the VM (`os`, `data`, …).
     DiskId, "disk name", 64
 );
+name_id!(
+    /// A cluster of hosts (VMs move between its hosts). Follows the rules of group names
+    /// (the same characters, at most 128). A standalone host is a cluster of its own, named
+    /// after the host.
+    ClusterId, "cluster name", 128
+);
 
 /// A job, numbered by the coordinator that owns it.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug)]

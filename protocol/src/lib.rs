@@ -6,7 +6,7 @@
 //! QUIC, TLS, sled or actors.
 //!
 //! Modules in reading order:
-//! - [`ids`]: typed identifiers (host, VM, disk, job, recovery point).
+//! - [`ids`]: typed identifiers (host, cluster, VM, disk, job, recovery point).
 //! - [`messages`]: what each peer may send, per stream kind.
 //! - [`codec`]: bincode 2 encode/decode with explicit limits (the only place bincode is named).
 //! - [`frame`]: `u32` length-prefixed frames, a sans-IO decoder and async read/write helpers.
@@ -30,7 +30,7 @@ pub mod snapshot;
 pub mod transfer;
 pub mod units;
 
-pub use ids::{DiskId, HostId, JobId, RecoveryPointId, VmId};
+pub use ids::{ClusterId, DiskId, HostId, JobId, RecoveryPointId, VmId};
 
 /// ALPN of the authenticated protocol (agents and admin console).
 pub const ALPN: &[u8] = b"bulwark/1";

@@ -15,7 +15,7 @@
 //! Every type here is encoded by [`crate::codec`]; none uses `serde(flatten)`, untagged enums or
 //! dynamic values, which bincode cannot carry.
 
-use crate::ids::{DiskId, HostId, JobId, RecoveryPointId, VmId};
+use crate::ids::{ClusterId, DiskId, HostId, JobId, RecoveryPointId, VmId};
 use serde::{Deserialize, Serialize};
 
 /// First message of an agent: who it says it is and which versions it speaks.
@@ -269,10 +269,21 @@ pub enum AdminRequest {
     AgentRevoke {
         host: HostId,
     },
-    /// A one-time join token valid for `ttl_secs`, optionally only for `host`.
+    /// A one-time join token valid for `ttl_secs` (at most the coordinator's cap). At least one
+    /// of `host` and `cluster`: `host` alone enrolls that host (standalone: its own cluster),
+    /// `cluster` alone a new host of that cluster, both that host in that cluster. `replace`
+    /// names the enrolled host the token may re-enroll (its certificate is revoked then).
     TokenCreate {
         ttl_secs: u64,
         host: Option<HostId>,
+        cluster: Option<ClusterId>,
+        replace: Option<HostId>,
+    },
+    /// Join tokens not yet purged (used and expired ones stay listed for about a day).
+    TokenList,
+    /// Revokes an unused token by its public id.
+    TokenRevoke {
+        id: String,
     },
     /// Start a store maintenance job; with `wait`, answer when it has finished.
     Maintenance {
@@ -542,6 +553,24 @@ pub struct AgentInfo {
     pub vms: u32,
     pub agent_version: Option<String>,
     pub remote_addr: Option<String>,
+    /// The host's cluster (a standalone host's is its own name).
+    pub cluster: String,
+}
+
+/// A join token as `token list` shows it: never its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Public id: the first bytes of the secret's hash, in hex.
+    pub id: String,
+    pub host: Option<String>,
+    pub cluster: Option<String>,
+    pub replace: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub used_at: Option<u64>,
+    pub used_by: Option<String>,
+    pub revoked_at: Option<u64>,
 }
 
 /// The coordinator's answer to an [`AdminRequest`].
@@ -556,8 +585,11 @@ pub enum AdminResponse {
     },
     Token {
         token: String,
+        /// The token's public id (for `token list` and `token revoke`).
+        id: String,
         expires_at: u64,
     },
+    Tokens(Vec<TokenInfo>),
     JobStarted {
         job_id: u64,
     },

@@ -108,6 +108,8 @@ impl Cluster {
         let token = match rt.block_on(client.request(AdminRequest::TokenCreate {
             ttl_secs: 600,
             host: Some(bulwark_protocol::HostId::new("node1")?),
+            cluster: None,
+            replace: None,
         }))? {
             AdminResponse::Token { token, .. } => token,
             other => bail!("unexpected answer {other:?}"),

@@ -148,9 +148,12 @@ impl Cluster {
         self.root.path().join(format!("agent-{host}"))
     }
 
-    /// Enrolls `host` with a fresh token.
+    /// The cluster [`Cluster::enroll`] puts every host in (VMs migrate between them).
+    pub const CLUSTER: &'static str = "cluster1";
+
+    /// Enrolls `host` with a fresh token for it, in [`Cluster::CLUSTER`].
     pub fn enroll(&self, host: &str) -> PathBuf {
-        let token = self.token(&[]);
+        let token = self.token(&["--host", host, "--cluster", Self::CLUSTER]);
         let dir = self.agent_dir(host);
         ok(&["x-agent", "enroll", "--data-dir", dir.to_str().unwrap(), "--token", &token, "--host", host]);
         dir

@@ -5,8 +5,9 @@
 //! ```text
 //! tree "meta"         "schema_version" → u32 BE
 //!                     "crl_number"     → u64 BE, the number of the current CRL
-//! tree "tokens"       secret_hash [32] → TokenRecord
-//! tree "agents"       host name (utf-8) → AgentRecord
+//! tree "tokens"       secret_hash [32] → TokenRecord (or legacy::TokenRecordV1, read only)
+//! tree "agents"       host name (utf-8) → AgentRecord (or legacy::AgentRecordV1, read only:
+//!                     a host enrolled before clusters is a standalone host)
 //! tree "revocations"  serial hex (utf-8) → RevocationRecord
 //! tree "vms"          VM id (utf-8) → VmRecord
 //! tree "groups"       group name (utf-8) → GroupRecord
@@ -37,6 +38,7 @@ pub use store_trees::{replica_key, rp_key};
 use crate::store::pack::Location;
 use bulwark_protocol::block::Digest;
 use bulwark_protocol::codec;
+use bulwark_protocol::HostId;
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -83,6 +85,10 @@ pub enum TokenRefusal {
     Used { by: String },
     #[error("join token is for host {allowed}, not {asked}")]
     WrongHost { allowed: String, asked: String },
+    #[error("join token was revoked")]
+    Revoked,
+    #[error("host {host} is enrolled; make the token with --replace {host} to re-enroll it")]
+    HostEnrolled { host: String },
 }
 
 /// The catalog handle; cheap to clone.
@@ -135,6 +141,25 @@ fn encode<T: Serialize>(key: &str, v: &T) -> Result<Vec<u8>, CatalogError> {
 
 fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, CatalogError> {
     codec::decode(bytes).map_err(|e| CatalogError::Corrupt { key: key.to_owned(), reason: e.to_string() })
+}
+
+/// Decodes a record stored in the current layout or, failing that, in its `legacy` one.
+fn decode_either<T: DeserializeOwned, L: DeserializeOwned + Into<T>>(
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, CatalogError> {
+    match decode::<T>(key, bytes) {
+        Ok(v) => Ok(v),
+        Err(current) => codec::decode::<L>(bytes).map(Into::into).map_err(|_| current),
+    }
+}
+
+fn decode_token(bytes: &[u8]) -> Result<TokenRecord, CatalogError> {
+    decode_either::<TokenRecord, legacy::TokenRecordV1>("tokens", bytes)
+}
+
+fn decode_agent(key: &str, bytes: &[u8]) -> Result<AgentRecord, CatalogError> {
+    decode_either::<AgentRecord, legacy::AgentRecordV1>(key, bytes)
 }
 
 /// Seconds since the Unix epoch.
@@ -288,45 +313,134 @@ impl Catalog {
         self.flush()
     }
 
-    /// Marks a token used by `host`, atomically: two agents racing with one token cannot both
-    /// win. Returns why it cannot be used otherwise.
-    pub fn consume_token(
+    /// Changes a stored token atomically: `change` sees the token as stored and edits it (or
+    /// refuses, and nothing is written). It may run more than once when another change races
+    /// with it, so it must have no side effects. Answers `None` for an unknown token; a change
+    /// is flushed before this returns.
+    pub fn update_token<T, E>(
         &self,
         secret_hash: [u8; 32],
-        host: &str,
-        now: u64,
-    ) -> Result<Result<(), TokenRefusal>, CatalogError> {
+        mut change: impl FnMut(&mut TokenRecord) -> Result<T, E>,
+    ) -> Result<Option<Result<T, E>>, CatalogError> {
         loop {
             let Some(old) = self.tokens.get(secret_hash)? else {
-                return Ok(Err(TokenRefusal::Unknown));
+                return Ok(None);
             };
-            let mut rec: TokenRecord = decode("tokens", &old)?;
-            if let Some(by) = &rec.used_by {
-                return Ok(Err(TokenRefusal::Used { by: by.clone() }));
-            }
-            if now >= rec.expires_at {
-                return Ok(Err(TokenRefusal::Expired));
-            }
-            if let Some(allowed) = &rec.host {
-                if allowed != host {
-                    return Ok(Err(TokenRefusal::WrongHost { allowed: allowed.clone(), asked: host.to_owned() }));
-                }
-            }
-            rec.used_at = Some(now);
-            rec.used_by = Some(host.to_owned());
+            let mut rec = decode_token(&old)?;
+            let decided = match change(&mut rec) {
+                Ok(v) => v,
+                Err(e) => return Ok(Some(Err(e))),
+            };
             let swapped = self.tokens.compare_and_swap(secret_hash, Some(old), Some(encode("tokens", &rec)?))?;
             if swapped.is_ok() {
                 self.flush()?;
-                return Ok(Ok(()));
+                return Ok(Some(Ok(decided)));
             }
             // Someone else changed it in between: look again.
         }
     }
 
+    /// Marks a token used by `host` if `decide` accepts it as stored, atomically: two agents
+    /// racing with one token cannot both win. Answers what `decide` answered.
+    pub fn consume_token<T>(
+        &self,
+        secret_hash: [u8; 32],
+        host: &str,
+        now: u64,
+        mut decide: impl FnMut(&TokenRecord) -> Result<T, TokenRefusal>,
+    ) -> Result<Result<T, TokenRefusal>, CatalogError> {
+        let taken = self.update_token(secret_hash, |rec| {
+            let decided = decide(rec)?;
+            rec.used_at = Some(now);
+            rec.used_by = Some(host.to_owned());
+            Ok(decided)
+        })?;
+        Ok(taken.unwrap_or(Err(TokenRefusal::Unknown)))
+    }
+
+    /// Gives back a token `host` consumed but could not use (its certificate could not be
+    /// issued), so the agent can try again.
+    pub fn release_token(&self, secret_hash: [u8; 32], host: &str) -> Result<(), CatalogError> {
+        self.update_token(secret_hash, |rec| {
+            if rec.used_by.as_deref() != Some(host) {
+                return Err(());
+            }
+            rec.used_at = None;
+            rec.used_by = None;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Every stored token with the hash of its secret, oldest first.
+    pub fn tokens(&self) -> Result<Vec<([u8; 32], TokenRecord)>, CatalogError> {
+        let mut all = self
+            .tokens
+            .iter()
+            .map(|entry| {
+                let (k, v) = entry?;
+                let hash: [u8; 32] = k.as_ref().try_into().map_err(|_| CatalogError::Corrupt {
+                    key: "tokens".into(),
+                    reason: format!("a {}-byte key", k.len()),
+                })?;
+                Ok((hash, decode_token(&v)?))
+            })
+            .collect::<Result<Vec<_>, CatalogError>>()?;
+        all.sort_by_key(|(hash, t)| (t.created_at, *hash));
+        Ok(all)
+    }
+
+    /// The hashes of the tokens whose hash starts with `prefix` (a token's public id).
+    pub fn token_hashes_with_prefix(&self, prefix: &[u8]) -> Result<Vec<[u8; 32]>, CatalogError> {
+        let mut out = vec![];
+        for key in self.tokens.scan_prefix(prefix).keys() {
+            let key = key?;
+            if let Ok(hash) = key.as_ref().try_into() {
+                out.push(hash);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes tokens `purgeable` says are done with, looking at no more than `scan_limit`
+    /// of them; answers how many were removed.
+    pub fn purge_tokens(
+        &self,
+        scan_limit: usize,
+        purgeable: impl Fn(&TokenRecord) -> bool,
+    ) -> Result<usize, CatalogError> {
+        let mut doomed = vec![];
+        for entry in self.tokens.iter().take(scan_limit) {
+            let (k, v) = entry?;
+            // An unreadable record is left for an operator to see, never silently dropped.
+            if decode_token(&v).is_ok_and(|t| purgeable(&t)) {
+                doomed.push((k, v));
+            }
+        }
+        let mut removed = 0;
+        for (k, v) in doomed {
+            // Only if it did not change meanwhile.
+            if self.tokens.compare_and_swap(k, Some(v), None::<&[u8]>)?.is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            self.flush()?;
+        }
+        Ok(removed)
+    }
+
     // ---- agents
 
     pub fn agent(&self, host: &str) -> Result<Option<AgentRecord>, CatalogError> {
-        self.agents.get(host.as_bytes())?.map(|v| decode(&format!("agents/{host}"), &v)).transpose()
+        self.agents.get(host.as_bytes())?.map(|v| decode_agent(&format!("agents/{host}"), &v)).transpose()
+    }
+
+    /// The cluster `host` belongs to: the one its join token named, or the host's own name for
+    /// a standalone host (and for every host enrolled before clusters existed). `None` if no
+    /// host of that name was ever enrolled; a revoked host keeps answering its last cluster.
+    pub fn host_cluster(&self, host: &HostId) -> Result<Option<String>, CatalogError> {
+        Ok(self.agent(host.as_str())?.map(|a| a.cluster))
     }
 
     pub fn put_agent(&self, rec: &AgentRecord) -> Result<(), CatalogError> {
@@ -335,7 +449,7 @@ impl Catalog {
     }
 
     pub fn agents(&self) -> Result<Vec<AgentRecord>, CatalogError> {
-        self.agents.iter().values().map(|v| decode("agents", &v?)).collect()
+        self.agents.iter().values().map(|v| decode_agent("agents", &v?)).collect()
     }
 
     /// Updates `last_seen` (and the version it reported) of an agent.
@@ -428,7 +542,85 @@ mod tests {
     use super::*;
 
     fn token(expires_at: u64, host: Option<&str>) -> TokenRecord {
-        TokenRecord { created_at: 0, expires_at, host: host.map(str::to_owned), used_at: None, used_by: None }
+        TokenRecord {
+            created_at: 0,
+            expires_at,
+            host: host.map(str::to_owned),
+            used_at: None,
+            used_by: None,
+            cluster: None,
+            replace: None,
+            revoked_at: None,
+        }
+    }
+
+    /// Consumes a token for a host nobody enrolled yet, deciding as enrollment does.
+    fn consume(cat: &Catalog, hash: [u8; 32], host: &str, now: u64) -> Result<Result<(), TokenRefusal>, CatalogError> {
+        let asked = HostId::new(host).unwrap();
+        cat.consume_token(hash, host, now, |t| crate::enrollment::admit(t, &asked, None, now).map(|_| ()))
+    }
+
+    fn agent(host: &str) -> AgentRecord {
+        AgentRecord {
+            host: host.into(),
+            cert_serial: "0a".into(),
+            enrolled_at: 1,
+            cert_not_after: 2,
+            revoked: false,
+            last_seen: Some(3),
+            agent_version: Some("0.1.0".into()),
+            vms: 4,
+            cluster: "c1".into(),
+        }
+    }
+
+    #[test]
+    fn agents_and_tokens_written_before_clusters_are_still_read() {
+        #[derive(Serialize)]
+        struct OldAgent<'a>(&'a str, &'a str, u64, u64, bool, Option<u64>, Option<&'a str>, u32);
+        #[derive(Serialize)]
+        struct OldToken<'a>(u64, u64, Option<&'a str>, Option<u64>, Option<&'a str>);
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        let old = OldAgent("old1", "0b", 1, 2, false, Some(3), Some("0.1.0"), 4);
+        cat.agents.insert("old1", codec::encode(&old).unwrap()).unwrap();
+        cat.tokens.insert([5; 32], codec::encode(&OldToken(0, 100, Some("old2"), None, None)).unwrap()).unwrap();
+        cat.put_agent(&agent("new1")).unwrap();
+
+        let read = cat.agent("old1").unwrap().unwrap();
+        assert_eq!((read.cert_serial.as_str(), read.vms, read.cluster.as_str()), ("0b", 4, "old1"));
+        assert_eq!(cat.host_cluster(&HostId::new("old1").unwrap()).unwrap().as_deref(), Some("old1"));
+        assert_eq!(cat.host_cluster(&HostId::new("new1").unwrap()).unwrap().as_deref(), Some("c1"));
+        assert_eq!(cat.host_cluster(&HostId::new("nobody").unwrap()).unwrap(), None);
+        assert_eq!(cat.agents().unwrap().len(), 2);
+        assert_eq!(consume(&cat, [5; 32], "old2", 1).unwrap(), Ok(()));
+        assert_eq!(cat.tokens().unwrap()[0].1.used_by.as_deref(), Some("old2"));
+    }
+
+    #[test]
+    fn a_refused_token_is_left_as_it_was_and_a_released_one_works_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        cat.insert_token([1; 32], &token(100, Some("n1"))).unwrap();
+        assert!(consume(&cat, [1; 32], "n2", 1).unwrap().is_err());
+        assert_eq!(cat.tokens().unwrap()[0].1, token(100, Some("n1")));
+        assert_eq!(consume(&cat, [1; 32], "n1", 1).unwrap(), Ok(()));
+        cat.release_token([1; 32], "n1").unwrap();
+        assert_eq!(cat.tokens().unwrap()[0].1, token(100, Some("n1")));
+    }
+
+    #[test]
+    fn purging_removes_only_what_it_is_told_and_looks_at_a_bounded_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        for i in 0..10u8 {
+            cat.insert_token([i; 32], &token(u64::from(i), None)).unwrap();
+        }
+        assert_eq!(cat.purge_tokens(3, |t| t.expires_at < 5).unwrap(), 3);
+        assert_eq!(cat.purge_tokens(100, |t| t.expires_at < 5).unwrap(), 2);
+        assert_eq!(cat.tokens().unwrap().len(), 5);
+        assert_eq!(cat.token_hashes_with_prefix(&[7; 8]).unwrap(), vec![[7; 32]]);
+        assert!(cat.token_hashes_with_prefix(&[1; 8]).unwrap().is_empty());
     }
 
     #[test]
@@ -436,9 +628,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::create(dir.path()).unwrap();
         cat.insert_token([1; 32], &token(100, None)).unwrap();
-        assert_eq!(cat.consume_token([1; 32], "n1", 10).unwrap(), Ok(()));
-        assert_eq!(cat.consume_token([1; 32], "n2", 11).unwrap(), Err(TokenRefusal::Used { by: "n1".into() }));
-        assert_eq!(cat.consume_token([2; 32], "n1", 10).unwrap(), Err(TokenRefusal::Unknown));
+        assert_eq!(consume(&cat, [1; 32], "n1", 10).unwrap(), Ok(()));
+        assert_eq!(consume(&cat, [1; 32], "n2", 11).unwrap(), Err(TokenRefusal::Used { by: "n1".into() }));
+        assert_eq!(consume(&cat, [2; 32], "n1", 10).unwrap(), Err(TokenRefusal::Unknown));
     }
 
     #[test]
@@ -446,10 +638,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::create(dir.path()).unwrap();
         cat.insert_token([1; 32], &token(100, None)).unwrap();
-        assert_eq!(cat.consume_token([1; 32], "n1", 100).unwrap(), Err(TokenRefusal::Expired));
+        assert_eq!(consume(&cat, [1; 32], "n1", 100).unwrap(), Err(TokenRefusal::Expired));
         cat.insert_token([2; 32], &token(100, Some("n1"))).unwrap();
-        assert!(matches!(cat.consume_token([2; 32], "n2", 1).unwrap(), Err(TokenRefusal::WrongHost { .. })));
-        assert_eq!(cat.consume_token([2; 32], "n1", 1).unwrap(), Ok(()));
+        assert!(matches!(consume(&cat, [2; 32], "n2", 1).unwrap(), Err(TokenRefusal::WrongHost { .. })));
+        assert_eq!(consume(&cat, [2; 32], "n1", 1).unwrap(), Ok(()));
     }
 
     #[test]
@@ -461,7 +653,7 @@ mod tests {
             let handles: Vec<_> = (0..8)
                 .map(|i| {
                     let cat = cat.clone();
-                    s.spawn(move || cat.consume_token([9; 32], &format!("n{i}"), 1).unwrap().is_ok() as usize)
+                    s.spawn(move || consume(&cat, [9; 32], &format!("n{i}"), 1).unwrap().is_ok() as usize)
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).sum()
@@ -496,7 +688,7 @@ mod tests {
         std::fs::write(dir.path().join("snap.00000000FFFFFFFF.generating"), b"").unwrap();
         assert!(sled::open(dir.path()).is_err(), "sled alone refuses this directory");
         let cat = Catalog::open(dir.path()).unwrap();
-        assert_eq!(cat.consume_token([1; 32], "n", 1).unwrap(), Ok(()));
+        assert_eq!(consume(&cat, [1; 32], "n", 1).unwrap(), Ok(()));
     }
 
     #[test]

@@ -14,6 +14,12 @@ pub struct TokenRecord {
     pub host: Option<String>,
     pub used_at: Option<u64>,
     pub used_by: Option<String>,
+    /// The cluster the enrolling host joins (none: a standalone host, or the replaced host's).
+    pub cluster: Option<String>,
+    /// The enrolled host this token may re-enroll (revoking its certificate).
+    pub replace: Option<String>,
+    /// Set by `token revoke`: the token is refused from then on.
+    pub revoked_at: Option<u64>,
 }
 
 /// An enrolled agent.
@@ -27,6 +33,68 @@ pub struct AgentRecord {
     pub last_seen: Option<u64>,
     pub agent_version: Option<String>,
     pub vms: u32,
+    /// The host's cluster: given by its join token, its own name for a standalone host.
+    pub cluster: String,
+}
+
+/// The first layouts of [`TokenRecord`] and [`AgentRecord`], before clusters: still read
+/// (an old agent is a standalone host), never written. Each layout fails to decode the other's
+/// bytes (one is a strict prefix of the other, and decoding refuses short input and trailing
+/// bytes), so trying the current layout first and then this one is unambiguous.
+pub mod legacy {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    pub struct TokenRecordV1 {
+        pub created_at: u64,
+        pub expires_at: u64,
+        pub host: Option<String>,
+        pub used_at: Option<u64>,
+        pub used_by: Option<String>,
+    }
+
+    impl From<TokenRecordV1> for super::TokenRecord {
+        fn from(t: TokenRecordV1) -> Self {
+            Self {
+                created_at: t.created_at,
+                expires_at: t.expires_at,
+                host: t.host,
+                used_at: t.used_at,
+                used_by: t.used_by,
+                cluster: None,
+                replace: None,
+                revoked_at: None,
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct AgentRecordV1 {
+        pub host: String,
+        pub cert_serial: String,
+        pub enrolled_at: u64,
+        pub cert_not_after: u64,
+        pub revoked: bool,
+        pub last_seen: Option<u64>,
+        pub agent_version: Option<String>,
+        pub vms: u32,
+    }
+
+    impl From<AgentRecordV1> for super::AgentRecord {
+        fn from(a: AgentRecordV1) -> Self {
+            Self {
+                cluster: a.host.clone(),
+                host: a.host,
+                cert_serial: a.cert_serial,
+                enrolled_at: a.enrolled_at,
+                cert_not_after: a.cert_not_after,
+                revoked: a.revoked,
+                last_seen: a.last_seen,
+                agent_version: a.agent_version,
+                vms: a.vms,
+            }
+        }
+    }
 }
 
 /// A revoked certificate.

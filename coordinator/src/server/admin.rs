@@ -4,6 +4,7 @@
 use super::blocking;
 use crate::catalog::now_secs;
 use crate::catalog::{JobKind, JobRecord, JobState};
+use crate::enrollment::TokenScope;
 use crate::server::connection::violation;
 use crate::server::registry::{CloseHost, ListConnected};
 use crate::server::store_actor::RunMaintenance;
@@ -107,10 +108,28 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } | AdminRequest::RecoverItems { .. } => {
             AdminResponse::Error { message: "a streaming request reached the plain handler".into() }
         }
-        AdminRequest::TokenCreate { ttl_secs, host } => {
+        AdminRequest::TokenCreate { ttl_secs, host, cluster, replace } => {
             let authority = state.authority.clone();
-            match blocking(move || authority.create_token(Duration::from_secs(ttl_secs), host.as_ref())).await {
-                Ok(Ok((token, expires_at))) => AdminResponse::Token { token, expires_at },
+            let scope = TokenScope { host, cluster, replace };
+            match blocking(move || authority.create_token(Duration::from_secs(ttl_secs), &scope)).await {
+                Ok(Ok(t)) => AdminResponse::Token { token: t.token, id: t.id, expires_at: t.expires_at },
+                Ok(Err(e)) => AdminResponse::Error { message: e.to_string() },
+                Err(e) => AdminResponse::Error { message: e },
+            }
+        }
+        AdminRequest::TokenList => {
+            let authority = state.authority.clone();
+            match blocking(move || authority.list_tokens()).await {
+                Ok(Ok(tokens)) => AdminResponse::Tokens(tokens),
+                Ok(Err(e)) => AdminResponse::Error { message: e.to_string() },
+                Err(e) => AdminResponse::Error { message: e },
+            }
+        }
+        AdminRequest::TokenRevoke { id } => {
+            let authority = state.authority.clone();
+            let asked = id.clone();
+            match blocking(move || authority.revoke_token(&asked)).await {
+                Ok(Ok(now)) => AdminResponse::Done { message: crate::enrollment::revoked_message(&id, now) },
                 Ok(Err(e)) => AdminResponse::Error { message: e.to_string() },
                 Err(e) => AdminResponse::Error { message: e },
             }
@@ -231,6 +250,7 @@ async fn agent_list(state: &Arc<State>) -> AdminResponse {
                 vms: live.map(|c| c.vms).unwrap_or(r.vms),
                 agent_version: live.map(|c| c.agent_version.clone()).or(r.agent_version),
                 remote_addr: live.map(|c| c.remote.to_string()),
+                cluster: r.cluster,
             })
         })
         .collect();

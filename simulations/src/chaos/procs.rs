@@ -201,7 +201,18 @@ impl World {
             let host = format!("node{}", n + 1);
             let token = run_ok(
                 exe,
-                &[&os("x-coordinator"), &os("token"), &os("create"), &os("--data-dir"), &d, &os("--host"), &os(&host)],
+                // Every node in one cluster: VMs migrate between them.
+                &[
+                    &os("x-coordinator"),
+                    &os("token"),
+                    &os("create"),
+                    &os("--data-dir"),
+                    &d,
+                    &os("--host"),
+                    &os(&host),
+                    &os("--cluster"),
+                    &os("chaos"),
+                ],
             )?;
             let agent_dir = dir.join(format!("agent-{host}")).into_os_string();
             run_ok(
