@@ -162,7 +162,7 @@ fn fill_image(
         })
     })?;
     if let Some(e) = write_error {
-        return Err(io(&partial)(e));
+        return Err(io(partial)(e));
     }
     f.sync_all().map_err(io(partial))
 }
