@@ -13,6 +13,8 @@
 //! - [`block`]: block ids (plain or keyed BLAKE3) and block-size bounds.
 //! - [`transfer`]: the frames and conversations of a job's per-disk transfer streams.
 //! - [`blockmap`]: Merkle block maps (update, walk) over any page store.
+//! - [`paging`]: pages and cursors of list answers, and the bounds of a page.
+//! - [`text`]: peer text on its way to a terminal, a log or the catalog: caps and escaping.
 //! - [`handshake`]: version negotiation and the coordinator's checks of an agent's hello.
 //! - [`snapshot`]: the snapshot lifecycle and the cleanup owed from each state.
 //! - [`units`]: sizes and rates as humans write them.
@@ -26,7 +28,9 @@ pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod messages;
+pub mod paging;
 pub mod snapshot;
+pub mod text;
 pub mod transfer;
 pub mod units;
 

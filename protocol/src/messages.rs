@@ -7,7 +7,8 @@
 //! - **block streams**: unidirectional, one per transfer; see [`crate::block`].
 //!
 //! On an admin connection (ALPN `bulwark/1`, admin certificate) every request is one
-//! bidirectional stream: one [`AdminRequest`] frame, one [`AdminResponse`] frame.
+//! bidirectional stream: one [`AdminRequest`] frame, one [`AdminResponse`] frame. List
+//! requests carry a [`PageRequest`] and are answered one [`Page`] at a time ([`crate::paging`]).
 //!
 //! On an enrollment connection (ALPN `bulwark-enroll/1`, no client certificate) the agent sends
 //! one [`EnrollRequest`] and gets one [`EnrollResponse`].
@@ -16,6 +17,7 @@
 //! dynamic values, which bincode cannot carry.
 
 use crate::ids::{ClusterId, DiskId, HostId, JobId, RecoveryPointId, VmId};
+use crate::paging::{Page, PageRequest};
 use serde::{Deserialize, Serialize};
 
 /// First message of an agent: who it says it is and which versions it speaks.
@@ -265,7 +267,9 @@ pub struct AdminEnvelope {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminRequest {
     Status,
-    AgentList,
+    AgentList {
+        page: PageRequest,
+    },
     AgentRevoke {
         host: HostId,
     },
@@ -290,23 +294,31 @@ pub enum AdminRequest {
         kind: MaintenanceKind,
         wait: bool,
     },
-    /// Jobs, optionally only those of one VM and/or in one state (`running`, …).
+    /// Jobs, oldest first, optionally only those of one VM and/or in one state (`running`, …).
     JobList {
         vm: Option<String>,
         state: Option<String>,
+        page: PageRequest,
     },
     JobShow {
         id: u64,
     },
-    VmList,
+    VmList {
+        page: PageRequest,
+    },
     GroupCreate {
         name: String,
         vms: Vec<String>,
         policy: PolicySpec,
     },
-    GroupList,
+    /// Groups by name; each with the first page of its members (see [`GroupInfo`]).
+    GroupList {
+        page: PageRequest,
+    },
+    /// One group; `page` pages its members.
     GroupShow {
         name: String,
+        page: PageRequest,
     },
     GroupAddVm {
         name: String,
@@ -334,6 +346,7 @@ pub enum AdminRequest {
     },
     RecoveryPoints {
         vm: String,
+        page: PageRequest,
     },
     /// Stream a disk of a recovery point: answered by [`AdminResponse::DiskStream`], then the
     /// disk's blocks as transfer frames ([`crate::transfer`]) in order, then `End`.
@@ -359,6 +372,7 @@ pub enum AdminRequest {
         rp: String,
         disk: String,
         path: String,
+        page: PageRequest,
     },
     /// Item-level recovery to the console: answered by `ItemsStream`, then per item a
     /// `TransferMessage::Item` and (files) its bytes as block frames, then `End`.
@@ -443,7 +457,10 @@ pub struct PolicySpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupInfo {
     pub name: String,
+    /// Members by name: one page of them (the first, or the one `GroupShow` asked for).
     pub members: Vec<String>,
+    /// The cursor of the next page of members (`GroupShow` with it), none after the last.
+    pub members_next: Option<String>,
     pub policy: PolicySpec,
     /// Unix seconds of each schedule's next run: `(kind, at)`.
     pub next_runs: Vec<(String, u64)>,
@@ -577,7 +594,7 @@ pub struct TokenInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AdminResponse {
     Status(StatusReport),
-    Agents(Vec<AgentInfo>),
+    Agents(Page<AgentInfo>),
     Revoked {
         host: HostId,
         serials: Vec<String>,
@@ -594,12 +611,12 @@ pub enum AdminResponse {
         job_id: u64,
     },
     Job(JobInfo),
-    Jobs(Vec<JobInfo>),
-    Vms(Vec<VmSummary>),
+    Jobs(Page<JobInfo>),
+    Vms(Page<VmSummary>),
     Group(GroupInfo),
-    Groups(Vec<GroupInfo>),
+    Groups(Page<GroupInfo>),
     Plan(PlanInfo),
-    RecoveryPoints(Vec<RecoveryPointInfo>),
+    RecoveryPoints(Page<RecoveryPointInfo>),
     /// A disk follows on this stream: `size_bytes` in blocks of `block_size`.
     DiskStream {
         rp: String,
@@ -607,7 +624,7 @@ pub enum AdminResponse {
         size_bytes: u64,
         block_size: u32,
     },
-    Items(Vec<ItemInfo>),
+    Items(Page<ItemInfo>),
     /// Items follow on this stream.
     ItemsStream {
         rp: String,
