@@ -7,16 +7,19 @@
 #![forbid(unsafe_code)]
 
 mod disk_output;
+mod lists;
 mod quickstart;
 
 use anyhow::Context as _;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
 use bulwark_protocol::messages::{
-    AdminRequest, AdminResponse, AgentInfo, BackupKind, GroupInfo, JobInfo, MaintenanceKind, PolicySpec,
-    RecoveryOptions,
+    AdminRequest, AdminResponse, AgentInfo, BackupKind, GroupInfo, ItemInfo, JobInfo, MaintenanceKind, PolicySpec,
+    RecoveryOptions, RecoveryPointInfo, VmSummary,
 };
+use bulwark_protocol::text::Escaped;
 use bulwark_protocol::HostId;
 use clap::{Parser, Subcommand, ValueEnum};
+use lists::PageArgs;
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -152,6 +155,8 @@ enum Command {
         /// A directory or file (`/` is the disk; on a partitioned disk, `/p1/…`).
         #[arg(default_value = "/")]
         path: String,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// Copy files and folders out of a recovery point into --output DIR (never outside it).
     RecoverItems {
@@ -267,13 +272,20 @@ enum SeedCommand {
 #[derive(Debug, Subcommand)]
 enum VmCommand {
     /// Every VM the agents report.
-    List,
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum RpCommand {
     /// Recovery points of a VM, oldest first.
-    List { vm: String },
+    List {
+        vm: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,9 +322,16 @@ enum GroupCommand {
         block_size: String,
     },
     /// Every group.
-    List,
-    /// One group, with its policy and next runs.
-    Show { name: String },
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// One group, with its policy and next runs (--limit/--after page its members).
+    Show {
+        name: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Add VMs to a group.
     AddVm { name: String, vms: Vec<String> },
     /// Remove VMs from a group (their replicas and recovery points are deleted unless --keep-data).
@@ -337,6 +356,8 @@ enum JobCommand {
         /// queued, running, succeeded, failed, cancelled
         #[arg(long)]
         state: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// One job.
     Show { id: u64 },
@@ -347,7 +368,10 @@ enum JobCommand {
 #[derive(Debug, Subcommand)]
 enum AgentCommand {
     /// Every enrolled agent, connected or not.
-    List,
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// Revoke a host's certificate: its connections are closed and refused from then on.
     Revoke { host: HostId },
 }
@@ -401,7 +425,69 @@ fn target(cli: &Cli) -> anyhow::Result<AdminTarget> {
     Ok(AdminTarget::from_data_dir(dir)?)
 }
 
+/// Runs a list command, if `command` is one.
+fn run_list(cli: &Cli, format: Output) -> Option<anyhow::Result<()>> {
+    let paging = match &cli.command {
+        Command::Agent { command: AgentCommand::List { page } }
+        | Command::Job { command: JobCommand::List { page, .. } }
+        | Command::Vm { command: VmCommand::List { page } }
+        | Command::Group { command: GroupCommand::List { page } | GroupCommand::Show { page, .. } }
+        | Command::Rp { command: RpCommand::List { page, .. } }
+        | Command::Ls { page, .. } => page,
+        _ => return None,
+    };
+    Some(list(cli, paging, format))
+}
+
+/// Prints the list `cli` asks for, page by page.
+fn list(cli: &Cli, paging: &PageArgs, format: Output) -> anyhow::Result<()> {
+    let target = target(cli)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let client = AdminClient::connect(&target).await?;
+        let c = &client;
+        let r = match &cli.command {
+            Command::Agent { .. } => {
+                lists::print_list::<AgentInfo>(c, |page| AdminRequest::AgentList { page }, paging, format).await
+            }
+            Command::Job { command: JobCommand::List { vm, state, .. } } => {
+                let make = |page| AdminRequest::JobList { vm: vm.clone(), state: state.clone(), page };
+                lists::print_list::<JobInfo>(c, make, paging, format).await
+            }
+            Command::Vm { .. } => {
+                lists::print_list::<VmSummary>(c, |page| AdminRequest::VmList { page }, paging, format).await
+            }
+            Command::Group { command: GroupCommand::Show { name, .. } } => {
+                lists::group_show(c, name, paging, format).await
+            }
+            Command::Group { .. } => {
+                lists::print_list::<GroupInfo>(c, |page| AdminRequest::GroupList { page }, paging, format).await
+            }
+            Command::Rp { command: RpCommand::List { vm, .. } } => {
+                let make = |page| AdminRequest::RecoveryPoints { vm: vm.clone(), page };
+                lists::print_list::<RecoveryPointInfo>(c, make, paging, format).await
+            }
+            Command::Ls { vm, rp, disk, path, .. } => {
+                let make = |page| AdminRequest::Ls {
+                    vm: vm.clone(),
+                    rp: rp.clone(),
+                    disk: disk.clone(),
+                    path: path.clone(),
+                    page,
+                };
+                lists::print_list::<ItemInfo>(c, make, paging, format).await
+            }
+            _ => Ok(()),
+        };
+        client.close().await;
+        r
+    })
+}
+
 fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
+    if let Some(r) = run_list(&cli, format) {
+        return r;
+    }
     let request = match &cli.command {
         Command::Quickstart { dir, keep_running } => return quickstart::run(dir.clone(), *keep_running),
         Command::Completions { shell } => {
@@ -410,18 +496,18 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Status => AdminRequest::Status,
-        Command::Agent { command: AgentCommand::List } => AdminRequest::AgentList,
+        Command::Agent { command: AgentCommand::List { .. } }
+        | Command::Job { command: JobCommand::List { .. } }
+        | Command::Vm { command: VmCommand::List { .. } }
+        | Command::Rp { command: RpCommand::List { .. } }
+        | Command::Ls { .. } => anyhow::bail!("a list command reached the single-answer path"),
         Command::Agent { command: AgentCommand::Revoke { host } } => AdminRequest::AgentRevoke { host: host.clone() },
         Command::Verify { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Verify, wait: *wait },
         Command::Prune { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Prune, wait: *wait },
         Command::Gc { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Gc, wait: *wait },
-        Command::Job { command: JobCommand::List { vm, state } } => {
-            AdminRequest::JobList { vm: vm.clone(), state: state.clone() }
-        }
         Command::Job { command: JobCommand::Show { id } | JobCommand::Wait { id } } => {
             AdminRequest::JobShow { id: *id }
         }
-        Command::Vm { command: VmCommand::List } => AdminRequest::VmList,
         Command::Group { command } => group_request(command)?,
         Command::Backup { vm, kind, .. } => AdminRequest::Backup {
             vm: vm.clone(),
@@ -443,13 +529,9 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
                 options: options.wire()?,
             }
         }
-        Command::Rp { command: RpCommand::List { vm } } => AdminRequest::RecoveryPoints { vm: vm.clone() },
         Command::Seed { command: SeedCommand::Import { dir } } => {
             let target = target(&cli)?;
             return seed_import(&target, dir, format);
-        }
-        Command::Ls { vm, rp, disk, path } => {
-            AdminRequest::Ls { vm: vm.clone(), rp: rp.clone(), disk: disk.clone(), path: path.clone() }
         }
         Command::RecoverItems { vm, rp, disk, paths, dest_host: Some(host), dest, options, keep_modes, .. } => {
             let dest = dest.as_ref().context("--dest-host needs --dest DIR (a directory on that host)")?;
@@ -533,10 +615,13 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
             }
             progress.finish();
         }
+        if let Ok(AdminResponse::Group(g)) = &mut r {
+            lists::complete_members(&client, g).await?;
+        }
         client.close().await;
         r
     })?;
-    print(format, &response);
+    print(format, &response)?;
     // Waiting for a job makes its failure the command's (`job show` only reports it).
     let waited = !matches!(&cli.command, Command::Job { command: JobCommand::Show { .. } });
     if let (AdminResponse::Job(j), true) = (&response, waited) {
@@ -604,8 +689,9 @@ fn group_request(command: &GroupCommand) -> anyhow::Result<AdminRequest> {
                 },
             }
         }
-        GroupCommand::List => AdminRequest::GroupList,
-        GroupCommand::Show { name } => AdminRequest::GroupShow { name: name.clone() },
+        GroupCommand::List { .. } | GroupCommand::Show { .. } => {
+            anyhow::bail!("a list command reached the single-answer path")
+        }
         GroupCommand::AddVm { name, vms } => AdminRequest::GroupAddVm { name: name.clone(), vms: vms.clone() },
         GroupCommand::RemoveVm { name, vms, keep_data } => {
             AdminRequest::GroupRemoveVm { name: name.clone(), vms: vms.clone(), keep_data: *keep_data }
@@ -707,8 +793,8 @@ fn recover_items(
         if w.skipped_count > 0 { format!("; {} entr(ies) skipped", w.skipped_count) } else { String::new() }
     );
     for s in w.skipped_lines() {
-        println!("skipped {s}");
-        eprintln!("warning: skipped {s}");
+        println!("skipped {}", Escaped(&s));
+        eprintln!("warning: skipped {}", Escaped(&s));
     }
     Ok(())
 }
@@ -823,25 +909,7 @@ fn is_final(j: &JobInfo) -> bool {
     matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled")
 }
 
-fn job_json(j: &JobInfo) -> serde_json::Value {
-    serde_json::json!({
-        "id": j.id,
-        "kind": j.kind,
-        "vm": j.vm,
-        "state": j.state,
-        "started_at": j.started_at.map(|s| fmt_time(Some(s))),
-        "finished_at": j.finished_at.map(|s| fmt_time(Some(s))),
-        "bytes_transferred": j.bytes_transferred,
-        "bytes_total": j.bytes_total,
-        "bytes_scanned": j.bytes_scanned,
-        "blocks_changed": j.blocks_changed,
-        "consistency": j.consistency,
-        "error": j.error,
-        "detail": j.detail,
-    })
-}
-
-fn fmt_time(secs: Option<u64>) -> String {
+pub(crate) fn fmt_time(secs: Option<u64>) -> String {
     match secs {
         Some(s) => {
             humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)).to_string()
@@ -854,57 +922,8 @@ fn fmt_size(n: u64) -> String {
     bulwark_protocol::units::format_size(n)
 }
 
-fn group_json(g: &GroupInfo) -> serde_json::Value {
-    let p = &g.policy;
-    let hhmm = |t: &u16| bulwark_coordinator::policy::format_hhmm(*t);
-    serde_json::json!({
-        "name": g.name,
-        "members": g.members,
-        "sync_every": p.sync_every_secs.map(|s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string()),
-        "recovery_points": p.recovery_points.iter().map(hhmm).collect::<Vec<_>>(),
-        "express_full_before_rp": p.express_full_before_rp,
-        "retention": humantime::format_duration(std::time::Duration::from_secs(p.retention_secs)).to_string(),
-        "cc_when_inconsistent": p.cc_when_inconsistent,
-        "cc_at": p.cc_at.as_ref().map(hhmm),
-        "replica": p.replica_creation,
-        "block_size": p.block_size,
-        "next_runs": g.next_runs.iter().map(|(k, at)| (k.clone(), serde_json::Value::String(fmt_time(Some(*at))))).collect::<serde_json::Map<_, _>>(),
-    })
-}
-
-fn print_group(g: &GroupInfo) {
-    let p = &g.policy;
-    println!("group {}", g.name);
-    println!("  members            {}", g.members.join(", "));
-    let every = p
-        .sync_every_secs
-        .map_or("off".into(), |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string());
-    println!("  synchronization    every {every}");
-    let rps: Vec<String> = p.recovery_points.iter().map(|t| bulwark_coordinator::policy::format_hhmm(*t)).collect();
-    println!("  recovery points    {}", if rps.is_empty() { "none".into() } else { rps.join(", ") });
-    println!("  retention          {}", humantime::format_duration(std::time::Duration::from_secs(p.retention_secs)));
-    println!("  replica creation   {}", p.replica_creation);
-    println!("  block size         {}", fmt_size(u64::from(p.block_size)));
-    for (kind, at) in &g.next_runs {
-        println!("  next {kind:<13} {}", fmt_time(Some(*at)));
-    }
-}
-
-fn agent_json(a: &AgentInfo) -> serde_json::Value {
-    serde_json::json!({
-        "host": a.host.as_str(),
-        "cluster": a.cluster,
-        "connected": a.connected,
-        "last_seen": a.last_seen.map(|s| fmt_time(Some(s))),
-        "cert_serial": a.cert_serial,
-        "vms": a.vms,
-        "revoked": a.revoked,
-        "agent_version": a.agent_version,
-        "remote_addr": a.remote_addr,
-    })
-}
-
-fn print(output: Output, response: &AdminResponse) {
+/// Prints a single answer; text that came from the coordinator is escaped.
+fn print(output: Output, response: &AdminResponse) -> anyhow::Result<()> {
     match (output, response) {
         (Output::Json, AdminResponse::Status(s)) => println!(
             "{}",
@@ -916,38 +935,16 @@ fn print(output: Output, response: &AdminResponse) {
             })
         ),
         (Output::Text, AdminResponse::Status(s)) => {
-            println!("coordinator      {} (version {}, protocol {})", s.name, s.version, s.protocol_version);
+            println!(
+                "coordinator      {} (version {}, protocol {})",
+                Escaped(&s.name),
+                Escaped(&s.version),
+                s.protocol_version
+            );
             println!("agents           {} connected of {} enrolled", s.agents_connected, s.agents_enrolled);
             println!("VMs protected    {}", s.vms_protected);
             println!("jobs running     {}", s.jobs_running);
             println!("store            {} bytes (catalog {} bytes)", s.store_bytes, s.catalog_bytes);
-        }
-        (Output::Json, AdminResponse::Agents(list)) => {
-            println!("{}", serde_json::Value::Array(list.iter().map(agent_json).collect()))
-        }
-        (Output::Text, AdminResponse::Agents(list)) => {
-            println!(
-                "{:<24} {:<24} {:<10} {:<22} {:<34} {:>4}",
-                "HOST", "CLUSTER", "STATE", "LAST SEEN", "CERT SERIAL", "VMS"
-            );
-            for a in list {
-                let state = if a.revoked {
-                    "revoked"
-                } else if a.connected {
-                    "connected"
-                } else {
-                    "offline"
-                };
-                println!(
-                    "{:<24} {:<24} {:<10} {:<22} {:<34} {:>4}",
-                    a.host,
-                    a.cluster,
-                    state,
-                    fmt_time(a.last_seen),
-                    a.cert_serial,
-                    a.vms
-                );
-            }
         }
         (Output::Json, AdminResponse::Revoked { host, serials, connections_closed }) => println!(
             "{}",
@@ -962,78 +959,20 @@ fn print(output: Output, response: &AdminResponse) {
         }
         (Output::Json, AdminResponse::JobStarted { job_id }) => println!("{}", serde_json::json!({ "job_id": job_id })),
         (Output::Text, AdminResponse::JobStarted { job_id }) => println!("job {job_id} started"),
-        (Output::Json, AdminResponse::Job(j)) => println!("{}", job_json(j)),
+        (Output::Json, AdminResponse::Job(j)) => println!("{}", lists::job_json(j)),
         (Output::Text, AdminResponse::Job(j)) => {
-            println!("job {} ({}) {}", j.id, j.kind, j.state);
+            println!("job {} ({}) {}", j.id, Escaped(&j.kind), Escaped(&j.state));
             println!("  started   {}", fmt_time(j.started_at));
             println!("  finished  {}", fmt_time(j.finished_at));
             if let Some(d) = &j.detail {
-                println!("  detail    {d}");
+                println!("  detail    {}", Escaped(d));
             }
             if let Some(e) = &j.error {
-                println!("  error     {e}");
+                println!("  error     {}", Escaped(e));
             }
         }
-        (Output::Json, AdminResponse::Jobs(list)) => {
-            println!("{}", serde_json::Value::Array(list.iter().map(job_json).collect()))
-        }
-        (Output::Text, AdminResponse::Jobs(list)) => {
-            println!(
-                "{:>6} {:<18} {:<16} {:<10} {:<22} {:>14}",
-                "ID", "KIND", "VM", "STATE", "FINISHED", "BYTES SCANNED"
-            );
-            for j in list {
-                let vm = j.vm.as_deref().unwrap_or("-");
-                println!(
-                    "{:>6} {:<18} {:<16} {:<10} {:<22} {:>14}",
-                    j.id,
-                    j.kind,
-                    vm,
-                    j.state,
-                    fmt_time(j.finished_at),
-                    j.bytes_scanned
-                );
-            }
-        }
-        (Output::Json, AdminResponse::Vms(list)) => println!(
-            "{}",
-            serde_json::Value::Array(
-                list.iter()
-                    .map(|v| serde_json::json!({
-                        "id": v.id, "name": v.name, "host": v.host, "state": v.state, "os": v.os,
-                        "group": v.group, "replica_state": v.replica_state, "replica_reason": v.replica_reason,
-                        "excluded_bytes": v.excluded_bytes,
-                        "disks": v.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
-                    }))
-                    .collect()
-            )
-        ),
-        (Output::Text, AdminResponse::Vms(list)) => {
-            println!("{:<20} {:<16} {:<8} {:<8} {:<14} {:<13}", "VM", "HOST", "STATE", "OS", "GROUP", "REPLICA");
-            for v in list {
-                let reason = v.replica_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default();
-                println!(
-                    "{:<20} {:<16} {:<8} {:<8} {:<14} {}{}",
-                    v.name,
-                    v.host,
-                    v.state,
-                    v.os,
-                    v.group.as_deref().unwrap_or("-"),
-                    v.replica_state,
-                    reason
-                );
-            }
-        }
-        (Output::Json, AdminResponse::Group(g)) => println!("{}", group_json(g)),
-        (Output::Text, AdminResponse::Group(g)) => print_group(g),
-        (Output::Json, AdminResponse::Groups(list)) => {
-            println!("{}", serde_json::Value::Array(list.iter().map(group_json).collect()))
-        }
-        (Output::Text, AdminResponse::Groups(list)) => {
-            for g in list {
-                print_group(g);
-            }
-        }
+        (Output::Json, AdminResponse::Group(g)) => println!("{}", lists::group_json(g)),
+        (Output::Text, AdminResponse::Group(g)) => lists::print_group(g, &mut std::io::stdout().lock())?,
         (Output::Json, AdminResponse::Plan(p)) => println!(
             "{}",
             serde_json::json!({
@@ -1053,51 +992,9 @@ fn print(output: Output, response: &AdminResponse) {
             println!("free              {}", fmt_size(p.free_bytes));
             println!("underprovisioned  {}", fmt_size(p.underprovisioned_bytes));
         }
-        (Output::Json, AdminResponse::RecoveryPoints(list)) => println!(
-            "{}",
-            serde_json::Value::Array(
-                list.iter()
-                    .map(|r| serde_json::json!({
-                        "id": r.id, "vm": r.vm, "created_at": fmt_time(Some(r.created_at / 1000)),
-                        "consistency": r.consistency,
-                        "disks": r.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
-                        "logical_bytes": r.logical_bytes, "stored_bytes": r.stored_bytes,
-                    }))
-                    .collect()
-            )
-        ),
-        (Output::Text, AdminResponse::RecoveryPoints(list)) => {
-            println!("{:<34} {:<22} {:<11} {:>12} {:>12}", "ID", "CREATED", "CONSISTENCY", "LOGICAL", "STORED");
-            for r in list {
-                println!(
-                    "{:<34} {:<22} {:<11} {:>12} {:>12}",
-                    r.id,
-                    fmt_time(Some(r.created_at / 1000)),
-                    r.consistency,
-                    fmt_size(r.logical_bytes),
-                    fmt_size(r.stored_bytes)
-                );
-            }
-        }
-        (Output::Json, AdminResponse::Items(list)) => println!(
-            "{}",
-            serde_json::Value::Array(
-                list.iter()
-                    .map(|i| serde_json::json!({
-                        "path": i.path, "kind": i.kind, "size": i.size,
-                        "mtime": fmt_time(u64::try_from(i.mtime).ok()), "mode": format!("{:o}", i.mode), "target": i.target,
-                    }))
-                    .collect()
-            )
-        ),
-        (Output::Text, AdminResponse::Items(list)) => {
-            for i in list {
-                let link = i.target.as_deref().map(|t| format!(" -> {t}")).unwrap_or_default();
-                println!("{:<9} {:>6o} {:>12} {:<22} {}{link}", i.kind, i.mode, i.size, fmt_time(u64::try_from(i.mtime).ok()), i.path);
-            }
-        }
         (Output::Json, AdminResponse::Done { message }) => println!("{}", serde_json::json!({ "message": message })),
-        (Output::Text, AdminResponse::Done { message }) => println!("{message}"),
+        (Output::Text, AdminResponse::Done { message }) => println!("{}", Escaped(message)),
         (_, other) => println!("{other:?}"),
     }
+    Ok(())
 }

@@ -241,10 +241,11 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
     let client = rt.block_on(AdminClient::connect(&target))?;
     let ask = |req: AdminRequest| rt.block_on(client.request(req)).map_err(anyhow::Error::from);
     let vm_list = || -> anyhow::Result<Vec<bulwark_protocol::messages::VmSummary>> {
-        match ask(AdminRequest::VmList)? {
-            AdminResponse::Vms(v) => Ok(v),
-            other => bail!("unexpected answer {other:?}"),
-        }
+        let take = |r| match r {
+            AdminResponse::Vms(p) => Some(p),
+            _ => None,
+        };
+        Ok(rt.block_on(client.list_all(|page| AdminRequest::VmList { page }, take))?)
     };
     wait_for("the agents to report the VMs", Duration::from_secs(60), || Ok((vm_list()?.len() == 3).then_some(())))?;
     let mut rows: Vec<Row> = vec![];
@@ -266,10 +267,12 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
         }
     };
     let jobs_of = |vm: &str| -> anyhow::Result<Vec<JobInfo>> {
-        match ask(AdminRequest::JobList { vm: Some(vm.into()), state: None })? {
-            AdminResponse::Jobs(j) => Ok(j),
-            other => bail!("unexpected answer {other:?}"),
-        }
+        let take = |r| match r {
+            AdminResponse::Jobs(p) => Some(p),
+            _ => None,
+        };
+        let make = |page| AdminRequest::JobList { vm: Some(vm.into()), state: None, page };
+        Ok(rt.block_on(client.list_all(make, take))?)
     };
 
     step("protection group `demo`: initial replicas now, consistency checks whenever a replica becomes inconsistent");

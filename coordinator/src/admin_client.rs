@@ -5,6 +5,7 @@ use crate::config::{CoordinatorConfig, DataDir};
 use bulwark_pki::{quic, tls};
 use bulwark_protocol::frame;
 use bulwark_protocol::messages::{AdminEnvelope, AdminRequest, AdminResponse};
+use bulwark_protocol::paging::{Page, PageRequest};
 use bulwark_protocol::{ALPN, PROTOCOL_VERSION};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -138,6 +139,27 @@ impl AdminClient {
     /// Sends one request and waits for its answer. An `Error` answer becomes `Refused`.
     pub async fn request(&self, request: AdminRequest) -> Result<AdminResponse, AdminClientError> {
         self.request_stream(request).await.map(|(r, _)| r)
+    }
+
+    /// Every item of a paged list, for callers that want it whole (small lists: the console
+    /// itself streams pages): `make` builds the request of one page, `take` finds the page in
+    /// its answer.
+    pub async fn list_all<T>(
+        &self,
+        make: impl Fn(PageRequest) -> AdminRequest,
+        take: impl Fn(AdminResponse) -> Option<Page<T>>,
+    ) -> Result<Vec<T>, AdminClientError> {
+        let mut req = PageRequest::first();
+        let mut all = vec![];
+        loop {
+            let page = take(self.request(make(req.clone())).await?)
+                .ok_or_else(|| AdminClientError::Invalid("unexpected answer to a list request".into()))?;
+            all.extend(page.items);
+            match page.next {
+                Some(next) => req = req.after(next),
+                None => return Ok(all),
+            }
+        }
     }
 
     /// Sends a request whose answer is followed by a stream of transfer frames (recover-disk):

@@ -130,7 +130,8 @@ fn default_smtp_tls() -> String {
     "starttls".into()
 }
 
-/// `[jobs]` in `coordinator.toml`: how many VM jobs run at once.
+/// `[jobs]` in `coordinator.toml`: how many VM jobs run at once, and how long job records
+/// are kept.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobLimits {
@@ -142,11 +143,34 @@ pub struct JobLimits {
     pub snapshot_lease: String,
     /// Members of a group whose schedule fires together start spread over this window.
     pub start_jitter: String,
+    /// Finished job records older than this are purged (humantime, "30days").
+    pub keep: String,
+    /// At most this many job records are kept; past it the oldest finished ones are purged.
+    /// Queued and running jobs and the newest job of each VM are never purged.
+    pub keep_count: u64,
 }
 
 impl Default for JobLimits {
     fn default() -> Self {
-        Self { max_running: 8, per_agent: 2, snapshot_lease: "2m".into(), start_jitter: "1m".into() }
+        Self {
+            max_running: 8,
+            per_agent: 2,
+            snapshot_lease: "2m".into(),
+            start_jitter: "1m".into(),
+            keep: "30days".into(),
+            keep_count: 10_000,
+        }
+    }
+}
+
+impl JobLimits {
+    /// The job history retention these settings ask for.
+    pub fn retention(&self) -> Result<crate::jobs::history::Retention, ConfigError> {
+        let keep = humantime::parse_duration(&self.keep).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("coordinator.toml"),
+            message: format!("[jobs] keep {:?}: {e}", self.keep),
+        })?;
+        Ok(crate::jobs::history::Retention { keep_secs: keep.as_secs(), keep_count: self.keep_count })
     }
 }
 

@@ -140,10 +140,12 @@ impl Cluster {
     /// Waits until the agent has reported VM `name`.
     pub fn wait_vm(&self, name: &str) -> anyhow::Result<()> {
         wait("the VM in the inventory", || {
-            Ok(match self.ask(AdminRequest::VmList)? {
-                AdminResponse::Vms(v) if v.iter().any(|v| v.name == name) => Some(()),
+            let take = |r| match r {
+                AdminResponse::Vms(p) => Some(p),
                 _ => None,
-            })
+            };
+            let vms = self.rt.block_on(self.client.list_all(|page| AdminRequest::VmList { page }, take))?;
+            Ok(vms.iter().any(|v| v.name == name).then_some(()))
         })
     }
 

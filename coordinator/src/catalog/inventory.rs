@@ -130,7 +130,8 @@ impl Catalog {
     /// Returns the ids of the jobs it failed.
     pub fn fail_interrupted_jobs(&self, reason: &str, now: u64) -> Result<Vec<u64>, CatalogError> {
         let mut failed = vec![];
-        for mut job in self.jobs()? {
+        for r in self.jobs_after(None) {
+            let (_, mut job) = r?;
             if !job.state.is_final() {
                 job.state = super::JobState::Failed;
                 job.error = Some(reason.to_owned());

@@ -26,10 +26,12 @@
 //! the catalog directory ([`Catalog::flush_durable`]), because sled's own flush uses
 //! `sync_file_range`, which does not survive a power loss. A store commit
 //! ([`Catalog::commit`]) is one sled transaction over recovery points, replicas, chunk index
-//! and pack lengths: all of it or nothing.
+//! and pack lengths: all of it or nothing. List answers read the trees a page at a time from
+//! a key (`scan`): the cursor a client holds is the last key it was given, hex-encoded.
 
 mod inventory;
 mod records;
+mod scan;
 mod store_trees;
 
 pub use records::*;

@@ -39,7 +39,9 @@ impl From<String> for CompareError {
 
 async fn read_frame(s: &mut TransferStream) -> Result<TransferFrame, String> {
     match transfer::read(&mut s.recv, s.block_size as usize).await.map_err(|e| e.to_string())? {
-        Some(TransferFrame::Message(TransferMessage::Failed { reason })) => Err(format!("the agent gave up: {reason}")),
+        Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
+            Err(format!("the agent gave up: {}", bulwark_protocol::text::cap_reason(reason)))
+        }
         Some(f) => Ok(f),
         None => Err("the agent closed the stream in the middle of the check".into()),
     }

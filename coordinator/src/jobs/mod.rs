@@ -11,8 +11,10 @@
 //!   coordinator's half of a consistency check.
 //! - [`plan`] holds a job's decisions in plain code (which job really runs, what a failure
 //!   means for the replica), shared with the deterministic simulation.
+//! - [`history`] decides which job records the retention purge removes (`[jobs] keep`).
 
 pub mod compare;
+pub mod history;
 pub mod ingest;
 pub mod plan;
 pub mod vm_job;
@@ -251,7 +253,7 @@ impl JobQueue {
         if job.state == JobState::Failed && f.retry && attempt < MAX_ATTEMPTS {
             let delay = retry_delay(attempt);
             let reason = job.error.take().unwrap_or_default();
-            tracing::warn!(job_id = id, attempt, %reason, delay = ?delay, "job failed; it will be retried");
+            tracing::warn!(job_id = id, attempt, reason = %bulwark_protocol::text::Escaped(&reason), delay = ?delay, "job failed; it will be retried");
             job.state = JobState::Queued;
             job.detail = Some(format!(
                 "attempt {attempt} of {MAX_ATTEMPTS} failed ({reason}); retrying in {}",
@@ -329,7 +331,7 @@ impl Handler<Enqueue> for JobQueue {
         job.detail = Some(msg.reason.clone());
         job.recovery = msg.recovery;
         catalog.put_job(&job).map_err(|e| e.to_string())?;
-        tracing::info!(job_id = id, vm = %msg.vm, kind = msg.kind.as_str(), reason = %msg.reason, "job queued");
+        tracing::info!(job_id = id, vm = %bulwark_protocol::text::Escaped(&msg.vm), kind = msg.kind.as_str(), reason = %bulwark_protocol::text::Escaped(&msg.reason), "job queued");
         self.active.insert(id, (msg.vm, msg.kind));
         self.attempts.insert(id, 1);
         self.queue.push_back(id);
@@ -370,7 +372,13 @@ impl Handler<Counts> for JobQueue {
 /// committed state is intact, but continuity with the source is not proven), an interrupted
 /// initial copy leaves it still being created. Returns the ids failed.
 pub fn recover_interrupted(catalog: &Catalog, now: u64) -> Result<Vec<u64>, CatalogError> {
-    let interrupted: Vec<JobRecord> = catalog.jobs()?.into_iter().filter(|j| !j.state.is_final()).collect();
+    let mut interrupted: Vec<JobRecord> = vec![];
+    for r in catalog.jobs_after(None) {
+        let (_, job) = r?;
+        if !job.state.is_final() {
+            interrupted.push(job);
+        }
+    }
     let failed = catalog.fail_interrupted_jobs("interrupted: the coordinator stopped while it ran", now)?;
     for job in interrupted.iter().filter(|j| j.state == JobState::Running) {
         let (Some(vm), JobKind::Sync | JobKind::ExpressFull) = (&job.vm, job.kind) else { continue };

@@ -32,7 +32,7 @@ pub struct DiskDone {
 /// Runs `job` to its end and answers the final record.
 pub async fn run(ctx: Arc<JobContext>, mut job: JobRecord) -> Finished {
     let vm = job.vm.clone().unwrap_or_default();
-    let span = tracing::info_span!("job", job_id = job.id, vm = %vm, kind = job.kind.as_str());
+    let span = tracing::info_span!("job", job_id = job.id, vm = %bulwark_protocol::text::Escaped(&vm), kind = job.kind.as_str());
     async move {
         job.state = JobState::Running;
         job.started_at = Some(super::now());
@@ -54,7 +54,7 @@ pub async fn run(ctx: Arc<JobContext>, mut job: JobRecord) -> Finished {
             }
             Err(f) => {
                 job.state = JobState::Failed;
-                tracing::warn!(reason = %f.reason, retry = f.retry, "failed");
+                tracing::warn!(reason = %bulwark_protocol::text::Escaped(&f.reason), retry = f.retry, "failed");
                 if let Some(why) = &f.inconsistent {
                     mark_inconsistent(&ctx, &vm, why);
                 }
@@ -642,7 +642,7 @@ async fn receive_blocks(
                 break;
             }
             Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
-                return Err(format!("the agent gave up: {reason}"))
+                return Err(format!("the agent gave up: {}", bulwark_protocol::text::cap_reason(reason)))
             }
             Some(other) => return Err(format!("unexpected frame {other:?}")),
             None => return Err("the stream ended before the agent said it was complete".into()),

@@ -2,19 +2,17 @@
 //! the caller). Handlers decide with the authority and the registry, then answer.
 
 use super::blocking;
-use crate::catalog::now_secs;
 use crate::catalog::{JobKind, JobRecord, JobState};
 use crate::enrollment::TokenScope;
 use crate::server::connection::violation;
 use crate::server::registry::{CloseHost, ListConnected};
 use crate::server::store_actor::RunMaintenance;
-use crate::server::{protect, State};
+use crate::server::{lists, protect, State};
 use bulwark_pki::quic::close;
+use bulwark_protocol::codec::{self, CodecError};
 use bulwark_protocol::frame;
 use bulwark_protocol::handshake::check_version;
-use bulwark_protocol::messages::{
-    AdminEnvelope, AdminRequest, AdminResponse, AgentInfo, JobInfo, MaintenanceKind, StatusReport,
-};
+use bulwark_protocol::messages::{AdminEnvelope, AdminRequest, AdminResponse, JobInfo, MaintenanceKind, StatusReport};
 use bulwark_protocol::{HostId, PROTOCOL_VERSION};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,7 +51,7 @@ pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
                     (Ok(_), request) => handle(&state, request).await,
                     (Err(e), _) => AdminResponse::Error { message: e.to_string() },
                 };
-                if frame::write_message(&mut send, &response).await.is_ok() {
+                if send_answer(&mut send, &response).await {
                     let _ = send.finish();
                 }
             }
@@ -62,11 +60,41 @@ pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
     }
 }
 
+/// The frame body of an answer; one that does not fit a frame becomes an error answer (and an
+/// error in the log) instead of a stream the console sees closed without a word.
+pub fn encode_answer(response: &AdminResponse) -> Vec<u8> {
+    let message = match codec::encode(response) {
+        Ok(body) => return body,
+        Err(CodecError::TooLarge { len, limit }) => {
+            tracing::error!(bytes = len, limit, "an admin answer is too large for a frame: answering an error instead");
+            format!("the answer is too large: {len} bytes, over the {limit}-byte frame limit; use --limit")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "an admin answer does not encode: answering an error instead");
+            format!("the answer cannot be sent: {e}")
+        }
+    };
+    // A short error always encodes; an empty body would only make the console report a broken frame.
+    codec::encode(&AdminResponse::Error { message }).unwrap_or_default()
+}
+
+/// Sends one answer frame; false if the console went away.
+pub async fn send_answer(send: &mut quinn::SendStream, response: &AdminResponse) -> bool {
+    match frame::write_frame(send, &encode_answer(response), codec::CONTROL_LIMIT).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot send an admin answer");
+            false
+        }
+    }
+}
+
 async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
     tracing::info!(request = ?req, "admin request");
+    let catalog = state.authority.catalog().clone();
     match req {
         AdminRequest::Status => status(state).await,
-        AdminRequest::AgentList => agent_list(state).await,
+        AdminRequest::AgentList { page } => lists::agents(state, page).await,
         AdminRequest::AgentRevoke { host } => revoke(state, host).await,
         AdminRequest::Maintenance { kind, wait } => maintenance(state, kind, wait).await,
         AdminRequest::JobShow { id } => match state.authority.catalog().job(id) {
@@ -74,20 +102,11 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
             Ok(None) => AdminResponse::Error { message: format!("no job {id}") },
             Err(e) => AdminResponse::Error { message: e.to_string() },
         },
-        AdminRequest::JobList { vm, state: wanted } => match state.authority.catalog().jobs() {
-            Ok(jobs) => AdminResponse::Jobs(
-                jobs.iter()
-                    .filter(|j| vm.as_ref().is_none_or(|v| j.vm.as_ref() == Some(v)))
-                    .filter(|j| wanted.as_ref().is_none_or(|s| j.state.as_str() == s))
-                    .map(job_info)
-                    .collect(),
-            ),
-            Err(e) => AdminResponse::Error { message: e.to_string() },
-        },
-        AdminRequest::VmList => protect::vm_list(state).await,
+        AdminRequest::JobList { vm, state: wanted, page } => lists::jobs(catalog, vm, wanted, page).await,
+        AdminRequest::VmList { page } => lists::vms(catalog, page).await,
         AdminRequest::GroupCreate { name, vms, policy } => protect::group_create(state, name, vms, policy).await,
-        AdminRequest::GroupList => protect::group_show(state, None).await,
-        AdminRequest::GroupShow { name } => protect::group_show(state, Some(name)).await,
+        AdminRequest::GroupList { page } => lists::groups(catalog, page).await,
+        AdminRequest::GroupShow { name, page } => lists::group(catalog, name, page).await,
         AdminRequest::GroupAddVm { name, vms } => protect::group_add(state, name, vms).await,
         AdminRequest::GroupRemoveVm { name, vms, keep_data } => {
             protect::group_remove(state, name, vms, keep_data).await
@@ -96,11 +115,11 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::GroupPlan { name } => protect::group_plan(state, name).await,
         AdminRequest::Backup { vm, kind } => protect::run_now(state, vm, protect::backup_kind(kind)).await,
         AdminRequest::ConsistencyCheck { vm } => protect::run_now(state, vm, JobKind::ConsistencyCheck).await,
-        AdminRequest::RecoveryPoints { vm } => protect::rp_list(state, vm).await,
+        AdminRequest::RecoveryPoints { vm, page } => lists::recovery_points(catalog, vm, page).await,
         AdminRequest::Recover { vm, rp, to_host, name, options } => {
             protect::recover(state, vm, rp, to_host, name, options).await
         }
-        AdminRequest::Ls { vm, rp, disk, path } => protect::ls(state, vm, rp, disk, path).await,
+        AdminRequest::Ls { vm, rp, disk, path, page } => lists::ls(state, vm, rp, disk, path, page).await,
         AdminRequest::RecoverItemsToHost { vm, rp, disk, paths, host, dest, options, keep_modes } => {
             let req = protect::ItemsToHost { vm, rp, disk, paths, host, dest, options, keep_modes };
             protect::recover_items_to_host(state, req).await
@@ -193,17 +212,14 @@ async fn maintenance(state: &Arc<State>, kind: MaintenanceKind, wait: bool) -> A
 async fn status(state: &Arc<State>) -> AdminResponse {
     let connected = state.registry.send(ListConnected).await.unwrap_or_default();
     let catalog = state.authority.catalog();
-    let enrolled = catalog.agents().map(|a| a.iter().filter(|a| !a.revoked).count()).unwrap_or(0);
+    let enrolled = catalog.agents_after(None).filter(|a| a.as_ref().is_ok_and(|(_, a)| !a.revoked)).count();
     AdminResponse::Status(StatusReport {
         name: state.authority.config().name.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         protocol_version: PROTOCOL_VERSION,
         agents_connected: u32::try_from(connected.len()).unwrap_or(u32::MAX),
         agents_enrolled: u32::try_from(enrolled).unwrap_or(u32::MAX),
-        vms_protected: u32::try_from(
-            catalog.vms().map(|v| v.iter().filter(|v| v.group.is_some()).count()).unwrap_or(0),
-        )
-        .unwrap_or(u32::MAX),
+        vms_protected: u32::try_from(catalog.count_vms(|v| v.group.is_some()).unwrap_or(0)).unwrap_or(u32::MAX),
         jobs_running: u32::try_from(protect::job_counts(state).await.1 + maintenance_running(catalog))
             .unwrap_or(u32::MAX),
         store_bytes: dir_size(&state.authority.dir().store()),
@@ -213,7 +229,7 @@ async fn status(state: &Arc<State>) -> AdminResponse {
 
 /// Maintenance jobs (verify, prune, GC) running now.
 fn maintenance_running(catalog: &crate::catalog::Catalog) -> usize {
-    catalog.jobs().map(|j| j.iter().filter(|j| j.state == JobState::Running && j.vm.is_none()).count()).unwrap_or(0)
+    catalog.count_jobs(|j| j.state == JobState::Running && j.vm.is_none()).unwrap_or(0)
 }
 
 /// Bytes the files under `path` take (their lengths), recursively.
@@ -227,34 +243,6 @@ pub fn dir_size(path: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-async fn agent_list(state: &Arc<State>) -> AdminResponse {
-    let connected = state.registry.send(ListConnected).await.unwrap_or_default();
-    let records = match state.authority.catalog().agents() {
-        Ok(r) => r,
-        Err(e) => return AdminResponse::Error { message: e.to_string() },
-    };
-    let now = now_secs();
-    let agents = records
-        .into_iter()
-        .filter_map(|r| {
-            let host = HostId::new(r.host.clone()).ok()?;
-            let live = connected.iter().find(|c| c.host == r.host);
-            Some(AgentInfo {
-                host,
-                connected: live.is_some(),
-                last_seen: if live.is_some() { Some(now) } else { r.last_seen },
-                cert_serial: r.cert_serial,
-                revoked: r.revoked,
-                vms: live.map(|c| c.vms).unwrap_or(r.vms),
-                agent_version: live.map(|c| c.agent_version.clone()).or(r.agent_version),
-                remote_addr: live.map(|c| c.remote.to_string()),
-                cluster: r.cluster,
-            })
-        })
-        .collect();
-    AdminResponse::Agents(agents)
 }
 
 async fn revoke(state: &Arc<State>, host: HostId) -> AdminResponse {
@@ -273,4 +261,24 @@ async fn revoke(state: &Arc<State>, host: HostId) -> AdminResponse {
         .unwrap_or(0);
     tracing::warn!(%host, ?serials, connections_closed = closed, "agent revoked");
     AdminResponse::Revoked { host, serials, connections_closed: closed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_too_large_for_a_frame_becomes_an_error_answer() {
+        let huge = AdminResponse::Done { message: "x".repeat(codec::CONTROL_LIMIT + 1) };
+        let body = encode_answer(&huge);
+        assert!(body.len() < 1024);
+        let AdminResponse::Error { message } = codec::decode(&body).unwrap() else { panic!("not an error answer") };
+        assert!(message.starts_with("the answer is too large: ") && message.ends_with("; use --limit"), "{message}");
+    }
+
+    #[test]
+    fn an_answer_that_fits_is_sent_as_it_is() {
+        let small = AdminResponse::JobStarted { job_id: 7 };
+        assert_eq!(codec::decode::<AdminResponse>(&encode_answer(&small)).unwrap(), small);
+    }
 }

@@ -12,6 +12,7 @@ use bulwark_pki::{PeerIdentity, Role};
 use bulwark_protocol::frame::{self, FrameError};
 use bulwark_protocol::handshake::accept_hello;
 use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse};
+use bulwark_protocol::text::{self, Escaped};
 use bulwark_protocol::{HostId, ALPN, ALPN_ENROLL};
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,7 +163,11 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
             return;
         }
         Ok(Err(e)) => return violation(&conn, "bad hello", &e),
-        Ok(Ok((send, recv, Some(AgentMessage::Hello(h))))) => (send, recv, h),
+        Ok(Ok((send, recv, Some(AgentMessage::Hello(mut h))))) => {
+            // Stored in the catalog and shown by `agent list`: bounded like every agent's text.
+            h.agent_version = text::cap(std::mem::take(&mut h.agent_version), text::MAX_VERSION_BYTES);
+            (send, recv, h)
+        }
         Ok(Ok(_)) => return violation(&conn, "first message is not a hello", &"unexpected message"),
     };
     let welcome = match accept_hello(&hello, &certified, &state.authority.config().name, HEARTBEAT_SECS) {
@@ -181,7 +186,7 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
     }
     let now = now_secs();
     let _ = state.authority.catalog().touch_agent(certified.as_str(), now, Some(&hello.agent_version));
-    tracing::info!(version = welcome.version, agent_version = %hello.agent_version, "agent connected");
+    tracing::info!(version = welcome.version, agent_version = %Escaped(&hello.agent_version), "agent connected");
 
     let session = AgentSession {
         host: certified.to_string(),

@@ -63,7 +63,8 @@ fn gather(state: &State) -> Result<Snapshot, String> {
     let mut jobs: BTreeMap<(String, String), u64> = BTreeMap::new();
     let mut transferred: BTreeMap<String, u64> = BTreeMap::new();
     let mut scanned: BTreeMap<String, u64> = BTreeMap::new();
-    for j in catalog.jobs().map_err(|e| e.to_string())? {
+    for r in catalog.jobs_after(None) {
+        let (_, j) = r.map_err(|e| e.to_string())?;
         let kind = j.kind.as_str().to_owned();
         *jobs.entry((kind.clone(), j.state.as_str().to_owned())).or_default() += 1;
         if j.state.is_final() {
@@ -76,15 +77,14 @@ fn gather(state: &State) -> Result<Snapshot, String> {
     for r in catalog.replicas().map_err(|e| e.to_string())? {
         *replicas.entry(r.state.as_str().to_owned()).or_default() += 1;
     }
-    let vms = catalog.vms().map_err(|e| e.to_string())?;
     let authority = state.authority.catalog();
     Ok(Snapshot {
         jobs: jobs.into_iter().collect(),
         transferred: transferred.into_iter().collect(),
         scanned: scanned.into_iter().collect(),
         replicas: replicas.into_iter().collect(),
-        vms: vms.len() as u64,
-        vms_protected: vms.iter().filter(|v| v.group.is_some()).count() as u64,
+        vms: catalog.count_vms(|_| true).map_err(|e| e.to_string())? as u64,
+        vms_protected: catalog.count_vms(|v| v.group.is_some()).map_err(|e| e.to_string())? as u64,
         recovery_points: catalog.all_recovery_points().map_err(|e| e.to_string())?.len() as u64,
         agents_enrolled: authority.agents().map_err(|e| e.to_string())?.iter().filter(|a| !a.revoked).count() as u64,
         store_bytes: super::admin::dir_size(&state.authority.dir().store()),

@@ -5,6 +5,8 @@
 pub mod admin;
 pub mod connection;
 pub mod fds;
+pub mod history;
+pub mod lists;
 pub mod metrics;
 pub mod protect;
 pub mod registry;
@@ -166,7 +168,9 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         lease,
         smtp: authority.config().smtp.clone(),
     });
+    let retention = limits.retention()?;
     let jobs = crate::jobs::JobQueue::new(job_ctx, limits.max_running, limits.per_agent).start();
+    history::start(catalog.clone(), retention);
     let _scheduler = scheduler::Scheduler::new(catalog.clone(), jobs.clone(), workers.clone(), jitter).start();
     let state = Arc::new(State {
         authority: Arc::new(authority),

@@ -1,7 +1,7 @@
 //! Admin handlers for protection: VMs, protection groups, backups and consistency checks on
 //! demand, recovery points, and streaming a disk of a recovery point to the console.
 
-use crate::catalog::{Catalog, GroupRecord, JobKind, RecoveryPointRecord, ReplicaState};
+use crate::catalog::{Catalog, GroupRecord, JobKind, RecoveryPointRecord, ReplicaState, VmRecord};
 use crate::jobs::{Counts, Enqueue};
 use crate::policy;
 use crate::server::State;
@@ -9,6 +9,7 @@ use crate::store::BlockData;
 use bulwark_protocol::messages::{
     AdminResponse, BackupKind, DiskInfo, GroupInfo, PlanInfo, PolicySpec, PowerState, RecoveryPointInfo, VmSummary,
 };
+use bulwark_protocol::paging::{page_of_sorted, PageRequest};
 use bulwark_protocol::transfer::{self, TransferMessage};
 use bulwark_protocol::DiskId;
 use std::sync::Arc;
@@ -44,56 +45,54 @@ pub fn replica_state(catalog: &Catalog, vm: &str) -> Result<(String, Option<Stri
     Ok(("consistent".into(), None))
 }
 
-pub async fn vm_list(state: &Arc<State>) -> AdminResponse {
-    let catalog = state.store.catalog().clone();
-    let r = blocking(move || {
-        let vms = catalog.vms().map_err(|e| e.to_string())?;
-        vms.into_iter()
-            .map(|v| {
-                let (replica_state, replica_reason) = replica_state(&catalog, &v.name)?;
-                let excluded_bytes = catalog
-                    .replicas_of(&v.name)
-                    .map_err(|e| e.to_string())?
-                    .iter()
-                    .map(|r| r.excluded.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size))
-                    .sum();
-                Ok(VmSummary {
-                    id: v.id,
-                    name: v.name,
-                    host: v.host,
-                    state: match v.power {
-                        PowerState::Running => "running",
-                        PowerState::Paused => "paused",
-                        PowerState::Off => "off",
-                    }
-                    .into(),
-                    os: match v.os {
-                        bulwark_protocol::messages::GuestOs::Linux => "linux",
-                        bulwark_protocol::messages::GuestOs::Windows => "windows",
-                    }
-                    .into(),
-                    group: v.group,
-                    replica_state,
-                    replica_reason,
-                    disks: v.disks,
-                    excluded_bytes,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()
+/// The `vm list` form of a VM record.
+pub fn vm_summary(catalog: &Catalog, v: VmRecord) -> Result<VmSummary, String> {
+    let (replica_state, replica_reason) = replica_state(catalog, &v.name)?;
+    let excluded_bytes = catalog
+        .replicas_of(&v.name)
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|r| r.excluded.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size))
+        .sum();
+    Ok(VmSummary {
+        id: v.id,
+        name: v.name,
+        host: v.host,
+        state: match v.power {
+            PowerState::Running => "running",
+            PowerState::Paused => "paused",
+            PowerState::Off => "off",
+        }
+        .into(),
+        os: match v.os {
+            bulwark_protocol::messages::GuestOs::Linux => "linux",
+            bulwark_protocol::messages::GuestOs::Windows => "windows",
+        }
+        .into(),
+        group: v.group,
+        replica_state,
+        replica_reason,
+        disks: v.disks,
+        excluded_bytes,
     })
-    .await;
-    match r {
-        Ok(vms) => AdminResponse::Vms(vms),
-        Err(e) => err(e),
-    }
 }
 
-fn group_info(catalog: &Catalog, g: &GroupRecord) -> GroupInfo {
+/// A group as the console shows it, with one page of its members (sorted by name).
+pub fn group_info(catalog: &Catalog, g: &GroupRecord, members: &PageRequest) -> Result<GroupInfo, String> {
     let next_runs = ["sync", "rp", "cc", "initial"]
         .iter()
         .filter_map(|k| catalog.next_run(&g.name, k).ok().flatten().map(|at| ((*k).to_owned(), at)))
         .collect();
-    GroupInfo { name: g.name.clone(), members: g.members.clone(), policy: policy::spec(&g.policy), next_runs }
+    let mut sorted = g.members.clone();
+    sorted.sort();
+    let page = page_of_sorted(sorted, |m| m.as_bytes().to_vec(), members).map_err(|e| e.to_string())?;
+    Ok(GroupInfo {
+        name: g.name.clone(),
+        members: page.items,
+        members_next: page.next,
+        policy: policy::spec(&g.policy),
+        next_runs,
+    })
 }
 
 /// Checks that each VM is known and in no other group; answers their names.
@@ -163,7 +162,7 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
         };
         catalog.put_group(&g).map_err(|e| e.to_string())?;
         set_group(&catalog, &members, Some(&name))?;
-        Ok((g.clone(), group_info(&catalog, &g)))
+        Ok((g.clone(), group_info(&catalog, &g, &PageRequest::first())?))
     })
     .await;
     match r {
@@ -174,23 +173,6 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
         }
         Err(e) => err(e),
     }
-}
-
-pub async fn group_show(state: &Arc<State>, name: Option<String>) -> AdminResponse {
-    let catalog = state.store.catalog().clone();
-    let r = blocking(move || {
-        let groups = catalog.groups().map_err(|e| e.to_string())?;
-        match name {
-            Some(n) => groups
-                .iter()
-                .find(|g| g.name == n)
-                .map(|g| AdminResponse::Group(group_info(&catalog, g)))
-                .ok_or_else(|| format!("no group named {n}")),
-            None => Ok(AdminResponse::Groups(groups.iter().map(|g| group_info(&catalog, g)).collect())),
-        }
-    })
-    .await;
-    r.unwrap_or_else(err)
 }
 
 pub async fn group_add(state: &Arc<State>, name: String, vms: Vec<String>) -> AdminResponse {
@@ -204,7 +186,7 @@ pub async fn group_add(state: &Arc<State>, name: String, vms: Vec<String>) -> Ad
         g.members.dedup();
         catalog.put_group(&g).map_err(|e| e.to_string())?;
         set_group(&catalog, &added, Some(&name))?;
-        Ok((g.clone(), added, group_info(&catalog, &g)))
+        Ok((g.clone(), added, group_info(&catalog, &g, &PageRequest::first())?))
     })
     .await;
     match r {
@@ -234,7 +216,7 @@ pub async fn group_remove(state: &Arc<State>, name: String, vms: Vec<String>, ke
                 catalog.delete_replicas_of(vm).map_err(|e| e.to_string())?;
             }
         }
-        Ok(group_info(&catalog, &g))
+        group_info(&catalog, &g, &PageRequest::first())
     })
     .await;
     r.map(AdminResponse::Group).unwrap_or_else(err)
@@ -304,7 +286,7 @@ pub fn backup_kind(kind: BackupKind) -> JobKind {
     }
 }
 
-fn rp_info(rp: &RecoveryPointRecord) -> Result<RecoveryPointInfo, String> {
+pub fn rp_info(rp: &RecoveryPointRecord) -> Result<RecoveryPointInfo, String> {
     Ok(RecoveryPointInfo {
         id: crate::store::hex(&rp.id),
         vm: rp.vm.clone(),
@@ -320,19 +302,6 @@ fn rp_info(rp: &RecoveryPointRecord) -> Result<RecoveryPointInfo, String> {
         logical_bytes: rp.logical_bytes,
         stored_bytes: rp.stored_bytes,
     })
-}
-
-pub async fn rp_list(state: &Arc<State>, vm: String) -> AdminResponse {
-    let catalog = state.store.catalog().clone();
-    let r = blocking(move || {
-        let rps = catalog.recovery_points(&vm).map_err(|e| e.to_string())?;
-        if rps.is_empty() && catalog.vm(&vm).map_err(|e| e.to_string())?.is_none() {
-            return Err(format!("no VM named {vm}"));
-        }
-        rps.iter().map(rp_info).collect::<Result<Vec<_>, _>>()
-    })
-    .await;
-    r.map(AdminResponse::RecoveryPoints).unwrap_or_else(err)
 }
 
 /// The recovery point `spec` (a full id, a unique prefix, or `latest`) of `vm`.
@@ -572,7 +541,7 @@ pub async fn recover(
     queue(state, Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
 }
 
-fn rp_disk(
+pub fn rp_disk(
     catalog: &Catalog,
     vm: &str,
     rp: &str,
@@ -588,28 +557,6 @@ fn rp_disk(
         )
     })?;
     Ok((rp, d))
-}
-
-/// `ls`: browse a disk of a recovery point.
-pub async fn ls(state: &Arc<State>, vm: String, rp: String, disk: String, path: String) -> AdminResponse {
-    let store = state.store.clone();
-    let r = blocking(move || {
-        let (_, d) = rp_disk(store.catalog(), &vm, &rp, &disk)?;
-        let items = crate::items::list(store.clone(), &d, &path).map_err(|e| e.to_string())?;
-        Ok(items
-            .into_iter()
-            .map(|i| bulwark_protocol::messages::ItemInfo {
-                path: i.path,
-                kind: i.kind.as_str().into(),
-                size: i.size,
-                mtime: i.mtime,
-                mode: i.mode,
-                target: i.target.map(|t| String::from_utf8_lossy(&t).into_owned()),
-            })
-            .collect())
-    })
-    .await;
-    r.map(AdminResponse::Items).unwrap_or_else(err)
 }
 
 /// `recover-items … --output DIR`: streams the items to the console, which writes them.

@@ -7,7 +7,8 @@ use crate::server::registry::{Registry, SetInventory, Unregister};
 use actix::prelude::*;
 use bulwark_pki::quic::close;
 use bulwark_protocol::frame;
-use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage};
+use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage, JobOutcome, JobResult};
+use bulwark_protocol::text::{self, Escaped};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
@@ -70,13 +71,13 @@ impl Handler<Inbound> for AgentSession {
                     match r {
                         Ok(Ok(c)) => {
                             for vm in &c.new {
-                                tracing::info!(%vm, "new VM reported");
+                                tracing::info!(vm = %Escaped(vm), "new VM reported");
                             }
                             for (vm, from) in &c.moved {
-                                tracing::info!(%vm, %from, "VM migrated here");
+                                tracing::info!(vm = %Escaped(vm), from = %Escaped(from), "VM migrated here");
                             }
                             for (vm, reason) in &c.tracking_reset {
-                                tracing::warn!(%vm, %reason, "replica marked inconsistent");
+                                tracing::warn!(vm = %Escaped(vm), reason = %Escaped(reason), "replica marked inconsistent");
                             }
                         }
                         Ok(Err(e)) => tracing::error!(error = %e, "cannot record the inventory"),
@@ -85,6 +86,7 @@ impl Handler<Inbound> for AgentSession {
                 });
             }
             AgentMessage::JobResult(r) => {
+                let r = capped(r);
                 let job = r.job;
                 tracing::info!(job_id = %job, outcome = ?r.outcome, "job result");
                 if !self.router.result(&self.host, r) {
@@ -94,6 +96,17 @@ impl Handler<Inbound> for AgentSession {
             AgentMessage::Heartbeat => {}
         }
     }
+}
+
+/// A job result with its reason or note cut to [`text::MAX_REASON_BYTES`]: what an agent says
+/// is logged and stored, so it is bounded where it enters.
+fn capped(mut r: JobResult) -> JobResult {
+    match &mut r.outcome {
+        JobOutcome::Succeeded { consistency_note: Some(note), .. } => *note = text::cap_reason(std::mem::take(note)),
+        JobOutcome::Failed { reason, .. } => *reason = text::cap_reason(std::mem::take(reason)),
+        JobOutcome::Succeeded { .. } | JobOutcome::Restored { .. } => {}
+    }
+    r
 }
 
 impl Handler<Closed> for AgentSession {
@@ -118,5 +131,36 @@ impl Handler<Send> for AgentSession {
             }
             .into_actor(self),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_protocol::messages::{ChangeToken, Consistency, FailureKind};
+    use bulwark_protocol::JobId;
+
+    #[test]
+    fn an_agents_900_kb_reason_and_note_are_capped_where_they_enter() {
+        let failed = JobResult {
+            job: JobId(1),
+            outcome: JobOutcome::Failed { kind: FailureKind::Other, reason: "r".repeat(900_000) },
+        };
+        let JobOutcome::Failed { reason, .. } = capped(failed).outcome else { panic!("not failed") };
+        assert!(reason.len() <= text::MAX_REASON_BYTES && reason.ends_with("truncated]"));
+        let succeeded = JobResult {
+            job: JobId(2),
+            outcome: JobOutcome::Succeeded {
+                consistency: Consistency::Crash,
+                consistency_note: Some("n".repeat(10_000)),
+                bytes_read: 0,
+                blocks_sent: 0,
+                next_token: ChangeToken { generation: 1, sequence: 1 },
+            },
+        };
+        let JobOutcome::Succeeded { consistency_note: Some(note), .. } = capped(succeeded).outcome else {
+            panic!("note lost")
+        };
+        assert!(note.len() <= text::MAX_REASON_BYTES);
     }
 }

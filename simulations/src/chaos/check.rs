@@ -29,9 +29,15 @@ pub fn settle_and_check(
     outcome: &mut RunOutcome,
 ) -> anyhow::Result<()> {
     let hosts = world.agents.len();
-    world.wait("every agent connected", Duration::from_secs(90), |w| match w.must(AdminRequest::AgentList)? {
-        AdminResponse::Agents(a) => Ok(a.iter().filter(|a| a.connected).count() == hosts),
-        _ => Ok(false),
+    world.wait("every agent connected", Duration::from_secs(90), |w| {
+        let agents = w.must_all(
+            |page| AdminRequest::AgentList { page },
+            |r| match r {
+                AdminResponse::Agents(p) => Some(p),
+                _ => None,
+            },
+        )?;
+        Ok(agents.iter().filter(|a| a.connected).count() == hosts)
     })?;
     let idle = |w: &World| -> anyhow::Result<bool> {
         Ok(w.jobs(Some("running"))?.is_empty() && w.jobs(Some("queued"))?.is_empty())
@@ -88,10 +94,13 @@ pub fn settle_and_check(
     let scratch = world.dir.join("restore.img");
     for vm in names {
         let truth = sim::ground_truth(&world.sim_root, vm)?;
-        let rps = match world.must(AdminRequest::RecoveryPoints { vm: vm.clone() })? {
-            AdminResponse::RecoveryPoints(r) => r,
-            other => anyhow::bail!("unexpected answer {other:?}"),
-        };
+        let rps = world.must_all(
+            |page| AdminRequest::RecoveryPoints { vm: vm.clone(), page },
+            |r| match r {
+                AdminResponse::RecoveryPoints(p) => Some(p),
+                _ => None,
+            },
+        )?;
         let mut at = 0usize; // the earliest snapshot the next recovery point may be
         for rp in &rps {
             outcome.recovery_points_checked += 1;

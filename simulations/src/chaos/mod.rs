@@ -299,7 +299,7 @@ impl World {
             Event::BackupUnderLoad { vm, seed } => {
                 // An express full needs a consistent replica: check it first if it is not, so
                 // that this backup really runs (and makes a recovery point) under load.
-                if let Some(AdminResponse::Vms(v)) = self.ask(AdminRequest::VmList) {
+                if let Ok(v) = self.vms() {
                     if v.iter().any(|x| x.name == vm_name(vm) && x.replica_state == "inconsistent") {
                         let _ = self.run_job(AdminRequest::ConsistencyCheck { vm: vm_name(vm) });
                     }

@@ -6,6 +6,7 @@
 use anyhow::{bail, Context as _};
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
 use bulwark_protocol::messages::{AdminRequest, AdminResponse, BackupKind, JobInfo, PolicySpec};
+use bulwark_protocol::paging::{Page, PageRequest};
 use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -385,18 +386,42 @@ impl World {
         let _ = self.ask(AdminRequest::ConsistencyCheck { vm: vm.into() });
     }
 
-    pub fn vms(&self) -> anyhow::Result<Vec<bulwark_protocol::messages::VmSummary>> {
-        match self.must(AdminRequest::VmList)? {
-            AdminResponse::Vms(v) => Ok(v),
-            other => bail!("unexpected answer {other:?}"),
+    /// Every item of a paged list, page by page through [`World::must`].
+    pub fn must_all<T>(
+        &self,
+        make: impl Fn(PageRequest) -> AdminRequest,
+        take: impl Fn(AdminResponse) -> Option<Page<T>>,
+    ) -> anyhow::Result<Vec<T>> {
+        let mut req = PageRequest::first();
+        let mut all = vec![];
+        loop {
+            let Some(page) = take(self.must(make(req.clone()))?) else { bail!("unexpected answer to a list request") };
+            all.extend(page.items);
+            match page.next {
+                Some(next) => req = req.after(next),
+                None => return Ok(all),
+            }
         }
     }
 
+    pub fn vms(&self) -> anyhow::Result<Vec<bulwark_protocol::messages::VmSummary>> {
+        self.must_all(
+            |page| AdminRequest::VmList { page },
+            |r| match r {
+                AdminResponse::Vms(p) => Some(p),
+                _ => None,
+            },
+        )
+    }
+
     pub fn jobs(&self, state: Option<&str>) -> anyhow::Result<Vec<JobInfo>> {
-        match self.must(AdminRequest::JobList { vm: None, state: state.map(Into::into) })? {
-            AdminResponse::Jobs(j) => Ok(j),
-            other => bail!("unexpected answer {other:?}"),
-        }
+        self.must_all(
+            |page| AdminRequest::JobList { vm: None, state: state.map(Into::into), page },
+            |r| match r {
+                AdminResponse::Jobs(p) => Some(p),
+                _ => None,
+            },
+        )
     }
 
     /// Polls until `f` holds or `timeout` passes (then an error naming `what`).
