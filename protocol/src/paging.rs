@@ -354,7 +354,7 @@ mod tests {
             budget in 8usize..200,
             scan in 1usize..60,
         ) {
-            let keep = |i: u32| i % modulus == 0;
+            let keep = |i: u32| i.is_multiple_of(modulus);
             let (got, _) = all_pages(n, keep, limit, budget, scan);
             let want: Vec<u32> = (0..n).filter(|&i| keep(i)).collect();
             prop_assert_eq!(got, want);
