@@ -54,9 +54,14 @@ for t in "${targets[@]}"; do
     [[ -d seeds/$t ]] && corpora+=("seeds/$t")
     if [[ -x seeds/$t.sh ]]; then
         if [[ ! -d target/seeds/$t ]]; then
-            "seeds/$t.sh" "target/seeds/$t.tmp" && mv "target/seeds/$t.tmp" "target/seeds/$t"
+            rm -rf "target/seeds/$t.tmp"
+            if "seeds/$t.sh" "target/seeds/$t.tmp" >"logs/$t-seeds.log" 2>&1; then
+                mv "target/seeds/$t.tmp" "target/seeds/$t"
+            else
+                echo "   warning: seeds/$t.sh failed (logs/$t-seeds.log); $t starts without its generated seeds"
+            fi
         fi
-        corpora+=("target/seeds/$t")
+        [[ -d target/seeds/$t ]] && corpora+=("target/seeds/$t")
     fi
     mkdir -p "corpus/$t" "artifacts/$t"
     marker=$(mktemp)
