@@ -80,6 +80,9 @@ pub enum Command {
     },
     /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
     Completions { shell: clap_complete::Shell },
+    /// The items worker (started by the coordinator itself; reads one request on stdin).
+    #[command(name = "x-items", hide = true)]
+    XItems,
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +170,10 @@ pub fn init_logging(format: LogFormat) {
 /// Parses `args` (with the program name first) and runs the command.
 pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let cli = Cli::parse_from(args);
+    if matches!(cli.command, Command::XItems) {
+        // No logging: stdout is the pipe to the coordinator, stderr its error report.
+        return crate::items::worker::main();
+    }
     init_logging(cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
@@ -203,6 +210,7 @@ pub async fn shutdown_signal() {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::XItems => Ok(()),
         Command::Completions { shell } => {
             use clap::CommandFactory as _;
             clap_complete::generate(shell, &mut Cli::command(), "bulwark-coordinator", &mut std::io::stdout());

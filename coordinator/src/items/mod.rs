@@ -1,25 +1,39 @@
 //! Item-level recovery: browse and copy files out of a recovery point without restoring the
-//! disk. The disk is read straight from the store ([`disk::DiskReader`]); a partition table
-//! (GPT, else MBR) is found with gptman/mbrman, each partition's file system by its magic:
-//! ext2/3/4 (ext4-view) and FAT (fatfs); swap partitions are recognized and not browsed.
+//! disk, and find the swap space that backups leave out.
 //!
-//! Paths: on a partitioned disk the top level lists the partitions as `p1`, `p2`, … and a
-//! file's path is `/p1/etc/hosts`; on a disk that is one file system, `/etc/hosts`.
+//! Everything inside a guest's disk is attacker-controlled bytes, so none of it is parsed in
+//! the coordinator's process: [`sandbox`] starts the items worker ([`worker`], a child process
+//! of the same executable with memory, CPU-time and wall-clock limits, no network and no files)
+//! and serves it the disk's blocks over a pipe ([`pipe`]); whatever the guest's bytes do to the
+//! worker, the coordinator answers "the guest's file system could not be read: …" and goes on.
+//! Inside the worker, partition tables ([`table`]) and file systems ([`fs`]: ext2/3/4, FAT) are
+//! bounds-checked before any allocation, and directories are listed with a cap on entries.
 //!
-//! Everything here is read-only and runs on one blocking thread per request (ext4-view is not
-//! `Send`). Names inside the guest are data, never trusted: [`Item::name`] keeps the raw bytes
-//! and whoever writes them checks each component ([`safe_component`]).
+//! Modules in reading order: [`disk`] (a disk from a block source), [`table`], [`fs`], the
+//! operations below (plain functions over a [`disk::DiskReader`], also what the fuzzer calls),
+//! [`pipe`], [`worker`], [`sandbox`].
+//!
+//! Paths: on a partitioned disk the top level lists the partitions as `p1`, `p2`, … (logical
+//! partitions of an MBR from `p5`) and a file's path is `/p1/etc/hosts`; on a disk that is one
+//! file system, `/etc/hosts`. Names inside the guest are data, never trusted: [`Item::name`]
+//! keeps the raw bytes and whoever writes them checks each component ([`safe_component`]).
 
 pub mod disk;
+pub mod fs;
+pub mod pipe;
+pub mod sandbox;
+pub mod table;
+pub mod worker;
 
 use crate::catalog::RpDisk;
 use crate::store::Store;
-use disk::DiskReader;
-use std::io::{Read, Seek};
+use disk::{DiskReader, Geometry, StoreBlocks};
+use fs::{DirRef, Entry, GuestFs};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// Why an item operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 pub enum ItemsError {
     #[error("{0}: no such file or directory in the recovery point")]
     NotFound(String),
@@ -27,10 +41,13 @@ pub enum ItemsError {
     Unreadable { path: String, reason: String },
     #[error("{0}")]
     Unsupported(String),
+    /// The worker failed as a process (limits, crash, timeout).
+    #[error("the guest's file system could not be read: {0}")]
+    Worker(String),
 }
 
 /// What an item is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ItemKind {
     Partition,
     Dir,
@@ -52,7 +69,7 @@ impl ItemKind {
 }
 
 /// One entry of a listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
     /// The full path, for display (non-UTF-8 bytes replaced).
     pub path: String,
@@ -86,83 +103,38 @@ pub struct Volume {
     pub fs: FsKind,
 }
 
+/// Directory levels a copy goes down before it refuses (a directory that contains itself).
+pub const MAX_DEPTH: usize = 256;
+
 fn unreadable(path: &str, e: impl std::fmt::Display) -> ItemsError {
     ItemsError::Unreadable { path: path.to_owned(), reason: e.to_string() }
 }
 
-/// The file system at the start of `r`, by its magic numbers.
-pub fn fs_kind(r: &mut DiskReader) -> FsKind {
-    let mut ext = [0u8; 2];
-    if r.read_at(1080, &mut ext).is_ok() && ext == [0x53, 0xEF] {
-        return FsKind::Ext;
-    }
-    let mut boot = [0u8; 512];
-    if r.read_at(0, &mut boot).is_ok()
-        && matches!(boot[0], 0xEB | 0xE9)
-        && boot[510..512] == [0x55, 0xAA]
-        && (&boot[54..57] == b"FAT" || &boot[82..85] == b"FAT")
-    {
-        return FsKind::Fat;
-    }
-    let mut swap = [0u8; 10];
-    if r.read_at(4086, &mut swap).is_ok() && &swap == b"SWAPSPACE2" {
-        return FsKind::Swap;
-    }
-    FsKind::Unknown
-}
-
 /// The partitions of a disk, or None when the disk is not partitioned (a file system, or
 /// nothing known, at its start).
-pub fn volumes(disk: &DiskReader) -> Option<Vec<Volume>> {
-    let mut r = disk.slice(0, disk.len());
-    if fs_kind(&mut r) != FsKind::Unknown {
-        return None;
+pub fn volumes(disk: &DiskReader) -> Result<Option<Vec<Volume>>, ItemsError> {
+    let mut whole = disk.slice(0, disk.len());
+    if fs::fs_kind(&mut whole) != FsKind::Unknown {
+        return Ok(None);
     }
-    let mut parts: Vec<(u64, u64)> = vec![];
-    if let Ok(gpt) = gptman::GPT::find_from(&mut r) {
-        let ss = gpt.sector_size;
-        for (_, p) in gpt.iter() {
-            if !p.is_unused() && p.ending_lba >= p.starting_lba {
-                parts.push((p.starting_lba * ss, (p.ending_lba - p.starting_lba + 1) * ss));
-            }
-        }
-    } else {
-        let _ = r.rewind();
-        let mbr = mbrman::MBR::read_from(&mut r, 512).ok()?;
-        for (_, p) in mbr.iter() {
-            // Extended partitions (0x05, 0x0f, 0x85) hold logical ones, which are not read.
-            if p.is_used() && !matches!(p.sys, 0x05 | 0x0f | 0x85) {
-                parts.push((u64::from(p.starting_lba) * 512, u64::from(p.sectors) * 512));
-            }
-        }
-    }
-    if parts.is_empty() {
-        return None;
-    }
-    Some(
+    let Some(parts) = table::partitions(&mut whole)? else { return Ok(None) };
+    Ok(Some(
         parts
             .into_iter()
-            .enumerate()
-            .map(|(i, (start, len))| {
-                let mut s = disk.slice(start, len);
-                Volume { name: format!("p{}", i + 1), start, len, fs: fs_kind(&mut s) }
+            .map(|p| {
+                let mut s = disk.slice(p.start, p.len);
+                Volume { name: format!("p{}", p.number), start: p.start, len: p.len, fs: fs::fs_kind(&mut s) }
             })
             .collect(),
-    )
+    ))
 }
 
 /// The blocks inside the swap partitions of a disk, as `[start, end)` ranges: whole blocks of
 /// the partition after the one holding its header (so a restored disk keeps a valid swap
 /// signature).
-pub fn swap_blocks(
-    store: Arc<Store>,
-    root: bulwark_protocol::blockmap::TreeRoot,
-    block_size: u32,
-    size: u64,
-) -> Vec<(u64, u64)> {
-    let disk = DiskReader::new(store, root, block_size, size);
-    let bs = u64::from(block_size);
-    volumes(&disk)
+pub fn swap_ranges(disk: &DiskReader, block_size: u32) -> Result<Vec<(u64, u64)>, ItemsError> {
+    let bs = u64::from(block_size.max(1));
+    Ok(volumes(disk)?
         .unwrap_or_default()
         .into_iter()
         .filter(|v| v.fs == FsKind::Swap)
@@ -171,188 +143,7 @@ pub fn swap_blocks(
             let end = (v.start + v.len) / bs;
             (first < end).then_some((first, end))
         })
-        .collect()
-}
-
-/// A browsable file system of a volume.
-enum GuestFs {
-    Ext(ext4_view::Ext4),
-    Fat(Box<fatfs::FileSystem<DiskReader>>),
-}
-
-impl GuestFs {
-    fn open(r: DiskReader, kind: FsKind, what: &str) -> Result<Self, ItemsError> {
-        match kind {
-            FsKind::Ext => Ok(GuestFs::Ext(ext4_view::Ext4::load(Box::new(r)).map_err(|e| unreadable(what, e))?)),
-            FsKind::Fat => Ok(GuestFs::Fat(Box::new(
-                fatfs::FileSystem::new(r, fatfs::FsOptions::new()).map_err(|e| unreadable(what, e))?,
-            ))),
-            FsKind::Swap => Err(ItemsError::Unsupported(format!("{what} is swap space: there are no files in it"))),
-            FsKind::Unknown => Err(ItemsError::Unsupported(format!("{what}: no ext2/3/4 or FAT file system found"))),
-        }
-    }
-
-    /// The entries of directory `dir` (absolute, `/`-separated), whose display prefix is
-    /// `shown`.
-    fn list(&self, dir: &str, shown: &str) -> Result<Vec<Item>, ItemsError> {
-        let join = |name: &str| format!("{}/{}", shown.trim_end_matches('/'), name);
-        match self {
-            GuestFs::Ext(fs) => {
-                let entries = fs.read_dir(dir).map_err(|e| map_ext(dir, e))?;
-                let mut out = vec![];
-                for e in entries {
-                    let e = e.map_err(|e| unreadable(dir, e))?;
-                    let raw: Vec<u8> = e.file_name().as_ref().to_vec();
-                    if raw == b"." || raw == b".." {
-                        continue;
-                    }
-                    let name = String::from_utf8_lossy(&raw).into_owned();
-                    let path = e.path();
-                    let m = e.metadata().map_err(|x| unreadable(&join(&name), x))?;
-                    let target =
-                        if m.is_symlink() { fs.read_link(&path).ok().map(|t| t.as_ref().to_vec()) } else { None };
-                    out.push(Item {
-                        path: join(&name),
-                        name: raw,
-                        kind: ext_kind(m.file_type()),
-                        size: m.len(),
-                        mtime: m.modified().seconds(),
-                        mode: u32::from(m.mode()) & 0o7777,
-                        target,
-                    });
-                }
-                out.sort_by(|a, b| a.name.cmp(&b.name));
-                Ok(out)
-            }
-            GuestFs::Fat(fs) => {
-                let root = fs.root_dir();
-                let d = if dir == "/" {
-                    root
-                } else {
-                    root.open_dir(dir.trim_start_matches('/')).map_err(|e| map_io(dir, e))?
-                };
-                let mut out = vec![];
-                for e in d.iter() {
-                    let e = e.map_err(|e| unreadable(dir, e))?;
-                    let name = e.file_name();
-                    if name == "." || name == ".." {
-                        continue;
-                    }
-                    let t = e.modified();
-                    out.push(Item {
-                        path: join(&name),
-                        name: name.clone().into_bytes(),
-                        kind: if e.is_dir() { ItemKind::Dir } else { ItemKind::File },
-                        size: if e.is_dir() { 0 } else { e.len() },
-                        mtime: fat_time(t),
-                        mode: if e.is_dir() { 0o755 } else { 0o644 },
-                        target: None,
-                    });
-                }
-                out.sort_by(|a, b| a.name.cmp(&b.name));
-                Ok(out)
-            }
-        }
-    }
-
-    /// The entry at `path` itself.
-    fn stat(&self, path: &str, shown: &str) -> Result<Item, ItemsError> {
-        let (parent, name) = match path.trim_end_matches('/').rsplit_once('/') {
-            Some((p, n)) if !n.is_empty() => (if p.is_empty() { "/" } else { p }, n),
-            _ => {
-                return Ok(Item {
-                    path: shown.to_owned(),
-                    name: b"/".to_vec(),
-                    kind: ItemKind::Dir,
-                    size: 0,
-                    mtime: 0,
-                    mode: 0o755,
-                    target: None,
-                })
-            }
-        };
-        let shown_parent =
-            shown.trim_end_matches('/').rsplit_once('/').map_or("/", |(p, _)| if p.is_empty() { "/" } else { p });
-        self.list(parent, shown_parent)?
-            .into_iter()
-            .find(|i| {
-                i.name == name.as_bytes()
-                    || (matches!(self, GuestFs::Fat(_)) && i.name.eq_ignore_ascii_case(name.as_bytes()))
-            })
-            .ok_or_else(|| ItemsError::NotFound(shown.to_owned()))
-    }
-
-    /// Streams a file's bytes.
-    fn read_file(&self, path: &str, sink: &mut dyn FnMut(&[u8]) -> Result<(), String>) -> Result<(), ItemsError> {
-        let mut buf = vec![0u8; 1 << 20];
-        let mut pump = |r: &mut dyn Read| -> Result<(), ItemsError> {
-            loop {
-                let n = r.read(&mut buf).map_err(|e| unreadable(path, e))?;
-                if n == 0 {
-                    return Ok(());
-                }
-                sink(&buf[..n]).map_err(|e| unreadable(path, e))?;
-            }
-        };
-        match self {
-            GuestFs::Ext(fs) => pump(&mut fs.open(path).map_err(|e| map_ext(path, e))?),
-            GuestFs::Fat(fs) => {
-                pump(&mut fs.root_dir().open_file(path.trim_start_matches('/')).map_err(|e| map_io(path, e))?)
-            }
-        }
-    }
-}
-
-fn ext_kind(t: ext4_view::FileType) -> ItemKind {
-    match t {
-        ext4_view::FileType::Directory => ItemKind::Dir,
-        ext4_view::FileType::Regular => ItemKind::File,
-        ext4_view::FileType::Symlink => ItemKind::Symlink,
-        _ => ItemKind::Other,
-    }
-}
-
-fn map_ext(path: &str, e: ext4_view::Ext4Error) -> ItemsError {
-    match e {
-        ext4_view::Ext4Error::NotFound => ItemsError::NotFound(path.to_owned()),
-        other => unreadable(path, other),
-    }
-}
-
-fn map_io(path: &str, e: std::io::Error) -> ItemsError {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        ItemsError::NotFound(path.to_owned())
-    } else {
-        unreadable(path, e)
-    }
-}
-
-/// A FAT timestamp (no zone: taken as UTC) in Unix seconds; a field out of range (the
-/// guest's bytes say so) gives 0, never a panic.
-fn fat_time(t: fatfs::DateTime) -> i64 {
-    let civil = (|| {
-        let date = jiff::civil::Date::new(
-            i16::try_from(t.date.year).ok()?,
-            i8::try_from(t.date.month).ok()?,
-            i8::try_from(t.date.day).ok()?,
-        )
-        .ok()?;
-        let time = jiff::civil::Time::new(
-            i8::try_from(t.time.hour).ok()?,
-            i8::try_from(t.time.min).ok()?,
-            i8::try_from(t.time.sec).ok()?,
-            0,
-        )
-        .ok()?;
-        date.to_datetime(time).to_zoned(jiff::tz::TimeZone::UTC).ok()
-    })();
-    civil.map_or(0, |z| z.timestamp().as_second())
-}
-
-/// Where a guest path lives: the file system and the path inside it.
-struct Located {
-    fs: GuestFs,
-    inner: String,
+        .collect())
 }
 
 /// Splits a user path into components, refusing `..` (paths are always from the root).
@@ -364,13 +155,26 @@ fn components(path: &str) -> Result<Vec<&str>, ItemsError> {
     Ok(parts)
 }
 
-fn locate(disk: &DiskReader, path: &str) -> Result<Located, ItemsError> {
-    let parts = components(path)?;
-    match volumes(disk) {
+/// The file system a user path lives in: the file system, the components inside it, the
+/// display path of its root, and the partition's name on a partitioned disk.
+struct Located<'p> {
+    fs: GuestFs,
+    inner: Vec<&'p str>,
+    root_shown: String,
+    volume: Option<String>,
+}
+
+fn locate<'p>(disk: &DiskReader, parts: &[&'p str]) -> Result<Located<'p>, ItemsError> {
+    match volumes(disk)? {
         None => {
             let mut r = disk.slice(0, disk.len());
-            let kind = fs_kind(&mut r);
-            Ok(Located { fs: GuestFs::open(r, kind, "the disk")?, inner: format!("/{}", parts.join("/")) })
+            let kind = fs::fs_kind(&mut r);
+            Ok(Located {
+                fs: GuestFs::open(r, kind, "the disk")?,
+                inner: parts.to_vec(),
+                root_shown: "/".into(),
+                volume: None,
+            })
         }
         Some(vols) => {
             let first =
@@ -378,41 +182,90 @@ fn locate(disk: &DiskReader, path: &str) -> Result<Located, ItemsError> {
             let v = vols.iter().find(|v| v.name == *first).ok_or_else(|| ItemsError::NotFound(format!("/{first}")))?;
             Ok(Located {
                 fs: GuestFs::open(disk.slice(v.start, v.len), v.fs, &format!("partition {}", v.name))?,
-                inner: format!("/{}", parts[1..].join("/")),
+                inner: parts[1..].to_vec(),
+                root_shown: format!("/{}", v.name),
+                volume: Some(v.name.clone()),
             })
         }
     }
 }
 
-/// `ls`: the entries of the directory at `path` (or the partitions at the top of a
-/// partitioned disk; or the one entry when `path` is a file).
-pub fn list(store: Arc<Store>, d: &RpDisk, path: &str) -> Result<Vec<Item>, ItemsError> {
-    let disk = DiskReader::new(store, d.root, d.block_size, d.size_bytes);
+/// What a path names inside its file system.
+enum Target<'a> {
+    Root(DirRef<'a>),
+    Entry(Entry<'a>),
+}
+
+/// Walks `inner` from the root one directory handle at a time (no path lookups inside the
+/// crates, so a looping directory is met by the entry cap).
+fn resolve<'a>(fs: &'a GuestFs, inner: &[&str], root_shown: &str) -> Result<Target<'a>, ItemsError> {
+    let mut dir = fs.root();
+    let mut shown = root_shown.to_owned();
+    for (i, name) in inner.iter().enumerate() {
+        let e = fs.find(&dir, &shown, name)?;
+        shown = e.item.path.clone();
+        if i + 1 == inner.len() {
+            return Ok(Target::Entry(e));
+        }
+        if e.item.kind != ItemKind::Dir {
+            return Err(ItemsError::Unsupported(format!("{shown} is not a directory")));
+        }
+        dir = fs.dir(&e);
+    }
+    Ok(Target::Root(dir))
+}
+
+/// `ls`: a page of the entries at `path` (the directory's entries, the partitions at the top of
+/// a partitioned disk, or the one entry when `path` is a file), sorted by raw name, after the
+/// cursor `after`, at most `limit`; each goes to `emit`. Answers the next page's cursor.
+pub fn list_page(
+    disk: &DiskReader,
+    path: &str,
+    after: Option<&[u8]>,
+    limit: usize,
+    emit: &mut dyn FnMut(Item) -> Result<(), String>,
+) -> Result<Option<Vec<u8>>, ItemsError> {
     let parts = components(path)?;
-    if parts.is_empty() {
-        if let Some(vols) = volumes(&disk) {
-            return Ok(vols
-                .iter()
-                .map(|v| Item {
-                    path: format!("/{}", v.name),
-                    name: v.name.clone().into_bytes(),
-                    kind: ItemKind::Partition,
-                    size: v.len,
-                    mtime: 0,
-                    mode: 0,
-                    target: None,
-                })
-                .collect());
+    let mut all: Vec<Item> = vec![];
+    let vols = if parts.is_empty() { volumes(disk)? } else { None };
+    if let Some(vols) = vols {
+        all = vols
+            .iter()
+            .map(|v| Item {
+                path: format!("/{}", v.name),
+                name: v.name.clone().into_bytes(),
+                kind: ItemKind::Partition,
+                size: v.len,
+                mtime: 0,
+                mode: 0,
+                target: None,
+            })
+            .collect();
+    } else {
+        let at = locate(disk, &parts)?;
+        let dir = match resolve(&at.fs, &at.inner, &at.root_shown)? {
+            Target::Root(d) => Some((d, at.root_shown.clone())),
+            Target::Entry(e) if e.item.kind == ItemKind::Dir => {
+                let shown = e.item.path.clone();
+                Some((at.fs.dir(&e), shown))
+            }
+            Target::Entry(e) => {
+                all.push(e.item);
+                None
+            }
+        };
+        if let Some((d, shown)) = dir {
+            all = at.fs.entries(&d, &shown)?.into_iter().map(|e| e.item).collect();
         }
     }
-    let shown = format!("/{}", parts.join("/"));
-    let at = locate(&disk, path)?;
-    let item = at.fs.stat(&at.inner, &shown)?;
-    if item.kind == ItemKind::Dir {
-        at.fs.list(&at.inner, &shown)
-    } else {
-        Ok(vec![item])
+    let mut page = all.into_iter().filter(|i| after.is_none_or(|a| i.name.as_slice() > a)).peekable();
+    let mut last = None;
+    for _ in 0..limit {
+        let Some(item) = page.next() else { return Ok(None) };
+        last = Some(item.name.clone());
+        emit(item).map_err(|e| unreadable(path, e))?;
     }
+    Ok(if page.peek().is_some() { last } else { None })
 }
 
 /// What [`copy_out`] produces, in order: an entry, then (files) its bytes, then the next.
@@ -423,57 +276,224 @@ pub enum Emit<'a> {
         item: Item,
     },
     Data(&'a [u8]),
+    /// An entry that could not be read, left out; the walk goes on.
+    Skipped {
+        path: String,
+        reason: String,
+    },
 }
 
-/// `recover-items`: walks each of `paths` (files, directories recursively, symlinks as links)
-/// and hands every entry and every file's bytes to `emit`.
+/// `recover-items`: walks each of `paths` (files, directories recursively, symlinks as links;
+/// a partition `/p1` or the root `/` of a file system as a whole) and hands every entry and
+/// every file's bytes to `emit`. A directory that cannot be read is skipped (reported through
+/// `emit`); the walk is bounded in depth and in entries (the volume cannot hold more than one
+/// per 32 bytes).
 pub fn copy_out(
-    store: Arc<Store>,
-    d: &RpDisk,
+    disk: &DiskReader,
     paths: &[String],
     emit: &mut dyn FnMut(Emit<'_>) -> Result<(), String>,
 ) -> Result<(), ItemsError> {
-    let disk = DiskReader::new(store, d.root, d.block_size, d.size_bytes);
     for path in paths {
         let parts = components(path)?;
-        let shown = format!("/{}", parts.join("/"));
-        let at = locate(&disk, path)?;
-        let item = at.fs.stat(&at.inner, &shown)?;
-        let base = item.name.clone();
-        walk(&at.fs, &at.inner, item, vec![base], emit)?;
+        let at = locate(disk, &parts)?;
+        let mut budget = disk.len() / 32 + 1024;
+        let mut walk = Walk { fs: &at.fs, budget: &mut budget, emit };
+        match resolve(&at.fs, &at.inner, &at.root_shown)? {
+            Target::Entry(e) => {
+                let rel = vec![e.item.name.clone()];
+                walk.entry(e, rel, 0)?;
+            }
+            Target::Root(dir) => {
+                // A partition is restored as a directory named after it; the root of a disk
+                // that is one file system fills the destination itself.
+                let rel = match &at.volume {
+                    Some(v) => {
+                        let item = Item {
+                            path: at.root_shown.clone(),
+                            name: v.clone().into_bytes(),
+                            kind: ItemKind::Dir,
+                            size: 0,
+                            mtime: 0,
+                            mode: 0o755,
+                            target: None,
+                        };
+                        (walk.emit)(Emit::Entry { rel: vec![item.name.clone()], item })
+                            .map_err(|e| unreadable(path, e))?;
+                        vec![v.clone().into_bytes()]
+                    }
+                    None => vec![],
+                };
+                walk.children(&dir, &at.root_shown, &rel, 0)?;
+            }
+        };
     }
     Ok(())
 }
 
-fn walk(
-    fs: &GuestFs,
-    inner: &str,
-    item: Item,
-    rel: Vec<Vec<u8>>,
-    emit: &mut dyn FnMut(Emit<'_>) -> Result<(), String>,
-) -> Result<(), ItemsError> {
-    let kind = item.kind;
-    let shown = item.path.clone();
-    emit(Emit::Entry { rel: rel.clone(), item }).map_err(|e| unreadable(&shown, e))?;
-    match kind {
-        ItemKind::File => fs.read_file(inner, &mut |b| emit(Emit::Data(b))),
-        ItemKind::Dir => {
-            for child in fs.list(inner, &shown)? {
-                let child_inner = format!("{}/{}", inner.trim_end_matches('/'), String::from_utf8_lossy(&child.name));
-                let mut r = rel.clone();
-                r.push(child.name.clone());
-                walk(fs, &child_inner, child, r, emit)?;
-            }
-            Ok(())
+struct Walk<'w, 'a, 'e> {
+    fs: &'a GuestFs,
+    budget: &'w mut u64,
+    emit: &'w mut (dyn FnMut(Emit<'_>) -> Result<(), String> + 'e),
+}
+
+impl<'a> Walk<'_, 'a, '_> {
+    fn entry(&mut self, e: Entry<'a>, rel: Vec<Vec<u8>>, depth: usize) -> Result<(), ItemsError> {
+        if *self.budget == 0 {
+            return Err(ItemsError::Unsupported(format!(
+                "{}: more entries than the volume can hold (its directories loop)",
+                e.item.path
+            )));
         }
-        _ => Ok(()),
+        *self.budget -= 1;
+        let shown = e.item.path.clone();
+        let kind = e.item.kind;
+        (self.emit)(Emit::Entry { rel: rel.clone(), item: e.item.clone() }).map_err(|x| unreadable(&shown, x))?;
+        match kind {
+            ItemKind::File => self.fs.read_file(&e, &mut |b| (self.emit)(Emit::Data(b))),
+            ItemKind::Dir => {
+                if depth >= MAX_DEPTH {
+                    return Err(ItemsError::Unsupported(format!("{shown}: more than {MAX_DEPTH} directory levels")));
+                }
+                let dir = self.fs.dir(&e);
+                self.children(&dir, &shown, &rel, depth + 1)
+            }
+            _ => Ok(()),
+        }
     }
+
+    fn children(&mut self, dir: &DirRef<'a>, shown: &str, rel: &[Vec<u8>], depth: usize) -> Result<(), ItemsError> {
+        let entries = match self.fs.entries(dir, shown) {
+            Ok(entries) => entries,
+            Err(e @ ItemsError::Unreadable { .. }) => {
+                return (self.emit)(Emit::Skipped { path: shown.to_owned(), reason: e.to_string() })
+                    .map_err(|x| unreadable(shown, x))
+            }
+            Err(e) => return Err(e),
+        };
+        for child in entries {
+            let mut r = rel.to_vec();
+            r.push(child.item.name.clone());
+            self.entry(child, r, depth)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything Bulwark does with a guest's disk, in process, on an image in memory: the swap
+/// scan, the listing of every directory (every page), and a copy of everything out. For the
+/// fuzzer: it must end, bounded, with a result or an error — never a panic.
+pub fn fuzz_walk(image: &[u8]) {
+    let src = disk::MemBlocks::new(image.into(), 4096);
+    let geometry = src.geometry();
+    let disk = DiskReader::new(Box::new(src), geometry);
+    let _ = swap_ranges(&disk, 4096);
+    let mut dirs = vec!["/".to_owned()];
+    let mut listed = 0;
+    while let Some(dir) = dirs.pop() {
+        listed += 1;
+        if listed > 64 {
+            break;
+        }
+        let mut after = None;
+        for _ in 0..16 {
+            let mut found = vec![];
+            match list_page(&disk, &dir, after.as_deref(), 64, &mut |i| {
+                found.push(i);
+                Ok(())
+            }) {
+                Ok(next) => {
+                    dirs.extend(
+                        found
+                            .iter()
+                            .filter(|i| matches!(i.kind, ItemKind::Dir | ItemKind::Partition) && i.path != dir)
+                            .map(|i| i.path.clone()),
+                    );
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    let mut bytes = 0u64;
+    let _ = copy_out(&disk, &["/".to_owned()], &mut |e| {
+        if let Emit::Data(d) = e {
+            bytes += d.len() as u64;
+        }
+        if bytes > 64 << 20 {
+            return Err("enough".into());
+        }
+        Ok(())
+    });
 }
 
 pub use bulwark_protocol::transfer::safe_component;
 
 /// File bytes travel in frames of at most this size.
 pub const ITEM_CHUNK: usize = 1 << 20;
+
+fn geometry(d: &RpDisk) -> Geometry {
+    Geometry { block_size: d.block_size, disk_size: d.size_bytes }
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone, Default)]
+pub struct ListPage {
+    pub items: Vec<Item>,
+    /// The cursor of the next page (the last item's raw name), if there is one.
+    pub next: Option<Vec<u8>>,
+}
+
+/// `ls` through the items worker: a page of at most `limit` entries after `after`.
+pub async fn list(
+    store: Arc<Store>,
+    d: &RpDisk,
+    path: &str,
+    after: Option<Vec<u8>>,
+    limit: u32,
+) -> Result<ListPage, ItemsError> {
+    let source = StoreBlocks::new(store, d.root, geometry(d));
+    let op = pipe::Op::List { path: path.to_owned(), after, limit };
+    let mut s = sandbox::start(source, op, sandbox::Budget::BROWSE);
+    let mut page = ListPage::default();
+    while let Some(out) = s.next().await {
+        match out {
+            sandbox::Out::Reply(pipe::Reply::Item(i)) if page.items.len() < limit as usize => page.items.push(i),
+            sandbox::Out::Reply(pipe::Reply::Next(n)) => page.next = n,
+            other => return Err(ItemsError::Worker(format!("unexpected answer from the items worker: {other:?}"))),
+        }
+    }
+    s.finish().await?;
+    Ok(page)
+}
+
+/// The swap block ranges of a disk, found by the items worker.
+pub async fn swap_blocks(
+    store: Arc<Store>,
+    root: bulwark_protocol::blockmap::TreeRoot,
+    block_size: u32,
+    size: u64,
+) -> Result<Vec<(u64, u64)>, ItemsError> {
+    let source = StoreBlocks::new(store, root, Geometry { block_size, disk_size: size });
+    let mut s = sandbox::start(source, pipe::Op::Swap, sandbox::Budget::BROWSE);
+    let mut ranges = None;
+    while let Some(out) = s.next().await {
+        match out {
+            sandbox::Out::Reply(pipe::Reply::Swap(r)) => ranges = Some(r),
+            other => return Err(ItemsError::Worker(format!("unexpected answer from the items worker: {other:?}"))),
+        }
+    }
+    s.finish().await?;
+    let blocks = Geometry { block_size, disk_size: size }.blocks();
+    let ranges = ranges.ok_or_else(|| ItemsError::Worker("the items worker found no answer".into()))?;
+    // The worker is not trusted either: a range must lie inside the disk.
+    if ranges.iter().any(|(a, b)| a >= b || *b > blocks) {
+        return Err(ItemsError::Worker("the items worker answered swap ranges outside the disk".into()));
+    }
+    Ok(ranges)
+}
 
 /// Streams the items at `paths` of disk `d` on `send` (an `Item` message per entry, file
 /// bytes as block frames), paced by the options' throttle; answers the frames sent. The
@@ -487,53 +507,58 @@ pub async fn stream_items(
 ) -> Result<u64, String> {
     use bulwark_protocol::transfer::{self, TransferMessage};
     let mut throttle = crate::throttle::Throttle::for_options(options);
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    let walker = tokio::task::spawn_blocking(move || {
-        let mut seq = 0u64;
-        let mut emit = |e: Emit<'_>| -> Result<(), String> {
-            match e {
-                Emit::Entry { rel, item } => {
-                    seq = 0;
-                    let msg = TransferMessage::Item {
-                        rel,
-                        kind: item.kind.as_str().into(),
-                        mode: item.mode,
-                        mtime: item.mtime,
-                        size: item.size,
-                        target: item.target,
-                    };
-                    let body = transfer::message_body(&msg).map_err(|e| e.to_string())?;
-                    tx.blocking_send(body).map_err(|_| "the receiver went away".to_owned())
-                }
-                Emit::Data(bytes) => {
-                    for c in bytes.chunks(ITEM_CHUNK) {
-                        let frame = transfer::block_body(seq, &bulwark_protocol::block::ZERO, c);
-                        seq += 1;
-                        tx.blocking_send(frame).map_err(|_| "the receiver went away".to_owned())?;
-                    }
-                    Ok(())
-                }
-            }
-        };
-        copy_out(store, &d, &paths, &mut emit).map_err(|e| e.to_string())
-    });
+    let source = StoreBlocks::new(store, d.root, geometry(&d));
+    let mut s = sandbox::start(source, pipe::Op::Copy { paths }, sandbox::Budget::COPY);
     let mut sent = 0u64;
-    let mut broke = None;
-    while let Some(body) = rx.recv().await {
+    let mut seq = 0u64;
+    let mut left = 0u64;
+    let mut skipped = 0u64;
+    while let Some(out) = s.next().await {
+        let body = match out {
+            sandbox::Out::Reply(pipe::Reply::Entry { rel, item }) => {
+                if left != 0 {
+                    return Err(format!("the items worker sent {left} bytes too few before the next entry"));
+                }
+                seq = 0;
+                left = if item.kind == ItemKind::File { item.size } else { 0 };
+                let msg = TransferMessage::Item {
+                    rel,
+                    kind: item.kind.as_str().into(),
+                    mode: item.mode,
+                    mtime: item.mtime,
+                    size: item.size,
+                    target: item.target,
+                };
+                transfer::message_body(&msg).map_err(|e| e.to_string())?
+            }
+            sandbox::Out::Data(bytes) => {
+                // The worker is not trusted: never more bytes than the entry's size.
+                left = left
+                    .checked_sub(bytes.len() as u64)
+                    .ok_or_else(|| "the items worker sent more bytes than the file holds".to_owned())?;
+                let frame = transfer::block_body(seq, &bulwark_protocol::block::ZERO, &bytes);
+                seq += 1;
+                frame
+            }
+            sandbox::Out::Reply(pipe::Reply::Skipped { path, reason }) => {
+                skipped += 1;
+                tracing::warn!(path = %crate::items::sandbox::printable(&path), reason = %crate::items::sandbox::printable(&reason), "item left out of the recovery");
+                continue;
+            }
+            other => return Err(format!("unexpected answer from the items worker: {other:?}")),
+        };
         crate::throttle::pace(&mut throttle, body.len() as u64).await;
-        if let Err(e) = transfer::write_body(send, &body, ITEM_CHUNK).await {
-            broke = Some(format!("the receiver went away: {e}"));
-            break;
-        }
+        transfer::write_body(send, &body, ITEM_CHUNK).await.map_err(|e| format!("the receiver went away: {e}"))?;
         sent += 1;
     }
-    drop(rx);
-    match (walker.await, broke) {
-        (_, Some(e)) => Err(e),
-        (Ok(Ok(())), None) => Ok(sent),
-        (Ok(Err(e)), None) => Err(e),
-        (Err(e), None) => Err(e.to_string()),
+    s.finish().await.map_err(|e| e.to_string())?;
+    if left != 0 {
+        return Err(format!("the items worker sent {left} bytes too few for the last file"));
     }
+    if skipped > 0 {
+        tracing::warn!(skipped, "items that could not be read were left out");
+    }
+    Ok(sent)
 }
 
 #[cfg(test)]
@@ -554,7 +579,20 @@ mod tests {
             date: fatfs::Date { year: 1980, month: 0, day: 0 },
             time: fatfs::Time { hour: 99, min: 0, sec: 0, millis: 0 },
         };
-        assert_eq!(fat_time(bad), 0);
+        assert_eq!(fs::fat_time(bad), 0);
         assert_eq!(components("//p1/./etc/").unwrap(), vec!["p1", "etc"]);
+    }
+
+    #[test]
+    fn fuzz_walk_survives_noise_and_truncated_tables() {
+        let mut image = vec![0u8; 1 << 20];
+        for (i, b) in image.iter_mut().enumerate() {
+            *b = (i.wrapping_mul(2654435761) >> 13) as u8;
+        }
+        fuzz_walk(&image);
+        image[510] = 0x55;
+        image[511] = 0xAA;
+        fuzz_walk(&image);
+        fuzz_walk(&[]);
     }
 }

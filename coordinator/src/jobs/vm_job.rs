@@ -433,25 +433,30 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
 }
 
 /// Looks for swap partitions in freshly committed replicas and records the blocks later
-/// synchronizations and express fulls leave out (logged when they change).
+/// synchronizations and express fulls leave out (logged when they change). The guest's
+/// partition table is read by the items worker; when it cannot be read, nothing is excluded
+/// (a warning, never a failed backup).
 async fn find_swap(ctx: &Arc<JobContext>, replicas: Vec<ReplicaRecord>) {
-    let store = ctx.store.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        for mut r in replicas {
-            let Some(root) = r.root else { continue };
-            let ranges = crate::items::swap_blocks(store.clone(), root, r.block_size, r.size_bytes);
-            if ranges != r.excluded {
-                let bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size);
-                tracing::info!(disk = %r.disk, excluded_bytes = bytes, "swap space left out of synchronizations and express fulls");
-                r.excluded = ranges;
-                store.catalog().put_replica(&r)?;
+    for mut r in replicas {
+        let Some(root) = r.root else { continue };
+        let ranges = match crate::items::swap_blocks(ctx.store.clone(), root, r.block_size, r.size_bytes).await {
+            Ok(ranges) => ranges,
+            Err(e) => {
+                tracing::warn!(disk = %r.disk, error = %e, "swap scan failed: nothing is excluded from this disk");
+                vec![]
             }
+        };
+        if ranges == r.excluded {
+            continue;
         }
-        Ok::<_, crate::catalog::CatalogError>(())
-    })
-    .await;
-    if let Ok(Err(e)) = r {
-        tracing::warn!(error = %e, "cannot record the swap exclusion");
+        let bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size);
+        tracing::info!(disk = %r.disk, excluded_bytes = bytes, "swap space left out of synchronizations and express fulls");
+        r.excluded = ranges;
+        let store = ctx.store.clone();
+        let put = tokio::task::spawn_blocking(move || store.catalog().put_replica(&r)).await;
+        if !matches!(put, Ok(Ok(()))) {
+            tracing::warn!("cannot record the swap exclusion");
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use crate::catalog::{now_secs, Catalog, CatalogError};
 use crate::server::registry::ListConnected;
 use crate::server::{admin, protect, State};
 use bulwark_protocol::messages::{AdminResponse, AgentInfo, ItemInfo};
-use bulwark_protocol::paging::{page_of_sorted, Page, PageBuilder, PageRequest};
+use bulwark_protocol::paging::{Page, PageBuilder, PageRequest};
 use bulwark_protocol::HostId;
 use std::sync::Arc;
 
@@ -155,24 +155,41 @@ pub async fn ls(
     req: PageRequest,
 ) -> AdminResponse {
     let store = state.store.clone();
-    answer(
-        move || {
-            let (_, d) = protect::rp_disk(store.catalog(), &vm, &rp, &disk)?;
-            let items = crate::items::list(store.clone(), &d, &path).map_err(|e| e.to_string())?;
-            let items: Vec<ItemInfo> = items
-                .into_iter()
-                .map(|i| ItemInfo {
-                    path: i.path,
-                    kind: i.kind.as_str().into(),
-                    size: i.size,
-                    mtime: i.mtime,
-                    mode: i.mode,
-                    target: i.target.map(|t| String::from_utf8_lossy(&t).into_owned()),
-                })
-                .collect();
-            page_of_sorted(items, |i| i.path.as_bytes().to_vec(), &req).map_err(|e| e.to_string())
-        },
-        AdminResponse::Items,
-    )
-    .await
+    let d = match blocking(move || protect::rp_disk(store.catalog(), &vm, &rp, &disk)).await {
+        Ok(Ok((_, d))) => d,
+        Ok(Err(e)) | Err(e) => return err(e),
+    };
+    let after = match req.after_key() {
+        Ok(a) => a,
+        Err(e) => return err(e),
+    };
+    // The items worker reads the guest and answers one page, sorted by raw name; the page is
+    // then bounded in bytes like every other answer.
+    let limit = u32::try_from(req.effective_limit()).unwrap_or(u32::MAX);
+    let listed = match crate::items::list(state.store.clone(), &d, &path, after, limit).await {
+        Ok(l) => l,
+        Err(e) => return err(e),
+    };
+    let mut page = PageBuilder::new(&req);
+    let mut stopped = false;
+    for i in listed.items {
+        let key = i.name.clone();
+        let info = ItemInfo {
+            path: i.path,
+            kind: i.kind.as_str().into(),
+            size: i.size,
+            mtime: i.mtime,
+            mode: i.mode,
+            target: i.target.map(|t| String::from_utf8_lossy(&t).into_owned()),
+        };
+        if !page.offer(&key, Some(info)) {
+            stopped = true;
+            break;
+        }
+    }
+    let mut out = page.finish();
+    if !stopped {
+        out.next = listed.next.map(|k| bulwark_protocol::paging::encode_cursor(&k));
+    }
+    AdminResponse::Items(out)
 }

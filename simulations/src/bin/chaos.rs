@@ -50,6 +50,9 @@ fn main() -> ExitCode {
     let mut args: Vec<OsString> = std::env::args_os().collect();
     match args.get(1).and_then(|a| a.to_str()) {
         Some("x-coordinator") => {
+            if let Ok(exe) = std::env::current_exe() {
+                bulwark_coordinator::items::sandbox::set_worker_command(exe, vec!["x-coordinator".into()]);
+            }
             args.remove(1);
             args[0] = "bulwark-coordinator".into();
             return bulwark_coordinator::cli::main_with(args);
