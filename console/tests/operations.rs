@@ -69,7 +69,13 @@ fn the_metrics_endpoint_reports_jobs_replicas_agents_and_store() {
         c.json(&["job", "list", "--vm", "m", "--state", "succeeded"]).as_array().unwrap().len() == 1
     });
 
-    let (_, body) = http_get(&addr, "/metrics");
+    // A scrape is cached for a second, so the first one after the job may still show the
+    // catalog as it was: wait for a fresh one.
+    let mut body = String::new();
+    wait_until("a scrape after the job", Duration::from_secs(10), || {
+        body = http_get(&addr, "/metrics").1;
+        metric(&body, "bulwark_recovery_points") == Some(1.0)
+    });
     assert_eq!(metric(&body, "bulwark_agents_connected"), Some(1.0), "{body}");
     assert_eq!(metric(&body, "bulwark_agents_enrolled"), Some(1.0));
     assert_eq!(metric(&body, "bulwark_vms_protected"), Some(1.0));

@@ -8,9 +8,9 @@
 use bulwark_simulations::torture;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn kill_loop(gc: bool, kills: usize, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
@@ -27,16 +27,45 @@ fn kill_loop(gc: bool, kills: usize, seed: u64) {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.gen_range(5..250)));
-        sigkill(child.id());
+        // The kill is placed by the child's progress, not by the clock (a loaded machine would
+        // otherwise kill every child before it commits anything): wait for 0 to 3 lines, then
+        // kill at a random point of what a round has been taking.
+        let lines = {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let stdout = child.stdout.take().unwrap();
+            let reader = std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let (started, mut last, mut round) = (Instant::now(), Instant::now(), Duration::from_millis(100));
+            let mut lines = vec![];
+            for _ in 0..rng.gen_range(0..=3) {
+                let line = rx
+                    .recv_timeout(Duration::from_secs(120))
+                    .unwrap_or_else(|e| panic!("kill {kill}: the child made no progress in 120 s: {e}"));
+                round = last.elapsed().max(Duration::from_millis(1));
+                last = Instant::now();
+                lines.push(line);
+            }
+            if lines.is_empty() {
+                round = round.max(started.elapsed());
+            }
+            std::thread::sleep(round.mul_f64(rng.gen_range(0.0..1.2)));
+            sigkill(child.id());
+            reader.join().unwrap();
+            lines.extend(rx.try_iter());
+            lines
+        };
         let status = child.wait().unwrap();
-        let mut out = String::new();
-        child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
         let mut err = String::new();
         child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         assert!(status.code().is_none(), "the child must die by the signal, not exit: {status:?}\n{err}");
         assert!(!err.contains("panicked"), "kill {kill}: the child panicked:\n{err}");
-        for line in out.lines() {
+        for line in &lines {
             let parts: Vec<&str> = line.split(' ').collect();
             match parts.as_slice() {
                 ["COMMITTED", vm, version, _] => {
