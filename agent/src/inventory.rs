@@ -9,11 +9,16 @@ use std::path::Path;
 pub fn sim_inventory(root: &Path, host: &str) -> Result<Inventory, SimError> {
     let mut vms = vec![];
     for name in sim::vm::list_vms(root)? {
-        let vm = sim::Vm::open(root, &name)?;
-        let c = &vm.config;
-        if c.host != host {
+        let mut vm = sim::Vm::open(root, &name)?;
+        if vm.config.host != host {
             continue;
         }
+        if vm.config.uuid.is_none() {
+            vm.config.uuid = Some(uuid::Uuid::new_v4().to_string());
+            vm.save()?;
+        }
+        let c = &vm.config;
+        let uuid = c.uuid.clone().unwrap_or_default();
         let disks = c
             .disks
             .iter()
@@ -25,7 +30,7 @@ pub fn sim_inventory(root: &Path, host: &str) -> Result<Inventory, SimError> {
             })
             .collect::<Result<Vec<_>, SimError>>()?;
         vms.push(VmInfo {
-            id: VmId::new(c.name.clone()).map_err(|e| SimError::Invalid(e.to_string()))?,
+            id: VmId::new(uuid).map_err(|e| SimError::Invalid(e.to_string()))?,
             name: c.name.clone(),
             power: match c.power {
                 Power::Running => PowerState::Running,

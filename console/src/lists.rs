@@ -216,27 +216,36 @@ impl Row for VmSummary {
     }
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
-            "id": self.id, "name": self.name, "host": self.host, "state": self.state, "os": self.os,
-            "group": self.group, "replica_state": self.replica_state, "replica_reason": self.replica_reason,
+            "id": self.id, "name": self.name, "uuid": self.uuid, "cluster": self.cluster, "owner": self.owner,
+            "status": self.status, "status_reason": self.status_reason,
+            "host": self.host, "state": self.state, "os": self.os, "group": self.group, "replica_state": self.replica_state, "replica_reason": self.replica_reason,
             "excluded_bytes": self.excluded_bytes,
             "disks": self.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
         })
     }
     fn header() -> Option<String> {
-        Some(format!("{:<20} {:<16} {:<8} {:<8} {:<14} {:<13}", "VM", "HOST", "STATE", "OS", "GROUP", "REPLICA"))
+        Some(format!(
+            "{:<20} {:<16} {:<12} {:<8} {:<8} {:<14} {:<16} {:<13}",
+            "VM", "HOST", "CLUSTER", "STATE", "OS", "GROUP", "STATUS", "REPLICA"
+        ))
     }
     fn text(&self, out: &mut dyn Write) -> std::io::Result<()> {
         let reason = self.replica_reason.as_deref().map(|r| format!(" ({})", Escaped(r))).unwrap_or_default();
+        let status =
+            self.status_reason.as_deref().map(|r| format!(" [{}: {}]", self.status, Escaped(r))).unwrap_or_default();
         writeln!(
             out,
-            "{:<20} {:<16} {:<8} {:<8} {:<14} {}{}",
+            "{:<20} {:<16} {:<12} {:<8} {:<8} {:<14} {:<16} {}{}{}",
             Escaped(&self.name),
             Escaped(&self.host),
+            Escaped(&self.cluster),
             Escaped(&self.state),
             Escaped(&self.os),
             Escaped(self.group.as_deref().unwrap_or("-")),
+            Escaped(&self.status),
             Escaped(&self.replica_state),
-            reason
+            reason,
+            status
         )
     }
 }

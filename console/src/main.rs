@@ -271,11 +271,14 @@ enum SeedCommand {
 
 #[derive(Debug, Subcommand)]
 enum VmCommand {
-    /// Every VM the agents report.
+    /// Every VM the agents report, with its identity (UUID, cluster) and status.
     List {
         #[command(flatten)]
         page: PageArgs,
     },
+    /// Forget a VM that vanished (`missing`) or was replaced: its record and identity go, its
+    /// recovery points stay until retention removes them. Refused while it is in a group.
+    Forget { vm: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -457,7 +460,7 @@ fn list(cli: &Cli, paging: &PageArgs, format: Output) -> anyhow::Result<()> {
                 let make = |page| AdminRequest::JobList { vm: vm.clone(), state: state.clone(), page };
                 lists::print_list::<JobInfo>(c, make, paging, format).await
             }
-            Command::Vm { .. } => {
+            Command::Vm { command: VmCommand::List { .. } } => {
                 lists::print_list::<VmSummary>(c, |page| AdminRequest::VmList { page }, paging, format).await
             }
             Command::Group { command: GroupCommand::Show { name, .. } } => {
@@ -505,6 +508,7 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         | Command::Rp { command: RpCommand::List { .. } }
         | Command::Ls { .. } => anyhow::bail!("a list command reached the single-answer path"),
         Command::Agent { command: AgentCommand::Revoke { host } } => AdminRequest::AgentRevoke { host: host.clone() },
+        Command::Vm { command: VmCommand::Forget { vm } } => AdminRequest::VmForget { vm: vm.clone() },
         Command::Verify { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Verify, wait: *wait },
         Command::Prune { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Prune, wait: *wait },
         Command::Gc { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Gc, wait: *wait },

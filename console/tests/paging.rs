@@ -63,7 +63,7 @@ fn put_vms(catalog: &Catalog) {
     for h in 0..HOSTS {
         let vms = (h * VMS / HOSTS..(h + 1) * VMS / HOSTS)
             .map(|i| VmInfo {
-                id: VmId::new(vm_name(i)).unwrap(),
+                id: VmId::new(format!("00000000-0000-4000-8000-{i:012x}")).unwrap(),
                 name: vm_name(i),
                 power: PowerState::Running,
                 os: GuestOs::Linux,
@@ -72,7 +72,7 @@ fn put_vms(catalog: &Catalog) {
                 change_generation: None,
             })
             .collect();
-        catalog.apply_inventory(&format!("node{h:02}"), &Inventory { vms }, now()).unwrap();
+        catalog.apply_inventory(&format!("node{h:02}"), &Inventory { vms }, now(), &|_| true, 4096).unwrap();
     }
     catalog.flush().unwrap();
 }

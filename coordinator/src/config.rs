@@ -33,6 +33,9 @@ pub struct CoordinatorConfig {
     /// `[tokens]`: join token limits.
     #[serde(default)]
     pub tokens: TokenLimits,
+    /// `[agents]`: what one host may report.
+    #[serde(default)]
+    pub agents: AgentLimits,
     /// The mail server for `--notify` (absent: notifications fail with a clear reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp: Option<SmtpConfig>,
@@ -185,6 +188,20 @@ pub struct TokenLimits {
 impl Default for TokenLimits {
     fn default() -> Self {
         Self { max_ttl: humantime::format_duration(crate::enrollment::DEFAULT_MAX_TTL).to_string() }
+    }
+}
+
+/// `[agents]` in `coordinator.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentLimits {
+    /// VMs one host may report; the rest of a longer inventory is refused and logged.
+    pub max_vms_per_host: usize,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        Self { max_vms_per_host: crate::catalog::DEFAULT_MAX_VMS_PER_HOST }
     }
 }
 

@@ -149,6 +149,7 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
         agent_cert_validity: "730days".into(),
         jobs: crate::config::JobLimits::default(),
         tokens: crate::config::TokenLimits::default(),
+        agents: crate::config::AgentLimits::default(),
         smtp: None,
         metrics: None,
     };

@@ -306,6 +306,11 @@ pub enum AdminRequest {
     VmList {
         page: PageRequest,
     },
+    /// Forget a VM that vanished or was replaced (its record and identity; its recovery points
+    /// stay until retention removes them).
+    VmForget {
+        vm: String,
+    },
     GroupCreate {
         name: String,
         vms: Vec<String>,
@@ -483,6 +488,16 @@ pub struct PlanInfo {
 pub struct VmSummary {
     pub id: String,
     pub name: String,
+    /// The VM's stable identity (empty until its host reported one).
+    pub uuid: String,
+    /// The cluster it belongs to (it moves only between hosts of it).
+    pub cluster: String,
+    /// The coordinator that protects it.
+    pub owner: String,
+    /// `protected`, `unprotected`, `awaiting-replica`, `conflict`, `missing`.
+    pub status: String,
+    /// Why, for `conflict` and `missing`.
+    pub status_reason: Option<String>,
     pub host: String,
     /// `running`, `paused`, `off`.
     pub state: String,

@@ -26,6 +26,9 @@ pub struct DiskDef {
 #[serde(deny_unknown_fields)]
 pub struct VmDef {
     pub name: String,
+    /// The VM's stable identity (a UUID); written into the file when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     /// QEMU's QMP unix socket; absent or silent means the VM is off.
     pub qmp: PathBuf,
     /// The qemu-guest-agent chardev socket, if the guest has one.
@@ -85,11 +88,23 @@ impl VmDef {
     pub fn load(path: &Path) -> Result<VmDef, DefError> {
         let text = std::fs::read_to_string(path).map_err(|source| DefError::Read { path: path.to_owned(), source })?;
         let invalid = |message: String| DefError::Invalid { path: path.to_owned(), message };
-        let def: VmDef = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut def: VmDef = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         def.validate().map_err(invalid)?;
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
         if stem != def.name {
             return Err(invalid(format!("the file must be named after the VM: {}.toml", def.name)));
+        }
+        if def.uuid.is_none() {
+            // A top-level key goes before the first table: prepend it, keeping the rest as the
+            // operator wrote it (comments included), and the file's mode.
+            let id = uuid::Uuid::new_v4().to_string();
+            let mode = std::fs::metadata(path)
+                .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+                .unwrap_or(0o644);
+            let with = format!("uuid = \"{id}\"  # written by bulwark-agent: the VM's identity, keep it\n{text}");
+            bulwark_pki::files::write_atomic(path, with.as_bytes(), mode)
+                .map_err(|source| DefError::Read { path: path.to_owned(), source })?;
+            def.uuid = Some(id);
         }
         Ok(def)
     }
@@ -97,6 +112,9 @@ impl VmDef {
     fn validate(&self) -> Result<(), String> {
         if !valid_name(&self.name) {
             return Err(format!("VM name {:?}: use letters, digits, '-', '_' and '.'", self.name));
+        }
+        if let Some(id) = &self.uuid {
+            uuid::Uuid::parse_str(id).map_err(|e| format!("uuid {id:?}: {e}"))?;
         }
         if !matches!(self.os.as_str(), "linux" | "windows") {
             return Err(format!("os {:?}: use linux or windows", self.os));

@@ -623,7 +623,7 @@ impl Hypervisor for QemuBackend {
             }
             let st = self.load_state(&def.name)?;
             vms.push(VmInfo {
-                id: VmId::new(def.name.clone()).map_err(failed)?,
+                id: VmId::new(def.uuid.clone().unwrap_or_else(|| def.name.clone())).map_err(failed)?,
                 name: def.name.clone(),
                 power,
                 os: if def.os == "windows" { GuestOs::Windows } else { GuestOs::Linux },
@@ -1062,6 +1062,8 @@ impl QemuBackend {
         }
         let def = VmDef {
             name: vm.to_owned(),
+            // A restored copy is a VM of its own.
+            uuid: Some(uuid::Uuid::new_v4().to_string()),
             qmp: self.restore_dir.join(format!("{vm}.qmp")),
             guest_agent: None,
             os: match new.os {

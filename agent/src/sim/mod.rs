@@ -57,6 +57,7 @@ pub fn create_vm(root: &Path, req: &CreateVm) -> Result<(), SimError> {
     }
     let config = VmConfig {
         name: req.name.clone(),
+        uuid: Some(uuid::Uuid::new_v4().to_string()),
         host: req.host.clone(),
         os: req.os.clone(),
         power: req.power,

@@ -99,6 +99,10 @@ pub struct Frozen {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmConfig {
     pub name: String,
+    /// The VM's stable identity (a UUID): what the coordinator knows it by, whatever its name
+    /// or host. Created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
     pub host: String,
     /// `linux` or `windows`.
     pub os: String,

@@ -1,7 +1,13 @@
 //! Typed access to VMs, protection groups, jobs and schedules' next-run times.
 
+use super::identity::{self, Claim, Conflict, Known, Verdict, VmIdentity};
 use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, ReplicaState, VmRecord};
 use bulwark_protocol::messages::Inventory;
+use std::collections::HashSet;
+
+/// VMs one host may report unless `[agents] max_vms_per_host` says otherwise (more are refused
+/// and logged).
+pub const DEFAULT_MAX_VMS_PER_HOST: usize = 4096;
 
 /// What an agent's inventory changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -12,6 +18,47 @@ pub struct InventoryChanges {
     pub moved: Vec<(String, String)>,
     /// Replicas made inconsistent because the VM's change tracking was reset: (VM, reason).
     pub tracking_reset: Vec<(String, String)>,
+    /// Claims refused (security events): (the name as reported, escaped; why).
+    pub refused: Vec<(String, String)>,
+    /// VMs of this host it no longer reports.
+    pub missing: Vec<String>,
+    /// VMs of this host it no longer reports that another host of their cluster claimed
+    /// meanwhile, now recorded there: (VM, to).
+    pub handed_over: Vec<(String, String)>,
+}
+
+/// A VM the catalog holds, with what [`identity::judge`] needs to know of it.
+struct Held {
+    record: VmRecord,
+    identity: Option<VmIdentity>,
+    host_cluster: String,
+    still_reported: bool,
+}
+
+impl Held {
+    fn known(&self) -> Known<'_> {
+        Known {
+            name: &self.record.name,
+            host: &self.record.host,
+            identity: self.identity.as_ref(),
+            host_cluster: &self.host_cluster,
+            still_reported: self.still_reported,
+        }
+    }
+}
+
+/// A name from a host, safe for a log line: control characters escaped, at most 80 characters.
+fn shown(s: &str) -> String {
+    s.chars().take(80).flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] }).collect()
+}
+
+/// Key of the per-host indexes `vm_hosts` and `vm_conflicts`.
+fn host_key(host: &str, vm: &str) -> Vec<u8> {
+    [host.as_bytes(), &[0], vm.as_bytes()].concat()
+}
+
+fn host_prefix(host: &str) -> Vec<u8> {
+    [host.as_bytes(), &[0]].concat()
 }
 
 fn schedule_key(group: &str, kind: &str) -> Vec<u8> {
@@ -25,29 +72,202 @@ impl Catalog {
         self.vms.get(id.as_bytes())?.map(|v| decode("vms", &v)).transpose()
     }
 
+    /// Records a VM under its name, keeping the per-host index in step.
     pub fn put_vm(&self, vm: &VmRecord) -> Result<(), CatalogError> {
-        self.vms.insert(vm.id.as_bytes(), encode("vms", vm)?)?;
+        if let Some(old) = self.vm(&vm.name)? {
+            if old.host != vm.host {
+                self.vm_hosts.remove(host_key(&old.host, &old.name))?;
+            }
+        }
+        self.vms.insert(vm.name.as_bytes(), encode("vms", vm)?)?;
+        self.vm_hosts.insert(host_key(&vm.host, &vm.name), &[])?;
         Ok(())
+    }
+
+    /// Builds the per-host VM index of a catalog written before it existed.
+    pub(super) fn index_vm_hosts(&self) -> Result<(), CatalogError> {
+        if !self.vm_hosts.is_empty() {
+            return Ok(());
+        }
+        for v in self.vms.iter().values() {
+            let vm: VmRecord = decode("vms", &v?)?;
+            self.vm_hosts.insert(host_key(&vm.host, &vm.name), &[])?;
+        }
+        Ok(())
+    }
+
+    /// Names of the VMs recorded on `host`, a bounded number at a time.
+    fn vms_on(&self, host: &str) -> impl Iterator<Item = Result<String, CatalogError>> + '_ {
+        let prefix = host_prefix(host);
+        let skip = prefix.len();
+        self.vm_hosts.scan_prefix(prefix).keys().map(move |k| Ok(String::from_utf8_lossy(&k?[skip..]).into_owned()))
+    }
+
+    /// The cluster a host belongs to: the one its join token named; a standalone host (or
+    /// one the catalog does not know) is its own cluster.
+    pub fn cluster_of(&self, host: &str) -> Result<String, CatalogError> {
+        Ok(self.agent(host)?.map_or_else(|| host.to_owned(), |a| a.cluster))
     }
 
     pub fn vms(&self) -> Result<Vec<VmRecord>, CatalogError> {
         self.vms.iter().values().map(|v| decode("vms", &v?)).collect()
     }
 
-    /// Records what `host` reports: its VMs (a VM another host reported before has migrated
-    /// here) and their tracking generation — one that moved past the replica's change token
-    /// means tracking was lost (host crash, storage migration): the replica is inconsistent.
-    pub fn apply_inventory(&self, host: &str, inv: &Inventory, now: u64) -> Result<InventoryChanges, CatalogError> {
-        let mut changes = InventoryChanges::default();
-        for v in &inv.vms {
-            let old = self.vm(&v.name)?;
-            match &old {
-                None => changes.new.push(v.name.clone()),
-                Some(o) if o.host != host => changes.moved.push((v.name.clone(), o.host.clone())),
-                Some(_) => {}
+    pub fn vm_identity(&self, name: &str) -> Result<Option<VmIdentity>, CatalogError> {
+        self.vm_identity.get(name.as_bytes())?.map(|v| decode("vm_identity", &v)).transpose()
+    }
+
+    fn put_identity(&self, name: &str, i: &VmIdentity) -> Result<(), CatalogError> {
+        self.vm_identity.insert(name.as_bytes(), encode("vm_identity", i)?)?;
+        self.vm_uuids.insert(i.uuid.as_bytes(), name.as_bytes())?;
+        Ok(())
+    }
+
+    /// The VM recorded under `uuid`, by name.
+    pub fn vm_by_uuid(&self, uuid: &str) -> Result<Option<String>, CatalogError> {
+        Ok(self.vm_uuids.get(uuid.as_bytes())?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// `bulwark vm forget`: removes a VM's record and identity (its recovery points stay until
+    /// retention). Refused while the VM is in a protection group.
+    pub fn forget_vm(&self, name: &str) -> Result<Result<(), String>, CatalogError> {
+        let _guard = self.inventory_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(vm) = self.vm(name)? else { return Ok(Err(format!("no VM named {name}"))) };
+        if let Some(g) = &vm.group {
+            return Ok(Err(format!("{name} is in protection group {g}: remove it from the group first")));
+        }
+        if let Some(i) = self.vm_identity(name)? {
+            if self.vm_by_uuid(&i.uuid)?.as_deref() == Some(name) {
+                self.vm_uuids.remove(i.uuid.as_bytes())?;
             }
+            if let Some(c) = &i.conflict {
+                self.vm_conflicts.remove(host_key(&c.host, name))?;
+            }
+        }
+        self.vm_identity.remove(name.as_bytes())?;
+        self.vm_hosts.remove(host_key(&vm.host, name))?;
+        self.vms.remove(name.as_bytes())?;
+        self.flush_durable()?;
+        Ok(Ok(()))
+    }
+
+    /// The VM recorded under `name`, as [`identity::judge`] sees it.
+    fn held(&self, name: Option<&str>, online: &dyn Fn(&str) -> bool) -> Result<Option<Held>, CatalogError> {
+        let Some(name) = name else { return Ok(None) };
+        let Some(record) = self.vm(name)? else { return Ok(None) };
+        let identity = self.vm_identity(name)?;
+        let host_cluster = self.cluster_of(&record.host)?;
+        let still_reported = identity.as_ref().is_some_and(|i| i.missing_since.is_none()) && online(&record.host);
+        Ok(Some(Held { record, identity, host_cluster, still_reported }))
+    }
+
+    /// Marks `victim` as in conflict with `host`'s claim (the first conflict stays until its
+    /// host lets go).
+    fn mark_conflict(
+        &self,
+        victim: &str,
+        host: &str,
+        reason: &str,
+        pending_move: bool,
+        now: u64,
+    ) -> Result<(), CatalogError> {
+        let Some(mut i) = self.vm_identity(victim)? else { return Ok(()) };
+        if i.conflict.as_ref().is_some_and(|c| c.host != host) {
+            return Ok(());
+        }
+        if i.conflict.as_ref().is_some_and(|c| c.reason == reason && c.pending_move == pending_move) {
+            return Ok(());
+        }
+        let since = i.conflict.as_ref().map_or(now, |c| c.since);
+        i.conflict = Some(Conflict { host: host.to_owned(), reason: reason.to_owned(), since, pending_move });
+        self.put_identity(victim, &i)?;
+        self.vm_conflicts.insert(host_key(host, victim), &[])?;
+        Ok(())
+    }
+
+    /// Records what `host` reports: its VMs, judged by identity ([`identity::judge`]: a VM
+    /// moves only inside its cluster, never while its own host still reports it, is never
+    /// taken over by name, and a refused claim marks the VM it aimed at as in conflict), and
+    /// their tracking generation — one that moved past the replica's change token means
+    /// tracking was lost (host crash, storage migration): the replica is inconsistent. VMs of
+    /// this host it no longer reports are marked missing; one another host of its cluster was
+    /// claiming meanwhile moves there. `online` tells whether a host is connected now; a host
+    /// reports at most `max_vms` VMs.
+    pub fn apply_inventory(
+        &self,
+        host: &str,
+        inv: &Inventory,
+        now: u64,
+        online: &dyn Fn(&str) -> bool,
+        max_vms: usize,
+    ) -> Result<InventoryChanges, CatalogError> {
+        let _guard = self.inventory_lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cluster = self.cluster_of(host)?;
+        let mut changes = InventoryChanges::default();
+        let mut reported = HashSet::new();
+        let mut aimed_at = HashSet::new();
+        if inv.vms.len() > max_vms {
+            changes.refused.push((
+                format!("{} VMs", inv.vms.len() - max_vms),
+                format!(
+                    "host {host} reports more than {max_vms} VMs ([agents] max_vms_per_host): the rest are ignored"
+                ),
+            ));
+        }
+        for v in inv.vms.iter().take(max_vms) {
+            if let Err(e) = bulwark_protocol::VmId::new(v.name.clone()) {
+                changes.refused.push((shown(&v.name), format!("not a valid VM name: {}", shown(&e.to_string()))));
+                continue;
+            }
+            if !reported.insert(v.name.clone()) {
+                changes.refused.push((v.name.clone(), format!("host {host} reports two VMs named {}", v.name)));
+                continue;
+            }
+            let uuid = v.id.as_str();
+            if uuid::Uuid::parse_str(uuid).is_err() {
+                changes.refused.push((v.name.clone(), format!("reported without a UUID (id {})", shown(uuid))));
+                continue;
+            }
+            let by_uuid = self.held(self.vm_by_uuid(uuid)?.as_deref(), online)?;
+            let by_name = self.held(Some(&v.name), online)?;
+            let claim = Claim { uuid, name: &v.name, host, cluster: &cluster };
+            let verdict = identity::judge(claim, by_uuid.as_ref().map(Held::known), by_name.as_ref().map(Held::known));
+            let fresh =
+                || VmIdentity { uuid: uuid.to_owned(), cluster: cluster.clone(), conflict: None, missing_since: None };
+            let mut ident = match verdict {
+                Verdict::Refuse { victim, reason, pending_move } => {
+                    if let Some(victim) = victim {
+                        self.mark_conflict(&victim, host, &reason, pending_move, now)?;
+                        aimed_at.insert(victim);
+                    }
+                    changes.refused.push((v.name.clone(), reason));
+                    continue;
+                }
+                Verdict::New => {
+                    changes.new.push(v.name.clone());
+                    fresh()
+                }
+                Verdict::Adopt => fresh(),
+                Verdict::Same { migrated_from } => {
+                    if let Some(from) = migrated_from {
+                        changes.moved.push((v.name.clone(), from));
+                    }
+                    by_uuid.as_ref().and_then(|h| h.identity.clone()).unwrap_or_else(fresh)
+                }
+            };
+            ident.missing_since = None;
+            if ident.conflict.as_ref().is_some_and(|c| c.host == host) {
+                // Its own (new) host cannot be in conflict with it.
+                self.vm_conflicts.remove(host_key(host, &v.name))?;
+                ident.conflict = None;
+            }
+            let old = by_name.map(|h| (h.record, h.identity));
+            if old.as_ref().and_then(|(_, i)| i.as_ref()) != Some(&ident) {
+                self.put_identity(&v.name, &ident)?;
+            }
+            let old = old.map(|(r, _)| r);
             let record = VmRecord {
-                id: v.id.to_string(),
+                id: uuid.to_owned(),
                 name: v.name.clone(),
                 host: host.to_owned(),
                 os: v.os,
@@ -69,6 +289,54 @@ impl Catalog {
                     r.updated_at = now;
                     self.put_replica(&r)?;
                     changes.tracking_reset.push((v.name.clone(), reason));
+                }
+            }
+        }
+        // Conflicts this host no longer stirs are resolved.
+        let stirred: Vec<String> = self
+            .vm_conflicts
+            .scan_prefix(host_prefix(host))
+            .keys()
+            .map(|k| k.map(|k| String::from_utf8_lossy(&k[host.len() + 1..]).into_owned()))
+            .collect::<Result<_, _>>()?;
+        for victim in stirred {
+            if aimed_at.contains(&victim) {
+                continue;
+            }
+            self.vm_conflicts.remove(host_key(host, &victim))?;
+            if let Some(mut i) = self.vm_identity(&victim)? {
+                if i.conflict.as_ref().is_some_and(|c| c.host == host) {
+                    i.conflict = None;
+                    self.put_identity(&victim, &i)?;
+                }
+            }
+        }
+        // VMs recorded here that it no longer reports are missing, or move to the host of
+        // their cluster that claimed them meanwhile.
+        let gone: Vec<String> = self
+            .vms_on(host)
+            .filter(|n| n.as_ref().map_or(true, |n| !reported.contains(n)))
+            .collect::<Result<_, _>>()?;
+        for name in gone {
+            let Some(mut i) = self.vm_identity(&name)? else { continue };
+            let Some(mut vm) = self.vm(&name)? else { continue };
+            match i.conflict.take() {
+                Some(c) if c.pending_move => {
+                    self.vm_conflicts.remove(host_key(&c.host, &name))?;
+                    vm.host = c.host.clone();
+                    vm.updated_at = now;
+                    self.put_vm(&vm)?;
+                    i.missing_since = None;
+                    self.put_identity(&name, &i)?;
+                    changes.handed_over.push((name, c.host));
+                }
+                other => {
+                    i.conflict = other;
+                    if i.missing_since.is_none() {
+                        i.missing_since = Some(now);
+                        self.put_identity(&name, &i)?;
+                        changes.missing.push(name);
+                    }
                 }
             }
         }
@@ -169,6 +437,107 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bulwark_protocol::messages::{DiskInfo, GuestOs, PowerState, VmInfo};
+    use bulwark_protocol::{DiskId, VmId};
+
+    fn inv(vms: &[(&str, u32)]) -> Inventory {
+        let vms = vms
+            .iter()
+            .map(|&(name, n)| VmInfo {
+                id: VmId::new(format!("00000000-0000-4000-8000-{n:012x}")).unwrap(),
+                name: name.into(),
+                power: PowerState::Running,
+                os: GuestOs::Linux,
+                integration_services: true,
+                disks: vec![DiskInfo { name: DiskId::new("os").unwrap(), size_bytes: 1 << 20 }],
+                change_generation: None,
+            })
+            .collect();
+        Inventory { vms }
+    }
+
+    fn status(cat: &Catalog, vm: &str) -> (String, &'static str) {
+        let host = cat.vm(vm).unwrap().unwrap().host;
+        (host, identity::status(cat.vm_identity(vm).unwrap().as_ref(), false, false))
+    }
+
+    #[test]
+    fn inventories_from_several_hosts_keep_each_vm_on_one_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        let all = |_: &str| true;
+        // Hosts the catalog does not know are standalone: each its own cluster.
+        let c = cat.apply_inventory("a", &inv(&[("web", 1), ("db", 2)]), 10, &all, 4096).unwrap();
+        assert_eq!(c.new, ["web", "db"]);
+        assert_eq!(status(&cat, "web"), ("a".into(), "unprotected"));
+        // Another cluster's host, same name and same UUID: refused, the VM in conflict.
+        let c = cat.apply_inventory("b", &inv(&[("web", 1)]), 11, &all, 4096).unwrap();
+        assert_eq!(c.refused.len(), 1, "{c:?}");
+        assert_eq!(status(&cat, "web"), ("a".into(), "conflict"));
+        // It stops: resolved.
+        cat.apply_inventory("b", &inv(&[]), 12, &all, 4096).unwrap();
+        assert_eq!(status(&cat, "web"), ("a".into(), "unprotected"));
+        // One host reporting two VMs of one name: the second is refused.
+        let c = cat.apply_inventory("a", &inv(&[("web", 1), ("db", 2), ("db", 3)]), 13, &all, 4096).unwrap();
+        assert_eq!(c.refused.len(), 1, "{c:?}");
+        assert_eq!(cat.vm("db").unwrap().unwrap().id, "00000000-0000-4000-8000-000000000002");
+        // A VM its host stops reporting is missing; reported again, it is back.
+        let c = cat.apply_inventory("a", &inv(&[("web", 1)]), 14, &all, 4096).unwrap();
+        assert_eq!(c.missing, ["db"]);
+        assert_eq!(status(&cat, "db").1, "missing");
+        cat.apply_inventory("a", &inv(&[("web", 1), ("db", 2)]), 15, &all, 4096).unwrap();
+        assert_eq!(status(&cat, "db").1, "unprotected");
+        // Forgotten, its name is free for a new VM.
+        assert!(cat.forget_vm("db").unwrap().is_ok());
+        let c = cat.apply_inventory("a", &inv(&[("web", 1), ("db", 9)]), 16, &all, 4096).unwrap();
+        assert_eq!(c.new, ["db"]);
+        // Past the per-host cap, the rest of the inventory is refused (and nothing of it kept).
+        let c = cat.apply_inventory("a", &inv(&[("web", 1), ("db", 9), ("extra", 5)]), 17, &all, 2).unwrap();
+        assert!(c.refused[0].1.contains("more than 2 VMs"), "{c:?}");
+        assert!(cat.vm("extra").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_vm_claimed_by_two_hosts_of_its_cluster_moves_when_the_first_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        for h in ["a", "b", "c"] {
+            cat.put_agent(&crate::catalog::AgentRecord {
+                host: h.into(),
+                cert_serial: String::new(),
+                enrolled_at: 0,
+                cert_not_after: 0,
+                revoked: false,
+                last_seen: None,
+                agent_version: None,
+                vms: 0,
+                cluster: "k".into(),
+            })
+            .unwrap();
+        }
+        let all = |_: &str| true;
+        cat.apply_inventory("a", &inv(&[("web", 1)]), 10, &all, 4096).unwrap();
+        // b reports it while a still does: refused, kept on a.
+        let c = cat.apply_inventory("b", &inv(&[("web", 1)]), 11, &all, 4096).unwrap();
+        assert!(c.refused[0].1.contains("at once"), "{c:?}");
+        assert_eq!(status(&cat, "web"), ("a".into(), "conflict"));
+        // a lets go: the VM is b's, with no conflict left.
+        let c = cat.apply_inventory("a", &inv(&[]), 12, &all, 4096).unwrap();
+        assert_eq!(c.handed_over, [("web".to_owned(), "b".to_owned())]);
+        assert!(c.missing.is_empty());
+        assert_eq!(status(&cat, "web"), ("b".into(), "unprotected"));
+        // b's host goes down and c restarts the VM: b is not connected, so it simply moved.
+        let c = cat.apply_inventory("c", &inv(&[("web", 1)]), 13, &|h| h != "b", 4096).unwrap();
+        assert_eq!(c.moved, [("web".to_owned(), "b".to_owned())]);
+        assert_eq!(status(&cat, "web"), ("c".into(), "unprotected"));
+        // b comes back still reporting it: refused while c holds it.
+        let c = cat.apply_inventory("b", &inv(&[("web", 1)]), 14, &all, 4096).unwrap();
+        assert_eq!(c.refused.len(), 1);
+        assert_eq!(status(&cat, "web"), ("c".into(), "conflict"));
+        // The per-host index follows every move: a and b record nothing, c the VM.
+        assert_eq!(cat.vms_on("a").count() + cat.vms_on("b").count(), 0);
+        assert_eq!(cat.vms_on("c").map(Result::unwrap).collect::<Vec<_>>(), ["web"]);
+    }
 
     #[test]
     fn job_ids_are_unique_across_reopen() {

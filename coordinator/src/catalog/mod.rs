@@ -9,7 +9,12 @@
 //! tree "agents"       host name (utf-8) → AgentRecord (or legacy::AgentRecordV1, read only:
 //!                     a host enrolled before clusters is a standalone host)
 //! tree "revocations"  serial hex (utf-8) → RevocationRecord
-//! tree "vms"          VM id (utf-8) → VmRecord
+//! tree "vms"          VM name (utf-8) → VmRecord (its `id` is the VM's UUID once its host
+//!                     reported one; before identities, the name)
+//! tree "vm_identity"  VM name (utf-8) → VmIdentity (UUID, cluster, conflict, missing)
+//! tree "vm_uuids"     VM UUID (utf-8) → VM name (utf-8)
+//! tree "vm_hosts"     host name ‖ 0x00 ‖ VM name → empty: the VMs recorded on each host
+//! tree "vm_conflicts" claiming host ‖ 0x00 ‖ VM name → empty: the conflicts each host stirs
 //! tree "groups"       group name (utf-8) → GroupRecord
 //! tree "jobs"         job id u64 BE → JobRecord
 //! tree "schedules"    group name ‖ 0x00 ‖ schedule kind (utf-8) → next run, Unix seconds u64 BE
@@ -29,11 +34,13 @@
 //! and pack lengths: all of it or nothing. List answers read the trees a page at a time from
 //! a key (`scan`): the cursor a client holds is the last key it was given, hex-encoded.
 
+pub mod identity;
 mod inventory;
 mod records;
 mod scan;
 mod store_trees;
 
+pub use inventory::DEFAULT_MAX_VMS_PER_HOST;
 pub use records::*;
 pub use store_trees::{replica_key, rp_key};
 
@@ -103,6 +110,13 @@ pub struct Catalog {
     agents: sled::Tree,
     revocations: sled::Tree,
     vms: sled::Tree,
+    vm_identity: sled::Tree,
+    vm_uuids: sled::Tree,
+    vm_hosts: sled::Tree,
+    vm_conflicts: sled::Tree,
+    /// Held while an inventory is judged and applied: claims from two hosts are decided one
+    /// after the other, each against what the other left.
+    inventory_lock: std::sync::Arc<std::sync::Mutex<()>>,
     groups: sled::Tree,
     jobs: sled::Tree,
     schedules: sled::Tree,
@@ -202,6 +216,7 @@ impl Catalog {
         if found != SCHEMA_VERSION {
             return Err(CatalogError::Schema { found, expected: SCHEMA_VERSION });
         }
+        cat.index_vm_hosts()?;
         Ok(cat)
     }
 
@@ -240,6 +255,11 @@ impl Catalog {
             agents: db.open_tree("agents")?,
             revocations: db.open_tree("revocations")?,
             vms: db.open_tree("vms")?,
+            vm_identity: db.open_tree("vm_identity")?,
+            vm_uuids: db.open_tree("vm_uuids")?,
+            vm_hosts: db.open_tree("vm_hosts")?,
+            vm_conflicts: db.open_tree("vm_conflicts")?,
+            inventory_lock: Default::default(),
             groups: db.open_tree("groups")?,
             jobs: db.open_tree("jobs")?,
             schedules: db.open_tree("schedules")?,

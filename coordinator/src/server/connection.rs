@@ -195,6 +195,7 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
         registry: state.registry.clone(),
         catalog: state.authority.catalog().clone(),
         router: state.router.clone(),
+        max_vms: state.authority.config().agents.max_vms_per_host,
         span: tracing::Span::current(),
     }
     .start();

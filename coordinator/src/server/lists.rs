@@ -60,11 +60,11 @@ pub async fn jobs(catalog: Catalog, vm: Option<String>, state: Option<String>, r
 }
 
 /// `vm list`: VMs in the VM tree's key order.
-pub async fn vms(catalog: Catalog, req: PageRequest) -> AdminResponse {
+pub async fn vms(catalog: Catalog, owner: String, req: PageRequest) -> AdminResponse {
     answer(
         move || {
             let after = req.after_key().map_err(|e| e.to_string())?;
-            fill(&req, catalog.vms_after(after.as_deref()), |v| protect::vm_summary(&catalog, v).map(Some))
+            fill(&req, catalog.vms_after(after.as_deref()), |v| protect::vm_summary(&catalog, v, &owner).map(Some))
         },
         AdminResponse::Vms,
     )

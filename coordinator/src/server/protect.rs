@@ -1,7 +1,7 @@
 //! Admin handlers for protection: VMs, protection groups, backups and consistency checks on
 //! demand, recovery points, and streaming a disk of a recovery point to the console.
 
-use crate::catalog::{Catalog, GroupRecord, JobKind, RecoveryPointRecord, ReplicaState, VmRecord};
+use crate::catalog::{identity, Catalog, GroupRecord, JobKind, RecoveryPointRecord, ReplicaState, VmRecord};
 use crate::jobs::{Counts, Enqueue};
 use crate::policy;
 use crate::server::State;
@@ -45,9 +45,21 @@ pub fn replica_state(catalog: &Catalog, vm: &str) -> Result<(String, Option<Stri
     Ok(("consistent".into(), None))
 }
 
-/// The `vm list` form of a VM record.
-pub fn vm_summary(catalog: &Catalog, v: VmRecord) -> Result<VmSummary, String> {
+/// The `vm list` form of a VM record; `owner` is this coordinator's name.
+pub fn vm_summary(catalog: &Catalog, v: VmRecord, owner: &str) -> Result<VmSummary, String> {
     let (replica_state, replica_reason) = replica_state(catalog, &v.name)?;
+    let identity = catalog.vm_identity(&v.name).map_err(|e| e.to_string())?;
+    let has_replica = replica_state == "consistent";
+    let status = identity::status(identity.as_ref(), v.group.is_some(), has_replica).to_owned();
+    let status_reason = identity.as_ref().and_then(|i| match (&i.conflict, i.missing_since) {
+        (Some(c), _) => Some(c.reason.clone()),
+        (None, Some(since)) => Some(format!(
+            "its host {} has not reported it since {}",
+            v.host,
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(since))
+        )),
+        (None, None) => None,
+    });
     let excluded_bytes = catalog
         .replicas_of(&v.name)
         .map_err(|e| e.to_string())?
@@ -55,6 +67,11 @@ pub fn vm_summary(catalog: &Catalog, v: VmRecord) -> Result<VmSummary, String> {
         .map(|r| r.excluded.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size))
         .sum();
     Ok(VmSummary {
+        uuid: identity.as_ref().map(|i| i.uuid.clone()).unwrap_or_default(),
+        cluster: identity.map(|i| i.cluster).unwrap_or_default(),
+        owner: owner.to_owned(),
+        status,
+        status_reason,
         id: v.id,
         name: v.name,
         host: v.host,
@@ -232,6 +249,19 @@ pub async fn group_delete(state: &Arc<State>, name: String) -> AdminResponse {
             "group {name} deleted; its {} member(s) are no longer protected (their replicas and recovery points are kept)",
             g.members.len()
         ))
+    })
+    .await;
+    r.map(|message| AdminResponse::Done { message }).unwrap_or_else(err)
+}
+
+/// `vm forget VM`: removes a vanished or replaced VM's record and identity.
+pub async fn vm_forget(state: &Arc<State>, vm: String) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || match catalog.forget_vm(&vm).map_err(|e| e.to_string())? {
+        Ok(()) => Ok(format!(
+            "VM {vm} forgotten: its recovery points stay until retention removes them; if a host reports it again it is a new VM"
+        )),
+        Err(refused) => Err(refused),
     })
     .await;
     r.map(|message| AdminResponse::Done { message }).unwrap_or_else(err)

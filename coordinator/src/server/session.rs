@@ -3,7 +3,7 @@
 
 use crate::catalog::{now_secs, Catalog};
 use crate::jobs::JobRouter;
-use crate::server::registry::{Registry, SetInventory, Unregister};
+use crate::server::registry::{ListConnected, Registry, SetInventory, Unregister};
 use actix::prelude::*;
 use bulwark_pki::quic::close;
 use bulwark_protocol::frame;
@@ -20,6 +20,8 @@ pub struct AgentSession {
     pub registry: Addr<Registry>,
     pub catalog: Catalog,
     pub router: Arc<JobRouter>,
+    /// `[agents] max_vms_per_host`.
+    pub max_vms: usize,
     pub span: tracing::Span,
 }
 
@@ -65,8 +67,16 @@ impl Handler<Inbound> for AgentSession {
                 let vms = u32::try_from(inv.vms.len()).unwrap_or(u32::MAX);
                 self.registry.do_send(SetInventory { host: self.host.clone(), stable_id: self.conn.stable_id(), vms });
                 let (catalog, host, span) = (self.catalog.clone(), self.host.clone(), self.span.clone());
+                let (registry, max_vms) = (self.registry.clone(), self.max_vms);
                 actix_rt::spawn(async move {
-                    let r = tokio::task::spawn_blocking(move || catalog.apply_inventory(&host, &inv, now_secs())).await;
+                    // Which hosts are connected decides whether a VM reported from two hosts
+                    // moved (its old host is gone) or is claimed twice at once.
+                    let online: std::collections::HashSet<String> =
+                        registry.send(ListConnected).await.unwrap_or_default().into_iter().map(|c| c.host).collect();
+                    let r = tokio::task::spawn_blocking(move || {
+                        catalog.apply_inventory(&host, &inv, now_secs(), &|h| online.contains(h), max_vms)
+                    })
+                    .await;
                     let _g = span.enter();
                     match r {
                         Ok(Ok(c)) => {
@@ -78,6 +88,20 @@ impl Handler<Inbound> for AgentSession {
                             }
                             for (vm, reason) in &c.tracking_reset {
                                 tracing::warn!(vm = %Escaped(vm), reason = %Escaped(reason), "replica marked inconsistent");
+                            }
+                            for (vm, reason) in &c.refused {
+                                tracing::warn!(
+                                    target: "bulwark::security",
+                                    vm = %Escaped(vm),
+                                    reason = %Escaped(reason),
+                                    "VM claim refused"
+                                );
+                            }
+                            for vm in &c.missing {
+                                tracing::warn!(vm = %Escaped(vm), "VM no longer reported by its host: shown as missing");
+                            }
+                            for (vm, to) in &c.handed_over {
+                                tracing::info!(vm = %Escaped(vm), to = %Escaped(to), "VM migrated: its old host let go of it");
                             }
                         }
                         Ok(Err(e)) => tracing::error!(error = %e, "cannot record the inventory"),
