@@ -29,8 +29,9 @@ pub struct Conflict {
     pub reason: String,
     pub since: u64,
     /// The claim was right but for the VM's own host still reporting it (the same VM from two
-    /// hosts at once): when that host stops reporting it, the VM moves to the claiming host.
-    pub pending_move: bool,
+    /// hosts at once): when that host stops reporting it, the VM moves to the claiming host,
+    /// as this report of it says.
+    pub pending_move: Option<bulwark_protocol::messages::VmInfo>,
 }
 
 /// The VM a claim names, as the catalog holds it.
@@ -222,7 +223,7 @@ mod tests {
         assert_eq!(status(None, false, false), "unprotected");
         i.missing_since = Some(5);
         assert_eq!(status(Some(&i), true, true), "missing");
-        i.conflict = Some(Conflict { host: "evil".into(), reason: "why".into(), since: 1, pending_move: false });
+        i.conflict = Some(Conflict { host: "evil".into(), reason: "why".into(), since: 1, pending_move: None });
         assert_eq!(status(Some(&i), true, true), "conflict");
     }
 }

@@ -2,7 +2,7 @@
 
 use super::identity::{self, Claim, Conflict, Known, Verdict, VmIdentity};
 use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, ReplicaState, VmRecord};
-use bulwark_protocol::messages::Inventory;
+use bulwark_protocol::messages::{Inventory, VmInfo};
 use std::collections::HashSet;
 
 /// VMs one host may report unless `[agents] max_vms_per_host` says otherwise (more are refused
@@ -151,6 +151,45 @@ impl Catalog {
         Ok(Ok(()))
     }
 
+    /// Records an accepted report of VM `v` from `host` (`old`: its record until now): the
+    /// record, and its tracking generation — one that moved past the replica's change token
+    /// means tracking was lost (host crash, storage migration): the replica is inconsistent.
+    fn record_report(
+        &self,
+        host: &str,
+        v: &VmInfo,
+        old: Option<VmRecord>,
+        now: u64,
+        changes: &mut InventoryChanges,
+    ) -> Result<(), CatalogError> {
+        let record = VmRecord {
+            id: v.id.as_str().to_owned(),
+            name: v.name.clone(),
+            host: host.to_owned(),
+            os: v.os,
+            power: v.power,
+            disks: v.disks.clone(),
+            group: old.as_ref().and_then(|o| o.group.clone()),
+            updated_at: now,
+        };
+        if old.as_ref() != Some(&record) {
+            self.put_vm(&record)?;
+        }
+        let Some(generation) = v.change_generation else { return Ok(()) };
+        for mut r in self.replicas_of(&v.name)? {
+            let reset = r.change_token.is_some_and(|t| t.generation != generation);
+            if reset && r.state == ReplicaState::Consistent {
+                let reason = format!("change tracking was reset on {host} (host crash or storage migration)");
+                r.state = ReplicaState::Inconsistent;
+                r.reason = Some(reason.clone());
+                r.updated_at = now;
+                self.put_replica(&r)?;
+                changes.tracking_reset.push((v.name.clone(), reason));
+            }
+        }
+        Ok(())
+    }
+
     /// The VM recorded under `name`, as [`identity::judge`] sees it.
     fn held(&self, name: Option<&str>, online: &dyn Fn(&str) -> bool) -> Result<Option<Held>, CatalogError> {
         let Some(name) = name else { return Ok(None) };
@@ -162,23 +201,24 @@ impl Catalog {
     }
 
     /// Marks `victim` as in conflict with `host`'s claim (the first conflict stays until its
-    /// host lets go).
+    /// host lets go). `pending`: the claim to apply when the VM's own host lets go of it.
     fn mark_conflict(
         &self,
         victim: &str,
         host: &str,
         reason: &str,
-        pending_move: bool,
+        pending: Option<&VmInfo>,
         now: u64,
     ) -> Result<(), CatalogError> {
         let Some(mut i) = self.vm_identity(victim)? else { return Ok(()) };
         if i.conflict.as_ref().is_some_and(|c| c.host != host) {
             return Ok(());
         }
-        if i.conflict.as_ref().is_some_and(|c| c.reason == reason && c.pending_move == pending_move) {
+        if i.conflict.as_ref().is_some_and(|c| c.reason == reason && c.pending_move.as_ref() == pending) {
             return Ok(());
         }
         let since = i.conflict.as_ref().map_or(now, |c| c.since);
+        let pending_move = pending.cloned();
         i.conflict = Some(Conflict { host: host.to_owned(), reason: reason.to_owned(), since, pending_move });
         self.put_identity(victim, &i)?;
         self.vm_conflicts.insert(host_key(host, victim), &[])?;
@@ -237,7 +277,7 @@ impl Catalog {
             let mut ident = match verdict {
                 Verdict::Refuse { victim, reason, pending_move } => {
                     if let Some(victim) = victim {
-                        self.mark_conflict(&victim, host, &reason, pending_move, now)?;
+                        self.mark_conflict(&victim, host, &reason, pending_move.then_some(v), now)?;
                         aimed_at.insert(victim);
                     }
                     changes.refused.push((v.name.clone(), reason));
@@ -265,32 +305,7 @@ impl Catalog {
             if old.as_ref().and_then(|(_, i)| i.as_ref()) != Some(&ident) {
                 self.put_identity(&v.name, &ident)?;
             }
-            let old = old.map(|(r, _)| r);
-            let record = VmRecord {
-                id: uuid.to_owned(),
-                name: v.name.clone(),
-                host: host.to_owned(),
-                os: v.os,
-                power: v.power,
-                disks: v.disks.clone(),
-                group: old.as_ref().and_then(|o| o.group.clone()),
-                updated_at: now,
-            };
-            if old.as_ref() != Some(&record) {
-                self.put_vm(&record)?;
-            }
-            let Some(generation) = v.change_generation else { continue };
-            for mut r in self.replicas_of(&v.name)? {
-                let reset = r.change_token.is_some_and(|t| t.generation != generation);
-                if reset && r.state == ReplicaState::Consistent {
-                    let reason = format!("change tracking was reset on {host} (host crash or storage migration)");
-                    r.state = ReplicaState::Inconsistent;
-                    r.reason = Some(reason.clone());
-                    r.updated_at = now;
-                    self.put_replica(&r)?;
-                    changes.tracking_reset.push((v.name.clone(), reason));
-                }
-            }
+            self.record_report(host, v, old.map(|(r, _)| r), now, &mut changes)?;
         }
         // Conflicts this host no longer stirs are resolved.
         let stirred: Vec<String> = self
@@ -319,16 +334,15 @@ impl Catalog {
             .collect::<Result<_, _>>()?;
         for name in gone {
             let Some(mut i) = self.vm_identity(&name)? else { continue };
-            let Some(mut vm) = self.vm(&name)? else { continue };
+            let Some(vm) = self.vm(&name)? else { continue };
             match i.conflict.take() {
-                Some(c) if c.pending_move => {
-                    self.vm_conflicts.remove(host_key(&c.host, &name))?;
-                    vm.host = c.host.clone();
-                    vm.updated_at = now;
-                    self.put_vm(&vm)?;
+                Some(Conflict { host: to, pending_move: Some(claim), .. }) => {
+                    // The claim it refused while this host held the VM, applied now.
+                    self.vm_conflicts.remove(host_key(&to, &name))?;
                     i.missing_since = None;
                     self.put_identity(&name, &i)?;
-                    changes.handed_over.push((name, c.host));
+                    self.record_report(&to, &claim, Some(vm), now, &mut changes)?;
+                    changes.handed_over.push((name, to));
                 }
                 other => {
                     i.conflict = other;
@@ -526,6 +540,34 @@ mod tests {
         assert_eq!(c.handed_over, [("web".to_owned(), "b".to_owned())]);
         assert!(c.missing.is_empty());
         assert_eq!(status(&cat, "web"), ("b".into(), "unprotected"));
+        // A storage migration seen first from the new host: its new tracking generation,
+        // refused with the claim at first, resets the replica when the move happens.
+        cat.put_replica(&crate::catalog::ReplicaRecord {
+            vm: "web".into(),
+            disk: "os".into(),
+            size_bytes: 1 << 20,
+            block_size: 1 << 16,
+            state: ReplicaState::Consistent,
+            root: None,
+            change_token: Some(bulwark_protocol::messages::ChangeToken { generation: 1, sequence: 4 }),
+            reason: None,
+            updated_at: 0,
+            excluded: vec![],
+        })
+        .unwrap();
+        let mut moved = inv(&[("web", 1)]);
+        moved.vms[0].change_generation = Some(2);
+        let c = cat.apply_inventory("a", &moved, 12, &all, 4096).unwrap();
+        assert!(c.refused[0].1.contains("at once"), "{c:?}");
+        assert!(c.tracking_reset.is_empty(), "{c:?}");
+        let c = cat.apply_inventory("b", &inv(&[]), 12, &all, 4096).unwrap();
+        assert_eq!(c.handed_over, [("web".to_owned(), "a".to_owned())]);
+        assert_eq!(c.tracking_reset.len(), 1, "{c:?}");
+        assert_eq!(cat.replicas_of("web").unwrap()[0].state, ReplicaState::Inconsistent);
+        cat.apply_inventory("a", &inv(&[]), 12, &all, 4096).unwrap();
+        cat.apply_inventory("b", &inv(&[("web", 1)]), 12, &all, 4096).unwrap();
+        assert_eq!(status(&cat, "web"), ("b".into(), "unprotected"));
+
         // b's host goes down and c restarts the VM: b is not connected, so it simply moved.
         let c = cat.apply_inventory("c", &inv(&[("web", 1)]), 13, &|h| h != "b", 4096).unwrap();
         assert_eq!(c.moved, [("web".to_owned(), "b".to_owned())]);
