@@ -35,6 +35,13 @@ fn uuid_of(root: &Path, name: &str) -> String {
     sim::Vm::open(root, name).unwrap().config.uuid.clone().unwrap()
 }
 
+/// Gives the sim VM `name` under `root` the identity `uuid` (as a cloned VM definition would).
+fn set_uuid(root: &Path, name: &str, uuid: &str) {
+    let mut vm = sim::Vm::open(root, name).unwrap();
+    vm.config.uuid = Some(uuid.to_owned());
+    vm.save().unwrap();
+}
+
 #[test]
 fn a_host_of_another_cluster_cannot_take_a_vm_and_migration_inside_the_cluster_works() {
     let mut c = Cluster::start();
@@ -79,11 +86,7 @@ fn a_host_of_another_cluster_cannot_take_a_vm_and_migration_inside_the_cluster_w
     assert_ne!(c.recover_disk("web1", "latest", "os"), sim_disk(&other, "web1", "os"));
 
     // Even the same UUID from the other cluster is refused.
-    {
-        let mut vm = sim::Vm::open(&other, "web1").unwrap();
-        vm.config.uuid = Some(uuid_of(&site, "web1"));
-        vm.save().unwrap();
-    }
+    set_uuid(&other, "web1", &uuid_of(&site, "web1"));
     let log_len = c.coordinator.log_text().len();
     wait_until("the stolen UUID is refused", Duration::from_secs(30), || {
         c.coordinator.log_text()[log_len..].contains("belongs to cluster a")
@@ -110,11 +113,7 @@ fn a_host_of_another_cluster_cannot_take_a_vm_and_migration_inside_the_cluster_w
     let v = c.vm("web1").unwrap();
     assert!(v["status_reason"].as_str().unwrap().contains("another VM named web1"), "{v}");
     assert_eq!(v["host"], "node1");
-    {
-        let mut vm = sim::Vm::open(&third, "web1").unwrap();
-        vm.config.uuid = Some(uuid_of(&site, "web1"));
-        vm.save().unwrap();
-    }
+    set_uuid(&third, "web1", &uuid_of(&site, "web1"));
     wait_until("the double claim is refused", Duration::from_secs(30), || {
         c.vm("web1").unwrap()["status_reason"].as_str().is_some_and(|r| r.contains("at once"))
     });
