@@ -153,6 +153,18 @@ pub struct Entry<'a> {
     handle: Handle<'a>,
 }
 
+/// A name read from a directory, its entry not yet read.
+pub struct Named<'a> {
+    /// The raw name.
+    pub name: Vec<u8>,
+    raw: Raw<'a>,
+}
+
+enum Raw<'a> {
+    Ext(ext4_view::DirEntry),
+    Fat(fatfs::DirEntry<'a, DiskReader>),
+}
+
 enum Handle<'a> {
     Ext(ext4_view::PathBuf),
     Fat(fatfs::DirEntry<'a, DiskReader>),
@@ -184,9 +196,10 @@ impl GuestFs {
         }
     }
 
-    /// The entries of `dir`, sorted by name; `shown` is the directory's display path.
-    pub fn entries<'a>(&'a self, dir: &DirRef<'a>, shown: &str) -> Result<Vec<Entry<'a>>, ItemsError> {
-        let join = |name: &str| format!("{}/{}", shown.trim_end_matches('/'), name);
+    /// The names in `dir`, sorted, each with what is needed to read its entry later: one pass
+    /// over the directory's own blocks, no inode read (a page of a listing reads the inodes of
+    /// its own entries only). `shown` is the directory's display path.
+    pub fn names<'a>(&'a self, dir: &DirRef<'a>, shown: &str) -> Result<Vec<Named<'a>>, ItemsError> {
         let cap = if matches!(self, GuestFs::Fat(_)) { MAX_FAT_DIR_ENTRIES } else { MAX_DIR_ENTRIES };
         let too_many = || {
             ItemsError::Unsupported(format!("{shown}: more than {cap} entries in one directory (or its entries loop)"))
@@ -203,20 +216,7 @@ impl GuestFs {
                     if out.len() == cap {
                         return Err(too_many());
                     }
-                    let name = String::from_utf8_lossy(&raw).into_owned();
-                    let m = e.metadata().map_err(|x| unreadable(&join(&name), x))?;
-                    let target =
-                        if m.is_symlink() { fs.read_link(&e.path()).ok().map(|t| t.as_ref().to_vec()) } else { None };
-                    let item = Item {
-                        path: join(&name),
-                        name: raw,
-                        kind: ext_kind(m.file_type()),
-                        size: m.len(),
-                        mtime: m.modified().seconds(),
-                        mode: u32::from(m.mode()) & 0o7777,
-                        target,
-                    };
-                    out.push(Entry { item, handle: Handle::Ext(e.path()) });
+                    out.push(Named { name: raw, raw: Raw::Ext(e) });
                 }
             }
             (GuestFs::Fat(_), DirRef::Fat(d)) => {
@@ -229,22 +229,56 @@ impl GuestFs {
                     if out.len() == cap {
                         return Err(too_many());
                     }
-                    let item = Item {
-                        path: join(&name),
-                        name: name.clone().into_bytes(),
-                        kind: if e.is_dir() { ItemKind::Dir } else { ItemKind::File },
-                        size: if e.is_dir() { 0 } else { e.len() },
-                        mtime: fat_time(e.modified()),
-                        mode: if e.is_dir() { 0o755 } else { 0o644 },
-                        target: None,
-                    };
-                    out.push(Entry { item, handle: Handle::Fat(e) });
+                    out.push(Named { name: name.into_bytes(), raw: Raw::Fat(e) });
                 }
             }
             _ => return Err(ItemsError::Unsupported("internal: a directory of another file system".into())),
         }
-        out.sort_by(|a, b| a.item.name.cmp(&b.item.name));
+        out.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// The entry a name of [`GuestFs::names`] stands for: its metadata (an inode read on
+    /// ext4; FAT keeps it in the directory entry) and a symlink's target.
+    pub fn entry<'a>(&'a self, named: Named<'a>, shown: &str) -> Result<Entry<'a>, ItemsError> {
+        let path = format!("{}/{}", shown.trim_end_matches('/'), String::from_utf8_lossy(&named.name));
+        match named.raw {
+            Raw::Ext(e) => {
+                let GuestFs::Ext(fs) = self else {
+                    return Err(ItemsError::Unsupported("internal: an entry of another file system".into()));
+                };
+                let m = e.metadata().map_err(|x| unreadable(&path, x))?;
+                let target =
+                    if m.is_symlink() { fs.read_link(&e.path()).ok().map(|t| t.as_ref().to_vec()) } else { None };
+                let item = Item {
+                    path,
+                    name: named.name,
+                    kind: ext_kind(m.file_type()),
+                    size: m.len(),
+                    mtime: m.modified().seconds(),
+                    mode: u32::from(m.mode()) & 0o7777,
+                    target,
+                };
+                Ok(Entry { item, handle: Handle::Ext(e.path()) })
+            }
+            Raw::Fat(e) => {
+                let item = Item {
+                    path,
+                    name: named.name,
+                    kind: if e.is_dir() { ItemKind::Dir } else { ItemKind::File },
+                    size: if e.is_dir() { 0 } else { e.len() },
+                    mtime: fat_time(e.modified()),
+                    mode: if e.is_dir() { 0o755 } else { 0o644 },
+                    target: None,
+                };
+                Ok(Entry { item, handle: Handle::Fat(e) })
+            }
+        }
+    }
+
+    /// The entries of `dir`, sorted by name; `shown` is the directory's display path.
+    pub fn entries<'a>(&'a self, dir: &DirRef<'a>, shown: &str) -> Result<Vec<Entry<'a>>, ItemsError> {
+        self.names(dir, shown)?.into_iter().map(|n| self.entry(n, shown)).collect()
     }
 
     /// The directory an entry is.
@@ -255,13 +289,16 @@ impl GuestFs {
         }
     }
 
-    /// The entry named `name` in `dir` (FAT names match without regard to case).
+    /// The entry named `name` in `dir` (FAT names match without regard to case): one pass over
+    /// the directory, one inode read.
     pub fn find<'a>(&'a self, dir: &DirRef<'a>, shown: &str, name: &str) -> Result<Entry<'a>, ItemsError> {
         let fat = matches!(self, GuestFs::Fat(_));
-        self.entries(dir, shown)?
+        let named = self
+            .names(dir, shown)?
             .into_iter()
-            .find(|e| e.item.name == name.as_bytes() || (fat && e.item.name.eq_ignore_ascii_case(name.as_bytes())))
-            .ok_or_else(|| ItemsError::NotFound(format!("{}/{name}", shown.trim_end_matches('/'))))
+            .find(|n| n.name == name.as_bytes() || (fat && n.name.eq_ignore_ascii_case(name.as_bytes())))
+            .ok_or_else(|| ItemsError::NotFound(format!("{}/{name}", shown.trim_end_matches('/'))))?;
+        self.entry(named, shown)
     }
 
     /// Streams a file's bytes, never more than its size says.

@@ -11,7 +11,8 @@
 //!
 //! Modules in reading order: [`disk`] (a disk from a block source), [`table`], [`fs`], the
 //! operations below (plain functions over a [`disk::DiskReader`], also what the fuzzer calls),
-//! [`pipe`], [`worker`], [`sandbox`].
+//! [`pipe`], [`worker`], [`sandbox`], and [`listings`] (the coordinator's cache of sorted
+//! directory listings, so paging through a directory reads the guest once).
 //!
 //! Paths: on a partitioned disk the top level lists the partitions as `p1`, `p2`, … (logical
 //! partitions of an MBR from `p5`) and a file's path is `/p1/etc/hosts`; on a disk that is one
@@ -20,6 +21,7 @@
 
 pub mod disk;
 pub mod fs;
+pub mod listings;
 pub mod pipe;
 pub mod sandbox;
 pub mod table;
@@ -217,7 +219,9 @@ fn resolve<'a>(fs: &'a GuestFs, inner: &[&str], root_shown: &str) -> Result<Targ
 
 /// `ls`: a page of the entries at `path` (the directory's entries, the partitions at the top of
 /// a partitioned disk, or the one entry when `path` is a file), sorted by raw name, after the
-/// cursor `after`, at most `limit`; each goes to `emit`. Answers the next page's cursor.
+/// cursor `after`, at most `limit`; each goes to `emit`. Answers the next page's cursor. The
+/// directory's names are read and sorted in one pass; only the page's own entries are read
+/// further (their inodes), so a page costs the directory's blocks plus `limit` entries.
 pub fn list_page(
     disk: &DiskReader,
     path: &str,
@@ -226,46 +230,54 @@ pub fn list_page(
     emit: &mut dyn FnMut(Item) -> Result<(), String>,
 ) -> Result<Option<Vec<u8>>, ItemsError> {
     let parts = components(path)?;
-    let mut all: Vec<Item> = vec![];
     let vols = if parts.is_empty() { volumes(disk)? } else { None };
     if let Some(vols) = vols {
-        all = vols
-            .iter()
-            .map(|v| Item {
-                path: format!("/{}", v.name),
-                name: v.name.clone().into_bytes(),
-                kind: ItemKind::Partition,
-                size: v.len,
-                mtime: 0,
-                mode: 0,
-                target: None,
-            })
-            .collect();
-    } else {
-        let at = locate(disk, &parts)?;
-        let dir = match resolve(&at.fs, &at.inner, &at.root_shown)? {
-            Target::Root(d) => Some((d, at.root_shown.clone())),
-            Target::Entry(e) if e.item.kind == ItemKind::Dir => {
-                let shown = e.item.path.clone();
-                Some((at.fs.dir(&e), shown))
-            }
-            Target::Entry(e) => {
-                all.push(e.item);
-                None
-            }
-        };
-        if let Some((d, shown)) = dir {
-            all = at.fs.entries(&d, &shown)?.into_iter().map(|e| e.item).collect();
-        }
+        let all = vols.iter().map(|v| Item {
+            path: format!("/{}", v.name),
+            name: v.name.clone().into_bytes(),
+            kind: ItemKind::Partition,
+            size: v.len,
+            mtime: 0,
+            mode: 0,
+            target: None,
+        });
+        return emit_page(path, all.filter(|i| after.is_none_or(|a| i.name.as_slice() > a)).map(Ok), limit, emit);
     }
-    let mut page = all.into_iter().filter(|i| after.is_none_or(|a| i.name.as_slice() > a)).peekable();
+    let at = locate(disk, &parts)?;
+    let (dir, shown) = match resolve(&at.fs, &at.inner, &at.root_shown)? {
+        Target::Root(d) => (d, at.root_shown.clone()),
+        Target::Entry(e) if e.item.kind == ItemKind::Dir => {
+            let shown = e.item.path.clone();
+            (at.fs.dir(&e), shown)
+        }
+        Target::Entry(e) => {
+            let one = Some(e.item).filter(|i| after.is_none_or(|a| i.name.as_slice() > a));
+            return emit_page(path, one.into_iter().map(Ok), limit, emit);
+        }
+    };
+    let mut names = at.fs.names(&dir, &shown)?;
+    // Sorted, so the cursor is a binary search away.
+    let from = after.map_or(0, |a| names.partition_point(|n| n.name.as_slice() <= a));
+    let page = names.drain(from..).map(|n| at.fs.entry(n, &shown).map(|e| e.item));
+    emit_page(path, page, limit, emit)
+}
+
+/// Emits at most `limit` items of `items`; answers the last one's name when more follow.
+fn emit_page(
+    path: &str,
+    items: impl Iterator<Item = Result<Item, ItemsError>>,
+    limit: usize,
+    emit: &mut dyn FnMut(Item) -> Result<(), String>,
+) -> Result<Option<Vec<u8>>, ItemsError> {
+    let mut items = items.peekable();
     let mut last = None;
     for _ in 0..limit {
-        let Some(item) = page.next() else { return Ok(None) };
+        let Some(item) = items.next() else { return Ok(None) };
+        let item = item?;
         last = Some(item.name.clone());
         emit(item).map_err(|e| unreadable(path, e))?;
     }
-    Ok(if page.peek().is_some() { last } else { None })
+    Ok(if items.peek().is_some() { last } else { None })
 }
 
 /// What [`copy_out`] produces, in order: an entry, then (files) its bytes, then the next.
@@ -446,7 +458,11 @@ pub struct ListPage {
     pub next: Option<Vec<u8>>,
 }
 
-/// `ls` through the items worker: a page of at most `limit` entries after `after`.
+/// `ls`: a page of at most `limit` entries after `after`. The first page of a directory has the
+/// items worker read the whole directory (up to [`listings::MAX_ITEMS`] entries and
+/// [`listings::MAX_LISTING_BYTES`]); the coordinator keeps that listing ([`listings`]) and
+/// answers the following pages from it, so paging through N entries costs one read of the
+/// directory, not one per page. A larger directory is paged by the worker page by page.
 pub async fn list(
     store: Arc<Store>,
     d: &RpDisk,
@@ -454,19 +470,72 @@ pub async fn list(
     after: Option<Vec<u8>>,
     limit: u32,
 ) -> Result<ListPage, ItemsError> {
+    let key = listings::Key::new(d, path);
+    let limit = limit.max(1);
+    match listings::get(&key) {
+        Some(listings::Known::Listing(l)) => {
+            if let Some(page) = l.page(after.as_deref(), limit as usize) {
+                return Ok(page);
+            }
+        }
+        Some(listings::Known::TooLarge) => {
+            let (page, _) = list_by_worker(store, d, path, after, limit, usize::MAX).await?;
+            return Ok(page);
+        }
+        None => {}
+    }
+    let (whole, complete) =
+        list_by_worker(store, d, path, after.clone(), listings::MAX_ITEMS.max(limit), listings::MAX_LISTING_BYTES)
+            .await?;
+    if !complete {
+        listings::put(key, listings::Known::TooLarge);
+        let mut page = whole;
+        if page.items.len() > limit as usize {
+            page.items.truncate(limit as usize);
+            page.next = page.items.last().map(|i| i.name.clone());
+        }
+        return Ok(page);
+    }
+    let listing = Arc::new(listings::Listing::new(after.clone(), whole.items).map_err(ItemsError::Worker)?);
+    let page = listing.page(after.as_deref(), limit as usize).unwrap_or_default();
+    listings::put(key, listings::Known::Listing(listing));
+    Ok(page)
+}
+
+/// A page of at most `limit` entries read by the items worker; stops early (the worker killed)
+/// once the items take more than `max_bytes`. Answers whether the listing reached its end.
+async fn list_by_worker(
+    store: Arc<Store>,
+    d: &RpDisk,
+    path: &str,
+    after: Option<Vec<u8>>,
+    limit: u32,
+    max_bytes: usize,
+) -> Result<(ListPage, bool), ItemsError> {
     let source = StoreBlocks::new(store, d.root, geometry(d));
     let op = pipe::Op::List { path: path.to_owned(), after, limit };
     let mut s = sandbox::start(source, op, sandbox::Budget::BROWSE);
     let mut page = ListPage::default();
+    let mut bytes = 0usize;
     while let Some(out) = s.next().await {
         match out {
-            sandbox::Out::Reply(pipe::Reply::Item(i)) if page.items.len() < limit as usize => page.items.push(i),
+            sandbox::Out::Reply(pipe::Reply::Item(i)) if page.items.len() < limit as usize => {
+                bytes = bytes.saturating_add(listings::item_bytes(&i));
+                page.items.push(i);
+                if bytes > max_bytes {
+                    // Dropping the session kills the worker; the items so far are a sorted
+                    // prefix, and the page goes on after the last of them.
+                    page.next = page.items.last().map(|i| i.name.clone());
+                    return Ok((page, false));
+                }
+            }
             sandbox::Out::Reply(pipe::Reply::Next(n)) => page.next = n,
             other => return Err(ItemsError::Worker(format!("unexpected answer from the items worker: {other:?}"))),
         }
     }
     s.finish().await?;
-    Ok(page)
+    let complete = page.next.is_none();
+    Ok((page, complete))
 }
 
 /// The swap block ranges of a disk, found by the items worker.
