@@ -9,7 +9,7 @@ use crate::store::{Store, StorePages};
 use bulwark_protocol::block::{Digest, ZERO};
 use bulwark_protocol::blockmap::{self, TreeRoot, FANOUT};
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -119,30 +119,39 @@ impl BlockSource for MemBlocks {
 }
 
 /// The source and cache every slice of one disk shares (one thread: the reader crates are not
-/// `Send`).
+/// `Send`). The cache is least-recently-used, found by index in O(1): a directory of many
+/// entries is read in many small reads, each of which asks it.
 struct Shared {
     source: Box<dyn BlockSource>,
     geometry: Geometry,
-    cache: VecDeque<(u64, Rc<[u8]>)>,
+    /// block index → (bytes, last use)
+    cache: HashMap<u64, (Rc<[u8]>, u64)>,
+    /// last use → block index, oldest first
+    lru: BTreeMap<u64, u64>,
+    clock: u64,
 }
 
 impl Shared {
     fn block(&mut self, index: u64) -> io::Result<Rc<[u8]>> {
-        if let Some(at) = self.cache.iter().position(|(i, _)| *i == index) {
-            let hit = self.cache.remove(at);
-            if let Some(hit) = hit {
-                let data = hit.1.clone();
-                self.cache.push_front(hit);
-                return Ok(data);
-            }
+        self.clock += 1;
+        if let Some((data, used)) = self.cache.get_mut(&index) {
+            self.lru.remove(used);
+            *used = self.clock;
+            self.lru.insert(self.clock, index);
+            return Ok(data.clone());
         }
         let data: Rc<[u8]> = self.source.read_block(index)?.into();
         if data.len() != self.geometry.block_len(index) {
             return Err(io::Error::other(format!("block {index} arrived with {} bytes", data.len())));
         }
         let keep = (CACHE_BYTES / self.geometry.block_size.max(1) as usize).max(2);
-        self.cache.push_front((index, data.clone()));
-        self.cache.truncate(keep);
+        while self.cache.len() >= keep {
+            let Some((_, oldest)) = self.lru.pop_first() else { break };
+            self.cache.remove(&oldest);
+        }
+        self.cache.insert(index, (data.clone(), self.clock));
+        self.lru.insert(self.clock, index);
+        debug_assert_eq!(self.cache.len(), self.lru.len());
         Ok(data)
     }
 }
@@ -158,7 +167,8 @@ pub struct DiskReader {
 
 impl DiskReader {
     pub fn new(source: Box<dyn BlockSource>, geometry: Geometry) -> Self {
-        let shared = Rc::new(RefCell::new(Shared { source, geometry, cache: VecDeque::new() }));
+        let shared =
+            Rc::new(RefCell::new(Shared { source, geometry, cache: HashMap::new(), lru: BTreeMap::new(), clock: 0 }));
         Self { shared, start: 0, len: geometry.disk_size, pos: 0 }
     }
 
