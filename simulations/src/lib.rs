@@ -8,6 +8,8 @@
 //! - [`cluster`]: a real coordinator and agent in this process, on loopback, for benchmarks.
 //! - [`dsim`]: the deterministic simulation (`bulwark-chaos --scenario sim`): the real store,
 //!   catalog, job planning and sim hypervisor driven by a simulated clock, one thread per seed.
+//! - [`itemsbench`]: `ls` and `recover-items` of a directory of 5,000 and 20,000 files, and
+//!   their ratio (linear or not).
 //! - [`limits`]: the machine's own limits (raw read, BLAKE3, raw QUIC + mutual TLS on
 //!   loopback) that every other figure is a ratio against.
 //! - [`peers`]: restic and borg, run as their users run them.
@@ -24,6 +26,7 @@ pub mod agentbench;
 pub mod chaos;
 pub mod cluster;
 pub mod dsim;
+pub mod itemsbench;
 pub mod limits;
 pub mod peers;
 pub mod protectbench;

@@ -63,6 +63,9 @@ pub struct Report {
     /// The QEMU backend against the sim and `qemu-img convert` (`qemu`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub qemu: Option<crate::qemubench::QemuFigures>,
+    /// `ls` and `recover-items` of large directories (`items`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items: Option<crate::itemsbench::ItemsFigures>,
     /// The headline ratios, in words (also printed).
     pub findings: Vec<String>,
 }

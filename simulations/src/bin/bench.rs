@@ -15,7 +15,7 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "bulwark-bench", version, about)]
 struct Cli {
-    /// initial, incremental, cc, restore, smart-restore, limits, store, read, qemu, all
+    /// initial, incremental, cc, restore, smart-restore, limits, store, read, qemu, items, all
     /// (several: comma-separated; `qemu` needs qemu-system-x86_64 and uses the first size).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenario: Vec<String>,
@@ -54,7 +54,7 @@ struct Cli {
 }
 
 const SCENARIOS: &[&str] =
-    &["limits", "store", "read", "initial", "incremental", "cc", "restore", "smart-restore", "qemu"];
+    &["limits", "store", "read", "initial", "incremental", "cc", "restore", "smart-restore", "qemu", "items"];
 
 /// Free bytes on the file system holding `dir`.
 fn free_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
@@ -187,6 +187,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         results.extend(rows);
         qemu = Some(figures);
     }
+    let mut items = None;
+    if has("items") {
+        let work = tempfile::tempdir_in(&cli.out)?;
+        items = Some(bulwark_simulations::itemsbench::run_bench(work.path())?);
+    }
     let mut report = Report {
         machine: Machine { cores: limits::cores(), mem_bytes: limits::mem_bytes() },
         limits: lim,
@@ -195,6 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         agent_read,
         restore,
         qemu,
+        items,
         findings: vec![],
     };
     report.compute_findings();
@@ -282,6 +288,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 r.smart_speedup,
                 format_size(r.smart_bytes_written)
             );
+        }
+        if let Some(f) = &report.items {
+            for d in &f.dirs {
+                println!(
+                    "items: {:>6} files, {:<6}  ls paged {:>7.3} s  (a worker per page {:>7.3} s)  copy out {:>7.3} s",
+                    d.entries,
+                    if d.htree { "htree" } else { "linear" },
+                    d.ls_seconds,
+                    d.ls_per_page_seconds,
+                    d.copy_seconds
+                );
+            }
+            for htree in [false, true] {
+                if let Some((ls, per_page, copy)) = f.ratios(htree) {
+                    println!(
+                        "items: 20,000 / 5,000 files, {:<6}  ls {ls:.1}x  (a worker per page {per_page:.1}x)  copy {copy:.1}x  (4x is linear, 16x quadratic)",
+                        if htree { "htree" } else { "linear" }
+                    );
+                }
+            }
         }
         if !report.results.is_empty() {
             println!();
