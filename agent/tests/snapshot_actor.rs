@@ -27,6 +27,19 @@ fn held(root: &std::path::Path, vm: &str) -> bool {
     Vm::open(root, vm).unwrap().config.snapshot.is_some()
 }
 
+/// Waits (with a deadline) until the VM holds no snapshot and no freeze.
+async fn wait_released(root: &std::path::Path, vm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = Vm::open(root, vm).unwrap().config;
+        if c.snapshot.is_none() && c.frozen.is_none() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{vm} is still frozen or held");
+        actix_rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn run<F: std::future::Future<Output = ()>>(f: F) {
     actix_rt::System::new().block_on(f);
 }
@@ -113,6 +126,8 @@ fn a_refused_snapshot_touches_nothing_and_an_overlong_freeze_is_undone() {
             .start();
         let err = b.send(Take).await.unwrap().unwrap_err().to_string();
         assert!(err.contains("over the"), "{err}");
+        // The take is answered at the bound; the undoing follows as the hypervisor answers.
+        wait_released(&root, "slow").await;
         let vm = Vm::open(&root, "slow").unwrap();
         assert!(vm.config.snapshot.is_none(), "released");
         assert!(vm.config.frozen.is_none(), "thawed");

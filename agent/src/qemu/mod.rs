@@ -51,6 +51,8 @@ pub const SNAP_BITMAP: &str = "bulwark-snap";
 /// How long a guest may take to freeze.
 /// How long QEMU may take to answer a command.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an inventory waits for one VM's QMP: the inventory covers every VM of the host.
+const INVENTORY_QMP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Meta context of the snapshot bitmap.
 fn dirty_context() -> String {
     format!("qemu:dirty-bitmap:{SNAP_BITMAP}")
@@ -604,17 +606,23 @@ impl Hypervisor for QemuBackend {
                     continue;
                 }
             };
-            let mut q = match self.qmp(&def) {
-                Ok(q) => q,
+            // A QEMU whose QMP socket does not answer (hung, or busy with a long command) is
+            // still a VM of this host: it is reported as running, its disk sizes read from the
+            // images, so it neither vanishes from the coordinator nor holds up the others.
+            let (mut q, power) = match Qmp::connect(&def.qmp, INVENTORY_QMP_TIMEOUT) {
+                Err(QmpError::Connect { .. }) => (None, PowerState::Off),
+                Ok(mut q) => match q.status() {
+                    Ok(s) if s == "running" => (Some(q), PowerState::Running),
+                    Ok(_) => (Some(q), PowerState::Paused),
+                    Err(e) => {
+                        tracing::warn!(vm = %def.name, error = %e, "QEMU does not answer: reported as running");
+                        (None, PowerState::Running)
+                    }
+                },
                 Err(e) => {
-                    tracing::warn!(vm = %def.name, error = %e, "QEMU does not answer properly: left out of the inventory");
-                    continue;
+                    tracing::warn!(vm = %def.name, error = %e, "QEMU does not answer: reported as running");
+                    (None, PowerState::Running)
                 }
-            };
-            let power = match q.as_mut().map(Qmp::status).transpose().map_err(failed)? {
-                None => PowerState::Off,
-                Some(s) if s == "running" => PowerState::Running,
-                Some(_) => PowerState::Paused,
             };
             let mut disks = vec![];
             for d in &def.disks {
