@@ -17,6 +17,8 @@ pub mod compare;
 pub mod history;
 pub mod ingest;
 pub mod plan;
+pub mod queue;
+pub mod schedule;
 pub mod vm_job;
 
 use crate::catalog::{now_secs, Catalog, CatalogError, JobKind, JobRecord, JobState};
