@@ -1,8 +1,11 @@
 //! VM jobs: initial replication, synchronization, express full, consistency check.
 //!
-//! - [`JobQueue`] (an actor) owns which jobs wait and which run: one job per VM at a time,
-//!   at most `per_agent` per host and `max_running` in all (`[jobs]` in `coordinator.toml`),
-//!   retries with backoff for transient failures, and a back-off for automatic re-queues.
+//! - [`queue`] decides which jobs wait and which run, in plain code fed `now`: one job per VM
+//!   at a time, at most `per_agent` per host and `max_running` in all (`[jobs]` in
+//!   `coordinator.toml`), de-duplication, retries with backoff for transient failures, a
+//!   back-off for automatic re-queues, and jobs held while their host is away.
+//!   [`JobQueue`] (an actor) is its shell: the clock, the catalog records, the job tasks.
+//! - [`schedule`] decides which of a group's schedules are due (the scheduler actor's math).
 //! - [`vm_job::run`] drives one job: the request to the agent, its transfer streams, the
 //!   commit, the verdict back to the agent.
 //! - [`JobRouter`] hands each transfer stream and each job result an agent sends to the job
@@ -27,7 +30,9 @@ use crate::store::Store;
 use actix::prelude::*;
 use bulwark_protocol::messages::JobResult;
 use bulwark_protocol::transfer::TransferMode;
-use std::collections::{HashMap, HashSet, VecDeque};
+pub use queue::{retry_delay, MAX_ATTEMPTS};
+use queue::{Admission, AfterFinish, Next, Queue};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -133,43 +138,28 @@ pub struct Finished {
     pub retry: bool,
 }
 
-/// Attempts a job gets before it stays failed.
-pub const MAX_ATTEMPTS: u32 = 4;
+/// How often jobs held for a host that is away look up whether their VM moved.
+const HELD_RECHECK: Duration = Duration::from_secs(10);
 
-/// Delay before attempt `n` (1-based) of a job that failed transiently.
-pub fn retry_delay(attempt: u32) -> Duration {
-    Duration::from_secs(5u64.saturating_mul(3u64.saturating_pow(attempt.saturating_sub(1))).min(300))
-}
-
-/// The job queue.
+/// The job queue's actor: the shell around [`queue::Queue`]. It reads the clock, resolves the
+/// host a job runs on, gives new jobs their catalog records, runs what the queue starts and
+/// records what it gives up or retries.
 pub struct JobQueue {
     ctx: Arc<JobContext>,
-    max_running: usize,
-    per_agent: usize,
-    queue: VecDeque<u64>,
-    /// Queued or running jobs: id → (VM, kind).
-    active: HashMap<u64, (String, JobKind)>,
-    /// Running jobs: id → host.
-    running: HashMap<u64, String>,
-    busy_vms: HashSet<String>,
-    attempts: HashMap<u64, u32>,
-    /// Automatic jobs that failed: not re-queued automatically before the instant.
-    auto_backoff: HashMap<(String, JobKind), (Instant, u32)>,
+    queue: Queue,
+    origin: Instant,
+    wakeup: Option<SpawnHandle>,
 }
 
 impl JobQueue {
     pub fn new(ctx: Arc<JobContext>, max_running: usize, per_agent: usize) -> Self {
-        Self {
-            ctx,
-            max_running: max_running.max(1),
-            per_agent: per_agent.max(1),
-            queue: VecDeque::new(),
-            active: HashMap::new(),
-            running: HashMap::new(),
-            busy_vms: HashSet::new(),
-            attempts: HashMap::new(),
-            auto_backoff: HashMap::new(),
-        }
+        let limits = queue::Limits { max_running, per_agent };
+        Self { ctx, queue: Queue::new(limits, 0), origin: Instant::now(), wakeup: None }
+    }
+
+    /// Milliseconds since the actor started: the queue's clock.
+    fn now(&self) -> queue::Millis {
+        self.origin.elapsed().as_millis().min(u128::from(u64::MAX)) as u64
     }
 
     fn save(&self, job: &JobRecord) {
@@ -178,109 +168,96 @@ impl JobQueue {
         }
     }
 
-    /// Starts whatever the bounds allow, in queue order.
-    fn pump(&mut self, ctx: &mut Context<Self>) {
-        let mut per_host: HashMap<&str, usize> = HashMap::new();
-        for h in self.running.values() {
-            *per_host.entry(h.as_str()).or_default() += 1;
+    /// The host a job of `vm` runs on: a recovery's target host, else the VM's host (None
+    /// when the VM is unknown: the job will say so).
+    fn host_of(&self, vm: &str, recovery: Option<&crate::catalog::RecoverySpec>) -> Option<String> {
+        if let Some(h) = recovery.and_then(|r| r.to_host.clone()) {
+            return Some(h);
         }
-        let mut start = vec![];
-        let mut skipped = VecDeque::new();
-        let mut taken_hosts: HashMap<String, usize> = HashMap::new();
-        while let Some(id) = self.queue.pop_front() {
-            if self.running.len() + start.len() >= self.max_running {
-                skipped.push_back(id);
-                continue;
-            }
-            let Some((vm, _)) = self.active.get(&id).cloned() else { continue };
-            if self.busy_vms.contains(&vm) {
-                skipped.push_back(id);
-                continue;
-            }
-            let host = match self.ctx.catalog().vm(&vm) {
-                Ok(Some(v)) => v.host,
-                _ => String::new(),
-            };
-            let n = per_host.get(host.as_str()).copied().unwrap_or(0) + taken_hosts.get(&host).copied().unwrap_or(0);
-            if !host.is_empty() && n >= self.per_agent {
-                skipped.push_back(id);
-                continue;
-            }
-            *taken_hosts.entry(host.clone()).or_default() += 1;
-            self.busy_vms.insert(vm);
-            start.push((id, host));
-        }
-        self.queue = skipped;
-        for (id, host) in start {
-            let job = match self.ctx.catalog().job(id) {
-                Ok(Some(j)) => j,
-                _ => {
-                    tracing::error!(job_id = id, "a queued job is missing from the catalog");
-                    self.forget(id);
-                    continue;
-                }
-            };
-            let on_host = self.running.values().filter(|h| **h == host).count() + 1;
-            tracing::info!(
-                job_id = id,
-                host = %host,
-                running = self.running.len() + 1,
-                on_host,
-                queued = self.queue.len(),
-                "job starting"
-            );
-            self.running.insert(id, host);
-            let c = self.ctx.clone();
-            ctx.spawn(vm_job::run(c, job).into_actor(self).map(|finished, act, ctx| act.finished(finished, ctx)));
+        match self.ctx.catalog().vm(vm) {
+            Ok(Some(v)) if !v.host.is_empty() => Some(v.host),
+            _ => None,
         }
     }
 
-    fn forget(&mut self, id: u64) {
-        if let Some((vm, _)) = self.active.remove(&id) {
-            self.busy_vms.remove(&vm);
+    /// Does what the queue says until it says nothing, then sets the timer for its next wake-up.
+    fn pump(&mut self, ctx: &mut Context<Self>) {
+        // A job held for a host that is away follows its VM if it moved.
+        for (id, vm) in self.queue.held() {
+            let spec = self.ctx.catalog().job(id).ok().flatten().and_then(|j| j.recovery);
+            let host = self.host_of(&vm, spec.as_ref());
+            self.queue.relocate(id, host);
         }
-        self.running.remove(&id);
-        self.attempts.remove(&id);
+        let now = self.now();
+        while let Some(next) = self.queue.next_to_start(now) {
+            match next {
+                Next::Start { job, host } => self.start(ctx, job, host),
+                Next::GiveUp { job, reason } => self.give_up(job, reason),
+            }
+        }
+        if let Some(h) = self.wakeup.take() {
+            ctx.cancel_future(h);
+        }
+        let mut at = self.queue.next_wakeup();
+        if !self.queue.held().is_empty() {
+            let recheck = now.saturating_add(HELD_RECHECK.as_millis() as u64);
+            at = Some(at.map_or(recheck, |a| a.min(recheck)));
+        }
+        if let Some(at) = at {
+            let delay = Duration::from_millis(at.saturating_sub(now));
+            self.wakeup = Some(ctx.run_later(delay, |act, ctx| {
+                act.wakeup = None;
+                act.pump(ctx);
+            }));
+        }
+    }
+
+    fn start(&mut self, ctx: &mut Context<Self>, id: u64, host: Option<String>) {
+        let job = match self.ctx.catalog().job(id) {
+            Ok(Some(j)) => j,
+            _ => {
+                tracing::error!(job_id = id, "a queued job is missing from the catalog");
+                self.queue.forget(id);
+                return;
+            }
+        };
+        let (queued, running) = self.queue.counts();
+        let host = host.unwrap_or_default();
+        let on_host = self.queue.running_on(&host).max(1);
+        tracing::info!(job_id = id, host = %host, running, on_host, queued, "job starting");
+        let c = self.ctx.clone();
+        ctx.spawn(vm_job::run(c, job).into_actor(self).map(|finished, act, ctx| act.finished(finished, ctx)));
+    }
+
+    fn give_up(&mut self, id: u64, reason: String) {
+        tracing::warn!(job_id = id, reason = %reason, "job given up");
+        match self.ctx.catalog().job(id) {
+            Ok(Some(mut job)) => {
+                job.state = JobState::Failed;
+                job.error = Some(reason);
+                job.finished_at = Some(now());
+                self.save(&job);
+            }
+            _ => tracing::error!(job_id = id, "a queued job is missing from the catalog"),
+        }
     }
 
     fn finished(&mut self, f: Finished, ctx: &mut Context<Self>) {
-        let id = f.job.id;
-        self.running.remove(&id);
-        if let Some((vm, _)) = self.active.get(&id) {
-            self.busy_vms.remove(vm);
-        }
-        let attempt = self.attempts.get(&id).copied().unwrap_or(1);
         let mut job = f.job;
-        let key = job.vm.clone().map(|vm| (vm, job.kind));
-        if job.state == JobState::Failed && f.retry && attempt < MAX_ATTEMPTS {
-            let delay = retry_delay(attempt);
+        let outcome = match job.state {
+            JobState::Succeeded => queue::Outcome::Succeeded { ran_as: job.kind },
+            _ => queue::Outcome::Failed { ran_as: job.kind, transient: f.retry && job.state == JobState::Failed },
+        };
+        let attempt = self.queue.attempt(job.id).unwrap_or(1);
+        if let Some(AfterFinish::Retry { delay, .. }) = self.queue.finished(job.id, outcome, self.now()) {
             let reason = job.error.take().unwrap_or_default();
-            tracing::warn!(job_id = id, attempt, reason = %bulwark_protocol::text::Escaped(&reason), delay = ?delay, "job failed; it will be retried");
+            tracing::warn!(job_id = job.id, attempt, reason = %bulwark_protocol::text::Escaped(&reason), delay = ?delay, "job failed; it will be retried");
             job.state = JobState::Queued;
             job.detail = Some(format!(
                 "attempt {attempt} of {MAX_ATTEMPTS} failed ({reason}); retrying in {}",
                 humantime::format_duration(delay)
             ));
             self.save(&job);
-            self.attempts.insert(id, attempt + 1);
-            ctx.run_later(delay, move |act, ctx| {
-                act.queue.push_back(id);
-                act.pump(ctx);
-            });
-        } else {
-            if let Some(key) = key {
-                match job.state {
-                    JobState::Succeeded => {
-                        self.auto_backoff.remove(&key);
-                    }
-                    _ => {
-                        let n = self.auto_backoff.get(&key).map_or(0, |(_, n)| *n) + 1;
-                        let wait = Duration::from_secs(10u64.saturating_mul(1 << n.min(5)));
-                        self.auto_backoff.insert(key, (Instant::now() + wait, n));
-                    }
-                }
-            }
-            self.forget(id);
         }
         self.pump(ctx);
     }
@@ -306,26 +283,17 @@ pub struct Enqueue {
 impl Handler<Enqueue> for JobQueue {
     type Result = Result<u64, String>;
     fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
-        // One waiting job of a kind per VM: asking twice gives the same job.
-        if msg.recovery.is_some() {
-            // Recoveries are each their own.
-        } else if let Some((&id, _)) = self
-            .active
-            .iter()
-            .find(|(id, (vm, kind))| *vm == msg.vm && *kind == msg.kind && !self.running.contains_key(id))
-        {
-            return Ok(id);
-        }
-        if msg.automatic {
-            if let Some((until, _)) = self.auto_backoff.get(&(msg.vm.clone(), msg.kind)) {
-                if Instant::now() < *until {
-                    return Err(format!("{} of {} is backing off after failures", msg.kind.as_str(), msg.vm));
-                }
-            }
-            // An automatic job waits for nothing: if one of its kind runs, that one will do.
-            if self.active.values().any(|(vm, kind)| *vm == msg.vm && *kind == msg.kind) {
-                return Err("already running".into());
-            }
+        let now = self.now();
+        let req = queue::Request {
+            vm: msg.vm.clone(),
+            kind: msg.kind,
+            automatic: msg.automatic,
+            recovery: msg.recovery.is_some(),
+            host: self.host_of(&msg.vm, msg.recovery.as_ref()),
+        };
+        match self.queue.admit(&req, now).map_err(|e| e.to_string())? {
+            Admission::Same(id) => return Ok(id),
+            Admission::New => {}
         }
         let catalog = self.ctx.catalog();
         let id = catalog.next_job_id().map_err(|e| e.to_string())?;
@@ -334,11 +302,31 @@ impl Handler<Enqueue> for JobQueue {
         job.recovery = msg.recovery;
         catalog.put_job(&job).map_err(|e| e.to_string())?;
         tracing::info!(job_id = id, vm = %bulwark_protocol::text::Escaped(&msg.vm), kind = msg.kind.as_str(), reason = %bulwark_protocol::text::Escaped(&msg.reason), "job queued");
-        self.active.insert(id, (msg.vm, msg.kind));
-        self.attempts.insert(id, 1);
-        self.queue.push_back(id);
+        let admitted = self.queue.enqueue(id, req, now);
+        debug_assert_eq!(admitted, Ok(Admission::New));
         self.pump(ctx);
         Ok(id)
+    }
+}
+
+/// An agent connected (`up`) or its connection is gone: jobs for its host wait or go on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct HostPresence {
+    pub host: String,
+    pub up: bool,
+}
+
+impl Handler<HostPresence> for JobQueue {
+    type Result = ();
+    fn handle(&mut self, msg: HostPresence, ctx: &mut Context<Self>) {
+        let now = self.now();
+        if msg.up {
+            self.queue.host_connected(&msg.host, now);
+        } else {
+            self.queue.host_lost(&msg.host, now);
+        }
+        self.pump(ctx);
     }
 }
 
@@ -353,11 +341,11 @@ pub struct HasJob {
 impl Handler<HasJob> for JobQueue {
     type Result = bool;
     fn handle(&mut self, msg: HasJob, _: &mut Context<Self>) -> bool {
-        self.active.values().any(|(vm, kind)| *vm == msg.vm && msg.kind.is_none_or(|k| k == *kind))
+        self.queue.has_job(&msg.vm, msg.kind)
     }
 }
 
-/// Counts of queued and running jobs.
+/// Counts of queued (including those waiting for a retry) and running jobs.
 #[derive(Message)]
 #[rtype(result = "(usize, usize)")]
 pub struct Counts;
@@ -365,7 +353,7 @@ pub struct Counts;
 impl Handler<Counts> for JobQueue {
     type Result = MessageResult<Counts>;
     fn handle(&mut self, _: Counts, _: &mut Context<Self>) -> Self::Result {
-        MessageResult((self.queue.len(), self.running.len()))
+        MessageResult(self.queue.counts())
     }
 }
 

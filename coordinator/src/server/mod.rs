@@ -170,6 +170,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
     });
     let retention = limits.retention()?;
     let jobs = crate::jobs::JobQueue::new(job_ctx, limits.max_running, limits.per_agent).start();
+    registry.do_send(registry::WatchHosts(jobs.clone().recipient()));
     history::start(catalog.clone(), retention);
     let _scheduler = scheduler::Scheduler::new(catalog.clone(), jobs.clone(), workers.clone(), jitter).start();
     let state = Arc::new(State {

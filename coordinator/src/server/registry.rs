@@ -2,6 +2,7 @@
 //! place that closes an agent's connection for a reason of the coordinator's (revocation,
 //! replacement by a newer connection, shutdown).
 
+use crate::jobs::HostPresence;
 use crate::server::session::AgentSession;
 use actix::prelude::*;
 use bulwark_pki::quic::close;
@@ -31,6 +32,32 @@ pub struct ConnectedAgent {
 #[derive(Default)]
 pub struct Registry {
     agents: HashMap<String, Entry>,
+    /// Told of every host that connects or goes away (the job queue).
+    watcher: Option<Recipient<HostPresence>>,
+}
+
+impl Registry {
+    fn tell(&self, host: &str, up: bool) {
+        if let Some(w) = &self.watcher {
+            w.do_send(HostPresence { host: host.to_owned(), up });
+        }
+    }
+}
+
+/// From now on, tell `0` of every host that connects or goes away (sent before any agent can
+/// connect, so the watcher misses none).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct WatchHosts(pub Recipient<HostPresence>);
+
+impl Handler<WatchHosts> for Registry {
+    type Result = ();
+    fn handle(&mut self, msg: WatchHosts, _: &mut Context<Self>) {
+        for host in self.agents.keys() {
+            msg.0.do_send(HostPresence { host: host.clone(), up: true });
+        }
+        self.watcher = Some(msg.0);
+    }
 }
 
 impl Actor for Registry {
@@ -109,6 +136,7 @@ impl Handler<Register> for Registry {
             vms: 0,
             session: msg.session,
         };
+        self.tell(&msg.host, true);
         if let Some(old) = self.agents.insert(msg.host.clone(), entry) {
             tracing::info!(host = %msg.host, old = %old.remote, "a newer connection of this host replaces the old one");
             old.conn.close(close::REPLACED.into(), b"replaced by a newer connection");
@@ -121,6 +149,7 @@ impl Handler<Unregister> for Registry {
     fn handle(&mut self, msg: Unregister, _: &mut Context<Self>) {
         if self.agents.get(&msg.host).is_some_and(|e| e.conn.stable_id() == msg.stable_id) {
             self.agents.remove(&msg.host);
+            self.tell(&msg.host, false);
         }
     }
 }

@@ -6,16 +6,18 @@
 //! up a missed one more than once. A sweep keeps replicas moving: initial copies for members
 //! without one (`--replica now`) and consistency checks for inconsistent ones (when the policy
 //! allows). Once a day the scheduler also prunes recovery points past their group's retention
-//! range (a `prune` job, persisted like any schedule). Schedule math is `crate::policy`'s;
-//! this module only keeps time.
+//! range (a `prune` job, persisted like any schedule). What is due is decided by
+//! [`crate::jobs::schedule`] (plain code); this module reads the clock and the catalog,
+//! persists the next runs, and queues the jobs.
 
 use crate::catalog::{now_secs, Catalog, JobKind, JobRecord, ReplicaState};
+use crate::jobs::schedule::{self, Rule, Schedule};
 use crate::jobs::{Enqueue, JobQueue};
 use crate::policy::{self, Creation};
 use crate::server::store_actor::{RunMaintenance, StoreActor};
 use actix::prelude::*;
 use jiff::tz::TimeZone;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 /// How often group actors look at their schedules.
@@ -46,24 +48,16 @@ impl Scheduler {
     /// Queues the daily prune when it is due.
     fn prune_if_due(&self) -> Result<(), crate::catalog::CatalogError> {
         let now = now_secs() as i64;
-        let tz = TimeZone::system();
-        let next = |after| policy::next_daily(after, &[PRUNE_AT], &tz);
-        match self.catalog.next_run(PRUNE_KEY, "prune")? {
-            Some(at) if at as i64 <= now => {
-                if let Some(n) = next(now) {
-                    self.catalog.set_next_run(PRUNE_KEY, "prune", n.max(0) as u64)?;
-                }
-                let job = JobRecord::queued(self.catalog.next_job_id()?, JobKind::Prune, None);
-                self.catalog.put_job(&job)?;
-                tracing::info!(job_id = job.id, "daily retention prune");
-                self.store_workers.do_send(RunMaintenance(job));
-            }
-            Some(_) => {}
-            None => {
-                if let Some(n) = next(now) {
-                    self.catalog.set_next_run(PRUNE_KEY, "prune", n.max(0) as u64)?;
-                }
-            }
+        let persisted = self.catalog.next_run(PRUNE_KEY, "prune")?.map(|at| at as i64);
+        let step = schedule::step(Rule::Daily(&[PRUNE_AT]), persisted, now, &TimeZone::system());
+        if let Some(next) = step.next {
+            self.catalog.set_next_run(PRUNE_KEY, "prune", next.max(0) as u64)?;
+        }
+        if step.due.is_some() {
+            let job = JobRecord::queued(self.catalog.next_job_id()?, JobKind::Prune, None);
+            self.catalog.put_job(&job)?;
+            tracing::info!(job_id = job.id, "daily retention prune");
+            self.store_workers.do_send(RunMaintenance(job));
         }
         Ok(())
     }
@@ -138,72 +132,31 @@ impl GroupActor {
             ctx.stop();
             return Ok(());
         };
-        let p = &group.policy;
         let now = now_secs() as i64;
-        if let Some(every) = p.sync_every_secs {
-            if let Some(due) = self.due("sync", now, |after| Some(after + every as i64))? {
-                self.set_next("sync", policy::next_every(due, every, now))?;
-                self.fire(ctx, &group.members, JobKind::Sync, due, "scheduled synchronization");
+        let mut persisted = BTreeMap::new();
+        for s in Schedule::ALL {
+            if let Some(at) = self.catalog.next_run(&self.name, s.key())? {
+                persisted.insert(s, at as i64);
             }
         }
-        if !p.recovery_points.is_empty() {
-            let (times, tz) = (p.recovery_points.clone(), self.tz.clone());
-            if let Some(due) = self.due("rp", now, |after| policy::next_daily(after, &times, &tz))? {
-                if let Some(next) = policy::next_daily(now, &times, &self.tz) {
-                    self.set_next("rp", next)?;
-                }
-                self.fire(ctx, &group.members, JobKind::ExpressFull, due, "scheduled recovery point (express full)");
-            }
+        let due = schedule::due(&group.policy, &persisted, now, &self.tz);
+        // Persisted before anything fires: a restart neither doubles a run nor loses one twice.
+        for (s, at) in &due.next {
+            self.catalog.set_next_run(&self.name, s.key(), (*at).max(0) as u64)?;
         }
-        if let Some(at) = p.cc_at {
-            let tz = self.tz.clone();
-            if let Some(due) = self.due("cc", now, |after| policy::next_daily(after, &[at], &tz))? {
-                if let Some(next) = policy::next_daily(now, &[at], &self.tz) {
-                    self.set_next("cc", next)?;
-                }
-                self.fire(ctx, &group.members, JobKind::ConsistencyCheck, due, "scheduled consistency check");
-            }
-        }
-        let creation = policy::creation_time(&p.replica_creation).unwrap_or(Creation::Manual);
-        if let Creation::At(at) = creation {
-            let tz = self.tz.clone();
-            if let Some(due) = self.due("initial", now, |after| policy::next_daily(after, &[at], &tz))? {
-                if let Some(next) = policy::next_daily(now, &[at], &self.tz) {
-                    self.set_next("initial", next)?;
-                }
-                let missing: Vec<String> = group.members.iter().filter(|vm| !self.has_replica(vm)).cloned().collect();
-                self.fire(ctx, &missing, JobKind::Initial, due, "off-peak replica creation");
-            }
+        for fire in due.fire {
+            let members: Vec<String> = match fire.schedule {
+                Schedule::Initial => group.members.iter().filter(|vm| !self.has_replica(vm)).cloned().collect(),
+                _ => group.members.clone(),
+            };
+            self.fire(ctx, &members, fire.schedule.job(), fire.due, fire.schedule.reason());
         }
         if (now as u64).saturating_sub(self.last_sweep) >= SWEEP_EVERY {
             self.last_sweep = now as u64;
-            self.sweep(&group.members, creation, p.cc_when_inconsistent)?;
+            let creation = policy::creation_time(&group.policy.replica_creation).unwrap_or(Creation::Manual);
+            self.sweep(&group.members, creation, group.policy.cc_when_inconsistent)?;
         }
         Ok(())
-    }
-
-    /// The schedule's due time if it is due now; a schedule seen for the first time gets its
-    /// first run time from `first` and is not due.
-    fn due(
-        &self,
-        kind: &str,
-        now: i64,
-        first: impl FnOnce(i64) -> Option<i64>,
-    ) -> Result<Option<i64>, crate::catalog::CatalogError> {
-        match self.catalog.next_run(&self.name, kind)? {
-            Some(at) if at as i64 <= now => Ok(Some(at as i64)),
-            Some(_) => Ok(None),
-            None => {
-                if let Some(at) = first(now) {
-                    self.set_next(kind, at)?;
-                }
-                Ok(None)
-            }
-        }
-    }
-
-    fn set_next(&self, kind: &str, at: i64) -> Result<(), crate::catalog::CatalogError> {
-        self.catalog.set_next_run(&self.name, kind, at.max(0) as u64)
     }
 
     fn has_replica(&self, vm: &str) -> bool {
