@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Seeds for a `walk` target (a guest disk image through `items::fuzz_walk`: volumes, swap scan,
-# listing, reading every file; the target is added once that function exists): small real disk
-# images, made here rather than committed. `fuzz/seeds/walk.sh OUTDIR` writes
-#   ext4      a bare ext4 (mke2fs -d: directories, files, a symlink), 128 KiB
+# Seeds of the `walk` target (a guest disk image through `items::fuzz_walk`: volumes, swap scan,
+# listing, reading every file): small real disk images, made here rather than committed (run.sh
+# runs it on the target's first run, into fuzz/target/seeds/walk). `fuzz/seeds/walk.sh OUTDIR`
+# writes
+#   ext4      a bare ext4 (mke2fs -d: directories, files, a symlink), 64 KiB
 #   fat       a bare FAT12 (mkfs.vfat + mtools: nested directories, a long name), 64 KiB
-#   gpt       a GPT disk: the ext4, the FAT and a swap partition, 237 KiB
+#   gpt       a GPT disk: the ext4, the FAT and a swap partition, 170 KiB
 #   mbr       an MBR disk: the FAT as a primary partition and an extended partition holding the
-#             ext4 and a swap as logical partitions (a chain of two EBRs), 209 KiB
-# Needs mke2fs (e2fsprogs), mkfs.vfat (dosfstools), mmd/mcopy (mtools) and python3. The images
-# are the same on every run where the tools allow it (fixed UUIDs, serials and times).
+#             ext4 and a swap as logical partitions (a chain of two EBRs), 138 KiB
+# Needs mke2fs and debugfs (e2fsprogs), mkfs.vfat (dosfstools), mmd/mcopy (mtools) and python3.
+# The images are the same on every run (fixed UUIDs, serials and times) where the tools allow it.
 set -euo pipefail
 out=$1
 work=$(mktemp -d)
@@ -24,9 +25,14 @@ ln -s ../../etc/hosts "$tree/home/user/hosts-link"
 find "$tree" -exec touch -h -d @1700000000 {} +
 
 export E2FSPROGS_FAKE_TIME=1700000000 SOURCE_DATE_EPOCH=1700000000
+# The image file is sized first: mke2fs itself writes only up to its last used block.
+truncate -s 64K "$work/ext4"
 mke2fs -q -F -t ext4 -O ^has_journal,^resize_inode -b 1024 -N 32 -m 0 \
     -U 6b1f2a9e-1d2c-4f7a-9a51-0c3e1d2b4a10 -E hash_seed=0b7e3c1a-2f4d-4e5a-8b6c-7d8e9f0a1b2c \
-    -d "$tree" "$work/ext4" 128K >/dev/null
+    -d "$tree" "$work/ext4" >/dev/null
+# mke2fs -d copies each file's ctime, which touch cannot set: debugfs fixes them.
+(cd "$tree" && find . -mindepth 1 | sed 's|^\.||; s|.*|sif & ctime @1700000000|') >"$work/ctimes"
+debugfs -w -f "$work/ctimes" "$work/ext4" >/dev/null 2>&1
 cp "$work/ext4" "$out/ext4"
 
 export MTOOLS_SKIP_CHECK=1
