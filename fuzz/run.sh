@@ -2,12 +2,13 @@
 # Runs Bulwark's fuzz targets: `fuzz/run.sh SECONDS [TARGET…]` (every target when none is named).
 # Builds what it needs with cargo fuzz (stable toolchain + RUSTC_BOOTSTRAP=1 for its nightly
 # flags, in this script only), runs each target for SECONDS on one core with libFuzzer's memory
-# (2 GiB) and per-input time (10 s) limits, from its corpus (fuzz/corpus/TARGET, kept between
-# runs, not committed) plus its seeds (fuzz/seeds/TARGET, committed; a target with a
-# fuzz/seeds/TARGET.sh generates more into fuzz/target/seeds/TARGET), and prints per target:
-# seconds, executions, coverage (libFuzzer's cov = edges, ft = features) and crashes. A crash
-# leaves its input in fuzz/artifacts/TARGET/ and makes the script exit 1: fix the bug, then copy
-# the input into fuzz/regressions/TARGET/ so the test suite replays it.
+# (2 GiB) and per-input time (10 s) limits and the target's own options (target_options below),
+# from its corpus (fuzz/corpus/TARGET, kept between runs, not committed) plus its seeds
+# (fuzz/seeds/TARGET, committed; a target with a fuzz/seeds/TARGET.sh generates more into
+# fuzz/target/seeds/TARGET), and prints per target: seconds, executions, coverage (libFuzzer's
+# cov = edges, ft = features) and crashes. A crash leaves its input in fuzz/artifacts/TARGET/
+# and makes the script exit 1: fix the bug, then copy the input into fuzz/regressions/TARGET/ so
+# the test suite replays it.
 # BULWARK_FUZZ_TARGET_DIR puts the build elsewhere than fuzz/target (CI keeps it across clones).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -35,6 +36,10 @@ for t in "${targets[@]}"; do
         exit 2
     fi
 done
+
+# libFuzzer options of one target beyond those every run gets. walk's inputs are disk images:
+# its seeds are 64-170 KiB, and libFuzzer would otherwise cap every input at the largest seed.
+declare -A target_options=([walk]="-max_len=1048576")
 
 target_dir=${BULWARK_FUZZ_TARGET_DIR:-target}
 started=$SECONDS
@@ -69,9 +74,10 @@ for t in "${targets[@]}"; do
     echo "== $t: ${seconds} s"
     run_started=$SECONDS
     status=0
+    read -ra options <<<"${target_options[$t]:-}"
     ASAN_OPTIONS=detect_odr_violation=0:detect_leaks=0 "$bin_dir/$t" "${corpora[@]}" \
         -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
-        -artifact_prefix="artifacts/$t/" >"$log" 2>&1 || status=$?
+        -artifact_prefix="artifacts/$t/" "${options[@]}" >"$log" 2>&1 || status=$?
     took=$((SECONDS - run_started))
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1 | awk '{print $2 "/" $4}')

@@ -4,6 +4,9 @@
 //! functions (protocol/tests/fuzz_regressions.rs includes these files by path), so a fixed
 //! crash stays fixed without libFuzzer.
 //!
+//! The `walk` target has no check here: it calls `bulwark_coordinator::items::fuzz_walk`
+//! itself (a disk image must end, bounded, without a panic).
+//!
 //! Modules in reading order:
 //! - [`stream`]: an in-memory stream that delivers bytes in pieces, and a poller for it.
 //! - [`protocol`]: the checks of the frame, transfer, codec and handshake targets.
