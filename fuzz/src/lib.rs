@@ -5,7 +5,8 @@
 //! crash stays fixed without libFuzzer.
 //!
 //! The `walk` target has no check here: it calls `bulwark_coordinator::items::fuzz_walk`
-//! itself (a disk image must end, bounded, without a panic).
+//! itself (a disk image must end, bounded, without a panic), and
+//! coordinator/tests/fuzz_regressions.rs replays its crashers through the same function.
 //!
 //! Modules in reading order:
 //! - [`stream`]: an in-memory stream that delivers bytes in pieces, and a poller for it.

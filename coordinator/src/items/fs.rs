@@ -1,11 +1,14 @@
 //! The file systems item-level recovery reads (ext2/3/4 with ext4-view, FAT with fatfs), each
 //! opened only after its superblock or boot sector passed bounds checks of our own (block and
 //! cluster sizes, counts against the volume, group descriptors inside it), so a hostile header
-//! never reaches a crate that would size a buffer from it. Directories are listed with a cap on
-//! their entries (a FAT cluster chain that loops yields the same entries forever); FAT paths are
-//! walked handle by handle, so a restore is linear in the entries.
+//! never reaches a crate that would size a buffer from it; fatfs reads through a guard that
+//! keeps the cluster numbers of tables and directory entries inside the volume
+//! ([`super::fat_guard`]). Directories are listed with a cap on their entries (a FAT cluster
+//! chain that loops yields the same entries forever); FAT paths are walked handle by handle, so
+//! a restore is linear in the entries.
 
 use super::disk::DiskReader;
+use super::fat_guard::{FatGuard, FatLayout, ListingSwitch};
 use super::{unreadable, FsKind, Item, ItemKind, ItemsError};
 use std::io::Read;
 
@@ -100,8 +103,8 @@ fn check_ext(r: &mut DiskReader, what: &str) -> Result<(), ItemsError> {
     Ok(())
 }
 
-/// Checks a FAT boot sector against the volume.
-fn check_fat(r: &mut DiskReader, what: &str) -> Result<(), ItemsError> {
+/// Checks a FAT boot sector against the volume; answers the layout its [`FatGuard`] keeps to.
+fn check_fat(r: &mut DiskReader, what: &str) -> Result<FatLayout, ItemsError> {
     let bad = |reason: String| ItemsError::Unsupported(format!("{what}: the FAT boot sector is invalid: {reason}"));
     let mut b = [0u8; 512];
     r.read_at(0, &mut b).map_err(|e| unreadable(what, e))?;
@@ -132,19 +135,25 @@ fn check_fat(r: &mut DiskReader, what: &str) -> Result<(), ItemsError> {
     if reserved + fats * fat_sectors >= total {
         return Err(bad(format!("the FATs ({} sectors) fill the whole volume", fats * fat_sectors)));
     }
-    Ok(())
+    let layout = FatLayout::from_boot_sector(&b).map_err(bad)?;
+    if layout.bits == 32 && !layout.is_cluster(layout.root_cluster) {
+        return Err(bad(format!("the root directory starts at cluster {}, outside the volume", layout.root_cluster)));
+    }
+    Ok(layout)
 }
 
 /// A browsable file system of a volume.
 pub enum GuestFs {
     Ext(ext4_view::Ext4),
-    Fat(Box<fatfs::FileSystem<DiskReader>>),
+    /// Read through a [`FatGuard`]; the switch turns its directory checks on while listing; the
+    /// most entries a directory of this volume can hold.
+    Fat(Box<fatfs::FileSystem<FatGuard>>, ListingSwitch, usize),
 }
 
 /// A directory, as each file system finds it again.
 pub enum DirRef<'a> {
     Ext(ext4_view::PathBuf),
-    Fat(fatfs::Dir<'a, DiskReader>),
+    Fat(fatfs::Dir<'a, FatGuard>),
 }
 
 /// One entry of a directory, with what is needed to go into it or read it.
@@ -162,12 +171,12 @@ pub struct Named<'a> {
 
 enum Raw<'a> {
     Ext(ext4_view::DirEntry),
-    Fat(fatfs::DirEntry<'a, DiskReader>),
+    Fat(fatfs::DirEntry<'a, FatGuard>),
 }
 
 enum Handle<'a> {
     Ext(ext4_view::PathBuf),
-    Fat(fatfs::DirEntry<'a, DiskReader>),
+    Fat(fatfs::DirEntry<'a, FatGuard>),
 }
 
 impl GuestFs {
@@ -178,10 +187,16 @@ impl GuestFs {
                 Ok(GuestFs::Ext(ext4_view::Ext4::load(Box::new(r)).map_err(|e| unreadable(what, e))?))
             }
             FsKind::Fat => {
-                check_fat(&mut r, what)?;
-                Ok(GuestFs::Fat(Box::new(
-                    fatfs::FileSystem::new(r, fatfs::FsOptions::new()).map_err(|e| unreadable(what, e))?,
-                )))
+                let layout = check_fat(&mut r, what)?;
+                let (guard, listing) = FatGuard::new(r, layout);
+                // A directory holds no more entries than the volume has 32-byte slots: a chain
+                // that loops on a small volume is met long before the format's own limit.
+                let max_entries = usize::try_from(layout.dir_slots).unwrap_or(usize::MAX).min(MAX_FAT_DIR_ENTRIES);
+                Ok(GuestFs::Fat(
+                    Box::new(fatfs::FileSystem::new(guard, fatfs::FsOptions::new()).map_err(|e| unreadable(what, e))?),
+                    listing,
+                    max_entries,
+                ))
             }
             FsKind::Swap => Err(ItemsError::Unsupported(format!("{what} is swap space: there are no files in it"))),
             FsKind::Unknown => Err(ItemsError::Unsupported(format!("{what}: no ext2/3/4 or FAT file system found"))),
@@ -192,7 +207,7 @@ impl GuestFs {
     pub fn root(&self) -> DirRef<'_> {
         match self {
             GuestFs::Ext(_) => DirRef::Ext(ext4_view::PathBuf::new("/")),
-            GuestFs::Fat(fs) => DirRef::Fat(fs.root_dir()),
+            GuestFs::Fat(fs, ..) => DirRef::Fat(fs.root_dir()),
         }
     }
 
@@ -200,7 +215,10 @@ impl GuestFs {
     /// over the directory's own blocks, no inode read (a page of a listing reads the inodes of
     /// its own entries only). `shown` is the directory's display path.
     pub fn names<'a>(&'a self, dir: &DirRef<'a>, shown: &str) -> Result<Vec<Named<'a>>, ItemsError> {
-        let cap = if matches!(self, GuestFs::Fat(_)) { MAX_FAT_DIR_ENTRIES } else { MAX_DIR_ENTRIES };
+        let cap = match self {
+            GuestFs::Fat(_, _, max_entries) => *max_entries,
+            GuestFs::Ext(_) => MAX_DIR_ENTRIES,
+        };
         let too_many = || {
             ItemsError::Unsupported(format!("{shown}: more than {cap} entries in one directory (or its entries loop)"))
         };
@@ -219,7 +237,8 @@ impl GuestFs {
                     out.push(Named { name: raw, raw: Raw::Ext(e) });
                 }
             }
-            (GuestFs::Fat(_), DirRef::Fat(d)) => {
+            (GuestFs::Fat(_, switch, _), DirRef::Fat(d)) => {
+                let _listing = switch.listing();
                 for e in d.iter() {
                     let e = e.map_err(|e| unreadable(shown, e))?;
                     let name = e.file_name();
@@ -292,7 +311,7 @@ impl GuestFs {
     /// The entry named `name` in `dir` (FAT names match without regard to case): one pass over
     /// the directory, one inode read.
     pub fn find<'a>(&'a self, dir: &DirRef<'a>, shown: &str, name: &str) -> Result<Entry<'a>, ItemsError> {
-        let fat = matches!(self, GuestFs::Fat(_));
+        let fat = matches!(self, GuestFs::Fat(..));
         let named = self
             .names(dir, shown)?
             .into_iter()
@@ -324,7 +343,7 @@ impl GuestFs {
         };
         match (self, &e.handle) {
             (GuestFs::Ext(fs), Handle::Ext(inner)) => pump(&mut fs.open(inner).map_err(|x| map_ext(path, x))?),
-            (GuestFs::Fat(_), Handle::Fat(d)) => pump(&mut d.to_file()),
+            (GuestFs::Fat(..), Handle::Fat(d)) => pump(&mut d.to_file()),
             _ => Err(ItemsError::Unsupported("internal: a file of another file system".into())),
         }
     }

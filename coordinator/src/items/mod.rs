@@ -9,10 +9,11 @@
 //! Inside the worker, partition tables ([`table`]) and file systems ([`fs`]: ext2/3/4, FAT) are
 //! bounds-checked before any allocation, and directories are listed with a cap on entries.
 //!
-//! Modules in reading order: [`disk`] (a disk from a block source), [`table`], [`fs`], the
-//! operations below (plain functions over a [`disk::DiskReader`], also what the fuzzer calls),
-//! [`pipe`], [`worker`], [`sandbox`], and [`listings`] (the coordinator's cache of sorted
-//! directory listings, so paging through a directory reads the guest once).
+//! Modules in reading order: [`disk`] (a disk from a block source), [`table`], [`fs`] (and
+//! [`fat_guard`], what fatfs reads through), the operations below (plain functions over a
+//! [`disk::DiskReader`], also what the fuzzer calls), [`pipe`], [`worker`], [`sandbox`], and
+//! [`listings`] (the coordinator's cache of sorted directory listings, so paging through a
+//! directory reads the guest once).
 //!
 //! Paths: on a partitioned disk the top level lists the partitions as `p1`, `p2`, … (logical
 //! partitions of an MBR from `p5`) and a file's path is `/p1/etc/hosts`; on a disk that is one
@@ -20,6 +21,7 @@
 //! keeps the raw bytes and whoever writes them checks each component ([`safe_component`]).
 
 pub mod disk;
+pub mod fat_guard;
 pub mod fs;
 pub mod listings;
 pub mod pipe;
