@@ -35,7 +35,7 @@ pub type Millis = u64;
 pub const MAX_ATTEMPTS: u32 = 4;
 
 /// How long a job waits for its host to connect before it is given up.
-pub const HOST_WAIT: Duration = Duration::from_secs(5 * 60);
+pub const HOST_WAIT: Duration = Duration::from_secs(60);
 
 /// Delay before attempt `n + 1` of a job whose attempt `n` (1-based) failed transiently:
 /// 5 s, 15 s, 45 s, … at most 5 min.

@@ -222,7 +222,7 @@ fn a_job_whose_host_stays_away_is_given_up_with_a_reason() {
     assert_eq!(q.next_to_start(deadline - 1), None);
     assert_eq!(
         q.next_to_start(deadline),
-        Some(Next::GiveUp { job: 1, reason: "the agent of h1 was not connected for 5m".into() })
+        Some(Next::GiveUp { job: 1, reason: "the agent of h1 was not connected for 1m".into() })
     );
     assert_eq!(q.counts(), (0, 0));
     assert!(q.admit(&auto("a", JobKind::Sync, "h1"), deadline).is_err(), "a give-up is a failure");
