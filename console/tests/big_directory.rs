@@ -1,12 +1,14 @@
-//! A directory of 10,000 files (issue 18: "a directory of 40,000 entries cannot be listed and
-//! restores super-linearly"; 10,000 because `mke2fs -d` itself links each file by a scan of the
-//! directory, and took over a minute alone for 40,000 — `bulwark-bench --scenario items`
-//! measures 5,000 against 20,000): an ext4 partition built with `mke2fs -d` and indexed with
-//! `e2fsck -fyD` (the directory becomes an htree, checked with `debugfs`), beside a FAT
-//! partition with 500 long UTF-8 names (fatfs, making the image, scans the directory on each
-//! create), in a sim VM, backed up; `ls` pages through every
-//! name with `--after` (exactly the set, no duplicate, in order), the unpaged JSON document is
-//! valid and whole, and `recover-items` restores every file with its exact contents.
+//! Large directories (issue 18: "a directory of 40,000 entries cannot be listed and restores
+//! super-linearly"), in a sim VM, backed up; `ls` pages through every name with `--after`
+//! (exactly the set, no duplicate, in order) and `recover-items` restores every file with its
+//! exact contents:
+//! - 10,000 files in an ext4 directory built with `mke2fs -d` and indexed with `e2fsck -fyD`
+//!   (an htree, checked with `debugfs`), beside a FAT partition with 500 long UTF-8 names (the
+//!   unpaged JSON document is checked too);
+//! - 40,000 names in one *linear* ext4 directory (no `dir_index`), where each lookup by path
+//!   would scan the whole directory: the restore reads each file through its directory entry.
+//!
+//! `bulwark-bench --scenario items` measures how the cost grows with the entries.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -47,9 +49,8 @@ fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// An MBR disk: p1 = ext4 (1 KiB blocks: 10,000 one-block files take 10 MiB) holding
-/// `/big`, p2 = FAT holding `/names`.
-fn build_disk(dir: &Path) -> std::path::PathBuf {
+/// An ext4 image (1 KiB blocks) holding `/big`, 10,000 files, hash-indexed.
+fn htree_ext(dir: &Path) -> std::path::PathBuf {
     let src = dir.join("src");
     std::fs::create_dir_all(src.join("big")).unwrap();
     for i in 0..FILES {
@@ -67,35 +68,178 @@ fn build_disk(dir: &Path) -> std::path::PathBuf {
     assert!(matches!(st.status.code(), Some(0..=1)), "e2fsck: {}", String::from_utf8_lossy(&st.stdout));
     let dump = run(Command::new("debugfs").args(["-R", "htree_dump /big"]).arg(&ext));
     assert!(dump.contains("Root node dump"), "the directory is hash-indexed: {}", &dump[..dump.len().min(500)]);
+    ext
+}
 
+/// A FAT image holding `/names`, 500 long UTF-8 names.
+fn fat_names(dir: &Path) -> std::path::PathBuf {
     let fat = dir.join("fat.img");
+    // In memory: fatfs reads a directory 32 bytes at a time, and each create scans it.
+    let mut img = std::io::Cursor::new(vec![0u8; (16 * MIB) as usize]);
+    fatfs::format_volume(&mut img, fatfs::FormatVolumeOptions::new()).unwrap();
     {
-        // In memory: fatfs reads a directory 32 bytes at a time, and each create scans it.
-        let mut img = std::io::Cursor::new(vec![0u8; (16 * MIB) as usize]);
-        fatfs::format_volume(&mut img, fatfs::FormatVolumeOptions::new()).unwrap();
-        {
-            let fs = fatfs::FileSystem::new(&mut img, fatfs::FsOptions::new()).unwrap();
-            let names = fs.root_dir().create_dir("names").unwrap();
-            for i in 0..FAT_FILES {
-                names.create_file(&fat_name(i)).unwrap().write_all(format!("fat {i}\n").as_bytes()).unwrap();
-            }
+        let fs = fatfs::FileSystem::new(&mut img, fatfs::FsOptions::new()).unwrap();
+        let names = fs.root_dir().create_dir("names").unwrap();
+        for i in 0..FAT_FILES {
+            names.create_file(&fat_name(i)).unwrap().write_all(format!("fat {i}\n").as_bytes()).unwrap();
         }
-        std::fs::write(&fat, img.into_inner()).unwrap();
     }
+    std::fs::write(&fat, img.into_inner()).unwrap();
+    fat
+}
+
+/// What linear-directory entry `i` holds: one of 400 pool files, each named 100 times.
+fn pool_content(i: usize) -> String {
+    format!("pool file {}\n", i % POOL)
+}
+
+const POOL: usize = 400;
+const LINEAR_FILES: usize = 40_000;
+
+/// An ext4 image (1 KiB blocks, no `dir_index`) whose `/big` is one linear directory of 40,000
+/// names, 100 hard links to each of 400 files of `/pool`. Linking 40,000 names one by one (`mke2fs
+/// -d`, `debugfs ln`) scans the directory each time and takes minutes, so the directory's
+/// blocks are written here, as the format lays them out, into a file that `debugfs` then turns
+/// into a directory; `e2fsck` counts the links and must find the result clean.
+fn linear_ext(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(src.join("pool")).unwrap();
+    for k in 0..POOL {
+        std::fs::write(src.join("pool").join(format!("p{k:03}")), pool_content(k)).unwrap();
+    }
+    let ext = dir.join("linear.img");
+    run(Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-b", "1024", "-N", "2000", "-O", "^metadata_csum,^dir_index", "-d"])
+        .arg(&src)
+        .arg(&ext)
+        .arg("64M"));
+    std::fs::remove_dir_all(&src).unwrap();
+    let debugfs = |write: bool, req: &str| {
+        let mut cmd = Command::new("debugfs");
+        if write {
+            cmd.arg("-w");
+        }
+        run(cmd.args(["-R", req]).arg(&ext).current_dir(dir))
+    };
+    let mut inode = std::collections::HashMap::new();
+    for line in debugfs(false, "ls -p /pool").lines() {
+        // /inode/mode/uid/gid/name/size/
+        let f: Vec<&str> = line.split('/').collect();
+        if f.len() >= 6 && f[5].starts_with('p') {
+            inode.insert(f[5].to_owned(), f[1].parse::<u32>().unwrap());
+        }
+    }
+    assert_eq!(inode.len(), POOL, "every pool file has an inode");
+
+    // The directory's blocks: ".", "..", then the names; an entry never crosses a block and
+    // the last of a block reaches its end.
+    const BLOCK: usize = 1024;
+    let mut entries: Vec<(u32, Vec<u8>, u8)> = vec![(0, b".".to_vec(), 2), (2, b"..".to_vec(), 2)];
+    entries.extend((0..LINEAR_FILES).map(|i| (inode[&format!("p{:03}", i % POOL)], ext_name(i).into_bytes(), 1)));
+    let rec_len = |name: &[u8]| (8 + name.len()).div_ceil(4) * 4;
+    let mut blocks: Vec<u8> = vec![];
+    let mut block: Vec<&(u32, Vec<u8>, u8)> = vec![];
+    let flush = |block: &mut Vec<&(u32, Vec<u8>, u8)>, out: &mut Vec<u8>| {
+        let start = out.len();
+        for (j, (ino, name, kind)) in block.iter().enumerate() {
+            let len = if j + 1 == block.len() { BLOCK - (out.len() - start) } else { rec_len(name) };
+            out.extend_from_slice(&ino.to_le_bytes());
+            out.extend_from_slice(&(len as u16).to_le_bytes());
+            out.extend_from_slice(&[name.len() as u8, *kind]);
+            out.extend_from_slice(name);
+            out.resize(out.len() + len - 8 - name.len(), 0);
+        }
+        assert_eq!(out.len() - start, BLOCK);
+        block.clear();
+    };
+    let mut used = 0;
+    for e in &entries {
+        if used + rec_len(&e.1) > BLOCK {
+            flush(&mut block, &mut blocks);
+            used = 0;
+        }
+        used += rec_len(&e.1);
+        block.push(e);
+    }
+    flush(&mut block, &mut blocks);
+    std::fs::write(dir.join("big.dir"), &blocks).unwrap();
+    debugfs(true, "write big.dir big");
+    std::fs::remove_file(dir.join("big.dir")).unwrap();
+    // "." names the directory's own inode, known only now: written into its first block.
+    let stat = debugfs(false, "stat /big");
+    let me: u32 = stat.split("Inode: ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    let first: u64 = debugfs(false, "bmap /big 0").trim().parse().unwrap();
+    {
+        let mut f = std::fs::OpenOptions::new().write(true).open(&ext).unwrap();
+        f.seek(SeekFrom::Start(first * BLOCK as u64)).unwrap();
+        f.write_all(&me.to_le_bytes()).unwrap();
+        f.sync_all().unwrap();
+    }
+    debugfs(true, "sif /big mode 040755");
+    debugfs(true, "sif /big links_count 2");
+    let st = Command::new("e2fsck").args(["-f", "-y"]).arg(&ext).output().unwrap();
+    assert!(matches!(st.status.code(), Some(0..=1)), "e2fsck: {}", String::from_utf8_lossy(&st.stdout));
+    let st = Command::new("e2fsck").args(["-f", "-n"]).arg(&ext).output().unwrap();
+    assert_eq!(st.status.code(), Some(0), "a clean file system: {}", String::from_utf8_lossy(&st.stdout));
+    let listed = debugfs(false, "ls -p /big").lines().filter(|l| l.starts_with('/')).count();
+    assert_eq!(listed, LINEAR_FILES + 2, "e2fsck kept every name");
+    assert!(!debugfs(false, "stat /big").contains("Flags: 0x81000"), "not hash-indexed");
+    ext
+}
+
+/// An MBR disk of `size` bytes holding `parts` (image, partition type), 1 MiB aligned.
+fn disk_of(dir: &Path, size: u64, parts: &[(std::path::PathBuf, u8)]) -> std::path::PathBuf {
     let disk = dir.join("disk.img");
     let mut d = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&disk).unwrap();
-    d.set_len(96 * MIB).unwrap();
+    d.set_len(size).unwrap();
     let mut mbr = mbrman::MBR::new_from(&mut d, 512, [9, 8, 7, 6]).unwrap();
-    mbr[1] = mbr_entry(2048, 131_072, 0x83);
-    mbr[2] = mbr_entry(133_120, 32_768, 0x0c);
+    let mut at = MIB;
+    for (n, (img, sys)) in parts.iter().enumerate() {
+        let len = std::fs::metadata(img).unwrap().len();
+        mbr[n + 1] = mbr_entry((at / 512) as u32, (len / 512) as u32, *sys);
+        at += len.div_ceil(MIB) * MIB;
+    }
     mbr.write_into(&mut d).unwrap();
-    for (img, at) in [(&ext, MIB), (&fat, 65 * MIB)] {
+    let mut at = MIB;
+    for (img, _) in parts {
         d.seek(SeekFrom::Start(at)).unwrap();
-        d.write_all(&std::fs::read(img).unwrap()).unwrap();
+        let bytes = std::fs::read(img).unwrap();
+        d.write_all(&bytes).unwrap();
+        at += (bytes.len() as u64).div_ceil(MIB) * MIB;
         std::fs::remove_file(img).unwrap();
     }
+    assert!(at <= size, "the partitions fit the disk");
     d.sync_all().unwrap();
     disk
+}
+
+/// A cluster with sim VM `big` of `size` bytes holding `disk`, its initial replica made.
+fn backed_up(disk: &Path, size: u64, c: &mut Cluster) {
+    let root = c.root.path().join("sim");
+    let req =
+        CreateVm { os: "linux".into(), ..CreateVm::new("big", "node1", vec![DiskConfig { name: "os".into(), size }]) };
+    sim::create_vm(&root, &req).unwrap();
+    ok(&[
+        "x-agent",
+        "sim",
+        "write",
+        "--root",
+        root.to_str().unwrap(),
+        "--vm",
+        "big",
+        "--disk",
+        "os",
+        "--offset",
+        "0",
+        "--input",
+        disk.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(disk).unwrap();
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("big").is_some());
+    c.json(&["group", "create", "g", "--vm", "big", "--sync-every", "off", "--recovery-points", "none"]);
+    wait_until("initial replica", Duration::from_secs(90), || c.vm("big").unwrap()["replica_state"] == "consistent");
 }
 
 /// Every name at `path`, page by page with `--limit` and `--after`.
@@ -129,34 +273,9 @@ fn ls_paged(c: &Cluster, path: &str, limit: usize) -> (Vec<Vec<u8>>, usize) {
 #[test]
 fn a_directory_of_ten_thousand_files_is_paged_through_and_restored_whole() {
     let mut c = Cluster::start();
-    let root = c.root.path().join("sim");
-    let disk = build_disk(c.root.path());
-    let req = CreateVm {
-        os: "linux".into(),
-        ..CreateVm::new("big", "node1", vec![DiskConfig { name: "os".into(), size: 96 * MIB }])
-    };
-    sim::create_vm(&root, &req).unwrap();
-    ok(&[
-        "x-agent",
-        "sim",
-        "write",
-        "--root",
-        root.to_str().unwrap(),
-        "--vm",
-        "big",
-        "--disk",
-        "os",
-        "--offset",
-        "0",
-        "--input",
-        disk.to_str().unwrap(),
-    ]);
-    std::fs::remove_file(&disk).unwrap();
-    c.enroll("node1");
-    c.run_sim_agent("node1", &root);
-    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("big").is_some());
-    c.json(&["group", "create", "g", "--vm", "big", "--sync-every", "off", "--recovery-points", "none"]);
-    wait_until("initial replica", Duration::from_secs(90), || c.vm("big").unwrap()["replica_state"] == "consistent");
+    let (ext, fat) = (htree_ext(c.root.path()), fat_names(c.root.path()));
+    let disk = disk_of(c.root.path(), 96 * MIB, &[(ext, 0x83), (fat, 0x0c)]);
+    backed_up(&disk, 96 * MIB, &mut c);
 
     // ext4 htree: every name exactly once, in raw-byte order, over many pages.
     let (names, pages) = ls_paged(&c, "/p1/big", 1000);
@@ -210,5 +329,42 @@ fn a_directory_of_ten_thousand_files_is_paged_through_and_restored_whole() {
     for i in 0..FAT_FILES {
         let got = std::fs::read(out.join("names").join(fat_name(i))).unwrap();
         assert_eq!(got, format!("fat {i}\n").as_bytes(), "FAT file {i}");
+    }
+}
+
+#[test]
+fn a_linear_directory_of_forty_thousand_entries_is_paged_through_and_restored_whole() {
+    let mut c = Cluster::start();
+    let ext = linear_ext(c.root.path());
+    let disk = disk_of(c.root.path(), 80 * MIB, &[(ext, 0x83)]);
+    backed_up(&disk, 80 * MIB, &mut c);
+
+    let (names, _) = ls_paged(&c, "/p1/big", 5000);
+    assert_eq!(names.len(), LINEAR_FILES, "no duplicates, nothing missing");
+    assert!(names.windows(2).all(|w| w[0] < w[1]), "pages follow one another in name order");
+    let want: BTreeSet<Vec<u8>> = (0..LINEAR_FILES).map(|i| ext_name(i).into_bytes()).collect();
+    assert_eq!(names.into_iter().collect::<BTreeSet<_>>(), want);
+
+    let out = c.root.path().join("restore");
+    let o = ok(&[
+        "--data-dir",
+        &c.dir_str(),
+        "recover-items",
+        "big",
+        "--rp",
+        "latest",
+        "--disk",
+        "os",
+        "--path",
+        "/p1/big",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.contains("recovered"), "{o}");
+    assert!(!o.contains("skipped"), "{o}");
+    assert_eq!(std::fs::read_dir(out.join("big")).unwrap().count(), LINEAR_FILES);
+    for i in 0..LINEAR_FILES {
+        let got = std::fs::read(out.join("big").join(ext_name(i))).unwrap();
+        assert_eq!(got, pool_content(i).as_bytes(), "file {i}");
     }
 }

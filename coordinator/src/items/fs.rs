@@ -152,7 +152,9 @@ pub enum GuestFs {
 
 /// A directory, as each file system finds it again.
 pub enum DirRef<'a> {
-    Ext(ext4_view::PathBuf),
+    /// The root (`None`) or the entry of a directory: read through its inode, never by path,
+    /// which would scan every directory on the way again.
+    Ext(Option<ext4_view::DirEntry>),
     Fat(fatfs::Dir<'a, FatGuard>),
 }
 
@@ -175,7 +177,7 @@ enum Raw<'a> {
 }
 
 enum Handle<'a> {
-    Ext(ext4_view::PathBuf),
+    Ext(ext4_view::DirEntry),
     Fat(fatfs::DirEntry<'a, FatGuard>),
 }
 
@@ -206,7 +208,7 @@ impl GuestFs {
     /// The root directory.
     pub fn root(&self) -> DirRef<'_> {
         match self {
-            GuestFs::Ext(_) => DirRef::Ext(ext4_view::PathBuf::new("/")),
+            GuestFs::Ext(_) => DirRef::Ext(None),
             GuestFs::Fat(fs, ..) => DirRef::Fat(fs.root_dir()),
         }
     }
@@ -224,8 +226,12 @@ impl GuestFs {
         };
         let mut out = vec![];
         match (self, dir) {
-            (GuestFs::Ext(fs), DirRef::Ext(path)) => {
-                for e in fs.read_dir(path).map_err(|e| map_ext(shown, e))? {
+            (GuestFs::Ext(fs), DirRef::Ext(dir)) => {
+                let entries = match dir {
+                    None => fs.read_dir("/"),
+                    Some(d) => d.read_dir(),
+                };
+                for e in entries.map_err(|e| map_ext(shown, e))? {
                     let e = e.map_err(|e| unreadable(shown, e))?;
                     let raw: Vec<u8> = e.file_name().as_ref().to_vec();
                     if raw == b"." || raw == b".." {
@@ -263,12 +269,8 @@ impl GuestFs {
         let path = format!("{}/{}", shown.trim_end_matches('/'), String::from_utf8_lossy(&named.name));
         match named.raw {
             Raw::Ext(e) => {
-                let GuestFs::Ext(fs) = self else {
-                    return Err(ItemsError::Unsupported("internal: an entry of another file system".into()));
-                };
                 let m = e.metadata().map_err(|x| unreadable(&path, x))?;
-                let target =
-                    if m.is_symlink() { fs.read_link(&e.path()).ok().map(|t| t.as_ref().to_vec()) } else { None };
+                let target = if m.is_symlink() { e.read_link().ok().map(|t| t.as_ref().to_vec()) } else { None };
                 let item = Item {
                     path,
                     name: named.name,
@@ -278,7 +280,7 @@ impl GuestFs {
                     mode: u32::from(m.mode()) & 0o7777,
                     target,
                 };
-                Ok(Entry { item, handle: Handle::Ext(e.path()) })
+                Ok(Entry { item, handle: Handle::Ext(e) })
             }
             Raw::Fat(e) => {
                 let item = Item {
@@ -303,7 +305,7 @@ impl GuestFs {
     /// The directory an entry is.
     pub fn dir<'a>(&'a self, e: &Entry<'a>) -> DirRef<'a> {
         match &e.handle {
-            Handle::Ext(p) => DirRef::Ext(p.clone()),
+            Handle::Ext(e) => DirRef::Ext(Some(e.clone())),
             Handle::Fat(d) => DirRef::Fat(d.to_dir()),
         }
     }
@@ -342,7 +344,7 @@ impl GuestFs {
             Ok(())
         };
         match (self, &e.handle) {
-            (GuestFs::Ext(fs), Handle::Ext(inner)) => pump(&mut fs.open(inner).map_err(|x| map_ext(path, x))?),
+            (GuestFs::Ext(_), Handle::Ext(inner)) => pump(&mut inner.open().map_err(|x| map_ext(path, x))?),
             (GuestFs::Fat(..), Handle::Fat(d)) => pump(&mut d.to_file()),
             _ => Err(ItemsError::Unsupported("internal: a file of another file system".into())),
         }
