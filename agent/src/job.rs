@@ -35,6 +35,38 @@ pub struct JobEnv {
     pub out: mpsc::Sender<AgentMessage>,
     /// Where consistency checks keep their scratch pages (an anonymous file, gone on exit).
     pub scratch: PathBuf,
+    /// One job at a time per VM, its snapshot undone before the next begins.
+    pub slots: VmSlots,
+}
+
+/// How long a job waits for the previous job of its VM to finish undoing its snapshot: the
+/// freeze bound answers a job whose hypervisor call hangs at once, and what that call did is
+/// undone when it returns, possibly after the coordinator has sent the next attempt.
+pub const SLOT_WAIT: Duration = Duration::from_secs(60);
+
+/// The VMs with a job on this agent: a job holds its VM's slot from before its snapshot is
+/// taken until it is released, so a retry never meets the previous attempt's snapshot still
+/// frozen or held. Entries are dropped once nobody holds or waits for them.
+#[derive(Clone, Default)]
+pub struct VmSlots(Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>>);
+
+impl VmSlots {
+    /// Waits up to `wait` for `vm`'s slot.
+    async fn acquire(&self, vm: &str, wait: Duration) -> Result<tokio::sync::OwnedSemaphorePermit, Failure> {
+        let slot = {
+            let mut slots = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            slots.retain(|_, s| Arc::strong_count(s) > 1 || s.available_permits() == 0);
+            slots.entry(vm.to_owned()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1))).clone()
+        };
+        match tokio::time::timeout(wait, slot.acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Failure::other("internal: the VM's job slot was closed")),
+            Err(_) => Err(Failure::other(format!(
+                "the previous job's snapshot of {vm} was still being undone after {wait:?} (a hypervisor call has \
+                 not returned)"
+            ))),
+        }
+    }
 }
 
 /// A job that could not be done.
@@ -66,6 +98,15 @@ impl From<BackendError> for Failure {
 pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>) {
     let span = tracing::info_span!("job", job_id = %req.job, vm = %req.vm, kind = ?req.kind);
     async move {
+        let _slot = match env.slots.acquire(req.vm.as_str(), SLOT_WAIT).await {
+            Ok(permit) => permit,
+            Err(f) => {
+                tracing::warn!(reason = %f.reason, "job not started");
+                let outcome = JobOutcome::Failed { kind: f.kind, reason: f.reason };
+                let _ = env.out.send(AgentMessage::JobResult(JobResult { job: req.job, outcome })).await;
+                return;
+            }
+        };
         let lease = Duration::from_secs(u64::from(req.lease_secs.max(10)));
         let snapshot = SnapshotActor::new(env.backend.clone(), req.vm.as_str(), &env.host, lease).start();
         // Renew the lease while the job runs; it lapses by itself if this task dies.
@@ -633,5 +674,24 @@ mod tests {
         assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 6)))]), t(2, 7), "a lost confirmation");
         assert_eq!(next_token(t(3, 0), &[disk(Some(t(2, 9)))]), t(3, 1), "tracking was reset");
         assert_eq!(next_token(t(0, 0), &[disk(None)]), t(0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_vm_runs_one_job_at_a_time_and_other_vms_are_not_held_up() {
+        let slots = VmSlots::default();
+        let first = slots.acquire("web", SLOT_WAIT).await.map_err(|f| f.reason).unwrap();
+        let other = slots.acquire("db", Duration::from_millis(1)).await;
+        assert!(other.is_ok(), "another VM's slot is free");
+        let busy = slots.acquire("web", Duration::from_millis(20)).await.err().map(|f| f.reason).unwrap_or_default();
+        assert!(busy.contains("still being undone"), "{busy}");
+        let waiting = {
+            let slots = slots.clone();
+            tokio::spawn(async move { slots.acquire("web", SLOT_WAIT).await.is_ok() })
+        };
+        drop(first);
+        assert!(waiting.await.unwrap(), "the slot passes on once the previous job lets go");
+        drop(other);
+        let _again = slots.acquire("db", Duration::from_millis(1)).await.map_err(|f| f.reason).unwrap();
+        assert_eq!(slots.0.lock().unwrap().len(), 1, "idle slots are dropped");
     }
 }

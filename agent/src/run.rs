@@ -93,7 +93,7 @@ pub async fn run(
             None
         }
     };
-    let hosting = Hosting { backend, scratch: dir.root.join("scratch") };
+    let hosting = Hosting { backend, scratch: dir.root.join("scratch"), slots: Default::default() };
     let uplink = Uplink::new(config, endpoint.clone(), hosting).start();
     shutdown.await;
     tracing::info!("shutting down");

@@ -41,6 +41,8 @@ pub struct Hosting {
     /// None: an agent without a hypervisor (it reports no VMs and refuses jobs).
     pub backend: Option<Arc<dyn Hypervisor>>,
     pub scratch: PathBuf,
+    /// The VMs with a job running, across sessions.
+    pub slots: crate::job::VmSlots,
 }
 
 impl Hosting {
@@ -296,6 +298,7 @@ async fn job_env(
         conn: conn.clone(),
         out: out.clone(),
         scratch: hosting.scratch.clone(),
+        slots: hosting.slots.clone(),
     })
 }
 
