@@ -345,6 +345,104 @@ fn reaches_page<P: PageStore>(
     hit
 }
 
+/// Leaves that differ between two block maps of one shape.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Diff {
+    /// Leaves that hold data on their side and something else on ours, in increasing order.
+    pub fetch: Vec<u64>,
+    /// Leaves that are zero on their side and not on ours, in increasing order.
+    pub zeros: Vec<u64>,
+}
+
+/// Why a [`Comparison`] refused the pages it was fed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompareError {
+    #[error("{got} pages answered where {asked} were asked for")]
+    PageCount { asked: usize, got: usize },
+    #[error("page ({level}, {index}) has {got} entries, expected {want}")]
+    PageShape { level: u8, index: u64, got: usize, want: usize },
+}
+
+/// A top-down comparison of two block maps of one shape ("theirs" and "ours"), with no I/O:
+/// the consistency check and the smart restore drive it over a stream, the simulation in
+/// memory. [`Comparison::ask`] names the nodes whose entries are needed next; [`Comparison::feed`]
+/// takes both sides' entries of them; when `ask` names none, [`Comparison::into_diff`] holds
+/// the leaves that differ. Only entries that differ are descended into, level by level, so
+/// 1 % of changed leaves costs about 1 % of the leaf pages.
+#[derive(Debug)]
+pub struct Comparison {
+    blocks: u64,
+    /// Nodes still to compare, level by level from the top, each level in index order.
+    todo: std::collections::VecDeque<(u8, u64)>,
+    /// The nodes asked for and not yet fed.
+    asked: Vec<(u8, u64)>,
+    diff: Diff,
+}
+
+impl Comparison {
+    /// Compares `theirs` with our tree of the same shape, whose root id is `ours` (`None`:
+    /// we have no tree, every entry of ours reads as zero).
+    pub fn new(theirs: &TreeRoot, ours: Option<Digest>) -> Self {
+        let mut todo = std::collections::VecDeque::new();
+        if ours != Some(theirs.digest) {
+            todo.push_back((theirs.levels.saturating_sub(1), 0));
+        }
+        Self { blocks: theirs.blocks, todo, asked: vec![], diff: Diff::default() }
+    }
+
+    /// The next nodes (at most `max`, at least one while any remain) whose entries both sides
+    /// must give; the same nodes again until they are fed. None: the comparison is complete.
+    pub fn ask(&mut self, max: usize) -> &[(u8, u64)] {
+        if self.asked.is_empty() {
+            let n = self.todo.len().min(max.max(1));
+            self.asked.extend(self.todo.drain(..n));
+        }
+        &self.asked
+    }
+
+    /// Both sides' entries of the nodes last asked for, in the order asked. A page of the
+    /// wrong shape on either side is refused and changes nothing.
+    pub fn feed(&mut self, theirs: &[Vec<Digest>], ours: &[Vec<Digest>]) -> Result<(), CompareError> {
+        for got in [theirs.len(), ours.len()] {
+            if got != self.asked.len() {
+                return Err(CompareError::PageCount { asked: self.asked.len(), got });
+            }
+        }
+        for (&(level, index), (t, o)) in self.asked.iter().zip(theirs.iter().zip(ours)) {
+            let want = entries_of(level, index, self.blocks);
+            if let Some(&got) = [t.len(), o.len()].iter().find(|&&n| n != want) {
+                return Err(CompareError::PageShape { level, index, got, want });
+            }
+        }
+        for (&(level, index), (t, o)) in self.asked.iter().zip(theirs.iter().zip(ours)) {
+            for (k, (t, o)) in t.iter().zip(o).enumerate() {
+                if t == o {
+                    continue;
+                }
+                let child = index * FANOUT as u64 + k as u64;
+                match (level, *t == ZERO) {
+                    (0, true) => self.diff.zeros.push(child),
+                    (0, false) => self.diff.fetch.push(child),
+                    _ => self.todo.push_back((level - 1, child)),
+                }
+            }
+        }
+        self.asked.clear();
+        Ok(())
+    }
+
+    /// Whether every differing leaf has been found.
+    pub fn is_complete(&self) -> bool {
+        self.todo.is_empty() && self.asked.is_empty()
+    }
+
+    /// The leaves that differ (all of them once [`Comparison::is_complete`]).
+    pub fn into_diff(self) -> Diff {
+        debug_assert!(self.diff.fetch.is_sorted() && self.diff.zeros.is_sorted(), "leaves are found in order");
+        self.diff
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,6 +624,108 @@ mod tests {
             let fresh = update(&mut MemPages::default(), None, blocks,
                 model.iter().enumerate().filter(|(_, d)| **d != ZERO).map(|(i, d)| (i as u64, *d)).collect::<Vec<_>>()).unwrap();
             prop_assert_eq!(fresh.digest, root.map(|r| r.digest).unwrap_or(ZERO));
+        }
+    }
+
+    /// Drives a comparison of two in-memory trees as a stream would, `max` nodes a round.
+    fn compare(p: &MemPages, theirs: &TreeRoot, ours: Option<&TreeRoot>, max: usize) -> (Diff, usize) {
+        let mut walk = Comparison::new(theirs, ours.map(|o| o.digest));
+        let mut rounds = 0;
+        loop {
+            let nodes = walk.ask(max).to_vec();
+            if nodes.is_empty() {
+                assert!(walk.is_complete());
+                return (walk.into_diff(), rounds);
+            }
+            assert!(nodes.len() <= max);
+            rounds += 1;
+            let t: Vec<_> = nodes.iter().map(|&(l, i)| node_entries(p, theirs, l, i).unwrap()).collect();
+            let o: Vec<_> = nodes
+                .iter()
+                .map(|&(l, i)| match ours {
+                    Some(r) => node_entries(p, r, l, i).unwrap(),
+                    None => vec![ZERO; entries_of(l, i, theirs.blocks)],
+                })
+                .collect();
+            walk.feed(&t, &o).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_comparison_reads_only_the_pages_on_paths_to_differing_leaves() {
+        let blocks = 1024 * 1024 + 3000; // three levels
+        let mut p = MemPages::default();
+        let ours = update(&mut p, None, blocks, (0..blocks).step_by(3).map(|i| (i, leaf(i)))).unwrap();
+        let changed = [5u64, 6, 2048, 1024 * 1024 + 2999];
+        let theirs = update(
+            &mut p,
+            Some(&ours),
+            blocks,
+            vec![(5, leaf(1)), (6, ZERO), (2048, leaf(7)), (1024 * 1024 + 2999, leaf(9))],
+        )
+        .unwrap();
+        let (diff, rounds) = compare(&p, &theirs, Some(&ours), 1);
+        assert_eq!(diff, Diff { fetch: vec![5, 2048, 1024 * 1024 + 2999], zeros: vec![6] });
+        // The root, two level-1 nodes, three leaf pages: one node a round.
+        assert_eq!(rounds, 1 + 2 + 3);
+        assert_eq!(changed.len(), diff.fetch.len() + diff.zeros.len());
+        let (same, rounds) = compare(&p, &theirs, Some(&theirs), 8);
+        assert_eq!((same, rounds), (Diff::default(), 0), "equal roots: nothing to ask");
+        let (all, _) = compare(&p, &ours, None, 64);
+        assert_eq!(all.fetch, (0..blocks).step_by(3).collect::<Vec<_>>(), "no tree of ours: every block with data");
+        assert!(all.zeros.is_empty());
+    }
+
+    #[test]
+    fn a_comparison_refuses_pages_of_the_wrong_shape_and_stays_where_it_was() {
+        let mut p = MemPages::default();
+        let theirs = update(&mut p, None, 5000, (0..5000).map(|i| (i, leaf(i)))).unwrap();
+        let mut walk = Comparison::new(&theirs, None);
+        let root = walk.ask(10).to_vec();
+        assert_eq!(root, vec![(1, 0)]);
+        let good = node_entries(&p, &theirs, 1, 0).unwrap();
+        let zeros = vec![ZERO; good.len()];
+        assert_eq!(walk.feed(&[], &[]), Err(CompareError::PageCount { asked: 1, got: 0 }));
+        let long = vec![leaf(1); good.len() + 1];
+        assert_eq!(
+            walk.feed(&[long], std::slice::from_ref(&zeros)),
+            Err(CompareError::PageShape { level: 1, index: 0, got: 6, want: 5 })
+        );
+        assert_eq!(
+            walk.feed(std::slice::from_ref(&good), &[vec![]]),
+            Err(CompareError::PageShape { level: 1, index: 0, got: 0, want: 5 })
+        );
+        assert_eq!(walk.ask(10), &root[..], "still asking for the same node");
+        walk.feed(&[good], &[zeros]).unwrap();
+        assert_eq!(walk.ask(3), &[(0, 0), (0, 1), (0, 2)][..]);
+        assert_eq!(walk.ask(100).len(), 3, "the same three until they are fed");
+    }
+
+    proptest! {
+        /// Whatever the two trees and the batch size, the comparison finds exactly the leaves
+        /// a plain array comparison finds.
+        #[test]
+        fn a_comparison_finds_what_a_leaf_by_leaf_comparison_finds(
+            blocks in 1u64..5000,
+            a in proptest::collection::btree_map(0u64..5000, 0u64..4, 0..60),
+            b in proptest::collection::btree_map(0u64..5000, 0u64..4, 0..60),
+            max in 1usize..20,
+        ) {
+            let mut p = MemPages::default();
+            let tree = |p: &mut MemPages, m: &BTreeMap<u64, u64>| {
+                let changes: Vec<_> = m.iter().filter(|(i, _)| **i < blocks)
+                    .map(|(i, v)| (*i, if *v == 0 { ZERO } else { leaf(*v) })).collect();
+                update(p, None, blocks, changes).unwrap()
+            };
+            let (ta, tb) = (tree(&mut p, &a), tree(&mut p, &b));
+            let (la, lb) = (leaves(&p, &ta), leaves(&p, &tb));
+            let mut want = Diff::default();
+            for (i, (x, y)) in lb.iter().zip(&la).enumerate() {
+                if x != y {
+                    if *x == ZERO { want.zeros.push(i as u64) } else { want.fetch.push(i as u64) }
+                }
+            }
+            prop_assert_eq!(compare(&p, &tb, Some(&ta), max).0, want);
         }
     }
 }

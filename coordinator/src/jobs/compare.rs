@@ -11,19 +11,10 @@ use crate::jobs::vm_job::DiskDone;
 use crate::jobs::{JobContext, TransferStream};
 use crate::store::{Store, StorePages};
 use bulwark_protocol::block::{Digest, ZERO};
-use bulwark_protocol::blockmap::{self, TreeRoot, FANOUT};
+use bulwark_protocol::blockmap::{self, Comparison, Diff, TreeRoot};
 use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage, MAX_PAGES_PER_MESSAGE, MAX_WANTED_PER_MESSAGE};
 use std::collections::HashSet;
 use std::sync::Arc;
-
-/// Leaves that differ.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Diff {
-    /// Blocks to fetch (the source has data the replica lacks or holds differently).
-    pub fetch: Vec<u64>,
-    /// Blocks that are zero at the source and not in the replica.
-    pub zeros: Vec<u64>,
-}
 
 enum CompareError {
     /// Our own tree could not be read: compare against an empty one instead.
@@ -133,64 +124,35 @@ pub async fn run(
     Ok(DiskDone { root, changed })
 }
 
-/// Top-down comparison of our tree `base` with the agent's `theirs`.
+/// Top-down comparison of our tree `base` with the agent's `theirs`: the walker of
+/// `blockmap` says which pages to ask for, the agent answers its entries, the store ours.
 async fn compare_trees(
     store: &Arc<Store>,
     s: &mut TransferStream,
     base: Option<TreeRoot>,
     theirs: &TreeRoot,
 ) -> Result<Diff, CompareError> {
-    let mut diff = Diff::default();
-    if base.is_some_and(|b| b.digest == theirs.digest) {
-        return Ok(diff);
-    }
     let blocks = theirs.blocks;
-    let mut frontier: Vec<(u8, u64)> = vec![(theirs.levels - 1, 0)];
-    while !frontier.is_empty() {
-        let mut next = vec![];
-        for batch in frontier.chunks(MAX_PAGES_PER_MESSAGE) {
-            say(s, &TransferMessage::WantPages { nodes: batch.to_vec() }).await?;
-            let pages = match read_frame(s).await? {
-                TransferFrame::Message(TransferMessage::Pages { pages }) if pages.len() == batch.len() => pages,
-                other => return Err(CompareError::Other(format!("expected {} pages, got {other:?}", batch.len()))),
-            };
-            let ours = {
-                let (st, nodes) = (store.clone(), batch.to_vec());
-                tokio::task::spawn_blocking(move || our_entries(&st, base.as_ref(), blocks, &nodes))
-                    .await
-                    .map_err(|e| CompareError::Other(e.to_string()))?
-                    .map_err(CompareError::OurTree)?
-            };
-            for ((&(level, index), their), our) in batch.iter().zip(&pages).zip(&ours) {
-                if their.len() != our.len() {
-                    return Err(CompareError::Other(format!(
-                        "page ({level}, {index}) of the source has {} entries, expected {}",
-                        their.len(),
-                        our.len()
-                    )));
-                }
-                for (k, (t, o)) in their.iter().zip(our).enumerate() {
-                    if t == o {
-                        continue;
-                    }
-                    let child = index * FANOUT as u64 + k as u64;
-                    if level == 0 {
-                        if *t == ZERO {
-                            diff.zeros.push(child);
-                        } else {
-                            diff.fetch.push(child);
-                        }
-                    } else {
-                        next.push((level - 1, child));
-                    }
-                }
-            }
+    let mut walk = Comparison::new(theirs, base.map(|b| b.digest));
+    loop {
+        let nodes = walk.ask(MAX_PAGES_PER_MESSAGE).to_vec();
+        if nodes.is_empty() {
+            return Ok(walk.into_diff());
         }
-        frontier = next;
+        say(s, &TransferMessage::WantPages { nodes: nodes.clone() }).await?;
+        let pages = match read_frame(s).await? {
+            TransferFrame::Message(TransferMessage::Pages { pages }) => pages,
+            other => return Err(CompareError::Other(format!("expected {} pages, got {other:?}", nodes.len()))),
+        };
+        let ours = {
+            let st = store.clone();
+            tokio::task::spawn_blocking(move || our_entries(&st, base.as_ref(), blocks, &nodes))
+                .await
+                .map_err(|e| CompareError::Other(e.to_string()))?
+                .map_err(CompareError::OurTree)?
+        };
+        walk.feed(&pages, &ours).map_err(|e| CompareError::Other(format!("the source's tree: {e}")))?;
     }
-    diff.fetch.sort_unstable();
-    diff.zeros.sort_unstable();
-    Ok(diff)
 }
 
 /// Our entries of each node (zeros where we have no tree).
