@@ -7,7 +7,7 @@
 
 use crate::catalog::JobRecord;
 use crate::jobs::ingest::{Cmd, IngestHandle};
-use crate::jobs::vm_job::DiskDone;
+use crate::jobs::machine::DiskDone;
 use crate::jobs::{JobContext, TransferStream};
 use crate::store::{Store, StorePages};
 use bulwark_protocol::block::{Digest, ZERO};
@@ -120,7 +120,6 @@ pub async fn run(
             "after the check the replica still differs from the source (the source changed under its snapshot?)".into(),
         );
     }
-    job.blocks_changed += changed;
     Ok(DiskDone { root, changed })
 }
 

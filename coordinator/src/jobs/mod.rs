@@ -19,6 +19,7 @@
 pub mod compare;
 pub mod history;
 pub mod ingest;
+pub mod machine;
 pub mod plan;
 pub mod queue;
 pub mod schedule;

@@ -8,26 +8,17 @@
 
 use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, ReplicaState, VmRecord};
 use crate::jobs::ingest::{Cmd, IngestHandle};
-use crate::jobs::plan::{self, Failure};
+use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, Received, Setup, VmJob};
+use crate::jobs::plan::Failure;
 use crate::jobs::{compare, Finished, JobContext, TransferStream};
 use crate::server::registry::SessionOf;
 use crate::server::session::Send as SendToAgent;
-use crate::store::NewRecoveryPoint;
-use bulwark_protocol::blockmap::TreeRoot;
-use bulwark_protocol::messages::{
-    CoordinatorMessage, FailureKind, JobKind as WireKind, JobOutcome, JobRequest, JobResult,
-};
-use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage, TransferMode};
+use bulwark_protocol::messages::{CoordinatorMessage, FailureKind, JobOutcome, JobResult};
+use bulwark_protocol::transfer::{self, TransferMessage, TransferMode};
 use bulwark_protocol::{JobId, VmId};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::Instrument;
-
-/// What a disk's transfer produced.
-pub struct DiskDone {
-    pub root: TreeRoot,
-    pub changed: u64,
-}
 
 /// Runs `job` to its end and answers the final record.
 pub async fn run(ctx: Arc<JobContext>, mut job: JobRecord) -> Finished {
@@ -55,9 +46,6 @@ pub async fn run(ctx: Arc<JobContext>, mut job: JobRecord) -> Finished {
             Err(f) => {
                 job.state = JobState::Failed;
                 tracing::warn!(reason = %bulwark_protocol::text::Escaped(&f.reason), retry = f.retry, "failed");
-                if let Some(why) = &f.inconsistent {
-                    mark_inconsistent(&ctx, &vm, why);
-                }
                 job.error = Some(f.reason);
                 f.retry
             }
@@ -141,16 +129,8 @@ fn mark_inconsistent(ctx: &JobContext, vm: &str, why: &str) {
     }
 }
 
-fn wire_kind(kind: JobKind) -> Option<WireKind> {
-    Some(match kind {
-        JobKind::Initial => WireKind::Initial,
-        JobKind::Sync => WireKind::Sync,
-        JobKind::ExpressFull => WireKind::ExpressFull,
-        JobKind::ConsistencyCheck => WireKind::ConsistencyCheck,
-        _ => return None,
-    })
-}
-
+/// Runs a backup job: [`VmJob`] decides, this performs its effects and feeds it what
+/// happens on the wire.
 async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failure> {
     if job.kind == JobKind::Recovery {
         return execute_recovery(ctx, job).await;
@@ -172,14 +152,20 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         .into_iter()
         .map(|r| (r.disk.clone(), r))
         .collect();
-
-    let planned = plan::plan(job.kind, &name, &vm.disks, &replicas, block_size)?;
-    if planned.kind != job.kind {
+    let setup = Setup {
+        record: job.clone(),
+        vm: name.clone(),
+        disks: vm.disks.clone(),
+        replicas,
+        block_size,
+        id_key: ctx.store.codec().hasher.id_key(),
+        lease_ms: ctx.lease.as_millis().min(u128::from(u64::MAX)) as u64,
+    };
+    let mut m = VmJob::start(setup, now_ms())?;
+    if m.record().kind != job.kind {
         tracing::info!("no complete replica yet: running the initial copy instead");
-        job.kind = planned.kind;
+        job.kind = m.record().kind;
     }
-    let kind = wire_kind(job.kind).ok_or_else(|| Failure::stop(format!("{} is not a VM job", job.kind.as_str())))?;
-
     let (session, conn_id) = ctx
         .registry
         .send(SessionOf { host: vm.host.clone() })
@@ -187,136 +173,58 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         .ok()
         .flatten()
         .ok_or_else(|| Failure::retry(format!("the agent of {} ({}) is not connected", name, vm.host)))?;
-
-    if job.kind == JobKind::Initial {
-        for d in &vm.disks {
-            let r = ReplicaRecord {
-                vm: name.clone(),
-                disk: d.name.to_string(),
-                size_bytes: d.size_bytes,
-                block_size,
-                state: ReplicaState::Creating,
-                root: None,
-                change_token: None,
-                reason: None,
-                updated_at: super::now(),
-                excluded: vec![],
-            };
-            catalog.put_replica(&r).map_err(|e| Failure::retry(e.to_string()))?;
-        }
-    }
-    let disks = planned.disks;
-    let request = JobRequest {
-        job: JobId(job.id),
-        vm: VmId::new(name.clone()).map_err(|e| Failure::stop(e.to_string()))?,
-        kind,
-        block_size,
-        disks,
-        id_key: ctx.store.codec().hasher.id_key(),
-        lease_secs: ctx.lease.as_secs().min(u64::from(u32::MAX)) as u32,
-    };
-    let (mut streams, mut result) = ctx.router.register(job.id, &vm.host, conn_id);
-    session.do_send(SendToAgent(CoordinatorMessage::JobRequest(request)));
-    tracing::info!(host = %vm.host, disks = vm.disks.len(), block_size, "job sent to the agent");
-
     let ingest = IngestHandle::start(ctx.store.clone(), job.id).map_err(|e| Failure::retry(e.to_string()))?;
-    let midway = Failure::midway;
-    let mut done: HashMap<String, DiskDone> = HashMap::new();
-    let outcome: JobResult = loop {
-        tokio::select! {
-            s = streams.recv() => {
-                let Some(stream) = s else { return Err(Failure::retry("the job's stream router closed")) };
-                let disk = stream.disk.clone();
-                let r = disk_transfer(ctx, job, &vm, block_size, &replicas, &ingest, stream).await;
-                match r {
-                    Ok(d) => {
-                        done.insert(disk, d);
-                        save(ctx, job);
+    let (mut streams, mut result) = ctx.router.register(job.id, &vm.host, conn_id);
+    let mut result_in = false;
+    loop {
+        while let Some(effect) = m.poll_effect() {
+            match effect {
+                Effect::PutReplica(r) => catalog.put_replica(&r).map_err(|e| Failure::retry(e.to_string()))?,
+                Effect::Send(msg) => {
+                    if matches!(msg, CoordinatorMessage::JobRequest(_)) {
+                        tracing::info!(host = %vm.host, disks = vm.disks.len(), block_size, "job sent to the agent");
                     }
-                    Err(reason) => return Err(midway(format!("disk {disk}: {reason}"), job.kind)),
+                    session.do_send(SendToAgent(msg));
+                }
+                Effect::Commit { replicas, rp } => {
+                    let r = ingest.commit(replicas, rp).await.map(|rp| rp.map(|r| r.id));
+                    m.committed(r);
+                }
+                Effect::MarkInconsistent(why) => mark_inconsistent(ctx, &name, &why),
+                Effect::FindSwap(committed) => find_swap(ctx, committed).await,
+                Effect::Save => save(ctx, m.record()),
+                Effect::Finished => {
+                    let outcome = m.outcome().cloned();
+                    *job = m.record().clone();
+                    return outcome
+                        .unwrap_or_else(|| Err(Failure::stop("internal: a job finished without an outcome")));
                 }
             }
-            r = &mut result => match r {
-                Ok(r) => break r,
-                Err(_) => return Err(midway(format!("the connection to {} was lost", vm.host), job.kind)),
-            },
-            () = tokio::time::sleep(ctx.lease) => {
-                return Err(midway(format!("no word from the agent of {} for {:?}", vm.host, ctx.lease), job.kind));
+        }
+        let wait = m.next_timeout().map_or(ctx.lease, |t| std::time::Duration::from_millis(t.saturating_sub(now_ms())));
+        tokio::select! {
+            s = streams.recv() => {
+                let Some(s) = s else { return Err(Failure::retry("the job's stream router closed")) };
+                let disk = s.disk.clone();
+                match m.stream_opened(&disk, s.mode, s.blocks, s.block_size, now_ms()) {
+                    Ok(start) => match disk_transfer(ctx, &ingest, s, start, m.record_mut()).await {
+                        Ok(done) => m.disk_done(&disk, done, now_ms()),
+                        Err(why) => m.disk_failed(&disk, &why),
+                    },
+                    Err(why) => {
+                        let mut s = s;
+                        let _ = fail_stream(&mut s.send, &why, s.block_size as usize).await;
+                    }
+                }
             }
-        }
-    };
-    let (consistency, note, bytes_read, next_token) = match outcome.outcome {
-        JobOutcome::Succeeded { consistency, consistency_note, bytes_read, next_token, .. } => {
-            (consistency, consistency_note, bytes_read, next_token)
-        }
-        JobOutcome::Failed { kind, reason } => {
-            return Err(Failure::from_agent(kind, reason, !done.is_empty(), job.kind))
-        }
-        JobOutcome::Restored { .. } => return Err(Failure::stop("the agent answered a backup with a restore")),
-    };
-    if job.kind != JobKind::ConsistencyCheck {
-        job.bytes_scanned = bytes_read;
-    }
-    let verdict = |committed| {
-        session.do_send(SendToAgent(CoordinatorMessage::JobDone { job: JobId(job.id), committed }));
-    };
-    let mut records = vec![];
-    let mut rp_disks = vec![];
-    for d in &vm.disks {
-        let Some(dd) = done.get(d.name.as_str()) else {
-            verdict(false);
-            return Err(midway(format!("the agent reported success but never sent disk {}", d.name), job.kind));
-        };
-        records.push(ReplicaRecord {
-            vm: name.clone(),
-            disk: d.name.to_string(),
-            size_bytes: d.size_bytes,
-            block_size,
-            state: ReplicaState::Consistent,
-            root: Some(dd.root),
-            change_token: Some(next_token),
-            reason: None,
-            updated_at: super::now(),
-            excluded: replicas.get(d.name.as_str()).map(|r| r.excluded.clone()).unwrap_or_default(),
-        });
-        rp_disks.push(crate::catalog::RpDisk {
-            name: d.name.to_string(),
-            size_bytes: d.size_bytes,
-            block_size,
-            root: dd.root,
-        });
-    }
-    let rp = matches!(job.kind, JobKind::Initial | JobKind::ExpressFull).then(|| NewRecoveryPoint {
-        vm: name.clone(),
-        consistency,
-        config: vec![],
-        disks: rp_disks,
-        created_at: crate::catalog::now_secs().saturating_mul(1000).max(now_ms()),
-    });
-    let committed = records.clone();
-    match ingest.commit(records, rp).await {
-        Ok(rp) => {
-            verdict(true);
-            find_swap(ctx, committed).await;
-            job.consistency = Some(consistency);
-            if let Some(rp) = rp {
-                let id = crate::store::hex(&rp.id);
-                job.detail = Some(match &note {
-                    Some(why) => format!("recovery point {id} ({}-consistent: {why})", consistency.as_str()),
-                    None => format!("recovery point {id} ({}-consistent)", consistency.as_str()),
-                });
-                tracing::info!(rp = %id, consistency = consistency.as_str(), note = note.as_deref().unwrap_or(""), "recovery point committed");
-            } else if job.kind == JobKind::ConsistencyCheck {
-                job.detail =
-                    Some(format!("{} block(s) differed and were repaired; replica consistent", job.blocks_changed));
-            } else {
-                job.detail = Some("replica synchronized".into());
+            r = &mut result, if !result_in => {
+                result_in = true;
+                match r {
+                    Ok(r) => m.agent_result(r.outcome, now_ms()),
+                    Err(_) => m.connection_lost(&vm.host),
+                }
             }
-            Ok(())
-        }
-        Err(e) => {
-            verdict(false);
-            Err(Failure::retry(format!("commit failed: {e}")))
+            () = tokio::time::sleep(wait) => m.timeout(&vm.host, now_ms()),
         }
     }
 }
@@ -558,45 +466,19 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Receives one disk's transfer stream into the ingest worker.
+/// Receives one disk's transfer stream into the ingest worker; answers the agent `Stored` or
+/// `Failed`.
 async fn disk_transfer(
     ctx: &Arc<JobContext>,
-    job: &mut JobRecord,
-    vm: &VmRecord,
-    block_size: u32,
-    replicas: &HashMap<String, ReplicaRecord>,
     ingest: &IngestHandle,
     mut s: TransferStream,
+    start: DiskStart,
+    job: &mut JobRecord,
 ) -> Result<DiskDone, String> {
-    let bs = block_size as usize;
-    let disk = vm.disks.iter().find(|d| d.name.as_str() == s.disk);
-    let Some(disk) = disk else { return Err(format!("{} has no disk {}", vm.name, s.disk)) };
-    let blocks = disk.size_bytes.div_ceil(u64::from(block_size));
-    if s.block_size != block_size || s.blocks != blocks {
-        let why = format!(
-            "stream announces {} blocks of {} bytes, the replica has {blocks} of {block_size}",
-            s.blocks, s.block_size
-        );
-        let _ = fail_stream(&mut s.send, &why, bs).await;
-        return Err(why);
-    }
-    let want_mode = if job.kind == JobKind::ConsistencyCheck { TransferMode::Compare } else { TransferMode::Blocks };
-    if s.mode != want_mode {
-        let why = format!("stream mode {:?} does not fit a {} job", s.mode, job.kind.as_str());
-        let _ = fail_stream(&mut s.send, &why, bs).await;
-        return Err(why);
-    }
-    let old = if job.kind == JobKind::Initial {
-        None
-    } else {
-        replicas
-            .get(&s.disk)
-            .filter(|r| r.size_bytes == disk.size_bytes && r.block_size == block_size)
-            .and_then(|r| r.root)
-    };
-    let r = match s.mode {
-        TransferMode::Blocks => receive_blocks(ingest, &mut s, blocks, old, job).await,
-        TransferMode::Compare => compare::run(ctx, ingest, &mut s, blocks, old, job).await,
+    let bs = s.block_size as usize;
+    let r = match start.mode {
+        TransferMode::Blocks => receive_blocks(ingest, &mut s, start, job).await,
+        TransferMode::Compare => compare::run(ctx, ingest, &mut s, start.blocks, start.old, job).await,
         TransferMode::Restore | TransferMode::Items => Err("a recovery stream in a backup job".into()),
     };
     match r {
@@ -622,38 +504,26 @@ async fn fail_stream(send: &mut quinn::SendStream, why: &str, bs: usize) -> Resu
 async fn receive_blocks(
     ingest: &IngestHandle,
     s: &mut TransferStream,
-    blocks: u64,
-    old: Option<TreeRoot>,
+    start: DiskStart,
     job: &mut JobRecord,
 ) -> Result<DiskDone, String> {
     let bs = s.block_size as usize;
-    ingest.send(Cmd::BeginDisk { blocks, old }).await?;
-    let mut received = 0u64;
+    ingest.send(Cmd::BeginDisk { blocks: start.blocks, old: start.old }).await?;
+    let mut receiver = BlockReceiver::default();
     loop {
-        match transfer::read(&mut s.recv, bs).await.map_err(|e| e.to_string())? {
-            Some(TransferFrame::Block { index, id, data }) => {
-                received += 1;
+        let frame = transfer::read(&mut s.recv, bs)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("the stream ended before the agent said it was complete")?;
+        match receiver.frame(frame)? {
+            Received::Block { index, id, data } => {
                 job.bytes_transferred += data.len() as u64;
                 ingest.send(Cmd::Block { index, id, data }).await?;
             }
-            Some(TransferFrame::Zero { index }) => {
-                received += 1;
-                ingest.send(Cmd::Zero { index }).await?;
-            }
-            Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) => {
-                if blocks_sent != received {
-                    return Err(format!("the agent sent {blocks_sent} blocks, {received} arrived"));
-                }
-                break;
-            }
-            Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
-                return Err(format!("the agent gave up: {}", bulwark_protocol::text::cap_reason(reason)))
-            }
-            Some(other) => return Err(format!("unexpected frame {other:?}")),
-            None => return Err("the stream ended before the agent said it was complete".into()),
+            Received::Zero { index } => ingest.send(Cmd::Zero { index }).await?,
+            Received::End => break,
         }
     }
     let (root, changed) = ingest.end_disk().await?;
-    job.blocks_changed += changed;
     Ok(DiskDone { root, changed })
 }

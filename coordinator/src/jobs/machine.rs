@@ -1,0 +1,776 @@
+//! A backup job (initial copy, synchronization, express full, consistency check) as a plain
+//! state machine: no actix, no QUIC, no clock. It is made from the job's record, the VM as
+//! inventoried and its replicas, fed what happens (a disk's stream opened, a disk stored, the
+//! agent's result, the commit, a lost connection, the time) and polled for what to do (tell
+//! the agent, commit, mark the replica inconsistent, save, finish). `vm_job` performs its
+//! effects over QUIC and the ingest worker; the deterministic simulation performs them in
+//! memory against the same store. What a disk's stream carries is checked by
+//! [`BlockReceiver`] (blocks mode) or `compare` (a consistency check).
+//!
+//! The replica changes only in the one commit, after every disk was stored and the agent said
+//! its snapshot was read whole: a job that fails anywhere else leaves the replica as it was,
+//! and what the failure means for its continuity is [`plan::Failure`]'s rule.
+
+use crate::catalog::{JobKind, JobRecord, ReplicaRecord, ReplicaState, RpDisk};
+use crate::jobs::plan::{self, Failure};
+use crate::store::NewRecoveryPoint;
+use bulwark_protocol::block::Digest;
+use bulwark_protocol::blockmap::TreeRoot;
+use bulwark_protocol::messages::{
+    Consistency, CoordinatorMessage, DiskInfo, JobKind as WireKind, JobOutcome, JobRequest,
+};
+use bulwark_protocol::transfer::{TransferFrame, TransferMessage, TransferMode};
+use bulwark_protocol::{JobId, VmId};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// What a disk's transfer produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskDone {
+    pub root: TreeRoot,
+    pub changed: u64,
+}
+
+/// Where a disk's transfer starts: its block count and the tree it applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskStart {
+    pub blocks: u64,
+    pub old: Option<TreeRoot>,
+    pub mode: TransferMode,
+}
+
+/// What the driver is to do, in order.
+#[derive(Debug, Clone)]
+pub enum Effect {
+    /// Persist a replica record (an initial copy's replicas, `Creating`, before the request).
+    PutReplica(ReplicaRecord),
+    /// Send to the job's agent.
+    Send(CoordinatorMessage),
+    /// Commit the replicas, with a recovery point or without, in one transaction; answer
+    /// with [`VmJob::committed`].
+    Commit { replicas: Vec<ReplicaRecord>, rp: Option<NewRecoveryPoint> },
+    /// Mark the VM's consistent replicas inconsistent, with this reason.
+    MarkInconsistent(String),
+    /// Look for swap in the committed replicas (a failed scan excludes nothing).
+    FindSwap(Vec<ReplicaRecord>),
+    /// The job record changed in a way worth persisting.
+    Save,
+    /// The job is over: [`VmJob::outcome`] says how.
+    Finished,
+}
+
+/// A broken build of the real job, for the simulation to catch (`broken-builds` feature).
+#[cfg(feature = "broken-builds")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broken {
+    /// Commits when the agent reports success even if some disk never arrived.
+    CommitBeforeEveryDisk,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// The request is out; disks arrive; the agent's result is awaited.
+    Running,
+    /// The agent's result is in and the commit is out.
+    Committing {
+        consistency: Consistency,
+        note: Option<String>,
+        replicas: Vec<ReplicaRecord>,
+    },
+    Finished,
+}
+
+/// One backup job of one VM.
+#[derive(Debug)]
+pub struct VmJob {
+    record: JobRecord,
+    vm: String,
+    disks: Vec<DiskInfo>,
+    replicas: HashMap<String, ReplicaRecord>,
+    block_size: u32,
+    lease_ms: u64,
+    deadline: u64,
+    phase: Phase,
+    /// The disk whose stream is open.
+    open: Option<String>,
+    done: BTreeMap<String, DiskDone>,
+    effects: VecDeque<Effect>,
+    outcome: Option<Result<(), Failure>>,
+    #[cfg(feature = "broken-builds")]
+    broken: Option<Broken>,
+}
+
+/// What a backup job starts from.
+pub struct Setup {
+    /// The job's record (its id and the kind asked for).
+    pub record: JobRecord,
+    pub vm: String,
+    pub disks: Vec<DiskInfo>,
+    pub replicas: HashMap<String, ReplicaRecord>,
+    pub block_size: u32,
+    /// The store's chunk id key (sent to the agent).
+    pub id_key: Option<[u8; 32]>,
+    /// How long the agent may stay silent, and how long it holds a snapshot without a verdict.
+    pub lease_ms: u64,
+}
+
+fn wire_kind(kind: JobKind) -> Option<WireKind> {
+    Some(match kind {
+        JobKind::Initial => WireKind::Initial,
+        JobKind::Sync => WireKind::Sync,
+        JobKind::ExpressFull => WireKind::ExpressFull,
+        JobKind::ConsistencyCheck => WireKind::ConsistencyCheck,
+        _ => return None,
+    })
+}
+
+impl VmJob {
+    /// Plans the job (a VM without a complete replica gets its initial copy; an inconsistent
+    /// replica refuses a synchronization) and queues the request to the agent, after the
+    /// `Creating` replicas of an initial copy. A job that cannot run is refused here, with
+    /// nothing queued.
+    pub fn start(setup: Setup, now_ms: u64) -> Result<VmJob, Failure> {
+        let Setup { mut record, vm, disks, replicas, block_size, id_key, lease_ms } = setup;
+        let planned = plan::plan(record.kind, &vm, &disks, &replicas, block_size)?;
+        record.kind = planned.kind;
+        let kind =
+            wire_kind(record.kind).ok_or_else(|| Failure::stop(format!("{} is not a VM job", record.kind.as_str())))?;
+        let request = JobRequest {
+            job: JobId(record.id),
+            vm: VmId::new(vm.clone()).map_err(|e| Failure::stop(e.to_string()))?,
+            kind,
+            block_size,
+            disks: planned.disks,
+            id_key,
+            lease_secs: (lease_ms / 1000).min(u64::from(u32::MAX)) as u32,
+        };
+        let mut effects = VecDeque::new();
+        if record.kind == JobKind::Initial {
+            for d in &disks {
+                effects.push_back(Effect::PutReplica(ReplicaRecord {
+                    vm: vm.clone(),
+                    disk: d.name.to_string(),
+                    size_bytes: d.size_bytes,
+                    block_size,
+                    state: ReplicaState::Creating,
+                    root: None,
+                    change_token: None,
+                    reason: None,
+                    updated_at: now_ms / 1000,
+                    excluded: vec![],
+                }));
+            }
+        }
+        effects.push_back(Effect::Send(CoordinatorMessage::JobRequest(request)));
+        Ok(VmJob {
+            record,
+            vm,
+            disks,
+            replicas,
+            block_size,
+            lease_ms,
+            deadline: now_ms.saturating_add(lease_ms),
+            phase: Phase::Running,
+            open: None,
+            done: BTreeMap::new(),
+            effects,
+            outcome: None,
+            #[cfg(feature = "broken-builds")]
+            broken: None,
+        })
+    }
+
+    /// Turns on a broken build (the simulation's check that it catches it).
+    #[cfg(feature = "broken-builds")]
+    pub fn break_with(&mut self, broken: Broken) {
+        self.broken = Some(broken);
+    }
+
+    /// The job's record as it stands (kind as planned, bytes, detail, error).
+    pub fn record(&self) -> &JobRecord {
+        &self.record
+    }
+
+    /// The job's record, for the driver's counters (bytes scanned and transferred).
+    pub fn record_mut(&mut self) -> &mut JobRecord {
+        &mut self.record
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// When [`VmJob::timeout`] is due, if the job still waits for anything.
+    pub fn next_timeout(&self) -> Option<u64> {
+        (self.phase == Phase::Running).then_some(self.deadline)
+    }
+
+    /// How the job ended (None while it runs).
+    pub fn outcome(&self) -> Option<&Result<(), Failure>> {
+        self.outcome.as_ref()
+    }
+
+    /// Whether more blocks are welcome: a finished job takes none.
+    pub fn is_running(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
+    fn finish(&mut self, r: Result<(), Failure>) {
+        if self.phase == Phase::Finished {
+            return;
+        }
+        if let Err(f) = &r {
+            if let Some(why) = &f.inconsistent {
+                self.effects.push_back(Effect::MarkInconsistent(why.clone()));
+            }
+            self.record.error = Some(f.reason.clone());
+        }
+        self.phase = Phase::Finished;
+        self.open = None;
+        self.outcome = Some(r);
+        self.effects.push_back(Effect::Finished);
+    }
+
+    fn fail_midway(&mut self, reason: String) {
+        let f = Failure::midway(reason, self.record.kind);
+        self.finish(Err(f));
+    }
+
+    /// The agent opened the transfer stream of disk `disk`: answers where it starts, or why
+    /// the stream does not fit the job (then the job has failed, midway).
+    pub fn stream_opened(
+        &mut self,
+        disk: &str,
+        mode: TransferMode,
+        blocks: u64,
+        block_size: u32,
+        now_ms: u64,
+    ) -> Result<DiskStart, String> {
+        if self.phase != Phase::Running {
+            return Err("the job is over".into());
+        }
+        self.deadline = now_ms.saturating_add(self.lease_ms);
+        let r = self.check_stream(disk, mode, blocks, block_size);
+        match &r {
+            Ok(_) => self.open = Some(disk.to_owned()),
+            Err(why) => self.fail_midway(format!("disk {disk}: {why}")),
+        }
+        r
+    }
+
+    fn check_stream(&self, disk: &str, mode: TransferMode, blocks: u64, block_size: u32) -> Result<DiskStart, String> {
+        let Some(d) = self.disks.iter().find(|d| d.name.as_str() == disk) else {
+            return Err(format!("{} has no disk {disk}", self.vm));
+        };
+        if let Some(open) = &self.open {
+            return Err(format!("a stream for disk {disk} while disk {open} is still being received"));
+        }
+        if self.done.contains_key(disk) {
+            return Err(format!("disk {disk} was sent twice"));
+        }
+        let want = d.size_bytes.div_ceil(u64::from(self.block_size));
+        if block_size != self.block_size || blocks != want {
+            return Err(format!(
+                "stream announces {blocks} blocks of {block_size} bytes, the replica has {want} of {}",
+                self.block_size
+            ));
+        }
+        let want_mode =
+            if self.record.kind == JobKind::ConsistencyCheck { TransferMode::Compare } else { TransferMode::Blocks };
+        if mode != want_mode {
+            return Err(format!("stream mode {mode:?} does not fit a {} job", self.record.kind.as_str()));
+        }
+        let old = if self.record.kind == JobKind::Initial {
+            None
+        } else {
+            self.replicas
+                .get(disk)
+                .filter(|r| r.size_bytes == d.size_bytes && r.block_size == self.block_size)
+                .and_then(|r| r.root)
+        };
+        Ok(DiskStart { blocks, old, mode })
+    }
+
+    /// Disk `disk` is stored (not yet committed).
+    pub fn disk_done(&mut self, disk: &str, done: DiskDone, now_ms: u64) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        if self.open.as_deref() != Some(disk) {
+            self.fail_midway(format!("disk {disk} ended without its stream being open"));
+            return;
+        }
+        self.deadline = now_ms.saturating_add(self.lease_ms);
+        self.open = None;
+        self.record.blocks_changed += done.changed;
+        self.done.insert(disk.to_owned(), done);
+        self.effects.push_back(Effect::Save);
+    }
+
+    /// Disk `disk`'s transfer failed: the job has failed, midway.
+    pub fn disk_failed(&mut self, disk: &str, reason: &str) {
+        if self.phase == Phase::Running {
+            self.fail_midway(format!("disk {disk}: {reason}"));
+        }
+    }
+
+    /// The agent's result. Success commits once every disk is stored; a failure means what
+    /// [`Failure::from_agent`] says.
+    pub fn agent_result(&mut self, outcome: JobOutcome, now_ms: u64) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let (consistency, note, bytes_read, next_token) = match outcome {
+            JobOutcome::Succeeded { consistency, consistency_note, bytes_read, next_token, .. } => {
+                (consistency, consistency_note, bytes_read, next_token)
+            }
+            JobOutcome::Failed { kind, reason } => {
+                let f = Failure::from_agent(kind, reason, !self.done.is_empty(), self.record.kind);
+                return self.finish(Err(f));
+            }
+            JobOutcome::Restored { .. } => {
+                return self.finish(Err(Failure::stop("the agent answered a backup with a restore")));
+            }
+        };
+        if self.record.kind != JobKind::ConsistencyCheck {
+            self.record.bytes_scanned = bytes_read;
+        }
+        #[cfg(feature = "broken-builds")]
+        let commit_anyway = self.broken == Some(Broken::CommitBeforeEveryDisk);
+        #[cfg(not(feature = "broken-builds"))]
+        let commit_anyway = false;
+        let mut replicas = vec![];
+        let mut rp_disks = vec![];
+        for d in &self.disks {
+            let stored = match self.done.get(d.name.as_str()) {
+                Some(done) => done.root,
+                None if commit_anyway => match self.replicas.get(d.name.as_str()).and_then(|r| r.root) {
+                    Some(root) => root,
+                    None => continue,
+                },
+                None => {
+                    let why = format!("the agent reported success but never sent disk {}", d.name);
+                    self.effects.push_back(Effect::Send(CoordinatorMessage::JobDone {
+                        job: JobId(self.record.id),
+                        committed: false,
+                    }));
+                    return self.fail_midway(why);
+                }
+            };
+            replicas.push(ReplicaRecord {
+                vm: self.vm.clone(),
+                disk: d.name.to_string(),
+                size_bytes: d.size_bytes,
+                block_size: self.block_size,
+                state: ReplicaState::Consistent,
+                root: Some(stored),
+                change_token: Some(next_token),
+                reason: None,
+                updated_at: now_ms / 1000,
+                excluded: self.replicas.get(d.name.as_str()).map(|r| r.excluded.clone()).unwrap_or_default(),
+            });
+            rp_disks.push(RpDisk {
+                name: d.name.to_string(),
+                size_bytes: d.size_bytes,
+                block_size: self.block_size,
+                root: stored,
+            });
+        }
+        let rp = matches!(self.record.kind, JobKind::Initial | JobKind::ExpressFull).then(|| NewRecoveryPoint {
+            vm: self.vm.clone(),
+            consistency,
+            config: vec![],
+            disks: rp_disks,
+            created_at: now_ms,
+        });
+        self.phase = Phase::Committing { consistency, note, replicas: replicas.clone() };
+        self.effects.push_back(Effect::Commit { replicas, rp });
+    }
+
+    /// The commit's answer: the recovery point's id if one was made, or why it failed. The
+    /// agent learns the verdict either way (it advances its change token only on `true`).
+    pub fn committed(&mut self, r: Result<Option<RpId>, String>) {
+        let Phase::Committing { consistency, note, replicas } = self.phase.clone() else { return };
+        let verdict = |ok| CoordinatorMessage::JobDone { job: JobId(self.record.id), committed: ok };
+        match r {
+            Ok(rp) => {
+                self.effects.push_back(Effect::Send(verdict(true)));
+                self.effects.push_back(Effect::FindSwap(replicas));
+                self.record.consistency = Some(consistency);
+                self.record.detail = Some(match rp {
+                    Some(id) => {
+                        let id = crate::store::hex(&id);
+                        match &note {
+                            Some(why) => format!("recovery point {id} ({}-consistent: {why})", consistency.as_str()),
+                            None => format!("recovery point {id} ({}-consistent)", consistency.as_str()),
+                        }
+                    }
+                    None if self.record.kind == JobKind::ConsistencyCheck => {
+                        format!(
+                            "{} block(s) differed and were repaired; replica consistent",
+                            self.record.blocks_changed
+                        )
+                    }
+                    None => "replica synchronized".into(),
+                });
+                self.finish(Ok(()));
+            }
+            Err(e) => {
+                self.effects.push_back(Effect::Send(verdict(false)));
+                self.finish(Err(Failure::retry(format!("commit failed: {e}"))));
+            }
+        }
+    }
+
+    /// The connection to the agent was lost.
+    pub fn connection_lost(&mut self, host: &str) {
+        if self.phase == Phase::Running {
+            self.fail_midway(format!("the connection to {host} was lost"));
+        }
+    }
+
+    /// The time passed: a job whose agent stayed silent for its lease has failed, midway.
+    pub fn timeout(&mut self, host: &str, now_ms: u64) {
+        if self.phase == Phase::Running && now_ms >= self.deadline {
+            let ms = self.lease_ms;
+            self.fail_midway(format!(
+                "no word from the agent of {host} for {:?}",
+                std::time::Duration::from_millis(ms)
+            ));
+        }
+    }
+}
+
+/// A recovery point's id.
+pub type RpId = [u8; 16];
+
+/// What one frame of a blocks-mode stream means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    Block {
+        index: u64,
+        id: Digest,
+        data: Vec<u8>,
+    },
+    Zero {
+        index: u64,
+    },
+    /// Every block announced has arrived.
+    End,
+}
+
+/// A blocks-mode stream (initial copy, synchronization, express full): block and zero frames,
+/// then `End` with their count. Order and range are checked where the blocks are stored.
+#[derive(Debug, Default)]
+pub struct BlockReceiver {
+    received: u64,
+    ended: bool,
+}
+
+impl BlockReceiver {
+    /// The next frame: what it means, or why the stream is refused.
+    pub fn frame(&mut self, frame: TransferFrame) -> Result<Received, String> {
+        if self.ended {
+            return Err("a frame after the end of the disk".into());
+        }
+        match frame {
+            TransferFrame::Block { index, id, data } => {
+                self.received += 1;
+                Ok(Received::Block { index, id, data })
+            }
+            TransferFrame::Zero { index } => {
+                self.received += 1;
+                Ok(Received::Zero { index })
+            }
+            TransferFrame::Message(TransferMessage::End { blocks_sent, .. }) => {
+                if blocks_sent != self.received {
+                    return Err(format!("the agent sent {blocks_sent} blocks, {} arrived", self.received));
+                }
+                self.ended = true;
+                Ok(Received::End)
+            }
+            TransferFrame::Message(TransferMessage::Failed { reason }) => {
+                Err(format!("the agent gave up: {}", bulwark_protocol::text::cap_reason(reason)))
+            }
+            other => Err(format!("unexpected frame {other:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_protocol::messages::{ChangeToken, FailureKind};
+    use bulwark_protocol::DiskId;
+
+    const BS: u32 = 65536;
+    const MB: u64 = 1 << 20;
+
+    fn disk(name: &str) -> DiskInfo {
+        DiskInfo { name: DiskId::new(name).unwrap(), size_bytes: MB }
+    }
+
+    fn root(n: u8) -> TreeRoot {
+        TreeRoot { digest: [n; 32], levels: 1, blocks: MB / u64::from(BS) }
+    }
+
+    fn replica(name: &str, state: ReplicaState) -> ReplicaRecord {
+        ReplicaRecord {
+            vm: "web".into(),
+            disk: name.into(),
+            size_bytes: MB,
+            block_size: BS,
+            state,
+            root: Some(root(1)),
+            change_token: Some(ChangeToken { generation: 1, sequence: 4 }),
+            reason: None,
+            updated_at: 0,
+            excluded: vec![(3, 4)],
+        }
+    }
+
+    /// A job of `kind` on a VM with disks os and data; `complete`: both have consistent replicas.
+    fn job(kind: JobKind, complete: bool) -> VmJob {
+        let replicas = if complete {
+            ["os", "data"].iter().map(|d| (d.to_string(), replica(d, ReplicaState::Consistent))).collect()
+        } else {
+            HashMap::new()
+        };
+        let setup = Setup {
+            record: JobRecord::queued(7, kind, Some("web".into())),
+            vm: "web".into(),
+            disks: vec![disk("os"), disk("data")],
+            replicas,
+            block_size: BS,
+            id_key: None,
+            lease_ms: 30_000,
+        };
+        VmJob::start(setup, 1_000).unwrap()
+    }
+
+    fn drain(m: &mut VmJob) -> Vec<Effect> {
+        std::iter::from_fn(|| m.poll_effect()).collect()
+    }
+
+    fn success() -> JobOutcome {
+        JobOutcome::Succeeded {
+            consistency: Consistency::App,
+            consistency_note: None,
+            bytes_read: 99,
+            blocks_sent: 2,
+            next_token: ChangeToken { generation: 1, sequence: 9 },
+        }
+    }
+
+    fn verdict(e: &Effect) -> Option<bool> {
+        match e {
+            Effect::Send(CoordinatorMessage::JobDone { committed, .. }) => Some(*committed),
+            _ => None,
+        }
+    }
+
+    /// Both disks stored in blocks mode.
+    fn store_both(m: &mut VmJob) {
+        for (i, d) in ["os", "data"].iter().enumerate() {
+            let start = m.stream_opened(d, TransferMode::Blocks, 16, BS, 2_000).unwrap();
+            assert_eq!(start.blocks, 16);
+            m.disk_done(d, DiskDone { root: root(10 + i as u8), changed: 3 }, 3_000);
+        }
+    }
+
+    #[test]
+    fn an_express_full_commits_a_recovery_point_once_every_disk_and_the_result_are_in() {
+        let mut m = job(JobKind::ExpressFull, true);
+        let first = drain(&mut m);
+        assert!(matches!(&first[..], [Effect::Send(CoordinatorMessage::JobRequest(r))]
+            if r.disks.iter().all(|d| d.token == Some(ChangeToken { generation: 1, sequence: 4 }) && d.exclude == vec![(3, 4)])));
+        let start = m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+        assert_eq!(start.old, Some(root(1)), "an express full applies to the replica's tree");
+        m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 3_000);
+        m.stream_opened("data", TransferMode::Blocks, 16, BS, 3_000).unwrap();
+        m.disk_done("data", DiskDone { root: root(11), changed: 3 }, 3_000);
+        assert!(drain(&mut m).iter().all(|e| matches!(e, Effect::Save)));
+        m.agent_result(success(), 4_000);
+        let commit = drain(&mut m);
+        let [Effect::Commit { replicas, rp: Some(rp) }] = &commit[..] else { panic!("{commit:?}") };
+        assert_eq!(replicas.iter().map(|r| r.root).collect::<Vec<_>>(), vec![Some(root(10)), Some(root(11))]);
+        assert!(replicas.iter().all(|r| r.change_token == Some(ChangeToken { generation: 1, sequence: 9 })
+            && r.state == ReplicaState::Consistent
+            && r.excluded == vec![(3, 4)]));
+        assert_eq!((rp.disks.len(), rp.created_at, rp.consistency), (2, 4_000, Consistency::App));
+        assert_eq!(m.next_timeout(), None, "committing waits for nobody");
+        m.committed(Ok(Some([0xab; 16])));
+        let end = drain(&mut m);
+        assert_eq!(end.iter().filter_map(verdict).collect::<Vec<_>>(), vec![true]);
+        assert!(matches!(end.last(), Some(Effect::Finished)));
+        assert!(end.iter().any(|e| matches!(e, Effect::FindSwap(r) if r.len() == 2)));
+        assert_eq!(m.outcome(), Some(&Ok(())));
+        assert_eq!(m.record().blocks_changed, 6);
+        assert_eq!(m.record().bytes_scanned, 99);
+        assert!(m.record().detail.as_deref().unwrap_or("").starts_with("recovery point abababab"));
+    }
+
+    #[test]
+    fn a_success_without_every_disk_is_not_committed() {
+        let mut m = job(JobKind::ExpressFull, true);
+        drain(&mut m);
+        m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+        m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 3_000);
+        m.agent_result(success(), 4_000);
+        let effects = drain(&mut m);
+        assert!(!effects.iter().any(|e| matches!(e, Effect::Commit { .. })), "{effects:?}");
+        assert_eq!(effects.iter().filter_map(verdict).collect::<Vec<_>>(), vec![false]);
+        assert!(effects.iter().any(|e| matches!(e, Effect::MarkInconsistent(_))), "midway: continuity unknown");
+        let Some(Err(f)) = m.outcome() else { panic!() };
+        assert!(f.reason.contains("never sent disk data") && f.retry);
+    }
+
+    #[test]
+    fn without_a_complete_replica_an_express_full_is_an_initial_copy_that_creates_replicas_first() {
+        let mut m = job(JobKind::ExpressFull, false);
+        assert_eq!(m.record().kind, JobKind::Initial);
+        let effects = drain(&mut m);
+        assert!(
+            matches!(&effects[..], [Effect::PutReplica(a), Effect::PutReplica(b), Effect::Send(CoordinatorMessage::JobRequest(_))]
+            if a.state == ReplicaState::Creating && b.state == ReplicaState::Creating)
+        );
+        let start = m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+        assert_eq!(start.old, None, "an initial copy starts from an empty tree");
+        m.disk_done("os", DiskDone { root: root(10), changed: 16 }, 3_000);
+        m.stream_opened("data", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+        m.disk_done("data", DiskDone { root: root(11), changed: 16 }, 3_000);
+        m.agent_result(success(), 4_000);
+        assert!(drain(&mut m).iter().any(|e| matches!(e, Effect::Commit { rp: Some(_), .. })));
+        m.committed(Err("disk full".into()));
+        let end = drain(&mut m);
+        assert_eq!(end.iter().filter_map(verdict).collect::<Vec<_>>(), vec![false]);
+        assert!(!end.iter().any(|e| matches!(e, Effect::MarkInconsistent(_))), "nothing was committed: no doubt");
+        assert_eq!(m.outcome().cloned().and_then(Result::err).map(|f| f.retry), Some(true));
+    }
+
+    #[test]
+    fn a_check_takes_compare_streams_and_commits_no_recovery_point() {
+        let mut m = job(JobKind::ConsistencyCheck, true);
+        drain(&mut m);
+        assert!(m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).is_err(), "a check compares");
+        assert!(matches!(m.outcome(), Some(Err(_))));
+        let mut m = job(JobKind::ConsistencyCheck, true);
+        drain(&mut m);
+        for d in ["os", "data"] {
+            assert_eq!(m.stream_opened(d, TransferMode::Compare, 16, BS, 2_000).unwrap().old, Some(root(1)));
+            m.disk_done(d, DiskDone { root: root(5), changed: 1 }, 2_000);
+        }
+        m.agent_result(success(), 4_000);
+        assert!(drain(&mut m).iter().any(|e| matches!(e, Effect::Commit { rp: None, .. })));
+        assert_eq!(m.record().bytes_scanned, 0, "a check counts what it compared, not the agent's reads");
+        m.committed(Ok(None));
+        drain(&mut m);
+        assert_eq!(m.record().detail.as_deref(), Some("2 block(s) differed and were repaired; replica consistent"));
+    }
+
+    #[test]
+    fn streams_that_do_not_fit_fail_the_job_midway() {
+        let cases: [(&str, TransferMode, u64, u32); 4] = [
+            ("swap", TransferMode::Blocks, 16, BS),
+            ("os", TransferMode::Blocks, 17, BS),
+            ("os", TransferMode::Blocks, 16, 4096),
+            ("os", TransferMode::Restore, 16, BS),
+        ];
+        for (d, mode, blocks, bs) in cases {
+            let mut m = job(JobKind::Sync, true);
+            drain(&mut m);
+            assert!(m.stream_opened(d, mode, blocks, bs, 2_000).is_err(), "{d} {mode:?} {blocks} {bs}");
+            let effects = drain(&mut m);
+            assert!(effects.iter().any(|e| matches!(e, Effect::MarkInconsistent(_))), "a sync that died midway");
+            assert!(matches!(effects.last(), Some(Effect::Finished)));
+            assert!(m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).is_err(), "the job is over");
+        }
+        let mut m = job(JobKind::Sync, true);
+        store_both(&mut m);
+        assert!(m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).is_err(), "a disk sent twice");
+        let mut m = job(JobKind::Sync, true);
+        m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+        assert!(m.stream_opened("data", TransferMode::Blocks, 16, BS, 2_000).is_err(), "one disk at a time");
+        let mut m = job(JobKind::Sync, true);
+        m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 3_000);
+        assert!(matches!(m.outcome(), Some(Err(_))), "a disk that ends without a stream");
+    }
+
+    #[test]
+    fn agent_failures_silence_and_lost_connections_end_the_job_as_plan_says() {
+        // The agent's refusals and failures, before and after a disk arrived.
+        let mut m = job(JobKind::Sync, true);
+        m.agent_result(JobOutcome::Failed { kind: FailureKind::TrackingLost, reason: "crash".into() }, 2_000);
+        let effects = drain(&mut m);
+        assert!(effects.iter().any(|e| matches!(e, Effect::MarkInconsistent(w) if w == "crash")));
+        assert_eq!(m.outcome().cloned().and_then(Result::err).map(|f| f.retry), Some(false));
+        let mut m = job(JobKind::Sync, true);
+        m.agent_result(JobOutcome::Failed { kind: FailureKind::Other, reason: "io".into() }, 2_000);
+        assert!(!drain(&mut m).iter().any(|e| matches!(e, Effect::MarkInconsistent(_))), "nothing moved yet");
+        let mut m = job(JobKind::Sync, true);
+        m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+        m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 3_000);
+        m.agent_result(JobOutcome::Failed { kind: FailureKind::Other, reason: "io".into() }, 3_000);
+        assert!(drain(&mut m).iter().any(|e| matches!(e, Effect::MarkInconsistent(_))), "after a disk: midway");
+        let mut m = job(JobKind::Sync, true);
+        m.agent_result(JobOutcome::Restored { bytes_read: 0, bytes_written: 0, skipped: vec![] }, 2_000);
+        assert_eq!(m.outcome().cloned().and_then(Result::err).map(|f| f.retry), Some(false));
+        // Silence: the deadline moves with every input, and passes only when it is reached.
+        let mut m = job(JobKind::Sync, true);
+        assert_eq!(m.next_timeout(), Some(31_000));
+        m.stream_opened("os", TransferMode::Blocks, 16, BS, 5_000).unwrap();
+        assert_eq!(m.next_timeout(), Some(35_000));
+        m.timeout("node1", 34_999);
+        assert!(m.outcome().is_none());
+        m.timeout("node1", 35_000);
+        let Some(Err(f)) = m.outcome() else { panic!() };
+        assert!(f.reason.contains("no word from the agent of node1") && f.inconsistent.is_some());
+        assert_eq!(m.next_timeout(), None);
+        let mut m = job(JobKind::ExpressFull, true);
+        m.connection_lost("node1");
+        assert!(m.outcome().cloned().and_then(Result::err).is_some_and(|f| f.reason.contains("lost")));
+        // Inputs after the end change nothing.
+        let effects = drain(&mut m).len();
+        m.agent_result(success(), 40_000);
+        m.committed(Ok(None));
+        m.disk_failed("os", "late");
+        m.timeout("node1", 90_000);
+        assert_eq!(drain(&mut m).len(), 0);
+        assert!(effects > 0);
+        assert!(m.record().error.as_deref().is_some_and(|e| e.contains("lost")));
+    }
+
+    #[test]
+    fn a_sync_of_an_inconsistent_replica_is_refused_before_anything_is_sent() {
+        let mut replicas: HashMap<String, ReplicaRecord> =
+            ["os", "data"].iter().map(|d| (d.to_string(), replica(d, ReplicaState::Consistent))).collect();
+        replicas.insert("data".into(), replica("data", ReplicaState::Inconsistent));
+        let setup = Setup {
+            record: JobRecord::queued(7, JobKind::Sync, Some("web".into())),
+            vm: "web".into(),
+            disks: vec![disk("os"), disk("data")],
+            replicas,
+            block_size: BS,
+            id_key: None,
+            lease_ms: 30_000,
+        };
+        let f = VmJob::start(setup, 0).err().unwrap();
+        assert!(f.reason.contains("consistency check must run first") && !f.retry);
+    }
+
+    #[test]
+    fn a_block_stream_ends_with_its_count() {
+        let mut r = BlockReceiver::default();
+        assert!(matches!(r.frame(TransferFrame::Zero { index: 1 }), Ok(Received::Zero { index: 1 })));
+        let block = TransferFrame::Block { index: 2, id: [1; 32], data: vec![0; 4] };
+        assert!(matches!(r.frame(block), Ok(Received::Block { index: 2, .. })));
+        let end = |n| TransferFrame::Message(TransferMessage::End { blocks_sent: n, bytes_read: 0 });
+        assert!(r.frame(end(3)).is_err_and(|e| e.contains("3 blocks, 2 arrived")));
+        let mut r = BlockReceiver::default();
+        assert_eq!(r.frame(end(0)), Ok(Received::End));
+        assert!(r.frame(TransferFrame::Zero { index: 1 }).is_err(), "nothing after the end");
+        let mut r = BlockReceiver::default();
+        let failed = TransferFrame::Message(TransferMessage::Failed { reason: "disk gone".into() });
+        assert!(r.frame(failed).is_err_and(|e| e.contains("disk gone")));
+    }
+}
