@@ -431,6 +431,11 @@ impl Comparison {
         Ok(())
     }
 
+    /// The nodes asked for and not yet fed (none between rounds).
+    pub fn asked(&self) -> &[(u8, u64)] {
+        &self.asked
+    }
+
     /// Whether every differing leaf has been found.
     pub fn is_complete(&self) -> bool {
         self.todo.is_empty() && self.asked.is_empty()
