@@ -1,7 +1,7 @@
 //! Typed access to VMs, protection groups, jobs and schedules' next-run times.
 
 use super::identity::{self, Claim, Conflict, Known, Verdict, VmIdentity};
-use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, ReplicaState, VmRecord};
+use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, VmRecord};
 use bulwark_protocol::messages::{Inventory, VmInfo};
 use std::collections::HashSet;
 
@@ -178,11 +178,8 @@ impl Catalog {
         let Some(generation) = v.change_generation else { return Ok(()) };
         for mut r in self.replicas_of(&v.name)? {
             let reset = r.change_token.is_some_and(|t| t.generation != generation);
-            if reset && r.state == ReplicaState::Consistent {
-                let reason = format!("change tracking was reset on {host} (host crash or storage migration)");
-                r.state = ReplicaState::Inconsistent;
-                r.reason = Some(reason.clone());
-                r.updated_at = now;
+            let reason = format!("change tracking was reset on {host} (host crash or storage migration)");
+            if reset && r.mark_inconsistent(&reason, now) {
                 self.put_replica(&r)?;
                 changes.tracking_reset.push((v.name.clone(), reason));
             }

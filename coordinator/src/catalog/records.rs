@@ -179,6 +179,31 @@ pub struct ReplicaRecord {
     pub excluded: Vec<(u64, u64)>,
 }
 
+impl ReplicaRecord {
+    /// Marks a consistent replica inconsistent for `why` at `now` (seconds); answers whether
+    /// it changed. A replica being created has nothing to doubt yet (its next job is the
+    /// initial copy), and an inconsistent one keeps its first reason. Every site that doubts
+    /// a replica's continuity goes through here.
+    pub fn mark_inconsistent(&mut self, why: &str, now: u64) -> bool {
+        if self.state != ReplicaState::Consistent {
+            return false;
+        }
+        self.state = ReplicaState::Inconsistent;
+        self.reason = Some(why.to_owned());
+        self.updated_at = now;
+        true
+    }
+
+    /// Whether the replica is a whole copy of a disk of `size_bytes` in blocks of
+    /// `block_size`, ready for incrementals (consistent or not).
+    pub fn is_complete(&self, size_bytes: u64, block_size: u32) -> bool {
+        self.state != ReplicaState::Creating
+            && self.root.is_some()
+            && self.size_bytes == size_bytes
+            && self.block_size == block_size
+    }
+}
+
 /// One disk of a recovery point: a frozen root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RpDisk {

@@ -204,6 +204,19 @@ impl Catalog {
         self.flush_durable()
     }
 
+    /// Marks `vm`'s consistent replicas inconsistent for `why` ([`ReplicaRecord::mark_inconsistent`]);
+    /// answers the disks it marked. Durable.
+    pub fn mark_inconsistent(&self, vm: &str, why: &str, now: u64) -> Result<Vec<String>, CatalogError> {
+        let mut marked = vec![];
+        for mut r in self.replicas_of(vm)? {
+            if r.mark_inconsistent(why, now) {
+                self.put_replica(&r)?;
+                marked.push(r.disk);
+            }
+        }
+        Ok(marked)
+    }
+
     /// Forgets every replica of a VM (its recovery points are dropped separately); durable.
     pub fn delete_replicas_of(&self, vm: &str) -> Result<usize, CatalogError> {
         let keys: Vec<_> = self.replicas.scan_prefix(vm_prefix(vm)).keys().collect::<Result<_, _>>()?;

@@ -5,7 +5,7 @@
 //! channel, so a slow disk slows the QUIC stream, never fills memory.
 
 use crate::catalog::{RecoveryPointRecord, ReplicaRecord};
-use crate::store::{NewRecoveryPoint, Store};
+use crate::store::{Ingest, NewRecoveryPoint, Store};
 use bulwark_protocol::block::{Digest, ZERO};
 use bulwark_protocol::blockmap::TreeRoot;
 use std::sync::{Arc, Mutex};
@@ -98,7 +98,10 @@ impl IngestHandle {
     }
 }
 
-struct DiskState {
+/// One disk's blocks applied to its tree in bounded steps: the worker's (and the
+/// simulation's) plain part. Blocks must come in increasing order, inside the disk.
+#[derive(Debug)]
+pub struct DiskIngest {
     blocks: u64,
     root: Option<TreeRoot>,
     changes: Vec<(u64, Digest)>,
@@ -106,38 +109,82 @@ struct DiskState {
     changed: u64,
 }
 
+impl DiskIngest {
+    /// A disk of `blocks` blocks on top of `old` (None, or a tree of another size: empty).
+    pub fn new(blocks: u64, old: Option<TreeRoot>) -> Self {
+        let root = old.filter(|r| r.blocks == blocks);
+        Self { blocks, root, changes: vec![], last: None, changed: 0 }
+    }
+
+    /// Stores a block that arrived under `id` (checked) as block `index`.
+    pub fn block(&mut self, ingest: &mut Ingest<'_>, index: u64, id: &Digest, data: &[u8]) -> Result<(), String> {
+        self.check_order(index)?;
+        let leaf = ingest.put_block(id, data).map_err(|e| format!("block {index}: {e}"))?;
+        self.change(ingest, index, leaf)
+    }
+
+    /// Block `index` is all zero.
+    pub fn zero(&mut self, ingest: &mut Ingest<'_>, index: u64) -> Result<(), String> {
+        self.check_order(index)?;
+        self.change(ingest, index, ZERO)
+    }
+
+    fn change(&mut self, ingest: &mut Ingest<'_>, index: u64, leaf: Digest) -> Result<(), String> {
+        self.changes.push((index, leaf));
+        self.changed += 1;
+        if self.changes.len() >= CHANGES_PER_UPDATE {
+            self.flush(ingest)?;
+        }
+        Ok(())
+    }
+
+    /// The disk is complete: its new root and how many blocks changed.
+    pub fn end(mut self, ingest: &mut Ingest<'_>) -> Result<(TreeRoot, u64), String> {
+        self.flush(ingest)?;
+        let root = match self.root {
+            Some(r) => r,
+            None => ingest.update_tree(None, self.blocks, std::iter::empty()).map_err(|e| e.to_string())?,
+        };
+        Ok((root, self.changed))
+    }
+
+    fn check_order(&mut self, index: u64) -> Result<(), String> {
+        if index >= self.blocks {
+            return Err(format!("block {index} is past the end of the disk ({} blocks)", self.blocks));
+        }
+        if self.last.is_some_and(|l| index <= l) {
+            return Err(format!("block {index} arrived out of order"));
+        }
+        self.last = Some(index);
+        Ok(())
+    }
+
+    fn flush(&mut self, ingest: &mut Ingest<'_>) -> Result<(), String> {
+        if self.changes.is_empty() {
+            return Ok(());
+        }
+        let root =
+            ingest.update_tree(self.root.as_ref(), self.blocks, self.changes.drain(..)).map_err(|e| e.to_string())?;
+        self.root = Some(root);
+        Ok(())
+    }
+}
+
 fn work(store: &Store, mut rx: mpsc::Receiver<Cmd>) -> Result<(), String> {
     let mut ingest = store.begin();
-    let mut disk: Option<DiskState> = None;
+    let mut disk: Option<DiskIngest> = None;
     while let Some(cmd) = rx.blocking_recv() {
         match cmd {
-            Cmd::BeginDisk { blocks, old } => {
-                let old = old.filter(|r| r.blocks == blocks);
-                disk = Some(DiskState { blocks, root: old, changes: vec![], last: None, changed: 0 });
-            }
+            Cmd::BeginDisk { blocks, old } => disk = Some(DiskIngest::new(blocks, old)),
             Cmd::Block { index, id, data } => {
-                let d = disk.as_mut().ok_or("a block before its disk")?;
-                check_order(d, index)?;
-                let leaf = ingest.put_block(&id, &data).map_err(|e| format!("block {index}: {e}"))?;
-                d.changes.push((index, leaf));
-                d.changed += 1;
+                disk.as_mut().ok_or("a block before its disk")?.block(&mut ingest, index, &id, &data)?;
             }
-            Cmd::Zero { index } => {
-                let d = disk.as_mut().ok_or("a block before its disk")?;
-                check_order(d, index)?;
-                d.changes.push((index, ZERO));
-                d.changed += 1;
-            }
+            Cmd::Zero { index } => disk.as_mut().ok_or("a block before its disk")?.zero(&mut ingest, index)?,
             Cmd::EndDisk { reply } => {
-                let r = (|| {
-                    let mut d = disk.take().ok_or("no disk to end")?;
-                    flush(&mut ingest, &mut d)?;
-                    let root = match d.root {
-                        Some(r) => r,
-                        None => ingest.update_tree(None, d.blocks, std::iter::empty()).map_err(|e| e.to_string())?,
-                    };
-                    Ok((root, d.changed))
-                })();
+                let r = match disk.take() {
+                    Some(d) => d.end(&mut ingest),
+                    None => Err("no disk to end".into()),
+                };
                 let failed = r.as_ref().err().cloned();
                 let _ = reply.send(r);
                 if let Some(e) = failed {
@@ -154,31 +201,6 @@ fn work(store: &Store, mut rx: mpsc::Receiver<Cmd>) -> Result<(), String> {
                 return Ok(());
             }
         }
-        if let Some(d) = disk.as_mut() {
-            if d.changes.len() >= CHANGES_PER_UPDATE {
-                flush(&mut ingest, d)?;
-            }
-        }
     }
-    Ok(())
-}
-
-fn check_order(d: &mut DiskState, index: u64) -> Result<(), String> {
-    if index >= d.blocks {
-        return Err(format!("block {index} is past the end of the disk ({} blocks)", d.blocks));
-    }
-    if d.last.is_some_and(|l| index <= l) {
-        return Err(format!("block {index} arrived out of order"));
-    }
-    d.last = Some(index);
-    Ok(())
-}
-
-fn flush(ingest: &mut crate::store::Ingest<'_>, d: &mut DiskState) -> Result<(), String> {
-    if d.changes.is_empty() {
-        return Ok(());
-    }
-    let root = ingest.update_tree(d.root.as_ref(), d.blocks, d.changes.drain(..)).map_err(|e| e.to_string())?;
-    d.root = Some(root);
     Ok(())
 }

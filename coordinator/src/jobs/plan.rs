@@ -66,14 +66,8 @@ pub fn plan(
     replicas: &HashMap<String, ReplicaRecord>,
     block_size: u32,
 ) -> Result<Plan, Failure> {
-    let complete = disks.iter().all(|d| {
-        replicas.get(d.name.as_str()).is_some_and(|r| {
-            r.state != ReplicaState::Creating
-                && r.root.is_some()
-                && r.size_bytes == d.size_bytes
-                && r.block_size == block_size
-        })
-    });
+    let complete =
+        disks.iter().all(|d| replicas.get(d.name.as_str()).is_some_and(|r| r.is_complete(d.size_bytes, block_size)));
     // (A consistency check needs no complete replica: it builds what is missing.)
     let kind = if !complete && matches!(requested, JobKind::Sync | JobKind::ExpressFull) {
         JobKind::Initial

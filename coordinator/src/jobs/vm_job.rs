@@ -6,7 +6,7 @@
 //! died midway make it inconsistent, which queues a consistency check when the group's policy
 //! allows.
 
-use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, ReplicaState, VmRecord};
+use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, VmRecord};
 use crate::jobs::ingest::{Cmd, IngestHandle};
 use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, Received, Setup, VmJob};
 use crate::jobs::plan::Failure;
@@ -114,18 +114,13 @@ fn save(ctx: &JobContext, job: &JobRecord) {
 }
 
 fn mark_inconsistent(ctx: &JobContext, vm: &str, why: &str) {
-    let Ok(replicas) = ctx.catalog().replicas_of(vm) else { return };
-    for mut r in replicas {
-        if r.state == ReplicaState::Consistent {
-            r.state = ReplicaState::Inconsistent;
-            r.reason = Some(why.to_owned());
-            r.updated_at = super::now();
-            if let Err(e) = ctx.catalog().put_replica(&r) {
-                tracing::error!(error = %e, "cannot mark the replica inconsistent");
-            } else {
-                tracing::warn!(disk = %r.disk, reason = why, "replica marked inconsistent");
+    match ctx.catalog().mark_inconsistent(vm, why, super::now()) {
+        Ok(disks) => {
+            for disk in disks {
+                tracing::warn!(%disk, reason = why, "replica marked inconsistent");
             }
         }
+        Err(e) => tracing::error!(error = %e, "cannot mark the replica inconsistent"),
     }
 }
 

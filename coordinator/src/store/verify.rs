@@ -7,7 +7,7 @@
 //! number of index entries is compared with the number of records verified in place, and a pack
 //! whose scan could not reach all of them (a damaged record header) is checked entry by entry.
 
-use crate::catalog::{now_secs, BadChunk, ReplicaState};
+use crate::catalog::{now_secs, BadChunk};
 use crate::store::pack::{self, Location, Scanner};
 use crate::store::{hex, Store, StoreError, StorePages};
 use bulwark_protocol::block::Digest;
@@ -165,9 +165,7 @@ impl Store {
         for mut replica in self.catalog.replicas()? {
             let Some(root) = replica.root else { continue };
             if bulwark_protocol::blockmap::reaches(&pages, &root, &mut memo, &mut judge) {
-                if replica.state != ReplicaState::Inconsistent {
-                    replica.state = ReplicaState::Inconsistent;
-                    replica.reason = Some("verify found a bad or missing chunk".into());
+                if replica.mark_inconsistent("verify found a bad or missing chunk", now_secs()) {
                     self.catalog.put_replica(&replica)?;
                 }
                 report.replicas_marked_inconsistent.push((replica.vm, replica.disk));
