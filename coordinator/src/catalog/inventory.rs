@@ -448,6 +448,7 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::ReplicaState;
     use bulwark_protocol::messages::{DiskInfo, GuestOs, PowerState, VmInfo};
     use bulwark_protocol::{DiskId, VmId};
 

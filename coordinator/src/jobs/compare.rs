@@ -412,7 +412,7 @@ async fn compare_trees(
 }
 
 /// Our entries of each node (zeros where we have no tree).
-fn our_entries(
+pub fn our_entries(
     store: &Store,
     base: Option<&TreeRoot>,
     blocks: u64,
@@ -428,7 +428,7 @@ fn our_entries(
 }
 
 /// Leaves of `root` whose chunk verify recorded as bad.
-fn bad_leaves(store: &Store, root: &TreeRoot) -> Result<Vec<u64>, String> {
+pub fn bad_leaves(store: &Store, root: &TreeRoot) -> Result<Vec<u64>, String> {
     let bad: HashSet<Digest> =
         store.catalog().bad_chunks().map_err(|e| e.to_string())?.into_iter().map(|b| b.id).collect();
     if bad.is_empty() {

@@ -62,7 +62,8 @@ pub enum Effect {
 #[cfg(feature = "broken-builds")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Broken {
-    /// Commits when the agent reports success even if some disk never arrived.
+    /// Commits when the agent reports success even while a disk is still arriving (its old
+    /// tree committed under the new change token).
     CommitBeforeEveryDisk,
 }
 
@@ -93,6 +94,9 @@ pub struct VmJob {
     /// The disk whose stream is open.
     open: Option<String>,
     done: BTreeMap<String, DiskDone>,
+    /// The agent's result, come while a disk's stream was still open: applied when it ends
+    /// (the control stream may overtake a transfer stream).
+    pending: Option<JobOutcome>,
     effects: VecDeque<Effect>,
     outcome: Option<Result<(), Failure>>,
     #[cfg(feature = "broken-builds")]
@@ -172,6 +176,7 @@ impl VmJob {
             phase: Phase::Running,
             open: None,
             done: BTreeMap::new(),
+            pending: None,
             effects,
             outcome: None,
             #[cfg(feature = "broken-builds")]
@@ -305,6 +310,9 @@ impl VmJob {
         self.record.blocks_changed += done.changed;
         self.done.insert(disk.to_owned(), done);
         self.effects.push_back(Effect::Save);
+        if let Some(outcome) = self.pending.take() {
+            self.agent_result(outcome, now_ms);
+        }
     }
 
     /// Disk `disk`'s transfer failed: the job has failed, midway.
@@ -318,6 +326,14 @@ impl VmJob {
     /// [`Failure::from_agent`] says.
     pub fn agent_result(&mut self, outcome: JobOutcome, now_ms: u64) {
         if self.phase != Phase::Running {
+            return;
+        }
+        #[cfg(feature = "broken-builds")]
+        let commit_anyway = self.broken == Some(Broken::CommitBeforeEveryDisk);
+        #[cfg(not(feature = "broken-builds"))]
+        let commit_anyway = false;
+        if self.open.is_some() && matches!(outcome, JobOutcome::Succeeded { .. }) && !commit_anyway {
+            self.pending = Some(outcome);
             return;
         }
         let (consistency, note, bytes_read, next_token) = match outcome {
@@ -335,10 +351,6 @@ impl VmJob {
         if self.record.kind != JobKind::ConsistencyCheck {
             self.record.bytes_scanned = bytes_read;
         }
-        #[cfg(feature = "broken-builds")]
-        let commit_anyway = self.broken == Some(Broken::CommitBeforeEveryDisk);
-        #[cfg(not(feature = "broken-builds"))]
-        let commit_anyway = false;
         let mut replicas = vec![];
         let mut rp_disks = vec![];
         for d in &self.disks {
@@ -608,6 +620,30 @@ mod tests {
         assert_eq!(m.record().blocks_changed, 6);
         assert_eq!(m.record().bytes_scanned, 99);
         assert!(m.record().detail.as_deref().unwrap_or("").starts_with("recovery point abababab"));
+    }
+
+    #[test]
+    fn a_result_that_overtakes_the_last_disk_waits_for_it() {
+        let mut m = job(JobKind::ExpressFull, true);
+        drain(&mut m);
+        m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+        m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 3_000);
+        m.stream_opened("data", TransferMode::Blocks, 16, BS, 3_000).unwrap();
+        m.agent_result(success(), 3_500);
+        assert!(!drain(&mut m).iter().any(|e| matches!(e, Effect::Commit { .. })), "data is still arriving");
+        assert_eq!(m.next_timeout(), Some(33_000), "still waiting for the disk");
+        m.disk_done("data", DiskDone { root: root(11), changed: 3 }, 4_000);
+        let effects = drain(&mut m);
+        let commit = effects.iter().find_map(|e| match e {
+            Effect::Commit { replicas, .. } => Some(replicas.iter().map(|r| r.root).collect::<Vec<_>>()),
+            _ => None,
+        });
+        assert_eq!(commit, Some(vec![Some(root(10)), Some(root(11))]));
+        // A failure that overtakes the disk ends the job at once.
+        let mut m = job(JobKind::ExpressFull, true);
+        m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+        m.agent_result(JobOutcome::Failed { kind: FailureKind::Other, reason: "io".into() }, 2_500);
+        assert!(matches!(m.outcome(), Some(Err(_))));
     }
 
     #[test]
