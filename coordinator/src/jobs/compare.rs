@@ -124,6 +124,11 @@ impl Check {
         Self { blocks, base, state: CheckState::Root, retried: false }
     }
 
+    /// The disk's block count.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
     /// The tree the check compares with and repairs (None once ours proved unreadable).
     pub fn base(&self) -> Option<TreeRoot> {
         self.base

@@ -6,10 +6,12 @@
 //! persisted. Everything random comes from the seed, so a seed replays exactly: the same
 //! fault timeline and the same final catalog, which [`Outcome::digest`] sums up.
 //!
-//! What it drives for real: `Store` (packs, block maps, recovery-point and replica commits),
-//! `Catalog` (sled), and the sim's `Vm` (freeze, take, changes, release, confirm, abandon,
-//! crash-host, migration, and `cleanup_orphans` at agent start). What it models: the job
-//! protocol between them ([`nodes`]); the real coordinator runs it as actix actors.
+//! What it drives for real: the coordinator's job code (`VmJob`, its streams' `BlockReceiver`
+//! and `compare::Check`, `DiskIngest`, planning and failure rules, the commit), `Store`,
+//! `Catalog` (sled), the wire's messages and frames, and the sim's `Vm` (freeze, take,
+//! changes, release, confirm, abandon, crash-host, migration, and `cleanup_orphans` at agent
+//! start). What it still models: the agent's side of a job ([`nodes::Agent`]) and the queue's
+//! choice of what runs when (one job per VM, an express full every 0.5-3 s).
 //! A crash here is a process crash: what reached the files stays (the real-process chaos runs
 //! and the store's `kill -9` tests cover torn writes).
 
@@ -84,6 +86,9 @@ struct Link {
     loss: f64,
     delay_ms: u64,
     faulty_until: u64,
+    /// The last delivery time on each lane (to the agent, from it; control, transfer): a lane
+    /// keeps its order, as a QUIC stream does.
+    last: [[u64; 2]; 2],
 }
 
 struct World {
@@ -140,7 +145,9 @@ impl World {
             return;
         }
         let delay = self.rng.gen_range(1..20) + if faulty { link.delay_ms } else { 0 };
-        let t = self.now + after_ms + delay;
+        let lane = &mut self.links[h].last[usize::from(to_agent)][msg.lane()];
+        let t = (self.now + after_ms + delay).max(*lane);
+        *lane = t;
         self.at(t, Ev::Deliver { host: h, epoch: link.epoch, to_agent, msg });
     }
 
@@ -214,8 +221,9 @@ impl World {
             let gap = self.rng.gen_range(500..3000);
             let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
             c.next_backup_at.insert(vm.clone(), now + gap);
-            let msg = c.dispatch(&vm, h, now)?;
-            self.send(h, true, 0, msg);
+            for msg in c.dispatch(&vm, h, now)? {
+                self.send(h, true, 0, msg);
+            }
             // Now and then a crash lands right in this job (mid-snapshot, -transfer, -commit).
             if self.faults_on && self.rng.gen_bool(0.08) {
                 let t = now + self.rng.gen_range(0..40);

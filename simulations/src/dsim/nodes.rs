@@ -1,19 +1,27 @@
-//! The processes of the deterministic simulation: a coordinator over the real store and
-//! catalog, and agents over the real sim hypervisor. Each handler is a plain function of its
-//! state, the simulated time and one message, and answers the messages it sends; nothing here
-//! sleeps, spawns or reads a clock.
+//! The processes of the deterministic simulation. The coordinator runs the real job code —
+//! `jobs::machine::VmJob` for each job, `BlockReceiver` and `compare::Check` for its disk's
+//! stream, `DiskIngest` into the real store, the real commit — and performs its effects in
+//! memory instead of over QUIC; the agents run the real sim hypervisor and speak the real wire
+//! messages (`JobRequest`, `JobDone`, transfer frames, `JobResult`). Each handler is a plain
+//! function of its state, the simulated time and one message, and answers the messages it
+//! sends; nothing here sleeps, spawns or reads a clock.
 
 use bulwark_agent::sim::{SimError, Vm};
-use bulwark_coordinator::catalog::{
-    Catalog, Commit, JobKind, JobRecord, JobState, ReplicaRecord, ReplicaState, RpDisk,
-};
+use bulwark_coordinator::catalog::{Catalog, JobKind, JobRecord, JobState};
 use bulwark_coordinator::config::DataDir;
-use bulwark_coordinator::jobs::plan::{self, Failure};
-use bulwark_coordinator::store::{NewRecoveryPoint, Store, StoreConfig};
-use bulwark_protocol::block::{ChunkHasher, Digest};
-use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, FailureKind};
-use bulwark_protocol::DiskId;
-use std::collections::BTreeMap;
+use bulwark_coordinator::jobs::compare::{self, Check, CheckStep};
+use bulwark_coordinator::jobs::ingest::DiskIngest;
+use bulwark_coordinator::jobs::machine::{self, BlockReceiver, DiskDone, Effect, Received, Setup, VmJob};
+use bulwark_coordinator::store::{Store, StoreConfig};
+use bulwark_protocol::block::{ChunkHasher, Digest, ZERO};
+use bulwark_protocol::blockmap::{self, PageStore, TreeRoot};
+use bulwark_protocol::messages::{
+    ChangeToken, Consistency, CoordinatorMessage, DiskInfo, FailureKind, JobKind as WireKind, JobOutcome, JobRequest,
+    JobResult,
+};
+use bulwark_protocol::transfer::{TransferFrame, TransferMessage, TransferMode};
+use bulwark_protocol::{DiskId, JobId};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 /// Every VM has one disk of this name.
@@ -22,30 +30,32 @@ pub const DISK: &str = "os";
 pub const BLOCK: u64 = 64 * 1024;
 /// How long an agent holds a snapshot without the coordinator's verdict.
 pub const LEASE_MS: u64 = 6_000;
-/// How long the coordinator waits for a job's blocks and result.
+/// How long the coordinator waits for word from the agent of a job.
 pub const JOB_TIMEOUT_MS: u64 = 5_000;
 
-/// Why an agent could not run a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    TrackingLost,
-    NotHere,
-    Busy,
-}
-
-/// The wire, as the simulation needs it.
+/// The wire, as the simulation carries it: the control stream's messages and one transfer
+/// stream per job (the simulation's VMs have one disk). Each lane of a connection keeps its
+/// order, as a QUIC stream does; the two lanes do not keep order between them.
 #[derive(Debug, Clone)]
 pub enum Msg {
-    /// Coordinator → agent.
-    Job { job: u64, vm: String, kind: JobKind, token: Option<ChangeToken> },
-    /// Coordinator → agent: the verdict on a job whose snapshot the agent holds.
-    Done { job: u64, vm: String, committed: bool },
-    /// Agent → coordinator.
-    Block { job: u64, index: u64, id: Digest, data: Vec<u8> },
-    /// Agent → coordinator: every block is sent.
-    Sent { job: u64, next: ChangeToken, blocks: u64, consistency: Consistency },
-    /// Agent → coordinator.
-    Refused { job: u64, why: Refusal },
+    /// Coordinator → agent on the control stream (a job request, a verdict).
+    Control(CoordinatorMessage),
+    /// Agent → coordinator on the control stream.
+    Result(JobResult),
+    /// Agent → coordinator: a job's transfer stream opens.
+    Open { job: u64, disk: String, mode: TransferMode, blocks: u64, block_size: u32 },
+    /// A frame on a job's transfer stream, either way.
+    Frame { job: u64, frame: TransferFrame },
+}
+
+impl Msg {
+    /// The lane the message travels on: 0 the control stream, 1 the transfer stream.
+    pub fn lane(&self) -> usize {
+        match self {
+            Msg::Control(_) | Msg::Result(_) => 0,
+            Msg::Open { .. } | Msg::Frame { .. } => 1,
+        }
+    }
 }
 
 /// A message to send, `after_ms` from now (blocks go out one after another).
@@ -55,16 +65,21 @@ pub struct Out {
     pub msg: Msg,
 }
 
+/// A job's transfer stream on the coordinator's side.
+#[derive(Debug)]
+enum Stream {
+    Blocks { receiver: BlockReceiver, disk: DiskIngest },
+    Check { check: Box<Check>, disk: Option<DiskIngest> },
+}
+
 /// The coordinator's volatile view of one running job.
 #[derive(Debug)]
 pub struct RunningJob {
     pub id: u64,
     pub vm: String,
     pub host: usize,
-    pub kind: JobKind,
-    pub deadline: u64,
-    blocks: BTreeMap<u64, Digest>,
-    sent: Option<(ChangeToken, u64, Consistency)>,
+    machine: VmJob,
+    stream: Option<(String, Stream)>,
 }
 
 /// The coordinator: the real store and catalog on disk; jobs and schedule in memory.
@@ -74,12 +89,16 @@ pub struct Coordinator {
     pub next_backup_at: BTreeMap<String, u64>,
     disk_bytes: u64,
     broken: Option<Break>,
-    /// Jobs that committed, by kind (`initial`, `incremental`, `check`).
+    /// Jobs that committed, by kind (`initial`, `express_full`, `consistency_check`).
     pub committed: BTreeMap<&'static str, u64>,
 }
 
 /// What went wrong in the store: the simulation stops with it (a real error, not a fault).
 pub type StoreFailure = String;
+
+fn host_name(h: usize) -> String {
+    format!("node{}", h + 1)
+}
 
 impl Coordinator {
     /// Opens (or creates) the coordinator's store in `dir`; like the real coordinator's start,
@@ -103,67 +122,80 @@ impl Coordinator {
         })
     }
 
-    fn blocks(&self) -> u64 {
-        self.disk_bytes.div_ceil(BLOCK)
-    }
-
-    /// The job to run for `vm` now: an express full as the coordinator's own planning turns
-    /// it (an initial copy without a complete replica), or a consistency check of an
-    /// inconsistent replica (as `cc_when_inconsistent` queues it). Recorded in the catalog as
-    /// running, as the real job queue does.
-    pub fn dispatch(&mut self, vm: &str, host: usize, now: u64) -> Result<Msg, StoreFailure> {
+    /// Starts the job to run for `vm` now: an express full, which the real planning turns into
+    /// an initial copy without a complete replica, or a consistency check of an inconsistent
+    /// replica (as `cc_when_inconsistent` queues it). Answers what to send to the agent.
+    pub fn dispatch(&mut self, vm: &str, host: usize, now: u64) -> Result<Vec<Msg>, StoreFailure> {
         let cat = self.store.catalog();
-        let replicas =
+        let replicas: HashMap<_, _> =
             cat.replicas_of(vm).map_err(|e| e.to_string())?.into_iter().map(|r| (r.disk.clone(), r)).collect();
-        let disks = [DiskInfo { name: DiskId::new(DISK).map_err(|e| e.to_string())?, size_bytes: self.disk_bytes }];
-        let planned = match plan::plan(JobKind::ExpressFull, vm, &disks, &replicas, BLOCK as u32) {
-            Ok(p) => p,
-            Err(_) => plan::plan(JobKind::ConsistencyCheck, vm, &disks, &replicas, BLOCK as u32)
+        let disks = vec![DiskInfo { name: DiskId::new(DISK).map_err(|e| e.to_string())?, size_bytes: self.disk_bytes }];
+        let id = cat.next_job_id().map_err(|e| e.to_string())?;
+        let setup = |kind| Setup {
+            record: JobRecord {
+                state: JobState::Running,
+                started_at: Some(now / 1000),
+                ..JobRecord::queued(id, kind, Some(vm.to_owned()))
+            },
+            vm: vm.to_owned(),
+            disks: disks.clone(),
+            replicas: replicas.clone(),
+            block_size: BLOCK as u32,
+            id_key: self.store.codec().hasher.id_key(),
+            lease_ms: JOB_TIMEOUT_MS,
+        };
+        let mut machine = match VmJob::start(setup(JobKind::ExpressFull), now) {
+            Ok(m) => m,
+            Err(_) => VmJob::start(setup(JobKind::ConsistencyCheck), now)
                 .map_err(|f| format!("a check of {vm} was refused: {}", f.reason))?,
         };
-        let id = cat.next_job_id().map_err(|e| e.to_string())?;
-        cat.put_job(&job_record(id, planned.kind, vm, JobState::Running, now, None)).map_err(|e| e.to_string())?;
-        if planned.kind == JobKind::Initial {
-            let creating = ReplicaRecord {
-                vm: vm.to_owned(),
-                disk: DISK.to_owned(),
-                size_bytes: self.disk_bytes,
-                block_size: BLOCK as u32,
-                state: ReplicaState::Creating,
-                root: None,
-                change_token: None,
-                reason: None,
-                updated_at: now / 1000,
-                excluded: vec![],
-            };
-            cat.put_replica(&creating).map_err(|e| e.to_string())?;
+        if self.broken == Some(Break::CommitEarly) {
+            machine.break_with(machine::Broken::CommitBeforeEveryDisk);
         }
-        let token = planned.disks.first().and_then(|d| d.token);
-        self.jobs.insert(
-            vm.to_owned(),
-            RunningJob {
-                id,
-                vm: vm.to_owned(),
-                host,
-                kind: planned.kind,
-                deadline: now + JOB_TIMEOUT_MS,
-                blocks: BTreeMap::new(),
-                sent: None,
-            },
-        );
-        Ok(Msg::Job { job: id, vm: vm.to_owned(), kind: planned.kind, token })
+        cat.put_job(machine.record()).map_err(|e| e.to_string())?;
+        self.jobs.insert(vm.to_owned(), RunningJob { id, vm: vm.to_owned(), host, machine, stream: None });
+        self.perform(vm, now)
     }
 
-    /// Ends `vm`'s job as failed, with what the failure means for the replica.
-    fn fail(&mut self, vm: &str, failure: Failure, now: u64) -> Result<(), StoreFailure> {
-        let Some(j) = self.jobs.remove(vm) else { return Ok(()) };
-        let cat = self.store.catalog();
-        cat.put_job(&job_record(j.id, j.kind, vm, JobState::Failed, now, Some(failure.reason.clone())))
-            .map_err(|e| e.to_string())?;
-        if let Some(why) = failure.inconsistent {
-            self.mark_inconsistent(vm, &why, now)?;
+    /// Performs what `vm`'s job asks for; answers the messages to its agent.
+    fn perform(&mut self, vm: &str, now: u64) -> Result<Vec<Msg>, StoreFailure> {
+        let mut out = vec![];
+        loop {
+            let Some(j) = self.jobs.get_mut(vm) else { return Ok(out) };
+            let Some(effect) = j.machine.poll_effect() else { return Ok(out) };
+            let cat = self.store.catalog();
+            match effect {
+                Effect::PutReplica(r) => cat.put_replica(&r).map_err(|e| e.to_string())?,
+                Effect::Send(m) => out.push(Msg::Control(m)),
+                Effect::Commit { replicas, rp } => {
+                    let ingest = self.store.begin();
+                    let r = match rp {
+                        Some(rp) => self.store.commit_recovery_point(ingest, rp, replicas).map(|r| Some(r.id)),
+                        None => self.store.commit_replicas(ingest, replicas).map(|()| None),
+                    };
+                    // A commit that fails is a store failure here: the simulation has no full disk.
+                    let r = r.map_err(|e| format!("job {}: commit: {e}", j.id))?;
+                    j.machine.committed(Ok(r));
+                }
+                Effect::MarkInconsistent(why) => {
+                    cat.mark_inconsistent(vm, &why, now / 1000).map_err(|e| e.to_string())?;
+                }
+                // The simulation's disks hold no swap.
+                Effect::FindSwap(_) => {}
+                Effect::Save => {}
+                Effect::Finished => {
+                    let mut record = j.machine.record().clone();
+                    let ok = matches!(j.machine.outcome(), Some(Ok(())));
+                    record.state = if ok { JobState::Succeeded } else { JobState::Failed };
+                    record.finished_at = Some(now / 1000);
+                    cat.put_job(&record).map_err(|e| e.to_string())?;
+                    if ok {
+                        *self.committed.entry(record.kind.as_str()).or_default() += 1;
+                    }
+                    self.jobs.remove(vm);
+                }
+            }
         }
-        Ok(())
     }
 
     fn vm_of(&self, job: u64) -> Option<String> {
@@ -172,140 +204,166 @@ impl Coordinator {
 
     /// A message from an agent; answers what to send back.
     pub fn receive(&mut self, msg: Msg, now: u64) -> Result<Vec<Msg>, StoreFailure> {
-        match msg {
-            Msg::Block { job, index, id, data } => {
-                let Some(vm) = self.vm_of(job) else { return Ok(vec![]) };
-                let mut ingest = self.store.begin();
-                let leaf = match ingest.put_block(&id, &data) {
-                    Ok(leaf) => leaf,
-                    Err(e) => return Err(format!("job {job}: block {index}: {e}")),
-                };
-                drop(ingest);
-                if let Some(j) = self.jobs.get_mut(&vm) {
-                    j.blocks.insert(index, leaf);
-                }
-                self.try_commit(&vm, now)
-            }
-            Msg::Sent { job, next, blocks, consistency } => {
-                let Some(vm) = self.vm_of(job) else { return Ok(vec![]) };
-                if let Some(j) = self.jobs.get_mut(&vm) {
-                    j.sent = Some((next, blocks, consistency));
-                }
-                self.try_commit(&vm, now)
-            }
-            Msg::Refused { job, why } => {
-                let Some(vm) = self.vm_of(job) else { return Ok(vec![]) };
-                let Some(j) = self.jobs.get(&vm) else { return Ok(vec![]) };
-                let (kind, reason) = match why {
-                    Refusal::TrackingLost => (FailureKind::TrackingLost, "change tracking was lost"),
-                    Refusal::NotHere => (FailureKind::NotHere, "the VM is not on this host"),
-                    Refusal::Busy => (FailureKind::Other, "the VM holds a snapshot already"),
-                };
-                let failure = Failure::from_agent(kind, reason.into(), !j.blocks.is_empty(), j.kind);
-                self.fail(&vm, failure, now)?;
-                Ok(vec![])
-            }
-            Msg::Job { .. } | Msg::Done { .. } => Ok(vec![]),
-        }
-    }
-
-    fn mark_inconsistent(&mut self, vm: &str, why: &str, now: u64) -> Result<(), StoreFailure> {
-        let cat = self.store.catalog();
-        if let Some(mut r) = cat.replica(vm, DISK).map_err(|e| e.to_string())? {
-            r.state = ReplicaState::Inconsistent;
-            r.reason = Some(why.to_owned());
-            r.updated_at = now / 1000;
-            cat.commit(&Commit { replicas: vec![r], ..Commit::default() }).map_err(|e| e.to_string())?;
-        }
-        Ok(())
-    }
-
-    /// Commits `vm`'s job once its result and every block it announced have arrived.
-    fn try_commit(&mut self, vm: &str, now: u64) -> Result<Vec<Msg>, StoreFailure> {
-        let Some(j) = self.jobs.get(vm) else { return Ok(vec![]) };
-        let Some((next, count, consistency)) = j.sent else { return Ok(vec![]) };
-        if (j.blocks.len() as u64) < count && self.broken != Some(Break::CommitEarly) {
-            return Ok(vec![]);
-        }
-        let blocks = self.blocks();
-        if j.kind != JobKind::ExpressFull && count != blocks {
-            return Err(format!("job {}: a full read sent {count} of {blocks} blocks", j.id));
-        }
-        let old = match j.kind {
-            JobKind::ExpressFull => {
-                self.store.catalog().replica(vm, DISK).map_err(|e| e.to_string())?.and_then(|r| r.root)
-            }
-            _ => None,
+        let job = match &msg {
+            Msg::Result(r) => r.job.0,
+            Msg::Open { job, .. } | Msg::Frame { job, .. } => *job,
+            Msg::Control(_) => return Ok(vec![]),
         };
-        let mut ingest = self.store.begin();
-        let root = ingest
-            .update_tree(old.as_ref(), blocks, j.blocks.iter().map(|(i, d)| (*i, *d)))
-            .map_err(|e| format!("job {}: tree: {e}", j.id))?;
-        let replica = ReplicaRecord {
-            vm: vm.to_owned(),
-            disk: DISK.to_owned(),
-            size_bytes: self.disk_bytes,
-            block_size: BLOCK as u32,
-            state: ReplicaState::Consistent,
-            root: Some(root),
-            change_token: Some(next),
-            reason: None,
-            updated_at: now / 1000,
-            excluded: vec![],
+        // A job that is over (or from before a restart) takes nothing more.
+        let Some(vm) = self.vm_of(job) else {
+            return Ok(match msg {
+                Msg::Open { .. } => vec![failed(job, "no such job")],
+                _ => vec![],
+            });
         };
-        let (id, kind) = (j.id, j.kind);
-        if kind == JobKind::ConsistencyCheck {
-            self.store.commit_replicas(ingest, vec![replica]).map_err(|e| e.to_string())?;
-        } else {
-            let rp = NewRecoveryPoint {
-                vm: vm.to_owned(),
-                consistency,
-                config: vec![],
-                disks: vec![RpDisk { name: DISK.into(), size_bytes: self.disk_bytes, block_size: BLOCK as u32, root }],
-                created_at: now,
-            };
-            self.store.commit_recovery_point(ingest, rp, vec![replica]).map_err(|e| e.to_string())?;
-        }
-        *self.committed.entry(kind.as_str()).or_default() += 1;
-        self.jobs.remove(vm);
-        self.store
-            .catalog()
-            .put_job(&job_record(id, kind, vm, JobState::Succeeded, now, None))
-            .map_err(|e| e.to_string())?;
-        Ok(vec![Msg::Done { job: id, vm: vm.to_owned(), committed: true }])
-    }
-
-    /// Jobs past their deadline fail as the real job does when the agent falls silent (a
-    /// transfer that died midway), and their snapshots are handed back; answers (host, message).
-    pub fn expire(&mut self, now: u64) -> Result<Vec<(usize, Msg)>, StoreFailure> {
-        let late: Vec<(String, u64, usize, JobKind)> =
-            self.jobs.values().filter(|j| j.deadline <= now).map(|j| (j.vm.clone(), j.id, j.host, j.kind)).collect();
         let mut out = vec![];
-        for (vm, id, host, kind) in late {
-            self.fail(&vm, Failure::midway(format!("no word from the agent for {JOB_TIMEOUT_MS} ms"), kind), now)?;
-            out.push((host, Msg::Done { job: id, vm, committed: false }));
+        match msg {
+            Msg::Result(r) => {
+                if let Some(j) = self.jobs.get_mut(&vm) {
+                    j.machine.agent_result(r.outcome, now);
+                }
+            }
+            Msg::Open { disk, mode, blocks, block_size, .. } => {
+                let Some(j) = self.jobs.get_mut(&vm) else { return Ok(out) };
+                match j.machine.stream_opened(&disk, mode, blocks, block_size, now) {
+                    Ok(start) => {
+                        let stream = match start.mode {
+                            TransferMode::Compare => {
+                                Stream::Check { check: Box::new(Check::new(start.blocks, start.old)), disk: None }
+                            }
+                            _ => Stream::Blocks {
+                                receiver: BlockReceiver::default(),
+                                disk: DiskIngest::new(start.blocks, start.old),
+                            },
+                        };
+                        j.stream = Some((disk, stream));
+                    }
+                    Err(why) => out.push(failed(job, &why)),
+                }
+            }
+            Msg::Frame { frame, .. } => out.extend(self.frame(&vm, job, frame, now)?),
+            Msg::Control(_) => {}
+        }
+        out.extend(self.perform(&vm, now)?);
+        Ok(out)
+    }
+
+    /// A frame on `vm`'s job's stream.
+    fn frame(&mut self, vm: &str, job: u64, frame: TransferFrame, now: u64) -> Result<Vec<Msg>, StoreFailure> {
+        let Some(j) = self.jobs.get_mut(vm) else { return Ok(vec![]) };
+        let Some((name, stream)) = j.stream.take() else { return Ok(vec![]) };
+        let mut out = vec![];
+        let r: Result<Option<DiskDone>, String> = match stream {
+            Stream::Blocks { mut receiver, mut disk } => {
+                let mut ingest = self.store.begin();
+                match receiver.frame(frame) {
+                    Ok(Received::Block { index, id, data }) => disk.block(&mut ingest, index, &id, &data).map(|()| {
+                        j.stream = Some((name.clone(), Stream::Blocks { receiver, disk }));
+                        None
+                    }),
+                    Ok(Received::Zero { index }) => disk.zero(&mut ingest, index).map(|()| {
+                        j.stream = Some((name.clone(), Stream::Blocks { receiver, disk }));
+                        None
+                    }),
+                    Ok(Received::End) => disk.end(&mut ingest).map(|(root, changed)| Some(DiskDone { root, changed })),
+                    Err(why) => Err(why),
+                }
+            }
+            Stream::Check { mut check, mut disk } => {
+                let r = run_check(&self.store, &mut check, &mut disk, frame, &mut out, job);
+                if matches!(r, Ok(None)) {
+                    j.stream = Some((name.clone(), Stream::Check { check, disk }));
+                }
+                r
+            }
+        };
+        match r {
+            Ok(None) => {}
+            Ok(Some(done)) => {
+                j.machine.disk_done(&name, done, now);
+                out.push(Msg::Frame {
+                    job,
+                    frame: TransferFrame::Message(TransferMessage::Stored { blocks: done.changed }),
+                });
+            }
+            Err(why) => {
+                j.machine.disk_failed(&name, &why);
+                out.push(failed(job, &why));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Jobs whose agent fell silent past their deadline fail as the real job does.
+    pub fn expire(&mut self, now: u64) -> Result<Vec<(usize, Msg)>, StoreFailure> {
+        let late: Vec<(String, usize)> = self
+            .jobs
+            .values()
+            .filter(|j| j.machine.next_timeout().is_some_and(|t| t <= now))
+            .map(|j| (j.vm.clone(), j.host))
+            .collect();
+        let mut out = vec![];
+        for (vm, host) in late {
+            if let Some(j) = self.jobs.get_mut(&vm) {
+                j.machine.timeout(&host_name(host), now);
+            }
+            out.extend(self.perform(&vm, now)?.into_iter().map(|m| (host, m)));
         }
         Ok(out)
     }
 }
 
-fn job_record(id: u64, kind: JobKind, vm: &str, state: JobState, now: u64, error: Option<String>) -> JobRecord {
-    JobRecord {
-        id,
-        kind,
-        vm: Some(vm.to_owned()),
-        state,
-        started_at: Some(now / 1000),
-        finished_at: (state != JobState::Running).then_some(now / 1000),
-        bytes_transferred: 0,
-        bytes_total: None,
-        bytes_scanned: 0,
-        blocks_changed: 0,
-        consistency: None,
-        error,
-        detail: None,
-        recovery: None,
+/// A `Failed` frame on a job's stream.
+fn failed(job: u64, why: &str) -> Msg {
+    Msg::Frame { job, frame: TransferFrame::Message(TransferMessage::Failed { reason: why.to_owned() }) }
+}
+
+/// Feeds one frame to a consistency check and performs its steps against the store; answers
+/// the disk once it is stored.
+fn run_check(
+    store: &Store,
+    check: &mut Check,
+    disk: &mut Option<DiskIngest>,
+    frame: TransferFrame,
+    out: &mut Vec<Msg>,
+    job: u64,
+) -> Result<Option<DiskDone>, String> {
+    let mut steps: std::collections::VecDeque<CheckStep> = check.frame(frame)?.into();
+    let mut ingest = store.begin();
+    while let Some(step) = steps.pop_front() {
+        match step {
+            CheckStep::Say(m) => out.push(Msg::Frame { job, frame: TransferFrame::Message(m) }),
+            CheckStep::Ours(nodes) => {
+                let base = check.base();
+                steps.extend(match compare::our_entries(store, base.as_ref(), check.blocks(), &nodes) {
+                    Ok(ours) => check.ours(ours)?,
+                    Err(e) => check.our_tree_unreadable(&e)?,
+                });
+            }
+            CheckStep::BadLeaves => {
+                let bad = match check.base() {
+                    Some(b) => compare::bad_leaves(store, &b)?,
+                    None => vec![],
+                };
+                steps.extend(check.bad_leaves(bad));
+            }
+            CheckStep::Scanned(_) => {}
+            CheckStep::Begin { blocks, old } => *disk = Some(DiskIngest::new(blocks, old)),
+            CheckStep::Block { index, id, data } => {
+                disk.as_mut().ok_or("a block before the disk began")?.block(&mut ingest, index, &id, &data)?;
+            }
+            CheckStep::Zero { index } => {
+                disk.as_mut().ok_or("a block before the disk began")?.zero(&mut ingest, index)?
+            }
+            CheckStep::EndDisk => {
+                let d = disk.take().ok_or("the end of a disk that never began")?;
+                let (root, changed) = d.end(&mut ingest)?;
+                check.stored(root)?;
+                return Ok(Some(DiskDone { root, changed }));
+            }
+        }
     }
+    Ok(None)
 }
 
 /// A snapshot an agent holds for a job.
@@ -314,14 +372,44 @@ pub struct Held {
     pub job: u64,
     pub next: ChangeToken,
     pub lease_until: u64,
+    /// A consistency check's side, while the coordinator compares.
+    check: Option<AgentCheck>,
+}
+
+/// An agent's half of a consistency check: its snapshot hashed into a tree.
+#[derive(Debug, Clone)]
+struct AgentCheck {
+    root: TreeRoot,
+    pages: MemPages,
+    size: u64,
+    block_size: u64,
+    id_key: Option<[u8; 32]>,
+    consistency: Consistency,
+    sent: u64,
 }
 
 /// A deliberately broken build, to show the simulation bites.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Break {
-    /// The coordinator commits a job as soon as the agent says everything is sent, without
-    /// waiting for the blocks still on their way.
+    /// The real job (`VmJob`, `broken-builds` feature) commits as soon as the agent says
+    /// everything is sent, without waiting for the disk still on its way.
     CommitEarly,
+}
+
+/// The pages of an agent's snapshot tree, in memory.
+#[derive(Debug, Clone, Default)]
+struct MemPages(HashMap<Digest, Vec<u8>>);
+
+impl PageStore for MemPages {
+    type Error = std::io::Error;
+    fn load_page(&self, id: &Digest) -> Result<Vec<u8>, std::io::Error> {
+        self.0.get(id).cloned().ok_or_else(|| std::io::Error::other("no such page"))
+    }
+    fn save_page(&mut self, bytes: &[u8], _: Option<(&Digest, &[u8])>) -> Result<Digest, std::io::Error> {
+        let id = *blake3::hash(bytes).as_bytes();
+        self.0.insert(id, bytes.to_vec());
+        Ok(id)
+    }
 }
 
 /// An agent: its snapshots are in the sim's files; what it holds for which job is volatile.
@@ -329,7 +417,6 @@ pub struct Agent {
     pub host: String,
     pub held: BTreeMap<String, Held>,
     root: PathBuf,
-    hasher: ChunkHasher,
 }
 
 fn sim_err(e: SimError) -> String {
@@ -341,41 +428,51 @@ impl Agent {
     /// changes merged back), as the real agent does at start-up.
     pub fn start(root: &Path, host: &str) -> Result<Agent, String> {
         bulwark_agent::sim::cleanup_orphans(root, host).map_err(sim_err)?;
-        Ok(Agent { host: host.to_owned(), held: BTreeMap::new(), root: root.to_owned(), hasher: ChunkHasher::plain() })
+        Ok(Agent { host: host.to_owned(), held: BTreeMap::new(), root: root.to_owned() })
     }
 
     /// A message from the coordinator; answers what to send back, in order.
     pub fn receive(&mut self, msg: Msg, now: u64) -> Result<Vec<Out>, String> {
         match msg {
-            Msg::Job { job, vm, kind, token } => self.run_job(job, &vm, kind, token, now),
-            Msg::Done { job, vm, committed } => {
-                if self.held.get(&vm).is_some_and(|h| h.job == job) {
-                    if let Some(h) = self.held.remove(&vm) {
-                        self.finish(&vm, committed.then_some(h.next))?;
-                    }
-                }
+            Msg::Control(CoordinatorMessage::JobRequest(req)) => self.run_job(req, now),
+            Msg::Control(CoordinatorMessage::JobDone { job, committed }) => {
+                self.verdict(job.0, committed)?;
                 Ok(vec![])
             }
-            Msg::Block { .. } | Msg::Sent { .. } | Msg::Refused { .. } => Ok(vec![]),
+            Msg::Frame { job, frame } => self.frame(job, frame),
+            _ => Ok(vec![]),
         }
     }
 
-    fn run_job(
-        &mut self,
-        job: u64,
-        name: &str,
-        kind: JobKind,
-        token: Option<ChangeToken>,
-        now: u64,
-    ) -> Result<Vec<Out>, String> {
-        let refuse = |why| Ok(vec![Out { after_ms: 0, msg: Msg::Refused { job, why } }]);
-        let mut vm = Vm::open(&self.root, name).map_err(sim_err)?;
+    fn vm_of(&self, job: u64) -> Option<String> {
+        self.held.iter().find(|(_, h)| h.job == job).map(|(v, _)| v.clone())
+    }
+
+    fn verdict(&mut self, job: u64, committed: bool) -> Result<(), String> {
+        let Some(vm) = self.vm_of(job) else { return Ok(()) };
+        if let Some(h) = self.held.remove(&vm) {
+            self.finish(&vm, committed.then_some(h.next))?;
+        }
+        Ok(())
+    }
+
+    fn run_job(&mut self, req: JobRequest, now: u64) -> Result<Vec<Out>, String> {
+        let job = req.job.0;
+        let name = req.vm.as_str().to_owned();
+        let fail = |kind, reason: &str| {
+            let outcome = JobOutcome::Failed { kind, reason: reason.to_owned() };
+            Ok(vec![Out { after_ms: 0, msg: Msg::Result(JobResult { job: req.job, outcome }) }])
+        };
+        let mut vm = Vm::open(&self.root, &name).map_err(sim_err)?;
         if vm.config.host != self.host {
-            return refuse(Refusal::NotHere);
+            return fail(FailureKind::NotHere, "the VM is not on this host");
         }
-        if vm.config.snapshot.is_some() || self.held.contains_key(name) {
-            return refuse(Refusal::Busy);
+        if vm.config.snapshot.is_some() || self.held.contains_key(&name) {
+            return fail(FailureKind::Other, "the VM holds a snapshot already");
         }
+        let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+        let bs = u64::from(req.block_size);
+        let token = req.disks.first().and_then(|d| d.token);
         let consistency = match vm.freeze(now).map_err(sim_err)? {
             bulwark_agent::sim::SnapConsistency::App => Consistency::App,
             bulwark_agent::sim::SnapConsistency::Filesystem => Consistency::Filesystem,
@@ -384,35 +481,133 @@ impl Agent {
         let (_, taken) = vm.take_snapshot(&self.host, now / 1000).map_err(sim_err)?;
         vm.thaw().map_err(sim_err)?;
         let size = vm.config.disks.first().map_or(0, |d| d.size);
-        let indices: Vec<u64> = match kind {
-            JobKind::ExpressFull | JobKind::Sync => match vm.changes_since(DISK, token) {
-                Ok(map) => map.dirty_blocks(BLOCK),
+        let blocks = size.div_ceil(bs);
+        let next = ChangeToken { generation: taken.generation, sequence: taken.sequence + 1 };
+        let read = |vm: &Vm, index: u64| -> Result<(Digest, Vec<u8>), String> {
+            let offset = index * bs;
+            let mut buf = vec![0u8; bs.min(size - offset) as usize];
+            vm.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
+            Ok((hasher.id(&buf), buf))
+        };
+        let open = |mode| Out {
+            after_ms: 0,
+            msg: Msg::Open { job, disk: DISK.into(), mode, blocks, block_size: req.block_size },
+        };
+        let mut out = vec![];
+        if req.kind == WireKind::ConsistencyCheck {
+            let mut pages = MemPages::default();
+            let mut leaves = vec![];
+            for index in 0..blocks {
+                let (id, _) = read(&vm, index)?;
+                if id != ZERO {
+                    leaves.push((index, id));
+                }
+            }
+            let root = blockmap::update(&mut pages, None, blocks, leaves).map_err(|e| e.to_string())?;
+            out.push(open(TransferMode::Compare));
+            out.push(Out {
+                after_ms: 1,
+                msg: Msg::Frame {
+                    job,
+                    frame: TransferFrame::Message(TransferMessage::Root { root, bytes_read: size }),
+                },
+            });
+            drop(vm);
+            let check = AgentCheck { root, pages, size, block_size: bs, id_key: req.id_key, consistency, sent: 0 };
+            self.held.insert(name, Held { job, next, lease_until: now + LEASE_MS, check: Some(check) });
+            return Ok(out);
+        }
+        let indices: Vec<u64> = match req.kind {
+            WireKind::ExpressFull | WireKind::Sync => match vm.changes_since(DISK, token) {
+                Ok(map) => map.dirty_blocks(bs),
                 Err(SimError::TrackingLost { .. }) => {
                     drop(vm);
-                    self.finish(name, None)?;
-                    return refuse(Refusal::TrackingLost);
+                    self.finish(&name, None)?;
+                    return fail(FailureKind::TrackingLost, "change tracking was lost");
                 }
                 Err(e) => return Err(sim_err(e)),
             },
-            _ => (0..size.div_ceil(BLOCK)).collect(),
+            _ => (0..blocks).collect(),
         };
-        let mut out = vec![];
-        let mut buf = vec![0u8; BLOCK as usize];
+        out.push(open(TransferMode::Blocks));
         for (i, &index) in indices.iter().enumerate() {
-            let offset = index * BLOCK;
-            let n = BLOCK.min(size - offset) as usize;
-            vm.snapshot_read(DISK, offset, &mut buf[..n]).map_err(sim_err)?;
-            let id = self.hasher.id(&buf[..n]);
-            out.push(Out { after_ms: i as u64, msg: Msg::Block { job, index, id, data: buf[..n].to_vec() } });
+            let (id, data) = read(&vm, index)?;
+            let frame =
+                if id == ZERO { TransferFrame::Zero { index } } else { TransferFrame::Block { index, id, data } };
+            out.push(Out { after_ms: i as u64, msg: Msg::Frame { job, frame } });
         }
-        let next = ChangeToken { generation: taken.generation, sequence: taken.sequence + 1 };
-        out.push(Out {
-            after_ms: indices.len() as u64,
-            msg: Msg::Sent { job, next, blocks: indices.len() as u64, consistency },
-        });
+        let sent = indices.len() as u64;
+        let end = TransferFrame::Message(TransferMessage::End { blocks_sent: sent, bytes_read: sent * bs });
+        out.push(Out { after_ms: sent, msg: Msg::Frame { job, frame: end } });
+        // The result goes on the control stream, which may overtake the transfer stream.
+        let outcome = JobOutcome::Succeeded {
+            consistency,
+            consistency_note: None,
+            bytes_read: sent * bs,
+            blocks_sent: sent,
+            next_token: next,
+        };
+        out.push(Out { after_ms: sent, msg: Msg::Result(JobResult { job: req.job, outcome }) });
         drop(vm);
-        self.held.insert(name.to_owned(), Held { job, next, lease_until: now + LEASE_MS });
+        self.held.insert(name, Held { job, next, lease_until: now + LEASE_MS, check: None });
         Ok(out)
+    }
+
+    /// A frame on a job's stream: a check's questions, `Stored` or `Failed`.
+    fn frame(&mut self, job: u64, frame: TransferFrame) -> Result<Vec<Out>, String> {
+        let Some(vm) = self.vm_of(job) else { return Ok(vec![]) };
+        let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
+        match frame {
+            TransferFrame::Message(TransferMessage::WantPages { nodes }) => {
+                let Some(c) = self.held.get(&vm).and_then(|h| h.check.as_ref()) else { return Ok(vec![]) };
+                let answer = nodes
+                    .iter()
+                    .map(|&(l, i)| blockmap::node_entries(&c.pages, &c.root, l, i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                Ok(vec![say(TransferMessage::Pages { pages: answer })])
+            }
+            TransferFrame::Message(TransferMessage::WantBlocks { indices }) if indices.is_empty() => {
+                let Some(h) = self.held.get(&vm) else { return Ok(vec![]) };
+                let Some(c) = h.check.as_ref() else { return Ok(vec![]) };
+                let end = TransferMessage::End { blocks_sent: c.sent, bytes_read: c.size };
+                let outcome = JobOutcome::Succeeded {
+                    consistency: c.consistency,
+                    consistency_note: None,
+                    bytes_read: c.size,
+                    blocks_sent: c.sent,
+                    next_token: h.next,
+                };
+                Ok(vec![say(end), Out { after_ms: 0, msg: Msg::Result(JobResult { job: JobId(job), outcome }) }])
+            }
+            TransferFrame::Message(TransferMessage::WantBlocks { indices }) => {
+                let v = Vm::open(&self.root, &vm).map_err(sim_err)?;
+                let Some(c) = self.held.get_mut(&vm).and_then(|h| h.check.as_mut()) else { return Ok(vec![]) };
+                let mut out = vec![];
+                for (i, index) in indices.iter().copied().enumerate() {
+                    let offset = index * c.block_size;
+                    let mut buf = vec![0u8; c.block_size.min(c.size.saturating_sub(offset)) as usize];
+                    v.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
+                    let id = c.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed).id(&buf);
+                    let frame = if id == ZERO {
+                        TransferFrame::Zero { index }
+                    } else {
+                        TransferFrame::Block { index, id, data: buf }
+                    };
+                    out.push(Out { after_ms: i as u64, msg: Msg::Frame { job, frame } });
+                }
+                c.sent += indices.len() as u64;
+                Ok(out)
+            }
+            TransferFrame::Message(TransferMessage::Failed { .. }) => {
+                // The coordinator refused the stream: give the snapshot back, changes kept.
+                if self.held.remove(&vm).is_some() {
+                    self.finish(&vm, None)?;
+                }
+                Ok(vec![])
+            }
+            _ => Ok(vec![]),
+        }
     }
 
     /// Releases `vm`'s snapshot; `commit` advances the token, `None` keeps the changes.
