@@ -47,7 +47,9 @@ fn two_thousand_simulated_seeds_keep_every_invariant() {
     ] {
         assert!(faults.get(kind).and_then(|n| n.as_u64()).unwrap_or(0) >= 100, "{kind}: {s}");
     }
-    assert!(s["recovery_points_checked"].as_u64().unwrap() >= 20_000, "{s}");
+    // About ten per seed (the real queue's retry delays and back-off after failures hold
+    // express fulls back while faults are frequent): 21,000 on this machine kind.
+    assert!(s["recovery_points_checked"].as_u64().unwrap() >= 15_000, "{s}");
     eprintln!("{} seeds per minute", s["seeds_per_minute"]);
 }
 
@@ -63,4 +65,16 @@ fn a_coordinator_that_commits_before_every_block_arrived_is_caught() {
     );
     let seed = violations[0]["seed"].as_u64().unwrap();
     assert!(stderr.contains(&format!("fault timeline of seed {seed}")), "the timeline is printed for replay: {stderr}");
+}
+
+#[test]
+fn a_queue_that_starts_a_second_job_for_a_busy_vm_is_caught() {
+    let (code, s, stderr) =
+        sim(&["--seed", "1", "--runs", "20", "--minutes", "0.5"], &[("BULWARK_SIM_BREAK", "second-job")]);
+    assert_eq!(code, Some(1), "{s}\n{stderr}");
+    let violations = s["violations"].as_array().unwrap();
+    assert!(
+        violations.iter().any(|v| v["invariant"] == "one-job-per-vm"),
+        "a scheduled check and an express full of one VM ran at once: {s}"
+    );
 }

@@ -10,8 +10,9 @@
 //! and `compare::Check`, `DiskIngest`, planning and failure rules, the commit), `Store`,
 //! `Catalog` (sled), the wire's messages and frames, and the sim's `Vm` (freeze, take,
 //! changes, release, confirm, abandon, crash-host, migration, and `cleanup_orphans` at agent
-//! start). What it still models: the agent's side of a job ([`nodes::Agent`]) and the queue's
-//! choice of what runs when (one job per VM, an express full every 0.5-3 s).
+//! start), and the real job queue fed by a schedule of its own (an express full every
+//! 0.5-3 s, a consistency check when a replica is inconsistent or one time in ten). What it
+//! still models: the agent's side of a job ([`nodes::Agent`]).
 //! A crash here is a process crash: what reached the files stays (the real-process chaos runs
 //! and the store's `kill -9` tests cover torn writes).
 
@@ -103,6 +104,8 @@ struct World {
     links: Vec<Link>,
     vms: Vec<String>,
     faults_on: bool,
+    /// VMs already reported running two jobs (each is reported once).
+    twice: std::collections::BTreeSet<String>,
     opts: Options,
     out: Outcome,
 }
@@ -204,28 +207,39 @@ impl World {
         for (h, msg) in c.expire(now)? {
             self.send(h, true, 0, msg);
         }
+        // The schedule: each VM asks for its next job every 0.5-3 s.
         for i in 0..self.vms.len() {
             let vm = self.vms[i].clone();
             let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
-            if c.jobs.contains_key(&vm) {
-                continue;
-            }
             let due = *c.next_backup_at.entry(vm.clone()).or_insert(now);
             if due > now {
                 continue;
             }
-            let h = self.host_of(&vm)?;
-            if !self.up(h) {
-                continue;
-            }
             let gap = self.rng.gen_range(500..3000);
+            let scheduled_check = self.rng.gen_bool(0.1);
+            let h = self.host_of(&vm)?;
             let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
             c.next_backup_at.insert(vm.clone(), now + gap);
-            for msg in c.dispatch(&vm, h, now)? {
-                self.send(h, true, 0, msg);
+            c.schedule(&vm, h, scheduled_check, now)?;
+        }
+        // The registry: which agents are connected.
+        let up: Vec<bool> = (0..self.agents.len()).map(|h| self.up(h)).collect();
+        let hosts: BTreeMap<String, usize> =
+            self.vms.iter().filter_map(|vm| Some((vm.clone(), self.host_of(vm).ok()?))).collect();
+        let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
+        for (h, up) in up.iter().enumerate() {
+            if *up {
+                c.queue.host_connected(&host_name(h), now);
+            } else {
+                c.queue.host_lost(&host_name(h), now);
             }
+        }
+        let started = c.start_due(now, |vm| hosts.get(vm).copied())?;
+        for (h, msg) in started {
+            let dispatched = matches!(msg, Msg::Control(bulwark_protocol::messages::CoordinatorMessage::JobRequest(_)));
+            self.send(h, true, 0, msg);
             // Now and then a crash lands right in this job (mid-snapshot, -transfer, -commit).
-            if self.faults_on && self.rng.gen_bool(0.08) {
+            if dispatched && self.faults_on && self.rng.gen_bool(0.08) {
                 let t = now + self.rng.gen_range(0..40);
                 let ev = if self.rng.gen_bool(0.5) { Ev::KillAgentMidJob(h) } else { Ev::KillCoordinatorMidJob };
                 self.at(t, ev);
@@ -363,6 +377,15 @@ impl World {
             let Some(ev) = self.queue.remove(&(t, seq)) else { break };
             self.now = t;
             self.step(ev)?;
+            // A cheap invariant after every step: one job per VM at a time.
+            if let Some(c) = &self.coordinator {
+                for vm in c.vms_running_twice() {
+                    let at = self.now;
+                    if self.twice.insert(vm.clone()) {
+                        self.out.violations.push(("one-job-per-vm".into(), format!("{vm} runs two jobs at {at} ms")));
+                    }
+                }
+            }
             if done(self) {
                 return Ok(true);
             }
@@ -408,6 +431,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
         links: vec![Link::default(); opts.hosts],
         vms,
         faults_on: true,
+        twice: Default::default(),
         opts: opts.clone(),
         out: Outcome { seed: opts.seed, ..Outcome::default() },
     };

@@ -12,6 +12,7 @@ use bulwark_coordinator::config::DataDir;
 use bulwark_coordinator::jobs::compare::{self, Check, CheckStep};
 use bulwark_coordinator::jobs::ingest::DiskIngest;
 use bulwark_coordinator::jobs::machine::{self, BlockReceiver, DiskDone, Effect, Received, Setup, VmJob};
+use bulwark_coordinator::jobs::queue::{self, Admission, Limits, Next, Queue, Request};
 use bulwark_coordinator::store::{Store, StoreConfig};
 use bulwark_protocol::block::{ChunkHasher, Digest, ZERO};
 use bulwark_protocol::blockmap::{self, PageStore, TreeRoot};
@@ -82,10 +83,15 @@ pub struct RunningJob {
     stream: Option<(String, Stream)>,
 }
 
-/// The coordinator: the real store and catalog on disk; jobs and schedule in memory.
+/// The coordinator: the real store and catalog on disk; the real job queue, jobs and the
+/// schedule in memory.
 pub struct Coordinator {
     pub store: Store,
-    pub jobs: BTreeMap<String, RunningJob>,
+    /// Running jobs by id.
+    pub jobs: BTreeMap<u64, RunningJob>,
+    pub queue: Queue,
+    /// Jobs in the queue, not running: their VM.
+    waiting: BTreeMap<u64, String>,
     pub next_backup_at: BTreeMap<String, u64>,
     disk_bytes: u64,
     broken: Option<Break>,
@@ -112,9 +118,15 @@ impl Coordinator {
         let config = StoreConfig { pack_max_bytes: 1 << 20, gc_filter_bytes: 1 << 16, ..StoreConfig::default() };
         bulwark_coordinator::jobs::recover_interrupted(&catalog, now / 1000).map_err(|e| e.to_string())?;
         let store = Store::open(&data, catalog, config).map_err(|e| format!("store: {e}"))?;
+        let mut queue = Queue::new(Limits { max_running: 8, per_agent: 4 }, now);
+        if broken == Some(Break::SecondJob) {
+            queue.break_one_job_per_vm();
+        }
         Ok(Coordinator {
             store,
             jobs: BTreeMap::new(),
+            queue,
+            waiting: BTreeMap::new(),
             next_backup_at: BTreeMap::new(),
             disk_bytes,
             broken,
@@ -122,46 +134,128 @@ impl Coordinator {
         })
     }
 
-    /// Starts the job to run for `vm` now: an express full, which the real planning turns into
-    /// an initial copy without a complete replica, or a consistency check of an inconsistent
-    /// replica (as `cc_when_inconsistent` queues it). Answers what to send to the agent.
-    pub fn dispatch(&mut self, vm: &str, host: usize, now: u64) -> Result<Vec<Msg>, StoreFailure> {
+    /// Asks the queue for `vm`'s jobs as the group's sweep and schedule do: a consistency
+    /// check of an inconsistent replica (`cc_when_inconsistent`) or a scheduled one (`cc_at`,
+    /// when `check` says so), then the scheduled express full (which waits for the check: one
+    /// job per VM at a time).
+    pub fn schedule(&mut self, vm: &str, host: usize, check: bool, now: u64) -> Result<(), StoreFailure> {
+        let inconsistent = self
+            .store
+            .catalog()
+            .replicas_of(vm)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .any(|r| r.state == bulwark_coordinator::catalog::ReplicaState::Inconsistent);
+        if inconsistent || check {
+            self.enqueue(vm, JobKind::ConsistencyCheck, host, now)?;
+        }
+        self.enqueue(vm, JobKind::ExpressFull, host, now)
+    }
+
+    fn enqueue(&mut self, vm: &str, kind: JobKind, host: usize, now: u64) -> Result<(), StoreFailure> {
+        let cat = self.store.catalog();
+        let req = Request { vm: vm.to_owned(), kind, automatic: true, recovery: false, host: Some(host_name(host)) };
+        if let Ok(Admission::New) = self.queue.admit(&req, now) {
+            let id = cat.next_job_id().map_err(|e| e.to_string())?;
+            cat.put_job(&JobRecord::queued(id, kind, Some(vm.to_owned()))).map_err(|e| e.to_string())?;
+            if self.queue.enqueue(id, req, now).is_ok() {
+                self.waiting.insert(id, vm.to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts what the queue says may start now (after moving waiting jobs to their VM's
+    /// current host, `host_of`); answers (host, message) to send.
+    pub fn start_due(
+        &mut self,
+        now: u64,
+        host_of: impl Fn(&str) -> Option<usize>,
+    ) -> Result<Vec<(usize, Msg)>, StoreFailure> {
+        for (id, vm) in &self.waiting {
+            self.queue.relocate(*id, host_of(vm).map(host_name));
+        }
+        let mut out = vec![];
+        while let Some(next) = self.queue.next_to_start(now) {
+            match next {
+                Next::Start { job, .. } => {
+                    let Some(vm) = self.waiting.remove(&job) else { continue };
+                    let Some(host) = host_of(&vm) else { continue };
+                    out.extend(self.dispatch(job, &vm, host, now)?.into_iter().map(|m| (host, m)));
+                }
+                Next::GiveUp { job, reason } => {
+                    self.waiting.remove(&job);
+                    let cat = self.store.catalog();
+                    if let Some(mut r) = cat.job(job).map_err(|e| e.to_string())? {
+                        r.state = JobState::Failed;
+                        r.error = Some(reason);
+                        cat.put_job(&r).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs job `id` of `vm` on `host`: the real planning turns an express full into an
+    /// initial copy without a complete replica, and refuses it for an inconsistent one.
+    fn dispatch(&mut self, id: u64, vm: &str, host: usize, now: u64) -> Result<Vec<Msg>, StoreFailure> {
         let cat = self.store.catalog();
         let replicas: HashMap<_, _> =
             cat.replicas_of(vm).map_err(|e| e.to_string())?.into_iter().map(|r| (r.disk.clone(), r)).collect();
         let disks = vec![DiskInfo { name: DiskId::new(DISK).map_err(|e| e.to_string())?, size_bytes: self.disk_bytes }];
-        let id = cat.next_job_id().map_err(|e| e.to_string())?;
-        let setup = |kind| Setup {
-            record: JobRecord {
-                state: JobState::Running,
-                started_at: Some(now / 1000),
-                ..JobRecord::queued(id, kind, Some(vm.to_owned()))
-            },
+        let kind = cat.job(id).map_err(|e| e.to_string())?.map_or(JobKind::ExpressFull, |r| r.kind);
+        let record = JobRecord {
+            state: JobState::Running,
+            started_at: Some(now / 1000),
+            ..JobRecord::queued(id, kind, Some(vm.to_owned()))
+        };
+        let setup = Setup {
+            record: record.clone(),
             vm: vm.to_owned(),
-            disks: disks.clone(),
-            replicas: replicas.clone(),
+            disks,
+            replicas,
             block_size: BLOCK as u32,
             id_key: self.store.codec().hasher.id_key(),
             lease_ms: JOB_TIMEOUT_MS,
         };
-        let mut machine = match VmJob::start(setup(JobKind::ExpressFull), now) {
+        let mut machine = match VmJob::start(setup, now) {
             Ok(m) => m,
-            Err(_) => VmJob::start(setup(JobKind::ConsistencyCheck), now)
-                .map_err(|f| format!("a check of {vm} was refused: {}", f.reason))?,
+            Err(f) => {
+                let record = JobRecord {
+                    state: JobState::Failed,
+                    error: Some(f.reason),
+                    finished_at: Some(now / 1000),
+                    ..record
+                };
+                cat.put_job(&record).map_err(|e| e.to_string())?;
+                let outcome = queue::Outcome::Failed { ran_as: kind, transient: f.retry };
+                if let Some(queue::AfterFinish::Retry { .. }) = self.queue.finished(id, outcome, now) {
+                    self.waiting.insert(id, vm.to_owned());
+                }
+                return Ok(vec![]);
+            }
         };
         if self.broken == Some(Break::CommitEarly) {
             machine.break_with(machine::Broken::CommitBeforeEveryDisk);
         }
         cat.put_job(machine.record()).map_err(|e| e.to_string())?;
-        self.jobs.insert(vm.to_owned(), RunningJob { id, vm: vm.to_owned(), host, machine, stream: None });
-        self.perform(vm, now)
+        self.jobs.insert(id, RunningJob { id, vm: vm.to_owned(), host, machine, stream: None });
+        self.perform(id, now)
     }
 
-    /// Performs what `vm`'s job asks for; answers the messages to its agent.
-    fn perform(&mut self, vm: &str, now: u64) -> Result<Vec<Msg>, StoreFailure> {
+    /// VMs with more than one job running (none, unless the queue is broken).
+    pub fn vms_running_twice(&self) -> Vec<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.jobs.values().filter(|j| !seen.insert(j.vm.clone())).map(|j| j.vm.clone()).collect()
+    }
+
+    /// Performs what job `id` asks for; answers the messages to its agent.
+    fn perform(&mut self, id: u64, now: u64) -> Result<Vec<Msg>, StoreFailure> {
         let mut out = vec![];
         loop {
-            let Some(j) = self.jobs.get_mut(vm) else { return Ok(out) };
+            let Some(j) = self.jobs.get_mut(&id) else { return Ok(out) };
+            let vm = j.vm.clone();
             let Some(effect) = j.machine.poll_effect() else { return Ok(out) };
             let cat = self.store.catalog();
             match effect {
@@ -178,7 +272,7 @@ impl Coordinator {
                     j.machine.committed(Ok(r));
                 }
                 Effect::MarkInconsistent(why) => {
-                    cat.mark_inconsistent(vm, &why, now / 1000).map_err(|e| e.to_string())?;
+                    cat.mark_inconsistent(&vm, &why, now / 1000).map_err(|e| e.to_string())?;
                 }
                 // The simulation's disks hold no swap.
                 Effect::FindSwap(_) => {}
@@ -189,17 +283,21 @@ impl Coordinator {
                     record.state = if ok { JobState::Succeeded } else { JobState::Failed };
                     record.finished_at = Some(now / 1000);
                     cat.put_job(&record).map_err(|e| e.to_string())?;
+                    let outcome = match j.machine.outcome() {
+                        Some(Ok(())) => queue::Outcome::Succeeded { ran_as: record.kind },
+                        Some(Err(f)) => queue::Outcome::Failed { ran_as: record.kind, transient: f.retry },
+                        None => queue::Outcome::Failed { ran_as: record.kind, transient: false },
+                    };
                     if ok {
                         *self.committed.entry(record.kind.as_str()).or_default() += 1;
                     }
-                    self.jobs.remove(vm);
+                    self.jobs.remove(&id);
+                    if let Some(queue::AfterFinish::Retry { .. }) = self.queue.finished(id, outcome, now) {
+                        self.waiting.insert(id, vm.clone());
+                    }
                 }
             }
         }
-    }
-
-    fn vm_of(&self, job: u64) -> Option<String> {
-        self.jobs.values().find(|j| j.id == job).map(|j| j.vm.clone())
     }
 
     /// A message from an agent; answers what to send back.
@@ -210,7 +308,7 @@ impl Coordinator {
             Msg::Control(_) => return Ok(vec![]),
         };
         // A job that is over (or from before a restart) takes nothing more.
-        let Some(vm) = self.vm_of(job) else {
+        if !self.jobs.contains_key(&job) {
             return Ok(match msg {
                 Msg::Open { .. } => vec![failed(job, "no such job")],
                 _ => vec![],
@@ -219,12 +317,12 @@ impl Coordinator {
         let mut out = vec![];
         match msg {
             Msg::Result(r) => {
-                if let Some(j) = self.jobs.get_mut(&vm) {
+                if let Some(j) = self.jobs.get_mut(&job) {
                     j.machine.agent_result(r.outcome, now);
                 }
             }
             Msg::Open { disk, mode, blocks, block_size, .. } => {
-                let Some(j) = self.jobs.get_mut(&vm) else { return Ok(out) };
+                let Some(j) = self.jobs.get_mut(&job) else { return Ok(out) };
                 match j.machine.stream_opened(&disk, mode, blocks, block_size, now) {
                     Ok(start) => {
                         let stream = match start.mode {
@@ -241,16 +339,16 @@ impl Coordinator {
                     Err(why) => out.push(failed(job, &why)),
                 }
             }
-            Msg::Frame { frame, .. } => out.extend(self.frame(&vm, job, frame, now)?),
+            Msg::Frame { frame, .. } => out.extend(self.frame(job, frame, now)?),
             Msg::Control(_) => {}
         }
-        out.extend(self.perform(&vm, now)?);
+        out.extend(self.perform(job, now)?);
         Ok(out)
     }
 
-    /// A frame on `vm`'s job's stream.
-    fn frame(&mut self, vm: &str, job: u64, frame: TransferFrame, now: u64) -> Result<Vec<Msg>, StoreFailure> {
-        let Some(j) = self.jobs.get_mut(vm) else { return Ok(vec![]) };
+    /// A frame on job `job`'s stream.
+    fn frame(&mut self, job: u64, frame: TransferFrame, now: u64) -> Result<Vec<Msg>, StoreFailure> {
+        let Some(j) = self.jobs.get_mut(&job) else { return Ok(vec![]) };
         let Some((name, stream)) = j.stream.take() else { return Ok(vec![]) };
         let mut out = vec![];
         let r: Result<Option<DiskDone>, String> = match stream {
@@ -296,18 +394,18 @@ impl Coordinator {
 
     /// Jobs whose agent fell silent past their deadline fail as the real job does.
     pub fn expire(&mut self, now: u64) -> Result<Vec<(usize, Msg)>, StoreFailure> {
-        let late: Vec<(String, usize)> = self
+        let late: Vec<(u64, usize)> = self
             .jobs
             .values()
             .filter(|j| j.machine.next_timeout().is_some_and(|t| t <= now))
-            .map(|j| (j.vm.clone(), j.host))
+            .map(|j| (j.id, j.host))
             .collect();
         let mut out = vec![];
-        for (vm, host) in late {
-            if let Some(j) = self.jobs.get_mut(&vm) {
+        for (id, host) in late {
+            if let Some(j) = self.jobs.get_mut(&id) {
                 j.machine.timeout(&host_name(host), now);
             }
-            out.extend(self.perform(&vm, now)?.into_iter().map(|m| (host, m)));
+            out.extend(self.perform(id, now)?.into_iter().map(|m| (host, m)));
         }
         Ok(out)
     }
@@ -394,6 +492,8 @@ pub enum Break {
     /// The real job (`VmJob`, `broken-builds` feature) commits as soon as the agent says
     /// everything is sent, without waiting for the disk still on its way.
     CommitEarly,
+    /// The real queue (`broken-builds` feature) starts a VM's second job while its first runs.
+    SecondJob,
 }
 
 /// The pages of an agent's snapshot tree, in memory.
