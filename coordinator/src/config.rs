@@ -168,12 +168,12 @@ impl Default for JobLimits {
 
 impl JobLimits {
     /// The job history retention these settings ask for.
-    pub fn retention(&self) -> Result<crate::jobs::history::Retention, ConfigError> {
+    pub fn retention(&self) -> Result<Retention, ConfigError> {
         let keep = humantime::parse_duration(&self.keep).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("coordinator.toml"),
             message: format!("[jobs] keep {:?}: {e}", self.keep),
         })?;
-        Ok(crate::jobs::history::Retention { keep_secs: keep.as_secs(), keep_count: self.keep_count })
+        Ok(Retention { keep_secs: keep.as_secs(), keep_count: self.keep_count })
     }
 }
 
@@ -346,6 +346,15 @@ impl CoordinatorConfig {
 /// True if `dir` already holds anything of a coordinator.
 pub fn is_initialized(dir: &Path) -> bool {
     dir.join("coordinator.toml").exists() || dir.join("pki").exists() || dir.join("catalog").exists()
+}
+
+/// `[jobs] keep` and `keep_count`, as the job history's purge applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Seconds a finished job is kept.
+    pub keep_secs: u64,
+    /// Records kept at most (beyond those that are never purged).
+    pub keep_count: u64,
 }
 
 #[cfg(test)]

@@ -44,7 +44,6 @@ pub use inventory::DEFAULT_MAX_VMS_PER_HOST;
 pub use records::*;
 pub use store_trees::{replica_key, rp_key};
 
-use crate::store::pack::Location;
 use bulwark_protocol::block::Digest;
 use bulwark_protocol::codec;
 use bulwark_protocol::HostId;

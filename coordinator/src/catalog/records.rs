@@ -362,3 +362,32 @@ pub struct BadChunk {
     pub reason: String,
     pub found_at: u64,
 }
+
+/// Where a record of the chunk store is: its pack, offset and length (header plus payload).
+/// The catalog's chunk index maps chunk ids to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub pack: u32,
+    pub offset: u64,
+    /// Header plus payload.
+    pub len: u32,
+}
+
+impl Location {
+    pub fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&self.pack.to_be_bytes());
+        b[4..12].copy_from_slice(&self.offset.to_be_bytes());
+        b[12..].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let b: &[u8; 16] = b.try_into().ok()?;
+        Some(Self {
+            pack: u32::from_be_bytes(b[..4].try_into().ok()?),
+            offset: u64::from_be_bytes(b[4..12].try_into().ok()?),
+            len: u32::from_be_bytes(b[12..].try_into().ok()?),
+        })
+    }
+}

@@ -2,7 +2,7 @@
 //! pack lengths, and the one transactional [`Catalog::commit`].
 
 use super::{decode, encode, BadChunk, Catalog, CatalogError, Commit, RecoveryPointRecord, ReplicaRecord};
-use crate::store::pack::Location;
+use crate::catalog::Location;
 use bulwark_protocol::block::Digest;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 

@@ -12,14 +12,7 @@
 use crate::catalog::JobRecord;
 use std::collections::HashMap;
 
-/// `[jobs] keep` and `keep_count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Retention {
-    /// Seconds a finished job is kept.
-    pub keep_secs: u64,
-    /// Records kept at most (beyond those that are never purged).
-    pub keep_count: u64,
-}
+pub use crate::config::Retention;
 
 /// What the purge knows of the job tree.
 #[derive(Debug)]

@@ -26,10 +26,9 @@ pub mod schedule;
 pub mod vm_job;
 
 use crate::catalog::{now_secs, Catalog, CatalogError, JobKind, JobRecord, JobState};
-use crate::server::registry::Registry;
 use crate::store::Store;
 use actix::prelude::*;
-use bulwark_protocol::messages::JobResult;
+use bulwark_protocol::messages::{CoordinatorMessage, JobResult};
 use bulwark_protocol::transfer::TransferMode;
 pub use queue::{retry_delay, MAX_ATTEMPTS};
 use queue::{Admission, AfterFinish, Next, Queue};
@@ -118,7 +117,8 @@ impl JobRouter {
 /// What VM jobs share.
 pub struct JobContext {
     pub store: Arc<Store>,
-    pub registry: Addr<Registry>,
+    /// Which session serves a host (the server's registry answers).
+    pub registry: Recipient<SessionOf>,
     pub router: Arc<JobRouter>,
     pub lease: Duration,
     /// For `--notify`.
@@ -129,6 +129,19 @@ impl JobContext {
     pub fn catalog(&self) -> &Catalog {
         self.store.catalog()
     }
+}
+
+/// A message for a connected agent, delivered by its session (the server's `AgentSession`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ToAgent(pub CoordinatorMessage);
+
+/// Which session serves `host` now: where to send it [`ToAgent`], and its connection's id.
+/// Jobs ask; the server's registry answers (jobs never name the server's actors).
+#[derive(Message)]
+#[rtype(result = "Option<(Recipient<ToAgent>, usize)>")]
+pub struct SessionOf {
+    pub host: String,
 }
 
 /// How a job ended, for the queue.

@@ -10,9 +10,7 @@ use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, VmRecord};
 use crate::jobs::ingest::{Cmd, IngestHandle};
 use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, Received, Setup, VmJob};
 use crate::jobs::plan::Failure;
-use crate::jobs::{compare, Finished, JobContext, TransferStream};
-use crate::server::registry::SessionOf;
-use crate::server::session::Send as SendToAgent;
+use crate::jobs::{compare, Finished, JobContext, SessionOf, ToAgent, TransferStream};
 use bulwark_protocol::messages::{CoordinatorMessage, FailureKind, JobOutcome, JobResult};
 use bulwark_protocol::transfer::{self, TransferMessage, TransferMode};
 use bulwark_protocol::{JobId, VmId};
@@ -179,7 +177,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
                     if matches!(msg, CoordinatorMessage::JobRequest(_)) {
                         tracing::info!(host = %vm.host, disks = vm.disks.len(), block_size, "job sent to the agent");
                     }
-                    session.do_send(SendToAgent(msg));
+                    session.do_send(ToAgent(msg));
                 }
                 Effect::Commit { replicas, rp } => {
                     let r = ingest.commit(replicas, rp).await.map(|rp| rp.map(|r| r.id));
@@ -281,7 +279,7 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
         lease_secs: ctx.lease.as_secs().min(u64::from(u32::MAX)) as u32,
     };
     let (mut streams, mut result) = ctx.router.register(job.id, &host, conn_id);
-    session.do_send(SendToAgent(CoordinatorMessage::RestoreRequest(request)));
+    session.do_send(ToAgent(CoordinatorMessage::RestoreRequest(request)));
     tracing::info!(%host, %target, rp = %crate::store::hex(&rp.id), "recovery sent to the agent");
     let mut restored = 0usize;
     let outcome = loop {
@@ -386,7 +384,7 @@ async fn execute_items(
         .flatten()
         .ok_or_else(|| Failure::retry(format!("the agent of {host} is not connected")))?;
     let (mut streams, mut result) = ctx.router.register(job.id, host, conn_id);
-    session.do_send(SendToAgent(CoordinatorMessage::ItemsRequest {
+    session.do_send(ToAgent(CoordinatorMessage::ItemsRequest {
         job: JobId(job.id),
         dest: items.dest.clone(),
         keep_modes: items.keep_modes,

@@ -163,7 +163,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
     })?;
     let job_ctx = Arc::new(crate::jobs::JobContext {
         store: store.clone(),
-        registry: registry.clone(),
+        registry: registry.clone().recipient(),
         router: router.clone(),
         lease,
         smtp: authority.config().smtp.clone(),

@@ -106,17 +106,10 @@ pub struct CloseHost {
     pub reason: String,
 }
 
-/// The session of a connected host, and its connection's id.
-#[derive(Message)]
-#[rtype(result = "Option<(Addr<AgentSession>, usize)>")]
-pub struct SessionOf {
-    pub host: String,
-}
-
-impl Handler<SessionOf> for Registry {
-    type Result = Option<(Addr<AgentSession>, usize)>;
-    fn handle(&mut self, msg: SessionOf, _: &mut Context<Self>) -> Self::Result {
-        self.agents.get(&msg.host).map(|e| (e.session.clone(), e.conn.stable_id()))
+impl Handler<crate::jobs::SessionOf> for Registry {
+    type Result = Option<(Recipient<crate::jobs::ToAgent>, usize)>;
+    fn handle(&mut self, msg: crate::jobs::SessionOf, _: &mut Context<Self>) -> Self::Result {
+        self.agents.get(&msg.host).map(|e| (e.session.clone().recipient(), e.conn.stable_id()))
     }
 }
 

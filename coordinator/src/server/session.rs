@@ -7,7 +7,7 @@ use crate::server::registry::{ListConnected, Registry, SetInventory, Unregister}
 use actix::prelude::*;
 use bulwark_pki::quic::close;
 use bulwark_protocol::frame;
-use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage, JobOutcome, JobResult};
+use bulwark_protocol::messages::{AgentMessage, JobOutcome, JobResult};
 use bulwark_protocol::text::{self, Escaped};
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -46,11 +46,6 @@ pub struct Inbound(pub AgentMessage);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Closed;
-
-/// Send a message to the agent.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Send(pub CoordinatorMessage);
 
 impl Handler<Inbound> for AgentSession {
     type Result = ();
@@ -140,9 +135,10 @@ impl Handler<Closed> for AgentSession {
     }
 }
 
-impl Handler<Send> for AgentSession {
+/// Sends a job's message to the agent.
+impl Handler<crate::jobs::ToAgent> for AgentSession {
     type Result = ();
-    fn handle(&mut self, Send(msg): Send, ctx: &mut Context<Self>) {
+    fn handle(&mut self, crate::jobs::ToAgent(msg): crate::jobs::ToAgent, ctx: &mut Context<Self>) {
         let send = self.send.clone();
         let conn = self.conn.clone();
         ctx.spawn(

@@ -27,33 +27,8 @@ pub const FILE_HEADER_LEN: u64 = 16;
 pub const RECORD_MAGIC: [u8; 4] = *b"BWCR";
 pub const RECORD_HEADER_LEN: usize = 48;
 
-/// Where a record is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Location {
-    pub pack: u32,
-    pub offset: u64,
-    /// Header plus payload.
-    pub len: u32,
-}
-
-impl Location {
-    pub fn encode(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[..4].copy_from_slice(&self.pack.to_be_bytes());
-        b[4..12].copy_from_slice(&self.offset.to_be_bytes());
-        b[12..].copy_from_slice(&self.len.to_be_bytes());
-        b
-    }
-
-    pub fn decode(b: &[u8]) -> Option<Self> {
-        let b: &[u8; 16] = b.try_into().ok()?;
-        Some(Self {
-            pack: u32::from_be_bytes(b[..4].try_into().ok()?),
-            offset: u64::from_be_bytes(b[4..12].try_into().ok()?),
-            len: u32::from_be_bytes(b[12..].try_into().ok()?),
-        })
-    }
-}
+/// Where a record is (the catalog's index keeps it).
+pub use crate::catalog::Location;
 
 /// A record's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
