@@ -1,0 +1,363 @@
+//! The console's command line: every command and option, as clap parses them.
+
+use crate::lists::PageArgs;
+use anyhow::Context as _;
+use bulwark_protocol::messages::RecoveryOptions;
+use bulwark_protocol::HostId;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// What a command prints.
+#[derive(Debug, Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub(crate) enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Bulwark admin console.
+#[derive(Debug, Parser)]
+#[command(name = "bulwark", version, about)]
+pub(crate) struct Cli {
+    /// A coordinator's data directory (address and admin certificate are taken from it).
+    #[arg(long, global = true, env = "BULWARK_DATA_DIR")]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// The coordinator's address, with --ca, --cert and --key (instead of --data-dir).
+    #[arg(long, global = true)]
+    pub(crate) coordinator: Option<SocketAddr>,
+    /// The deployment CA certificate (PEM).
+    #[arg(long, global = true)]
+    pub(crate) ca: Option<PathBuf>,
+    /// The admin certificate (PEM).
+    #[arg(long, global = true)]
+    pub(crate) cert: Option<PathBuf>,
+    /// The admin key (PEM).
+    #[arg(long, global = true)]
+    pub(crate) key: Option<PathBuf>,
+    /// The coordinator's TLS name (defaults to the host part of --coordinator).
+    #[arg(long, global = true)]
+    pub(crate) server_name: Option<String>,
+    /// Output format: `text` or `json` (for `recover-disk`: the file to write).
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    pub(crate) output: String,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Coordinator name, version, agents connected, VMs protected, jobs running, store usage.
+    Status,
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Enrolled agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Verify the store: re-read every chunk, mark replicas that reach a bad one inconsistent.
+    Verify {
+        /// Wait for the job and print it (exit 1 if it failed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Drop recovery points past their group's retention range.
+    Prune {
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Garbage-collect the store.
+    Gc {
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Jobs.
+    Job {
+        #[command(subcommand)]
+        command: JobCommand,
+    },
+    /// VMs the agents report, with their protection and replica state.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Protection groups: members and one policy.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// Back a protected VM up now.
+    Backup {
+        vm: String,
+        /// express-full (a recovery point) or sync (replica only).
+        #[arg(long, value_enum, default_value = "express-full")]
+        kind: BackupKindArg,
+        /// Wait for the job and print it (exit 1 if it failed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Run a consistency check of a protected VM now.
+    Cc {
+        vm: String,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Recovery points.
+    Rp {
+        #[command(subcommand)]
+        command: RpCommand,
+    },
+    /// Recover a VM from a recovery point: onto the original VM (it must be off; only blocks
+    /// that differ are written) or as a new VM on a host.
+    Recover {
+        vm: String,
+        /// A recovery point id, a unique prefix of one, or `latest`.
+        #[arg(long)]
+        rp: String,
+        #[arg(long, value_enum)]
+        to: RecoverTo,
+        /// With --to host: the host to create the VM on.
+        #[arg(long, required_if_eq("to", "host"))]
+        host: Option<String>,
+        /// With --to host: the new VM's name (default VM-restored).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        options: RecoveryOpts,
+    },
+    /// Browse the files of a disk of a recovery point.
+    Ls {
+        vm: String,
+        #[arg(long)]
+        rp: String,
+        #[arg(long)]
+        disk: String,
+        /// A directory or file (`/` is the disk; on a partitioned disk, `/p1/…`).
+        #[arg(default_value = "/")]
+        path: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Copy files and folders out of a recovery point into --output DIR (never outside it).
+    RecoverItems {
+        vm: String,
+        #[arg(long)]
+        rp: String,
+        #[arg(long)]
+        disk: String,
+        /// A file or folder to recover (repeatable).
+        #[arg(long = "path", required = true)]
+        paths: Vec<String>,
+        /// Recover to a directory on an enrolled host instead (with --dest).
+        #[arg(long)]
+        dest_host: Option<String>,
+        #[arg(long, requires = "dest_host")]
+        dest: Option<PathBuf>,
+        /// Keep the guest's setuid, setgid and sticky bits and world-writable modes (by default
+        /// they are dropped and the umask applies, as `tar` does for a non-owner).
+        #[arg(long)]
+        keep_modes: bool,
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        options: RecoveryOpts,
+    },
+    /// Stream a disk of a recovery point into a local file.
+    RecoverDisk {
+        vm: String,
+        /// A recovery point id, a unique prefix of one, or `latest`.
+        #[arg(long)]
+        rp: String,
+        #[arg(long)]
+        disk: String,
+        /// Replace an existing regular file (never a device, link or other node).
+        #[arg(long)]
+        force: bool,
+        /// Write onto an existing block device in place (its size must hold the disk).
+        #[arg(long)]
+        device: bool,
+        #[command(flatten)]
+        options: RecoveryOpts,
+    },
+    /// Seeds (manual replica creation from removable media).
+    Seed {
+        #[command(subcommand)]
+        command: SeedCommand,
+    },
+    /// The whole story on loopback in one command.
+    Quickstart {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        keep_running: bool,
+    },
+}
+
+/// Recovery options (bandwidth throttling with a time window, e-mail when done).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct RecoveryOpts {
+    /// Bandwidth limit, e.g. `10MiB/s`.
+    #[arg(long)]
+    pub(crate) limit: Option<String>,
+    /// Apply --limit only between these times (coordinator local time), e.g. `08:00-18:00`.
+    #[arg(long, requires = "limit")]
+    pub(crate) window: Option<String>,
+    /// E-mail this address when the recovery finishes or fails (`[smtp]` in coordinator.toml).
+    #[arg(long)]
+    pub(crate) notify: Option<String>,
+}
+
+impl RecoveryOpts {
+    pub(crate) fn wire(&self) -> anyhow::Result<RecoveryOptions> {
+        let limit_bps = self
+            .limit
+            .as_deref()
+            .map(|r| bulwark_protocol::units::parse_rate(r).map_err(|e| anyhow::anyhow!("--limit {r:?}: {e}")))
+            .transpose()?;
+        let window = self
+            .window
+            .as_deref()
+            .map(|w| {
+                let (a, b) = w.split_once('-').with_context(|| format!("--window {w:?}: write HH:MM-HH:MM"))?;
+                let t = |x: &str| {
+                    bulwark_coordinator::policy::parse_hhmm(x.trim())
+                        .with_context(|| format!("--window: {x:?} is not HH:MM"))
+                };
+                Ok::<_, anyhow::Error>((t(a)?, t(b)?))
+            })
+            .transpose()?;
+        Ok(RecoveryOptions { limit_bps, window, notify: self.notify.clone() })
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum RecoverTo {
+    Original,
+    Host,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum BackupKindArg {
+    ExpressFull,
+    Sync,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum SeedCommand {
+    /// Load a seed written by `bulwark-agent seed export` as the VM's replica (inconsistent
+    /// until a consistency check reconciles it with the source).
+    Import { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum VmCommand {
+    /// Every VM the agents report, with its identity (UUID, cluster) and status.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Forget a VM that vanished (`missing`) or was replaced: its record and identity go, its
+    /// recovery points stay until retention removes them. Refused while it is in a group.
+    Forget { vm: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RpCommand {
+    /// Recovery points of a VM, oldest first.
+    List {
+        vm: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum GroupCommand {
+    /// Create a protection group; initial replication starts as chosen by --replica.
+    Create {
+        name: String,
+        /// Member VMs (repeat, or separate with commas).
+        #[arg(long = "vm", required = true, value_delimiter = ',')]
+        vms: Vec<String>,
+        /// Synchronization frequency (`15m`), or `off`.
+        #[arg(long, default_value = "15m")]
+        sync_every: String,
+        /// Recovery-point times, `HH:MM,HH:MM,…` in the coordinator's local time, or `none`.
+        #[arg(long, default_value = "08:00,12:00,20:00")]
+        recovery_points: String,
+        /// Run an express full just before each recovery point.
+        #[arg(long)]
+        express_full_before_rp: bool,
+        /// How long recovery points are kept (`5days`).
+        #[arg(long, default_value = "5days")]
+        retention: String,
+        /// Run a consistency check automatically when a replica becomes inconsistent.
+        #[arg(long)]
+        cc_when_inconsistent: bool,
+        /// Also run a consistency check every day at this time (`HH:MM`).
+        #[arg(long)]
+        cc_at: Option<String>,
+        /// Replica creation: `now`, `at:HH:MM` (off-peak) or `manual` (seed import).
+        #[arg(long, default_value = "now")]
+        replica: String,
+        /// Block size (a power of two, 4KiB..16MiB).
+        #[arg(long, default_value = "1MiB")]
+        block_size: String,
+    },
+    /// Every group.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// One group, with its policy and next runs (--limit/--after page its members).
+    Show {
+        name: String,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Add VMs to a group.
+    AddVm { name: String, vms: Vec<String> },
+    /// Remove VMs from a group (their replicas and recovery points are deleted unless --keep-data).
+    RemoveVm {
+        name: String,
+        vms: Vec<String>,
+        #[arg(long)]
+        keep_data: bool,
+    },
+    /// Delete a group (members stop being protected; their data is kept).
+    Delete { name: String },
+    /// Disk allocation: data size, recommended space, free space, under-provisioning.
+    Plan { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum JobCommand {
+    /// Jobs, oldest first.
+    List {
+        #[arg(long)]
+        vm: Option<String>,
+        /// queued, running, succeeded, failed, cancelled
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// One job.
+    Show { id: u64 },
+    /// Wait until a job has finished; exit 1 if it failed.
+    Wait { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AgentCommand {
+    /// Every enrolled agent, connected or not.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Revoke a host's certificate: its connections are closed and refused from then on.
+    Revoke { host: HostId },
+}
