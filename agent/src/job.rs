@@ -8,13 +8,14 @@
 //! Memory is a few blocks per disk plus, for a consistency check, the snapshot's block-map
 //! pages, which live in an anonymous scratch file.
 
+use crate::agent_job::{AgentEffect, AgentJob, Snapshot};
 use crate::backend::{BackendError, Hypervisor};
 use crate::snapshot::{Finish, Renew, SnapshotActor, Take, Taken};
 use actix::prelude::*;
 use bulwark_protocol::block::{ChunkHasher, Digest, ZERO};
 use bulwark_protocol::blockmap::{self, PageStore, TreeRoot};
 use bulwark_protocol::messages::{
-    AgentMessage, ChangeToken, DiskJob, FailureKind, JobKind, JobOutcome, JobRequest, JobResult, RestoreRequest,
+    AgentMessage, DiskJob, FailureKind, JobKind, JobOutcome, JobRequest, JobResult, RestoreRequest,
 };
 use bulwark_protocol::transfer::{self, TransferFrame, TransferMessage, TransferMode};
 use std::collections::HashMap;
@@ -80,6 +81,10 @@ impl Failure {
     fn other(reason: impl std::fmt::Display) -> Self {
         Self { kind: FailureKind::Other, reason: reason.to_string() }
     }
+
+    fn into_pair(self) -> (FailureKind, String) {
+        (self.kind, self.reason)
+    }
 }
 
 impl From<BackendError> for Failure {
@@ -108,6 +113,14 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
             }
         };
         let lease = Duration::from_secs(u64::from(req.lease_secs.max(10)));
+        if req.kind == JobKind::Recovery {
+            let outcome = JobOutcome::Failed {
+                kind: FailureKind::Other,
+                reason: "recovery jobs are not handled by this agent version".into(),
+            };
+            let _ = env.out.send(AgentMessage::JobResult(JobResult { job: req.job, outcome })).await;
+            return;
+        }
         let snapshot = SnapshotActor::new(env.backend.clone(), req.vm.as_str(), &env.host, lease).start();
         // Renew the lease while the job runs; it lapses by itself if this task dies.
         let renew = {
@@ -121,46 +134,70 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
                 }
             })
         };
-        let outcome = match execute(&env, &req, &snapshot).await {
-            Ok(o) => o,
-            Err(f) => {
-                tracing::warn!(kind = ?f.kind, reason = %f.reason, "job failed");
-                JobOutcome::Failed { kind: f.kind, reason: f.reason }
-            }
-        };
-        let next = match &outcome {
-            JobOutcome::Succeeded { next_token, .. } => Some(*next_token),
-            JobOutcome::Restored { .. } | JobOutcome::Failed { .. } => None,
-        };
-        let reported = env.out.send(AgentMessage::JobResult(JobResult { job: req.job, outcome })).await.is_ok();
-        // Only a commit the coordinator confirms advances the token; silence keeps the changes.
-        let commit = match (next, reported) {
-            (Some(next), true) => match tokio::time::timeout(lease, verdict).await {
-                Ok(Ok(true)) => Some(next),
-                Ok(Ok(false)) => None,
-                Ok(Err(_)) | Err(_) => {
-                    tracing::warn!("no verdict from the coordinator: changes kept for the next run");
-                    None
+        let started = tokio::time::Instant::now();
+        let now = || started.elapsed().as_millis().min(u128::from(u64::MAX)) as u64;
+        let mut m = AgentJob::new(&req, lease.as_millis().min(u128::from(u64::MAX)) as u64);
+        let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+        let mut verdict = Some(verdict);
+        loop {
+            while let Some(effect) = m.poll_effect() {
+                match effect {
+                    AgentEffect::Take => m.taken(take(&env, &req, &snapshot).await.map_err(Failure::into_pair)),
+                    AgentEffect::SendDisk(d) => {
+                        let disk = Disk {
+                            vm: req.vm.as_str().to_owned(),
+                            name: d.disk.as_str().to_owned(),
+                            block_size: req.block_size as usize,
+                            hasher: hasher.clone(),
+                        };
+                        m.disk_sent(send_one(&env, &req, &d, &disk).await.map_err(Failure::into_pair));
+                    }
+                    AgentEffect::Report(outcome) => {
+                        if let JobOutcome::Failed { kind, reason } = &outcome {
+                            tracing::warn!(?kind, %reason, "job failed");
+                        }
+                        let sent =
+                            env.out.send(AgentMessage::JobResult(JobResult { job: req.job, outcome })).await.is_ok();
+                        m.reported(sent, now());
+                    }
+                    AgentEffect::Release { commit } => {
+                        renew.abort();
+                        match snapshot.send(Finish { commit }).await {
+                            Ok(Ok(())) => tracing::info!(committed = commit.is_some(), "snapshot released"),
+                            Ok(Err(e)) => tracing::error!(error = %e, "snapshot release failed"),
+                            // The actor already stopped (it releases in `stopped`).
+                            Err(_) => {}
+                        }
+                        m.released();
+                    }
+                    AgentEffect::Done => return,
                 }
-            },
-            _ => None,
-        };
-        renew.abort();
-        match snapshot.send(Finish { commit }).await {
-            Ok(Ok(())) => tracing::info!(committed = commit.is_some(), "snapshot released"),
-            Ok(Err(e)) => tracing::error!(error = %e, "snapshot release failed"),
-            // The actor already stopped (it releases in `stopped`).
-            Err(_) => {}
+            }
+            // Only the verdict (or its deadline) is awaited here.
+            let Some(deadline) = m.next_timeout() else {
+                tracing::error!("internal: the job waits for nothing");
+                m.abort();
+                continue;
+            };
+            let wait = Duration::from_millis(deadline.saturating_sub(now()));
+            match verdict.take() {
+                Some(mut v) => tokio::select! {
+                    r = &mut v => m.verdict(matches!(r, Ok(true))),
+                    () = tokio::time::sleep(wait) => {
+                        tracing::warn!("no verdict from the coordinator: changes kept for the next run");
+                        m.timeout(now());
+                    }
+                },
+                None => m.timeout(u64::MAX),
+            }
         }
     }
     .instrument(span)
     .await
 }
 
-async fn execute(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>) -> Result<JobOutcome, Failure> {
-    if req.kind == JobKind::Recovery {
-        return Err(Failure::other("recovery jobs are not handled by this agent version"));
-    }
+/// Takes the job's snapshot, after checking the VM is on this host.
+async fn take(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>) -> Result<Snapshot, Failure> {
     let vm = req.vm.as_str().to_owned();
     let here = {
         let (backend, host) = (env.backend.clone(), env.host.clone());
@@ -169,58 +206,37 @@ async fn execute(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>)
     if !here.vms.iter().any(|v| v.name == vm) {
         return Err(Failure { kind: FailureKind::NotHere, reason: format!("{vm} is not on {}", env.host) });
     }
+    bulwark_protocol::block::check_block_size(req.block_size as usize).map_err(Failure::other)?;
     let taken: Taken = snapshot.send(Take).await.map_err(Failure::other)??;
-    let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
-    let bs = req.block_size as usize;
-    bulwark_protocol::block::check_block_size(bs).map_err(Failure::other)?;
-    let (mut bytes_read, mut blocks_sent) = (0u64, 0u64);
-    for d in &req.disks {
-        let disk = Disk { vm: vm.clone(), name: d.disk.as_str().to_owned(), block_size: bs, hasher: hasher.clone() };
-        let (sent, read) = match req.kind {
-            JobKind::ConsistencyCheck => compare_disk(env, req.job.0, &disk).await?,
-            kind => {
-                let mut indices = {
-                    let (backend, disk, token) = (env.backend.clone(), disk.clone(), d.token);
-                    blocking(move || match kind {
-                        JobKind::Initial => backend.allocated_blocks(&disk.vm, &disk.name, disk.block_size as u64),
-                        _ => backend.changed_blocks(&disk.vm, &disk.name, token, disk.block_size as u64),
-                    })
-                    .await??
-                };
-                // Swap (page file) ranges the coordinator leaves out of incrementals.
-                let before = indices.len();
-                indices.retain(|i| !d.exclude.iter().any(|(a, b)| (*a..*b).contains(i)));
-                if indices.len() < before {
-                    tracing::info!(disk = %disk.name, skipped = before - indices.len(), "changed swap blocks left out");
-                }
-                tracing::info!(disk = %disk.name, blocks = indices.len(), "sending blocks");
-                send_disk(env, req.job.0, &disk, indices, kind == JobKind::Initial).await?
-            }
-        };
-        blocks_sent += sent;
-        bytes_read += read;
-    }
-    Ok(JobOutcome::Succeeded {
-        consistency: taken.consistency,
-        consistency_note: taken.note.clone(),
-        bytes_read,
-        blocks_sent,
-        next_token: next_token(taken.token, &req.disks),
-    })
+    Ok(Snapshot { token: taken.token, consistency: taken.consistency, note: taken.note })
 }
 
-/// The token the replica is current with once this run commits: one past the snapshot's, or
-/// past the coordinator's when that is one ahead (a confirmation that was lost).
-pub fn next_token(snapshot: ChangeToken, disks: &[DiskJob]) -> ChangeToken {
-    let ahead = disks
-        .iter()
-        .filter_map(|d| d.token)
-        .filter(|t| t.generation == snapshot.generation)
-        .map(|t| t.sequence)
-        .max()
-        .unwrap_or(0);
-    ChangeToken { generation: snapshot.generation, sequence: snapshot.sequence.max(ahead) + 1 }
+/// Sends one disk of the snapshot: the blocks the job's kind asks for (swap left out), or a
+/// consistency check's comparison. Answers the blocks sent and the bytes read.
+async fn send_one(env: &JobEnv, req: &JobRequest, d: &DiskJob, disk: &Disk) -> Result<(u64, u64), Failure> {
+    let kind = req.kind;
+    if kind == JobKind::ConsistencyCheck {
+        return compare_disk(env, req.job.0, disk).await;
+    }
+    let mut indices = {
+        let (backend, disk, token) = (env.backend.clone(), disk.clone(), d.token);
+        blocking(move || match kind {
+            JobKind::Initial => backend.allocated_blocks(&disk.vm, &disk.name, disk.block_size as u64),
+            _ => backend.changed_blocks(&disk.vm, &disk.name, token, disk.block_size as u64),
+        })
+        .await??
+    };
+    // Swap (page file) ranges the coordinator leaves out of incrementals.
+    let before = indices.len();
+    indices.retain(|i| !d.exclude.iter().any(|(a, b)| (*a..*b).contains(i)));
+    if indices.len() < before {
+        tracing::info!(disk = %disk.name, skipped = before - indices.len(), "changed swap blocks left out");
+    }
+    tracing::info!(disk = %disk.name, blocks = indices.len(), "sending blocks");
+    send_disk(env, req.job.0, disk, indices, kind == JobKind::Initial).await
 }
+
+pub use crate::agent_job::next_token;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Failure> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Failure::other(format!("worker thread failed: {e}")))
@@ -664,17 +680,6 @@ impl PageStore for ScratchPages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bulwark_protocol::DiskId;
-
-    #[test]
-    fn the_next_token_is_one_past_the_snapshot_or_past_a_coordinator_one_ahead() {
-        let t = |generation, sequence| ChangeToken { generation, sequence };
-        let disk = |token| DiskJob { disk: DiskId::new("os").unwrap(), token, exclude: vec![] };
-        assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 5)))]), t(2, 6));
-        assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 6)))]), t(2, 7), "a lost confirmation");
-        assert_eq!(next_token(t(3, 0), &[disk(Some(t(2, 9)))]), t(3, 1), "tracking was reset");
-        assert_eq!(next_token(t(0, 0), &[disk(None)]), t(0, 1));
-    }
 
     #[tokio::test]
     async fn a_vm_runs_one_job_at_a_time_and_other_vms_are_not_held_up() {

@@ -12,6 +12,7 @@
 //! - [`qemu`]: the QEMU/KVM backend (QMP, fleecing, NBD, dirty bitmaps, guest agent).
 //! - [`snapshot`]: the snapshot actor (VSS sequence, freeze bound, lease).
 //! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
+//! - [`agent_job`]: a backup job's decisions as a plain state machine (the change-token rule).
 //! - [`job`]: one job end to end: snapshot, transfer streams, verdict, release.
 //! - [`items_writer`]: writes recovered files under a destination, names treated as hostile.
 //! - [`run`]: `bulwark-agent run`.
@@ -20,6 +21,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent_job;
 pub mod backend;
 pub mod backoff;
 pub mod cli;
