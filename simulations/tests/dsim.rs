@@ -78,3 +78,15 @@ fn a_queue_that_starts_a_second_job_for_a_busy_vm_is_caught() {
         "a scheduled check and an express full of one VM ran at once: {s}"
     );
 }
+
+#[test]
+fn an_agent_that_confirms_before_the_verdict_is_caught() {
+    let (code, s, stderr) =
+        sim(&["--seed", "1", "--runs", "20", "--minutes", "0.5"], &[("BULWARK_SIM_BREAK", "confirm-early")]);
+    assert_eq!(code, Some(1), "{s}\n{stderr}");
+    let violations = s["violations"].as_array().unwrap();
+    assert!(
+        violations.iter().any(|v| v["invariant"] == "agent-not-ahead"),
+        "an agent's token ahead of every commit: {s}"
+    );
+}

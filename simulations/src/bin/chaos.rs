@@ -107,7 +107,10 @@ fn run_sim(cli: &Cli, disk_bytes: u64) -> anyhow::Result<bool> {
     let broken = match std::env::var("BULWARK_SIM_BREAK").as_deref() {
         Ok("commit-early") => Some(dsim::nodes::Break::CommitEarly),
         Ok("second-job") => Some(dsim::nodes::Break::SecondJob),
-        Ok(other) => anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early and second-job"),
+        Ok("confirm-early") => Some(dsim::nodes::Break::ConfirmEarly),
+        Ok(other) => {
+            anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early, second-job and confirm-early")
+        }
         Err(_) => None,
     };
     let template = dsim::Options {

@@ -10,9 +10,10 @@
 //! and `compare::Check`, `DiskIngest`, planning and failure rules, the commit), `Store`,
 //! `Catalog` (sled), the wire's messages and frames, and the sim's `Vm` (freeze, take,
 //! changes, release, confirm, abandon, crash-host, migration, and `cleanup_orphans` at agent
-//! start), and the real job queue fed by a schedule of its own (an express full every
-//! 0.5-3 s, a consistency check when a replica is inconsistent or one time in ten). What it
-//! still models: the agent's side of a job ([`nodes::Agent`]).
+//! start), the agent's `AgentJob`, and the real job queue fed by a schedule of its own (an
+//! express full every 0.5-3 s, a consistency check when a replica is inconsistent or one time
+//! in ten). What it models: the transport (ordered lanes, delays, losses, partitions) and
+//! where each effect lands (in memory, in the sim's files).
 //! A crash here is a process crash: what reached the files stays (the real-process chaos runs
 //! and the store's `kill -9` tests cover torn writes).
 
@@ -106,6 +107,8 @@ struct World {
     faults_on: bool,
     /// VMs already reported running two jobs (each is reported once).
     twice: std::collections::BTreeSet<String>,
+    /// VMs already reported with an agent ahead of the coordinator (each is reported once).
+    ahead: std::collections::BTreeSet<String>,
     opts: Options,
     out: Outcome,
 }
@@ -186,7 +189,7 @@ impl World {
 
     fn start_agent(&mut self, h: usize) -> Result<(), String> {
         if self.agents[h].is_none() {
-            self.agents[h] = Some(Agent::start(&self.root, &host_name(h))?);
+            self.agents[h] = Some(Agent::start(&self.root, &host_name(h), self.opts.broken)?);
         }
         Ok(())
     }
@@ -206,6 +209,28 @@ impl World {
         let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
         for (h, msg) in c.expire(now)? {
             self.send(h, true, 0, msg);
+        }
+        // A cheap invariant: an agent never confirms changes the coordinator has not committed
+        // (its confirmed token is never ahead of the replica's, in the same generation).
+        if let Some(c) = self.coordinator.as_ref() {
+            let mut ahead = vec![];
+            for vm in &self.vms {
+                let v = Vm::open(&self.root, vm).map_err(|e| e.to_string())?;
+                let replica = c.store.catalog().replica(vm, DISK).map_err(|e| e.to_string())?;
+                if let Some(t) = replica.and_then(|r| r.change_token) {
+                    if t.generation == v.config.generation && v.config.sequence > t.sequence {
+                        ahead.push(format!(
+                            "{vm}: the agent confirmed {} of generation {}, the replica is at {}",
+                            v.config.sequence, t.generation, t.sequence
+                        ));
+                    }
+                }
+            }
+            for what in ahead {
+                if self.ahead.insert(what.split(':').next().unwrap_or_default().to_owned()) {
+                    self.out.violations.push(("agent-not-ahead".into(), what));
+                }
+            }
         }
         // The schedule: each VM asks for its next job every 0.5-3 s.
         for i in 0..self.vms.len() {
@@ -432,6 +457,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
         vms,
         faults_on: true,
         twice: Default::default(),
+        ahead: Default::default(),
         opts: opts.clone(),
         out: Outcome { seed: opts.seed, ..Outcome::default() },
     };

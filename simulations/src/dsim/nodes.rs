@@ -6,6 +6,7 @@
 //! function of its state, the simulated time and one message, and answers the messages it
 //! sends; nothing here sleeps, spawns or reads a clock.
 
+use bulwark_agent::agent_job::{AgentEffect, AgentJob, Snapshot};
 use bulwark_agent::sim::{SimError, Vm};
 use bulwark_coordinator::catalog::{Catalog, JobKind, JobRecord, JobState};
 use bulwark_coordinator::config::DataDir;
@@ -464,12 +465,19 @@ fn run_check(
     Ok(None)
 }
 
-/// A snapshot an agent holds for a job.
-#[derive(Debug, Clone)]
+/// A job an agent runs: the real `AgentJob`, and what the simulation keeps beside it.
+#[derive(Debug)]
 pub struct Held {
     pub job: u64,
-    pub next: ChangeToken,
+    machine: AgentJob,
+    /// The request, for its disks' geometry.
+    block_size: u64,
+    id_key: Option<[u8; 32]>,
+    /// The snapshot's lease: a job whose coordinator went quiet before the verdict was due is
+    /// aborted when it runs out (the real agent learns it from its dead connection).
     pub lease_until: u64,
+    /// What the snapshot gave (for a check's result).
+    consistency: Consistency,
     /// A consistency check's side, while the coordinator compares.
     check: Option<AgentCheck>,
 }
@@ -480,9 +488,6 @@ struct AgentCheck {
     root: TreeRoot,
     pages: MemPages,
     size: u64,
-    block_size: u64,
-    id_key: Option<[u8; 32]>,
-    consistency: Consistency,
     sent: u64,
 }
 
@@ -494,6 +499,9 @@ pub enum Break {
     CommitEarly,
     /// The real queue (`broken-builds` feature) starts a VM's second job while its first runs.
     SecondJob,
+    /// The real agent job (`broken-builds` feature) confirms its changes when it reports,
+    /// before the coordinator's verdict.
+    ConfirmEarly,
 }
 
 /// The pages of an agent's snapshot tree, in memory.
@@ -515,8 +523,10 @@ impl PageStore for MemPages {
 /// An agent: its snapshots are in the sim's files; what it holds for which job is volatile.
 pub struct Agent {
     pub host: String,
+    /// Jobs by VM.
     pub held: BTreeMap<String, Held>,
     root: PathBuf,
+    broken: Option<Break>,
 }
 
 fn sim_err(e: SimError) -> String {
@@ -526,20 +536,23 @@ fn sim_err(e: SimError) -> String {
 impl Agent {
     /// Starts an agent: first it cleans what a dead one of its host left (thaw, release,
     /// changes merged back), as the real agent does at start-up.
-    pub fn start(root: &Path, host: &str) -> Result<Agent, String> {
+    pub fn start(root: &Path, host: &str, broken: Option<Break>) -> Result<Agent, String> {
         bulwark_agent::sim::cleanup_orphans(root, host).map_err(sim_err)?;
-        Ok(Agent { host: host.to_owned(), held: BTreeMap::new(), root: root.to_owned() })
+        Ok(Agent { host: host.to_owned(), held: BTreeMap::new(), root: root.to_owned(), broken })
     }
 
     /// A message from the coordinator; answers what to send back, in order.
     pub fn receive(&mut self, msg: Msg, now: u64) -> Result<Vec<Out>, String> {
         match msg {
-            Msg::Control(CoordinatorMessage::JobRequest(req)) => self.run_job(req, now),
+            Msg::Control(CoordinatorMessage::JobRequest(req)) => self.start_job(req, now),
             Msg::Control(CoordinatorMessage::JobDone { job, committed }) => {
-                self.verdict(job.0, committed)?;
-                Ok(vec![])
+                let Some(vm) = self.vm_of(job.0) else { return Ok(vec![]) };
+                if let Some(h) = self.held.get_mut(&vm) {
+                    h.machine.verdict(committed);
+                }
+                self.perform(&vm, now)
             }
-            Msg::Frame { job, frame } => self.frame(job, frame),
+            Msg::Frame { job, frame } => self.frame(job, frame, now),
             _ => Ok(vec![]),
         }
     }
@@ -548,147 +561,158 @@ impl Agent {
         self.held.iter().find(|(_, h)| h.job == job).map(|(v, _)| v.clone())
     }
 
-    fn verdict(&mut self, job: u64, committed: bool) -> Result<(), String> {
-        let Some(vm) = self.vm_of(job) else { return Ok(()) };
-        if let Some(h) = self.held.remove(&vm) {
-            self.finish(&vm, committed.then_some(h.next))?;
+    fn start_job(&mut self, req: JobRequest, now: u64) -> Result<Vec<Out>, String> {
+        let name = req.vm.as_str().to_owned();
+        if self.held.contains_key(&name) {
+            // One job per VM on an agent: the second is refused at once.
+            let outcome =
+                JobOutcome::Failed { kind: FailureKind::Other, reason: "the VM holds a snapshot already".into() };
+            return Ok(vec![Out { after_ms: 0, msg: Msg::Result(JobResult { job: req.job, outcome }) }]);
         }
-        Ok(())
+        let mut machine = AgentJob::new(&req, LEASE_MS);
+        if self.broken == Some(Break::ConfirmEarly) {
+            machine.break_with(bulwark_agent::agent_job::Broken::ConfirmBeforeVerdict);
+        }
+        let held = Held {
+            job: req.job.0,
+            machine,
+            block_size: u64::from(req.block_size),
+            id_key: req.id_key,
+            lease_until: now + LEASE_MS,
+            consistency: Consistency::Crash,
+            check: None,
+        };
+        self.held.insert(name.clone(), held);
+        self.perform(&name, now)
     }
 
-    fn run_job(&mut self, req: JobRequest, now: u64) -> Result<Vec<Out>, String> {
-        let job = req.job.0;
-        let name = req.vm.as_str().to_owned();
-        let fail = |kind, reason: &str| {
-            let outcome = JobOutcome::Failed { kind, reason: reason.to_owned() };
-            Ok(vec![Out { after_ms: 0, msg: Msg::Result(JobResult { job: req.job, outcome }) }])
-        };
-        let mut vm = Vm::open(&self.root, &name).map_err(sim_err)?;
-        if vm.config.host != self.host {
-            return fail(FailureKind::NotHere, "the VM is not on this host");
-        }
-        if vm.config.snapshot.is_some() || self.held.contains_key(&name) {
-            return fail(FailureKind::Other, "the VM holds a snapshot already");
-        }
-        let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
-        let bs = u64::from(req.block_size);
-        let token = req.disks.first().and_then(|d| d.token);
-        let consistency = match vm.freeze(now).map_err(sim_err)? {
-            bulwark_agent::sim::SnapConsistency::App => Consistency::App,
-            bulwark_agent::sim::SnapConsistency::Filesystem => Consistency::Filesystem,
-            bulwark_agent::sim::SnapConsistency::Crash => Consistency::Crash,
-        };
-        let (_, taken) = vm.take_snapshot(&self.host, now / 1000).map_err(sim_err)?;
-        vm.thaw().map_err(sim_err)?;
-        let size = vm.config.disks.first().map_or(0, |d| d.size);
-        let blocks = size.div_ceil(bs);
-        let next = ChangeToken { generation: taken.generation, sequence: taken.sequence + 1 };
-        let read = |vm: &Vm, index: u64| -> Result<(Digest, Vec<u8>), String> {
-            let offset = index * bs;
-            let mut buf = vec![0u8; bs.min(size - offset) as usize];
-            vm.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
-            Ok((hasher.id(&buf), buf))
-        };
-        let open = |mode| Out {
-            after_ms: 0,
-            msg: Msg::Open { job, disk: DISK.into(), mode, blocks, block_size: req.block_size },
-        };
+    /// Performs what `vm`'s job asks for against the sim hypervisor; answers what to send.
+    fn perform(&mut self, vm: &str, now: u64) -> Result<Vec<Out>, String> {
         let mut out = vec![];
-        if req.kind == WireKind::ConsistencyCheck {
-            let mut pages = MemPages::default();
-            let mut leaves = vec![];
-            for index in 0..blocks {
-                let (id, _) = read(&vm, index)?;
-                if id != ZERO {
-                    leaves.push((index, id));
+        loop {
+            let Some(h) = self.held.get_mut(vm) else { return Ok(out) };
+            let Some(effect) = h.machine.poll_effect() else { return Ok(out) };
+            let job = h.job;
+            match effect {
+                AgentEffect::Take => {
+                    let r = take(&self.root, &self.host, vm, now);
+                    if let Ok(s) = &r {
+                        h.consistency = s.consistency;
+                    }
+                    h.machine.taken(r);
+                }
+                AgentEffect::SendDisk(d) => {
+                    let (bs, id_key, kind) = (h.block_size, h.id_key, h.machine.kind());
+                    let hasher = id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+                    let v = Vm::open(&self.root, vm).map_err(sim_err)?;
+                    let size = v.config.disks.first().map_or(0, |d| d.size);
+                    let blocks = size.div_ceil(bs);
+                    let read = |index: u64| -> Result<(Digest, Vec<u8>), String> {
+                        let offset = index * bs;
+                        let mut buf = vec![0u8; bs.min(size - offset) as usize];
+                        v.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
+                        Ok((hasher.id(&buf), buf))
+                    };
+                    let open = |mode| Out {
+                        after_ms: 0,
+                        msg: Msg::Open { job, disk: DISK.into(), mode, blocks, block_size: bs as u32 },
+                    };
+                    if kind == WireKind::ConsistencyCheck {
+                        let mut pages = MemPages::default();
+                        let mut leaves = vec![];
+                        for index in 0..blocks {
+                            let (id, _) = read(index)?;
+                            if id != ZERO {
+                                leaves.push((index, id));
+                            }
+                        }
+                        let root = blockmap::update(&mut pages, None, blocks, leaves).map_err(|e| e.to_string())?;
+                        out.push(open(TransferMode::Compare));
+                        let frame = TransferFrame::Message(TransferMessage::Root { root, bytes_read: size });
+                        out.push(Out { after_ms: 1, msg: Msg::Frame { job, frame } });
+                        h.check = Some(AgentCheck { root, pages, size, sent: 0 });
+                        // The disk is sent once the coordinator has asked for what differs.
+                        continue;
+                    }
+                    let indices: Result<Vec<u64>, SimError> = match kind {
+                        WireKind::ExpressFull | WireKind::Sync => {
+                            v.changes_since(DISK, d.token).map(|m| m.dirty_blocks(bs))
+                        }
+                        _ => Ok((0..blocks).collect()),
+                    };
+                    let indices = match indices {
+                        Ok(i) => i,
+                        Err(SimError::TrackingLost { .. }) => {
+                            h.machine.disk_sent(Err((FailureKind::TrackingLost, "change tracking was lost".into())));
+                            continue;
+                        }
+                        Err(e) => return Err(sim_err(e)),
+                    };
+                    out.push(open(TransferMode::Blocks));
+                    for (i, &index) in indices.iter().enumerate() {
+                        let (id, data) = read(index)?;
+                        let frame = if id == ZERO {
+                            TransferFrame::Zero { index }
+                        } else {
+                            TransferFrame::Block { index, id, data }
+                        };
+                        out.push(Out { after_ms: i as u64, msg: Msg::Frame { job, frame } });
+                    }
+                    let sent = indices.len() as u64;
+                    let end = TransferFrame::Message(TransferMessage::End { blocks_sent: sent, bytes_read: sent * bs });
+                    out.push(Out { after_ms: sent, msg: Msg::Frame { job, frame: end } });
+                    // The real agent waits for `Stored` first; this one reports at once, and
+                    // its result (on the control stream) may overtake the last blocks.
+                    h.machine.disk_sent(Ok((sent, sent * bs)));
+                }
+                AgentEffect::Report(outcome) => {
+                    let after_ms = out.last().map_or(0, |o: &Out| o.after_ms);
+                    out.push(Out { after_ms, msg: Msg::Result(JobResult { job: JobId(job), outcome }) });
+                    h.machine.reported(true, now);
+                }
+                AgentEffect::Release { commit } => {
+                    finish(&self.root, vm, commit)?;
+                    h.machine.released();
+                }
+                AgentEffect::Done => {
+                    self.held.remove(vm);
                 }
             }
-            let root = blockmap::update(&mut pages, None, blocks, leaves).map_err(|e| e.to_string())?;
-            out.push(open(TransferMode::Compare));
-            out.push(Out {
-                after_ms: 1,
-                msg: Msg::Frame {
-                    job,
-                    frame: TransferFrame::Message(TransferMessage::Root { root, bytes_read: size }),
-                },
-            });
-            drop(vm);
-            let check = AgentCheck { root, pages, size, block_size: bs, id_key: req.id_key, consistency, sent: 0 };
-            self.held.insert(name, Held { job, next, lease_until: now + LEASE_MS, check: Some(check) });
-            return Ok(out);
         }
-        let indices: Vec<u64> = match req.kind {
-            WireKind::ExpressFull | WireKind::Sync => match vm.changes_since(DISK, token) {
-                Ok(map) => map.dirty_blocks(bs),
-                Err(SimError::TrackingLost { .. }) => {
-                    drop(vm);
-                    self.finish(&name, None)?;
-                    return fail(FailureKind::TrackingLost, "change tracking was lost");
-                }
-                Err(e) => return Err(sim_err(e)),
-            },
-            _ => (0..blocks).collect(),
-        };
-        out.push(open(TransferMode::Blocks));
-        for (i, &index) in indices.iter().enumerate() {
-            let (id, data) = read(&vm, index)?;
-            let frame =
-                if id == ZERO { TransferFrame::Zero { index } } else { TransferFrame::Block { index, id, data } };
-            out.push(Out { after_ms: i as u64, msg: Msg::Frame { job, frame } });
-        }
-        let sent = indices.len() as u64;
-        let end = TransferFrame::Message(TransferMessage::End { blocks_sent: sent, bytes_read: sent * bs });
-        out.push(Out { after_ms: sent, msg: Msg::Frame { job, frame: end } });
-        // The result goes on the control stream, which may overtake the transfer stream.
-        let outcome = JobOutcome::Succeeded {
-            consistency,
-            consistency_note: None,
-            bytes_read: sent * bs,
-            blocks_sent: sent,
-            next_token: next,
-        };
-        out.push(Out { after_ms: sent, msg: Msg::Result(JobResult { job: req.job, outcome }) });
-        drop(vm);
-        self.held.insert(name, Held { job, next, lease_until: now + LEASE_MS, check: None });
-        Ok(out)
     }
 
     /// A frame on a job's stream: a check's questions, `Stored` or `Failed`.
-    fn frame(&mut self, job: u64, frame: TransferFrame) -> Result<Vec<Out>, String> {
+    fn frame(&mut self, job: u64, frame: TransferFrame, now: u64) -> Result<Vec<Out>, String> {
         let Some(vm) = self.vm_of(job) else { return Ok(vec![]) };
+        let Some(h) = self.held.get_mut(&vm) else { return Ok(vec![]) };
+        h.lease_until = now + LEASE_MS;
         let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
+        let mut out = vec![];
         match frame {
             TransferFrame::Message(TransferMessage::WantPages { nodes }) => {
-                let Some(c) = self.held.get(&vm).and_then(|h| h.check.as_ref()) else { return Ok(vec![]) };
+                let Some(c) = h.check.as_ref() else { return Ok(vec![]) };
                 let answer = nodes
                     .iter()
                     .map(|&(l, i)| blockmap::node_entries(&c.pages, &c.root, l, i))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())?;
-                Ok(vec![say(TransferMessage::Pages { pages: answer })])
+                out.push(say(TransferMessage::Pages { pages: answer }));
             }
             TransferFrame::Message(TransferMessage::WantBlocks { indices }) if indices.is_empty() => {
-                let Some(h) = self.held.get(&vm) else { return Ok(vec![]) };
-                let Some(c) = h.check.as_ref() else { return Ok(vec![]) };
-                let end = TransferMessage::End { blocks_sent: c.sent, bytes_read: c.size };
-                let outcome = JobOutcome::Succeeded {
-                    consistency: c.consistency,
-                    consistency_note: None,
-                    bytes_read: c.size,
-                    blocks_sent: c.sent,
-                    next_token: h.next,
-                };
-                Ok(vec![say(end), Out { after_ms: 0, msg: Msg::Result(JobResult { job: JobId(job), outcome }) }])
+                let Some(c) = h.check.take() else { return Ok(vec![]) };
+                out.push(say(TransferMessage::End { blocks_sent: c.sent, bytes_read: c.size }));
+                h.machine.disk_sent(Ok((c.sent, c.size)));
             }
             TransferFrame::Message(TransferMessage::WantBlocks { indices }) => {
                 let v = Vm::open(&self.root, &vm).map_err(sim_err)?;
-                let Some(c) = self.held.get_mut(&vm).and_then(|h| h.check.as_mut()) else { return Ok(vec![]) };
-                let mut out = vec![];
+                let hasher = h.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+                let bs = h.block_size;
+                let Some(c) = h.check.as_mut() else { return Ok(vec![]) };
                 for (i, index) in indices.iter().copied().enumerate() {
-                    let offset = index * c.block_size;
-                    let mut buf = vec![0u8; c.block_size.min(c.size.saturating_sub(offset)) as usize];
+                    let offset = index * bs;
+                    let mut buf = vec![0u8; bs.min(c.size.saturating_sub(offset)) as usize];
                     v.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
-                    let id = c.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed).id(&buf);
+                    let id = hasher.id(&buf);
                     let frame = if id == ZERO {
                         TransferFrame::Zero { index }
                     } else {
@@ -697,37 +721,65 @@ impl Agent {
                     out.push(Out { after_ms: i as u64, msg: Msg::Frame { job, frame } });
                 }
                 c.sent += indices.len() as u64;
-                Ok(out)
             }
-            TransferFrame::Message(TransferMessage::Failed { .. }) => {
-                // The coordinator refused the stream: give the snapshot back, changes kept.
-                if self.held.remove(&vm).is_some() {
-                    self.finish(&vm, None)?;
-                }
-                Ok(vec![])
+            // The coordinator gave up on a check's stream: so does the job.
+            TransferFrame::Message(TransferMessage::Failed { reason }) if h.check.is_some() => {
+                h.check = None;
+                h.machine.disk_sent(Err((FailureKind::Other, reason)));
             }
-            _ => Ok(vec![]),
+            _ => {}
         }
+        out.extend(self.perform(&vm, now)?);
+        Ok(out)
     }
 
-    /// Releases `vm`'s snapshot; `commit` advances the token, `None` keeps the changes.
-    fn finish(&mut self, name: &str, commit: Option<ChangeToken>) -> Result<(), String> {
-        let mut vm = Vm::open(&self.root, name).map_err(sim_err)?;
-        vm.release_snapshot().map_err(sim_err)?;
-        match commit {
-            Some(next) => vm.confirm_to(next).map(|_| ()).map_err(sim_err),
-            None => vm.abandon().map_err(sim_err),
-        }
-    }
-
-    /// Snapshots whose lease ran out without a verdict are released, their changes kept.
+    /// Jobs whose verdict is overdue, or whose coordinator fell silent for a lease, are
+    /// released with their changes kept.
     pub fn expire(&mut self, now: u64) -> Result<(), String> {
-        let late: Vec<String> =
-            self.held.iter().filter(|(_, h)| h.lease_until <= now).map(|(v, _)| v.clone()).collect();
-        for vm in late {
-            self.held.remove(&vm);
-            self.finish(&vm, None)?;
+        let vms: Vec<String> = self.held.keys().cloned().collect();
+        for vm in vms {
+            if let Some(h) = self.held.get_mut(&vm) {
+                h.machine.timeout(now);
+                if h.lease_until <= now {
+                    h.machine.abort();
+                }
+            }
+            self.perform(&vm, now)?;
         }
         Ok(())
+    }
+}
+
+/// Takes `vm`'s snapshot on `host` (freeze → take → thaw), if the VM is there and free.
+fn take(root: &Path, host: &str, vm: &str, now: u64) -> Result<Snapshot, (FailureKind, String)> {
+    let other = |e: SimError| (FailureKind::Other, e.to_string());
+    let mut v = Vm::open(root, vm).map_err(other)?;
+    if v.config.host != host {
+        return Err((FailureKind::NotHere, "the VM is not on this host".into()));
+    }
+    if v.config.snapshot.is_some() {
+        return Err((FailureKind::Other, "the VM holds a snapshot already".into()));
+    }
+    let consistency = match v.freeze(now).map_err(other)? {
+        bulwark_agent::sim::SnapConsistency::App => Consistency::App,
+        bulwark_agent::sim::SnapConsistency::Filesystem => Consistency::Filesystem,
+        bulwark_agent::sim::SnapConsistency::Crash => Consistency::Crash,
+    };
+    let (_, token) = v.take_snapshot(host, now / 1000).map_err(other)?;
+    v.thaw().map_err(other)?;
+    Ok(Snapshot { token, consistency, note: None })
+}
+
+/// Releases `vm`'s snapshot; `commit` advances the token, `None` keeps the changes.
+fn finish(root: &Path, vm: &str, commit: Option<ChangeToken>) -> Result<(), String> {
+    let mut v = Vm::open(root, vm).map_err(sim_err)?;
+    if v.config.snapshot.is_none() {
+        // Never taken (the job failed before) or already released.
+        return Ok(());
+    }
+    v.release_snapshot().map_err(sim_err)?;
+    match commit {
+        Some(next) => v.confirm_to(next).map(|_| ()).map_err(sim_err),
+        None => v.abandon().map_err(sim_err),
     }
 }
