@@ -8,6 +8,7 @@ use crate::enrollment::{self, EnrolledHost, ScopeError, TokenScope};
 use bulwark_pki::ca::{PkiError, Revocation};
 use bulwark_pki::{tls, AgentCsr, Ca, JoinToken};
 use bulwark_protocol::messages::{EnrollRequest, EnrollResponse, TokenInfo};
+use bulwark_protocol::paging::{Page, PageBuilder, PageRequest};
 use bulwark_protocol::{HostId, ALPN, ALPN_ENROLL};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -29,6 +30,8 @@ pub enum AuthorityError {
     Invalid(String),
     #[error(transparent)]
     Token(#[from] ScopeError),
+    #[error("{0}")]
+    BadCursor(String),
 }
 
 /// A join token just made.
@@ -180,24 +183,18 @@ impl Authority {
         Ok(CreatedToken { token: token.encode(), id, expires_at })
     }
 
-    /// Every token not yet purged, oldest first.
-    pub fn list_tokens(&self) -> Result<Vec<TokenInfo>, AuthorityError> {
-        Ok(self
-            .catalog
-            .tokens()?
-            .into_iter()
-            .map(|(hash, t)| TokenInfo {
-                id: enrollment::token_id(&hash),
-                host: t.host,
-                cluster: t.cluster,
-                replace: t.replace,
-                created_at: t.created_at,
-                expires_at: t.expires_at,
-                used_at: t.used_at,
-                used_by: t.used_by,
-                revoked_at: t.revoked_at,
-            })
-            .collect())
+    /// One page of the tokens not yet purged, by id.
+    pub fn list_tokens(&self, req: &PageRequest) -> Result<Page<TokenInfo>, AuthorityError> {
+        let after = req.after_key().map_err(|e| AuthorityError::BadCursor(e.to_string()))?;
+        let mut page = PageBuilder::new(req);
+        for r in self.catalog.tokens_after(after.as_deref()) {
+            let (key, t) = r?;
+            let Ok(hash) = <[u8; 32]>::try_from(key.as_slice()) else { continue };
+            if !page.offer(&key, Some(token_info(&hash, t))) {
+                break;
+            }
+        }
+        Ok(page.finish())
     }
 
     /// Revokes an unused token by its public id; answers whether it was revoked just now
@@ -347,5 +344,20 @@ impl Authority {
         let _guard = self.crl_lock.lock().unwrap_or_else(|p| p.into_inner());
         let number = self.catalog.revoke(&[])?;
         self.write_crl(number)
+    }
+}
+
+/// A token as `token list` shows it (never its secret).
+fn token_info(hash: &[u8; 32], t: TokenRecord) -> TokenInfo {
+    TokenInfo {
+        id: enrollment::token_id(hash),
+        host: t.host,
+        cluster: t.cluster,
+        replace: t.replace,
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        used_at: t.used_at,
+        used_by: t.used_by,
+        revoked_at: t.revoked_at,
     }
 }

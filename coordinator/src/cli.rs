@@ -9,6 +9,7 @@ use crate::config::DataDir;
 use crate::enrollment::TokenScope;
 use crate::init::{init, InitOptions};
 use bulwark_protocol::messages::{AdminRequest, AdminResponse, TokenInfo};
+use bulwark_protocol::paging::PageRequest;
 use bulwark_protocol::{ClusterId, HostId};
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
@@ -287,17 +288,35 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TokenCommand::List { data_dir, output } => {
-            let tokens = with_authority(
-                &data_dir,
-                "list the tokens",
-                AdminRequest::TokenList,
-                |answer| match answer {
-                    AdminResponse::Tokens(t) => Some(t),
-                    _ => None,
-                },
-                |authority| authority.list_tokens(),
-            )?;
-            print_tokens(output, &tokens, crate::catalog::now_secs());
+            // Page by page, each printed as it arrives: memory stays bounded however many.
+            let now = crate::catalog::now_secs();
+            let mut req = PageRequest::default();
+            let mut first = true;
+            if output == Output::Json {
+                print!("[");
+            }
+            loop {
+                let page = with_authority(
+                    &data_dir,
+                    "list the tokens",
+                    AdminRequest::TokenList { page: req.clone() },
+                    |answer| match answer {
+                        AdminResponse::Tokens(t) => Some(t),
+                        _ => None,
+                    },
+                    |authority| authority.list_tokens(&req),
+                )?;
+                print_tokens(output, &page.items, now, &mut first);
+                match page.next {
+                    Some(next) => req = req.after(next),
+                    None => break,
+                }
+            }
+            if output == Output::Json {
+                println!("]");
+            } else if first {
+                print_tokens(output, &[], now, &mut first);
+            }
             Ok(())
         }
         TokenCommand::Revoke { data_dir, id, output } => {
@@ -321,7 +340,9 @@ fn token(command: TokenCommand) -> anyhow::Result<()> {
     }
 }
 
-fn print_tokens(output: Output, tokens: &[TokenInfo], now: u64) {
+/// Prints a page of tokens: JSON items of the array the caller opened and closes, or table
+/// lines under a header printed before the first page (`first`).
+fn print_tokens(output: Output, tokens: &[TokenInfo], now: u64, first: &mut bool) {
     let state = |t: &TokenInfo| match (&t.used_by, t.revoked_at) {
         (Some(by), _) => format!("used by {by}"),
         (None, Some(_)) => "revoked".to_owned(),
@@ -329,25 +350,26 @@ fn print_tokens(output: Output, tokens: &[TokenInfo], now: u64) {
         (None, None) => "unused".to_owned(),
     };
     if output == Output::Json {
-        let list: Vec<_> = tokens
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "id": t.id, "host": t.host, "cluster": t.cluster, "replace": t.replace,
-                    "created_at": t.created_at, "expires_at": t.expires_at,
-                    "used": t.used_by.is_some(), "used_by": t.used_by, "used_at": t.used_at,
-                    "revoked": t.revoked_at.is_some(), "expired": now >= t.expires_at,
-                    "state": state(t),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::Value::Array(list));
+        for t in tokens {
+            let item = serde_json::json!({
+                "id": t.id, "host": t.host, "cluster": t.cluster, "replace": t.replace,
+                "created_at": t.created_at, "expires_at": t.expires_at,
+                "used": t.used_by.is_some(), "used_by": t.used_by, "used_at": t.used_at,
+                "revoked": t.revoked_at.is_some(), "expired": now >= t.expires_at,
+                "state": state(t),
+            });
+            print!("{}{item}", if *first { "" } else { "," });
+            *first = false;
+        }
         return;
     }
     let time = |s: u64| {
         humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(s)).to_string()
     };
-    println!("{:<16}  {:<20} {:<20} {:<20} {:<21} STATE", "ID", "HOST", "CLUSTER", "REPLACES", "EXPIRES");
+    if *first {
+        println!("{:<16}  {:<20} {:<20} {:<20} {:<21} STATE", "ID", "HOST", "CLUSTER", "REPLACES", "EXPIRES");
+        *first = false;
+    }
     for t in tokens {
         let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
         println!(

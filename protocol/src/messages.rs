@@ -283,8 +283,10 @@ pub enum AdminRequest {
         cluster: Option<ClusterId>,
         replace: Option<HostId>,
     },
-    /// Join tokens not yet purged (used and expired ones stay listed for about a day).
-    TokenList,
+    /// Join tokens not yet purged (used and expired ones stay listed for about a day), by id.
+    TokenList {
+        page: PageRequest,
+    },
     /// Revokes an unused token by its public id.
     TokenRevoke {
         id: String,
@@ -621,7 +623,7 @@ pub enum AdminResponse {
         id: String,
         expires_at: u64,
     },
-    Tokens(Vec<TokenInfo>),
+    Tokens(Page<TokenInfo>),
     JobStarted {
         job_id: u64,
     },

@@ -645,6 +645,40 @@ mod tests {
     }
 
     #[test]
+    fn tokens_page_in_id_order_and_the_pages_chain_to_every_token() {
+        use bulwark_protocol::paging::{PageBuilder, PageRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::create(dir.path()).unwrap();
+        let hashes: Vec<[u8; 32]> = (0..2500u32).map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes()).collect();
+        for h in &hashes {
+            cat.insert_token(*h, &token(9, None)).unwrap();
+        }
+        let mut req = PageRequest { limit: Some(1000), after: None };
+        let (mut seen, mut pages) = (vec![], 0);
+        loop {
+            let after = req.after_key().unwrap();
+            let mut page = PageBuilder::new(&req);
+            for r in cat.tokens_after(after.as_deref()) {
+                let (key, _) = r.unwrap();
+                if !page.offer(&key.clone(), Some(key)) {
+                    break;
+                }
+            }
+            let page = page.finish();
+            pages += 1;
+            seen.extend(page.items);
+            match page.next {
+                Some(next) => req = req.after(next),
+                None => break,
+            }
+        }
+        let mut want: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
+        want.sort();
+        assert_eq!(pages, 3);
+        assert_eq!(seen, want, "every token once, in id (hash) order");
+    }
+
+    #[test]
     fn a_token_is_usable_exactly_once() {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::create(dir.path()).unwrap();

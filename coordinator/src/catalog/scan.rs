@@ -23,6 +23,22 @@ fn after<'a, T: DeserializeOwned>(
 }
 
 impl Catalog {
+    /// Join tokens after the key `after` (the hash of a token's secret), in hash order: the
+    /// order of their public ids.
+    pub fn tokens_after(
+        &self,
+        key: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, super::TokenRecord), CatalogError>> + '_ {
+        let range = match key {
+            Some(k) => self.tokens.range::<&[u8], _>((Bound::Excluded(k), Bound::Unbounded)),
+            None => self.tokens.iter(),
+        };
+        range.map(|kv| {
+            let (k, v) = kv?;
+            Ok((k.to_vec(), super::decode_token(&v)?))
+        })
+    }
+
     /// Jobs after the key `after` (a job id, big-endian), oldest first.
     pub fn jobs_after(
         &self,

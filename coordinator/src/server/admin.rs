@@ -137,9 +137,9 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
                 Err(e) => AdminResponse::Error { message: e },
             }
         }
-        AdminRequest::TokenList => {
+        AdminRequest::TokenList { page } => {
             let authority = state.authority.clone();
-            match blocking(move || authority.list_tokens()).await {
+            match blocking(move || authority.list_tokens(&page)).await {
                 Ok(Ok(tokens)) => AdminResponse::Tokens(tokens),
                 Ok(Err(e)) => AdminResponse::Error { message: e.to_string() },
                 Err(e) => AdminResponse::Error { message: e },
