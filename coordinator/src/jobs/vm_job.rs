@@ -8,12 +8,13 @@
 
 use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, VmRecord};
 use crate::jobs::ingest::{Cmd, IngestHandle};
+use crate::jobs::machine::recovery::{Recovery, RecoverySetup};
 use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, Received, Setup, VmJob};
 use crate::jobs::plan::Failure;
 use crate::jobs::{compare, Finished, JobContext, SessionOf, ToAgent, TransferStream};
-use bulwark_protocol::messages::{CoordinatorMessage, FailureKind, JobOutcome, JobResult};
+use bulwark_protocol::messages::{CoordinatorMessage, JobOutcome, JobResult};
 use bulwark_protocol::transfer::{self, TransferMessage, TransferMode};
-use bulwark_protocol::{JobId, VmId};
+use bulwark_protocol::JobId;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::Instrument;
@@ -225,7 +226,6 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
 /// A recovery: the agent of the target host hashes the target VM's disks; each disk gets only
 /// the blocks that differ from the recovery point.
 async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failure> {
-    use bulwark_protocol::messages::{DiskInfo, NewVm, RestoreRequest};
     let catalog = ctx.catalog().clone();
     let name = job.vm.clone().ok_or_else(|| Failure::stop("a recovery without a VM"))?;
     let spec = job.recovery.clone().ok_or_else(|| Failure::stop("a recovery job without its parameters"))?;
@@ -244,24 +244,18 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
     if let (Some(items), Some(host)) = (&spec.items, &spec.to_host) {
         return execute_items(ctx, job, &rp, items, host, &spec.options).await;
     }
-    let (target, host, create) = match &spec.to_host {
-        None => (name.clone(), vm.host.clone(), None),
-        Some(h) => (
-            spec.name.clone().unwrap_or_else(|| format!("{name}-restored")),
-            h.clone(),
-            Some(NewVm { os: vm.os, integration_services: true }),
-        ),
+    let setup = RecoverySetup {
+        record: job.clone(),
+        rp,
+        vm_host: vm.host.clone(),
+        os: vm.os,
+        to_host: spec.to_host.clone(),
+        name: spec.name.clone(),
+        id_key: ctx.store.codec().hasher.id_key(),
+        lease_ms: ctx.lease.as_millis().min(u128::from(u64::MAX)) as u64,
     };
-    let block_size = rp.disks.first().map_or(crate::policy::DEFAULT_BLOCK_SIZE, |d| d.block_size);
-    if rp.disks.iter().any(|d| d.block_size != block_size) {
-        return Err(Failure::stop("the recovery point's disks have different block sizes"));
-    }
-    let disks = rp
-        .disks
-        .iter()
-        .map(|d| Ok(DiskInfo { name: bulwark_protocol::DiskId::new(d.name.clone())?, size_bytes: d.size_bytes }))
-        .collect::<Result<Vec<_>, bulwark_protocol::ids::IdError>>()
-        .map_err(|e| Failure::stop(e.to_string()))?;
+    let mut m = Recovery::start(setup, now_ms())?;
+    let host = m.host().to_owned();
     let (session, conn_id) = ctx
         .registry
         .send(SessionOf { host: host.clone() })
@@ -269,67 +263,50 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
         .ok()
         .flatten()
         .ok_or_else(|| Failure::retry(format!("the agent of {host} is not connected")))?;
-    let request = RestoreRequest {
-        job: JobId(job.id),
-        vm: VmId::new(target.clone()).map_err(|e| Failure::stop(e.to_string()))?,
-        create,
-        disks,
-        block_size,
-        id_key: ctx.store.codec().hasher.id_key(),
-        lease_secs: ctx.lease.as_secs().min(u64::from(u32::MAX)) as u32,
-    };
     let (mut streams, mut result) = ctx.router.register(job.id, &host, conn_id);
-    session.do_send(ToAgent(CoordinatorMessage::RestoreRequest(request)));
-    tracing::info!(%host, %target, rp = %crate::store::hex(&rp.id), "recovery sent to the agent");
-    let mut restored = 0usize;
-    let outcome = loop {
+    let mut result_in = false;
+    loop {
+        while let Some(effect) = m.poll_effect() {
+            match effect {
+                Effect::Send(msg) => {
+                    tracing::info!(%host, target = %m.target(), "recovery sent to the agent");
+                    session.do_send(ToAgent(msg));
+                }
+                Effect::Save => save(ctx, m.record()),
+                Effect::Finished => {
+                    let outcome = m.outcome().cloned();
+                    *job = m.record().clone();
+                    return outcome
+                        .unwrap_or_else(|| Err(Failure::stop("internal: a recovery finished without an outcome")));
+                }
+                // A recovery commits nothing and doubts no replica.
+                Effect::PutReplica(_) | Effect::Commit { .. } | Effect::MarkInconsistent(_) | Effect::FindSwap(_) => {}
+            }
+        }
+        let wait = m.next_timeout().map_or(ctx.lease, |t| std::time::Duration::from_millis(t.saturating_sub(now_ms())));
         tokio::select! {
             s = streams.recv() => {
                 let Some(mut s) = s else { return Err(Failure::retry("the job's stream router closed")) };
-                let Some(d) = rp.disks.iter().find(|d| d.name == s.disk) else {
-                    return Err(Failure::stop(format!("the agent opened a stream for disk {}, not in the recovery point", s.disk)));
-                };
-                let blocks = d.size_bytes.div_ceil(u64::from(block_size));
-                if s.mode != TransferMode::Restore || s.blocks != blocks || s.block_size != block_size {
-                    return Err(Failure::stop("the agent's restore stream does not fit the recovery point"));
+                let disk = s.disk.clone();
+                if let Ok(root) = m.stream_opened(&disk, s.mode, s.blocks, s.block_size, now_ms()) {
+                    match compare::restore(ctx, &mut s, root, m.record_mut(), &spec.options).await {
+                        Ok(()) => m.disk_restored(&disk, now_ms()),
+                        Err(e) => {
+                            let _ = fail_stream(&mut s.send, &e, s.block_size as usize).await;
+                            m.disk_failed(&disk, &e);
+                        }
+                    }
                 }
-                if let Err(e) = compare::restore(ctx, &mut s, d.root, job, &spec.options).await {
-                    let _ = fail_stream(&mut s.send, &e, block_size as usize).await;
-                    return Err(Failure::stop(format!(
-                        "disk {}: {e}; {target} is marked as not fully restored: recover it again",
-                        d.name
-                    )));
+            }
+            r = &mut result, if !result_in => {
+                result_in = true;
+                match r {
+                    Ok(r) => m.agent_result(r.outcome, now_ms()),
+                    Err(_) => m.connection_lost(),
                 }
-                restored += 1;
-                save(ctx, job);
             }
-            r = &mut result => match r {
-                Ok(r) => break r,
-                // Not retried: the target may be half-written; the operator decides.
-                Err(_) => return Err(Failure::stop(format!(
-                    "the connection to {host} was lost during the recovery; {target} is marked as not fully restored: recover it again"
-                ))),
-            },
-            () = tokio::time::sleep(ctx.lease) => {
-                return Err(Failure::stop(format!("no word from the agent of {host} for {:?}", ctx.lease)));
-            }
+            () = tokio::time::sleep(wait) => m.timeout(now_ms()),
         }
-    };
-    match outcome.outcome {
-        JobOutcome::Restored { bytes_read, .. } if restored == rp.disks.len() => {
-            job.bytes_scanned = bytes_read;
-            job.consistency = Some(rp.consistency);
-            job.detail = Some(format!(
-                "recovery point {} restored onto {target} on {host}: {} block(s) written",
-                crate::store::hex(&rp.id),
-                job.blocks_changed
-            ));
-            Ok(())
-        }
-        JobOutcome::Restored { .. } => Err(Failure::stop("the agent reported a restore of fewer disks than sent")),
-        JobOutcome::Failed { kind: FailureKind::Refused, reason } => Err(Failure::stop(reason)),
-        JobOutcome::Failed { reason, .. } => Err(Failure::stop(reason)),
-        JobOutcome::Succeeded { .. } => Err(Failure::stop("the agent answered a restore with a backup")),
     }
 }
 

@@ -509,5 +509,7 @@ impl BlockReceiver {
     }
 }
 
+pub mod recovery;
+
 #[cfg(test)]
 mod tests;
