@@ -90,3 +90,17 @@ fn an_agent_that_confirms_before_the_verdict_is_caught() {
         "an agent's token ahead of every commit: {s}"
     );
 }
+
+#[test]
+fn a_restore_that_sends_blocks_out_of_order_is_caught() {
+    let (code, s, stderr) =
+        sim(&["--seed", "1", "--runs", "20", "--minutes", "0.5"], &[("BULWARK_SIM_BREAK", "restore-out-of-order")]);
+    assert_eq!(code, Some(1), "{s}\n{stderr}");
+    let violations = s["violations"].as_array().unwrap();
+    assert!(
+        violations.iter().any(|v| v["invariant"] == "restore-exact"),
+        "recoveries that did not give the recovery point: {s}"
+    );
+    let (_, good, _) = sim(&["--seed", "1", "--runs", "3", "--minutes", "0.5"], &[]);
+    assert!(good["restores_verified"].as_u64().unwrap() >= 6, "the correct build restores bit-exact: {good}");
+}

@@ -108,8 +108,9 @@ fn run_sim(cli: &Cli, disk_bytes: u64) -> anyhow::Result<bool> {
         Ok("commit-early") => Some(dsim::nodes::Break::CommitEarly),
         Ok("second-job") => Some(dsim::nodes::Break::SecondJob),
         Ok("confirm-early") => Some(dsim::nodes::Break::ConfirmEarly),
+        Ok("restore-out-of-order") => Some(dsim::nodes::Break::RestoreOutOfOrder),
         Ok(other) => {
-            anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early, second-job and confirm-early")
+            anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early, second-job, confirm-early and restore-out-of-order")
         }
         Err(_) => None,
     };

@@ -7,11 +7,14 @@
 //! sends; nothing here sleeps, spawns or reads a clock.
 
 use bulwark_agent::agent_job::{AgentEffect, AgentJob, Snapshot};
+use bulwark_agent::backend::{Hypervisor, SimBackend};
 use bulwark_agent::sim::{SimError, Vm};
+use bulwark_coordinator::catalog::RecoveryPointRecord;
 use bulwark_coordinator::catalog::{Catalog, JobKind, JobRecord, JobState};
 use bulwark_coordinator::config::DataDir;
-use bulwark_coordinator::jobs::compare::{self, Check, CheckStep};
+use bulwark_coordinator::jobs::compare::{self, Check, CheckStep, RestoreDisk, RestoreStep};
 use bulwark_coordinator::jobs::ingest::DiskIngest;
+use bulwark_coordinator::jobs::machine::recovery::{Recovery, RecoverySetup};
 use bulwark_coordinator::jobs::machine::{self, BlockReceiver, DiskDone, Effect, Received, Setup, VmJob};
 use bulwark_coordinator::jobs::queue::{self, Admission, Limits, Next, Queue, Request};
 use bulwark_coordinator::store::{Store, StoreConfig};
@@ -19,7 +22,7 @@ use bulwark_protocol::block::{ChunkHasher, Digest, ZERO};
 use bulwark_protocol::blockmap::{self, PageStore, TreeRoot};
 use bulwark_protocol::messages::{
     ChangeToken, Consistency, CoordinatorMessage, DiskInfo, FailureKind, JobKind as WireKind, JobOutcome, JobRequest,
-    JobResult,
+    JobResult, RestoreRequest,
 };
 use bulwark_protocol::transfer::{TransferFrame, TransferMessage, TransferMode};
 use bulwark_protocol::{DiskId, JobId};
@@ -93,6 +96,10 @@ pub struct Coordinator {
     pub queue: Queue,
     /// Jobs in the queue, not running: their VM.
     waiting: BTreeMap<u64, String>,
+    /// Recoveries running, by job id.
+    pub recoveries: BTreeMap<u64, RunningRecovery>,
+    /// Recoveries that ended: (VM recovered, recovery point, target VM, outcome).
+    pub recovered: Vec<(String, RecoveryPointRecord, String, Result<(), String>)>,
     pub next_backup_at: BTreeMap<String, u64>,
     disk_bytes: u64,
     broken: Option<Break>,
@@ -128,6 +135,8 @@ impl Coordinator {
             jobs: BTreeMap::new(),
             queue,
             waiting: BTreeMap::new(),
+            recoveries: BTreeMap::new(),
+            recovered: vec![],
             next_backup_at: BTreeMap::new(),
             disk_bytes,
             broken,
@@ -308,6 +317,9 @@ impl Coordinator {
             Msg::Open { job, .. } | Msg::Frame { job, .. } => *job,
             Msg::Control(_) => return Ok(vec![]),
         };
+        if self.recoveries.contains_key(&job) {
+            return self.recovery_receive(job, msg, now);
+        }
         // A job that is over (or from before a restart) takes nothing more.
         if !self.jobs.contains_key(&job) {
             return Ok(match msg {
@@ -393,6 +405,101 @@ impl Coordinator {
         Ok(out)
     }
 
+    /// Recovers `vm`'s latest recovery point as a new VM `target` on `host`, as `bulwark
+    /// recover --to-host` does; answers what to send to that host.
+    pub fn recover(&mut self, vm: &str, target: &str, host: usize, now: u64) -> Result<Vec<Msg>, StoreFailure> {
+        let cat = self.store.catalog();
+        let mut rps = cat.recovery_points(vm).map_err(|e| e.to_string())?;
+        rps.sort_by_key(|r| r.created_at);
+        let Some(rp) = rps.pop() else { return Ok(vec![]) };
+        let id = cat.next_job_id().map_err(|e| e.to_string())?;
+        let setup = RecoverySetup {
+            record: JobRecord {
+                state: JobState::Running,
+                ..JobRecord::queued(id, JobKind::Recovery, Some(vm.to_owned()))
+            },
+            rp: rp.clone(),
+            vm_host: host_name(host),
+            os: bulwark_protocol::messages::GuestOs::Linux,
+            to_host: Some(host_name(host)),
+            name: Some(target.to_owned()),
+            id_key: self.store.codec().hasher.id_key(),
+            lease_ms: JOB_TIMEOUT_MS,
+        };
+        let machine = match Recovery::start(setup, now) {
+            Ok(m) => m,
+            Err(f) => {
+                self.recovered.push((vm.to_owned(), rp, target.to_owned(), Err(f.reason)));
+                return Ok(vec![]);
+            }
+        };
+        let run = RunningRecovery { vm: vm.to_owned(), rp, host, machine, stream: None };
+        self.recoveries.insert(id, run);
+        self.perform_recovery(id)
+    }
+
+    fn perform_recovery(&mut self, id: u64) -> Result<Vec<Msg>, StoreFailure> {
+        let mut out = vec![];
+        loop {
+            let Some(r) = self.recoveries.get_mut(&id) else { return Ok(out) };
+            let Some(effect) = r.machine.poll_effect() else { return Ok(out) };
+            match effect {
+                Effect::Send(m) => out.push(Msg::Control(m)),
+                Effect::Finished => {
+                    if let Some(r) = self.recoveries.remove(&id) {
+                        let outcome = match r.machine.outcome() {
+                            Some(Ok(())) => Ok(()),
+                            Some(Err(f)) => Err(f.reason.clone()),
+                            None => Err("no outcome".into()),
+                        };
+                        self.store.catalog().put_job(r.machine.record()).map_err(|e| e.to_string())?;
+                        self.recovered.push((r.vm, r.rp, r.machine.target().to_owned(), outcome));
+                    }
+                }
+                Effect::Save
+                | Effect::PutReplica(_)
+                | Effect::Commit { .. }
+                | Effect::MarkInconsistent(_)
+                | Effect::FindSwap(_) => {}
+            }
+        }
+    }
+
+    fn recovery_receive(&mut self, job: u64, msg: Msg, now: u64) -> Result<Vec<Msg>, StoreFailure> {
+        let mut out = vec![];
+        let Some(r) = self.recoveries.get_mut(&job) else { return Ok(out) };
+        match msg {
+            Msg::Result(res) => r.machine.agent_result(res.outcome, now),
+            Msg::Open { disk, mode, blocks, block_size, .. } => {
+                match r.machine.stream_opened(&disk, mode, blocks, block_size, now) {
+                    Ok(root) => {
+                        let mut restore = RestoreDisk::new(root);
+                        if self.broken == Some(Break::RestoreOutOfOrder) {
+                            restore.break_with(compare::BrokenRestore::OutOfOrder);
+                        }
+                        r.stream = Some((disk, restore));
+                    }
+                    Err(why) => out.push(failed(job, &why)),
+                }
+            }
+            Msg::Frame { frame, .. } => {
+                if let Some((disk, mut restore)) = r.stream.take() {
+                    match run_restore(&self.store, &mut restore, frame, &mut out, job) {
+                        Ok(true) => r.machine.disk_restored(&disk, now),
+                        Ok(false) => r.stream = Some((disk, restore)),
+                        Err(why) => {
+                            r.machine.disk_failed(&disk, &why);
+                            out.push(failed(job, &why));
+                        }
+                    }
+                }
+            }
+            Msg::Control(_) => {}
+        }
+        out.extend(self.perform_recovery(job)?);
+        Ok(out)
+    }
+
     /// Jobs whose agent fell silent past their deadline fail as the real job does.
     pub fn expire(&mut self, now: u64) -> Result<Vec<(usize, Msg)>, StoreFailure> {
         let late: Vec<(u64, usize)> = self
@@ -408,6 +515,18 @@ impl Coordinator {
             }
             out.extend(self.perform(id, now)?.into_iter().map(|m| (host, m)));
         }
+        let late: Vec<(u64, usize)> = self
+            .recoveries
+            .iter()
+            .filter(|(_, r)| r.machine.next_timeout().is_some_and(|t| t <= now))
+            .map(|(id, r)| (*id, r.host))
+            .collect();
+        for (id, host) in late {
+            if let Some(r) = self.recoveries.get_mut(&id) {
+                r.machine.timeout(now);
+            }
+            out.extend(self.perform_recovery(id)?.into_iter().map(|m| (host, m)));
+        }
         Ok(out)
     }
 }
@@ -415,6 +534,57 @@ impl Coordinator {
 /// A `Failed` frame on a job's stream.
 fn failed(job: u64, why: &str) -> Msg {
     Msg::Frame { job, frame: TransferFrame::Message(TransferMessage::Failed { reason: why.to_owned() }) }
+}
+
+/// A recovery the coordinator runs: the real `Recovery` and its disk's `RestoreDisk`.
+#[derive(Debug)]
+pub struct RunningRecovery {
+    pub vm: String,
+    rp: RecoveryPointRecord,
+    pub host: usize,
+    machine: Recovery,
+    stream: Option<(String, RestoreDisk)>,
+}
+
+/// Feeds one frame to a disk's restore and performs its steps against the store; answers
+/// whether the disk is restored.
+fn run_restore(
+    store: &Store,
+    restore: &mut RestoreDisk,
+    frame: TransferFrame,
+    out: &mut Vec<Msg>,
+    job: u64,
+) -> Result<bool, String> {
+    let mut steps: std::collections::VecDeque<RestoreStep> = restore.frame(frame)?.into();
+    while let Some(step) = steps.pop_front() {
+        match step {
+            RestoreStep::Say(m) => out.push(Msg::Frame { job, frame: TransferFrame::Message(m) }),
+            RestoreStep::Scanned(_) => {}
+            RestoreStep::Ours(nodes) => {
+                let rp = restore.rp();
+                let ours = compare::our_entries(store, Some(&rp), rp.blocks, &nodes)?;
+                steps.extend(restore.ours(ours)?);
+            }
+            RestoreStep::Send(want) => {
+                let rp = restore.rp();
+                for &index in &want {
+                    let page =
+                        blockmap::node_entries(&bulwark_coordinator::store::StorePages(store), &rp, 0, index / 1024)
+                            .map_err(|e| e.to_string())?;
+                    let id = page.get((index % 1024) as usize).copied().ok_or("a leaf outside the tree")?;
+                    let frame = if id == ZERO {
+                        TransferFrame::Zero { index }
+                    } else {
+                        TransferFrame::Block { index, id, data: store.read_chunk(&id).map_err(|e| e.to_string())? }
+                    };
+                    out.push(Msg::Frame { job, frame });
+                }
+                steps.extend(restore.sent(want.len() as u64)?);
+            }
+            RestoreStep::Done => return Ok(true),
+        }
+    }
+    Ok(false)
 }
 
 /// Feeds one frame to a consistency check and performs its steps against the store; answers
@@ -502,6 +672,8 @@ pub enum Break {
     /// The real agent job (`broken-builds` feature) confirms its changes when it reports,
     /// before the coordinator's verdict.
     ConfirmEarly,
+    /// The real restore (`broken-builds` feature) sends leaves out of order, one twice.
+    RestoreOutOfOrder,
 }
 
 /// The pages of an agent's snapshot tree, in memory.
@@ -525,8 +697,26 @@ pub struct Agent {
     pub host: String,
     /// Jobs by VM.
     pub held: BTreeMap<String, Held>,
+    /// Recoveries by job id.
+    pub restores: BTreeMap<u64, AgentRestore>,
     root: PathBuf,
     broken: Option<Break>,
+}
+
+/// A recovery an agent runs: the sim's restore calls, with the real agent's checks (ids,
+/// order, range, the count at the end).
+#[derive(Debug)]
+pub struct AgentRestore {
+    vm: String,
+    disk: String,
+    size: u64,
+    block_size: u64,
+    id_key: Option<[u8; 32]>,
+    root: TreeRoot,
+    pages: MemPages,
+    last: Option<u64>,
+    received: u64,
+    written: u64,
 }
 
 fn sim_err(e: SimError) -> String {
@@ -538,13 +728,21 @@ impl Agent {
     /// changes merged back), as the real agent does at start-up.
     pub fn start(root: &Path, host: &str, broken: Option<Break>) -> Result<Agent, String> {
         bulwark_agent::sim::cleanup_orphans(root, host).map_err(sim_err)?;
-        Ok(Agent { host: host.to_owned(), held: BTreeMap::new(), root: root.to_owned(), broken })
+        Ok(Agent {
+            host: host.to_owned(),
+            held: BTreeMap::new(),
+            restores: BTreeMap::new(),
+            root: root.to_owned(),
+            broken,
+        })
     }
 
     /// A message from the coordinator; answers what to send back, in order.
     pub fn receive(&mut self, msg: Msg, now: u64) -> Result<Vec<Out>, String> {
         match msg {
             Msg::Control(CoordinatorMessage::JobRequest(req)) => self.start_job(req, now),
+            Msg::Control(CoordinatorMessage::RestoreRequest(req)) => self.start_restore(req),
+            Msg::Frame { job, frame } if self.restores.contains_key(&job) => self.restore_frame(job, frame),
             Msg::Control(CoordinatorMessage::JobDone { job, committed }) => {
                 let Some(vm) = self.vm_of(job.0) else { return Ok(vec![]) };
                 if let Some(h) = self.held.get_mut(&vm) {
@@ -559,6 +757,128 @@ impl Agent {
 
     fn vm_of(&self, job: u64) -> Option<String> {
         self.held.iter().find(|(_, h)| h.job == job).map(|(v, _)| v.clone())
+    }
+
+    /// A recovery: the VM is created (or marked) as being restored, its disk hashed, and the
+    /// stream opened with the disk's root.
+    fn start_restore(&mut self, req: RestoreRequest) -> Result<Vec<Out>, String> {
+        let job = req.job;
+        let fail = |why: String| {
+            let outcome = JobOutcome::Failed { kind: FailureKind::Other, reason: why };
+            Ok(vec![Out { after_ms: 0, msg: Msg::Result(JobResult { job, outcome }) }])
+        };
+        let [disk] = req.disks.as_slice() else { return fail("the simulation restores one disk".into()) };
+        let backend = SimBackend { root: self.root.clone() };
+        let vm = req.vm.as_str().to_owned();
+        let what = format!("recovery job {}", job.0);
+        if let Err(e) =
+            backend.restore_begin(&vm, &self.host, &what, req.create.as_ref().map(|c| (c, req.disks.as_slice())))
+        {
+            return fail(e.to_string());
+        }
+        let bs = u64::from(req.block_size);
+        let size = disk.size_bytes;
+        let blocks = size.div_ceil(bs);
+        let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+        let v = Vm::open(&self.root, &vm).map_err(sim_err)?;
+        let mut leaves = vec![];
+        for index in 0..blocks {
+            let offset = index * bs;
+            let mut buf = vec![0u8; bs.min(size - offset) as usize];
+            v.guest_read(disk.name.as_str(), offset, &mut buf).map_err(sim_err)?;
+            let id = hasher.id(&buf);
+            if id != ZERO {
+                leaves.push((index, id));
+            }
+        }
+        let mut pages = MemPages::default();
+        let root = blockmap::update(&mut pages, None, blocks, leaves).map_err(|e| e.to_string())?;
+        let restore = AgentRestore {
+            vm,
+            disk: disk.name.to_string(),
+            size,
+            block_size: bs,
+            id_key: req.id_key,
+            root,
+            pages,
+            last: None,
+            received: 0,
+            written: 0,
+        };
+        self.restores.insert(job.0, restore);
+        let open = Msg::Open {
+            job: job.0,
+            disk: disk.name.to_string(),
+            mode: TransferMode::Restore,
+            blocks,
+            block_size: req.block_size,
+        };
+        let frame = TransferFrame::Message(TransferMessage::Root { root, bytes_read: size });
+        Ok(vec![Out { after_ms: 0, msg: open }, Out { after_ms: 1, msg: Msg::Frame { job: job.0, frame } }])
+    }
+
+    /// A frame of a recovery's stream.
+    fn restore_frame(&mut self, job: u64, frame: TransferFrame) -> Result<Vec<Out>, String> {
+        let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
+        let result = |outcome| Out { after_ms: 0, msg: Msg::Result(JobResult { job: JobId(job), outcome }) };
+        let Some(r) = self.restores.get_mut(&job) else { return Ok(vec![]) };
+        let step: Result<Option<Vec<Out>>, String> = (|| {
+            let (index, data) = match frame {
+                TransferFrame::Message(TransferMessage::WantPages { nodes }) => {
+                    let pages = nodes
+                        .iter()
+                        .map(|&(l, i)| blockmap::node_entries(&r.pages, &r.root, l, i))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())?;
+                    return Ok(Some(vec![say(TransferMessage::Pages { pages })]));
+                }
+                TransferFrame::Message(TransferMessage::End { blocks_sent, .. }) if blocks_sent == r.received => {
+                    return Ok(None);
+                }
+                TransferFrame::Message(TransferMessage::Failed { reason }) => {
+                    return Err(format!("the coordinator stopped the restore: {reason}"));
+                }
+                TransferFrame::Block { index, id, data } => {
+                    if r.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed).id(&data) != id {
+                        return Err(format!("block {index} does not match its id"));
+                    }
+                    (index, data)
+                }
+                TransferFrame::Zero { index } => {
+                    let len = r.block_size.min(r.size.saturating_sub(index.saturating_mul(r.block_size))) as usize;
+                    (index, vec![0u8; len])
+                }
+                other => return Err(format!("unexpected frame in a restore: {other:?}")),
+            };
+            let blocks = r.size.div_ceil(r.block_size);
+            if index >= blocks || r.last.is_some_and(|l| index <= l) {
+                return Err(format!("block {index} is out of order or outside the disk"));
+            }
+            r.last = Some(index);
+            r.received += 1;
+            r.written += data.len() as u64;
+            let v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
+            v.restore_write(&r.disk, index * r.block_size, &data).map_err(sim_err)?;
+            Ok(Some(vec![]))
+        })();
+        match step {
+            Ok(Some(out)) => Ok(out),
+            Ok(None) => {
+                let Some(r) = self.restores.remove(&job) else { return Ok(vec![]) };
+                let mut v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
+                v.restore_finish().map_err(sim_err)?;
+                let outcome = JobOutcome::Restored { bytes_read: r.size, bytes_written: r.written, skipped: vec![] };
+                Ok(vec![say(TransferMessage::Stored { blocks: r.received }), result(outcome)])
+            }
+            Err(why) => {
+                // The VM stays marked as being restored: a recovery that completes clears it.
+                self.restores.remove(&job);
+                Ok(vec![
+                    say(TransferMessage::Failed { reason: why.clone() }),
+                    result(JobOutcome::Failed { kind: FailureKind::Other, reason: why }),
+                ])
+            }
+        }
     }
 
     fn start_job(&mut self, req: JobRequest, now: u64) -> Result<Vec<Out>, String> {
