@@ -376,7 +376,11 @@ impl Writer {
 
 /// Reads item frames from `recv` and writes them under `root` (the console's `--output DIR`,
 /// or an agent's `--dest DIR`). Used on both sides, so the same checks guard both.
-pub async fn write_items(recv: &mut quinn::RecvStream, root: &Path, opts: WriteOptions) -> anyhow::Result<Written> {
+pub async fn write_items(
+    recv: &mut (impl tokio::io::AsyncRead + Unpin),
+    root: &Path,
+    opts: WriteOptions,
+) -> anyhow::Result<Written> {
     const BS: usize = 1 << 20;
     std::fs::create_dir_all(root).map_err(|e| write_error(&e, "create", root))?;
     let mut w = Writer {

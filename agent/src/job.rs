@@ -24,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt as _;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
@@ -32,13 +33,25 @@ use tracing::Instrument;
 pub struct JobEnv {
     pub backend: Arc<dyn Hypervisor>,
     pub host: String,
-    pub conn: quinn::Connection,
+    /// Opens a transfer stream to the coordinator (over the uplink's connection).
+    pub open_stream: OpenStream,
     pub out: mpsc::Sender<AgentMessage>,
     /// Where consistency checks keep their scratch pages (an anonymous file, gone on exit).
     pub scratch: PathBuf,
     /// One job at a time per VM, its snapshot undone before the next begins.
     pub slots: VmSlots,
 }
+
+/// The sending half of a transfer stream (a QUIC stream, which only the uplink knows).
+pub type StreamSend = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+/// The receiving half of a transfer stream.
+pub type StreamRecv = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+/// Opens a transfer stream to the coordinator.
+pub type OpenStream = std::sync::Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(StreamSend, StreamRecv), String>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// How long a job waits for the previous job of its VM to finish undoing its snapshot: the
 /// freeze bound answers a job whose hypervisor call hangs at once, and what that call did is
@@ -260,14 +273,14 @@ async fn open(
     job: u64,
     disk: &Disk,
     mode: TransferMode,
-) -> Result<(quinn::SendStream, quinn::RecvStream, u64), Failure> {
+) -> Result<(StreamSend, StreamRecv, u64), Failure> {
     let size = {
         let (backend, d) = (env.backend.clone(), disk.clone());
         blocking(move || backend.disk_size(&d.vm, &d.name)).await??
     };
     let blocks = size.div_ceil(disk.block_size as u64);
     let (mut send, recv) =
-        env.conn.open_bi().await.map_err(|e| Failure::other(format!("cannot open a transfer stream: {e}")))?;
+        (env.open_stream)().await.map_err(|e| Failure::other(format!("cannot open a transfer stream: {e}")))?;
     let open = TransferMessage::Open { job, disk: disk.name.clone(), block_size: disk.block_size as u32, blocks, mode };
     transfer::write_message(&mut send, &open, disk.block_size).await.map_err(stream_err("transfer stream"))?;
     Ok((send, recv, blocks))
@@ -277,7 +290,7 @@ async fn open(
 /// `skip_zero`); answers the frames sent and the bytes read.
 async fn stream_blocks(
     env: &JobEnv,
-    send: &mut quinn::SendStream,
+    send: &mut StreamSend,
     disk: &Disk,
     indices: Vec<u64>,
     skip_zero: bool,
@@ -318,7 +331,7 @@ async fn stream_blocks(
 }
 
 /// Waits for the coordinator's `Stored` (or its reason for failing).
-async fn await_stored(recv: &mut quinn::RecvStream, bs: usize) -> Result<(), Failure> {
+async fn await_stored(recv: &mut StreamRecv, bs: usize) -> Result<(), Failure> {
     match transfer::read(recv, bs).await {
         Ok(Some(TransferFrame::Message(TransferMessage::Stored { .. }))) => Ok(()),
         Ok(Some(TransferFrame::Message(TransferMessage::Failed { reason }))) => {
@@ -341,7 +354,7 @@ async fn send_disk(
     let (sent, read) = stream_blocks(env, &mut send, disk, indices, skip_zero).await?;
     let end = TransferMessage::End { blocks_sent: sent, bytes_read: read };
     transfer::write_message(&mut send, &end, disk.block_size).await.map_err(stream_err("transfer stream"))?;
-    let _ = send.finish();
+    let _ = send.shutdown().await;
     await_stored(&mut recv, disk.block_size).await?;
     Ok((sent, read))
 }
@@ -370,7 +383,7 @@ async fn compare_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
             Some(TransferFrame::Message(TransferMessage::WantBlocks { indices })) if indices.is_empty() => {
                 let end = TransferMessage::End { blocks_sent: sent, bytes_read: read };
                 transfer::write_message(&mut send, &end, bs).await.map_err(stream_err("transfer stream"))?;
-                let _ = send.finish();
+                let _ = send.shutdown().await;
                 await_stored(&mut recv, bs).await?;
                 return Ok((sent, read));
             }
@@ -394,7 +407,7 @@ async fn compare_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
 
 /// Answers a `WantPages` from the pages of `root`.
 async fn answer_pages(
-    send: &mut quinn::SendStream,
+    send: &mut StreamSend,
     pages: &Arc<ScratchPages>,
     root: TreeRoot,
     nodes: Vec<(u8, u64)>,
@@ -516,7 +529,7 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
     transfer::write_message(&mut send, &TransferMessage::Stored { blocks: received }, bs)
         .await
         .map_err(stream_err("transfer stream"))?;
-    let _ = send.finish();
+    let _ = send.shutdown().await;
     Ok((read, written))
 }
 
@@ -525,7 +538,7 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
 /// fails here (a full disk, say) is this job's reason: it goes out as the job's result, and the
 /// coordinator prefers it to the broken stream it sees.
 pub async fn items(
-    conn: quinn::Connection,
+    open_stream: OpenStream,
     out: mpsc::Sender<AgentMessage>,
     job: bulwark_protocol::JobId,
     dest: String,
@@ -538,7 +551,7 @@ pub async fn items(
                 return Err(Failure::other(format!("destination {dest:?} is not an absolute path")));
             }
             let (mut send, mut recv) =
-                conn.open_bi().await.map_err(|e| Failure::other(format!("cannot open a transfer stream: {e}")))?;
+                open_stream().await.map_err(|e| Failure::other(format!("cannot open a transfer stream: {e}")))?;
             const CHUNK: usize = 1 << 20;
             let open = TransferMessage::Open {
                 job: job.0,
@@ -556,15 +569,16 @@ pub async fn items(
                     // Tell the sender on the stream too, then stop reading it.
                     let failed = TransferMessage::Failed { reason: reason.clone() };
                     let _ = transfer::write_message(&mut send, &failed, CHUNK).await;
-                    let _ = send.finish();
-                    let _ = recv.stop(0u32.into());
+                    let _ = send.shutdown().await;
+                    // Dropping the stream's reading half stops the sender.
+                    drop(recv);
                     return Err(Failure::other(reason));
                 }
             };
             transfer::write_message(&mut send, &TransferMessage::Stored { blocks: w.files }, CHUNK)
                 .await
                 .map_err(stream_err("transfer stream"))?;
-            let _ = send.finish();
+            let _ = send.shutdown().await;
             tracing::info!(
                 files = w.files,
                 dirs = w.dirs,

@@ -262,7 +262,7 @@ pub async fn run_session(
                 Ok(Some(CoordinatorMessage::ItemsRequest { job, dest, keep_modes })) => {
                     tracing::info!(job_id = %job, %dest, keep_modes, "item recovery requested");
                     let opts = crate::items_writer::WriteOptions { keep_modes };
-                    actix_rt::spawn(crate::job::items(conn.clone(), out_tx.clone(), job, dest, opts));
+                    actix_rt::spawn(crate::job::items(opener(&conn), out_tx.clone(), job, dest, opts));
                 }
                 Ok(Some(CoordinatorMessage::JobDone { job, committed })) => {
                     match verdicts.remove(&job.0) {
@@ -295,10 +295,22 @@ async fn job_env(
     Some(JobEnv {
         backend,
         host: config.host.clone(),
-        conn: conn.clone(),
+        open_stream: opener(conn),
         out: out.clone(),
         scratch: hosting.scratch.clone(),
         slots: hosting.slots.clone(),
+    })
+}
+
+/// Transfer streams of this connection, as jobs open them.
+fn opener(conn: &quinn::Connection) -> crate::job::OpenStream {
+    let conn = conn.clone();
+    std::sync::Arc::new(move || {
+        let conn = conn.clone();
+        Box::pin(async move {
+            let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            Ok((Box::new(send) as crate::job::StreamSend, Box::new(recv) as crate::job::StreamRecv))
+        })
     })
 }
 

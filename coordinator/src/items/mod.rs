@@ -571,7 +571,7 @@ pub async fn swap_blocks(
 /// caller ends the stream (`End` or `Failed`).
 pub async fn stream_items(
     store: Arc<Store>,
-    send: &mut quinn::SendStream,
+    send: &mut (impl tokio::io::AsyncWrite + Unpin),
     d: RpDisk,
     paths: Vec<String>,
     options: &bulwark_protocol::messages::RecoveryOptions,

@@ -37,14 +37,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
-/// A transfer stream an agent opened for a job's disk.
+/// The sending half of a transfer stream, whatever carries it (QUIC in the server).
+pub type StreamSend = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+/// The receiving half of a transfer stream.
+pub type StreamRecv = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+
+/// A transfer stream an agent opened for a job's disk. Jobs see two byte streams: the
+/// server's connection code is the only one that knows they are QUIC streams.
 pub struct TransferStream {
     pub disk: String,
     pub block_size: u32,
     pub blocks: u64,
     pub mode: TransferMode,
-    pub send: quinn::SendStream,
-    pub recv: quinn::RecvStream,
+    pub send: StreamSend,
+    pub recv: StreamRecv,
 }
 
 struct Route {

@@ -11,12 +11,13 @@ use crate::jobs::ingest::{Cmd, IngestHandle};
 use crate::jobs::machine::recovery::{Recovery, RecoverySetup};
 use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, Received, Setup, VmJob};
 use crate::jobs::plan::Failure;
-use crate::jobs::{compare, Finished, JobContext, SessionOf, ToAgent, TransferStream};
+use crate::jobs::{compare, Finished, JobContext, SessionOf, StreamSend, ToAgent, TransferStream};
 use bulwark_protocol::messages::{CoordinatorMessage, JobOutcome, JobResult};
 use bulwark_protocol::transfer::{self, TransferMessage, TransferMode};
 use bulwark_protocol::JobId;
 use std::collections::HashMap;
 use std::sync::Arc;
+use tokio::io::AsyncWriteExt as _;
 use tracing::Instrument;
 
 /// Runs `job` to its end and answers the final record.
@@ -384,7 +385,7 @@ async fn execute_items(
         Err(reason) => TransferMessage::Failed { reason: reason.clone() },
     };
     let _ = transfer::write_message(&mut s.send, &end, bs).await;
-    let _ = s.send.finish();
+    let _ = s.send.shutdown().await;
     // A stream the agent stopped reading is the symptom; the agent's result carries the cause
     // (a full disk, say), so it is awaited for a while before the symptom is reported.
     let wait_for_agent = if sent.is_ok() { ctx.lease } else { ctx.lease.min(std::time::Duration::from_secs(10)) };
@@ -454,7 +455,7 @@ async fn disk_transfer(
     match r {
         Ok(done) => {
             let _ = transfer::write_message(&mut s.send, &TransferMessage::Stored { blocks: done.changed }, bs).await;
-            let _ = s.send.finish();
+            let _ = s.send.shutdown().await;
             Ok(done)
         }
         Err(why) => {
@@ -464,9 +465,9 @@ async fn disk_transfer(
     }
 }
 
-async fn fail_stream(send: &mut quinn::SendStream, why: &str, bs: usize) -> Result<(), transfer::TransferError> {
+async fn fail_stream(send: &mut StreamSend, why: &str, bs: usize) -> Result<(), transfer::TransferError> {
     transfer::write_message(send, &TransferMessage::Failed { reason: why.to_owned() }, bs).await?;
-    let _ = send.finish();
+    let _ = send.shutdown().await;
     Ok(())
 }
 

@@ -281,7 +281,8 @@ async fn route_transfer(state: Arc<State>, host: String, mut send: quinn::SendSt
         Ok(t) => t,
         Err(why) => return refuse(&mut send, why),
     };
-    let stream = crate::jobs::TransferStream { disk, block_size, blocks, mode, send, recv };
+    let stream =
+        crate::jobs::TransferStream { disk, block_size, blocks, mode, send: Box::new(send), recv: Box::new(recv) };
     if target.send(stream).await.is_err() {
         tracing::warn!(job_id = job, "the job ended before its transfer stream arrived");
     }
