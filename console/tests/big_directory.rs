@@ -14,7 +14,6 @@
 
 mod common;
 
-use bulwark_agent::sim::{self, CreateVm, DiskConfig};
 use common::*;
 use std::collections::BTreeSet;
 use std::io::{Seek, SeekFrom, Write};
@@ -216,30 +215,24 @@ fn disk_of(dir: &Path, size: u64, parts: &[(std::path::PathBuf, u8)]) -> std::pa
 /// A cluster with sim VM `big` of `size` bytes holding `disk`, its initial replica made.
 fn backed_up(disk: &Path, size: u64, c: &mut Cluster) {
     let root = c.root.path().join("sim");
-    let req =
-        CreateVm { os: "linux".into(), ..CreateVm::new("big", "node1", vec![DiskConfig { name: "os".into(), size }]) };
-    sim::create_vm(&root, &req).unwrap();
-    ok(&[
-        "x-agent",
-        "sim",
-        "write",
-        "--root",
-        root.to_str().unwrap(),
-        "--vm",
-        "big",
-        "--disk",
-        "os",
-        "--offset",
-        "0",
-        "--input",
-        disk.to_str().unwrap(),
-    ]);
+    sim_vm_from_image(&root, "big", size, disk);
     std::fs::remove_file(disk).unwrap();
     c.enroll("node1");
     c.run_sim_agent("node1", &root);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("big").is_some());
     c.json(&["group", "create", "g", "--vm", "big", "--sync-every", "off", "--recovery-points", "none"]);
     wait_until("initial replica", Duration::from_secs(90), || c.vm("big").unwrap()["replica_state"] == "consistent");
+}
+
+/// `recover-items big --path P… --output OUT` from the latest recovery point; answers its output.
+fn recover_items(c: &Cluster, paths: &[&str], out: &Path) -> String {
+    let dir = c.dir_str();
+    let mut args = vec!["--data-dir", &dir, "recover-items", "big", "--rp", "latest", "--disk", "os"];
+    for p in paths {
+        args.extend(["--path", p]);
+    }
+    args.extend(["--output", out.to_str().unwrap()]);
+    ok(&args)
 }
 
 /// Every name at `path`, page by page with `--limit` and `--after`.
@@ -302,22 +295,7 @@ fn a_directory_of_ten_thousand_files_is_paged_through_and_restored_whole() {
 
     // recover-items of both directories: every file, exact contents.
     let out = c.root.path().join("restore");
-    let o = ok(&[
-        "--data-dir",
-        &c.dir_str(),
-        "recover-items",
-        "big",
-        "--rp",
-        "latest",
-        "--disk",
-        "os",
-        "--path",
-        "/p1/big",
-        "--path",
-        "/p2/names",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = recover_items(&c, &["/p1/big", "/p2/names"], &out);
     assert!(o.contains("recovered"), "{o}");
     assert!(!o.contains("skipped"), "{o}");
     let restored = std::fs::read_dir(out.join("big")).unwrap().count();
@@ -346,20 +324,7 @@ fn a_linear_directory_of_forty_thousand_entries_is_paged_through_and_restored_wh
     assert_eq!(names.into_iter().collect::<BTreeSet<_>>(), want);
 
     let out = c.root.path().join("restore");
-    let o = ok(&[
-        "--data-dir",
-        &c.dir_str(),
-        "recover-items",
-        "big",
-        "--rp",
-        "latest",
-        "--disk",
-        "os",
-        "--path",
-        "/p1/big",
-        "--output",
-        out.to_str().unwrap(),
-    ]);
+    let o = recover_items(&c, &["/p1/big"], &out);
     assert!(o.contains("recovered"), "{o}");
     assert!(!o.contains("skipped"), "{o}");
     assert_eq!(std::fs::read_dir(out.join("big")).unwrap().count(), LINEAR_FILES);

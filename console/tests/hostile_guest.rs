@@ -11,7 +11,6 @@
 
 mod common;
 
-use bulwark_agent::sim::{self, CreateVm, DiskConfig};
 use common::*;
 use std::io::{Cursor, Write as _};
 use std::path::Path;
@@ -144,28 +143,9 @@ fn fat(patch: impl Fn(&mut dyn FnMut(u16, u16), &dyn Fn(&str) -> Vec<u16>)) -> V
 }
 
 fn write_vm(c: &Cluster, root: &Path, name: &str, image: &[u8]) {
-    let req = CreateVm {
-        os: "linux".into(),
-        ..CreateVm::new(name, "node1", vec![DiskConfig { name: "os".into(), size: DISK as u64 }])
-    };
-    sim::create_vm(root, &req).unwrap();
     let file = c.root.path().join(format!("{name}.img"));
     std::fs::write(&file, image).unwrap();
-    ok(&[
-        "x-agent",
-        "sim",
-        "write",
-        "--root",
-        root.to_str().unwrap(),
-        "--vm",
-        name,
-        "--disk",
-        "os",
-        "--offset",
-        "0",
-        "--input",
-        file.to_str().unwrap(),
-    ]);
+    sim_vm_from_image(root, name, DISK as u64, &file);
 }
 
 #[test]

@@ -7,7 +7,6 @@
 
 mod common;
 
-use bulwark_agent::sim::{self, CreateVm, DiskConfig};
 use common::*;
 use std::io::{Seek, SeekFrom, Write};
 use std::time::Duration;
@@ -65,26 +64,7 @@ fn files_are_browsed_and_recovered_from_ext4_and_fat_partitions() {
     let root = c.root.path().join("sim");
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let disk = build_disk(c.root.path(), &data);
-    let req = CreateVm {
-        os: "linux".into(),
-        ..CreateVm::new("files", "node1", vec![DiskConfig { name: "os".into(), size: 32 * MIB }])
-    };
-    sim::create_vm(&root, &req).unwrap();
-    ok(&[
-        "x-agent",
-        "sim",
-        "write",
-        "--root",
-        root.to_str().unwrap(),
-        "--vm",
-        "files",
-        "--disk",
-        "os",
-        "--offset",
-        "0",
-        "--input",
-        disk.to_str().unwrap(),
-    ]);
+    sim_vm_from_image(&root, "files", 32 * MIB, &disk);
     c.enroll("node1");
     c.run_sim_agent("node1", &root);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("files").is_some());

@@ -7,7 +7,7 @@
 
 mod common;
 
-use bulwark_agent::sim::{self, CreateVm, DiskConfig, Vm};
+use bulwark_agent::sim::Vm;
 use common::*;
 use std::io::Write;
 use std::time::Duration;
@@ -34,26 +34,7 @@ fn swap_churn_stays_out_of_express_fulls_and_the_signature_survives() {
         d.seek(SeekFrom::Start(2 * MIB)).unwrap();
         d.write_all(&vec![0x5A; (4 * MIB) as usize]).unwrap();
     }
-    let req = CreateVm {
-        os: "linux".into(),
-        ..CreateVm::new("sw", "node1", vec![DiskConfig { name: "os".into(), size: 64 * MIB }])
-    };
-    sim::create_vm(&root, &req).unwrap();
-    ok(&[
-        "x-agent",
-        "sim",
-        "write",
-        "--root",
-        root.to_str().unwrap(),
-        "--vm",
-        "sw",
-        "--disk",
-        "os",
-        "--offset",
-        "0",
-        "--input",
-        image.to_str().unwrap(),
-    ]);
+    sim_vm_from_image(&root, "sw", 64 * MIB, &image);
     c.enroll("node1");
     c.run_sim_agent("node1", &root);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("sw").is_some());

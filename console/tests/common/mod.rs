@@ -254,6 +254,18 @@ impl Cluster {
 }
 
 /// A sim VM's disk as the guest sees it now.
+/// Creates sim VM `name` on node1 under the sim root `root`, with one disk `os` of `size`
+/// bytes, and writes `image` at its start through `bulwark x-agent sim write`.
+pub fn sim_vm_from_image(root: &Path, name: &str, size: u64, image: &Path) {
+    use bulwark_agent::sim::{self, CreateVm, DiskConfig};
+    let req =
+        CreateVm { os: "linux".into(), ..CreateVm::new(name, "node1", vec![DiskConfig { name: "os".into(), size }]) };
+    sim::create_vm(root, &req).unwrap();
+    let root = root.to_str().unwrap();
+    let image = image.to_str().unwrap();
+    ok(&["x-agent", "sim", "write", "--root", root, "--vm", name, "--disk", "os", "--offset", "0", "--input", image]);
+}
+
 pub fn sim_disk(root: &Path, vm: &str, disk: &str) -> Vec<u8> {
     let mut out = vec![];
     bulwark_agent::sim::read_disk(root, vm, disk, &mut out).unwrap();

@@ -8,13 +8,13 @@
 
 use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, VmRecord};
 use crate::jobs::ingest::{Cmd, IngestHandle};
+use crate::jobs::machine::items::ItemsRecovery;
 use crate::jobs::machine::recovery::{Recovery, RecoverySetup};
 use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, Received, Setup, VmJob};
 use crate::jobs::plan::Failure;
 use crate::jobs::{compare, Finished, JobContext, SessionOf, StreamSend, ToAgent, TransferStream};
-use bulwark_protocol::messages::{CoordinatorMessage, JobOutcome, JobResult};
+use bulwark_protocol::messages::CoordinatorMessage;
 use bulwark_protocol::transfer::{self, TransferMessage, TransferMode};
-use bulwark_protocol::JobId;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt as _;
@@ -339,7 +339,8 @@ async fn find_swap(ctx: &Arc<JobContext>, replicas: Vec<ReplicaRecord>) {
     }
 }
 
-/// Item-level recovery onto a host: the agent opens an `Items` stream; the items go down it.
+/// Item-level recovery onto a host ([`ItemsRecovery`] decides): the agent opens an `Items`
+/// stream and the items go down it from the items worker.
 async fn execute_items(
     ctx: &Arc<JobContext>,
     job: &mut JobRecord,
@@ -348,12 +349,8 @@ async fn execute_items(
     host: &str,
     options: &bulwark_protocol::messages::RecoveryOptions,
 ) -> Result<(), Failure> {
-    let d = rp
-        .disks
-        .iter()
-        .find(|d| d.name == items.disk)
-        .cloned()
-        .ok_or_else(|| Failure::stop(format!("the recovery point has no disk {}", items.disk)))?;
+    let lease_ms = ctx.lease.as_millis().min(u128::from(u64::MAX)) as u64;
+    let mut m = ItemsRecovery::start(job.clone(), rp, items.clone(), host.to_owned(), lease_ms, now_ms())?;
     let (session, conn_id) = ctx
         .registry
         .send(SessionOf { host: host.to_owned() })
@@ -362,75 +359,49 @@ async fn execute_items(
         .flatten()
         .ok_or_else(|| Failure::retry(format!("the agent of {host} is not connected")))?;
     let (mut streams, mut result) = ctx.router.register(job.id, host, conn_id);
-    session.do_send(ToAgent(CoordinatorMessage::ItemsRequest {
-        job: JobId(job.id),
-        dest: items.dest.clone(),
-        keep_modes: items.keep_modes,
-    }));
-    let mut s = tokio::select! {
-        s = streams.recv() => s.ok_or_else(|| Failure::stop("the job's stream router closed"))?,
-        r = &mut result => return Err(Failure::stop(match r {
-            Ok(JobResult { outcome: JobOutcome::Failed { reason, .. }, .. }) => reason,
-            _ => format!("the agent of {host} did not open the item stream"),
-        })),
-        () = tokio::time::sleep(ctx.lease) => return Err(Failure::stop(format!("no word from the agent of {host}"))),
-    };
-    if s.mode != TransferMode::Items {
-        return Err(Failure::stop("the agent opened the wrong kind of stream"));
-    }
-    let bs = crate::items::ITEM_CHUNK;
-    let sent = crate::items::stream_items(ctx.store.clone(), &mut s.send, d, items.paths.clone(), options).await;
-    let end = match &sent {
-        Ok(n) => TransferMessage::End { blocks_sent: *n, bytes_read: 0 },
-        Err(reason) => TransferMessage::Failed { reason: reason.clone() },
-    };
-    let _ = transfer::write_message(&mut s.send, &end, bs).await;
-    let _ = s.send.shutdown().await;
-    // A stream the agent stopped reading is the symptom; the agent's result carries the cause
-    // (a full disk, say), so it is awaited for a while before the symptom is reported.
-    let wait_for_agent = if sent.is_ok() { ctx.lease } else { ctx.lease.min(std::time::Duration::from_secs(10)) };
-    let outcome = tokio::select! {
-        r = &mut result => match (r, &sent) {
-            (Ok(r), _) => r,
-            (Err(_), Err(why)) => return Err(Failure::stop(why.clone())),
-            (Err(_), Ok(_)) => return Err(Failure::stop(format!("the connection to {host} was lost"))),
-        },
-        () = tokio::time::sleep(wait_for_agent) => return Err(Failure::stop(match &sent {
-            Err(why) => why.clone(),
-            Ok(_) => format!("no word from the agent of {host}"),
-        })),
-    };
-    match (outcome.outcome, sent) {
-        (JobOutcome::Failed { reason, .. }, _) => Err(Failure::stop(reason)),
-        (_, Err(why)) => Err(Failure::stop(why)),
-        (JobOutcome::Restored { bytes_written, skipped, .. }, Ok(sent)) => {
-            job.bytes_transferred = bytes_written;
-            job.blocks_changed = sent;
-            job.detail = Some(items_detail(items.paths.len(), host, &items.dest, &skipped));
-            Ok(())
+    let mut result_in = false;
+    // The stream stays open until the job ends: the agent answers `Stored` on it after the
+    // last item, and a dropped stream would stop it mid-answer.
+    let mut kept: Option<TransferStream> = None;
+    loop {
+        while let Some(effect) = m.poll_effect() {
+            match effect {
+                Effect::Send(msg) => session.do_send(ToAgent(msg)),
+                Effect::Save => save(ctx, m.record()),
+                Effect::Finished => {
+                    // Closed only now, the agent's answer on it read or no longer awaited.
+                    drop(kept.take());
+                    let outcome = m.outcome().cloned();
+                    *job = m.record().clone();
+                    return outcome.unwrap_or_else(|| {
+                        Err(Failure::stop("internal: an item recovery finished without an outcome"))
+                    });
+                }
+                Effect::PutReplica(_) | Effect::Commit { .. } | Effect::MarkInconsistent(_) | Effect::FindSwap(_) => {}
+            }
         }
-        (JobOutcome::Succeeded { .. }, Ok(_)) => {
-            Err(Failure::stop("the agent answered an item recovery with a backup"))
+        let wait = m.next_timeout().map_or(ctx.lease, |t| std::time::Duration::from_millis(t.saturating_sub(now_ms())));
+        tokio::select! {
+            s = streams.recv(), if m.wants_stream() => {
+                let Some(mut s) = s else { return Err(Failure::stop("the job's stream router closed")) };
+                if let Ok((disk, paths)) = m.stream_opened(s.mode) {
+                    let sent = crate::items::stream_items(ctx.store.clone(), &mut s.send, disk, paths, options).await;
+                    let end = m.streamed(sent, now_ms());
+                    let _ = transfer::write_message(&mut s.send, &end, crate::items::ITEM_CHUNK).await;
+                    let _ = s.send.shutdown().await;
+                }
+                kept = Some(s);
+            }
+            r = &mut result, if !result_in => {
+                result_in = true;
+                match r {
+                    Ok(r) => m.agent_result(r.outcome),
+                    Err(_) => m.connection_lost(),
+                }
+            }
+            () = tokio::time::sleep(wait) => m.timeout(now_ms()),
         }
     }
-}
-
-/// What an item recovery to a host did, with the entries the agent skipped (at most 4 KiB).
-fn items_detail(paths: usize, host: &str, dest: &str, skipped: &[String]) -> String {
-    let mut d = format!("{paths} path(s) recovered into {host}:{dest}");
-    if !skipped.is_empty() {
-        d.push_str("; skipped: ");
-        d.push_str(&skipped.join("; "));
-    }
-    if d.len() > 4096 {
-        let mut end = 4093;
-        while !d.is_char_boundary(end) {
-            end -= 1;
-        }
-        d.truncate(end);
-        d.push('…');
-    }
-    d
 }
 
 fn now_ms() -> u64 {

@@ -509,6 +509,7 @@ impl BlockReceiver {
     }
 }
 
+pub mod items;
 pub mod recovery;
 
 #[cfg(test)]
