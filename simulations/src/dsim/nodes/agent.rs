@@ -1,0 +1,438 @@
+//! The simulation's agents: the real `AgentJob` over the sim hypervisor, and recoveries with
+//! the real agent's checks.
+
+use super::*;
+
+/// A job an agent runs: the real `AgentJob`, and what the simulation keeps beside it.
+#[derive(Debug)]
+pub struct Held {
+    pub job: u64,
+    machine: AgentJob,
+    /// The request, for its disks' geometry.
+    block_size: u64,
+    id_key: Option<[u8; 32]>,
+    /// The snapshot's lease: a job whose coordinator went quiet before the verdict was due is
+    /// aborted when it runs out (the real agent learns it from its dead connection).
+    pub lease_until: u64,
+    /// What the snapshot gave (for a check's result).
+    consistency: Consistency,
+    /// A consistency check's side, while the coordinator compares.
+    check: Option<AgentCheck>,
+}
+
+/// An agent's half of a consistency check: its snapshot hashed into a tree.
+#[derive(Debug, Clone)]
+struct AgentCheck {
+    root: TreeRoot,
+    pages: MemPages,
+    size: u64,
+    sent: u64,
+}
+
+/// An agent: its snapshots are in the sim's files; what it holds for which job is volatile.
+pub struct Agent {
+    pub host: String,
+    /// Jobs by VM.
+    pub held: BTreeMap<String, Held>,
+    /// Recoveries by job id.
+    pub restores: BTreeMap<u64, AgentRestore>,
+    root: PathBuf,
+    broken: Option<Break>,
+}
+
+/// A recovery an agent runs: the sim's restore calls, with the real agent's checks (ids,
+/// order, range, the count at the end).
+#[derive(Debug)]
+pub struct AgentRestore {
+    vm: String,
+    disk: String,
+    size: u64,
+    block_size: u64,
+    id_key: Option<[u8; 32]>,
+    root: TreeRoot,
+    pages: MemPages,
+    last: Option<u64>,
+    received: u64,
+    written: u64,
+}
+
+impl Agent {
+    /// Starts an agent: first it cleans what a dead one of its host left (thaw, release,
+    /// changes merged back), as the real agent does at start-up.
+    pub fn start(root: &Path, host: &str, broken: Option<Break>) -> Result<Agent, String> {
+        bulwark_agent::sim::cleanup_orphans(root, host).map_err(sim_err)?;
+        Ok(Agent {
+            host: host.to_owned(),
+            held: BTreeMap::new(),
+            restores: BTreeMap::new(),
+            root: root.to_owned(),
+            broken,
+        })
+    }
+
+    /// A message from the coordinator; answers what to send back, in order.
+    pub fn receive(&mut self, msg: Msg, now: u64) -> Result<Vec<Out>, String> {
+        match msg {
+            Msg::Control(CoordinatorMessage::JobRequest(req)) => self.start_job(req, now),
+            Msg::Control(CoordinatorMessage::RestoreRequest(req)) => self.start_restore(req),
+            Msg::Frame { job, frame } if self.restores.contains_key(&job) => self.restore_frame(job, frame),
+            Msg::Control(CoordinatorMessage::JobDone { job, committed }) => {
+                let Some(vm) = self.vm_of(job.0) else { return Ok(vec![]) };
+                if let Some(h) = self.held.get_mut(&vm) {
+                    h.machine.verdict(committed);
+                }
+                self.perform(&vm, now)
+            }
+            Msg::Frame { job, frame } => self.frame(job, frame, now),
+            _ => Ok(vec![]),
+        }
+    }
+
+    fn vm_of(&self, job: u64) -> Option<String> {
+        self.held.iter().find(|(_, h)| h.job == job).map(|(v, _)| v.clone())
+    }
+
+    /// A recovery: the VM is created (or marked) as being restored, its disk hashed, and the
+    /// stream opened with the disk's root.
+    fn start_restore(&mut self, req: RestoreRequest) -> Result<Vec<Out>, String> {
+        let job = req.job;
+        let fail = |why: String| {
+            let outcome = JobOutcome::Failed { kind: FailureKind::Other, reason: why };
+            Ok(vec![Out { after_ms: 0, msg: Msg::Result(JobResult { job, outcome }) }])
+        };
+        let [disk] = req.disks.as_slice() else { return fail("the simulation restores one disk".into()) };
+        let backend = SimBackend { root: self.root.clone() };
+        let vm = req.vm.as_str().to_owned();
+        let what = format!("recovery job {}", job.0);
+        if let Err(e) =
+            backend.restore_begin(&vm, &self.host, &what, req.create.as_ref().map(|c| (c, req.disks.as_slice())))
+        {
+            return fail(e.to_string());
+        }
+        let bs = u64::from(req.block_size);
+        let size = disk.size_bytes;
+        let blocks = size.div_ceil(bs);
+        let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+        let v = Vm::open(&self.root, &vm).map_err(sim_err)?;
+        let mut leaves = vec![];
+        for index in 0..blocks {
+            let offset = index * bs;
+            let mut buf = vec![0u8; bs.min(size - offset) as usize];
+            v.guest_read(disk.name.as_str(), offset, &mut buf).map_err(sim_err)?;
+            let id = hasher.id(&buf);
+            if id != ZERO {
+                leaves.push((index, id));
+            }
+        }
+        let mut pages = MemPages::default();
+        let root = blockmap::update(&mut pages, None, blocks, leaves).map_err(|e| e.to_string())?;
+        let restore = AgentRestore {
+            vm,
+            disk: disk.name.to_string(),
+            size,
+            block_size: bs,
+            id_key: req.id_key,
+            root,
+            pages,
+            last: None,
+            received: 0,
+            written: 0,
+        };
+        self.restores.insert(job.0, restore);
+        let open = Msg::Open {
+            job: job.0,
+            disk: disk.name.to_string(),
+            mode: TransferMode::Restore,
+            blocks,
+            block_size: req.block_size,
+        };
+        let frame = TransferFrame::Message(TransferMessage::Root { root, bytes_read: size });
+        Ok(vec![Out { after_ms: 0, msg: open }, Out { after_ms: 1, msg: Msg::Frame { job: job.0, frame } }])
+    }
+
+    /// A frame of a recovery's stream.
+    fn restore_frame(&mut self, job: u64, frame: TransferFrame) -> Result<Vec<Out>, String> {
+        let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
+        let result = |outcome| Out { after_ms: 0, msg: Msg::Result(JobResult { job: JobId(job), outcome }) };
+        let Some(r) = self.restores.get_mut(&job) else { return Ok(vec![]) };
+        let step: Result<Option<Vec<Out>>, String> = (|| {
+            let (index, data) = match frame {
+                TransferFrame::Message(TransferMessage::WantPages { nodes }) => {
+                    let pages = nodes
+                        .iter()
+                        .map(|&(l, i)| blockmap::node_entries(&r.pages, &r.root, l, i))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| e.to_string())?;
+                    return Ok(Some(vec![say(TransferMessage::Pages { pages })]));
+                }
+                TransferFrame::Message(TransferMessage::End { blocks_sent, .. }) if blocks_sent == r.received => {
+                    return Ok(None);
+                }
+                TransferFrame::Message(TransferMessage::Failed { reason }) => {
+                    return Err(format!("the coordinator stopped the restore: {reason}"));
+                }
+                TransferFrame::Block { index, id, data } => {
+                    if r.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed).id(&data) != id {
+                        return Err(format!("block {index} does not match its id"));
+                    }
+                    (index, data)
+                }
+                TransferFrame::Zero { index } => {
+                    let len = r.block_size.min(r.size.saturating_sub(index.saturating_mul(r.block_size))) as usize;
+                    (index, vec![0u8; len])
+                }
+                other => return Err(format!("unexpected frame in a restore: {other:?}")),
+            };
+            let blocks = r.size.div_ceil(r.block_size);
+            if index >= blocks || r.last.is_some_and(|l| index <= l) {
+                return Err(format!("block {index} is out of order or outside the disk"));
+            }
+            r.last = Some(index);
+            r.received += 1;
+            r.written += data.len() as u64;
+            let v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
+            v.restore_write(&r.disk, index * r.block_size, &data).map_err(sim_err)?;
+            Ok(Some(vec![]))
+        })();
+        match step {
+            Ok(Some(out)) => Ok(out),
+            Ok(None) => {
+                let Some(r) = self.restores.remove(&job) else { return Ok(vec![]) };
+                let mut v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
+                v.restore_finish().map_err(sim_err)?;
+                let outcome = JobOutcome::Restored { bytes_read: r.size, bytes_written: r.written, skipped: vec![] };
+                Ok(vec![say(TransferMessage::Stored { blocks: r.received }), result(outcome)])
+            }
+            Err(why) => {
+                // The VM stays marked as being restored: a recovery that completes clears it.
+                self.restores.remove(&job);
+                Ok(vec![
+                    say(TransferMessage::Failed { reason: why.clone() }),
+                    result(JobOutcome::Failed { kind: FailureKind::Other, reason: why }),
+                ])
+            }
+        }
+    }
+
+    fn start_job(&mut self, req: JobRequest, now: u64) -> Result<Vec<Out>, String> {
+        let name = req.vm.as_str().to_owned();
+        if self.held.contains_key(&name) {
+            // One job per VM on an agent: the second is refused at once.
+            let outcome =
+                JobOutcome::Failed { kind: FailureKind::Other, reason: "the VM holds a snapshot already".into() };
+            return Ok(vec![Out { after_ms: 0, msg: Msg::Result(JobResult { job: req.job, outcome }) }]);
+        }
+        let mut machine = AgentJob::new(&req, LEASE_MS);
+        if self.broken == Some(Break::ConfirmEarly) {
+            machine.break_with(bulwark_agent::agent_job::Broken::ConfirmBeforeVerdict);
+        }
+        let held = Held {
+            job: req.job.0,
+            machine,
+            block_size: u64::from(req.block_size),
+            id_key: req.id_key,
+            lease_until: now + LEASE_MS,
+            consistency: Consistency::Crash,
+            check: None,
+        };
+        self.held.insert(name.clone(), held);
+        self.perform(&name, now)
+    }
+
+    /// Performs what `vm`'s job asks for against the sim hypervisor; answers what to send.
+    fn perform(&mut self, vm: &str, now: u64) -> Result<Vec<Out>, String> {
+        let mut out = vec![];
+        loop {
+            let Some(h) = self.held.get_mut(vm) else { return Ok(out) };
+            let Some(effect) = h.machine.poll_effect() else { return Ok(out) };
+            let job = h.job;
+            match effect {
+                AgentEffect::Take => {
+                    let r = take(&self.root, &self.host, vm, now);
+                    if let Ok(s) = &r {
+                        h.consistency = s.consistency;
+                    }
+                    h.machine.taken(r);
+                }
+                AgentEffect::SendDisk(d) => {
+                    let (bs, id_key, kind) = (h.block_size, h.id_key, h.machine.kind());
+                    let hasher = id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+                    let v = Vm::open(&self.root, vm).map_err(sim_err)?;
+                    let size = v.config.disks.first().map_or(0, |d| d.size);
+                    let blocks = size.div_ceil(bs);
+                    let read = |index: u64| -> Result<(Digest, Vec<u8>), String> {
+                        let offset = index * bs;
+                        let mut buf = vec![0u8; bs.min(size - offset) as usize];
+                        v.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
+                        Ok((hasher.id(&buf), buf))
+                    };
+                    let open = |mode| Out {
+                        after_ms: 0,
+                        msg: Msg::Open { job, disk: DISK.into(), mode, blocks, block_size: bs as u32 },
+                    };
+                    if kind == WireKind::ConsistencyCheck {
+                        let mut pages = MemPages::default();
+                        let mut leaves = vec![];
+                        for index in 0..blocks {
+                            let (id, _) = read(index)?;
+                            if id != ZERO {
+                                leaves.push((index, id));
+                            }
+                        }
+                        let root = blockmap::update(&mut pages, None, blocks, leaves).map_err(|e| e.to_string())?;
+                        out.push(open(TransferMode::Compare));
+                        let frame = TransferFrame::Message(TransferMessage::Root { root, bytes_read: size });
+                        out.push(Out { after_ms: 1, msg: Msg::Frame { job, frame } });
+                        h.check = Some(AgentCheck { root, pages, size, sent: 0 });
+                        // The disk is sent once the coordinator has asked for what differs.
+                        continue;
+                    }
+                    let indices: Result<Vec<u64>, SimError> = match kind {
+                        WireKind::ExpressFull | WireKind::Sync => {
+                            v.changes_since(DISK, d.token).map(|m| m.dirty_blocks(bs))
+                        }
+                        _ => Ok((0..blocks).collect()),
+                    };
+                    let indices = match indices {
+                        Ok(i) => i,
+                        Err(SimError::TrackingLost { .. }) => {
+                            h.machine.disk_sent(Err((FailureKind::TrackingLost, "change tracking was lost".into())));
+                            continue;
+                        }
+                        Err(e) => return Err(sim_err(e)),
+                    };
+                    out.push(open(TransferMode::Blocks));
+                    for (i, &index) in indices.iter().enumerate() {
+                        let (id, data) = read(index)?;
+                        let frame = if id == ZERO {
+                            TransferFrame::Zero { index }
+                        } else {
+                            TransferFrame::Block { index, id, data }
+                        };
+                        out.push(Out { after_ms: i as u64, msg: Msg::Frame { job, frame } });
+                    }
+                    let sent = indices.len() as u64;
+                    let end = TransferFrame::Message(TransferMessage::End { blocks_sent: sent, bytes_read: sent * bs });
+                    out.push(Out { after_ms: sent, msg: Msg::Frame { job, frame: end } });
+                    // The real agent waits for `Stored` first; this one reports at once, and
+                    // its result (on the control stream) may overtake the last blocks.
+                    h.machine.disk_sent(Ok((sent, sent * bs)));
+                }
+                AgentEffect::Report(outcome) => {
+                    let after_ms = out.last().map_or(0, |o: &Out| o.after_ms);
+                    out.push(Out { after_ms, msg: Msg::Result(JobResult { job: JobId(job), outcome }) });
+                    h.machine.reported(true, now);
+                }
+                AgentEffect::Release { commit } => {
+                    finish(&self.root, vm, commit)?;
+                    h.machine.released();
+                }
+                AgentEffect::Done => {
+                    self.held.remove(vm);
+                }
+            }
+        }
+    }
+
+    /// A frame on a job's stream: a check's questions, `Stored` or `Failed`.
+    fn frame(&mut self, job: u64, frame: TransferFrame, now: u64) -> Result<Vec<Out>, String> {
+        let Some(vm) = self.vm_of(job) else { return Ok(vec![]) };
+        let Some(h) = self.held.get_mut(&vm) else { return Ok(vec![]) };
+        h.lease_until = now + LEASE_MS;
+        let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
+        let mut out = vec![];
+        match frame {
+            TransferFrame::Message(TransferMessage::WantPages { nodes }) => {
+                let Some(c) = h.check.as_ref() else { return Ok(vec![]) };
+                let answer = nodes
+                    .iter()
+                    .map(|&(l, i)| blockmap::node_entries(&c.pages, &c.root, l, i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                out.push(say(TransferMessage::Pages { pages: answer }));
+            }
+            TransferFrame::Message(TransferMessage::WantBlocks { indices }) if indices.is_empty() => {
+                let Some(c) = h.check.take() else { return Ok(vec![]) };
+                out.push(say(TransferMessage::End { blocks_sent: c.sent, bytes_read: c.size }));
+                h.machine.disk_sent(Ok((c.sent, c.size)));
+            }
+            TransferFrame::Message(TransferMessage::WantBlocks { indices }) => {
+                let v = Vm::open(&self.root, &vm).map_err(sim_err)?;
+                let hasher = h.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
+                let bs = h.block_size;
+                let Some(c) = h.check.as_mut() else { return Ok(vec![]) };
+                for (i, index) in indices.iter().copied().enumerate() {
+                    let offset = index * bs;
+                    let mut buf = vec![0u8; bs.min(c.size.saturating_sub(offset)) as usize];
+                    v.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
+                    let id = hasher.id(&buf);
+                    let frame = if id == ZERO {
+                        TransferFrame::Zero { index }
+                    } else {
+                        TransferFrame::Block { index, id, data: buf }
+                    };
+                    out.push(Out { after_ms: i as u64, msg: Msg::Frame { job, frame } });
+                }
+                c.sent += indices.len() as u64;
+            }
+            // The coordinator gave up on a check's stream: so does the job.
+            TransferFrame::Message(TransferMessage::Failed { reason }) if h.check.is_some() => {
+                h.check = None;
+                h.machine.disk_sent(Err((FailureKind::Other, reason)));
+            }
+            _ => {}
+        }
+        out.extend(self.perform(&vm, now)?);
+        Ok(out)
+    }
+
+    /// Jobs whose verdict is overdue, or whose coordinator fell silent for a lease, are
+    /// released with their changes kept.
+    pub fn expire(&mut self, now: u64) -> Result<(), String> {
+        let vms: Vec<String> = self.held.keys().cloned().collect();
+        for vm in vms {
+            if let Some(h) = self.held.get_mut(&vm) {
+                h.machine.timeout(now);
+                if h.lease_until <= now {
+                    h.machine.abort();
+                }
+            }
+            self.perform(&vm, now)?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes `vm`'s snapshot on `host` (freeze → take → thaw), if the VM is there and free.
+fn take(root: &Path, host: &str, vm: &str, now: u64) -> Result<Snapshot, (FailureKind, String)> {
+    let other = |e: SimError| (FailureKind::Other, e.to_string());
+    let mut v = Vm::open(root, vm).map_err(other)?;
+    if v.config.host != host {
+        return Err((FailureKind::NotHere, "the VM is not on this host".into()));
+    }
+    if v.config.snapshot.is_some() {
+        return Err((FailureKind::Other, "the VM holds a snapshot already".into()));
+    }
+    let consistency = match v.freeze(now).map_err(other)? {
+        bulwark_agent::sim::SnapConsistency::App => Consistency::App,
+        bulwark_agent::sim::SnapConsistency::Filesystem => Consistency::Filesystem,
+        bulwark_agent::sim::SnapConsistency::Crash => Consistency::Crash,
+    };
+    let (_, token) = v.take_snapshot(host, now / 1000).map_err(other)?;
+    v.thaw().map_err(other)?;
+    Ok(Snapshot { token, consistency, note: None })
+}
+
+/// Releases `vm`'s snapshot; `commit` advances the token, `None` keeps the changes.
+fn finish(root: &Path, vm: &str, commit: Option<ChangeToken>) -> Result<(), String> {
+    let mut v = Vm::open(root, vm).map_err(sim_err)?;
+    if v.config.snapshot.is_none() {
+        // Never taken (the job failed before) or already released.
+        return Ok(());
+    }
+    v.release_snapshot().map_err(sim_err)?;
+    match commit {
+        Some(next) => v.confirm_to(next).map(|_| ()).map_err(sim_err),
+        None => v.abandon().map_err(sim_err),
+    }
+}
