@@ -10,7 +10,7 @@ use crate::catalog::{JobKind, JobRecord, JobState, ReplicaRecord, VmRecord};
 use crate::jobs::ingest::{Cmd, IngestHandle};
 use crate::jobs::machine::items::ItemsRecovery;
 use crate::jobs::machine::recovery::{Recovery, RecoverySetup};
-use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, Received, Setup, VmJob};
+use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, JobMachine, Received, Setup, VmJob};
 use crate::jobs::plan::Failure;
 use crate::jobs::{compare, Finished, JobContext, SessionOf, StreamSend, ToAgent, TransferStream};
 use bulwark_protocol::messages::CoordinatorMessage;

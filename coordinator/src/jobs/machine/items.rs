@@ -4,7 +4,7 @@
 //! symptom: the agent's result carries the cause (a full disk, say), so it is awaited for a
 //! while before the symptom is reported. Never retried on its own.
 
-use super::Effect;
+use super::{Effect, JobCore, JobMachine};
 use crate::catalog::{ItemsTarget, JobRecord, RecoveryPointRecord, RpDisk};
 use crate::jobs::plan::Failure;
 use bulwark_protocol::messages::{CoordinatorMessage, JobOutcome};
@@ -31,7 +31,7 @@ enum Phase {
 /// One item recovery.
 #[derive(Debug)]
 pub struct ItemsRecovery {
-    record: JobRecord,
+    core: JobCore,
     disk: RpDisk,
     items: ItemsTarget,
     host: String,
@@ -40,8 +40,6 @@ pub struct ItemsRecovery {
     phase: Phase,
     /// The agent's result, come while the driver was streaming.
     pending: Option<Option<JobOutcome>>,
-    effects: VecDeque<Effect>,
-    outcome: Option<Result<(), Failure>>,
 }
 
 impl ItemsRecovery {
@@ -66,7 +64,7 @@ impl ItemsRecovery {
             keep_modes: items.keep_modes,
         };
         Ok(ItemsRecovery {
-            record,
+            core: JobCore::new(record, VecDeque::from([Effect::Send(request)])),
             disk,
             items,
             host,
@@ -74,25 +72,11 @@ impl ItemsRecovery {
             deadline: now_ms.saturating_add(lease_ms),
             phase: Phase::AwaitStream,
             pending: None,
-            effects: VecDeque::from([Effect::Send(request)]),
-            outcome: None,
         })
-    }
-
-    pub fn record(&self) -> &JobRecord {
-        &self.record
-    }
-
-    pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
     }
 
     pub fn next_timeout(&self) -> Option<u64> {
         matches!(self.phase, Phase::AwaitStream | Phase::AwaitResult { .. }).then_some(self.deadline)
-    }
-
-    pub fn outcome(&self) -> Option<&Result<(), Failure>> {
-        self.outcome.as_ref()
     }
 
     /// Whether a stream is awaited.
@@ -104,12 +88,8 @@ impl ItemsRecovery {
         if self.phase == Phase::Finished {
             return;
         }
-        if let Err(f) = &r {
-            self.record.error = Some(f.reason.clone());
-        }
         self.phase = Phase::Finished;
-        self.outcome = Some(r);
-        self.effects.push_back(Effect::Finished);
+        self.core.end(r);
     }
 
     fn stop(&mut self, why: impl Into<String>) {
@@ -165,9 +145,9 @@ impl ItemsRecovery {
                 (JobOutcome::Failed { reason, .. }, _) => self.stop(reason),
                 (_, Err(why)) => self.stop(why),
                 (JobOutcome::Restored { bytes_written, skipped, .. }, Ok(sent)) => {
-                    self.record.bytes_transferred = bytes_written;
-                    self.record.blocks_changed = sent;
-                    self.record.detail =
+                    self.core.record.bytes_transferred = bytes_written;
+                    self.core.record.blocks_changed = sent;
+                    self.core.record.detail =
                         Some(items_detail(self.items.paths.len(), &self.host, &self.items.dest, &skipped));
                     self.finish(Ok(()));
                 }
@@ -219,6 +199,15 @@ pub fn items_detail(paths: usize, host: &str, dest: &str, skipped: &[String]) ->
         d.push('…');
     }
     d
+}
+
+impl JobMachine for ItemsRecovery {
+    fn core(&self) -> &JobCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut JobCore {
+        &mut self.core
+    }
 }
 
 #[cfg(test)]

@@ -58,6 +58,62 @@ pub enum Effect {
     Finished,
 }
 
+/// What every job machine keeps: its record, the effects not yet polled, and how it ended.
+#[derive(Debug)]
+pub struct JobCore {
+    pub record: JobRecord,
+    effects: VecDeque<Effect>,
+    outcome: Option<Result<(), Failure>>,
+}
+
+impl JobCore {
+    pub fn new(record: JobRecord, effects: VecDeque<Effect>) -> Self {
+        Self { record, effects, outcome: None }
+    }
+
+    pub fn push(&mut self, effect: Effect) {
+        self.effects.push_back(effect);
+    }
+
+    /// Ends the job (once): a failure's reason goes into the record, `Finished` is queued.
+    pub fn end(&mut self, r: Result<(), Failure>) {
+        if self.outcome.is_some() {
+            return;
+        }
+        if let Err(f) = &r {
+            self.record.error = Some(f.reason.clone());
+        }
+        self.outcome = Some(r);
+        self.effects.push_back(Effect::Finished);
+    }
+}
+
+/// What the drivers ask of every job machine.
+pub trait JobMachine {
+    fn core(&self) -> &JobCore;
+    fn core_mut(&mut self) -> &mut JobCore;
+
+    /// The job's record as it stands (kind as planned, bytes, detail, error).
+    fn record(&self) -> &JobRecord {
+        &self.core().record
+    }
+
+    /// The job's record, for the driver's counters (bytes scanned and transferred).
+    fn record_mut(&mut self) -> &mut JobRecord {
+        &mut self.core_mut().record
+    }
+
+    /// The next thing to do, in order.
+    fn poll_effect(&mut self) -> Option<Effect> {
+        self.core_mut().effects.pop_front()
+    }
+
+    /// How the job ended (None while it runs).
+    fn outcome(&self) -> Option<&Result<(), Failure>> {
+        self.core().outcome.as_ref()
+    }
+}
+
 /// A broken build of the real job, for the simulation to catch (`broken-builds` feature).
 #[cfg(feature = "broken-builds")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +139,7 @@ enum Phase {
 /// One backup job of one VM.
 #[derive(Debug)]
 pub struct VmJob {
-    record: JobRecord,
+    core: JobCore,
     vm: String,
     disks: Vec<DiskInfo>,
     replicas: HashMap<String, ReplicaRecord>,
@@ -97,8 +153,6 @@ pub struct VmJob {
     /// The agent's result, come while a disk's stream was still open: applied when it ends
     /// (the control stream may overtake a transfer stream).
     pending: Option<JobOutcome>,
-    effects: VecDeque<Effect>,
-    outcome: Option<Result<(), Failure>>,
     #[cfg(feature = "broken-builds")]
     broken: Option<Broken>,
 }
@@ -166,7 +220,7 @@ impl VmJob {
         }
         effects.push_back(Effect::Send(CoordinatorMessage::JobRequest(request)));
         Ok(VmJob {
-            record,
+            core: JobCore::new(record, effects),
             vm,
             disks,
             replicas,
@@ -177,8 +231,6 @@ impl VmJob {
             open: None,
             done: BTreeMap::new(),
             pending: None,
-            effects,
-            outcome: None,
             #[cfg(feature = "broken-builds")]
             broken: None,
         })
@@ -190,29 +242,9 @@ impl VmJob {
         self.broken = Some(broken);
     }
 
-    /// The job's record as it stands (kind as planned, bytes, detail, error).
-    pub fn record(&self) -> &JobRecord {
-        &self.record
-    }
-
-    /// The job's record, for the driver's counters (bytes scanned and transferred).
-    pub fn record_mut(&mut self) -> &mut JobRecord {
-        &mut self.record
-    }
-
-    /// The next thing to do, in order.
-    pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
-    }
-
     /// When [`VmJob::timeout`] is due, if the job still waits for anything.
     pub fn next_timeout(&self) -> Option<u64> {
         (self.phase == Phase::Running).then_some(self.deadline)
-    }
-
-    /// How the job ended (None while it runs).
-    pub fn outcome(&self) -> Option<&Result<(), Failure>> {
-        self.outcome.as_ref()
     }
 
     /// Whether more blocks are welcome: a finished job takes none.
@@ -224,20 +256,16 @@ impl VmJob {
         if self.phase == Phase::Finished {
             return;
         }
-        if let Err(f) = &r {
-            if let Some(why) = &f.inconsistent {
-                self.effects.push_back(Effect::MarkInconsistent(why.clone()));
-            }
-            self.record.error = Some(f.reason.clone());
+        if let Some(why) = r.as_ref().err().and_then(|f| f.inconsistent.clone()) {
+            self.core.push(Effect::MarkInconsistent(why));
         }
         self.phase = Phase::Finished;
         self.open = None;
-        self.outcome = Some(r);
-        self.effects.push_back(Effect::Finished);
+        self.core.end(r);
     }
 
     fn fail_midway(&mut self, reason: String) {
-        let f = Failure::midway(reason, self.record.kind);
+        let f = Failure::midway(reason, self.core.record.kind);
         self.finish(Err(f));
     }
 
@@ -280,12 +308,15 @@ impl VmJob {
                 self.block_size
             ));
         }
-        let want_mode =
-            if self.record.kind == JobKind::ConsistencyCheck { TransferMode::Compare } else { TransferMode::Blocks };
+        let want_mode = if self.core.record.kind == JobKind::ConsistencyCheck {
+            TransferMode::Compare
+        } else {
+            TransferMode::Blocks
+        };
         if mode != want_mode {
-            return Err(format!("stream mode {mode:?} does not fit a {} job", self.record.kind.as_str()));
+            return Err(format!("stream mode {mode:?} does not fit a {} job", self.core.record.kind.as_str()));
         }
-        let old = if self.record.kind == JobKind::Initial {
+        let old = if self.core.record.kind == JobKind::Initial {
             None
         } else {
             self.replicas
@@ -307,9 +338,9 @@ impl VmJob {
         }
         self.deadline = now_ms.saturating_add(self.lease_ms);
         self.open = None;
-        self.record.blocks_changed += done.changed;
+        self.core.record.blocks_changed += done.changed;
         self.done.insert(disk.to_owned(), done);
-        self.effects.push_back(Effect::Save);
+        self.core.push(Effect::Save);
         if let Some(outcome) = self.pending.take() {
             self.agent_result(outcome, now_ms);
         }
@@ -341,15 +372,15 @@ impl VmJob {
                 (consistency, consistency_note, bytes_read, next_token)
             }
             JobOutcome::Failed { kind, reason } => {
-                let f = Failure::from_agent(kind, reason, !self.done.is_empty(), self.record.kind);
+                let f = Failure::from_agent(kind, reason, !self.done.is_empty(), self.core.record.kind);
                 return self.finish(Err(f));
             }
             JobOutcome::Restored { .. } => {
                 return self.finish(Err(Failure::stop("the agent answered a backup with a restore")));
             }
         };
-        if self.record.kind != JobKind::ConsistencyCheck {
-            self.record.bytes_scanned = bytes_read;
+        if self.core.record.kind != JobKind::ConsistencyCheck {
+            self.core.record.bytes_scanned = bytes_read;
         }
         let mut replicas = vec![];
         let mut rp_disks = vec![];
@@ -362,8 +393,8 @@ impl VmJob {
                 },
                 None => {
                     let why = format!("the agent reported success but never sent disk {}", d.name);
-                    self.effects.push_back(Effect::Send(CoordinatorMessage::JobDone {
-                        job: JobId(self.record.id),
+                    self.core.push(Effect::Send(CoordinatorMessage::JobDone {
+                        job: JobId(self.core.record.id),
                         committed: false,
                     }));
                     return self.fail_midway(why);
@@ -388,7 +419,7 @@ impl VmJob {
                 root: stored,
             });
         }
-        let rp = matches!(self.record.kind, JobKind::Initial | JobKind::ExpressFull).then(|| NewRecoveryPoint {
+        let rp = matches!(self.core.record.kind, JobKind::Initial | JobKind::ExpressFull).then(|| NewRecoveryPoint {
             vm: self.vm.clone(),
             consistency,
             config: vec![],
@@ -396,20 +427,20 @@ impl VmJob {
             created_at: now_ms,
         });
         self.phase = Phase::Committing { consistency, note, replicas: replicas.clone() };
-        self.effects.push_back(Effect::Commit { replicas, rp });
+        self.core.push(Effect::Commit { replicas, rp });
     }
 
     /// The commit's answer: the recovery point's id if one was made, or why it failed. The
     /// agent learns the verdict either way (it advances its change token only on `true`).
     pub fn committed(&mut self, r: Result<Option<RpId>, String>) {
         let Phase::Committing { consistency, note, replicas } = self.phase.clone() else { return };
-        let verdict = |ok| CoordinatorMessage::JobDone { job: JobId(self.record.id), committed: ok };
+        let verdict = |ok| CoordinatorMessage::JobDone { job: JobId(self.core.record.id), committed: ok };
         match r {
             Ok(rp) => {
-                self.effects.push_back(Effect::Send(verdict(true)));
-                self.effects.push_back(Effect::FindSwap(replicas));
-                self.record.consistency = Some(consistency);
-                self.record.detail = Some(match rp {
+                self.core.push(Effect::Send(verdict(true)));
+                self.core.push(Effect::FindSwap(replicas));
+                self.core.record.consistency = Some(consistency);
+                self.core.record.detail = Some(match rp {
                     Some(id) => {
                         let id = crate::store::hex(&id);
                         match &note {
@@ -417,10 +448,10 @@ impl VmJob {
                             None => format!("recovery point {id} ({}-consistent)", consistency.as_str()),
                         }
                     }
-                    None if self.record.kind == JobKind::ConsistencyCheck => {
+                    None if self.core.record.kind == JobKind::ConsistencyCheck => {
                         format!(
                             "{} block(s) differed and were repaired; replica consistent",
-                            self.record.blocks_changed
+                            self.core.record.blocks_changed
                         )
                     }
                     None => "replica synchronized".into(),
@@ -428,7 +459,7 @@ impl VmJob {
                 self.finish(Ok(()));
             }
             Err(e) => {
-                self.effects.push_back(Effect::Send(verdict(false)));
+                self.core.push(Effect::Send(verdict(false)));
                 self.finish(Err(Failure::retry(format!("commit failed: {e}"))));
             }
         }
@@ -455,6 +486,15 @@ impl VmJob {
 
 /// A recovery point's id.
 pub type RpId = [u8; 16];
+
+impl JobMachine for VmJob {
+    fn core(&self) -> &JobCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut JobCore {
+        &mut self.core
+    }
+}
 
 /// What one frame of a blocks-mode stream means.
 #[derive(Debug, PartialEq, Eq)]

@@ -4,7 +4,7 @@
 //! recovery is never retried on its own: the target may be half-written, and it stays marked
 //! as being restored until a recovery completes; the operator decides.
 
-use super::Effect;
+use super::{Effect, JobCore, JobMachine};
 use crate::catalog::{JobRecord, RecoveryPointRecord};
 use crate::jobs::plan::Failure;
 use bulwark_protocol::blockmap::TreeRoot;
@@ -38,7 +38,7 @@ enum Phase {
 /// One recovery of one recovery point.
 #[derive(Debug)]
 pub struct Recovery {
-    record: JobRecord,
+    core: JobCore,
     rp: RecoveryPointRecord,
     target: String,
     host: String,
@@ -50,8 +50,6 @@ pub struct Recovery {
     restored: BTreeSet<String>,
     /// The agent's result, come while a disk's stream was still open.
     pending: Option<JobOutcome>,
-    effects: VecDeque<Effect>,
-    outcome: Option<Result<(), Failure>>,
 }
 
 impl Recovery {
@@ -86,7 +84,7 @@ impl Recovery {
             lease_secs: (lease_ms / 1000).min(u64::from(u32::MAX)) as u32,
         };
         Ok(Recovery {
-            record,
+            core: JobCore::new(record, VecDeque::from([Effect::Send(CoordinatorMessage::RestoreRequest(request))])),
             rp,
             target,
             host,
@@ -97,8 +95,6 @@ impl Recovery {
             open: None,
             restored: BTreeSet::new(),
             pending: None,
-            effects: VecDeque::from([Effect::Send(CoordinatorMessage::RestoreRequest(request))]),
-            outcome: None,
         })
     }
 
@@ -112,37 +108,17 @@ impl Recovery {
         &self.target
     }
 
-    pub fn record(&self) -> &JobRecord {
-        &self.record
-    }
-
-    pub fn record_mut(&mut self) -> &mut JobRecord {
-        &mut self.record
-    }
-
-    pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
-    }
-
     pub fn next_timeout(&self) -> Option<u64> {
         (self.phase == Phase::Running).then_some(self.deadline)
-    }
-
-    pub fn outcome(&self) -> Option<&Result<(), Failure>> {
-        self.outcome.as_ref()
     }
 
     fn finish(&mut self, r: Result<(), Failure>) {
         if self.phase == Phase::Finished {
             return;
         }
-        if let Err(f) = &r {
-            self.record.error = Some(f.reason.clone());
-        }
         self.phase = Phase::Finished;
         self.open = None;
-        self.outcome = Some(r);
-        self.effects.push_back(Effect::Finished);
+        self.core.end(r);
     }
 
     fn not_fully_restored(&self, why: String) -> Failure {
@@ -193,7 +169,7 @@ impl Recovery {
         self.deadline = now_ms.saturating_add(self.lease_ms);
         self.open = None;
         self.restored.insert(disk.to_owned());
-        self.effects.push_back(Effect::Save);
+        self.core.push(Effect::Save);
         if let Some(outcome) = self.pending.take() {
             self.agent_result(outcome, now_ms);
         }
@@ -218,14 +194,14 @@ impl Recovery {
         }
         let r = match outcome {
             JobOutcome::Restored { bytes_read, .. } if self.restored.len() == self.rp.disks.len() => {
-                self.record.bytes_scanned = bytes_read;
-                self.record.consistency = Some(self.rp.consistency);
-                self.record.detail = Some(format!(
+                self.core.record.bytes_scanned = bytes_read;
+                self.core.record.consistency = Some(self.rp.consistency);
+                self.core.record.detail = Some(format!(
                     "recovery point {} restored onto {} on {}: {} block(s) written",
                     crate::store::hex(&self.rp.id),
                     self.target,
                     self.host,
-                    self.record.blocks_changed
+                    self.core.record.blocks_changed
                 ));
                 Ok(())
             }
@@ -255,6 +231,15 @@ impl Recovery {
             );
             self.finish(Err(Failure::stop(why)));
         }
+    }
+}
+
+impl JobMachine for Recovery {
+    fn core(&self) -> &JobCore {
+        &self.core
+    }
+    fn core_mut(&mut self) -> &mut JobCore {
+        &mut self.core
     }
 }
 

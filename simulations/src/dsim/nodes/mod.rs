@@ -15,7 +15,7 @@ use bulwark_coordinator::config::DataDir;
 use bulwark_coordinator::jobs::compare::{self, Check, CheckStep, RestoreDisk, RestoreStep};
 use bulwark_coordinator::jobs::ingest::DiskIngest;
 use bulwark_coordinator::jobs::machine::recovery::{Recovery, RecoverySetup};
-use bulwark_coordinator::jobs::machine::{self, BlockReceiver, DiskDone, Effect, Received, Setup, VmJob};
+use bulwark_coordinator::jobs::machine::{self, BlockReceiver, DiskDone, Effect, JobMachine, Received, Setup, VmJob};
 use bulwark_coordinator::jobs::queue::{self, Admission, Limits, Next, Queue, Request};
 use bulwark_coordinator::store::{Store, StoreConfig};
 use bulwark_protocol::block::{ChunkHasher, Digest, ZERO};
