@@ -3,10 +3,12 @@
 //! are tracked in persistent dirty bitmaps, snapshots with differencing overlays, migrations
 //! and host crashes. The agent and the `bulwark-agent sim` commands share it.
 //!
-//! Modules: [`bitmap`] (persistent dirty bitmaps), [`vm`] (one VM: writes, reads, snapshots,
+//! Modules: [`bitmap`] (persistent dirty bitmaps), [`truth`] (the ground truth's digest
+//! cache), [`vm`] (one VM: writes, reads, snapshots,
 //! tokens), this file (the operations the `sim` commands expose).
 
 pub mod bitmap;
+pub mod truth;
 pub mod vm;
 
 use rand::{RngCore, SeedableRng};
@@ -73,7 +75,9 @@ pub fn create_vm(root: &Path, req: &CreateVm) -> Result<(), SimError> {
     };
     let vm = Vm::create(root, config)?;
     if req.random_fill {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(req.seed);
+        // The seed's BLAKE3 output stream: as random as ChaCha for this, several times faster.
+        let mut stream =
+            blake3::Hasher::new_derive_key("bulwark sim random fill v1").update(&req.seed.to_le_bytes()).finalize_xof();
         let mut buf = vec![0u8; 1 << 20];
         for d in &req.disks {
             let path = vm.image(&d.name);
@@ -85,7 +89,7 @@ pub fn create_vm(root: &Path, req: &CreateVm) -> Result<(), SimError> {
             let mut left = d.size;
             while left > 0 {
                 let n = left.min(buf.len() as u64) as usize;
-                rng.fill_bytes(&mut buf[..n]);
+                stream.fill(&mut buf[..n]);
                 w.write_all(&buf[..n]).map_err(|e| SimError::Io { path: path.clone(), source: e })?;
                 left -= n as u64;
             }

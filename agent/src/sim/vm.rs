@@ -7,6 +7,7 @@
 //! work on one VM at the same time from different processes and cluster nodes.
 
 use crate::sim::bitmap::{DirtyBitmap, GRANULARITY};
+use crate::sim::truth;
 use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -188,6 +189,31 @@ fn valid_name(kind: &str, name: &str) -> Result<(), SimError> {
     bulwark_protocol::VmId::new(name).map(|_| ()).map_err(|e| SimError::Invalid(format!("{kind}: {e}")))
 }
 
+thread_local! {
+    /// The last `vm.toml` text parsed per path, with its parse: the same bytes parse the same,
+    /// and an operation opens its VM afresh each time (parsing was a tenth of a simulated run).
+    static PARSED: std::cell::RefCell<std::collections::HashMap<PathBuf, (String, VmConfig)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+/// Paths [`PARSED`] keeps at most (it starts over when full).
+const PARSED_KEPT: usize = 256;
+
+fn parse_config(path: &Path, text: String) -> Result<VmConfig, SimError> {
+    let known = PARSED.with(|p| p.borrow().get(path).filter(|(t, _)| *t == text).map(|(_, c)| c.clone()));
+    if let Some(config) = known {
+        return Ok(config);
+    }
+    let config: VmConfig = toml::from_str(&text).map_err(|e| SimError::Invalid(format!("{}: {e}", path.display())))?;
+    PARSED.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() >= PARSED_KEPT {
+            p.clear();
+        }
+        p.insert(path.to_owned(), (text, config.clone()));
+    });
+    Ok(config)
+}
+
 impl Vm {
     /// Opens (and locks) an existing VM.
     pub fn open(root: &Path, name: &str) -> Result<Vm, SimError> {
@@ -202,8 +228,7 @@ impl Vm {
             OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(io(&lock_path))?;
         lock.lock().map_err(io(&lock_path))?;
         let text = std::fs::read_to_string(&config_path).map_err(io(&config_path))?;
-        let config: VmConfig =
-            toml::from_str(&text).map_err(|e| SimError::Invalid(format!("{}: {e}", config_path.display())))?;
+        let config = parse_config(&config_path, text)?;
         Ok(Vm { dir, _lock: lock, config })
     }
 
@@ -300,9 +325,46 @@ impl Vm {
         } else {
             self.image(disk)
         };
+        let cache = self.truth_cache(disk, size)?;
         let f = OpenOptions::new().write(true).open(&target).map_err(io(&target))?;
         f.write_all_at(data, offset).map_err(io(&target))?;
-        f.sync_data().map_err(io(&target))
+        f.sync_data().map_err(io(&target))?;
+        if let Some(cache) = cache {
+            // The ground truth's digests of the blocks this write touched, from the guest view.
+            let mut buf = vec![0u8; truth::BLOCK as usize];
+            for b in offset / truth::BLOCK..end.div_ceil(truth::BLOCK) {
+                let start = b * truth::BLOCK;
+                let n = truth::BLOCK.min(size - start) as usize;
+                self.guest_read(disk, start, &mut buf[..n])?;
+                cache.set(b, &truth::block_cv(start, &buf[..n])).map_err(io(&self.dir))?;
+            }
+            cache.done().map_err(io(&self.dir))?;
+        }
+        Ok(())
+    }
+
+    /// The ground-truth directory of this VM's storage root, when chaos recording is on.
+    fn truth_dir(&self) -> Option<PathBuf> {
+        let dir = self.dir.parent()?.parent()?.join(GROUND_TRUTH_DIR);
+        dir.is_dir().then_some(dir)
+    }
+
+    /// The current digest cache of `disk`, opened for an update (see [`truth`]), when recording.
+    fn truth_cache(&self, disk: &str, size: u64) -> Result<Option<truth::Open>, SimError> {
+        if self.truth_dir().is_none() {
+            return Ok(None);
+        }
+        let path = truth::path(&self.dir, disk);
+        truth::Cache::new(path.clone(), size).begin().map_err(io(&path))
+    }
+
+    /// Drops every disk's digest cache: the images are about to change outside guest writes.
+    fn drop_truth_caches(&self) -> Result<(), SimError> {
+        for d in &self.config.disks {
+            let path = truth::path(&self.dir, &d.name);
+            truth::Cache::new(path.clone(), d.size).remove().map_err(io(&path))?;
+        }
+        Ok(())
     }
 
     /// Before the first overlay write to a tracking block, copies the base's block into the
@@ -475,24 +537,12 @@ impl Vm {
     /// BLAKE3 of every disk's guest view at this snapshot point to `ground-truth/VM.jsonl`
     /// (fsynced), so every recovery point can later be checked against what the guest really
     /// had. Called with the VM locked and before the overlay starts, so the image is the view.
+    /// The digests come from each disk's [`truth`] cache (rebuilt from the disk when missing).
     fn record_ground_truth(&self, snapshot: u64) -> Result<(), SimError> {
-        let Some(root) = self.dir.parent().and_then(Path::parent) else { return Ok(()) };
-        let dir = root.join(GROUND_TRUTH_DIR);
-        if !dir.is_dir() {
-            return Ok(());
-        }
+        let Some(dir) = self.truth_dir() else { return Ok(()) };
         let mut disks = std::collections::BTreeMap::new();
-        let mut buf = vec![0u8; 1 << 20];
         for d in &self.config.disks {
-            let mut h = blake3::Hasher::new();
-            let mut offset = 0;
-            while offset < d.size {
-                let n = (buf.len() as u64).min(d.size - offset) as usize;
-                self.guest_read(&d.name, offset, &mut buf[..n])?;
-                h.update(&buf[..n]);
-                offset += n as u64;
-            }
-            disks.insert(d.name.clone(), h.finalize().to_hex().to_string());
+            disks.insert(d.name.clone(), self.guest_digest(&d.name)?.to_hex().to_string());
         }
         let line = GroundTruth { vm: self.config.name.clone(), snapshot, disks };
         let mut text = serde_json::to_string(&line).map_err(|e| SimError::Invalid(e.to_string()))?;
@@ -501,6 +551,41 @@ impl Vm {
         let mut f = OpenOptions::new().create(true).append(true).open(&path).map_err(io(&path))?;
         std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io(&path))?;
         f.sync_all().map_err(io(&path))
+    }
+
+    /// BLAKE3 of `disk`'s guest view now. With ground-truth recording on it comes from the
+    /// disk's [`truth`] cache (built from the disk when missing or not current, and kept unless
+    /// a restore is under way); otherwise the disk is read whole.
+    pub fn guest_digest(&self, disk: &str) -> Result<blake3::Hash, SimError> {
+        let size = self.disk(disk)?.size;
+        let path = truth::path(&self.dir, disk);
+        let cache = truth::Cache::new(path.clone(), size);
+        let keep = self.truth_dir().is_some() && self.config.restoring.is_none();
+        let cached = if keep { cache.load().map_err(io(&path))? } else { None };
+        let cvs = match cached {
+            Some(cvs) => cvs,
+            None => {
+                let mut cvs = vec![];
+                let mut buf = vec![0u8; truth::BLOCK as usize];
+                let mut offset = 0;
+                while offset < size {
+                    let n = truth::BLOCK.min(size - offset) as usize;
+                    self.guest_read(disk, offset, &mut buf[..n])?;
+                    cvs.push(truth::block_cv(offset, &buf[..n]));
+                    offset += n as u64;
+                }
+                if keep {
+                    cache.store(&cvs).map_err(io(&path))?;
+                }
+                cvs
+            }
+        };
+        truth::root(size, &cvs, || {
+            let mut first = vec![0u8; size as usize];
+            self.guest_read(disk, 0, &mut first).map_err(std::io::Error::other)?;
+            Ok(first)
+        })
+        .map_err(io(&path))
     }
 
     /// Changes since `token` as of the held snapshot: the frozen bitmap, or `TrackingLost`.
@@ -628,6 +713,7 @@ impl Vm {
         if let Some(s) = &self.config.snapshot {
             return Err(SimError::Busy(format!("{} holds snapshot {} for {}", self.config.name, s.id, s.holder)));
         }
+        self.drop_truth_caches()?;
         self.config.restoring = Some(what.to_owned());
         self.save()
     }
@@ -652,6 +738,7 @@ impl Vm {
             let img = self.image(&d.name);
             File::open(&img).map_err(io(&img))?.sync_all().map_err(io(&img))?;
         }
+        self.drop_truth_caches()?;
         self.config.restoring = None;
         self.lose_tracking()
     }

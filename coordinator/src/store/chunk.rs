@@ -14,6 +14,7 @@
 use crate::store::StoreError;
 use bulwark_protocol::block::Digest;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+use std::sync::Mutex;
 
 /// The id of an all-zero block or page: never stored, always read as zeros.
 pub const ZERO: Digest = bulwark_protocol::block::ZERO;
@@ -77,7 +78,7 @@ impl ChunkCodec {
             return Err(StoreError::TooLarge { len: plain.len(), max: MAX_PLAIN });
         }
         let mut flags = 0;
-        let compressed = zstd::bulk::compress(plain, self.level).map_err(|e| StoreError::Codec(e.to_string()))?;
+        let compressed = compress(plain, self.level).map_err(|e| StoreError::Codec(e.to_string()))?;
         let body: &[u8] = if compressed.len() + plain.len() / 16 < plain.len() {
             flags |= FLAG_ZSTD;
             &compressed
@@ -146,7 +147,7 @@ impl ChunkCodec {
             return Err("record is not encrypted in an encrypted store".into());
         }
         let plain = if flags & FLAG_ZSTD != 0 {
-            zstd::bulk::decompress(body, plain_len).map_err(|e| format!("decompression failed: {e}"))?
+            decompress(body, plain_len).map_err(|e| format!("decompression failed: {e}"))?
         } else {
             body.to_vec()
         };
@@ -155,6 +156,48 @@ impl ChunkCodec {
         }
         Ok(plain)
     }
+}
+
+/// Contexts kept for reuse: creating a zstd context per chunk was a twentieth of a restore and
+/// of a simulated run. At most [`KEPT_CONTEXTS`] of each kind are kept (a context holds tables
+/// sized for the largest chunk it saw), whatever the number of threads.
+static COMPRESSORS: Mutex<Vec<(i32, zstd::bulk::Compressor<'static>)>> = Mutex::new(Vec::new());
+static DECOMPRESSORS: Mutex<Vec<zstd::bulk::Decompressor<'static>>> = Mutex::new(Vec::new());
+const KEPT_CONTEXTS: usize = 16;
+
+fn take<T>(pool: &Mutex<Vec<T>>, pick: impl Fn(&T) -> bool) -> Option<T> {
+    let mut kept = pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let i = kept.iter().position(pick)?;
+    Some(kept.swap_remove(i))
+}
+
+fn give<T>(pool: &Mutex<Vec<T>>, context: T) {
+    let mut kept = pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if kept.len() < KEPT_CONTEXTS {
+        kept.push(context);
+    }
+}
+
+/// `zstd::bulk::compress` on a kept context.
+fn compress(plain: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    let mut c = match take(&COMPRESSORS, |(l, _)| *l == level) {
+        Some((_, c)) => c,
+        None => zstd::bulk::Compressor::new(level)?,
+    };
+    let out = c.compress(plain)?;
+    give(&COMPRESSORS, (level, c));
+    Ok(out)
+}
+
+/// `zstd::bulk::decompress` on a kept context (at most `capacity` bytes out).
+fn decompress(body: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    let mut d = match take(&DECOMPRESSORS, |_| true) {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new()?,
+    };
+    let out = d.decompress(body, capacity);
+    give(&DECOMPRESSORS, d);
+    out
 }
 
 #[cfg(test)]

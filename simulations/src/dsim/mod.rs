@@ -21,7 +21,9 @@ pub mod nodes;
 
 use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power, Vm};
 use bulwark_coordinator::catalog::ReplicaState;
-use bulwark_coordinator::store::{hex, BlockData};
+use bulwark_coordinator::catalog::RpDisk;
+use bulwark_coordinator::store::{hex, StoreError, StorePages};
+use bulwark_protocol::blockmap;
 use nodes::{Agent, Break, Coordinator, Msg, DISK};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -196,11 +198,6 @@ impl World {
         Ok(())
     }
 
-    fn host_of(&self, vm: &str) -> Result<usize, String> {
-        let v = Vm::open(&self.root, vm).map_err(|e| e.to_string())?;
-        (0..self.agents.len()).find(|&h| host_name(h) == v.config.host).ok_or_else(|| format!("{vm} on no host"))
-    }
-
     fn tick(&mut self) -> Result<(), String> {
         let now = self.now;
         for h in 0..self.agents.len() {
@@ -212,18 +209,27 @@ impl World {
         for (h, msg) in c.expire(now)? {
             self.send(h, true, 0, msg);
         }
+        // Each VM's host and confirmed token, read once a tick.
+        let mut hosts = BTreeMap::new();
+        let mut tokens = BTreeMap::new();
+        for vm in &self.vms {
+            let v = Vm::open(&self.root, vm).map_err(|e| e.to_string())?;
+            if let Some(h) = (0..self.agents.len()).find(|&h| host_name(h) == v.config.host) {
+                hosts.insert(vm.clone(), h);
+            }
+            tokens.insert(vm.clone(), (v.config.generation, v.config.sequence));
+        }
         // A cheap invariant: an agent never confirms changes the coordinator has not committed
         // (its confirmed token is never ahead of the replica's, in the same generation).
         if let Some(c) = self.coordinator.as_ref() {
             let mut ahead = vec![];
-            for vm in &self.vms {
-                let v = Vm::open(&self.root, vm).map_err(|e| e.to_string())?;
+            for (vm, &(generation, sequence)) in &tokens {
                 let replica = c.store.catalog().replica(vm, DISK).map_err(|e| e.to_string())?;
                 if let Some(t) = replica.and_then(|r| r.change_token) {
-                    if t.generation == v.config.generation && v.config.sequence > t.sequence {
+                    if t.generation == generation && sequence > t.sequence {
                         ahead.push(format!(
-                            "{vm}: the agent confirmed {} of generation {}, the replica is at {}",
-                            v.config.sequence, t.generation, t.sequence
+                            "{vm}: the agent confirmed {sequence} of generation {}, the replica is at {}",
+                            t.generation, t.sequence
                         ));
                     }
                 }
@@ -244,15 +250,13 @@ impl World {
             }
             let gap = self.rng.gen_range(500..3000);
             let scheduled_check = self.rng.gen_bool(0.1);
-            let h = self.host_of(&vm)?;
+            let h = *hosts.get(&vm).ok_or_else(|| format!("{vm} on no host"))?;
             let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
             c.next_backup_at.insert(vm.clone(), now + gap);
             c.schedule(&vm, h, scheduled_check, now)?;
         }
         // The registry: which agents are connected.
         let up: Vec<bool> = (0..self.agents.len()).map(|h| self.up(h)).collect();
-        let hosts: BTreeMap<String, usize> =
-            self.vms.iter().filter_map(|vm| Some((vm.clone(), self.host_of(vm).ok()?))).collect();
         let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
         for (h, up) in up.iter().enumerate() {
             if *up {
@@ -498,31 +502,57 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
     if !ok {
         w.out.violations.push(("settle".into(), "the replicas did not all become consistent within 120 s".into()));
     }
-    check(&mut w)?;
-    restores(&mut w)?;
+    // What the end checks have read of the store, shared by both.
+    let mut memo = BlockCvs::new();
+    check(&mut w, &mut memo)?;
+    restores(&mut w, &mut memo)?;
     if let Some(c) = &w.coordinator {
         w.out.jobs_committed = c.committed.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
     }
     Ok(w.out)
 }
 
-fn guest_digest(vm: &Vm, size: u64) -> anyhow::Result<String> {
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut off = 0;
-    while off < size {
-        let n = (size - off).min(buf.len() as u64) as usize;
-        vm.guest_read(DISK, off, &mut buf[..n])?;
-        h.update(&buf[..n]);
-        off += n as u64;
+/// Chaining values of recovery-point blocks already read, by (chunk id, block index): the
+/// recovery points of a VM share most of their blocks, so the end checks read and hash each
+/// (chunk, place) once instead of once a recovery point.
+type BlockCvs = std::collections::HashMap<(bulwark_protocol::block::Digest, u64), blake3::hazmat::ChainingValue>;
+
+/// BLAKE3 (hex) of a recovery point's (or replica's) disk, from its chunks as the store reads
+/// them (each checked against its id), merged along BLAKE3's tree as the sim's ground truth is.
+fn rp_digest(store: &bulwark_coordinator::store::Store, disk: &RpDisk, memo: &mut BlockCvs) -> anyhow::Result<String> {
+    if u64::from(disk.block_size) != sim::truth::BLOCK || disk.size_bytes <= sim::truth::BLOCK {
+        return Ok(hex(&store.disk_digest(disk)?));
     }
-    Ok(h.finalize().to_hex().to_string())
+    let bs = sim::truth::BLOCK;
+    let mut cvs = Vec::with_capacity(disk.size_bytes.div_ceil(bs) as usize);
+    blockmap::for_each_leaf(&StorePages(store), &disk.root, |index, id| {
+        let offset = index * bs;
+        let len = bs.min(disk.size_bytes.saturating_sub(offset)) as usize;
+        let cv = match memo.get(&(id, index)) {
+            Some(cv) => *cv,
+            None => {
+                let data = if id == bulwark_protocol::block::ZERO { vec![0u8; len] } else { store.read_chunk(&id)? };
+                if data.len() != len {
+                    return Err(StoreError::BlockMap(format!("block {index} is {} bytes, expected {len}", data.len())));
+                }
+                let cv = sim::truth::block_cv(offset, &data);
+                memo.insert((id, index), cv);
+                cv
+            }
+        };
+        cvs.push(cv);
+        Ok(())
+    })
+    .map_err(|e| anyhow::anyhow!("reading {}: {e}", disk.name))?;
+    anyhow::ensure!(cvs.len() as u64 == disk.size_bytes.div_ceil(bs), "{}: the block map misses blocks", disk.name);
+    let root = sim::truth::root(disk.size_bytes, &cvs, || Err(std::io::Error::other("a one-block disk")))?;
+    Ok(root.to_hex().to_string())
 }
 
 /// Recoveries, after the invariants: each VM's latest recovery point is recovered as a new VM
 /// on a host through the real `Recovery` and `RestoreDisk`, which must finish and give the
 /// recovery point's bytes exactly (`restore-exact`).
-fn restores(w: &mut World) -> anyhow::Result<()> {
+fn restores(w: &mut World, memo: &mut BlockCvs) -> anyhow::Result<()> {
     let start = w.now;
     for (i, vm) in w.vms.clone().iter().enumerate() {
         let h = i % w.agents.len();
@@ -543,8 +573,8 @@ fn restores(w: &mut World) -> anyhow::Result<()> {
         match outcome {
             Err(e) => violations.push(("restore-exact".into(), format!("{vm} to {target} failed: {e}"))),
             Ok(()) => {
-                let want = hex(&c.store.disk_digest(disk)?);
-                let got = guest_digest(&Vm::open(&w.root, target)?, disk.size_bytes)?;
+                let want = rp_digest(&c.store, disk, memo)?;
+                let got = Vm::open(&w.root, target)?.guest_digest(DISK)?.to_hex().to_string();
                 if got != want {
                     violations.push(("restore-exact".into(), format!("{target} is not {vm}'s recovery point")));
                 }
@@ -557,7 +587,7 @@ fn restores(w: &mut World) -> anyhow::Result<()> {
 }
 
 /// The invariants, and the digest of the final catalog.
-fn check(w: &mut World) -> anyhow::Result<()> {
+fn check(w: &mut World, memo: &mut BlockCvs) -> anyhow::Result<()> {
     let Some(c) = w.coordinator.as_ref() else { anyhow::bail!("no coordinator at the end") };
     let mut violations = vec![];
     let mut digest = blake3::Hasher::new();
@@ -578,7 +608,7 @@ fn check(w: &mut World) -> anyhow::Result<()> {
         let mut from = 0;
         for rp in &rps {
             let Some(disk) = rp.disks.first() else { continue };
-            let got = hex(&c.store.disk_digest(disk)?);
+            let got = rp_digest(&c.store, disk, memo)?;
             checked += 1;
             match truth.iter().skip(from).position(|t| t.disks.get(DISK) == Some(&got)) {
                 Some(i) => from += i + 1,
@@ -599,16 +629,9 @@ fn check(w: &mut World) -> anyhow::Result<()> {
                         block_size: r.block_size,
                         root,
                     };
-                    let mut bytes = 0u64;
-                    c.store.read_disk(&disk, |_, b| {
-                        bytes += match b {
-                            BlockData::Zero(n) => n as u64,
-                            BlockData::Data(d) => d.len() as u64,
-                        };
-                        Ok(())
-                    })?;
-                    let replica = hex(&c.store.disk_digest(&disk)?);
-                    if replica != guest_digest(&vm, w.opts.disk_bytes)? || bytes != w.opts.disk_bytes {
+                    // Read whole: every block of the map, each the right length.
+                    let replica = rp_digest(&c.store, &disk, memo)?;
+                    if replica != vm.guest_digest(DISK)?.to_hex().to_string() || r.size_bytes != w.opts.disk_bytes {
                         violations
                             .push(("replica-current".into(), format!("{name}: the replica is not the guest's disk")));
                     }
@@ -642,50 +665,62 @@ pub fn default_scratch() -> PathBuf {
 /// seeds were spread).
 pub fn sweep(first: u64, runs: u64, template: &Options) -> anyhow::Result<crate::chaos::Summary> {
     let started = std::time::Instant::now();
-    let seeds: Vec<u64> = (first..first.saturating_add(runs)).collect();
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(seeds.len().max(1));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<anyhow::Result<Outcome>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut mine = vec![];
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(&seed) = seeds.get(i) else { break };
-                        mine.push((i, run(&Options { seed, ..template.clone() })));
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(runs.max(1) as usize);
+    let next = std::sync::atomic::AtomicU64::new(0);
+    // Each outcome is folded in as it comes: a long sweep's memory is bounded by its
+    // violations (a failing seed keeps its timeline), not by its seeds.
+    let summary = std::sync::Mutex::new(crate::chaos::Summary::default());
+    let failed = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= runs || lock(&failed).is_some() {
+                    break;
+                }
+                let seed = first.saturating_add(i);
+                match run(&Options { seed, ..template.clone() }) {
+                    Ok(out) => fold(&mut lock(&summary), runs, out),
+                    Err(e) => {
+                        lock(&failed).get_or_insert(e.context(format!("seed {seed}")));
                     }
-                    mine
-                })
-            })
-            .collect();
-        let mut all: Vec<(usize, anyhow::Result<Outcome>)> =
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
-        all.sort_by_key(|(i, _)| *i);
-        all.into_iter().map(|(_, r)| r).collect()
+                }
+            });
+        }
     });
-    anyhow::ensure!(results.len() == seeds.len(), "a simulation thread died");
-    let mut summary = crate::chaos::Summary::default();
-    for (seed, out) in seeds.iter().copied().zip(results) {
-        let out = out.map_err(|e| e.context(format!("seed {seed}")))?;
-        summary.runs += 1;
-        summary.seeds.push(seed);
-        for (k, n) in &out.faults {
-            *summary.faults.entry(k.clone()).or_default() += n;
-        }
-        summary.recovery_points_checked += out.recovery_points_checked;
-        summary.restores_verified += out.restores_verified;
-        if runs <= 20 {
-            summary.digests.insert(seed, out.digest.clone());
-        }
-        if !out.violations.is_empty() {
-            summary.timelines.insert(seed, out.timeline.clone());
-        }
-        for (invariant, detail) in out.violations {
-            summary.violations.push(crate::chaos::Violation { seed, invariant, detail });
-        }
+    if let Some(e) = lock(&failed).take() {
+        return Err(e);
     }
+    let mut summary = summary.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    anyhow::ensure!(summary.runs == runs, "a simulation thread died");
+    summary.seeds.sort_unstable();
+    summary.violations.sort_by_key(|v| v.seed);
     let minutes = started.elapsed().as_secs_f64() / 60.0;
     summary.seeds_per_minute = Some((summary.runs as f64 / minutes.max(1e-9)).round());
     Ok(summary)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Adds one seed's outcome to a sweep's summary.
+fn fold(summary: &mut crate::chaos::Summary, runs: u64, out: Outcome) {
+    let seed = out.seed;
+    summary.runs += 1;
+    summary.seeds.push(seed);
+    for (k, n) in &out.faults {
+        *summary.faults.entry(k.clone()).or_default() += n;
+    }
+    summary.recovery_points_checked += out.recovery_points_checked;
+    summary.restores_verified += out.restores_verified;
+    if runs <= 20 {
+        summary.digests.insert(seed, out.digest.clone());
+    }
+    if !out.violations.is_empty() {
+        summary.timelines.insert(seed, out.timeline);
+    }
+    for (invariant, detail) in out.violations {
+        summary.violations.push(crate::chaos::Violation { seed, invariant, detail });
+    }
 }

@@ -2,6 +2,7 @@
 //! the real agent's checks.
 
 use super::*;
+use std::os::unix::fs::FileExt;
 
 /// A job an agent runs: the real `AgentJob`, and what the simulation keeps beside it.
 #[derive(Debug)]
@@ -258,12 +259,14 @@ impl Agent {
                     let (bs, id_key, kind) = (h.block_size, h.id_key, h.machine.kind());
                     let hasher = id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
                     let v = Vm::open(&self.root, vm).map_err(sim_err)?;
-                    let size = v.config.disks.first().map_or(0, |d| d.size);
+                    // As the real agent: the held snapshot's file, read without the VM's lock.
+                    let (path, size) = v.snapshot_source(DISK).map_err(sim_err)?;
+                    let image = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                     let blocks = size.div_ceil(bs);
                     let read = |index: u64| -> Result<(Digest, Vec<u8>), String> {
                         let offset = index * bs;
                         let mut buf = vec![0u8; bs.min(size - offset) as usize];
-                        v.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
+                        image.read_exact_at(&mut buf, offset).map_err(|e| format!("{}: {e}", path.display()))?;
                         Ok((hasher.id(&buf), buf))
                     };
                     let open = |mode| Out {
@@ -325,6 +328,8 @@ impl Agent {
                 }
                 AgentEffect::Release { commit } => {
                     finish(&self.root, vm, commit)?;
+                    // A check's questions that arrive after this find no snapshot to read.
+                    h.check = None;
                     h.machine.released();
                 }
                 AgentEffect::Done => {
@@ -361,10 +366,15 @@ impl Agent {
                 let hasher = h.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
                 let bs = h.block_size;
                 let Some(c) = h.check.as_mut() else { return Ok(vec![]) };
+                let mut failed = None;
                 for (i, index) in indices.iter().copied().enumerate() {
                     let offset = index * bs;
                     let mut buf = vec![0u8; bs.min(c.size.saturating_sub(offset)) as usize];
-                    v.snapshot_read(DISK, offset, &mut buf).map_err(sim_err)?;
+                    // As the real agent: a snapshot that cannot be read fails the job.
+                    if let Err(e) = v.snapshot_read(DISK, offset, &mut buf) {
+                        failed = Some(e.to_string());
+                        break;
+                    }
                     let id = hasher.id(&buf);
                     let frame = if id == ZERO {
                         TransferFrame::Zero { index }
@@ -374,6 +384,11 @@ impl Agent {
                     out.push(Out { after_ms: i as u64, msg: Msg::Frame { job, frame } });
                 }
                 c.sent += indices.len() as u64;
+                if let Some(reason) = failed {
+                    h.check = None;
+                    out.push(say(TransferMessage::Failed { reason: reason.clone() }));
+                    h.machine.disk_sent(Err((FailureKind::Other, reason)));
+                }
             }
             // The coordinator gave up on a check's stream: so does the job.
             TransferFrame::Message(TransferMessage::Failed { reason }) if h.check.is_some() => {
