@@ -131,9 +131,14 @@ fn print_summary(cli: &Cli, summary: &chaos::Summary) -> anyhow::Result<bool> {
     if cli.output == "json" {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
+        // A sweep's seeds are a range: print it as one.
+        let seeds = match (summary.seeds.first(), summary.seeds.last()) {
+            (Some(a), Some(b)) if b - a + 1 == summary.seeds.len() as u64 && a != b => format!("{a}..={b}"),
+            _ => format!("{:?}", summary.seeds),
+        };
         println!(
-            "runs {}, seeds {:?}, recovery points checked {}, restores verified {}",
-            summary.runs, summary.seeds, summary.recovery_points_checked, summary.restores_verified
+            "runs {}, seeds {seeds}, recovery points checked {}, restores verified {}",
+            summary.runs, summary.recovery_points_checked, summary.restores_verified
         );
         for (k, n) in &summary.faults {
             println!("  fault {k}: {n}");
