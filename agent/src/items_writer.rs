@@ -376,33 +376,66 @@ impl Writer {
 
 /// Reads item frames from `recv` and writes them under `root` (the console's `--output DIR`,
 /// or an agent's `--dest DIR`). Used on both sides, so the same checks guard both.
+/// The writer as a plain machine: fed the item stream's frames one by one (the agent's task
+/// reads them off the wire; the simulation hands them over), then finished. `End` must count
+/// the frames that came before it.
+pub struct ItemsWriter(Writer, u64);
+
+impl ItemsWriter {
+    /// A writer into `root` (created when missing).
+    pub fn new(root: &Path, opts: WriteOptions) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(root).map_err(|e| write_error(&e, "create", root))?;
+        Ok(Self(
+            Writer {
+                root: root.to_owned(),
+                opts,
+                umask: process_umask(),
+                out: Written::default(),
+                current: Current::Nothing,
+                dirs: vec![],
+            },
+            0,
+        ))
+    }
+
+    /// One frame of the stream: `Ok(true)` at its end; an error ends the restore.
+    pub fn feed(&mut self, frame: TransferFrame) -> anyhow::Result<bool> {
+        match frame {
+            TransferFrame::Message(TransferMessage::Item { rel, kind, mode, mtime, size, target }) => {
+                self.0.entry(&rel, &kind, mode, mtime, size, target)?;
+            }
+            TransferFrame::Block { data, .. } => self.0.data(&data)?,
+            TransferFrame::Message(TransferMessage::End { blocks_sent, .. }) if blocks_sent == self.1 => {
+                return Ok(true)
+            }
+            TransferFrame::Message(TransferMessage::End { blocks_sent, .. }) => {
+                bail!("the coordinator says it sent {blocks_sent} frames, {} arrived", self.1)
+            }
+            TransferFrame::Message(TransferMessage::Failed { reason }) => bail!("the coordinator stopped: {reason}"),
+            other => bail!("unexpected frame in the item stream: {other:?}"),
+        }
+        self.1 += 1;
+        Ok(false)
+    }
+
+    /// After the end: directories get their modes, the destination is synced once.
+    pub fn finish(self) -> anyhow::Result<Written> {
+        self.0.finish()
+    }
+}
+
 pub async fn write_items(
     recv: &mut (impl tokio::io::AsyncRead + Unpin),
     root: &Path,
     opts: WriteOptions,
 ) -> anyhow::Result<Written> {
     const BS: usize = 1 << 20;
-    std::fs::create_dir_all(root).map_err(|e| write_error(&e, "create", root))?;
-    let mut w = Writer {
-        root: root.to_owned(),
-        opts,
-        umask: process_umask(),
-        out: Written::default(),
-        current: Current::Nothing,
-        dirs: vec![],
-    };
+    let mut w = ItemsWriter::new(root, opts)?;
     loop {
         let frame = transfer::read(recv, BS).await.map_err(|e| anyhow::anyhow!("the item stream broke off: {e}"))?;
-        match frame {
-            Some(TransferFrame::Message(TransferMessage::Item { rel, kind, mode, mtime, size, target })) => {
-                w.entry(&rel, &kind, mode, mtime, size, target)?;
-            }
-            Some(TransferFrame::Block { data, .. }) => w.data(&data)?,
-            Some(TransferFrame::Message(TransferMessage::End { .. })) => break,
-            Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
-                bail!("the coordinator stopped: {reason}")
-            }
-            other => bail!("unexpected frame in the item stream: {other:?}"),
+        let Some(frame) = frame else { bail!("unexpected frame in the item stream: None") };
+        if w.feed(frame)? {
+            break;
         }
     }
     w.finish()
@@ -411,6 +444,34 @@ pub async fn write_items(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_end_must_count_every_frame_before_it() {
+        let item = |name: &str| {
+            TransferFrame::Message(TransferMessage::Item {
+                rel: vec![name.as_bytes().to_vec()],
+                kind: "file".into(),
+                mode: 0o644,
+                mtime: 0,
+                size: 3,
+                target: None,
+            })
+        };
+        let data = TransferFrame::Block { index: 0, id: [0; 32], data: b"abc".to_vec() };
+        let end = |n| TransferFrame::Message(TransferMessage::End { blocks_sent: n, bytes_read: 0 });
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ItemsWriter::new(&dir.path().join("a"), WriteOptions::default()).unwrap();
+        assert!(!w.feed(item("f")).unwrap());
+        assert!(!w.feed(data.clone()).unwrap());
+        // A frame that went missing on the way (a sender that skipped one) is not a success.
+        assert!(w.feed(end(3)).unwrap_err().to_string().contains("sent 3 frames, 2 arrived"));
+        let mut w = ItemsWriter::new(&dir.path().join("b"), WriteOptions::default()).unwrap();
+        assert!(!w.feed(item("f")).unwrap());
+        assert!(!w.feed(data).unwrap());
+        assert!(w.feed(end(2)).unwrap());
+        assert_eq!(w.finish().unwrap().files, 1);
+        assert_eq!(std::fs::read(dir.path().join("b/f")).unwrap(), b"abc");
+    }
 
     #[test]
     fn modes_lose_setuid_setgid_sticky_and_world_write_unless_kept() {

@@ -490,42 +490,20 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
         .await
         .map_err(stream_err("transfer stream"))?;
     let pages = Arc::new(pages);
-    let (mut received, mut written) = (0u64, 0u64);
-    let mut last: Option<u64> = None;
+    let mut restore = crate::restore_disk::DiskRestore::new(size, bs as u64, disk.hasher.clone());
     loop {
         let frame = transfer::read(&mut recv, bs).await.map_err(stream_err("restore"))?;
-        let (index, data) = match frame {
-            Some(TransferFrame::Message(TransferMessage::WantPages { nodes })) => {
-                answer_pages(&mut send, &pages, root, nodes, bs).await?;
-                continue;
+        let Some(frame) = frame else { return Err(Failure::other("unexpected frame in a restore: None")) };
+        match restore.frame(frame).map_err(Failure::other)? {
+            crate::restore_disk::Step::AnswerPages(nodes) => answer_pages(&mut send, &pages, root, nodes, bs).await?,
+            crate::restore_disk::Step::Write { offset, data } => {
+                let (backend, d) = (env.backend.clone(), disk.clone());
+                blocking(move || backend.restore_write(&d.vm, &d.name, offset, &data)).await??;
             }
-            Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) if blocks_sent == received => break,
-            Some(TransferFrame::Message(TransferMessage::Failed { reason })) => {
-                return Err(Failure::other(format!("the coordinator stopped the restore: {reason}")))
-            }
-            Some(TransferFrame::Block { index, id, data }) => {
-                if disk.hasher.id(&data) != id {
-                    return Err(Failure::other(format!("block {index} does not match its id")));
-                }
-                (index, data)
-            }
-            Some(TransferFrame::Zero { index }) => {
-                let len = (bs as u64).min(size.saturating_sub(index.saturating_mul(bs as u64))) as usize;
-                (index, vec![0u8; len])
-            }
-            other => return Err(Failure::other(format!("unexpected frame in a restore: {other:?}"))),
-        };
-        let offset =
-            index.checked_mul(bs as u64).filter(|o| o.checked_add(data.len() as u64).is_some_and(|end| end <= size));
-        let Some(offset) = offset.filter(|_| index < blocks && last.is_none_or(|l| index > l)) else {
-            return Err(Failure::other(format!("block {index} is out of order or outside the disk")));
-        };
-        last = Some(index);
-        received += 1;
-        written += data.len() as u64;
-        let (backend, d) = (env.backend.clone(), disk.clone());
-        blocking(move || backend.restore_write(&d.vm, &d.name, offset, &data)).await??;
+            crate::restore_disk::Step::Done => break,
+        }
     }
+    let (received, written) = (restore.received(), restore.written());
     transfer::write_message(&mut send, &TransferMessage::Stored { blocks: received }, bs)
         .await
         .map_err(stream_err("transfer stream"))?;

@@ -32,6 +32,7 @@ pub mod items_writer;
 pub mod job;
 pub mod qemu;
 pub mod reader;
+pub mod restore_disk;
 pub mod run;
 pub mod seed;
 pub mod sim;

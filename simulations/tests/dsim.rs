@@ -92,6 +92,21 @@ fn an_agent_that_confirms_before_the_verdict_is_caught() {
 }
 
 #[test]
+fn an_item_recovery_that_writes_wrong_contents_is_caught() {
+    let (code, s, stderr) =
+        sim(&["--seed", "1", "--runs", "6", "--minutes", "0.5"], &[("BULWARK_SIM_BREAK", "items-reversed")]);
+    assert_eq!(code, Some(1), "{s}\n{stderr}");
+    let violations = s["violations"].as_array().unwrap();
+    assert!(
+        violations.iter().any(|v| v["invariant"] == "items-exact"),
+        "item recoveries that did not give the recovery point's files: {s}"
+    );
+    let (_, good, _) = sim(&["--seed", "1", "--runs", "3", "--minutes", "0.5"], &[]);
+    assert!(good["items_verified"].as_u64().unwrap() >= 3, "the correct build recovers items exactly: {good}");
+    assert!(good["violations"].as_array().unwrap().is_empty(), "{good}");
+}
+
+#[test]
 fn a_restore_that_sends_blocks_out_of_order_is_caught() {
     let (code, s, stderr) =
         sim(&["--seed", "1", "--runs", "20", "--minutes", "0.5"], &[("BULWARK_SIM_BREAK", "restore-out-of-order")]);

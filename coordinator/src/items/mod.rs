@@ -31,6 +31,7 @@ pub mod worker;
 
 use crate::catalog::RpDisk;
 use crate::store::Store;
+use bulwark_protocol::transfer::{TransferFrame, TransferMessage};
 use disk::{DiskReader, Geometry, StoreBlocks};
 use fs::{DirRef, Entry, GuestFs};
 use serde::{Deserialize, Serialize};
@@ -566,6 +567,69 @@ pub async fn swap_blocks(
     Ok(ranges)
 }
 
+/// What goes down an item stream, as a plain machine: an `Item` message per entry, then (for a
+/// file) its bytes as block frames, never more or fewer than the entry's size — the items
+/// worker is not trusted to keep count. `stream_items` feeds it the worker's answers; the
+/// simulation feeds it [`copy_out`] in process.
+#[derive(Debug, Default)]
+pub struct ItemFrames {
+    seq: u64,
+    left: u64,
+    /// Entries the walk left out (unreadable).
+    pub skipped: u64,
+    #[cfg(feature = "broken-builds")]
+    broken: bool,
+}
+
+impl ItemFrames {
+    /// The broken build the simulation must catch (`broken-builds` feature): each chunk of a
+    /// file's bytes goes out reversed — right sizes, wrong contents.
+    #[cfg(feature = "broken-builds")]
+    pub fn break_contents(&mut self) {
+        self.broken = true;
+    }
+
+    /// The frame announcing an entry.
+    pub fn entry(&mut self, rel: Vec<Vec<u8>>, item: Item) -> Result<TransferFrame, String> {
+        if self.left != 0 {
+            return Err(format!("the items worker sent {} bytes too few before the next entry", self.left));
+        }
+        self.seq = 0;
+        self.left = if item.kind == ItemKind::File { item.size } else { 0 };
+        Ok(TransferFrame::Message(TransferMessage::Item {
+            rel,
+            kind: item.kind.as_str().into(),
+            mode: item.mode,
+            mtime: item.mtime,
+            size: item.size,
+            target: item.target,
+        }))
+    }
+
+    /// The frame carrying the next bytes of the current file.
+    pub fn data(&mut self, #[allow(unused_mut)] mut bytes: Vec<u8>) -> Result<TransferFrame, String> {
+        #[cfg(feature = "broken-builds")]
+        if self.broken {
+            bytes.reverse();
+        }
+        self.left = self
+            .left
+            .checked_sub(bytes.len() as u64)
+            .ok_or_else(|| "the items worker sent more bytes than the file holds".to_owned())?;
+        let frame = TransferFrame::Block { index: self.seq, id: bulwark_protocol::block::ZERO, data: bytes };
+        self.seq += 1;
+        Ok(frame)
+    }
+
+    /// The walk ended: the last file must be whole.
+    pub fn end(&self) -> Result<(), String> {
+        if self.left != 0 {
+            return Err(format!("the items worker sent {} bytes too few for the last file", self.left));
+        }
+        Ok(())
+    }
+}
+
 /// Streams the items at `paths` of disk `d` on `send` (an `Item` message per entry, file
 /// bytes as block frames), paced by the options' throttle; answers the frames sent. The
 /// caller ends the stream (`End` or `Failed`).
@@ -576,58 +640,36 @@ pub async fn stream_items(
     paths: Vec<String>,
     options: &bulwark_protocol::messages::RecoveryOptions,
 ) -> Result<u64, String> {
-    use bulwark_protocol::transfer::{self, TransferMessage};
+    use bulwark_protocol::transfer;
     let mut throttle = crate::throttle::Throttle::for_options(options);
     let source = StoreBlocks::new(store, d.root, geometry(&d));
     let mut s = sandbox::start(source, pipe::Op::Copy { paths }, sandbox::Budget::COPY);
+    let mut frames = ItemFrames::default();
     let mut sent = 0u64;
-    let mut seq = 0u64;
-    let mut left = 0u64;
-    let mut skipped = 0u64;
     while let Some(out) = s.next().await {
-        let body = match out {
-            sandbox::Out::Reply(pipe::Reply::Entry { rel, item }) => {
-                if left != 0 {
-                    return Err(format!("the items worker sent {left} bytes too few before the next entry"));
-                }
-                seq = 0;
-                left = if item.kind == ItemKind::File { item.size } else { 0 };
-                let msg = TransferMessage::Item {
-                    rel,
-                    kind: item.kind.as_str().into(),
-                    mode: item.mode,
-                    mtime: item.mtime,
-                    size: item.size,
-                    target: item.target,
-                };
-                transfer::message_body(&msg).map_err(|e| e.to_string())?
-            }
-            sandbox::Out::Data(bytes) => {
-                // The worker is not trusted: never more bytes than the entry's size.
-                left = left
-                    .checked_sub(bytes.len() as u64)
-                    .ok_or_else(|| "the items worker sent more bytes than the file holds".to_owned())?;
-                let frame = transfer::block_body(seq, &bulwark_protocol::block::ZERO, &bytes);
-                seq += 1;
-                frame
-            }
+        let frame = match out {
+            sandbox::Out::Reply(pipe::Reply::Entry { rel, item }) => frames.entry(rel, item)?,
+            sandbox::Out::Data(bytes) => frames.data(bytes)?,
             sandbox::Out::Reply(pipe::Reply::Skipped { path, reason }) => {
-                skipped += 1;
+                frames.skipped += 1;
                 tracing::warn!(path = %crate::items::sandbox::printable(&path), reason = %crate::items::sandbox::printable(&reason), "item left out of the recovery");
                 continue;
             }
             other => return Err(format!("unexpected answer from the items worker: {other:?}")),
+        };
+        let body = match &frame {
+            TransferFrame::Block { index, id, data } => transfer::block_body(*index, id, data),
+            TransferFrame::Message(m) => transfer::message_body(m).map_err(|e| e.to_string())?,
+            TransferFrame::Zero { index } => transfer::zero_body(*index),
         };
         crate::throttle::pace(&mut throttle, body.len() as u64).await;
         transfer::write_body(send, &body, ITEM_CHUNK).await.map_err(|e| format!("the receiver went away: {e}"))?;
         sent += 1;
     }
     s.finish().await.map_err(|e| e.to_string())?;
-    if left != 0 {
-        return Err(format!("the items worker sent {left} bytes too few for the last file"));
-    }
-    if skipped > 0 {
-        tracing::warn!(skipped, "items that could not be read were left out");
+    frames.end()?;
+    if frames.skipped > 0 {
+        tracing::warn!(skipped = frames.skipped, "items that could not be read were left out");
     }
     Ok(sent)
 }

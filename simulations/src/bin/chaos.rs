@@ -109,8 +109,9 @@ fn run_sim(cli: &Cli, disk_bytes: u64) -> anyhow::Result<bool> {
         Ok("second-job") => Some(dsim::nodes::Break::SecondJob),
         Ok("confirm-early") => Some(dsim::nodes::Break::ConfirmEarly),
         Ok("restore-out-of-order") => Some(dsim::nodes::Break::RestoreOutOfOrder),
+        Ok("items-reversed") => Some(dsim::nodes::Break::ItemsReversed),
         Ok(other) => {
-            anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early, second-job, confirm-early and restore-out-of-order")
+            anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early, second-job, confirm-early, restore-out-of-order and items-reversed")
         }
         Err(_) => None,
     };

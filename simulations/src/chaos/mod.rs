@@ -62,6 +62,9 @@ pub struct Summary {
     pub faults: BTreeMap<String, u64>,
     pub recovery_points_checked: u64,
     pub restores_verified: u64,
+    /// The deterministic simulation: item recoveries whose files were checked.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub items_verified: u64,
     pub violations: Vec<Violation>,
     /// Coordinator log lines that report a full disk (store-full runs): the fault bit.
     #[serde(skip_serializing_if = "is_zero")]

@@ -17,6 +17,8 @@
 //! A crash here is a process crash: what reached the files stays (the real-process chaos runs
 //! and the store's `kill -9` tests cover torn writes).
 
+mod checks;
+mod guestfs;
 pub mod nodes;
 
 use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power, Vm};
@@ -54,6 +56,8 @@ pub struct Outcome {
     pub recovery_points_checked: u64,
     /// Recoveries to a new VM that ended with the recovery point's bytes.
     pub restores_verified: u64,
+    /// Item recoveries whose files were each the recovery point's.
+    pub items_verified: u64,
     pub jobs_committed: BTreeMap<String, u64>,
     pub messages: u64,
     pub messages_lost: u64,
@@ -81,6 +85,12 @@ enum Ev {
     KillAgentMidJob(usize),
     KillCoordinatorMidJob,
     Heal(usize),
+    /// A message of host `host`'s connection of epoch `epoch` is lost where it would have
+    /// arrived: the connection dies there, and what it still carried after it with it.
+    Lost {
+        host: usize,
+        epoch: u64,
+    },
 }
 
 /// The network between the coordinator and one host.
@@ -115,7 +125,14 @@ struct World {
     ahead: std::collections::BTreeSet<String>,
     opts: Options,
     out: Outcome,
+    /// Where item recoveries write (each into a directory of its own), and how many began.
+    items_dir: PathBuf,
+    items_started: u64,
 }
+
+/// The VM whose disk holds a file system (FAT) its guest keeps changing: the one item
+/// recoveries read.
+const FS_VM: usize = 0;
 
 fn host_name(h: usize) -> String {
     format!("node{}", h + 1)
@@ -141,7 +158,8 @@ impl World {
     }
 
     /// Sends on host `h`'s connection, `after_ms` from now plus the network's delay; a lost
-    /// message breaks the connection (a QUIC stream does not skip a frame).
+    /// message breaks the connection where it would have arrived, so nothing sent after it on
+    /// that connection arrives either (a QUIC stream does not skip a frame).
     fn send(&mut self, h: usize, to_agent: bool, after_ms: u64, msg: Msg) {
         if !self.up(h) {
             return;
@@ -149,16 +167,17 @@ impl World {
         self.out.messages += 1;
         let link = self.links[h].clone();
         let faulty = link.faulty_until > self.now;
-        if faulty && link.loss > 0.0 && self.rng.gen_bool(link.loss) {
-            self.out.messages_lost += 1;
-            self.break_link(h);
-            return;
-        }
+        let lost = faulty && link.loss > 0.0 && self.rng.gen_bool(link.loss);
         let delay = self.rng.gen_range(1..20) + if faulty { link.delay_ms } else { 0 };
         let lane = &mut self.links[h].last[usize::from(to_agent)][msg.lane()];
         let t = (self.now + after_ms + delay).max(*lane);
         *lane = t;
-        self.at(t, Ev::Deliver { host: h, epoch: link.epoch, to_agent, msg });
+        if lost {
+            self.out.messages_lost += 1;
+            self.at(t, Ev::Lost { host: h, epoch: link.epoch });
+        } else {
+            self.at(t, Ev::Deliver { host: h, epoch: link.epoch, to_agent, msg });
+        }
     }
 
     fn crash_coordinator(&mut self, kind: &str) {
@@ -265,6 +284,15 @@ impl World {
                 c.queue.host_lost(&host_name(h), now);
             }
         }
+        // Now and then an item recovery, faults or not.
+        if self.faults_on && c.item_jobs.is_empty() && self.rng.gen_bool(0.01) {
+            let h = self.rng.gen_range(0..self.agents.len());
+            let msgs = self.start_items(h)?;
+            for m in msgs {
+                self.send(h, true, 0, m);
+            }
+        }
+        let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
         let started = c.start_due(now, |vm| hosts.get(vm).copied())?;
         for (h, msg) in started {
             let dispatched = matches!(msg, Msg::Control(bulwark_protocol::messages::CoordinatorMessage::JobRequest(_)));
@@ -279,8 +307,24 @@ impl World {
         Ok(())
     }
 
+    /// Starts an item recovery of the whole file system of the latest recovery point of the
+    /// file-system VM onto host `h`, into a directory of its own; answers what to send.
+    fn start_items(&mut self, h: usize) -> Result<Vec<Msg>, String> {
+        self.items_started += 1;
+        let dest = self.items_dir.join(self.items_started.to_string());
+        let vm = self.vms[FS_VM].clone();
+        let now = self.now;
+        let Some(c) = self.coordinator.as_mut() else { return Ok(vec![]) };
+        c.recover_items(&vm, vec!["/".into()], &dest.to_string_lossy(), h, now)
+    }
+
     fn churn(&mut self) -> Result<(), String> {
         let i = self.rng.gen_range(0..self.vms.len());
+        if i == FS_VM {
+            // This guest changes files, not blocks.
+            let mut vm = Vm::open(&self.root, &self.vms[i]).map_err(|e| e.to_string())?;
+            return guestfs::churn(&mut vm, DISK, &mut self.rng);
+        }
         let len = self.rng.gen_range(1..48) * 4096;
         let off = self.rng.gen_range(0..(self.opts.disk_bytes - len) / 4096) * 4096;
         let byte: u8 = self.rng.gen();
@@ -390,6 +434,11 @@ impl World {
             }
             Ev::StartAgent(h) => self.start_agent(h)?,
             Ev::StartCoordinator => self.start_coordinator()?,
+            Ev::Lost { host, epoch } => {
+                if self.links[host].epoch == epoch {
+                    self.break_link(host);
+                }
+            }
             Ev::Heal(h) => {
                 if self.links[h].faulty_until <= self.now {
                     self.links[h].loss = 0.0;
@@ -449,6 +498,9 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
             )
         };
         sim::create_vm(&root, &req)?;
+        if i == FS_VM {
+            guestfs::create(&mut Vm::open(&root, name)?, DISK, &mut rng).map_err(anyhow::Error::msg)?;
+        }
     }
     let mut w = World {
         rng,
@@ -466,6 +518,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
         ahead: Default::default(),
         opts: opts.clone(),
         out: Outcome { seed: opts.seed, ..Outcome::default() },
+        items_dir: dir.path().join("items"),
+        items_started: 0,
     };
     w.start_coordinator().map_err(anyhow::Error::msg)?;
     for h in 0..opts.hosts {
@@ -492,6 +546,7 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
     let settled = |w: &World| {
         let Some(c) = w.coordinator.as_ref() else { return false };
         c.jobs.is_empty()
+            && c.item_jobs.is_empty()
             && w.agents.iter().all(|a| a.as_ref().is_some_and(|a| a.held.is_empty()))
             && w.vms.iter().all(|vm| {
                 matches!(c.store.catalog().replica(vm, DISK), Ok(Some(r))
@@ -503,151 +558,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
         w.out.violations.push(("settle".into(), "the replicas did not all become consistent within 120 s".into()));
     }
     // What the end checks have read of the store, shared by both.
-    let mut memo = BlockCvs::new();
-    check(&mut w, &mut memo)?;
-    restores(&mut w, &mut memo)?;
+    let mut memo = checks::BlockCvs::new();
+    checks::check(&mut w, &mut memo)?;
+    checks::restores(&mut w, &mut memo)?;
+    checks::items(&mut w)?;
     if let Some(c) = &w.coordinator {
         w.out.jobs_committed = c.committed.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
     }
     Ok(w.out)
-}
-
-/// Chaining values of recovery-point blocks already read, by (chunk id, block index): the
-/// recovery points of a VM share most of their blocks, so the end checks read and hash each
-/// (chunk, place) once instead of once a recovery point.
-type BlockCvs = std::collections::HashMap<(bulwark_protocol::block::Digest, u64), blake3::hazmat::ChainingValue>;
-
-/// BLAKE3 (hex) of a recovery point's (or replica's) disk, from its chunks as the store reads
-/// them (each checked against its id), merged along BLAKE3's tree as the sim's ground truth is.
-fn rp_digest(store: &bulwark_coordinator::store::Store, disk: &RpDisk, memo: &mut BlockCvs) -> anyhow::Result<String> {
-    if u64::from(disk.block_size) != sim::truth::BLOCK || disk.size_bytes <= sim::truth::BLOCK {
-        return Ok(hex(&store.disk_digest(disk)?));
-    }
-    let bs = sim::truth::BLOCK;
-    let mut cvs = Vec::with_capacity(disk.size_bytes.div_ceil(bs) as usize);
-    blockmap::for_each_leaf(&StorePages(store), &disk.root, |index, id| {
-        let offset = index * bs;
-        let len = bs.min(disk.size_bytes.saturating_sub(offset)) as usize;
-        let cv = match memo.get(&(id, index)) {
-            Some(cv) => *cv,
-            None => {
-                let data = if id == bulwark_protocol::block::ZERO { vec![0u8; len] } else { store.read_chunk(&id)? };
-                if data.len() != len {
-                    return Err(StoreError::BlockMap(format!("block {index} is {} bytes, expected {len}", data.len())));
-                }
-                let cv = sim::truth::block_cv(offset, &data);
-                memo.insert((id, index), cv);
-                cv
-            }
-        };
-        cvs.push(cv);
-        Ok(())
-    })
-    .map_err(|e| anyhow::anyhow!("reading {}: {e}", disk.name))?;
-    anyhow::ensure!(cvs.len() as u64 == disk.size_bytes.div_ceil(bs), "{}: the block map misses blocks", disk.name);
-    let root = sim::truth::root(disk.size_bytes, &cvs, || Err(std::io::Error::other("a one-block disk")))?;
-    Ok(root.to_hex().to_string())
-}
-
-/// Recoveries, after the invariants: each VM's latest recovery point is recovered as a new VM
-/// on a host through the real `Recovery` and `RestoreDisk`, which must finish and give the
-/// recovery point's bytes exactly (`restore-exact`).
-fn restores(w: &mut World, memo: &mut BlockCvs) -> anyhow::Result<()> {
-    let start = w.now;
-    for (i, vm) in w.vms.clone().iter().enumerate() {
-        let h = i % w.agents.len();
-        let target = format!("{vm}-r");
-        let Some(c) = w.coordinator.as_mut() else { anyhow::bail!("no coordinator for the recoveries") };
-        for m in c.recover(vm, &target, h, start).map_err(anyhow::Error::msg)? {
-            w.send(h, true, 0, m);
-        }
-    }
-    let done = |w: &World| w.coordinator.as_ref().is_some_and(|c| c.recoveries.is_empty());
-    if !w.run_until(start + 60_000, done).map_err(anyhow::Error::msg)? {
-        w.out.violations.push(("restore-finished".into(), "the recoveries did not end within 60 s".into()));
-    }
-    let Some(c) = w.coordinator.as_ref() else { anyhow::bail!("no coordinator after the recoveries") };
-    let mut violations = vec![];
-    for (vm, rp, target, outcome) in &c.recovered {
-        let Some(disk) = rp.disks.first() else { continue };
-        match outcome {
-            Err(e) => violations.push(("restore-exact".into(), format!("{vm} to {target} failed: {e}"))),
-            Ok(()) => {
-                let want = rp_digest(&c.store, disk, memo)?;
-                let got = Vm::open(&w.root, target)?.guest_digest(DISK)?.to_hex().to_string();
-                if got != want {
-                    violations.push(("restore-exact".into(), format!("{target} is not {vm}'s recovery point")));
-                }
-                w.out.restores_verified += 1;
-            }
-        }
-    }
-    w.out.violations.extend(violations);
-    Ok(())
-}
-
-/// The invariants, and the digest of the final catalog.
-fn check(w: &mut World, memo: &mut BlockCvs) -> anyhow::Result<()> {
-    let Some(c) = w.coordinator.as_ref() else { anyhow::bail!("no coordinator at the end") };
-    let mut violations = vec![];
-    let mut digest = blake3::Hasher::new();
-    for line in &w.out.timeline {
-        digest.update(line.as_bytes());
-    }
-    let mut checked = 0;
-    for name in &w.vms {
-        let vm = Vm::open(&w.root, name)?;
-        if vm.config.frozen.is_some() || vm.config.snapshot.is_some() || vm.config.power == Power::Paused {
-            violations
-                .push(("no-frozen-vm".into(), format!("{name}: {:?} {:?}", vm.config.frozen, vm.config.snapshot)));
-        }
-        // Every recovery point is the guest's view at one of its snapshot points, in order.
-        let truth = sim::ground_truth(&w.root, name)?;
-        let mut rps = c.store.catalog().recovery_points(name)?;
-        rps.sort_by_key(|r| r.created_at);
-        let mut from = 0;
-        for rp in &rps {
-            let Some(disk) = rp.disks.first() else { continue };
-            let got = rp_digest(&c.store, disk, memo)?;
-            checked += 1;
-            match truth.iter().skip(from).position(|t| t.disks.get(DISK) == Some(&got)) {
-                Some(i) => from += i + 1,
-                None => violations.push((
-                    "rp-ground-truth".into(),
-                    format!("{name}: the recovery point of {} ms matches no later snapshot point", rp.created_at),
-                )),
-            }
-            digest.update(format!("{name} rp {} {:?} {:?}", rp.created_at, rp.consistency, disk.root).as_bytes());
-        }
-        // The replica is the guest's disk as it is now (nothing was written after the faults).
-        match c.store.catalog().replica(name, DISK)? {
-            Some(r) if r.state == ReplicaState::Consistent => {
-                if let Some(root) = r.root {
-                    let disk = bulwark_coordinator::catalog::RpDisk {
-                        name: DISK.into(),
-                        size_bytes: r.size_bytes,
-                        block_size: r.block_size,
-                        root,
-                    };
-                    // Read whole: every block of the map, each the right length.
-                    let replica = rp_digest(&c.store, &disk, memo)?;
-                    if replica != vm.guest_digest(DISK)?.to_hex().to_string() || r.size_bytes != w.opts.disk_bytes {
-                        violations
-                            .push(("replica-current".into(), format!("{name}: the replica is not the guest's disk")));
-                    }
-                }
-                digest.update(format!("{name} replica {:?} {:?}", r.change_token, r.root).as_bytes());
-            }
-            other => violations.push(("replica-consistent".into(), format!("{name}: {other:?}"))),
-        }
-    }
-    if !c.jobs.is_empty() {
-        violations.push(("no-stuck-job".into(), format!("{:?}", c.jobs.keys().collect::<Vec<_>>())));
-    }
-    w.out.recovery_points_checked = checked;
-    w.out.violations.extend(violations);
-    w.out.digest = digest.finalize().to_hex().to_string();
-    Ok(())
 }
 
 /// The directory for the runs' files: memory-backed when the machine has `/dev/shm`.
@@ -714,6 +632,7 @@ fn fold(summary: &mut crate::chaos::Summary, runs: u64, out: Outcome) {
     }
     summary.recovery_points_checked += out.recovery_points_checked;
     summary.restores_verified += out.restores_verified;
+    summary.items_verified += out.items_verified;
     if runs <= 20 {
         summary.digests.insert(seed, out.digest.clone());
     }

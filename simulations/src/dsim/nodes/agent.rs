@@ -2,6 +2,8 @@
 //! the real agent's checks.
 
 use super::*;
+use bulwark_agent::items_writer::{ItemsWriter, WriteOptions};
+use bulwark_agent::restore_disk::{DiskRestore, Step};
 use std::os::unix::fs::FileExt;
 
 /// A job an agent runs: the real `AgentJob`, and what the simulation keeps beside it.
@@ -37,24 +39,22 @@ pub struct Agent {
     pub held: BTreeMap<String, Held>,
     /// Recoveries by job id.
     pub restores: BTreeMap<u64, AgentRestore>,
+    /// Item recoveries by job id: the real agent's writer.
+    pub items: BTreeMap<u64, ItemsWriter>,
     root: PathBuf,
     broken: Option<Break>,
 }
 
-/// A recovery an agent runs: the sim's restore calls, with the real agent's checks (ids,
-/// order, range, the count at the end).
+/// A recovery an agent runs: the real agent's `DiskRestore` (ids, order, range, the count at
+/// the end), its steps performed with the sim's restore calls.
 #[derive(Debug)]
 pub struct AgentRestore {
     vm: String,
     disk: String,
     size: u64,
-    block_size: u64,
-    id_key: Option<[u8; 32]>,
     root: TreeRoot,
     pages: MemPages,
-    last: Option<u64>,
-    received: u64,
-    written: u64,
+    machine: DiskRestore,
 }
 
 impl Agent {
@@ -66,6 +66,7 @@ impl Agent {
             host: host.to_owned(),
             held: BTreeMap::new(),
             restores: BTreeMap::new(),
+            items: BTreeMap::new(),
             root: root.to_owned(),
             broken,
         })
@@ -77,6 +78,10 @@ impl Agent {
             Msg::Control(CoordinatorMessage::JobRequest(req)) => self.start_job(req, now),
             Msg::Control(CoordinatorMessage::RestoreRequest(req)) => self.start_restore(req),
             Msg::Frame { job, frame } if self.restores.contains_key(&job) => self.restore_frame(job, frame),
+            Msg::Control(CoordinatorMessage::ItemsRequest { job, dest, keep_modes }) => {
+                Ok(self.start_items(job, &dest, keep_modes))
+            }
+            Msg::Frame { job, frame } if self.items.contains_key(&job) => Ok(self.items_frame(job, frame)),
             Msg::Control(CoordinatorMessage::JobDone { job, committed }) => {
                 let Some(vm) = self.vm_of(job.0) else { return Ok(vec![]) };
                 if let Some(h) = self.held.get_mut(&vm) {
@@ -86,6 +91,61 @@ impl Agent {
             }
             Msg::Frame { job, frame } => self.frame(job, frame, now),
             _ => Ok(vec![]),
+        }
+    }
+
+    /// An item recovery onto this host, as the real agent's `job::items`: the destination is
+    /// made, the `Items` stream opened, and what arrives goes through the real `ItemsWriter`.
+    fn start_items(&mut self, job: JobId, dest: &str, keep_modes: bool) -> Vec<Out> {
+        let fail = |why: String| {
+            let outcome = JobOutcome::Failed { kind: FailureKind::Other, reason: why };
+            vec![Out { after_ms: 0, msg: Msg::Result(JobResult { job, outcome }) }]
+        };
+        if !dest.starts_with('/') {
+            return fail(format!("destination {dest:?} is not an absolute path"));
+        }
+        match ItemsWriter::new(Path::new(dest), WriteOptions { keep_modes }) {
+            Ok(w) => {
+                self.items.insert(job.0, w);
+                let open = Msg::Open {
+                    job: job.0,
+                    disk: String::new(),
+                    mode: TransferMode::Items,
+                    blocks: 0,
+                    block_size: 1 << 20,
+                };
+                vec![Out { after_ms: 0, msg: open }]
+            }
+            Err(e) => fail(format!("{e:#}")),
+        }
+    }
+
+    /// A frame of an item stream.
+    fn items_frame(&mut self, job: u64, frame: TransferFrame) -> Vec<Out> {
+        let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
+        let result = |outcome| Out { after_ms: 0, msg: Msg::Result(JobResult { job: JobId(job), outcome }) };
+        let Some(w) = self.items.get_mut(&job) else { return vec![] };
+        let written = match w.feed(frame) {
+            Ok(false) => return vec![],
+            Ok(true) => self.items.remove(&job).map(|w| w.finish()),
+            Err(e) => {
+                self.items.remove(&job);
+                Some(Err(e))
+            }
+        };
+        match written {
+            Some(Ok(w)) => vec![
+                say(TransferMessage::Stored { blocks: w.files }),
+                result(JobOutcome::Restored { bytes_read: 0, bytes_written: w.bytes, skipped: w.skipped_lines() }),
+            ],
+            Some(Err(e)) => {
+                let reason = format!("{e:#}");
+                vec![
+                    say(TransferMessage::Failed { reason: reason.clone() }),
+                    result(JobOutcome::Failed { kind: FailureKind::Other, reason }),
+                ]
+            }
+            None => vec![],
         }
     }
 
@@ -131,13 +191,9 @@ impl Agent {
             vm,
             disk: disk.name.to_string(),
             size,
-            block_size: bs,
-            id_key: req.id_key,
             root,
             pages,
-            last: None,
-            received: 0,
-            written: 0,
+            machine: DiskRestore::new(size, bs, hasher),
         };
         self.restores.insert(job.0, restore);
         let open = Msg::Open {
@@ -156,44 +212,21 @@ impl Agent {
         let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
         let result = |outcome| Out { after_ms: 0, msg: Msg::Result(JobResult { job: JobId(job), outcome }) };
         let Some(r) = self.restores.get_mut(&job) else { return Ok(vec![]) };
-        let step: Result<Option<Vec<Out>>, String> = (|| {
-            let (index, data) = match frame {
-                TransferFrame::Message(TransferMessage::WantPages { nodes }) => {
-                    let pages = nodes
-                        .iter()
-                        .map(|&(l, i)| blockmap::node_entries(&r.pages, &r.root, l, i))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| e.to_string())?;
-                    return Ok(Some(vec![say(TransferMessage::Pages { pages })]));
-                }
-                TransferFrame::Message(TransferMessage::End { blocks_sent, .. }) if blocks_sent == r.received => {
-                    return Ok(None);
-                }
-                TransferFrame::Message(TransferMessage::Failed { reason }) => {
-                    return Err(format!("the coordinator stopped the restore: {reason}"));
-                }
-                TransferFrame::Block { index, id, data } => {
-                    if r.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed).id(&data) != id {
-                        return Err(format!("block {index} does not match its id"));
-                    }
-                    (index, data)
-                }
-                TransferFrame::Zero { index } => {
-                    let len = r.block_size.min(r.size.saturating_sub(index.saturating_mul(r.block_size))) as usize;
-                    (index, vec![0u8; len])
-                }
-                other => return Err(format!("unexpected frame in a restore: {other:?}")),
-            };
-            let blocks = r.size.div_ceil(r.block_size);
-            if index >= blocks || r.last.is_some_and(|l| index <= l) {
-                return Err(format!("block {index} is out of order or outside the disk"));
+        let step: Result<Option<Vec<Out>>, String> = (|| match r.machine.frame(frame)? {
+            Step::AnswerPages(nodes) => {
+                let pages = nodes
+                    .iter()
+                    .map(|&(l, i)| blockmap::node_entries(&r.pages, &r.root, l, i))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())?;
+                Ok(Some(vec![say(TransferMessage::Pages { pages })]))
             }
-            r.last = Some(index);
-            r.received += 1;
-            r.written += data.len() as u64;
-            let v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
-            v.restore_write(&r.disk, index * r.block_size, &data).map_err(sim_err)?;
-            Ok(Some(vec![]))
+            Step::Write { offset, data } => {
+                let v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
+                v.restore_write(&r.disk, offset, &data).map_err(sim_err)?;
+                Ok(Some(vec![]))
+            }
+            Step::Done => Ok(None),
         })();
         match step {
             Ok(Some(out)) => Ok(out),
@@ -201,8 +234,9 @@ impl Agent {
                 let Some(r) = self.restores.remove(&job) else { return Ok(vec![]) };
                 let mut v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
                 v.restore_finish().map_err(sim_err)?;
-                let outcome = JobOutcome::Restored { bytes_read: r.size, bytes_written: r.written, skipped: vec![] };
-                Ok(vec![say(TransferMessage::Stored { blocks: r.received }), result(outcome)])
+                let outcome =
+                    JobOutcome::Restored { bytes_read: r.size, bytes_written: r.machine.written(), skipped: vec![] };
+                Ok(vec![say(TransferMessage::Stored { blocks: r.machine.received() }), result(outcome)])
             }
             Err(why) => {
                 // The VM stays marked as being restored: a recovery that completes clears it.

@@ -1,6 +1,11 @@
 //! The simulation's coordinator: the real job code, its effects performed in memory.
 
 use super::*;
+use bulwark_coordinator::catalog::{ItemsTarget, RpDisk};
+use bulwark_coordinator::items::disk::{DiskReader, Geometry, StoreBlocks};
+use bulwark_coordinator::items::{copy_out, Emit, ItemFrames};
+use bulwark_coordinator::jobs::machine::items::ItemsRecovery;
+use std::sync::Arc;
 
 /// A job's transfer stream on the coordinator's side.
 #[derive(Debug)]
@@ -22,7 +27,7 @@ pub struct RunningJob {
 /// The coordinator: the real store and catalog on disk; the real job queue, jobs and the
 /// schedule in memory.
 pub struct Coordinator {
-    pub store: Store,
+    pub store: Arc<Store>,
     /// Running jobs by id.
     pub jobs: BTreeMap<u64, RunningJob>,
     pub queue: Queue,
@@ -32,6 +37,10 @@ pub struct Coordinator {
     pub recoveries: BTreeMap<u64, RunningRecovery>,
     /// Recoveries that ended: (VM recovered, recovery point, target VM, outcome).
     pub recovered: Vec<(String, RecoveryPointRecord, String, Result<(), String>)>,
+    /// Item recoveries running, by job id.
+    pub item_jobs: BTreeMap<u64, RunningItems>,
+    /// Item recoveries that ended: (VM, recovery point, destination, outcome).
+    pub items_recovered: Vec<(String, RecoveryPointRecord, String, Result<(), String>)>,
     pub next_backup_at: BTreeMap<String, u64>,
     disk_bytes: u64,
     broken: Option<Break>,
@@ -53,7 +62,7 @@ impl Coordinator {
                 .map_err(|e| format!("catalog: {e}"))?;
         let config = StoreConfig { pack_max_bytes: 1 << 20, gc_filter_bytes: 1 << 16, ..StoreConfig::default() };
         bulwark_coordinator::jobs::recover_interrupted(&catalog, now / 1000).map_err(|e| e.to_string())?;
-        let store = Store::open(&data, catalog, config).map_err(|e| format!("store: {e}"))?;
+        let store = Arc::new(Store::open(&data, catalog, config).map_err(|e| format!("store: {e}"))?);
         let mut queue = Queue::new(Limits { max_running: 8, per_agent: 4 }, now);
         if broken == Some(Break::SecondJob) {
             queue.break_one_job_per_vm();
@@ -65,6 +74,8 @@ impl Coordinator {
             waiting: BTreeMap::new(),
             recoveries: BTreeMap::new(),
             recovered: vec![],
+            item_jobs: BTreeMap::new(),
+            items_recovered: vec![],
             next_backup_at: BTreeMap::new(),
             disk_bytes,
             broken,
@@ -248,6 +259,9 @@ impl Coordinator {
         if self.recoveries.contains_key(&job) {
             return self.recovery_receive(job, msg, now);
         }
+        if self.item_jobs.contains_key(&job) {
+            return self.items_receive(job, msg, now);
+        }
         // A job that is over (or from before a restart) takes nothing more.
         if !self.jobs.contains_key(&job) {
             return Ok(match msg {
@@ -428,6 +442,86 @@ impl Coordinator {
         Ok(out)
     }
 
+    /// Starts an item recovery of `paths` of `vm`'s latest recovery point into `dest` on
+    /// `host`: the real `ItemsRecovery`; answers what to send.
+    pub fn recover_items(
+        &mut self,
+        vm: &str,
+        paths: Vec<String>,
+        dest: &str,
+        host: usize,
+        now: u64,
+    ) -> Result<Vec<Msg>, StoreFailure> {
+        let cat = self.store.catalog();
+        let mut rps = cat.recovery_points(vm).map_err(|e| e.to_string())?;
+        rps.sort_by_key(|r| r.created_at);
+        let Some(rp) = rps.pop() else { return Ok(vec![]) };
+        let id = cat.next_job_id().map_err(|e| e.to_string())?;
+        let record =
+            JobRecord { state: JobState::Running, ..JobRecord::queued(id, JobKind::Recovery, Some(vm.to_owned())) };
+        let target = ItemsTarget { disk: DISK.into(), paths, dest: dest.to_owned(), keep_modes: false };
+        let machine = match ItemsRecovery::start(record, &rp, target, host_name(host), JOB_TIMEOUT_MS, now) {
+            Ok(m) => m,
+            Err(f) => {
+                self.items_recovered.push((vm.to_owned(), rp, dest.to_owned(), Err(f.reason)));
+                return Ok(vec![]);
+            }
+        };
+        self.item_jobs.insert(id, RunningItems { vm: vm.to_owned(), rp, host, dest: dest.to_owned(), machine });
+        self.perform_items(id)
+    }
+
+    fn perform_items(&mut self, id: u64) -> Result<Vec<Msg>, StoreFailure> {
+        let mut out = vec![];
+        loop {
+            let Some(r) = self.item_jobs.get_mut(&id) else { return Ok(out) };
+            let Some(effect) = r.machine.poll_effect() else { return Ok(out) };
+            match effect {
+                Effect::Send(m) => out.push(Msg::Control(m)),
+                Effect::Finished => {
+                    if let Some(r) = self.item_jobs.remove(&id) {
+                        let outcome = match r.machine.outcome() {
+                            Some(Ok(())) => Ok(()),
+                            Some(Err(f)) => Err(f.reason.clone()),
+                            None => Err("no outcome".into()),
+                        };
+                        self.store.catalog().put_job(r.machine.record()).map_err(|e| e.to_string())?;
+                        self.items_recovered.push((r.vm, r.rp, r.dest, outcome));
+                    }
+                }
+                Effect::Save
+                | Effect::PutReplica(_)
+                | Effect::Commit { .. }
+                | Effect::MarkInconsistent(_)
+                | Effect::FindSwap(_) => {}
+            }
+        }
+    }
+
+    /// A message of an item recovery. Once the agent's stream opens, the items go down it at
+    /// once: the real walk (`items::copy_out`, in process here rather than in the confined
+    /// worker) over the recovery point in the store, framed by the real `ItemFrames`.
+    fn items_receive(&mut self, job: u64, msg: Msg, now: u64) -> Result<Vec<Msg>, StoreFailure> {
+        let mut out = vec![];
+        let Some(r) = self.item_jobs.get_mut(&job) else { return Ok(out) };
+        match msg {
+            Msg::Result(res) => r.machine.agent_result(res.outcome),
+            Msg::Open { mode, .. } => match r.machine.stream_opened(mode) {
+                Ok((disk, paths)) => {
+                    let reversed = self.broken == Some(Break::ItemsReversed);
+                    let sent = stream_items(&self.store, &disk, &paths, job, reversed, &mut out);
+                    let end = r.machine.streamed(sent, now);
+                    out.push(Msg::Frame { job, frame: TransferFrame::Message(end) });
+                }
+                Err(why) => out.push(failed(job, &why)),
+            },
+            // `Stored` or `Failed` from the agent: its result says the same.
+            Msg::Frame { .. } | Msg::Control(_) => {}
+        }
+        out.extend(self.perform_items(job)?);
+        Ok(out)
+    }
+
     /// Jobs whose agent fell silent past their deadline fail as the real job does.
     pub fn expire(&mut self, now: u64) -> Result<Vec<(usize, Msg)>, StoreFailure> {
         let late: Vec<(u64, usize)> = self
@@ -455,6 +549,18 @@ impl Coordinator {
             }
             out.extend(self.perform_recovery(id)?.into_iter().map(|m| (host, m)));
         }
+        let late: Vec<(u64, usize)> = self
+            .item_jobs
+            .iter()
+            .filter(|(_, r)| r.machine.next_timeout().is_some_and(|t| t <= now))
+            .map(|(id, r)| (*id, r.host))
+            .collect();
+        for (id, host) in late {
+            if let Some(r) = self.item_jobs.get_mut(&id) {
+                r.machine.timeout(now);
+            }
+            out.extend(self.perform_items(id)?.into_iter().map(|m| (host, m)));
+        }
         Ok(out)
     }
 }
@@ -467,6 +573,51 @@ pub struct RunningRecovery {
     pub host: usize,
     machine: Recovery,
     stream: Option<(String, RestoreDisk)>,
+}
+
+/// An item recovery the coordinator runs: the real `ItemsRecovery`.
+#[derive(Debug)]
+pub struct RunningItems {
+    pub vm: String,
+    rp: RecoveryPointRecord,
+    pub host: usize,
+    dest: String,
+    machine: ItemsRecovery,
+}
+
+/// Walks `paths` of the recovery point's disk and frames what it finds onto the stream;
+/// answers the frames sent, or why the walk stopped.
+fn stream_items(
+    store: &Arc<Store>,
+    disk: &RpDisk,
+    paths: &[String],
+    job: u64,
+    reversed: bool,
+    out: &mut Vec<Msg>,
+) -> Result<u64, String> {
+    let geometry = Geometry { block_size: disk.block_size, disk_size: disk.size_bytes };
+    let reader = DiskReader::new(Box::new(StoreBlocks::new(Arc::clone(store), disk.root, geometry)), geometry);
+    let mut frames = ItemFrames::default();
+    if reversed {
+        frames.break_contents();
+    }
+    let mut sent = 0u64;
+    let mut emit = |e: Emit<'_>| -> Result<(), String> {
+        let frame = match e {
+            Emit::Entry { rel, item } => frames.entry(rel, item)?,
+            Emit::Data(bytes) => frames.data(bytes.to_vec())?,
+            Emit::Skipped { .. } => {
+                frames.skipped += 1;
+                return Ok(());
+            }
+        };
+        out.push(Msg::Frame { job, frame });
+        sent += 1;
+        Ok(())
+    };
+    copy_out(&reader, paths, &mut emit).map_err(|e| e.to_string())?;
+    frames.end()?;
+    Ok(sent)
 }
 
 /// Feeds one frame to a disk's restore and performs its steps against the store; answers

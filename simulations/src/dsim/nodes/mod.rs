@@ -83,6 +83,8 @@ pub enum Break {
     ConfirmEarly,
     /// The real restore (`broken-builds` feature) sends leaves out of order, one twice.
     RestoreOutOfOrder,
+    /// The real item framing (`broken-builds` feature) sends each chunk of a file reversed.
+    ItemsReversed,
 }
 
 /// The pages of an agent's snapshot tree, in memory.
