@@ -138,8 +138,8 @@ fn print_summary(cli: &Cli, summary: &chaos::Summary) -> anyhow::Result<bool> {
             _ => format!("{:?}", summary.seeds),
         };
         println!(
-            "runs {}, seeds {seeds}, recovery points checked {}, restores verified {}",
-            summary.runs, summary.recovery_points_checked, summary.restores_verified
+            "runs {}, seeds {seeds}, recovery points checked {}, restores verified {}, item recoveries verified {}",
+            summary.runs, summary.recovery_points_checked, summary.restores_verified, summary.items_verified
         );
         for (k, n) in &summary.faults {
             println!("  fault {k}: {n}");

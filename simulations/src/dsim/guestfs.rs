@@ -17,35 +17,39 @@ const MAX_FILES: usize = 12;
 /// Directory levels the checks walk at most.
 const MAX_DEPTH: usize = 8;
 
-/// Read-through, write-back access to one disk of a VM for fatfs.
+/// Read-through, write-back access to one disk of a VM for fatfs: the pages one change
+/// touches are read once (fatfs reads directory entries 32 bytes at a time).
 struct GuestIo<'a> {
     vm: &'a mut Vm,
     disk: &'a str,
     size: u64,
     pos: u64,
-    dirty: BTreeMap<u64, Vec<u8>>,
+    pages: BTreeMap<u64, Vec<u8>>,
+    dirty: std::collections::BTreeSet<u64>,
 }
 
 impl<'a> GuestIo<'a> {
     fn new(vm: &'a mut Vm, disk: &'a str) -> Self {
         let size = vm.config.disks.iter().find(|d| d.name == disk).map_or(0, |d| d.size);
-        Self { vm, disk, size, pos: 0, dirty: BTreeMap::new() }
+        Self { vm, disk, size, pos: 0, pages: BTreeMap::new(), dirty: Default::default() }
     }
 
-    fn page(&self, p: u64) -> io::Result<Vec<u8>> {
-        if let Some(d) = self.dirty.get(&p) {
-            return Ok(d.clone());
+    fn page(&mut self, p: u64) -> io::Result<&mut Vec<u8>> {
+        if !self.pages.contains_key(&p) {
+            let start = p * PAGE;
+            let mut buf = vec![0u8; PAGE.min(self.size - start) as usize];
+            self.vm.guest_read(self.disk, start, &mut buf).map_err(io::Error::other)?;
+            self.pages.insert(p, buf);
         }
-        let start = p * PAGE;
-        let mut buf = vec![0u8; PAGE.min(self.size - start) as usize];
-        self.vm.guest_read(self.disk, start, &mut buf).map_err(io::Error::other)?;
-        Ok(buf)
+        self.pages.get_mut(&p).ok_or_else(|| io::Error::other("page cache"))
     }
 
     /// Writes the changed pages to the VM, runs of neighbours as one guest write.
-    fn write_back(self) -> io::Result<()> {
+    fn write_back(mut self) -> io::Result<()> {
         let mut run: Option<(u64, Vec<u8>)> = None;
-        for (p, bytes) in self.dirty {
+        let dirty = std::mem::take(&mut self.dirty);
+        for p in dirty {
+            let bytes = self.pages.remove(&p).unwrap_or_default();
             match &mut run {
                 Some((start, data)) if *start + data.len() as u64 == p * PAGE => data.extend_from_slice(&bytes),
                 _ => {
@@ -68,9 +72,9 @@ impl Read for GuestIo<'_> {
         if self.pos >= self.size || buf.is_empty() {
             return Ok(0);
         }
-        let p = self.pos / PAGE;
+        let (p, pos) = (self.pos / PAGE, self.pos);
         let page = self.page(p)?;
-        let at = (self.pos - p * PAGE) as usize;
+        let at = (pos - p * PAGE) as usize;
         let n = buf.len().min(page.len() - at);
         buf[..n].copy_from_slice(&page[at..at + n]);
         self.pos += n as u64;
@@ -83,12 +87,12 @@ impl Write for GuestIo<'_> {
         if self.pos >= self.size {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "past the end of the disk"));
         }
-        let p = self.pos / PAGE;
-        let mut page = self.page(p)?;
-        let at = (self.pos - p * PAGE) as usize;
+        let (p, pos) = (self.pos / PAGE, self.pos);
+        let page = self.page(p)?;
+        let at = (pos - p * PAGE) as usize;
         let n = buf.len().min(page.len() - at);
         page[at..at + n].copy_from_slice(&buf[..n]);
-        self.dirty.insert(p, page);
+        self.dirty.insert(p);
         self.pos += n as u64;
         Ok(n)
     }

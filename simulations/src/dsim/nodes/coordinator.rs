@@ -389,11 +389,7 @@ impl Coordinator {
                 Effect::Send(m) => out.push(Msg::Control(m)),
                 Effect::Finished => {
                     if let Some(r) = self.recoveries.remove(&id) {
-                        let outcome = match r.machine.outcome() {
-                            Some(Ok(())) => Ok(()),
-                            Some(Err(f)) => Err(f.reason.clone()),
-                            None => Err("no outcome".into()),
-                        };
+                        let outcome = ended(&r.machine);
                         self.store.catalog().put_job(r.machine.record()).map_err(|e| e.to_string())?;
                         self.recovered.push((r.vm, r.rp, r.machine.target().to_owned(), outcome));
                     }
@@ -480,11 +476,7 @@ impl Coordinator {
                 Effect::Send(m) => out.push(Msg::Control(m)),
                 Effect::Finished => {
                     if let Some(r) = self.item_jobs.remove(&id) {
-                        let outcome = match r.machine.outcome() {
-                            Some(Ok(())) => Ok(()),
-                            Some(Err(f)) => Err(f.reason.clone()),
-                            None => Err("no outcome".into()),
-                        };
+                        let outcome = ended(&r.machine);
                         self.store.catalog().put_job(r.machine.record()).map_err(|e| e.to_string())?;
                         self.items_recovered.push((r.vm, r.rp, r.dest, outcome));
                     }
@@ -573,6 +565,15 @@ pub struct RunningRecovery {
     pub host: usize,
     machine: Recovery,
     stream: Option<(String, RestoreDisk)>,
+}
+
+/// How a finished recovery ended: `Err` with its reason.
+fn ended(machine: &impl JobMachine) -> Result<(), String> {
+    match machine.outcome() {
+        Some(Ok(())) => Ok(()),
+        Some(Err(f)) => Err(f.reason.clone()),
+        None => Err("no outcome".into()),
+    }
 }
 
 /// An item recovery the coordinator runs: the real `ItemsRecovery`.
