@@ -1,15 +1,15 @@
 //! The ground truth's digest cache: for chaos runs the sim records, at every snapshot point, the
 //! BLAKE3 of each disk's guest view. Hashing the whole disk at every snapshot was a seventh of
 //! a simulated run, so each disk keeps `DISK.truth`: the BLAKE3 chaining value of every 64 KiB
-//! subtree of its guest view, brought up to date by each guest write (only the subtrees it
-//! touched are hashed again). The digest of the whole disk is the merge of those chaining
+//! subtree of its guest view. A guest write marks the subtrees it touches stale, and the next
+//! digest hashes those again (a disk written many times between snapshots is hashed once). The digest of the whole disk is the merge of those chaining
 //! values along BLAKE3's own tree, so it is the very `blake3::hash` of the disk's bytes that a
 //! restore is compared with.
 //!
 //! The file is a test aid, kept only while the storage root has `ground-truth/`. Its first
-//! byte says whether it is current: a guest write clears it before touching the disk and sets
-//! it once the chaining values match again, so a process killed in between leaves a cache
-//! that is rebuilt from the disk, never a stale one. Writers that do not keep it (restores)
+//! byte says whether it is current: a guest write clears it, marks its subtrees stale and sets
+//! it again, all before touching the disk, so a process killed at any point leaves a cache that
+//! is rebuilt or re-hashed from the disk where needed, never a stale value trusted. Writers that do not keep it (restores)
 //! delete it. Memory: a digest is computed from all of a disk's chaining values at once, 32
 //! bytes per 64 KiB (a 2,048th of the disk: 2 MiB for a 4 GiB chaos disk) — a test aid's cost,
 //! where the whole-disk hash it replaces streamed.
@@ -22,6 +22,11 @@ use std::path::{Path, PathBuf};
 /// Bytes per cached subtree: a power of two of BLAKE3 chunks, so every subtree but the last
 /// is a whole node of the tree.
 pub const BLOCK: u64 = 64 << 10;
+
+/// The mark of a block a guest write changed since its chaining value was last computed: hashed
+/// again from the disk when a digest is asked for (a real chaining value that happened to be
+/// all zeros would only be hashed again).
+pub const STALE: ChainingValue = [0; 32];
 
 const CURRENT: u8 = 1;
 const HEADER: u64 = 1;

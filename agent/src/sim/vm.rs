@@ -325,21 +325,17 @@ impl Vm {
         } else {
             self.image(disk)
         };
-        let cache = self.truth_cache(disk, size)?;
-        let f = OpenOptions::new().write(true).open(&target).map_err(io(&target))?;
-        f.write_all_at(data, offset).map_err(io(&target))?;
-        f.sync_data().map_err(io(&target))?;
-        if let Some(cache) = cache {
-            // The ground truth's digests of the blocks this write touched, from the guest view.
-            let mut buf = vec![0u8; truth::BLOCK as usize];
+        // The ground truth's digests of the blocks this write touches are hashed again when a
+        // digest is next asked for; marked before the write, so a crash cannot leave them stale.
+        if let Some(cache) = self.truth_cache(disk, size)? {
             for b in offset / truth::BLOCK..end.div_ceil(truth::BLOCK) {
-                let start = b * truth::BLOCK;
-                let n = truth::BLOCK.min(size - start) as usize;
-                self.guest_read(disk, start, &mut buf[..n])?;
-                cache.set(b, &truth::block_cv(start, &buf[..n])).map_err(io(&self.dir))?;
+                cache.set(b, &truth::STALE).map_err(io(&self.dir))?;
             }
             cache.done().map_err(io(&self.dir))?;
         }
+        let f = OpenOptions::new().write(true).open(&target).map_err(io(&target))?;
+        f.write_all_at(data, offset).map_err(io(&target))?;
+        f.sync_data().map_err(io(&target))?;
         Ok(())
     }
 
@@ -562,24 +558,21 @@ impl Vm {
         let cache = truth::Cache::new(path.clone(), size);
         let keep = self.truth_dir().is_some() && self.config.restoring.is_none();
         let cached = if keep { cache.load().map_err(io(&path))? } else { None };
-        let cvs = match cached {
-            Some(cvs) => cvs,
-            None => {
-                let mut cvs = vec![];
-                let mut buf = vec![0u8; truth::BLOCK as usize];
-                let mut offset = 0;
-                while offset < size {
-                    let n = truth::BLOCK.min(size - offset) as usize;
-                    self.guest_read(disk, offset, &mut buf[..n])?;
-                    cvs.push(truth::block_cv(offset, &buf[..n]));
-                    offset += n as u64;
-                }
-                if keep {
-                    cache.store(&cvs).map_err(io(&path))?;
-                }
-                cvs
+        // Missing or not current: every block is hashed from the disk; else the stale ones.
+        let (mut cvs, mut stale) = (cached.unwrap_or_else(|| vec![truth::STALE; size.div_ceil(truth::BLOCK) as usize]), 0);
+        let mut buf = vec![0u8; truth::BLOCK as usize];
+        for (b, cv) in cvs.iter_mut().enumerate() {
+            if *cv == truth::STALE {
+                let offset = b as u64 * truth::BLOCK;
+                let n = truth::BLOCK.min(size - offset) as usize;
+                self.guest_read(disk, offset, &mut buf[..n])?;
+                *cv = truth::block_cv(offset, &buf[..n]);
+                stale += 1;
             }
-        };
+        }
+        if keep && stale > 0 {
+            cache.store(&cvs).map_err(io(&path))?;
+        }
         truth::root(size, &cvs, || {
             let mut first = vec![0u8; size as usize];
             self.guest_read(disk, 0, &mut first).map_err(std::io::Error::other)?;
