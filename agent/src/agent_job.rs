@@ -260,7 +260,10 @@ mod tests {
             vm: VmId::new("web").unwrap(),
             kind: JobKind::ExpressFull,
             block_size: 65536,
-            disks: disks.iter().map(|d| DiskJob { disk: DiskId::new(*d).unwrap(), token, exclude: vec![] }).collect(),
+            disks: disks
+                .iter()
+                .map(|d| DiskJob { disk: DiskId::new(*d).unwrap(), token, exclude: vec![], witness: vec![] })
+                .collect(),
             id_key: None,
             lease_secs: 30,
         }
@@ -353,7 +356,7 @@ mod tests {
 
     #[test]
     fn the_next_token_is_one_past_the_snapshot_or_past_a_coordinator_one_ahead() {
-        let disk = |token| DiskJob { disk: DiskId::new("os").unwrap(), token, exclude: vec![] };
+        let disk = |token| DiskJob { disk: DiskId::new("os").unwrap(), token, exclude: vec![], witness: vec![] };
         assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 5)))]), t(2, 6));
         assert_eq!(next_token(t(2, 5), &[disk(Some(t(2, 6)))]), t(2, 7), "a lost confirmation");
         assert_eq!(next_token(t(3, 0), &[disk(Some(t(2, 9)))]), t(3, 1), "tracking was reset");

@@ -175,9 +175,18 @@ impl Hypervisor for SimBackend {
         hasher: &ChunkHasher,
         sink: &mut dyn FnMut(ReadBlock<'_>) -> Result<(), String>,
     ) -> Result<ReadStats, BackendError> {
-        let (image, size) = Vm::open(&self.root, vm)?.snapshot_source(disk)?;
+        let v = Vm::open(&self.root, vm)?;
+        let (image, size) = v.snapshot_source(disk)?;
+        let delay = v.config.read_delay_ms.map(std::time::Duration::from_millis);
+        drop(v);
         // The VM's lock is not held while reading: guest writes go on, into the overlay.
-        crate::reader::read_blocks(&image, size, block_size, indices, hasher, sink)
+        let mut sink = |b: ReadBlock<'_>| {
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
+            sink(b)
+        };
+        crate::reader::read_blocks(&image, size, block_size, indices, hasher, &mut sink)
             .map_err(|e| BackendError::Failed(e.to_string()))
     }
 

@@ -239,9 +239,22 @@ async fn send_one(env: &JobEnv, req: &JobRequest, d: &DiskJob, disk: &Disk) -> R
         })
         .await??
     };
-    // Swap (page file) ranges the coordinator leaves out of incrementals.
+    // Swap (page file) ranges the coordinator leaves out of incrementals, while the blocks it
+    // found them from are unchanged in this snapshot: a partition that stopped being swap is
+    // sent like any other.
+    let exclude = if d.exclude.is_empty() || swap_layout_holds(env, disk, &d.witness).await? {
+        d.exclude.clone()
+    } else {
+        // What was left out before is sent whole too: the replica is exact again.
+        let blocks = disk_blocks(env, disk).await?;
+        indices.extend(d.exclude.iter().flat_map(|(a, b)| *a..(*b).min(blocks)));
+        indices.sort_unstable();
+        indices.dedup();
+        tracing::info!(disk = %disk.name, "the swap layout changed since the last scan: the former swap is sent whole");
+        vec![]
+    };
     let before = indices.len();
-    indices.retain(|i| !d.exclude.iter().any(|(a, b)| (*a..*b).contains(i)));
+    indices.retain(|i| !exclude.iter().any(|(a, b)| (*a..*b).contains(i)));
     if indices.len() < before {
         tracing::info!(disk = %disk.name, skipped = before - indices.len(), "changed swap blocks left out");
     }
@@ -250,6 +263,37 @@ async fn send_one(env: &JobEnv, req: &JobRequest, d: &DiskJob, disk: &Disk) -> R
 }
 
 pub use crate::agent_job::next_token;
+
+/// Whether every witness block of a swap exclusion has its recorded id in the held snapshot
+/// (an empty witness proves nothing). A block that cannot be read says no.
+async fn swap_layout_holds(env: &JobEnv, disk: &Disk, witness: &[(u64, Digest)]) -> Result<bool, Failure> {
+    if witness.is_empty() || witness.len() > MAX_WITNESS {
+        return Ok(false);
+    }
+    let (backend, d) = (env.backend.clone(), disk.clone());
+    let want: std::collections::HashMap<u64, Digest> = witness.iter().copied().collect();
+    let indices: Vec<u64> = want.keys().copied().collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    blocking(move || {
+        let mut same = true;
+        let read = backend.read_blocks(&d.vm, &d.name, indices, d.block_size, &d.hasher, &mut |b| {
+            same &= want.get(&b.index) == Some(&b.id);
+            Ok(())
+        });
+        Ok(read.is_ok() && same)
+    })
+    .await?
+}
+
+/// The number of blocks of `disk`.
+async fn disk_blocks(env: &JobEnv, disk: &Disk) -> Result<u64, Failure> {
+    let (backend, d) = (env.backend.clone(), disk.clone());
+    let size = blocking(move || backend.disk_size(&d.vm, &d.name)).await??;
+    Ok(size.div_ceil(disk.block_size as u64))
+}
+
+/// The most witness blocks a job may name (a swap scan reads a partition table and a header
+/// per partition).
+const MAX_WITNESS: usize = 4096;
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Failure> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Failure::other(format!("worker thread failed: {e}")))

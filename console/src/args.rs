@@ -282,30 +282,19 @@ pub(crate) enum GroupCommand {
         /// Member VMs (repeat, or separate with commas).
         #[arg(long = "vm", required = true, value_delimiter = ',')]
         vms: Vec<String>,
-        /// Synchronization frequency (`15m`), or `off`.
-        #[arg(long, default_value = "15m")]
-        sync_every: String,
-        /// Recovery-point times, `HH:MM,HH:MM,…` in the coordinator's local time, or `none`.
-        #[arg(long, default_value = "08:00,12:00,20:00")]
-        recovery_points: String,
-        /// Run an express full just before each recovery point.
-        #[arg(long)]
-        express_full_before_rp: bool,
-        /// How long recovery points are kept (`5days`).
-        #[arg(long, default_value = "5days")]
-        retention: String,
-        /// Run a consistency check automatically when a replica becomes inconsistent.
-        #[arg(long)]
-        cc_when_inconsistent: bool,
-        /// Also run a consistency check every day at this time (`HH:MM`).
-        #[arg(long)]
-        cc_at: Option<String>,
-        /// Replica creation: `now`, `at:HH:MM` (off-peak) or `manual` (seed import).
-        #[arg(long, default_value = "now")]
-        replica: String,
-        /// Block size (a power of two, 4KiB..16MiB).
-        #[arg(long, default_value = "1MiB")]
-        block_size: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Change a group's policy: any flag of `group create`; what is not given stays. Schedules
+    /// it changes are planned afresh at the next tick; a new block size applies to members
+    /// added from now on.
+    Set {
+        name: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
+        /// Protect a disk left out before (`VM:DISK`; repeat or separate with commas).
+        #[arg(long, value_delimiter = ',')]
+        include_disk: Vec<String>,
     },
     /// Every group.
     List {
@@ -333,6 +322,46 @@ pub(crate) enum GroupCommand {
     Plan { name: String },
 }
 
+/// A group's policy flags (`group create`, `group set`). Unset: the default at creation,
+/// unchanged for `set`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct PolicyArgs {
+    /// Synchronize every DURATION (`15m`), or `off`. Turns --express-full-before-rp off.
+    /// Default: no interval synchronization (express fulls at the recovery points).
+    #[arg(long, conflicts_with = "express_full_before_rp")]
+    pub sync_every: Option<String>,
+    /// Recovery-point times, `HH:MM,HH:MM,…` in the coordinator's local time, or `none`
+    /// (default 08:00,12:00,20:00).
+    #[arg(long)]
+    pub recovery_points: Option<String>,
+    /// Synchronize only by an express full at each recovery-point time (the default for new
+    /// groups: each synchronization freezes or pauses the guest).
+    #[arg(long)]
+    pub express_full_before_rp: bool,
+    /// How long recovery points are kept (default `5days`).
+    #[arg(long)]
+    pub retention: Option<String>,
+    /// Run a consistency check automatically when a replica becomes inconsistent (the default).
+    #[arg(long, conflicts_with = "no_cc_when_inconsistent")]
+    pub cc_when_inconsistent: bool,
+    /// Do not run consistency checks by themselves when a replica becomes inconsistent.
+    #[arg(long)]
+    pub no_cc_when_inconsistent: bool,
+    /// Also run a consistency check every day at this time (`HH:MM`), or `off`.
+    #[arg(long)]
+    pub cc_at: Option<String>,
+    /// Replica creation: `now` (default), `at:HH:MM` (off-peak) or `manual` (seed import).
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// Block size of new members' replicas (a power of two, 4KiB..16MiB; default 1MiB).
+    #[arg(long)]
+    pub block_size: Option<String>,
+    /// Leave a disk out of protection (`VM:DISK`; repeat or separate with commas), like a
+    /// scratch or resource disk: never copied, not in recovery points.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_disk: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum JobCommand {
     /// Jobs, oldest first.
@@ -349,6 +378,9 @@ pub(crate) enum JobCommand {
     Show { id: u64 },
     /// Wait until a job has finished; exit 1 if it failed.
     Wait { id: u64 },
+    /// Cancel a queued or running job: a running one stops where it is and commits nothing
+    /// (an interrupted synchronization or express full leaves the replica inconsistent).
+    Cancel { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]

@@ -220,6 +220,7 @@ impl Row for VmSummary {
             "status": self.status, "status_reason": self.status_reason,
             "host": self.host, "state": self.state, "os": self.os, "group": self.group, "replica_state": self.replica_state, "replica_reason": self.replica_reason,
             "excluded_bytes": self.excluded_bytes,
+            "left_out": self.left_out,
             "disks": self.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
         })
     }
@@ -317,6 +318,7 @@ pub fn group_json(g: &GroupInfo) -> serde_json::Value {
         "cc_at": p.cc_at.as_ref().map(hhmm),
         "replica": p.replica_creation,
         "block_size": p.block_size,
+        "exclude_disks": p.exclude_disks.iter().map(|(v, d)| format!("{v}:{d}")).collect::<Vec<_>>(),
         "next_runs": g.next_runs.iter().map(|(k, at)| (k.clone(), serde_json::Value::String(fmt_time(Some(*at))))).collect::<serde_json::Map<_, _>>(),
     })
 }
@@ -330,7 +332,11 @@ pub fn print_group(g: &GroupInfo, out: &mut dyn Write) -> std::io::Result<()> {
     let every = p
         .sync_every_secs
         .map_or("off".into(), |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string());
-    writeln!(out, "  synchronization    every {every}")?;
+    if p.express_full_before_rp {
+        writeln!(out, "  synchronization    express full just before each recovery point")?;
+    } else {
+        writeln!(out, "  synchronization    every {every}")?;
+    }
     let rps: Vec<String> = p.recovery_points.iter().map(|t| bulwark_coordinator::policy::format_hhmm(*t)).collect();
     writeln!(out, "  recovery points    {}", if rps.is_empty() { "none".into() } else { rps.join(", ") })?;
     writeln!(
@@ -340,6 +346,17 @@ pub fn print_group(g: &GroupInfo, out: &mut dyn Write) -> std::io::Result<()> {
     )?;
     writeln!(out, "  replica creation   {}", Escaped(&p.replica_creation))?;
     writeln!(out, "  block size         {}", fmt_size(u64::from(p.block_size)))?;
+    let cc = match (p.cc_when_inconsistent, p.cc_at) {
+        (true, Some(t)) => format!("when inconsistent, and daily at {}", bulwark_coordinator::policy::format_hhmm(t)),
+        (true, None) => "when inconsistent".into(),
+        (false, Some(t)) => format!("daily at {}", bulwark_coordinator::policy::format_hhmm(t)),
+        (false, None) => "only when asked".into(),
+    };
+    writeln!(out, "  consistency check  {cc}")?;
+    if !p.exclude_disks.is_empty() {
+        let left: Vec<String> = p.exclude_disks.iter().map(|(v, d)| format!("{}:{}", Escaped(v), Escaped(d))).collect();
+        writeln!(out, "  disks left out     {}", left.join(", "))?;
+    }
     for (kind, at) in &g.next_runs {
         writeln!(out, "  next {:<13} {}", Escaped(kind), fmt_time(Some(*at)))?;
     }
@@ -393,7 +410,7 @@ impl Row for RecoveryPointInfo {
             "id": self.id, "vm": self.vm, "created_at": fmt_time(Some(self.created_at / 1000)),
             "consistency": self.consistency,
             "disks": self.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
-            "logical_bytes": self.logical_bytes, "stored_bytes": self.stored_bytes,
+            "logical_bytes": self.logical_bytes, "stored_bytes": self.stored_bytes, "left_out": self.left_out,
         })
     }
     fn header() -> Option<String> {

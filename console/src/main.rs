@@ -15,8 +15,8 @@ use anyhow::Context as _;
 use args::*;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
 use bulwark_protocol::messages::{
-    AdminRequest, AdminResponse, AgentInfo, BackupKind, GroupInfo, ItemInfo, JobInfo, MaintenanceKind, PolicySpec,
-    RecoveryPointInfo, VmSummary,
+    AdminRequest, AdminResponse, AgentInfo, BackupKind, GroupInfo, ItemInfo, JobInfo, MaintenanceKind, PolicyPatch,
+    PolicySpec, RecoveryPointInfo, VmSummary,
 };
 use bulwark_protocol::text::Escaped;
 use clap::Parser;
@@ -160,6 +160,7 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         Command::Job { command: JobCommand::Show { id } | JobCommand::Wait { id } } => {
             AdminRequest::JobShow { id: *id }
         }
+        Command::Job { command: JobCommand::Cancel { id } } => AdminRequest::JobCancel { id: *id },
         Command::Group { command } => group_request(command)?,
         Command::Backup { vm, kind, .. } => AdminRequest::Backup {
             vm: vm.clone(),
@@ -286,60 +287,30 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
 
 fn group_request(command: &GroupCommand) -> anyhow::Result<AdminRequest> {
     Ok(match command {
-        GroupCommand::Create {
-            name,
-            vms,
-            sync_every,
-            recovery_points,
-            express_full_before_rp,
-            retention,
-            cc_when_inconsistent,
-            cc_at,
-            replica,
-            block_size,
-        } => {
-            let sync_every_secs = match sync_every.as_str() {
-                "off" | "never" => None,
-                d => Some(
-                    humantime::parse_duration(d)
-                        .with_context(|| format!("--sync-every {d:?}: not a duration"))?
-                        .as_secs(),
-                ),
-            };
-            let recovery_points = match recovery_points.as_str() {
-                "none" | "" => vec![],
-                list => list
-                    .split(',')
-                    .map(|t| {
-                        bulwark_coordinator::policy::parse_hhmm(t.trim())
-                            .with_context(|| format!("--recovery-points: {t:?} is not HH:MM"))
-                    })
-                    .collect::<anyhow::Result<_>>()?,
-            };
-            let cc_at = cc_at
-                .as_deref()
-                .map(|t| {
-                    bulwark_coordinator::policy::parse_hhmm(t).with_context(|| format!("--cc-at {t:?} is not HH:MM"))
-                })
-                .transpose()?;
-            let retention_secs =
-                humantime::parse_duration(retention).with_context(|| format!("--retention {retention:?}"))?.as_secs();
-            let block_size = bulwark_protocol::units::parse_size(block_size)
-                .map_err(|e| anyhow::anyhow!("--block-size {block_size:?}: {e}"))?;
+        GroupCommand::Create { name, vms, policy } => {
+            let p = policy_patch(policy, &[])?;
+            let sync_every_secs = p.sync_every_secs.flatten();
             AdminRequest::GroupCreate {
                 name: name.clone(),
                 vms: vms.clone(),
                 policy: PolicySpec {
                     sync_every_secs,
-                    recovery_points,
-                    express_full_before_rp: *express_full_before_rp,
-                    retention_secs,
-                    cc_when_inconsistent: *cc_when_inconsistent,
-                    cc_at,
-                    replica_creation: replica.clone(),
-                    block_size: u32::try_from(block_size).context("--block-size is too large")?,
+                    recovery_points: p
+                        .recovery_points
+                        .unwrap_or_else(|| bulwark_coordinator::policy::DEFAULT_RECOVERY_POINTS.to_vec()),
+                    // Just before a recovery point, unless an interval was asked for.
+                    express_full_before_rp: policy.express_full_before_rp || policy.sync_every.is_none(),
+                    retention_secs: p.retention_secs.unwrap_or(bulwark_coordinator::policy::DEFAULT_RETENTION_SECS),
+                    cc_when_inconsistent: p.cc_when_inconsistent.unwrap_or(true),
+                    cc_at: p.cc_at.flatten(),
+                    replica_creation: p.replica_creation.unwrap_or_else(|| "now".into()),
+                    block_size: p.block_size.unwrap_or(bulwark_coordinator::policy::DEFAULT_BLOCK_SIZE),
+                    exclude_disks: p.exclude_disks,
                 },
             }
+        }
+        GroupCommand::Set { name, policy, include_disk } => {
+            AdminRequest::GroupSet { name: name.clone(), patch: policy_patch(policy, include_disk)? }
         }
         GroupCommand::List { .. } | GroupCommand::Show { .. } => {
             anyhow::bail!("a list command reached the single-answer path")
@@ -350,6 +321,64 @@ fn group_request(command: &GroupCommand) -> anyhow::Result<AdminRequest> {
         }
         GroupCommand::Delete { name } => AdminRequest::GroupDelete { name: name.clone() },
         GroupCommand::Plan { name } => AdminRequest::GroupPlan { name: name.clone() },
+    })
+}
+
+/// The policy flags as a change: what was given, parsed and checked for form (the coordinator
+/// checks the policy as a whole).
+fn policy_patch(a: &PolicyArgs, include: &[String]) -> anyhow::Result<PolicyPatch> {
+    let hhmm = |flag: &str, t: &str| {
+        bulwark_coordinator::policy::parse_hhmm(t.trim()).with_context(|| format!("{flag}: {t:?} is not HH:MM"))
+    };
+    let disks = |flag: &str, list: &[String]| -> anyhow::Result<Vec<(String, String)>> {
+        list.iter()
+            .map(|d| match d.split_once(':') {
+                Some((vm, disk)) if !vm.is_empty() && !disk.is_empty() => Ok((vm.to_owned(), disk.to_owned())),
+                _ => anyhow::bail!("{flag} {d:?}: give VM:DISK"),
+            })
+            .collect()
+    };
+    Ok(PolicyPatch {
+        sync_every_secs: match a.sync_every.as_deref() {
+            None => None,
+            Some("off" | "never") => Some(None),
+            Some(d) => Some(Some(
+                humantime::parse_duration(d).with_context(|| format!("--sync-every {d:?}: not a duration"))?.as_secs(),
+            )),
+        },
+        recovery_points: match a.recovery_points.as_deref() {
+            None => None,
+            Some("none" | "") => Some(vec![]),
+            Some(list) => Some(list.split(',').map(|t| hhmm("--recovery-points", t)).collect::<anyhow::Result<_>>()?),
+        },
+        express_full_before_rp: a.express_full_before_rp.then_some(true),
+        retention_secs: a
+            .retention
+            .as_deref()
+            .map(|r| humantime::parse_duration(r).with_context(|| format!("--retention {r:?}")).map(|d| d.as_secs()))
+            .transpose()?,
+        cc_when_inconsistent: if a.no_cc_when_inconsistent {
+            Some(false)
+        } else {
+            a.cc_when_inconsistent.then_some(true)
+        },
+        cc_at: match a.cc_at.as_deref() {
+            None => None,
+            Some("off" | "none") => Some(None),
+            Some(t) => Some(Some(hhmm("--cc-at", t)?)),
+        },
+        replica_creation: a.replica.clone(),
+        block_size: a
+            .block_size
+            .as_deref()
+            .map(|b| {
+                let n =
+                    bulwark_protocol::units::parse_size(b).map_err(|e| anyhow::anyhow!("--block-size {b:?}: {e}"))?;
+                u32::try_from(n).context("--block-size is too large")
+            })
+            .transpose()?,
+        exclude_disks: disks("--exclude-disk", &a.exclude_disk)?,
+        include_disks: disks("--include-disk", include)?,
     })
 }
 

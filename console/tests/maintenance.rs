@@ -61,6 +61,7 @@ fn verify_names_a_corrupt_chunk_and_fails_its_job() {
             reason: None,
             updated_at: 0,
             excluded: vec![],
+            swap_witness: vec![],
         };
         let rp = NewRecoveryPoint {
             vm: "vm1".into(),

@@ -29,21 +29,15 @@ fn a_seed_and_a_consistency_check_make_a_replica_without_an_initial_copy() {
     c.enroll("node1");
     c.run_sim_agent("node1", &root);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("db").is_some());
-    c.json(&[
-        "group",
-        "create",
-        "g",
-        "--vm",
-        "db",
-        "--replica",
-        "manual",
-        "--sync-every",
-        "off",
-        "--recovery-points",
-        "none",
-    ]);
-    std::thread::sleep(Duration::from_secs(6));
+    c.json(&["group", "create", "g", "--vm", "db", "--replica", "manual", "--sync-every", "1m"]);
+    // Manual creation with a schedule that fires: the member waits for its seed, and no
+    // scheduled job turns into an initial copy over the network.
+    std::thread::sleep(Duration::from_secs(70));
     assert_eq!(c.vm("db").unwrap()["replica_state"], "none", "manual: no initial copy over the network");
+    assert_eq!(c.vm("db").unwrap()["status"], "awaiting-replica");
+    assert!(c.json(&["job", "list", "--vm", "db"]).as_array().unwrap().is_empty(), "no job at all");
+    // Back to the default schedules (express fulls at the recovery-point times only).
+    c.json(&["group", "set", "g", "--express-full-before-rp"]);
 
     let seed = c.root.path().join("seed");
     let out = ok(&[
@@ -80,10 +74,19 @@ fn a_seed_and_a_consistency_check_make_a_replica_without_an_initial_copy() {
 
     let imported = c.json(&["seed", "import", seed.to_str().unwrap()]);
     assert_eq!(imported["disks"].as_array().unwrap().len(), 2);
-    assert_eq!(c.vm("db").unwrap()["replica_state"], "inconsistent");
 
-    let cc = c.json(&["cc", "db", "--wait"]);
-    assert_eq!(cc["state"], "succeeded", "{cc}");
+    // The seeded replica is inconsistent: the automatic check (on by default) moves only the
+    // difference.
+    let checked = || {
+        c.json(&["job", "list", "--vm", "db"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["kind"] == "consistency-check" && j["state"] == "succeeded")
+            .cloned()
+    };
+    wait_until("the automatic consistency check", Duration::from_secs(60), || checked().is_some());
+    let cc = checked().unwrap();
     // 5 % of 48 one-MiB blocks and of 16: 2 + 1 blocks changed since the export.
     assert_eq!(cc["blocks_changed"], 3, "{cc}");
     assert_eq!(cc["bytes_transferred"], 3 * MIB);

@@ -3,7 +3,7 @@
 //! admin API call these, and the tests below pin them down.
 
 use crate::catalog::Policy;
-use bulwark_protocol::messages::PolicySpec;
+use bulwark_protocol::messages::{PolicyPatch, PolicySpec};
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
@@ -31,6 +31,10 @@ pub enum PolicyError {
     BadCreation(String),
     #[error("block size {0} is not a power of two between 4 KiB and 16 MiB")]
     BadBlockSize(u32),
+    #[error("--express-full-before-rp runs no interval synchronization: give it or --sync-every, not both")]
+    SyncAndExpressFull,
+    #[error("--exclude-disk {0:?}: {1}")]
+    BadExclusion(String, String),
 }
 
 /// Checks a policy the console sent and makes it the catalog's.
@@ -43,6 +47,15 @@ pub fn validate(spec: &PolicySpec) -> Result<Policy, PolicyError> {
             return Err(PolicyError::BadTime(t));
         }
     }
+    if spec.express_full_before_rp && spec.sync_every_secs.is_some() {
+        return Err(PolicyError::SyncAndExpressFull);
+    }
+    for (vm, disk) in &spec.exclude_disks {
+        let named = format!("{vm}:{disk}");
+        bulwark_protocol::VmId::new(vm.clone()).map_err(|e| PolicyError::BadExclusion(named.clone(), e.to_string()))?;
+        bulwark_protocol::DiskId::new(disk.clone())
+            .map_err(|e| PolicyError::BadExclusion(named.clone(), e.to_string()))?;
+    }
     if spec.retention_secs < 86_400 {
         return Err(PolicyError::RetentionTooShort(spec.retention_secs));
     }
@@ -52,6 +65,9 @@ pub fn validate(spec: &PolicySpec) -> Result<Policy, PolicyError> {
     let mut rps = spec.recovery_points.clone();
     rps.sort_unstable();
     rps.dedup();
+    let mut exclude_disks = spec.exclude_disks.clone();
+    exclude_disks.sort();
+    exclude_disks.dedup();
     Ok(Policy {
         sync_every_secs: spec.sync_every_secs,
         recovery_points: rps,
@@ -61,7 +77,49 @@ pub fn validate(spec: &PolicySpec) -> Result<Policy, PolicyError> {
         cc_at: spec.cc_at,
         replica_creation: spec.replica_creation.clone(),
         block_size: spec.block_size,
+        exclude_disks,
     })
+}
+
+/// `group set`: the policy `old` with what `patch` changes, checked as a new one would be.
+/// Asking for express fulls before recovery points turns interval synchronization off; asking
+/// for an interval turns them off.
+pub fn apply(old: &Policy, patch: &PolicyPatch) -> Result<Policy, PolicyError> {
+    let mut s = spec(old);
+    if patch.express_full_before_rp == Some(true) && patch.sync_every_secs.is_some_and(|s| s.is_some()) {
+        return Err(PolicyError::SyncAndExpressFull);
+    }
+    if let Some(every) = patch.sync_every_secs {
+        s.sync_every_secs = every;
+        s.express_full_before_rp = false;
+    }
+    if let Some(on) = patch.express_full_before_rp {
+        s.express_full_before_rp = on;
+        if on {
+            s.sync_every_secs = None;
+        }
+    }
+    if let Some(rps) = &patch.recovery_points {
+        s.recovery_points = rps.clone();
+    }
+    if let Some(r) = patch.retention_secs {
+        s.retention_secs = r;
+    }
+    if let Some(cc) = patch.cc_when_inconsistent {
+        s.cc_when_inconsistent = cc;
+    }
+    if let Some(at) = patch.cc_at {
+        s.cc_at = at;
+    }
+    if let Some(c) = &patch.replica_creation {
+        s.replica_creation = c.clone();
+    }
+    if let Some(b) = patch.block_size {
+        s.block_size = b;
+    }
+    s.exclude_disks.retain(|d| !patch.include_disks.contains(d));
+    s.exclude_disks.extend(patch.exclude_disks.iter().cloned());
+    validate(&s)
 }
 
 /// The wire form of a stored policy.
@@ -75,6 +133,7 @@ pub fn spec(p: &Policy) -> PolicySpec {
         cc_at: p.cc_at,
         replica_creation: p.replica_creation.clone(),
         block_size: p.block_size,
+        exclude_disks: p.exclude_disks.clone(),
     }
 }
 
@@ -212,12 +271,13 @@ mod tests {
         let good = PolicySpec {
             sync_every_secs: Some(900),
             recovery_points: vec![20 * 60, 8 * 60, 8 * 60],
-            express_full_before_rp: true,
+            express_full_before_rp: false,
             retention_secs: 5 * 86_400,
             cc_when_inconsistent: true,
             cc_at: Some(60),
             replica_creation: "at:23:30".into(),
             block_size: 1 << 20,
+            exclude_disks: vec![("web".into(), "tmp".into()), ("web".into(), "tmp".into())],
         };
         let p = validate(&good).unwrap();
         assert_eq!(p.recovery_points, vec![480, 1200], "sorted, duplicates dropped");
@@ -232,9 +292,66 @@ mod tests {
         assert_eq!(bad(&|s| s.retention_secs = 3600), PolicyError::RetentionTooShort(3600));
         assert!(matches!(bad(&|s| s.replica_creation = "at:25:00".into()), PolicyError::BadCreation(_)));
         assert_eq!(bad(&|s| s.block_size = 3 << 20), PolicyError::BadBlockSize(3 << 20));
+        assert_eq!(bad(&|s| s.express_full_before_rp = true), PolicyError::SyncAndExpressFull);
+        assert!(matches!(
+            bad(&|s| s.exclude_disks = vec![("web".into(), "../x".into())]),
+            PolicyError::BadExclusion(..)
+        ));
+        assert_eq!(p.exclude_disks, vec![("web".to_owned(), "tmp".to_owned())], "duplicates dropped");
         assert_eq!(creation_time("manual"), Ok(Creation::Manual));
         assert_eq!(creation_time("at:02:05"), Ok(Creation::At(125)));
         assert_eq!(format_hhmm(125), "02:05");
+    }
+
+    #[test]
+    fn group_set_changes_what_it_names_and_keeps_the_rest() {
+        let old = validate(&PolicySpec {
+            sync_every_secs: None,
+            recovery_points: vec![8 * 60],
+            express_full_before_rp: true,
+            retention_secs: 5 * 86_400,
+            cc_when_inconsistent: true,
+            cc_at: None,
+            replica_creation: "now".into(),
+            block_size: 1 << 20,
+            exclude_disks: vec![("web".into(), "tmp".into())],
+        })
+        .unwrap();
+        assert_eq!(apply(&old, &PolicyPatch::default()).unwrap(), old);
+        let syncing = apply(&old, &PolicyPatch { sync_every_secs: Some(Some(600)), ..Default::default() }).unwrap();
+        assert_eq!((syncing.sync_every_secs, syncing.express_full_before_rp), (Some(600), false));
+        assert_eq!(syncing.recovery_points, old.recovery_points);
+        let back = apply(&syncing, &PolicyPatch { express_full_before_rp: Some(true), ..Default::default() }).unwrap();
+        assert_eq!((back.sync_every_secs, back.express_full_before_rp), (None, true));
+        let both =
+            PolicyPatch { sync_every_secs: Some(Some(600)), express_full_before_rp: Some(true), ..Default::default() };
+        assert_eq!(apply(&old, &both).unwrap_err(), PolicyError::SyncAndExpressFull);
+        let p = apply(
+            &old,
+            &PolicyPatch {
+                cc_when_inconsistent: Some(false),
+                cc_at: Some(Some(90)),
+                include_disks: vec![("web".into(), "tmp".into())],
+                exclude_disks: vec![("db".into(), "scratch".into())],
+                retention_secs: Some(3600),
+                ..Default::default()
+            },
+        );
+        assert_eq!(p.unwrap_err(), PolicyError::RetentionTooShort(3600), "checked as a new policy is");
+        let p = apply(
+            &old,
+            &PolicyPatch {
+                cc_when_inconsistent: Some(false),
+                cc_at: Some(Some(90)),
+                include_disks: vec![("web".into(), "tmp".into())],
+                exclude_disks: vec![("db".into(), "scratch".into())],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((p.cc_when_inconsistent, p.cc_at), (false, Some(90)));
+        assert_eq!(p.exclude_disks, vec![("db".to_owned(), "scratch".to_owned())]);
+        assert!(p.excludes("db", "scratch") && !p.excludes("web", "tmp"));
     }
 
     #[test]

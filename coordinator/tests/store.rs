@@ -75,6 +75,7 @@ fn backup(store: &Store, vm: &str, old: Option<(&TreeRoot, &[Vec<u8>])>, new: &[
         reason: None,
         updated_at: 0,
         excluded: vec![],
+        swap_witness: vec![],
     };
     let new_bytes = ingest.new_bytes;
     let rp = NewRecoveryPoint {

@@ -47,10 +47,12 @@ pub const ALPN_ENROLL: &[u8] = b"bulwark-enroll/1";
 /// 4: admin lists are paged; join tokens carry their scope (host, cluster, replace); a VM's
 ///    inventory id is its UUID; `vm list` shows identity and status; `vm forget`.
 /// 5: `token list` is paged like every other list.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// 6: a job's swap exclusion carries its witness (the blocks it was read from, with their ids);
+///    policies leave disks out; `group set`; `job cancel`.
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The oldest protocol version this build still accepts (2 encoded item recoveries without
 /// their options and outcome; bincode has no optional fields, so a peer speaking it is
 /// refused with both version ranges named rather than misread).
 /// 3 differs from 4 in the admin messages and in what an inventory's ids mean; 4 from 5 in the
-/// token list's request and answer.
-pub const MIN_PROTOCOL_VERSION: u16 = 5;
+/// token list's request and answer; 5 from 6 in a job's disks and the policy.
+pub const MIN_PROTOCOL_VERSION: u16 = 6;

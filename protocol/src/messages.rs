@@ -134,6 +134,10 @@ pub struct DiskJob {
     pub token: Option<ChangeToken>,
     /// Block ranges `[start, end)` a synchronization or express full leaves out (swap).
     pub exclude: Vec<(u64, u64)>,
+    /// What `exclude` was found from: blocks and their ids. The agent leaves nothing out unless
+    /// every one of these blocks of the snapshot still has that id (the swap layout is then the
+    /// one the scan saw).
+    pub witness: Vec<(u64, crate::block::Digest)>,
 }
 
 /// A job the coordinator hands to an agent.
@@ -342,6 +346,15 @@ pub enum AdminRequest {
     GroupPlan {
         name: String,
     },
+    /// Change a group's policy; schedules it changes are planned afresh at the next tick.
+    GroupSet {
+        name: String,
+        patch: PolicyPatch,
+    },
+    /// Cancel a queued or running job.
+    JobCancel {
+        id: u64,
+    },
     /// Back a VM up now (express full or synchronization).
     Backup {
         vm: String,
@@ -458,6 +471,28 @@ pub struct PolicySpec {
     /// `now`, `at:HH:MM` or `manual`.
     pub replica_creation: String,
     pub block_size: u32,
+    /// Disks left out, as (VM, disk).
+    pub exclude_disks: Vec<(String, String)>,
+}
+
+/// `group set`: what changes in a group's policy (`None`: unchanged).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyPatch {
+    /// `Some(None)`: interval synchronization off.
+    pub sync_every_secs: Option<Option<u64>>,
+    pub recovery_points: Option<Vec<u16>>,
+    pub express_full_before_rp: Option<bool>,
+    pub retention_secs: Option<u64>,
+    pub cc_when_inconsistent: Option<bool>,
+    /// `Some(None)`: the daily check off.
+    pub cc_at: Option<Option<u16>>,
+    pub replica_creation: Option<String>,
+    /// For members added from now on.
+    pub block_size: Option<u32>,
+    /// Disks to leave out, as (VM, disk).
+    pub exclude_disks: Vec<(String, String)>,
+    /// Disks left out before to protect again.
+    pub include_disks: Vec<(String, String)>,
 }
 
 /// A protection group as the console shows it.
@@ -512,6 +547,8 @@ pub struct VmSummary {
     pub disks: Vec<DiskInfo>,
     /// Bytes left out of synchronizations and express fulls (swap partitions).
     pub excluded_bytes: u64,
+    /// Disks its group leaves out of protection (`--exclude-disk`).
+    pub left_out: Vec<String>,
 }
 
 /// A recovery point as `rp list` shows it.
@@ -527,6 +564,8 @@ pub struct RecoveryPointInfo {
     pub disks: Vec<DiskInfo>,
     pub logical_bytes: u64,
     pub stored_bytes: u64,
+    /// Disks of the VM its group leaves out (not in the point).
+    pub left_out: Vec<String>,
 }
 
 /// Store maintenance jobs.

@@ -160,6 +160,7 @@ impl Cluster {
             cc_at: None,
             replica_creation: "manual".into(),
             block_size: 1 << 20,
+            exclude_disks: vec![],
         };
         match self.ask(AdminRequest::GroupCreate { name: vm.into(), vms: vec![vm.into()], policy })? {
             AdminResponse::Group(_) => Ok(()),

@@ -124,6 +124,7 @@ pub fn run(dir: &Path, seed: u64, gc: bool) -> anyhow::Result<()> {
             reason: None,
             updated_at: 0,
             excluded: vec![],
+            swap_witness: vec![],
         };
         let created_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
         let rp = NewRecoveryPoint {

@@ -72,6 +72,7 @@ pub fn create_vm(root: &Path, req: &CreateVm) -> Result<(), SimError> {
         snapshot: None,
         next_snapshot: 1,
         restoring: None,
+        read_delay_ms: None,
     };
     let vm = Vm::create(root, config)?;
     if req.random_fill {

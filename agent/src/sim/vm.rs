@@ -128,6 +128,10 @@ pub struct VmConfig {
     /// fully restored and must be restored again before it is started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restoring: Option<String>,
+    /// Slow storage, for tests of long transfers: each block a job reads from a snapshot takes
+    /// this many milliseconds more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_delay_ms: Option<u64>,
 }
 
 /// Change tokens are the protocol's: generation (bumped when tracking is lost) and sequence
@@ -559,7 +563,8 @@ impl Vm {
         let keep = self.truth_dir().is_some() && self.config.restoring.is_none();
         let cached = if keep { cache.load().map_err(io(&path))? } else { None };
         // Missing or not current: every block is hashed from the disk; else the stale ones.
-        let (mut cvs, mut stale) = (cached.unwrap_or_else(|| vec![truth::STALE; size.div_ceil(truth::BLOCK) as usize]), 0);
+        let (mut cvs, mut stale) =
+            (cached.unwrap_or_else(|| vec![truth::STALE; size.div_ceil(truth::BLOCK) as usize]), 0);
         let mut buf = vec![0u8; truth::BLOCK as usize];
         for (b, cv) in cvs.iter_mut().enumerate() {
             if *cv == truth::STALE {

@@ -357,7 +357,7 @@ impl Catalog {
     // ---- groups
 
     pub fn group(&self, name: &str) -> Result<Option<GroupRecord>, CatalogError> {
-        self.groups.get(name.as_bytes())?.map(|v| decode("groups", &v)).transpose()
+        self.groups.get(name.as_bytes())?.map(|v| super::decode_group("groups", &v)).transpose()
     }
 
     pub fn put_group(&self, g: &GroupRecord) -> Result<(), CatalogError> {
@@ -376,7 +376,7 @@ impl Catalog {
     }
 
     pub fn groups(&self) -> Result<Vec<GroupRecord>, CatalogError> {
-        self.groups.iter().values().map(|v| decode("groups", &v?)).collect()
+        self.groups.iter().values().map(|v| super::decode_group("groups", &v?)).collect()
     }
 
     // ---- jobs
@@ -441,6 +441,12 @@ impl Catalog {
 
     pub fn set_next_run(&self, group: &str, kind: &str, at: u64) -> Result<(), CatalogError> {
         self.schedules.insert(schedule_key(group, kind), &at.to_be_bytes())?;
+        self.flush_durable()
+    }
+
+    /// Forgets a schedule's next run (its policy changed): the next tick plans it afresh.
+    pub fn clear_next_run(&self, group: &str, kind: &str) -> Result<(), CatalogError> {
+        self.schedules.remove(schedule_key(group, kind))?;
         self.flush_durable()
     }
 }
@@ -551,6 +557,7 @@ mod tests {
             reason: None,
             updated_at: 0,
             excluded: vec![],
+            swap_witness: vec![],
         })
         .unwrap();
         let mut moved = inv(&[("web", 1)]);

@@ -177,6 +177,14 @@ fn decode_agent(key: &str, bytes: &[u8]) -> Result<AgentRecord, CatalogError> {
     decode_either::<AgentRecord, legacy::AgentRecordV1>(key, bytes)
 }
 
+fn decode_group(key: &str, bytes: &[u8]) -> Result<GroupRecord, CatalogError> {
+    decode_either::<GroupRecord, legacy::GroupRecordV1>(key, bytes)
+}
+
+fn decode_replica(key: &str, bytes: &[u8]) -> Result<ReplicaRecord, CatalogError> {
+    decode_either::<ReplicaRecord, legacy::ReplicaRecordV1>(key, bytes)
+}
+
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)

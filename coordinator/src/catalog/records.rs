@@ -68,6 +68,83 @@ pub mod legacy {
         }
     }
 
+    /// A group before disks could be left out.
+    #[derive(Deserialize)]
+    pub struct GroupRecordV1 {
+        pub name: String,
+        pub members: Vec<String>,
+        pub policy: PolicyV1,
+        pub created_at: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct PolicyV1 {
+        pub sync_every_secs: Option<u64>,
+        pub recovery_points: Vec<u16>,
+        pub express_full_before_rp: bool,
+        pub retention_secs: u64,
+        pub cc_when_inconsistent: bool,
+        pub cc_at: Option<u16>,
+        pub replica_creation: String,
+        pub block_size: u32,
+    }
+
+    impl From<GroupRecordV1> for super::GroupRecord {
+        fn from(g: GroupRecordV1) -> Self {
+            let p = g.policy;
+            Self {
+                name: g.name,
+                members: g.members,
+                policy: super::Policy {
+                    sync_every_secs: p.sync_every_secs,
+                    recovery_points: p.recovery_points,
+                    express_full_before_rp: p.express_full_before_rp,
+                    retention_secs: p.retention_secs,
+                    cc_when_inconsistent: p.cc_when_inconsistent,
+                    cc_at: p.cc_at,
+                    replica_creation: p.replica_creation,
+                    block_size: p.block_size,
+                    exclude_disks: vec![],
+                },
+                created_at: g.created_at,
+            }
+        }
+    }
+
+    /// A replica before its swap exclusion carried a witness: read with no exclusion (the
+    /// next commit's scan finds the swap again).
+    #[derive(Deserialize)]
+    pub struct ReplicaRecordV1 {
+        pub vm: String,
+        pub disk: String,
+        pub size_bytes: u64,
+        pub block_size: u32,
+        pub state: super::ReplicaState,
+        pub root: Option<super::TreeRoot>,
+        pub change_token: Option<super::ChangeToken>,
+        pub reason: Option<String>,
+        pub updated_at: u64,
+        pub excluded: Vec<(u64, u64)>,
+    }
+
+    impl From<ReplicaRecordV1> for super::ReplicaRecord {
+        fn from(r: ReplicaRecordV1) -> Self {
+            Self {
+                vm: r.vm,
+                disk: r.disk,
+                size_bytes: r.size_bytes,
+                block_size: r.block_size,
+                state: r.state,
+                root: r.root,
+                change_token: r.change_token,
+                reason: r.reason,
+                updated_at: r.updated_at,
+                excluded: vec![],
+                swap_witness: vec![],
+            }
+        }
+    }
+
     #[derive(Deserialize)]
     pub struct AgentRecordV1 {
         pub host: String,
@@ -130,7 +207,17 @@ pub struct Policy {
     pub cc_at: Option<u16>,
     /// `now`, `at:HH:MM` or `manual`.
     pub replica_creation: String,
+    /// The block size of new members' replicas (a member keeps the one it was created with).
     pub block_size: u32,
+    /// Disks left out of protection, as (VM, disk): never copied, not in recovery points.
+    pub exclude_disks: Vec<(String, String)>,
+}
+
+impl Policy {
+    /// Whether `vm`'s disk `disk` is left out.
+    pub fn excludes(&self, vm: &str, disk: &str) -> bool {
+        self.exclude_disks.iter().any(|(v, d)| v == vm && d == disk)
+    }
 }
 
 /// A protection group: members and one policy.
@@ -177,6 +264,11 @@ pub struct ReplicaRecord {
     /// Block ranges `[start, end)` left out of synchronizations and express fulls (the inside
     /// of a swap partition: its header block stays in).
     pub excluded: Vec<(u64, u64)>,
+    /// The blocks the swap scan read to find `excluded` (partition tables, swap headers) and
+    /// their ids in the scanned tree: the exclusion holds for a snapshot only while every one of
+    /// them is unchanged there (the agent checks), so a partition that stopped being swap is
+    /// never left out.
+    pub swap_witness: Vec<(u64, Digest)>,
 }
 
 impl ReplicaRecord {

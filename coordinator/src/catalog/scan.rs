@@ -7,10 +7,20 @@ use serde::de::DeserializeOwned;
 use std::ops::Bound;
 
 /// Records of a tree after `after` (all of them without), each with its raw key.
-fn after<'a, T: DeserializeOwned>(
+fn after<'a, T: DeserializeOwned + 'a>(
     tree: &'a sled::Tree,
     name: &'static str,
     after: Option<&[u8]>,
+) -> impl Iterator<Item = Result<(Vec<u8>, T), CatalogError>> + 'a {
+    after_with(tree, name, after, decode)
+}
+
+/// [`after`] for a record with older layouts still read (`decode` tries each).
+fn after_with<'a, T: 'a>(
+    tree: &'a sled::Tree,
+    name: &'static str,
+    after: Option<&[u8]>,
+    decode: fn(&str, &[u8]) -> Result<T, CatalogError>,
 ) -> impl Iterator<Item = Result<(Vec<u8>, T), CatalogError>> + 'a {
     let range = match after {
         Some(k) => tree.range::<&[u8], _>((Bound::Excluded(k), Bound::Unbounded)),
@@ -60,7 +70,7 @@ impl Catalog {
         &self,
         key: Option<&[u8]>,
     ) -> impl Iterator<Item = Result<(Vec<u8>, AgentRecord), CatalogError>> + '_ {
-        after(&self.agents, "agents", key)
+        after_with(&self.agents, "agents", key, super::decode_agent)
     }
 
     /// Groups after the key `after` (group names), by name.
@@ -68,7 +78,7 @@ impl Catalog {
         &self,
         key: Option<&[u8]>,
     ) -> impl Iterator<Item = Result<(Vec<u8>, GroupRecord), CatalogError>> + '_ {
-        after(&self.groups, "groups", key)
+        after_with(&self.groups, "groups", key, super::decode_group)
     }
 
     /// Recovery points of `vm` after the key `after` (a recovery-point key of that VM), oldest

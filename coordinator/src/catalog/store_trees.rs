@@ -185,17 +185,17 @@ impl Catalog {
     // ---- replicas
 
     pub fn replica(&self, vm: &str, disk: &str) -> Result<Option<ReplicaRecord>, CatalogError> {
-        self.replicas.get(replica_key(vm, disk))?.map(|v| decode("replicas", &v)).transpose()
+        self.replicas.get(replica_key(vm, disk))?.map(|v| super::decode_replica("replicas", &v)).transpose()
     }
 
     /// Every replica (all VMs).
     pub fn replicas(&self) -> Result<Vec<ReplicaRecord>, CatalogError> {
-        self.replicas.iter().values().map(|v| decode("replicas", &v?)).collect()
+        self.replicas.iter().values().map(|v| super::decode_replica("replicas", &v?)).collect()
     }
 
     /// Replicas of one VM.
     pub fn replicas_of(&self, vm: &str) -> Result<Vec<ReplicaRecord>, CatalogError> {
-        self.replicas.scan_prefix(vm_prefix(vm)).values().map(|v| decode("replicas", &v?)).collect()
+        self.replicas.scan_prefix(vm_prefix(vm)).values().map(|v| super::decode_replica("replicas", &v?)).collect()
     }
 
     /// Stores a replica record on its own (state changes); durable.
@@ -215,6 +215,14 @@ impl Catalog {
             }
         }
         Ok(marked)
+    }
+
+    /// Forgets the replica of one disk (left out of protection: its recovery points stay until
+    /// retention removes them); durable. Answers whether there was one.
+    pub fn delete_replica(&self, vm: &str, disk: &str) -> Result<bool, CatalogError> {
+        let existed = self.replicas.remove(replica_key(vm, disk))?.is_some();
+        self.flush_durable()?;
+        Ok(existed)
     }
 
     /// Forgets every replica of a VM (its recovery points are dropped separately); durable.

@@ -51,11 +51,28 @@ pub struct StoreBlocks {
     root: TreeRoot,
     geometry: Geometry,
     page: Option<(u64, Vec<Digest>)>,
+    /// Every block served and its id, when asked to keep them (at most [`MAX_READS_KEPT`];
+    /// `None` inside once there were more).
+    reads: Option<ReadLog>,
 }
+
+/// The blocks a reader was served and their ids (`None` once there were too many to keep).
+pub type ReadLog = Arc<std::sync::Mutex<Option<Vec<(u64, Digest)>>>>;
+
+/// The most reads a [`StoreBlocks`] keeps for [`StoreBlocks::keep_reads`].
+pub const MAX_READS_KEPT: usize = 4096;
 
 impl StoreBlocks {
     pub fn new(store: Arc<Store>, root: TreeRoot, geometry: Geometry) -> Self {
-        Self { store, root, geometry, page: None }
+        Self { store, root, geometry, page: None, reads: None }
+    }
+
+    /// Keeps every block served and its id, for the caller to read once the reader is done:
+    /// `None` there if the reader read more than [`MAX_READS_KEPT`] blocks.
+    pub fn keep_reads(&mut self) -> ReadLog {
+        let reads = Arc::new(std::sync::Mutex::new(Some(vec![])));
+        self.reads = Some(reads.clone());
+        reads
     }
 
     pub fn geometry(&self) -> Geometry {
@@ -81,6 +98,16 @@ impl BlockSource for StoreBlocks {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "block past the end of the disk"));
         }
         let id = self.leaf(index)?;
+        if let Some(reads) = &self.reads {
+            let mut kept = reads.lock().map_err(|_| io::Error::other("the read log is poisoned"))?;
+            if let Some(list) = kept.as_mut() {
+                if list.len() >= MAX_READS_KEPT {
+                    *kept = None;
+                } else if !list.iter().any(|(i, _)| *i == index) {
+                    list.push((index, id));
+                }
+            }
+        }
         let mut data =
             if id == ZERO { vec![0u8; len] } else { self.store.read_chunk(&id).map_err(io::Error::other)? };
         // A short stored block (the last one) reads as zeros to the block's length.

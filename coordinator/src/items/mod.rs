@@ -547,8 +547,9 @@ pub async fn swap_blocks(
     root: bulwark_protocol::blockmap::TreeRoot,
     block_size: u32,
     size: u64,
-) -> Result<Vec<(u64, u64)>, ItemsError> {
-    let source = StoreBlocks::new(store, root, Geometry { block_size, disk_size: size });
+) -> Result<SwapScan, ItemsError> {
+    let mut source = StoreBlocks::new(store, root, Geometry { block_size, disk_size: size });
+    let reads = source.keep_reads();
     let mut s = sandbox::start(source, pipe::Op::Swap, sandbox::Budget::BROWSE);
     let mut ranges = None;
     while let Some(out) = s.next().await {
@@ -564,7 +565,21 @@ pub async fn swap_blocks(
     if ranges.iter().any(|(a, b)| a >= b || *b > blocks) {
         return Err(ItemsError::Worker("the items worker answered swap ranges outside the disk".into()));
     }
-    Ok(ranges)
+    // What the answer was read from: with the same bytes there, a scan answers the same.
+    let witness = reads.lock().ok().and_then(|r| r.clone()).unwrap_or_default();
+    if witness.is_empty() || ranges.iter().any(|(a, b)| witness.iter().any(|(i, _)| (*a..*b).contains(i))) {
+        // Too many reads to keep, or a range over a block it was read from: leave nothing out.
+        return Ok(SwapScan::default());
+    }
+    Ok(SwapScan { ranges, witness })
+}
+
+/// What a swap scan found: the block ranges to leave out, and the blocks (with their ids) the
+/// scan read to find them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SwapScan {
+    pub ranges: Vec<(u64, u64)>,
+    pub witness: Vec<(u64, bulwark_protocol::block::Digest)>,
 }
 
 /// What goes down an item stream, as a plain machine: an `Item` message per entry, then (for a

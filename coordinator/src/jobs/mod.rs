@@ -169,12 +169,14 @@ pub struct JobQueue {
     queue: Queue,
     origin: Instant,
     wakeup: Option<SpawnHandle>,
+    /// The futures of running jobs, for `job cancel`.
+    running: HashMap<u64, SpawnHandle>,
 }
 
 impl JobQueue {
     pub fn new(ctx: Arc<JobContext>, max_running: usize, per_agent: usize) -> Self {
         let limits = queue::Limits { max_running, per_agent };
-        Self { ctx, queue: Queue::new(limits, 0), origin: Instant::now(), wakeup: None }
+        Self { ctx, queue: Queue::new(limits, 0), origin: Instant::now(), wakeup: None, running: HashMap::new() }
     }
 
     /// Milliseconds since the actor started: the queue's clock.
@@ -246,7 +248,9 @@ impl JobQueue {
         let on_host = self.queue.running_on(&host).max(1);
         tracing::info!(job_id = id, host = %host, running, on_host, queued, "job starting");
         let c = self.ctx.clone();
-        ctx.spawn(vm_job::run(c, job).into_actor(self).map(|finished, act, ctx| act.finished(finished, ctx)));
+        let handle =
+            ctx.spawn(vm_job::run(c, job).into_actor(self).map(|finished, act, ctx| act.finished(finished, ctx)));
+        self.running.insert(id, handle);
     }
 
     fn give_up(&mut self, id: u64, reason: String) {
@@ -264,6 +268,7 @@ impl JobQueue {
 
     fn finished(&mut self, f: Finished, ctx: &mut Context<Self>) {
         let mut job = f.job;
+        self.running.remove(&job.id);
         let outcome = match job.state {
             JobState::Succeeded => queue::Outcome::Succeeded { ran_as: job.kind },
             _ => queue::Outcome::Failed { ran_as: job.kind, transient: f.retry && job.state == JobState::Failed },
@@ -285,6 +290,68 @@ impl JobQueue {
 
 impl Actor for JobQueue {
     type Context = Context<Self>;
+}
+
+/// Cancel a queued or running job (`bulwark job cancel`): answers its record, cancelled. A
+/// running job's work stops where it is: its streams close, nothing is committed, the agent is
+/// told its snapshot's changes are not taken (it releases the snapshot and keeps them), and an
+/// interrupted synchronization or express full leaves the replica inconsistent.
+#[derive(Message)]
+#[rtype(result = "Result<JobRecord, String>")]
+pub struct Cancel {
+    pub id: u64,
+}
+
+impl Handler<Cancel> for JobQueue {
+    type Result = Result<JobRecord, String>;
+    fn handle(&mut self, msg: Cancel, ctx: &mut Context<Self>) -> Self::Result {
+        let id = msg.id;
+        let catalog = self.ctx.catalog().clone();
+        let mut job = catalog.job(id).map_err(|e| e.to_string())?.ok_or_else(|| format!("no job {id}"))?;
+        if job.state.is_final() {
+            return Err(format!("job {id} has already finished ({})", job.state.as_str()));
+        }
+        if self.queue.attempt(id).is_none() {
+            return Err(format!(
+                "job {id} ({}) is not a queued or running VM job: it cannot be cancelled",
+                job.kind.as_str()
+            ));
+        }
+        let was_running = match self.running.remove(&id) {
+            Some(h) => {
+                ctx.cancel_future(h);
+                true
+            }
+            None => false,
+        };
+        self.ctx.router.unregister(id);
+        self.queue.forget(id);
+        job.state = JobState::Cancelled;
+        job.finished_at = Some(now());
+        job.error = Some("cancelled by the operator".into());
+        self.save(&job);
+        tracing::info!(job_id = id, running = was_running, "job cancelled");
+        if was_running {
+            let vm = job.vm.clone().unwrap_or_default();
+            if matches!(job.kind, JobKind::Sync | JobKind::ExpressFull) {
+                let why = format!("a {} was cancelled midway", job.kind.as_str());
+                if let Err(e) = catalog.mark_inconsistent(&vm, &why, now()) {
+                    tracing::error!(job_id = id, error = %e, "cannot mark the replica inconsistent");
+                }
+            }
+            if let Some(host) = self.host_of(&vm, job.recovery.as_ref()) {
+                let registry = self.ctx.registry.clone();
+                let verdict = CoordinatorMessage::JobDone { job: bulwark_protocol::JobId(id), committed: false };
+                actix::spawn(async move {
+                    if let Ok(Some((session, _))) = registry.send(SessionOf { host }).await {
+                        session.do_send(ToAgent(verdict));
+                    }
+                });
+            }
+        }
+        self.pump(ctx);
+        Ok(job)
+    }
 }
 
 /// Queue a VM job. `automatic` jobs (schedules, sweeps) are not queued while an earlier

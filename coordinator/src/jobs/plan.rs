@@ -48,24 +48,45 @@ impl Failure {
     }
 }
 
-/// The job that runs: its kind and what each disk's transfer starts from.
+/// The job that runs: its kind and what each disk's transfer starts from (the disks the
+/// policy leaves out are not among them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub kind: JobKind,
     pub disks: Vec<DiskJob>,
 }
 
-/// Plans a backup job of `vm` (disks as inventoried) against its replicas. A VM without a
-/// complete replica (any disk missing, still being created, resized or at another block
-/// size) gets its initial copy first, whatever was asked; a synchronization or express full
-/// of an inconsistent replica is refused: a consistency check must repair it first.
+/// The block size of `vm`'s job: the one its replicas were made with while they are whole
+/// copies of its disks as they are (a group's block size changes only new members), else the
+/// group's `policy` one (an initial copy is due anyway).
+pub fn block_size(disks: &[DiskInfo], replicas: &HashMap<String, ReplicaRecord>, policy: u32) -> u32 {
+    let mut sizes = disks.iter().map(|d| {
+        replicas.get(d.name.as_str()).filter(|r| r.is_complete(d.size_bytes, r.block_size)).map(|r| r.block_size)
+    });
+    match sizes.next() {
+        Some(Some(first)) if sizes.all(|b| b == Some(first)) => first,
+        _ => policy,
+    }
+}
+
+/// Plans a backup job of `vm` (disks as inventoried, less those in `left_out`) against its
+/// replicas. A VM without a complete replica (any disk missing, still being created, resized
+/// or at another block size) gets its initial copy first, whatever was asked; a
+/// synchronization or express full of an inconsistent replica is refused: a consistency check
+/// must repair it first. Swap is left out of synchronizations and express fulls only with the
+/// witness that lets the agent check it still is swap.
 pub fn plan(
     requested: JobKind,
     vm: &str,
     disks: &[DiskInfo],
     replicas: &HashMap<String, ReplicaRecord>,
     block_size: u32,
+    left_out: &[String],
 ) -> Result<Plan, Failure> {
+    let disks: Vec<&DiskInfo> = disks.iter().filter(|d| !left_out.iter().any(|l| l == d.name.as_str())).collect();
+    if disks.is_empty() {
+        return Err(Failure::stop(format!("{vm} has no disk to protect: every disk is left out (--exclude-disk)")));
+    }
     let complete =
         disks.iter().all(|d| replicas.get(d.name.as_str()).is_some_and(|r| r.is_complete(d.size_bytes, block_size)));
     // (A consistency check needs no complete replica: it builds what is missing.)
@@ -96,14 +117,19 @@ pub fn plan(
             },
             // Only synchronizations and express fulls leave swap out: an initial copy and a
             // consistency check take everything, so the tree always matches its source.
-            exclude: if matches!(kind, JobKind::Sync | JobKind::ExpressFull) {
-                replicas.get(d.name.as_str()).map(|r| r.excluded.clone()).unwrap_or_default()
-            } else {
-                vec![]
-            },
+            exclude: swap(kind, replicas.get(d.name.as_str())).map(|r| r.excluded.clone()).unwrap_or_default(),
+            witness: swap(kind, replicas.get(d.name.as_str())).map(|r| r.swap_witness.clone()).unwrap_or_default(),
         })
         .collect();
     Ok(Plan { kind, disks })
+}
+
+/// The replica whose swap a job of `kind` may leave out: a synchronization's or express
+/// full's, when its exclusion has a witness (one read before witnesses were kept has none).
+fn swap(kind: JobKind, r: Option<&ReplicaRecord>) -> Option<&ReplicaRecord> {
+    r.filter(|r| {
+        matches!(kind, JobKind::Sync | JobKind::ExpressFull) && !r.excluded.is_empty() && !r.swap_witness.is_empty()
+    })
 }
 
 #[cfg(test)]
@@ -132,6 +158,7 @@ mod tests {
             reason: Some("tracking lost".into()),
             updated_at: 0,
             excluded: vec![(2, 5)],
+            swap_witness: vec![(2, [7; 32])],
         }
     }
 
@@ -143,34 +170,71 @@ mod tests {
     fn an_express_full_without_a_complete_replica_is_an_initial_copy() {
         let disks = [disk("os", 1 << 20), disk("data", 1 << 20)];
         let only_os = replicas(vec![replica("os", 1 << 20, ReplicaState::Consistent)]);
-        let p = plan(JobKind::ExpressFull, "web1", &disks, &only_os, 65536).unwrap();
+        let p = plan(JobKind::ExpressFull, "web1", &disks, &only_os, 65536, &[]).unwrap();
         assert_eq!(p.kind, JobKind::Initial);
         assert!(p.disks.iter().all(|d| d.token.is_none() && d.exclude.is_empty()));
         let resized = replicas(vec![
             replica("os", 1 << 20, ReplicaState::Consistent),
             replica("data", 2 << 20, ReplicaState::Consistent),
         ]);
-        assert_eq!(plan(JobKind::Sync, "web1", &disks, &resized, 65536).unwrap().kind, JobKind::Initial);
+        assert_eq!(plan(JobKind::Sync, "web1", &disks, &resized, 65536, &[]).unwrap().kind, JobKind::Initial);
         let whole = replicas(vec![
             replica("os", 1 << 20, ReplicaState::Consistent),
             replica("data", 1 << 20, ReplicaState::Consistent),
         ]);
-        assert_eq!(plan(JobKind::ExpressFull, "web1", &disks, &whole, 4096).unwrap().kind, JobKind::Initial);
-        let p = plan(JobKind::ExpressFull, "web1", &disks, &whole, 65536).unwrap();
+        assert_eq!(plan(JobKind::ExpressFull, "web1", &disks, &whole, 4096, &[]).unwrap().kind, JobKind::Initial);
+        let p = plan(JobKind::ExpressFull, "web1", &disks, &whole, 65536, &[]).unwrap();
         assert_eq!(p.kind, JobKind::ExpressFull);
         assert!(p.disks.iter().all(|d| d.token == Some(ChangeToken { generation: 1, sequence: 4 })));
         assert!(p.disks.iter().all(|d| d.exclude == vec![(2, 5)]), "swap is left out of express fulls");
+        assert!(p.disks.iter().all(|d| d.witness == vec![(2, [7; 32])]), "with what the agent checks it by");
     }
 
     #[test]
     fn an_inconsistent_replica_takes_a_check_first_and_a_check_takes_everything() {
         let disks = [disk("os", 1 << 20)];
         let bad = replicas(vec![replica("os", 1 << 20, ReplicaState::Inconsistent)]);
-        let err = plan(JobKind::ExpressFull, "web1", &disks, &bad, 65536).unwrap_err();
+        let err = plan(JobKind::ExpressFull, "web1", &disks, &bad, 65536, &[]).unwrap_err();
         assert!(!err.retry && err.reason.contains("web1/os is inconsistent (tracking lost)"), "{err:?}");
-        let p = plan(JobKind::ConsistencyCheck, "web1", &disks, &bad, 65536).unwrap();
+        let p = plan(JobKind::ConsistencyCheck, "web1", &disks, &bad, 65536, &[]).unwrap();
         assert_eq!(p.kind, JobKind::ConsistencyCheck);
         assert!(p.disks[0].exclude.is_empty(), "a check reads swap too");
+    }
+
+    #[test]
+    fn swap_without_a_witness_is_not_left_out() {
+        let disks = [disk("os", 1 << 20)];
+        let mut r = replica("os", 1 << 20, ReplicaState::Consistent);
+        r.swap_witness.clear();
+        let p = plan(JobKind::Sync, "web1", &disks, &replicas(vec![r]), 65536, &[]).unwrap();
+        assert!(p.disks[0].exclude.is_empty() && p.disks[0].witness.is_empty());
+    }
+
+    #[test]
+    fn disks_left_out_are_not_planned_and_a_vm_with_none_left_is_refused() {
+        let disks = [disk("os", 1 << 20), disk("scratch", 1 << 20)];
+        let only_os = replicas(vec![replica("os", 1 << 20, ReplicaState::Consistent)]);
+        let p = plan(JobKind::ExpressFull, "web1", &disks, &only_os, 65536, &["scratch".into()]).unwrap();
+        assert_eq!(p.kind, JobKind::ExpressFull, "the left-out disk needs no initial copy");
+        assert_eq!(p.disks.len(), 1);
+        assert_eq!(p.disks[0].disk.as_str(), "os");
+        let err = plan(JobKind::Sync, "web1", &disks, &only_os, 65536, &["os".into(), "scratch".into()]).unwrap_err();
+        assert!(!err.retry && err.reason.contains("every disk is left out"), "{err:?}");
+    }
+
+    #[test]
+    fn a_member_keeps_its_block_size_until_it_needs_a_new_copy() {
+        let disks = [disk("os", 1 << 20), disk("data", 1 << 20)];
+        let whole = replicas(vec![
+            replica("os", 1 << 20, ReplicaState::Consistent),
+            replica("data", 1 << 20, ReplicaState::Inconsistent),
+        ]);
+        assert_eq!(block_size(&disks, &whole, 1 << 20), 65536, "the replicas' own");
+        let only_os = replicas(vec![replica("os", 1 << 20, ReplicaState::Consistent)]);
+        assert_eq!(block_size(&disks, &only_os, 1 << 20), 1 << 20, "a disk without a replica: the group's");
+        let mut odd = whole.clone();
+        odd.get_mut("data").unwrap().block_size = 4096;
+        assert_eq!(block_size(&disks, &odd, 1 << 20), 1 << 20, "mixed sizes: the group's");
     }
 
     #[test]

@@ -114,7 +114,8 @@ pub fn due(policy: &Policy, persisted: &BTreeMap<Schedule, i64>, now: i64, tz: &
         _ => None,
     };
     let rules = [
-        (Schedule::Sync, policy.sync_every_secs.map(Rule::Every)),
+        // "Just before a recovery point": no interval synchronization at all.
+        (Schedule::Sync, policy.sync_every_secs.filter(|_| !policy.express_full_before_rp).map(Rule::Every)),
         (Schedule::RecoveryPoint, (!policy.recovery_points.is_empty()).then_some(Rule::Daily(&policy.recovery_points))),
         (Schedule::ConsistencyCheck, cc.as_ref().map(|t| Rule::Daily(t))),
         (Schedule::Initial, initial.as_ref().map(|t| Rule::Daily(t))),
@@ -133,6 +134,37 @@ pub fn due(policy: &Policy, persisted: &BTreeMap<Schedule, i64>, now: i64, tz: &
     out
 }
 
+/// Whether a firing of `schedule` queues a job for a member with (`has_replica`) or without a
+/// replica, under the group's replica creation method. Only `--replica now` lets a scheduled
+/// job turn into an initial copy over the network; with `manual` or `at:HH:MM` a member
+/// without a replica waits (`awaiting-replica`) for its seed or its off-peak time.
+pub fn fires_for(schedule: Schedule, creation: Creation, has_replica: bool) -> bool {
+    match schedule {
+        Schedule::Initial => !has_replica,
+        _ => has_replica || creation == Creation::Now,
+    }
+}
+
+/// The schedules whose persisted next run no longer fits after a policy change from `old` to
+/// `new`: forgotten, so the next tick plans them afresh.
+pub fn changed(old: &Policy, new: &Policy) -> Vec<Schedule> {
+    let sync = |p: &Policy| p.sync_every_secs.filter(|_| !p.express_full_before_rp);
+    let mut out = vec![];
+    if sync(old) != sync(new) {
+        out.push(Schedule::Sync);
+    }
+    if old.recovery_points != new.recovery_points {
+        out.push(Schedule::RecoveryPoint);
+    }
+    if old.cc_at != new.cc_at {
+        out.push(Schedule::ConsistencyCheck);
+    }
+    if old.replica_creation != new.replica_creation {
+        out.push(Schedule::Initial);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,13 +178,96 @@ mod tests {
         Policy {
             sync_every_secs: Some(900),
             recovery_points: vec![8 * 60, 20 * 60],
-            express_full_before_rp: true,
+            express_full_before_rp: false,
             retention_secs: 5 * 86_400,
             cc_when_inconsistent: true,
             cc_at: Some(60),
             replica_creation: "at:23:30".into(),
             block_size: 1 << 20,
+            exclude_disks: vec![],
         }
+    }
+
+    /// The jobs a group's schedules queue for one member from `start` for `minutes`, ticked
+    /// each minute as the group actor does (next runs persisted between ticks).
+    fn ticked(p: &Policy, has_replica: bool, start: i64, minutes: i64, tz: &TimeZone) -> Vec<(i64, JobKind)> {
+        let creation = policy::creation_time(&p.replica_creation).unwrap();
+        let mut persisted = BTreeMap::new();
+        let mut jobs = vec![];
+        for m in 0..=minutes {
+            let now = start + m * 60;
+            let d = due(p, &persisted, now, tz);
+            persisted.extend(d.next.iter().copied());
+            for f in d.fire {
+                if fires_for(f.schedule, creation, has_replica) {
+                    jobs.push((f.due, f.schedule.job()));
+                }
+            }
+        }
+        jobs
+    }
+
+    /// A new group's policy as `group create` makes it with no flags.
+    fn defaults() -> Policy {
+        Policy {
+            sync_every_secs: None,
+            recovery_points: policy::DEFAULT_RECOVERY_POINTS.to_vec(),
+            express_full_before_rp: true,
+            retention_secs: policy::DEFAULT_RETENTION_SECS,
+            cc_when_inconsistent: true,
+            cc_at: None,
+            replica_creation: "now".into(),
+            block_size: policy::DEFAULT_BLOCK_SIZE,
+            exclude_disks: vec![],
+        }
+    }
+
+    #[test]
+    fn a_manual_or_off_peak_group_with_the_default_schedules_copies_nothing_over_the_network() {
+        // A day from 00:00 at +02: three recovery-point times, and the off-peak time at 23:30.
+        let start = at("2026-05-31T22:00:00Z");
+        let manual = Policy { replica_creation: "manual".into(), ..defaults() };
+        assert_eq!(ticked(&manual, false, start, 24 * 60, &plus2()), vec![], "a member awaiting its seed");
+        let off_peak = Policy { replica_creation: "at:23:30".into(), ..defaults() };
+        assert_eq!(
+            ticked(&off_peak, false, start, 24 * 60, &plus2()),
+            vec![(at("2026-06-01T21:30:00Z"), JobKind::Initial)],
+            "only the off-peak initial copy"
+        );
+        let with_replica = ticked(&manual, true, start, 24 * 60, &plus2());
+        assert_eq!(with_replica.len(), 3, "once seeded, the recovery points run: {with_replica:?}");
+        assert!(with_replica.iter().all(|(_, k)| *k == JobKind::ExpressFull));
+        let now_group = ticked(&defaults(), false, start, 24 * 60, &plus2());
+        assert_eq!(now_group.len(), 3, "--replica now: scheduled jobs still bring a first copy");
+    }
+
+    #[test]
+    fn express_full_before_rp_runs_no_synchronization_only_express_fulls_at_the_points() {
+        let start = at("2026-05-31T22:00:00Z");
+        let p = Policy { sync_every_secs: Some(900), express_full_before_rp: true, ..defaults() };
+        let jobs = ticked(&p, true, start, 24 * 60, &plus2());
+        assert_eq!(
+            jobs,
+            vec![
+                (at("2026-06-01T06:00:00Z"), JobKind::ExpressFull),
+                (at("2026-06-01T10:00:00Z"), JobKind::ExpressFull),
+                (at("2026-06-01T18:00:00Z"), JobKind::ExpressFull),
+            ]
+        );
+        let syncing = Policy { express_full_before_rp: false, ..p };
+        let jobs = ticked(&syncing, true, start, 24 * 60, &plus2());
+        assert_eq!(jobs.iter().filter(|(_, k)| *k == JobKind::Sync).count(), 24 * 4, "every 15 minutes");
+    }
+
+    #[test]
+    fn a_policy_change_forgets_only_the_schedules_it_changes() {
+        let p = policy();
+        assert_eq!(changed(&p, &p), vec![]);
+        let q = Policy { sync_every_secs: Some(60), cc_at: None, ..policy() };
+        assert_eq!(changed(&p, &q), vec![Schedule::Sync, Schedule::ConsistencyCheck]);
+        let r = Policy { express_full_before_rp: true, recovery_points: vec![9 * 60], ..policy() };
+        assert_eq!(changed(&p, &r), vec![Schedule::Sync, Schedule::RecoveryPoint]);
+        assert_eq!(changed(&p, &Policy { retention_secs: 86_400, ..policy() }), vec![], "not a schedule");
     }
 
     fn runs(r: &[(Schedule, i64)]) -> BTreeMap<Schedule, i64> {

@@ -136,17 +136,24 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         .vm(&name)
         .map_err(|e| Failure::retry(e.to_string()))?
         .ok_or_else(|| Failure::stop(format!("no VM named {name} has been reported by any agent")))?;
-    let block_size = match &vm.group {
-        Some(g) => catalog.group(g).ok().flatten().map(|g| g.policy.block_size),
+    let policy = match &vm.group {
+        Some(g) => catalog.group(g).map_err(|e| Failure::retry(e.to_string()))?.map(|g| g.policy),
         None => None,
-    }
-    .unwrap_or(crate::policy::DEFAULT_BLOCK_SIZE);
+    };
     let replicas: HashMap<String, ReplicaRecord> = catalog
         .replicas_of(&name)
         .map_err(|e| Failure::retry(e.to_string()))?
         .into_iter()
         .map(|r| (r.disk.clone(), r))
         .collect();
+    let block_size = crate::jobs::plan::block_size(
+        &vm.disks,
+        &replicas,
+        policy.as_ref().map_or(crate::policy::DEFAULT_BLOCK_SIZE, |p| p.block_size),
+    );
+    let left_out = policy
+        .map(|p| p.exclude_disks.into_iter().filter(|(v, _)| *v == name).map(|(_, d)| d).collect())
+        .unwrap_or_default();
     let setup = Setup {
         record: job.clone(),
         vm: name.clone(),
@@ -155,6 +162,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         block_size,
         id_key: ctx.store.codec().hasher.id_key(),
         lease_ms: ctx.lease.as_millis().min(u128::from(u64::MAX)) as u64,
+        left_out,
     };
     let mut m = VmJob::start(setup, now_ms())?;
     if m.record().kind != job.kind {
@@ -318,19 +326,20 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
 async fn find_swap(ctx: &Arc<JobContext>, replicas: Vec<ReplicaRecord>) {
     for mut r in replicas {
         let Some(root) = r.root else { continue };
-        let ranges = match crate::items::swap_blocks(ctx.store.clone(), root, r.block_size, r.size_bytes).await {
-            Ok(ranges) => ranges,
+        let scan = match crate::items::swap_blocks(ctx.store.clone(), root, r.block_size, r.size_bytes).await {
+            Ok(scan) => scan,
             Err(e) => {
                 tracing::warn!(disk = %r.disk, error = %e, "swap scan failed: nothing is excluded from this disk");
-                vec![]
+                crate::items::SwapScan::default()
             }
         };
-        if ranges == r.excluded {
+        if scan.ranges == r.excluded && scan.witness == r.swap_witness {
             continue;
         }
-        let bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size);
+        let bytes: u64 = scan.ranges.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size);
         tracing::info!(disk = %r.disk, excluded_bytes = bytes, "swap space left out of synchronizations and express fulls");
-        r.excluded = ranges;
+        r.excluded = scan.ranges;
+        r.swap_witness = scan.witness;
         let store = ctx.store.clone();
         let put = tokio::task::spawn_blocking(move || store.catalog().put_replica(&r)).await;
         if !matches!(put, Ok(Ok(()))) {

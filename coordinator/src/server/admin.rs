@@ -114,6 +114,8 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         }
         AdminRequest::GroupDelete { name } => protect::group_delete(state, name).await,
         AdminRequest::GroupPlan { name } => protect::group_plan(state, name).await,
+        AdminRequest::GroupSet { name, patch } => protect::group_set(state, name, patch).await,
+        AdminRequest::JobCancel { id } => protect::job_cancel(state, id).await,
         AdminRequest::Backup { vm, kind } => protect::run_now(state, vm, protect::backup_kind(kind)).await,
         AdminRequest::ConsistencyCheck { vm } => protect::run_now(state, vm, JobKind::ConsistencyCheck).await,
         AdminRequest::RecoveryPoints { vm, page } => lists::recovery_points(catalog, vm, page).await,

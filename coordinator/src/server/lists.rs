@@ -133,7 +133,9 @@ pub async fn recovery_points(catalog: Catalog, vm: String, req: PageRequest) -> 
             let scan = catalog
                 .recovery_points_after(&vm, after.as_deref())
                 .ok_or_else(|| format!("the cursor does not belong to the recovery points of {vm}"))?;
-            let page = fill(&req, scan, |rp| protect::rp_info(&rp).map(Some))?;
+            let group = catalog.vm(&vm).map_err(|e| e.to_string())?.and_then(|v| v.group);
+            let left_out = protect::left_out(&catalog, &vm, group.as_deref())?;
+            let page = fill(&req, scan, |rp| protect::rp_info(&rp, &left_out).map(Some))?;
             if page.items.is_empty() && req.after.is_none() && catalog.vm(&vm).map_err(|e| e.to_string())?.is_none() {
                 return Err(format!("no VM named {vm}"));
             }

@@ -7,7 +7,8 @@ use crate::policy;
 use crate::server::State;
 use crate::store::BlockData;
 use bulwark_protocol::messages::{
-    AdminResponse, BackupKind, DiskInfo, GroupInfo, PlanInfo, PolicySpec, PowerState, RecoveryPointInfo, VmSummary,
+    AdminResponse, BackupKind, DiskInfo, GroupInfo, PlanInfo, PolicyPatch, PolicySpec, PowerState, RecoveryPointInfo,
+    VmSummary,
 };
 use bulwark_protocol::paging::{page_of_sorted, PageRequest};
 use bulwark_protocol::transfer::{self, TransferMessage};
@@ -66,7 +67,9 @@ pub fn vm_summary(catalog: &Catalog, v: VmRecord, owner: &str) -> Result<VmSumma
         .iter()
         .map(|r| r.excluded.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size))
         .sum();
+    let left_out = left_out(catalog, &v.name, v.group.as_deref())?;
     Ok(VmSummary {
+        left_out,
         uuid: identity.as_ref().map(|i| i.uuid.clone()).unwrap_or_default(),
         cluster: identity.map(|i| i.cluster).unwrap_or_default(),
         owner: owner.to_owned(),
@@ -179,6 +182,7 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
         };
         catalog.put_group(&g).map_err(|e| e.to_string())?;
         set_group(&catalog, &members, Some(&name))?;
+        forget_left_out(&catalog, &g)?;
         Ok((g.clone(), group_info(&catalog, &g, &PageRequest::first())?))
     })
     .await;
@@ -189,6 +193,61 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
             AdminResponse::Group(info)
         }
         Err(e) => err(e),
+    }
+}
+
+/// `group set`: the policy changed as asked (checked as a new one is); the schedules it
+/// changes are planned afresh at the group's next tick.
+pub async fn group_set(state: &Arc<State>, name: String, patch: PolicyPatch) -> AdminResponse {
+    let catalog = state.store.catalog().clone();
+    let r = blocking(move || {
+        let mut g = catalog.group(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group named {name}"))?;
+        let new = policy::apply(&g.policy, &patch).map_err(|e| e.to_string())?;
+        for s in crate::jobs::schedule::changed(&g.policy, &new) {
+            catalog.clear_next_run(&name, s.key()).map_err(|e| e.to_string())?;
+        }
+        g.policy = new;
+        catalog.put_group(&g).map_err(|e| e.to_string())?;
+        forget_left_out(&catalog, &g)?;
+        Ok((g.clone(), group_info(&catalog, &g, &PageRequest::first())?))
+    })
+    .await;
+    match r {
+        Ok((g, info)) => {
+            tracing::info!(group = %g.name, policy = ?g.policy, "protection group changed");
+            AdminResponse::Group(info)
+        }
+        Err(e) => err(e),
+    }
+}
+
+/// Drops the replicas of the disks `g` leaves out: they are copied no more, and a stale one
+/// would keep its VM inconsistent for ever (their recovery points stay until retention).
+fn forget_left_out(catalog: &Catalog, g: &GroupRecord) -> Result<(), String> {
+    for (vm, disk) in &g.policy.exclude_disks {
+        if catalog.delete_replica(vm, disk).map_err(|e| e.to_string())? {
+            tracing::info!(%vm, %disk, "disk left out of protection: its replica is dropped");
+        }
+    }
+    Ok(())
+}
+
+/// The disks of `vm` its group leaves out.
+pub fn left_out(catalog: &Catalog, vm: &str, group: Option<&str>) -> Result<Vec<String>, String> {
+    let Some(g) = group else { return Ok(vec![]) };
+    Ok(catalog
+        .group(g)
+        .map_err(|e| e.to_string())?
+        .map(|g| g.policy.exclude_disks.into_iter().filter(|(v, _)| v == vm).map(|(_, d)| d).collect())
+        .unwrap_or_default())
+}
+
+/// `job cancel`: a queued or running VM job stops ([`crate::jobs::Cancel`]).
+pub async fn job_cancel(state: &Arc<State>, id: u64) -> AdminResponse {
+    match state.jobs.send(crate::jobs::Cancel { id }).await {
+        Ok(Ok(job)) => AdminResponse::Job(super::admin::job_info(&job)),
+        Ok(Err(e)) => err(e),
+        Err(e) => err(format!("the job queue is not answering: {e}")),
     }
 }
 
@@ -316,8 +375,11 @@ pub fn backup_kind(kind: BackupKind) -> JobKind {
     }
 }
 
-pub fn rp_info(rp: &RecoveryPointRecord) -> Result<RecoveryPointInfo, String> {
+/// The `rp list` form of a recovery point; `left_out`: the disks its VM's group leaves out
+/// (none of them is in the point).
+pub fn rp_info(rp: &RecoveryPointRecord, left_out: &[String]) -> Result<RecoveryPointInfo, String> {
     Ok(RecoveryPointInfo {
+        left_out: left_out.iter().filter(|d| !rp.disks.iter().any(|r| r.name == **d)).cloned().collect(),
         id: crate::store::hex(&rp.id),
         vm: rp.vm.clone(),
         created_at: rp.created_at,
@@ -513,6 +575,7 @@ pub async fn seed_import(
             reason: Some(format!("seeded from {source}: a consistency check reconciles it with the source")),
             updated_at: crate::catalog::now_secs(),
             excluded: vec![],
+            swap_witness: vec![],
         };
         ingest.commit(vec![record], None).await?;
         Ok::<_, String>(received)

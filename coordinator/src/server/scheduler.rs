@@ -144,16 +144,18 @@ impl GroupActor {
         for (s, at) in &due.next {
             self.catalog.set_next_run(&self.name, s.key(), (*at).max(0) as u64)?;
         }
+        let creation = policy::creation_time(&group.policy.replica_creation).unwrap_or(Creation::Manual);
         for fire in due.fire {
-            let members: Vec<String> = match fire.schedule {
-                Schedule::Initial => group.members.iter().filter(|vm| !self.has_replica(vm)).cloned().collect(),
-                _ => group.members.clone(),
-            };
+            let members: Vec<String> = group
+                .members
+                .iter()
+                .filter(|vm| schedule::fires_for(fire.schedule, creation, self.has_replica(vm)))
+                .cloned()
+                .collect();
             self.fire(ctx, &members, fire.schedule.job(), fire.due, fire.schedule.reason());
         }
         if (now as u64).saturating_sub(self.last_sweep) >= SWEEP_EVERY {
             self.last_sweep = now as u64;
-            let creation = policy::creation_time(&group.policy.replica_creation).unwrap_or(Creation::Manual);
             self.sweep(&group.members, creation, group.policy.cc_when_inconsistent)?;
         }
         Ok(())

@@ -462,6 +462,7 @@ impl World {
             cc_at: None,
             replica_creation: "now".into(),
             block_size: 1 << 20,
+            exclude_disks: vec![],
         };
         match self.must(AdminRequest::GroupCreate { name: "chaos".into(), vms: names.to_vec(), policy })? {
             AdminResponse::Group(_) => Ok(()),

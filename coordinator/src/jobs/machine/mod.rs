@@ -169,6 +169,8 @@ pub struct Setup {
     pub id_key: Option<[u8; 32]>,
     /// How long the agent may stay silent, and how long it holds a snapshot without a verdict.
     pub lease_ms: u64,
+    /// Disks the group's policy leaves out (`--exclude-disk`).
+    pub left_out: Vec<String>,
 }
 
 fn wire_kind(kind: JobKind) -> Option<WireKind> {
@@ -187,8 +189,11 @@ impl VmJob {
     /// `Creating` replicas of an initial copy. A job that cannot run is refused here, with
     /// nothing queued.
     pub fn start(setup: Setup, now_ms: u64) -> Result<VmJob, Failure> {
-        let Setup { mut record, vm, disks, replicas, block_size, id_key, lease_ms } = setup;
-        let planned = plan::plan(record.kind, &vm, &disks, &replicas, block_size)?;
+        let Setup { mut record, vm, disks, replicas, block_size, id_key, lease_ms, left_out } = setup;
+        let planned = plan::plan(record.kind, &vm, &disks, &replicas, block_size, &left_out)?;
+        // The job is about the planned disks only: a left-out disk's stream is refused.
+        let disks: Vec<DiskInfo> =
+            disks.into_iter().filter(|d| planned.disks.iter().any(|p| p.disk == d.name)).collect();
         record.kind = planned.kind;
         let kind =
             wire_kind(record.kind).ok_or_else(|| Failure::stop(format!("{} is not a VM job", record.kind.as_str())))?;
@@ -215,6 +220,7 @@ impl VmJob {
                     reason: None,
                     updated_at: now_ms / 1000,
                     excluded: vec![],
+                    swap_witness: vec![],
                 }));
             }
         }
@@ -410,7 +416,10 @@ impl VmJob {
                 change_token: Some(next_token),
                 reason: None,
                 updated_at: now_ms / 1000,
+                // The exclusion and its witness go together: the witness's ids are of contents,
+                // valid whichever tree they were read from.
                 excluded: self.replicas.get(d.name.as_str()).map(|r| r.excluded.clone()).unwrap_or_default(),
+                swap_witness: self.replicas.get(d.name.as_str()).map(|r| r.swap_witness.clone()).unwrap_or_default(),
             });
             rp_disks.push(RpDisk {
                 name: d.name.to_string(),

@@ -25,6 +25,7 @@ fn replica(name: &str, state: ReplicaState) -> ReplicaRecord {
         reason: None,
         updated_at: 0,
         excluded: vec![(3, 4)],
+        swap_witness: vec![(0, [5; 32])],
     }
 }
 
@@ -43,6 +44,7 @@ fn job(kind: JobKind, complete: bool) -> VmJob {
         block_size: BS,
         id_key: None,
         lease_ms: 30_000,
+        left_out: vec![],
     };
     VmJob::start(setup, 1_000).unwrap()
 }
@@ -82,7 +84,7 @@ fn an_express_full_commits_a_recovery_point_once_every_disk_and_the_result_are_i
     let mut m = job(JobKind::ExpressFull, true);
     let first = drain(&mut m);
     assert!(matches!(&first[..], [Effect::Send(CoordinatorMessage::JobRequest(r))]
-        if r.disks.iter().all(|d| d.token == Some(ChangeToken { generation: 1, sequence: 4 }) && d.exclude == vec![(3, 4)])));
+        if r.disks.iter().all(|d| d.token == Some(ChangeToken { generation: 1, sequence: 4 }) && d.exclude == vec![(3, 4)] && d.witness == vec![(0, [5; 32])])));
     let start = m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
     assert_eq!(start.old, Some(root(1)), "an express full applies to the replica's tree");
     m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 3_000);
@@ -276,6 +278,7 @@ fn a_sync_of_an_inconsistent_replica_is_refused_before_anything_is_sent() {
         block_size: BS,
         id_key: None,
         lease_ms: 30_000,
+        left_out: vec![],
     };
     let f = VmJob::start(setup, 0).err().unwrap();
     assert!(f.reason.contains("consistency check must run first") && !f.retry);

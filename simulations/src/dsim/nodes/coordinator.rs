@@ -167,6 +167,7 @@ impl Coordinator {
             block_size: BLOCK as u32,
             id_key: self.store.codec().hasher.id_key(),
             lease_ms: JOB_TIMEOUT_MS,
+            left_out: vec![],
         };
         let mut machine = match VmJob::start(setup, now) {
             Ok(m) => m,
