@@ -32,6 +32,8 @@ pub struct Snapshot {
     pub token: ChangeToken,
     pub consistency: Consistency,
     pub note: Option<String>,
+    /// The VM's definition at the snapshot (empty when it could not be read).
+    pub config: Vec<u8>,
 }
 
 /// A broken build, for the simulation to catch (`broken-builds` feature).
@@ -164,6 +166,7 @@ impl AgentJob {
                     bytes_read: self.bytes_read,
                     blocks_sent: self.blocks_sent,
                     next_token: next_token(snapshot.token, &self.disks),
+                    config: snapshot.config.clone(),
                 };
                 let next = next_token(snapshot.token, &self.disks);
                 self.phase = Phase::Reporting { next: Some(next) };
@@ -274,7 +277,7 @@ mod tests {
     }
 
     fn snap(seq: u64) -> Snapshot {
-        Snapshot { token: t(2, seq), consistency: Consistency::App, note: None }
+        Snapshot { token: t(2, seq), consistency: Consistency::App, note: None, config: vec![] }
     }
 
     /// A job through its report, both disks sent.

@@ -5,7 +5,7 @@
 use crate::reader::{ReadBlock, ReadStats};
 use crate::sim::{self, SimError, SnapConsistency, Vm};
 use bulwark_protocol::block::ChunkHasher;
-use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, GuestOs, Inventory, NewVm};
+use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, GuestOs, Inventory, NewVm, MAX_VM_CONFIG};
 use std::path::PathBuf;
 
 /// Why a backend operation failed.
@@ -84,14 +84,20 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn confirm(&self, vm: &str, next: ChangeToken) -> Result<ChangeToken, BackendError>;
     /// The transfer failed: its changes will be sent again next time.
     fn abandon(&self, vm: &str) -> Result<(), BackendError>;
+    /// The VM's definition as it is now, to keep with a recovery point (at most
+    /// [`MAX_VM_CONFIG`] bytes; empty when there is none).
+    fn vm_config(&self, vm: &str) -> Result<Vec<u8>, BackendError>;
     /// Prepares `vm` to be overwritten by a recovery (`what` says which, for the record); with
-    /// `create`, makes it first (powered off, zero disks) on `host`. A running VM is refused.
+    /// `create`, makes it first (powered off, zero disks) on `host`, from the recovery point's
+    /// definition `config` where one was kept (new name, new identity, this host's paths).
+    /// A running VM is refused.
     fn restore_begin(
         &self,
         vm: &str,
         host: &str,
         what: &str,
         create: Option<(&NewVm, &[DiskInfo])>,
+        config: &[u8],
     ) -> Result<(), BackendError>;
     /// Streams blocks of the VM's current disk (a VM being restored: off, nothing held).
     fn read_current(
@@ -202,15 +208,25 @@ impl Hypervisor for SimBackend {
         Ok(Vm::open(&self.root, vm)?.abandon()?)
     }
 
+    fn vm_config(&self, vm: &str) -> Result<Vec<u8>, BackendError> {
+        let path = sim::vm::vm_dir(&self.root, vm).join("vm.toml");
+        let text = std::fs::read(&path).map_err(|e| BackendError::Failed(format!("{}: {e}", path.display())))?;
+        Ok(if text.len() <= MAX_VM_CONFIG { text } else { vec![] })
+    }
+
     fn restore_begin(
         &self,
         vm: &str,
         host: &str,
         what: &str,
         create: Option<(&NewVm, &[DiskInfo])>,
+        config: &[u8],
     ) -> Result<(), BackendError> {
+        // The recovery point's settings (a definition another host made: only its plain
+        // settings are taken, never its identity, host or state).
+        let kept = sim::vm::settings_from(config);
         if let Some((new, disks)) = create {
-            let req = sim::CreateVm {
+            let mut req = sim::CreateVm {
                 os: match new.os {
                     GuestOs::Linux => "linux".into(),
                     GuestOs::Windows => "windows".into(),
@@ -223,11 +239,19 @@ impl Hypervisor for SimBackend {
                     disks.iter().map(|d| sim::DiskConfig { name: d.name.to_string(), size: d.size_bytes }).collect(),
                 )
             };
+            if let Some(k) = &kept {
+                req.os = k.os.clone();
+                req.integration_services = k.integration_services;
+            }
             sim::create_vm(&self.root, &req)?;
         }
         let mut v = Vm::open(&self.root, vm)?;
         if v.config.host != host {
             return Err(BackendError::Failed(format!("{vm} runs on {}, not on {host}", v.config.host)));
+        }
+        if let (Some(k), None) = (&kept, create) {
+            v.config.os = k.os.clone();
+            v.config.integration_services = k.integration_services;
         }
         Ok(v.restore_begin(what)?)
     }

@@ -105,8 +105,12 @@ pub enum SeedCommand {
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// The sim storage root (instead of, or overriding, agent.toml's).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "qemu_vm_dir")]
         sim_root: Option<PathBuf>,
+        /// The QEMU VM definitions' directory (instead of, or overriding, agent.toml's vm_dir);
+        /// needs --data-dir (the agent's state and fleecing images are kept there).
+        #[arg(long)]
+        qemu_vm_dir: Option<PathBuf>,
     },
 }
 
@@ -358,18 +362,36 @@ fn seed_export(
     output: &std::path::Path,
     data_dir: Option<PathBuf>,
     sim_root: Option<PathBuf>,
+    qemu_vm_dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let config = data_dir.map(|d| crate::config::AgentConfig::load(&AgentDir::new(d))).transpose()?;
-    let root = sim_root
-        .or_else(|| config.as_ref().and_then(|c| c.hypervisor.root.clone()))
-        .context("say where the VM is: --sim-root R, or --data-dir of an agent configured for the sim")?;
-    let host = match &config {
-        Some(c) => c.host.clone(),
-        None => crate::sim::Vm::open(&root, vm)?.config.host.clone(),
+    let dir = data_dir.map(AgentDir::new);
+    let config = dir.as_ref().map(crate::config::AgentConfig::load).transpose()?;
+    let qemu = qemu_vm_dir.clone().or_else(|| {
+        config
+            .as_ref()
+            .filter(|c| c.hypervisor.kind == "qemu" && sim_root.is_none())
+            .and_then(|c| c.hypervisor.vm_dir.clone())
+    });
+    let m = if let Some(vm_dir) = qemu {
+        // The agent's own state directory: a snapshot it holds is seen, and none is left behind.
+        let (Some(dir), Some(config)) = (&dir, &config) else {
+            anyhow::bail!("a QEMU VM's seed needs --data-dir of the host's agent");
+        };
+        let backend =
+            crate::qemu::QemuBackend::new(vm_dir, config.hypervisor.restore_dir.clone(), dir.root.join("qemu"))?;
+        crate::seed::export(&backend, &config.host, vm, output)?
+    } else {
+        let root = sim_root
+            .or_else(|| config.as_ref().and_then(|c| c.hypervisor.root.clone()))
+            .context("say where the VM is: --sim-root R, --qemu-vm-dir DIR, or --data-dir of the host's agent")?;
+        let host = match &config {
+            Some(c) => c.host.clone(),
+            None => crate::sim::Vm::open(&root, vm)?.config.host.clone(),
+        };
+        let backend = crate::backend::SimBackend { root };
+        crate::seed::export(&backend, &host, vm, output)?
     };
-    let backend = crate::backend::SimBackend { root };
-    let m = crate::seed::export(&backend, &host, vm, output)?;
     let total: u64 = m.disks.iter().map(|d| d.size_bytes).sum();
     println!(
         "seed of {vm} ({} disk(s), {total} bytes, {}-consistent) written to {}",
@@ -400,8 +422,8 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "bulwark-agent", &mut std::io::stdout());
             Ok(())
         }
-        Command::Seed { command: SeedCommand::Export { vm, output, data_dir, sim_root } } => {
-            seed_export(&vm, &output, data_dir, sim_root)
+        Command::Seed { command: SeedCommand::Export { vm, output, data_dir, sim_root, qemu_vm_dir } } => {
+            seed_export(&vm, &output, data_dir, sim_root, qemu_vm_dir)
         }
         Command::Run { data_dir, sim_root, qemu_vm_dir } => actix_rt::System::new()
             .block_on(run(AgentDir::new(data_dir), RunOptions { sim_root, qemu_vm_dir }, shutdown_signal()))

@@ -221,7 +221,16 @@ async fn take(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>) ->
     }
     bulwark_protocol::block::check_block_size(req.block_size as usize).map_err(Failure::other)?;
     let taken: Taken = snapshot.send(Take).await.map_err(Failure::other)??;
-    Ok(Snapshot { token: taken.token, consistency: taken.consistency, note: taken.note })
+    // The VM's definition goes with the recovery point (a definition that cannot be read
+    // costs the point its definition, never the backup).
+    let config = {
+        let (backend, vm) = (env.backend.clone(), req.vm.as_str().to_owned());
+        blocking(move || backend.vm_config(&vm)).await?.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "the VM's definition cannot be read: the recovery point keeps none");
+            vec![]
+        })
+    };
+    Ok(Snapshot { token: taken.token, consistency: taken.consistency, note: taken.note, config })
 }
 
 /// Sends one disk of the snapshot: the blocks the job's kind asks for (swap left out), or a
@@ -500,11 +509,19 @@ async fn execute_restore(env: &JobEnv, req: &RestoreRequest) -> Result<(u64, u64
     let bs = req.block_size as usize;
     bulwark_protocol::block::check_block_size(bs).map_err(Failure::other)?;
     {
-        let (backend, host, vm, create, disks) =
-            (env.backend.clone(), env.host.clone(), vm.clone(), req.create.clone(), req.disks.clone());
+        let (backend, host, vm, create, disks, config) = (
+            env.backend.clone(),
+            env.host.clone(),
+            vm.clone(),
+            req.create.clone(),
+            req.disks.clone(),
+            req.config.clone(),
+        );
         let what = format!("recovery job {}", req.job);
-        blocking(move || backend.restore_begin(&vm, &host, &what, create.as_ref().map(|c| (c, disks.as_slice()))))
-            .await??;
+        blocking(move || {
+            backend.restore_begin(&vm, &host, &what, create.as_ref().map(|c| (c, disks.as_slice())), &config)
+        })
+        .await??;
     }
     let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
     let (mut read, mut written) = (0, 0);

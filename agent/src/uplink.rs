@@ -247,6 +247,12 @@ pub async fn run_session(
             }
             msg = frame::read_message::<CoordinatorMessage, _>(&mut recv) => match msg {
                 Ok(Some(CoordinatorMessage::Heartbeat)) => {}
+                Ok(Some(CoordinatorMessage::InventoryNow)) => {
+                    reported = inventory().await;
+                    if let Err(e) = frame::write_message(&mut send, &AgentMessage::InventoryAnswer(reported.clone())).await {
+                        return lost(&conn, e.to_string());
+                    }
+                }
                 Ok(Some(CoordinatorMessage::JobRequest(job))) => {
                     let Some(env) = job_env(&hosting, config, &conn, &out_tx, job.job).await else { continue };
                     tracing::info!(job_id = %job.job, vm = %job.vm, kind = ?job.kind, "job requested");

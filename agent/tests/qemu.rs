@@ -210,10 +210,10 @@ fn restores_go_through_qemu_nbd_and_refuse_a_running_vm() {
     let mut vm = Vm::create(dir.path(), "fs", size, "qcow2");
     vm.start();
     let b = backend(dir.path());
-    let e = b.restore_begin("fs", "node1", "test", None).unwrap_err();
+    let e = b.restore_begin("fs", "node1", "test", None, &[]).unwrap_err();
     assert!(matches!(e, BackendError::Refused(_)), "{e}");
     vm.quit();
-    b.restore_begin("fs", "node1", "test", None).unwrap();
+    b.restore_begin("fs", "node1", "test", None, &[]).unwrap();
     let data = vec![0x5au8; MIB as usize];
     b.restore_write("fs", "os", 2 * MIB, &data).unwrap();
     b.restore_finish("fs").unwrap();

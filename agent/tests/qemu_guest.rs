@@ -74,7 +74,7 @@ fn shot(b: &QemuBackend, vm: &LinuxVm, raw: &Path, while_frozen: impl FnOnce()) 
 }
 
 #[test]
-fn guest_freeze_is_filesystem_consistent_and_every_fallback_pauses_with_a_reason() {
+fn guest_freeze_is_filesystem_consistent_and_every_fallback_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut vm = LinuxVm::create(d, "linux", SIZE);
@@ -112,10 +112,26 @@ fn guest_freeze_is_filesystem_consistent_and_every_fallback_pauses_with_a_reason
     assert!(note.contains("did not answer within 2s") && note.contains("paused instead"), "{note}");
     assert!(ext4_features(&raw).contains("needs_recovery"), "an unfrozen mounted ext4 needs journal recovery");
 
-    // 3. A failing pre-snapshot hook: no freeze is asked of the guest; paused, crash, why.
+    // 3. A failing pre-snapshot hook falls back to what the guest can still give: its agent's
+    // freeze (file-system consistent, not app), with the hook's failure in the note.
     std::fs::remove_file(&hooks).unwrap();
     vm.define(&format!(
-        "guest_agent = \"{}\"\npre_snapshot = \"exit 3\"\npost_snapshot = \"echo post >> {}\"",
+        "guest_agent = \"{}\"\napp_hooks = true\npre_snapshot = \"exit 3\"\npost_snapshot = \"echo post >> {}\"",
+        vm.ga_path().display(),
+        hooks.display()
+    ));
+    let s = shot(&b, &vm, &raw, || {});
+    assert_eq!(s.consistency, Consistency::Filesystem);
+    assert_eq!(s.status_while_frozen, "running", "frozen by the guest agent, not paused");
+    let note = s.note.unwrap();
+    assert!(note.contains("pre_snapshot hook failed") && note.contains("exit status: 3"), "{note}");
+    assert!(note.contains("froze the file systems instead"), "{note}");
+    assert_eq!(std::fs::read_to_string(&hooks).unwrap(), "post\n", "the post hook runs after a failed pre hook");
+
+    // 3b. on_hook_failure = "pause": no freeze is asked of the guest; paused, crash, why.
+    std::fs::remove_file(&hooks).unwrap();
+    vm.define(&format!(
+        "guest_agent = \"{}\"\npre_snapshot = \"exit 3\"\non_hook_failure = \"pause\"\npost_snapshot = \"echo post >> {}\"",
         vm.ga_path().display(),
         hooks.display()
     ));
@@ -123,16 +139,25 @@ fn guest_freeze_is_filesystem_consistent_and_every_fallback_pauses_with_a_reason
     assert_eq!(s.consistency, Consistency::Crash);
     assert_eq!(s.status_while_frozen, "paused");
     let note = s.note.unwrap();
-    assert!(note.contains("pre_snapshot hook failed") && note.contains("exit status: 3"), "{note}");
-    assert_eq!(std::fs::read_to_string(&hooks).unwrap(), "post\n", "the post hook runs after a failed pre hook");
+    assert!(note.contains("pre_snapshot hook failed") && note.contains("paused instead"), "{note}");
 
-    // 4. A pre-snapshot hook that hangs is killed at its bound.
+    // 3c. on_hook_failure = "fail": no snapshot at all, the hook's reason as the error.
+    vm.define(&format!(
+        "guest_agent = \"{}\"\npre_snapshot = \"exit 3\"\non_hook_failure = \"fail\"",
+        vm.ga_path().display()
+    ));
+    let e = b.freeze(&vm.name).unwrap_err().to_string();
+    assert!(e.contains("pre_snapshot hook failed") && e.contains("on_hook_failure"), "{e}");
+    assert_eq!(vm.status(), "running");
+    assert_eq!(vm.freeze_status(), "thawed");
+
+    // 4. A pre-snapshot hook that hangs is killed at its bound; the guest agent still freezes.
     vm.define(&format!(
         "guest_agent = \"{}\"\npre_snapshot = \"sleep 600\"\nhook_timeout_secs = 1",
         vm.ga_path().display()
     ));
     let s = shot(&b, &vm, &raw, || {});
-    assert_eq!(s.consistency, Consistency::Crash);
+    assert_eq!(s.consistency, Consistency::Filesystem);
     let note = s.note.unwrap();
     assert!(note.contains("pre_snapshot hook did not finish within 1s"), "{note}");
 

@@ -432,8 +432,14 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
     if failed > 0 {
         bail!("{failed} restore(s) differ from their source");
     }
-    if !temporary {
-        println!("Look around: bulwark --data-dir {} vm list | job list | rp list web", coord.display());
+    if !temporary && !keep_running {
+        // The coordinator has stopped: the hint starts it again with this same executable.
+        let me = std::env::current_exe().map_or_else(|_| "bulwark".into(), |p| p.display().to_string());
+        println!();
+        println!("Everything is kept in {}. To look around, start the coordinator again:", root.display());
+        println!("  {me} x-coordinator serve --data-dir {} &", coord.display());
+        println!("  {me} --data-dir {} vm list     # or: job list, rp list web", coord.display());
+        println!("(or run the quickstart with --keep-running).");
     }
     if keep_running {
         println!();

@@ -173,3 +173,87 @@ fn a_disk_left_out_is_never_copied_until_it_is_included_again() {
     assert_eq!(last["disks"].as_array().unwrap().len(), 2, "{last}");
     assert_eq!(c.recover_disk("two", "latest", "scratch"), sim_disk(&root, "two", "scratch"));
 }
+
+#[test]
+fn decisions_ask_the_host_when_the_coordinator_has_not_heard_yet() {
+    let mut c = Cluster::start();
+    let root = c.root.path().join("sim");
+    vm(&root, "old", &[("os", 8 * MIB)], 7);
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("old").is_some());
+    // Let the first inventories settle, so the next heartbeat is seconds away.
+    std::thread::sleep(Duration::from_secs(1));
+
+    // A VM created a moment ago can be protected at once.
+    vm(&root, "fresh", &[("os", 8 * MIB)], 8);
+    let g = c.json(&["group", "create", "g", "--vm", "old,fresh", "--sync-every", "off", "--recovery-points", "none"]);
+    assert_eq!(g["members"].as_array().unwrap().len(), 2, "{g}");
+    wait_until("initial replicas", Duration::from_secs(60), || {
+        ["old", "fresh"].iter().all(|v| c.vm(v).unwrap()["replica_state"] == "consistent")
+    });
+    let job = c.json(&["backup", "fresh", "--wait"]);
+    assert_eq!(job["state"], "succeeded");
+    let point = sim_disk(&root, "fresh", "os");
+
+    // The guest changes after the recovery point, then the VM is powered off and recovered
+    // onto at once: the coordinator still thinks it runs, asks, and goes ahead.
+    sim::churn(&root, "fresh", 50.0, 9).unwrap();
+    assert_ne!(sim_disk(&root, "fresh", "os"), point);
+    assert_eq!(c.vm("fresh").unwrap()["state"], "running");
+    sim::set_state(&root, "fresh", sim::Power::Off).unwrap();
+    let job = c.json(&["recover", "fresh", "--rp", "latest", "--to", "original", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(sim_disk(&root, "fresh", "os"), point, "the VM is the recovery point bit for bit");
+
+    // A VM that really runs is still refused, after asking.
+    let refused = c.run(&["recover", "old", "--rp", "latest", "--to", "original"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("old is not off"));
+}
+
+#[test]
+fn a_recovery_point_carries_the_vm_definition_to_a_new_vm_and_back_to_the_original() {
+    let mut c = Cluster::start();
+    let root = c.root.path().join("sim");
+    let req = CreateVm {
+        os: "windows".into(),
+        integration_services: false,
+        random_fill: true,
+        seed: 10,
+        ..CreateVm::new("win", "node1", vec![DiskConfig { name: "os".into(), size: 8 * MIB }])
+    };
+    sim::create_vm(&root, &req).unwrap();
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("win").is_some());
+    c.json(&["group", "create", "g", "--vm", "win", "--sync-every", "off", "--recovery-points", "none"]);
+    wait_until("initial replica", Duration::from_secs(60), || c.vm("win").unwrap()["replica_state"] == "consistent");
+    let original = Vm::open(&root, "win").unwrap().config.clone();
+
+    // As a new VM: the guest's settings come from the point; name, identity and state are new.
+    let job =
+        c.json(&["recover", "win", "--rp", "latest", "--to", "host", "--host", "node1", "--name", "win2", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let copy = Vm::open(&root, "win2").unwrap().config.clone();
+    assert_eq!((copy.os.as_str(), copy.integration_services), ("windows", false), "the point's settings");
+    assert_eq!(copy.name, "win2");
+    assert!(copy.uuid.is_some() && copy.uuid != original.uuid, "a VM of its own");
+    assert_eq!(copy.power, sim::Power::Off);
+    assert!(copy.snapshot.is_none() && copy.restoring.is_none());
+    assert_eq!(sim_disk(&root, "win2", "os"), c.recover_disk("win", "latest", "os"));
+
+    // The original's settings drift, then a recovery onto it brings them back with its disks.
+    {
+        let mut v = Vm::open(&root, "win").unwrap();
+        v.config.integration_services = true;
+        v.config.os = "linux".into();
+        v.save().unwrap();
+    }
+    sim::set_state(&root, "win", sim::Power::Off).unwrap();
+    let job = c.json(&["recover", "win", "--rp", "latest", "--to", "original", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let back = Vm::open(&root, "win").unwrap().config.clone();
+    assert_eq!((back.os.as_str(), back.integration_services), ("windows", false));
+    assert_eq!(back.uuid, original.uuid, "the same VM");
+}

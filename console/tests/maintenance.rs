@@ -91,3 +91,37 @@ fn verify_names_a_corrupt_chunk_and_fails_its_job() {
     assert_eq!(failed.as_array().unwrap().len(), 1);
     c.coordinator.wait_log("bad chunk");
 }
+
+#[test]
+fn data_kept_when_a_vm_left_protection_is_pruned_by_the_retention_it_had() {
+    let c = Cluster::start_with(|dir| {
+        // Three recovery points of a VM that left its group with --keep-data (one day of
+        // retention): two are years old.
+        let data = DataDir::new(dir);
+        let store = Store::open(&data, Catalog::open(&data.catalog()).unwrap(), StoreConfig::default()).unwrap();
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        for (i, created_at) in [1_000, 2_000, now_ms].into_iter().enumerate() {
+            let mut ingest = store.begin();
+            let block: Vec<u8> = (0..65536u32).map(|b| (b * 7 % 251) as u8 ^ i as u8).collect();
+            let id = ingest.put_block(&store.codec().hasher.id(&block), &block).unwrap();
+            let root = ingest.update_tree(None, 1, vec![(0, id)]).unwrap();
+            let disk = RpDisk { name: "os".into(), size_bytes: 65536, block_size: 65536, root };
+            let rp = NewRecoveryPoint {
+                vm: "gone".into(),
+                consistency: Consistency::Crash,
+                config: vec![],
+                disks: vec![disk],
+                created_at,
+            };
+            store.commit_recovery_point(ingest, rp, vec![]).unwrap();
+        }
+        store.catalog().keep_data("gone", 86_400).unwrap();
+    });
+    let d = c.dir_str();
+    let job = json(&["--data-dir", &d, "prune", "--wait", "--output", "json"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let detail = job["detail"].as_str().unwrap();
+    assert!(detail.starts_with("2 recovery point(s)") && detail.contains("1 VMs whose data was kept"), "{detail}");
+    let rps = json(&["--data-dir", &d, "rp", "list", "gone", "--output", "json"]);
+    assert_eq!(rps.as_array().unwrap().len(), 1, "the newest is kept: {rps}");
+}

@@ -21,6 +21,15 @@ fn a_coordinator_protects_a_qemu_vm_and_a_sim_vm_in_one_group() {
     let mut c = Cluster::start();
     let qdir = c.root.path().join("q");
     let mut vm = Vm::create(&qdir, "q1", GIB, "qcow2");
+    // What the recovery point keeps of the definition: the opaque config and the guest's
+    // settings; the host's hooks stay on this host.
+    let def_path = qdir.join("vms/q1.toml");
+    let def = std::fs::read_to_string(&def_path).unwrap().replacen(
+        "os = \"linux\"\n",
+        "os = \"linux\"\napp_hooks = true\nconfig = \"-machine q35 -m 512\"\npre_snapshot = \"true\"\n",
+        1,
+    );
+    std::fs::write(&def_path, def).unwrap();
     vm.start();
     // 64 MiB of data spread over the disk before protection starts.
     for i in 0..8u64 {
@@ -98,6 +107,15 @@ fn a_coordinator_protects_a_qemu_vm_and_a_sim_vm_in_one_group() {
     let copy =
         Vm { dir: qdir.clone(), name: "q2".into(), image: restored.join("q2-os.qcow2"), format: "qcow2", qemu: None };
     assert_eq!(copy.raw(), view, "the new image is bit-exact");
+    // The definition is the recovery point's, made this host's: `qemu check` accepts it.
+    let q2 = std::fs::read_to_string(restored.join("q2.toml")).unwrap();
+    assert!(q2.contains("config = \"-machine q35 -m 512\"") && q2.contains("app_hooks = true"), "{q2}");
+    assert!(q2.contains("node = \"disk0\"") && q2.contains("device = \"vda\""), "the guest's device names: {q2}");
+    assert!(!q2.contains("pre_snapshot"), "hooks are this host's business: {q2}");
+    let q1 = std::fs::read_to_string(&def_path).unwrap();
+    let uuid = |t: &str| t.lines().find(|l| l.starts_with("uuid")).map(str::to_owned);
+    assert!(uuid(&q2).is_some() && uuid(&q2) != uuid(&q1), "a VM of its own");
+    ok(&["x-agent", "qemu", "check", "--vm-dir", restored.to_str().unwrap()]);
 }
 
 #[test]
@@ -174,4 +192,54 @@ fn an_agent_killed_mid_read_leaves_the_vm_running_and_no_change_lost() {
     vm.quit();
     let view = vm.raw();
     assert_eq!(c.recover_disk("k1", "latest", "os"), view, "no change was lost");
+}
+
+#[test]
+fn a_qemu_vm_is_seeded_by_export_and_import_without_an_initial_copy() {
+    let mut c = Cluster::start();
+    let qdir = c.root.path().join("q");
+    let mut vm = Vm::create(&qdir, "sq", 256 * MIB, "qcow2");
+    vm.start();
+    vm.write(8 * MIB, 16 * MIB, 0x31);
+    c.enroll("node1");
+    let vm_dir = qdir.join("vms");
+    c.run_agent_with("node1", &["--qemu-vm-dir", vm_dir.to_str().unwrap()]);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("sq").is_some());
+    c.json(&["group", "create", "g", "--vm", "sq", "--replica", "manual"]);
+
+    let seed = c.root.path().join("seed");
+    let agent_dir = c.agent_dir("node1");
+    let out = ok(&[
+        "x-agent",
+        "seed",
+        "export",
+        "--vm",
+        "sq",
+        "--output",
+        seed.to_str().unwrap(),
+        "--qemu-vm-dir",
+        vm_dir.to_str().unwrap(),
+        "--data-dir",
+        agent_dir.to_str().unwrap(),
+    ]);
+    assert!(out.contains("seed of sq"), "{out}");
+    assert_eq!(vm.status(), "running", "the export left the VM running");
+    assert_eq!(c.vm("sq").unwrap()["replica_state"], "none", "manual: nothing crossed the network");
+    vm.write(100 * MIB, MIB, 0x32);
+
+    c.json(&["seed", "import", seed.to_str().unwrap()]);
+    let checked = || {
+        c.json(&["job", "list", "--vm", "sq"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["kind"] == "consistency-check" && j["state"] == "succeeded")
+            .cloned()
+    };
+    wait_until("the automatic consistency check", Duration::from_secs(120), || checked().is_some());
+    assert_eq!(checked().unwrap()["blocks_changed"], 1, "only the block written after the export");
+    let job = c.json(&["backup", "sq", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    vm.quit();
+    assert_eq!(c.recover_disk("sq", "latest", "os"), vm.raw(), "bit-exact");
 }

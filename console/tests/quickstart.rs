@@ -27,4 +27,27 @@ fn the_quickstart_tells_the_whole_story_and_verifies_it() {
     assert!(!work.join("coordinator/coordinator.addr").exists(), "the coordinator stopped cleanly");
     let again = bulwark(&["quickstart", "--dir", work.to_str().unwrap()]);
     assert_eq!(again.status.code(), Some(1), "a used directory is refused");
+
+    // The closing hint works with only the `bulwark` executable: it names the serve command
+    // and the list command, and they do what it says.
+    let hint = |needle: &str| -> Vec<String> {
+        let line = out.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no hint with {needle}: {out}"));
+        let words: Vec<String> =
+            line.split_whitespace().take_while(|w| *w != "&" && *w != "#").map(str::to_owned).collect();
+        assert!(words[0].ends_with("bulwark"), "{line}");
+        words[1..].to_vec()
+    };
+    let serve = hint("x-coordinator serve");
+    let args: Vec<&str> = serve.iter().map(String::as_str).collect();
+    let mut coordinator = Daemon::spawn(&args, dir.path().join("serve.log"));
+    wait_until("coordinator.addr", std::time::Duration::from_secs(20), || {
+        work.join("coordinator/coordinator.addr").exists()
+    });
+    let mut list = hint("vm list");
+    list.extend(["--output".into(), "json".into()]);
+    let args: Vec<&str> = list.iter().map(String::as_str).collect();
+    let vms: serde_json::Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert!(vms.as_array().unwrap().iter().any(|v| v["name"] == "web"), "{vms}");
+    coordinator.signal(15);
+    let _ = coordinator.child.wait();
 }

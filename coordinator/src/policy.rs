@@ -326,29 +326,20 @@ mod tests {
         let both =
             PolicyPatch { sync_every_secs: Some(Some(600)), express_full_before_rp: Some(true), ..Default::default() };
         assert_eq!(apply(&old, &both).unwrap_err(), PolicyError::SyncAndExpressFull);
-        let p = apply(
-            &old,
-            &PolicyPatch {
-                cc_when_inconsistent: Some(false),
-                cc_at: Some(Some(90)),
-                include_disks: vec![("web".into(), "tmp".into())],
-                exclude_disks: vec![("db".into(), "scratch".into())],
-                retention_secs: Some(3600),
-                ..Default::default()
-            },
+        let patch = PolicyPatch {
+            cc_when_inconsistent: Some(false),
+            cc_at: Some(Some(90)),
+            include_disks: vec![("web".into(), "tmp".into())],
+            exclude_disks: vec![("db".into(), "scratch".into())],
+            ..Default::default()
+        };
+        let short = PolicyPatch { retention_secs: Some(3600), ..patch.clone() };
+        assert_eq!(
+            apply(&old, &short).unwrap_err(),
+            PolicyError::RetentionTooShort(3600),
+            "checked as a new policy is"
         );
-        assert_eq!(p.unwrap_err(), PolicyError::RetentionTooShort(3600), "checked as a new policy is");
-        let p = apply(
-            &old,
-            &PolicyPatch {
-                cc_when_inconsistent: Some(false),
-                cc_at: Some(Some(90)),
-                include_disks: vec![("web".into(), "tmp".into())],
-                exclude_disks: vec![("db".into(), "scratch".into())],
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let p = apply(&old, &patch).unwrap();
         assert_eq!((p.cc_when_inconsistent, p.cc_at), (false, Some(90)));
         assert_eq!(p.exclude_disks, vec![("db".to_owned(), "scratch".to_owned())]);
         assert!(p.excludes("db", "scratch") && !p.excludes("web", "tmp"));

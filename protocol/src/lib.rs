@@ -48,7 +48,9 @@ pub const ALPN_ENROLL: &[u8] = b"bulwark-enroll/1";
 ///    inventory id is its UUID; `vm list` shows identity and status; `vm forget`.
 /// 5: `token list` is paged like every other list.
 /// 6: a job's swap exclusion carries its witness (the blocks it was read from, with their ids);
-///    policies leave disks out; `group set`; `job cancel`.
+///    policies leave disks out; `group set`; `job cancel`; a backup's outcome carries the VM's
+///    definition and a restore request the recovery point's; the coordinator asks for an
+///    inventory now (`InventoryNow` → `InventoryAnswer`).
 pub const PROTOCOL_VERSION: u16 = 6;
 /// The oldest protocol version this build still accepts (2 encoded item recoveries without
 /// their options and outcome; bincode has no optional fields, so a peer speaking it is

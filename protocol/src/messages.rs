@@ -167,7 +167,13 @@ pub struct RestoreRequest {
     pub block_size: u32,
     pub id_key: Option<[u8; 32]>,
     pub lease_secs: u32,
+    /// The recovery point's VM definition (empty: none kept): what a created VM is made from,
+    /// and what the original VM's settings return to.
+    pub config: Vec<u8>,
 }
+
+/// The most bytes of VM definition a recovery point keeps.
+pub const MAX_VM_CONFIG: usize = 64 * 1024;
 
 /// A VM an alternate-location recovery creates (powered off).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +206,9 @@ pub enum JobOutcome {
         blocks_sent: u64,
         /// The token the replica is current with once the coordinator has committed.
         next_token: ChangeToken,
+        /// The VM's definition at the snapshot (the sim's `vm.toml`, the QEMU definition):
+        /// kept with the recovery point, at most [`MAX_VM_CONFIG`] bytes (empty: none).
+        config: Vec<u8>,
     },
     /// A recovery wrote the VM's disks (or an item recovery its files).
     Restored {
@@ -229,6 +238,8 @@ pub enum AgentMessage {
     Inventory(Inventory),
     JobResult(JobResult),
     Heartbeat,
+    /// The inventory as it is now, answering [`CoordinatorMessage::InventoryNow`].
+    InventoryAnswer(Inventory),
 }
 
 /// Coordinator → agent on the control stream.
@@ -257,6 +268,9 @@ pub enum CoordinatorMessage {
         committed: bool,
     },
     Heartbeat,
+    /// Report the inventory now, as [`AgentMessage::InventoryAnswer`]: the coordinator's view
+    /// disagrees with an administrator's request (a VM created or powered off a moment ago).
+    InventoryNow,
 }
 
 /// Admin console → coordinator: one per bidirectional stream.

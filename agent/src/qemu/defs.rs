@@ -55,6 +55,10 @@ pub struct VmDef {
     /// Bound on each hook, in seconds (default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook_timeout_secs: Option<u64>,
+    /// What a failing pre-snapshot hook leads to: `freeze` (default: the guest agent's freeze,
+    /// file-system consistent), `pause` (crash-consistent) or `fail` (no backup).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_hook_failure: Option<String>,
     /// How long the guest agent has to answer and freeze (default 10 s); after it, the VM is
     /// paused instead and the snapshot is crash-consistent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +89,17 @@ fn valid_name(s: &str) -> bool {
 
 impl VmDef {
     /// Parses and validates one definition.
+    /// A definition kept with a recovery point (possibly from another host), checked as a file
+    /// would be; `None` when there is none or it is unusable.
+    pub fn from_kept(config: &[u8]) -> Option<VmDef> {
+        if config.is_empty() || config.len() > bulwark_protocol::messages::MAX_VM_CONFIG {
+            return None;
+        }
+        let def: VmDef = toml::from_str(std::str::from_utf8(config).ok()?).ok()?;
+        def.validate().ok()?;
+        Some(def)
+    }
+
     pub fn load(path: &Path) -> Result<VmDef, DefError> {
         let text = std::fs::read_to_string(path).map_err(|source| DefError::Read { path: path.to_owned(), source })?;
         let invalid = |message: String| DefError::Invalid { path: path.to_owned(), message };
@@ -109,7 +124,7 @@ impl VmDef {
         Ok(def)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         if !valid_name(&self.name) {
             return Err(format!("VM name {:?}: use letters, digits, '-', '_' and '.'", self.name));
         }
@@ -121,6 +136,11 @@ impl VmDef {
         }
         if self.disks.is_empty() {
             return Err("no [[disks]]".into());
+        }
+        if let Some(f) = &self.on_hook_failure {
+            if !matches!(f.as_str(), "freeze" | "pause" | "fail") {
+                return Err(format!("on_hook_failure {f:?}: use freeze, pause or fail"));
+            }
         }
         for (i, d) in self.disks.iter().enumerate() {
             if !valid_name(&d.name) {
@@ -151,9 +171,29 @@ impl VmDef {
         Duration::from_secs(self.freeze_timeout_secs.unwrap_or(10).clamp(1, 60))
     }
 
+    /// What a failing pre-snapshot hook leads to.
+    pub fn on_hook_failure(&self) -> HookFailure {
+        match self.on_hook_failure.as_deref() {
+            Some("pause") => HookFailure::Pause,
+            Some("fail") => HookFailure::Fail,
+            _ => HookFailure::Freeze,
+        }
+    }
+
     pub fn hook_timeout(&self) -> Duration {
         Duration::from_secs(self.hook_timeout_secs.unwrap_or(60).clamp(1, 3600))
     }
+}
+
+/// `on_hook_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HookFailure {
+    /// What the guest can still give: its agent's freeze (file-system consistent), else a pause.
+    Freeze,
+    /// A pause: crash-consistent.
+    Pause,
+    /// No backup: the job fails with the hook's reason.
+    Fail,
 }
 
 /// Every `*.toml` of `dir`, parsed; unusable files come back as errors beside the good ones.

@@ -38,9 +38,11 @@ use state::{write_durably, FrozenState, Open, SnapState, VmState};
 use crate::backend::{BackendError, Hypervisor, Quiesced};
 use crate::reader::{ReadBlock, ReadStats};
 use bulwark_protocol::block::ChunkHasher;
-use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, GuestOs, Inventory, NewVm, PowerState, VmInfo};
+use bulwark_protocol::messages::{
+    ChangeToken, Consistency, DiskInfo, GuestOs, Inventory, NewVm, PowerState, VmInfo, MAX_VM_CONFIG,
+};
 use bulwark_protocol::{DiskId, VmId};
-use defs::{DiskDef, VmDef};
+use defs::{DiskDef, HookFailure, VmDef};
 use nbd::Nbd;
 use qmp::{Qga, Qmp, QmpError};
 use serde::{Deserialize, Serialize};
@@ -342,14 +344,28 @@ impl Hypervisor for QemuBackend {
             return Ok(Quiesced { consistency: Consistency::Crash, note: Some(format!("the VM is {status}")) });
         }
         let mut why_crash = None;
+        // A failing hook falls back to what the guest can still give (`on_hook_failure`).
+        let mut hook_failed = None;
         if let Some(hook) = &def.pre_snapshot {
-            why_crash = self.run_hook(&def, "pre_snapshot", hook);
+            if let Some(why) = self.run_hook(&def, "pre_snapshot", hook) {
+                match def.on_hook_failure() {
+                    HookFailure::Fail => return Err(failed(format!("{why} (on_hook_failure = \"fail\")"))),
+                    HookFailure::Pause => why_crash = Some(why),
+                    HookFailure::Freeze => hook_failed = Some(why),
+                }
+            }
         }
         if why_crash.is_none() {
             match &def.guest_agent {
                 Some(ga) => {
-                    let consistency =
-                        if def.os == "windows" || def.app_hooks { Consistency::App } else { Consistency::Filesystem };
+                    // Without the hook's work the applications were not quiesced: file systems only.
+                    let consistency = if hook_failed.is_some() {
+                        Consistency::Filesystem
+                    } else if def.os == "windows" || def.app_hooks {
+                        Consistency::App
+                    } else {
+                        Consistency::Filesystem
+                    };
                     // Recorded first: a freeze that may have reached the guest is always thawed.
                     st.frozen = Some(FrozenState { guest: true, paused: false, consistency });
                     self.save_state(vm, &st)?;
@@ -361,7 +377,15 @@ impl Hypervisor for QemuBackend {
                             why_crash = Some(format!("the guest agent did not answer within {bound:?} ({e})"));
                         }
                         Ok(mut g) => match g.execute("guest-fsfreeze-freeze", json!({})) {
-                            Ok(_) => return Ok(Quiesced::clean(consistency)),
+                            Ok(_) => {
+                                return Ok(match hook_failed {
+                                    None => Quiesced::clean(consistency),
+                                    Some(why) => Quiesced {
+                                        consistency,
+                                        note: Some(format!("{why}: the guest agent froze the file systems instead")),
+                                    },
+                                })
+                            }
                             Err(e) => {
                                 why_crash = Some(format!("the guest did not freeze within {bound:?} ({e})"));
                                 // It may freeze late: thaw now, in case; once that answers,
@@ -378,6 +402,12 @@ impl Hypervisor for QemuBackend {
                 }
                 None => why_crash = Some("no guest agent is configured".into()),
             }
+        }
+        if let Some(hook) = hook_failed {
+            why_crash = Some(match why_crash {
+                Some(w) => format!("{hook}, and {w}"),
+                None => hook,
+            });
         }
         let why = format!("{}: the VM was paused instead", why_crash.as_deref().unwrap_or("no freeze"));
         tracing::warn!(vm, reason = %why, "crash-consistent snapshot");
@@ -630,15 +660,27 @@ impl Hypervisor for QemuBackend {
         Ok(())
     }
 
+    fn vm_config(&self, vm: &str) -> Result<Vec<u8>, BackendError> {
+        for dir in [&self.vm_dir, &self.restore_dir] {
+            let p = dir.join(format!("{vm}.toml"));
+            if p.is_file() {
+                let text = std::fs::read(&p).map_err(|e| failed(format!("{}: {e}", p.display())))?;
+                return Ok(if text.len() <= MAX_VM_CONFIG { text } else { vec![] });
+            }
+        }
+        Ok(vec![])
+    }
+
     fn restore_begin(
         &self,
         vm: &str,
         _host: &str,
         what: &str,
         create: Option<(&NewVm, &[DiskInfo])>,
+        config: &[u8],
     ) -> Result<(), BackendError> {
         let def = match create {
-            Some((new, disks)) => self.create_restored(vm, new, disks)?,
+            Some((new, disks)) => self.create_restored(vm, new, disks, VmDef::from_kept(config))?,
             None => self.def(vm)?,
         };
         if self.qmp(&def)?.is_some() {
@@ -715,7 +757,18 @@ impl QemuBackend {
 
     /// A restore to a new VM: empty images of the same sizes (qcow2) and a `NAME.toml` in the
     /// restore directory. Never overwrites an existing VM or image.
-    fn create_restored(&self, vm: &str, new: &NewVm, disks: &[DiskInfo]) -> Result<VmDef, BackendError> {
+    /// A new VM for an alternate-location recovery: its images under `restore_dir` and its
+    /// definition beside them. From the recovery point's definition `kept` (when there is one)
+    /// it takes the guest's settings — OS, app hooks, the opaque `config`, each disk's node and
+    /// device names, the freeze bound — and never what belongs to the other host: its paths,
+    /// sockets (a guest agent socket is named after the new VM here), hooks or fleecing place.
+    fn create_restored(
+        &self,
+        vm: &str,
+        new: &NewVm,
+        disks: &[DiskInfo],
+        kept: Option<VmDef>,
+    ) -> Result<VmDef, BackendError> {
         if self.vm_dir.join(format!("{vm}.toml")).exists() || self.restore_dir.join(format!("{vm}.toml")).exists() {
             return Err(BackendError::Refused(format!("a QEMU VM named {vm} already exists on this host")));
         }
@@ -740,15 +793,16 @@ impl QemuBackend {
                     String::from_utf8_lossy(&out.stderr).trim()
                 )));
             }
+            let was = kept.as_ref().and_then(|k| k.disk(d.name.as_str()));
             defs.push(DiskDef {
                 name: d.name.as_str().to_owned(),
-                node: format!("disk{i}"),
-                device: format!("virtio-disk{i}"),
+                node: was.map_or_else(|| format!("disk{i}"), |w| w.node.clone()),
+                device: was.map_or_else(|| format!("virtio-disk{i}"), |w| w.device.clone()),
                 path,
                 format: "qcow2".into(),
             });
         }
-        let def = VmDef {
+        let mut def = VmDef {
             name: vm.to_owned(),
             // A restored copy is a VM of its own.
             uuid: Some(uuid::Uuid::new_v4().to_string()),
@@ -764,9 +818,19 @@ impl QemuBackend {
             pre_snapshot: None,
             post_snapshot: None,
             hook_timeout_secs: None,
+            on_hook_failure: None,
             freeze_timeout_secs: None,
             disks: defs,
         };
+        if let Some(k) = kept {
+            def.os = k.os;
+            def.app_hooks = k.app_hooks;
+            def.config = k.config;
+            def.freeze_timeout_secs = k.freeze_timeout_secs;
+            def.guest_agent = k.guest_agent.map(|_| self.restore_dir.join(format!("{vm}.qga")));
+        }
+        // Whatever it was made from, a definition `qemu check` would refuse is never written.
+        def.validate().map_err(|e| failed(format!("the restored definition of {vm}: {e}")))?;
         let text = toml::to_string(&def).map_err(failed)?;
         let path = self.restore_dir.join(format!("{vm}.toml"));
         write_durably(&path, text.as_bytes()).map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;

@@ -134,6 +134,25 @@ pub struct VmConfig {
     pub read_delay_ms: Option<u64>,
 }
 
+/// The settings a recovery takes from a recovery point's `vm.toml` (made by a host that may
+/// not be this one: nothing of its identity, host, tracking or state is taken).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub os: String,
+    pub integration_services: bool,
+}
+
+/// [`Settings`] from a kept definition; `None` when there is none or it does not parse.
+pub fn settings_from(config: &[u8]) -> Option<Settings> {
+    if config.is_empty() || config.len() > bulwark_protocol::messages::MAX_VM_CONFIG {
+        return None;
+    }
+    let text = std::str::from_utf8(config).ok()?;
+    let c: VmConfig = toml::from_str(text).ok()?;
+    matches!(c.os.as_str(), "linux" | "windows")
+        .then_some(Settings { os: c.os, integration_services: c.integration_services })
+}
+
 /// Change tokens are the protocol's: generation (bumped when tracking is lost) and sequence
 /// (advanced when the coordinator confirms a commit).
 pub use bulwark_protocol::messages::ChangeToken;

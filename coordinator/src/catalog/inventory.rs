@@ -444,6 +444,33 @@ impl Catalog {
         self.flush_durable()
     }
 
+    /// `vm` left protection with its data kept: its recovery points are pruned by `retention_secs`
+    /// (the retention its group had) from now on; durable.
+    pub fn keep_data(&self, vm: &str, retention_secs: u64) -> Result<(), CatalogError> {
+        self.kept.insert(vm.as_bytes(), &retention_secs.to_be_bytes())?;
+        self.flush_durable()
+    }
+
+    /// `vm` is protected again: its group's retention applies; durable.
+    pub fn unkeep(&self, vm: &str) -> Result<(), CatalogError> {
+        self.kept.remove(vm.as_bytes())?;
+        self.flush_durable()
+    }
+
+    /// VMs whose data was kept, with the retention in seconds each keeps, by name.
+    pub fn kept(&self) -> impl Iterator<Item = Result<(String, u64), CatalogError>> + '_ {
+        self.kept.iter().map(|kv| {
+            let (k, v) = kv?;
+            let bad = |why: &str| CatalogError::Corrupt {
+                key: format!("kept/{}", String::from_utf8_lossy(&k)),
+                reason: why.into(),
+            };
+            let name = String::from_utf8(k.to_vec()).map_err(|_| bad("not utf-8"))?;
+            let secs = <[u8; 8]>::try_from(v.as_ref()).map(u64::from_be_bytes).map_err(|_| bad("not 8 bytes"))?;
+            Ok((name, secs))
+        })
+    }
+
     /// Forgets a schedule's next run (its policy changed): the next tick plans it afresh.
     pub fn clear_next_run(&self, group: &str, kind: &str) -> Result<(), CatalogError> {
         self.schedules.remove(schedule_key(group, kind))?;

@@ -19,6 +19,7 @@
 //! tree "jobs"         job id u64 BE → JobRecord
 //! tree "schedules"    group name ‖ 0x00 ‖ schedule kind (utf-8) → next run, Unix seconds u64 BE
 //! tree "replicas"     VM id ‖ 0x00 ‖ disk name → ReplicaRecord
+//! tree "kept"         VM name → retention seconds (u64 BE) of data kept when it left protection
 //! tree "rps"          VM id ‖ 0x00 ‖ created_at ms u64 BE ‖ rp id [16] → RecoveryPointRecord
 //! tree "chunks"       chunk id [32] → pack::Location (16 bytes: pack u32 BE, offset u64 BE, len u32 BE)
 //! tree "bad_chunks"   chunk id [32] → BadChunk
@@ -124,6 +125,8 @@ pub struct Catalog {
     chunks: sled::Tree,
     bad_chunks: sled::Tree,
     packs: sled::Tree,
+    /// VMs whose data was kept when they left protection: the retention they had.
+    kept: sled::Tree,
 }
 
 /// Everything one store commit changes, applied atomically by [`Catalog::commit`].
@@ -275,6 +278,7 @@ impl Catalog {
             chunks: db.open_tree("chunks")?,
             bad_chunks: db.open_tree("bad_chunks")?,
             packs: db.open_tree("packs")?,
+            kept: db.open_tree("kept")?,
             db,
         })
     }

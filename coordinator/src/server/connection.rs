@@ -197,6 +197,7 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
         router: state.router.clone(),
         max_vms: state.authority.config().agents.max_vms_per_host,
         span: tracing::Span::current(),
+        waiting: vec![],
     }
     .start();
     state.registry.do_send(Register {

@@ -131,6 +131,10 @@ fn claim(catalog: &Catalog, group: &str, vms: &[String]) -> Result<(), String> {
 
 fn set_group(catalog: &Catalog, vms: &[String], group: Option<&str>) -> Result<(), String> {
     for name in vms {
+        if group.is_some() {
+            // Protected again: its group's retention applies, not the one it left with.
+            catalog.unkeep(name).map_err(|e| e.to_string())?;
+        }
         if let Some(mut vm) = catalog.vm(name).map_err(|e| e.to_string())? {
             vm.group = group.map(str::to_owned);
             catalog.put_vm(&vm).map_err(|e| e.to_string())?;
@@ -165,6 +169,7 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
         Ok(p) => p,
         Err(e) => return err(e),
     };
+    learn_new_vms(state, &vms).await;
     let catalog = state.store.catalog().clone();
     let r = blocking(move || {
         if catalog.group(&name).map_err(|e| e.to_string())?.is_some() {
@@ -252,6 +257,7 @@ pub async fn job_cancel(state: &Arc<State>, id: u64) -> AdminResponse {
 }
 
 pub async fn group_add(state: &Arc<State>, name: String, vms: Vec<String>) -> AdminResponse {
+    learn_new_vms(state, &vms).await;
     let catalog = state.store.catalog().clone();
     let r = blocking(move || {
         let mut g = catalog.group(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group named {name}"))?;
@@ -284,7 +290,11 @@ pub async fn group_remove(state: &Arc<State>, name: String, vms: Vec<String>, ke
         g.members.retain(|m| !vms.contains(m));
         catalog.put_group(&g).map_err(|e| e.to_string())?;
         set_group(&catalog, &vms, None)?;
-        if !keep_data {
+        if keep_data {
+            for vm in &vms {
+                catalog.keep_data(vm, g.policy.retention_secs).map_err(|e| e.to_string())?;
+            }
+        } else {
             for vm in &vms {
                 let rps = catalog.recovery_points(vm).map_err(|e| e.to_string())?;
                 let commit = crate::catalog::Commit { drop_recovery_points: rps, ..Default::default() };
@@ -303,6 +313,9 @@ pub async fn group_delete(state: &Arc<State>, name: String) -> AdminResponse {
     let r = blocking(move || {
         let g = catalog.group(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group named {name}"))?;
         set_group(&catalog, &g.members, None)?;
+        for vm in &g.members {
+            catalog.keep_data(vm, g.policy.retention_secs).map_err(|e| e.to_string())?;
+        }
         catalog.delete_group(&name).map_err(|e| e.to_string())?;
         Ok(format!(
             "group {name} deleted; its {} member(s) are no longer protected (their replicas and recovery points are kept)",
@@ -592,6 +605,41 @@ pub async fn seed_import(
     }
 }
 
+/// How long a request waits for the fresh inventory it asked a host for.
+const FRESH_INVENTORY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Asks `hosts`' agents for their inventory now and waits (a few seconds at most) until their
+/// answers are in the catalog: a decision that the coordinator's view refuses is taken again on
+/// what the hosts say now, not on what they said up to a heartbeat ago. Answers how many
+/// answered.
+async fn fresh_inventory(state: &Arc<State>, hosts: Vec<String>) -> usize {
+    let mut waits = vec![];
+    for host in hosts {
+        let Ok(Some(session)) = state.registry.send(crate::server::registry::RefresherOf { host }).await else {
+            continue;
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        session.do_send(crate::server::session::RefreshInventory(tx));
+        waits.push(rx);
+    }
+    let all = futures_util::future::join_all(waits);
+    match tokio::time::timeout(FRESH_INVENTORY_WAIT, all).await {
+        Ok(answers) => answers.iter().filter(|a| a.is_ok()).count(),
+        Err(_) => 0,
+    }
+}
+
+/// When a request names a VM the catalog does not know (created a moment ago), asks every
+/// connected host for its inventory first.
+async fn learn_new_vms(state: &Arc<State>, vms: &[String]) {
+    let catalog = state.store.catalog();
+    if vms.iter().any(|v| matches!(catalog.vm(v), Ok(None))) {
+        let list = state.registry.send(crate::server::registry::ListConnected).await.unwrap_or_default();
+        let answered = fresh_inventory(state, list.into_iter().map(|c| c.host).collect()).await;
+        tracing::info!(hosts = answered, "a request named an unknown VM: inventories refreshed");
+    }
+}
+
 /// `recover`: queue a recovery of `vm` from recovery point `rp` onto itself or, with
 /// `to_host`, as a new VM there.
 pub async fn recover(
@@ -602,19 +650,45 @@ pub async fn recover(
     name: Option<String>,
     options: bulwark_protocol::messages::RecoveryOptions,
 ) -> AdminResponse {
-    let catalog = state.store.catalog().clone();
-    let (v, h, n) = (vm.clone(), to_host.clone(), name.clone());
-    let checked = blocking(move || {
-        let rec = catalog.vm(&v).map_err(|e| e.to_string())?.ok_or_else(|| format!("no VM named {v}"))?;
-        let point = find_rp(&catalog, &v, &rp)?;
+    let check = || {
+        let catalog = state.store.catalog().clone();
+        let (v, h, n, rp) = (vm.clone(), to_host.clone(), name.clone(), rp.clone());
+        blocking(move || check_recover(&catalog, &v, &rp, h.as_deref(), n))
+    };
+    let mut checked = check().await;
+    // A VM powered off a moment ago: ask its host before refusing.
+    if checked.as_ref().is_err_and(|e| e.starts_with(&not_off(&vm))) {
+        let host = state.store.catalog().vm(&vm).ok().flatten().map(|v| v.host).into_iter().collect();
+        fresh_inventory(state, host).await;
+        checked = check().await;
+    }
+    let rp_id = match checked {
+        Ok(id) => id,
+        Err(e) => return err(e),
+    };
+    let spec = crate::catalog::RecoverySpec { rp: rp_id, to_host, name, options, items: None };
+    let reason = format!("recovery of {vm} from {} requested by an administrator", crate::store::hex(&rp_id));
+    queue(state, Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
+}
+
+/// The refusal of a recovery onto a VM that is not off (as far as the coordinator knows).
+fn not_off(vm: &str) -> String {
+    format!("{vm} is not off: turn it off before recovering onto it (or use --to host)")
+}
+
+/// Whether a recovery may be queued: the recovery point's id, or why not.
+fn check_recover(catalog: &Catalog, v: &str, rp: &str, h: Option<&str>, n: Option<String>) -> Result<[u8; 16], String> {
+    {
+        let rec = catalog.vm(v).map_err(|e| e.to_string())?.ok_or_else(|| format!("no VM named {v}"))?;
+        let point = find_rp(catalog, v, rp)?;
         match &h {
             None => {
                 if rec.power != PowerState::Off {
-                    return Err(format!("{v} is not off: turn it off before recovering onto it (or use --to host)"));
+                    return Err(not_off(v));
                 }
             }
             Some(host) => {
-                enrolled_host(&catalog, host)?;
+                enrolled_host(catalog, host)?;
                 let new = n.clone().unwrap_or_else(|| format!("{v}-restored"));
                 bulwark_protocol::VmId::new(new.clone()).map_err(|e| format!("--name: {e}"))?;
                 if catalog.vm(&new).map_err(|e| e.to_string())?.is_some() {
@@ -623,15 +697,7 @@ pub async fn recover(
             }
         }
         Ok(point.id)
-    })
-    .await;
-    let rp_id = match checked {
-        Ok(id) => id,
-        Err(e) => return err(e),
-    };
-    let spec = crate::catalog::RecoverySpec { rp: rp_id, to_host, name, options, items: None };
-    let reason = format!("recovery of {vm} from {} requested by an administrator", crate::store::hex(&rp_id));
-    queue(state, Enqueue { vm, kind: JobKind::Recovery, automatic: false, reason, recovery: Some(spec) }).await
+    }
 }
 
 pub fn rp_disk(

@@ -113,6 +113,20 @@ impl Handler<crate::jobs::SessionOf> for Registry {
     }
 }
 
+/// Where to ask `host`'s agent for a fresh inventory, when it is connected.
+#[derive(Message)]
+#[rtype(result = "Option<Recipient<crate::server::session::RefreshInventory>>")]
+pub struct RefresherOf {
+    pub host: String,
+}
+
+impl Handler<RefresherOf> for Registry {
+    type Result = Option<Recipient<crate::server::session::RefreshInventory>>;
+    fn handle(&mut self, msg: RefresherOf, _: &mut Context<Self>) -> Self::Result {
+        self.agents.get(&msg.host).map(|e| e.session.clone().recipient())
+    }
+}
+
 /// Close every agent connection (shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]

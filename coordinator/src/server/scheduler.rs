@@ -6,7 +6,7 @@
 //! up a missed one more than once. A sweep keeps replicas moving: initial copies for members
 //! without one (`--replica now`) and consistency checks for inconsistent ones (when the policy
 //! allows). Once a day the scheduler also prunes recovery points past their group's retention
-//! range (a `prune` job, persisted like any schedule). What is due is decided by
+//! range (a `prune` job, persisted like any schedule), then collects garbage (a `gc` job). What is due is decided by
 //! [`crate::jobs::schedule`] (plain code); this module reads the clock and the catalog,
 //! persists the next runs, and queues the jobs.
 
@@ -57,7 +57,26 @@ impl Scheduler {
             let job = JobRecord::queued(self.catalog.next_job_id()?, JobKind::Prune, None);
             self.catalog.put_job(&job)?;
             tracing::info!(job_id = job.id, "daily retention prune");
-            self.store_workers.do_send(RunMaintenance(job));
+            // Then the space goes back: a collection once the prune is done (it keeps what
+            // running ingests pin, as every collection does).
+            let (catalog, workers) = (self.catalog.clone(), self.store_workers.clone());
+            actix::spawn(async move {
+                if workers.send(RunMaintenance(job)).await.is_err() {
+                    return;
+                }
+                match catalog.next_job_id() {
+                    Ok(id) => {
+                        let gc = JobRecord::queued(id, JobKind::Gc, None);
+                        if let Err(e) = catalog.put_job(&gc) {
+                            tracing::error!(error = %e, "cannot record the collection after the prune");
+                            return;
+                        }
+                        tracing::info!(job_id = gc.id, "garbage collection after the daily prune");
+                        workers.do_send(RunMaintenance(gc));
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot start the collection after the prune"),
+                }
+            });
         }
         Ok(())
     }

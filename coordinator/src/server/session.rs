@@ -23,6 +23,26 @@ pub struct AgentSession {
     /// `[agents] max_vms_per_host`.
     pub max_vms: usize,
     pub span: tracing::Span,
+    /// Who waits for the answer to an [`RefreshInventory`]: told once it is in the catalog.
+    pub waiting: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Ask the agent for its inventory now; `done` is told once its answer is in the catalog (it is
+/// dropped, unanswered, if the agent goes away first).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RefreshInventory(pub tokio::sync::oneshot::Sender<()>);
+
+impl Handler<RefreshInventory> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, RefreshInventory(done): RefreshInventory, ctx: &mut Context<Self>) {
+        self.waiting.push(done);
+        <Self as Handler<crate::jobs::ToAgent>>::handle(
+            self,
+            crate::jobs::ToAgent(bulwark_protocol::messages::CoordinatorMessage::InventoryNow),
+            ctx,
+        );
+    }
 }
 
 impl Actor for AgentSession {
@@ -51,14 +71,17 @@ impl Handler<Inbound> for AgentSession {
     type Result = ();
     fn handle(&mut self, Inbound(msg): Inbound, ctx: &mut Context<Self>) {
         let _g = self.span.enter();
+        let answer = matches!(msg, AgentMessage::InventoryAnswer(_));
         match msg {
             AgentMessage::Hello(_) => {
                 tracing::warn!("second hello on an established session: protocol violation");
                 self.conn.close(close::PROTOCOL_VIOLATION.into(), b"second hello");
                 ctx.stop();
             }
-            AgentMessage::Inventory(inv) => {
+            AgentMessage::Inventory(inv) | AgentMessage::InventoryAnswer(inv) => {
                 tracing::debug!(vms = inv.vms.len(), "inventory");
+                // Only an answer says the agent saw the request: one sent before it may be stale.
+                let answered = if answer { std::mem::take(&mut self.waiting) } else { vec![] };
                 let vms = u32::try_from(inv.vms.len()).unwrap_or(u32::MAX);
                 self.registry.do_send(SetInventory { host: self.host.clone(), stable_id: self.conn.stable_id(), vms });
                 let (catalog, host, span) = (self.catalog.clone(), self.host.clone(), self.span.clone());
@@ -101,6 +124,9 @@ impl Handler<Inbound> for AgentSession {
                         }
                         Ok(Err(e)) => tracing::error!(error = %e, "cannot record the inventory"),
                         Err(e) => tracing::error!(error = %e, "inventory worker failed"),
+                    }
+                    for done in answered {
+                        let _ = done.send(());
                     }
                 });
             }
@@ -176,6 +202,7 @@ mod tests {
                 bytes_read: 0,
                 blocks_sent: 0,
                 next_token: ChangeToken { generation: 1, sequence: 1 },
+                config: vec![],
             },
         };
         let JobOutcome::Succeeded { consistency_note: Some(note), .. } = capped(succeeded).outcome else {

@@ -118,9 +118,16 @@ pub fn run(store: &Store, kind: JobKind) -> Result<Outcome, crate::store::StoreE
                     dropped += store.prune(vm, g.policy.retention_secs.saturating_mul(1000), now_ms)?.len();
                 }
             }
+            // Data kept when a VM left protection goes by the retention it had then.
+            let mut kept = 0usize;
+            for entry in store.catalog().kept() {
+                let (vm, secs) = entry?;
+                dropped += store.prune(&vm, secs.saturating_mul(1000), now_ms)?.len();
+                kept += 1;
+            }
             Ok(Outcome {
                 detail: format!(
-                    "{dropped} recovery point(s) past their group's retention range dropped ({} groups)",
+                    "{dropped} recovery point(s) past their retention range dropped ({} groups, {kept} VMs whose data was kept)",
                     groups.len()
                 ),
                 problem: None,

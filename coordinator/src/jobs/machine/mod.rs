@@ -17,7 +17,7 @@ use crate::store::NewRecoveryPoint;
 use bulwark_protocol::block::Digest;
 use bulwark_protocol::blockmap::TreeRoot;
 use bulwark_protocol::messages::{
-    Consistency, CoordinatorMessage, DiskInfo, JobKind as WireKind, JobOutcome, JobRequest,
+    Consistency, CoordinatorMessage, DiskInfo, JobKind as WireKind, JobOutcome, JobRequest, MAX_VM_CONFIG,
 };
 use bulwark_protocol::transfer::{TransferFrame, TransferMessage, TransferMode};
 use bulwark_protocol::{JobId, VmId};
@@ -373,9 +373,11 @@ impl VmJob {
             self.pending = Some(outcome);
             return;
         }
-        let (consistency, note, bytes_read, next_token) = match outcome {
-            JobOutcome::Succeeded { consistency, consistency_note, bytes_read, next_token, .. } => {
-                (consistency, consistency_note, bytes_read, next_token)
+        let (consistency, note, bytes_read, next_token, config) = match outcome {
+            JobOutcome::Succeeded { consistency, consistency_note, bytes_read, next_token, config, .. } => {
+                // A definition over the bound is not kept (the point is, without it).
+                let config = if config.len() <= MAX_VM_CONFIG { config } else { vec![] };
+                (consistency, consistency_note, bytes_read, next_token, config)
             }
             JobOutcome::Failed { kind, reason } => {
                 let f = Failure::from_agent(kind, reason, !self.done.is_empty(), self.core.record.kind);
@@ -431,7 +433,7 @@ impl VmJob {
         let rp = matches!(self.core.record.kind, JobKind::Initial | JobKind::ExpressFull).then(|| NewRecoveryPoint {
             vm: self.vm.clone(),
             consistency,
-            config: vec![],
+            config,
             disks: rp_disks,
             created_at: now_ms,
         });

@@ -82,6 +82,7 @@ impl Recovery {
             block_size,
             id_key,
             lease_secs: (lease_ms / 1000).min(u64::from(u32::MAX)) as u32,
+            config: rp.config.clone(),
         };
         Ok(Recovery {
             core: JobCore::new(record, VecDeque::from([Effect::Send(CoordinatorMessage::RestoreRequest(request))])),

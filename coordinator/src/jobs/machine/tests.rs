@@ -60,6 +60,7 @@ fn success() -> JobOutcome {
         bytes_read: 99,
         blocks_sent: 2,
         next_token: ChangeToken { generation: 1, sequence: 9 },
+        config: b"name = \"web\"".to_vec(),
     }
 }
 

@@ -165,9 +165,13 @@ impl Agent {
         let backend = SimBackend { root: self.root.clone() };
         let vm = req.vm.as_str().to_owned();
         let what = format!("recovery job {}", job.0);
-        if let Err(e) =
-            backend.restore_begin(&vm, &self.host, &what, req.create.as_ref().map(|c| (c, req.disks.as_slice())))
-        {
+        if let Err(e) = backend.restore_begin(
+            &vm,
+            &self.host,
+            &what,
+            req.create.as_ref().map(|c| (c, req.disks.as_slice())),
+            &req.config,
+        ) {
             return fail(e.to_string());
         }
         let bs = u64::from(req.block_size);
@@ -469,7 +473,9 @@ fn take(root: &Path, host: &str, vm: &str, now: u64) -> Result<Snapshot, (Failur
     };
     let (_, token) = v.take_snapshot(host, now / 1000).map_err(other)?;
     v.thaw().map_err(other)?;
-    Ok(Snapshot { token, consistency, note: None })
+    // No definition goes with the point: a sim VM's holds its random UUID, which would make
+    // the final catalog differ between two runs of one seed.
+    Ok(Snapshot { token, consistency, note: None, config: vec![] })
 }
 
 /// Releases `vm`'s snapshot; `commit` advances the token, `None` keeps the changes.
