@@ -129,6 +129,22 @@ fn a_cancelled_express_full_leaves_no_snapshot_and_the_next_check_repairs_the_re
     let job = c.json(&["backup", "big", "--wait"]);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(c.recover_disk("big", "latest", "os"), sim_disk(&root, "big", "os"), "no change was lost");
+
+    // A queued job (waiting for the VM's running one) is taken off the queue and never runs.
+    slow(Some(100));
+    sim::churn(&root, "big", 100.0, 6).unwrap();
+    let running = c.json(&["backup", "big", "--kind", "express-full"])["job_id"].as_u64().unwrap().to_string();
+    wait_until("the express full runs", Duration::from_secs(30), || {
+        c.json(&["job", "show", &running])["state"] == "running"
+    });
+    let queued = c.json(&["backup", "big", "--kind", "sync"])["job_id"].as_u64().unwrap().to_string();
+    assert_ne!(queued, running);
+    assert_eq!(c.json(&["job", "show", &queued])["state"], "queued", "one job per VM at a time");
+    assert_eq!(c.json(&["job", "cancel", &queued])["state"], "cancelled");
+    assert_eq!(c.json(&["job", "wait", &running])["state"], "succeeded", "the running one goes on");
+    std::thread::sleep(Duration::from_secs(2));
+    let j = c.json(&["job", "show", &queued]);
+    assert_eq!((j["state"].as_str(), j["started_at"].is_null()), (Some("cancelled"), true), "{j}");
 }
 
 #[test]
