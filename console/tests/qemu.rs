@@ -228,16 +228,8 @@ fn a_qemu_vm_is_seeded_by_export_and_import_without_an_initial_copy() {
     vm.write(100 * MIB, MIB, 0x32);
 
     c.json(&["seed", "import", seed.to_str().unwrap()]);
-    let checked = || {
-        c.json(&["job", "list", "--vm", "sq"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["kind"] == "consistency-check" && j["state"] == "succeeded")
-            .cloned()
-    };
-    wait_until("the automatic consistency check", Duration::from_secs(120), || checked().is_some());
-    assert_eq!(checked().unwrap()["blocks_changed"], 1, "only the block written after the export");
+    let cc = c.wait_succeeded("sq", "consistency-check", Duration::from_secs(120));
+    assert_eq!(cc["blocks_changed"], 1, "only the block written after the export: {cc}");
     let job = c.json(&["backup", "sq", "--wait"]);
     assert_eq!(job["state"], "succeeded", "{job}");
     vm.quit();

@@ -77,16 +77,7 @@ fn a_seed_and_a_consistency_check_make_a_replica_without_an_initial_copy() {
 
     // The seeded replica is inconsistent: the automatic check (on by default) moves only the
     // difference.
-    let checked = || {
-        c.json(&["job", "list", "--vm", "db"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["kind"] == "consistency-check" && j["state"] == "succeeded")
-            .cloned()
-    };
-    wait_until("the automatic consistency check", Duration::from_secs(60), || checked().is_some());
-    let cc = checked().unwrap();
+    let cc = c.wait_succeeded("db", "consistency-check", Duration::from_secs(60));
     // 5 % of 48 one-MiB blocks and of 16: 2 + 1 blocks changed since the export.
     assert_eq!(cc["blocks_changed"], 3, "{cc}");
     assert_eq!(cc["bytes_transferred"], 3 * MIB);

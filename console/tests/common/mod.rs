@@ -208,6 +208,20 @@ impl Cluster {
         self.json(&["vm", "list"]).as_array().unwrap().iter().find(|v| v["name"] == name).cloned()
     }
 
+    /// Waits (up to `timeout`) for a job of `kind` of `vm` to have succeeded; answers it.
+    pub fn wait_succeeded(&self, vm: &str, kind: &str, timeout: Duration) -> serde_json::Value {
+        let find = || {
+            self.json(&["job", "list", "--vm", vm])
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|j| j["kind"] == kind && j["state"] == "succeeded")
+                .cloned()
+        };
+        wait_until(&format!("a {kind} job of {vm} succeeded"), timeout, || find().is_some());
+        find().unwrap()
+    }
+
     /// `recover-disk VM --rp RP --disk DISK` into a scratch file; answers its bytes.
     pub fn recover_disk(&self, vm: &str, rp: &str, disk: &str) -> Vec<u8> {
         let out = self.root.path().join(format!("recovered-{vm}-{disk}.img"));
