@@ -333,8 +333,9 @@ impl Handler<Cancel> for JobQueue {
         tracing::info!(job_id = id, running = was_running, "job cancelled");
         if was_running {
             let vm = job.vm.clone().unwrap_or_default();
-            if matches!(job.kind, JobKind::Sync | JobKind::ExpressFull) {
-                let why = format!("a {} was cancelled midway", job.kind.as_str());
+            // What an interrupted transfer means for the replica is plan's one rule.
+            let cancelled = plan::Failure::midway(format!("the {} was cancelled", job.kind.as_str()), job.kind);
+            if let Some(why) = cancelled.inconsistent {
                 if let Err(e) = catalog.mark_inconsistent(&vm, &why, now()) {
                     tracing::error!(job_id = id, error = %e, "cannot mark the replica inconsistent");
                 }
