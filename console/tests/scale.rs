@@ -51,11 +51,19 @@ fn hundreds_of_vms_get_their_initial_replicas_within_the_bounds() {
         vms.as_array().unwrap().iter().all(|v| v["replica_state"] == "consistent")
     });
     let elapsed = started.elapsed();
-    // Each replica is committed a moment before its job is recorded as succeeded.
-    wait_until("every initial job recorded", Duration::from_secs(60), || {
+    // Each replica is committed a moment before its job is recorded as succeeded; each VM
+    // gets one initial copy (a request that raced its own copy's commit is void).
+    let initial_copies = |c: &Cluster| {
         let jobs = c.json(&["job", "list", "--state", "succeeded"]);
-        jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "initial").count() == n
-    });
+        let mut per_vm = std::collections::BTreeMap::<String, usize>::new();
+        for j in jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "initial") {
+            *per_vm.entry(j["vm"].as_str().unwrap().to_owned()).or_default() += 1;
+        }
+        per_vm
+    };
+    wait_until("every initial job recorded", Duration::from_secs(60), || initial_copies(&c).len() == n);
+    let twice: Vec<_> = initial_copies(&c).into_iter().filter(|(_, k)| *k > 1).collect();
+    assert!(twice.is_empty(), "VMs copied more than once: {twice:?}");
 
     // The bounds, from the queue's own account of every start.
     let log = c.coordinator.log_text();

@@ -384,6 +384,13 @@ impl Handler<Enqueue> for JobQueue {
             Admission::New => {}
         }
         let catalog = self.ctx.catalog();
+        if msg.automatic {
+            let replicas = catalog.replicas_of(&msg.vm).map_err(|e| e.to_string())?;
+            if !schedule::automatic_still_due(msg.kind, &replicas) {
+                tracing::info!(vm = %bulwark_protocol::text::Escaped(&msg.vm), kind = msg.kind.as_str(), "not queued: the replica was made meanwhile");
+                return Err(format!("{} has its replica: no initial copy is due", msg.vm));
+            }
+        }
         let id = catalog.next_job_id().map_err(|e| e.to_string())?;
         let mut job = JobRecord::queued(id, msg.kind, Some(msg.vm.clone()));
         job.detail = Some(msg.reason.clone());

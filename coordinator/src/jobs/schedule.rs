@@ -145,6 +145,21 @@ pub fn fires_for(schedule: Schedule, creation: Creation, has_replica: bool) -> b
     }
 }
 
+/// Whether a VM has its replica: every disk's copy made (none still being created). An
+/// automatic initial copy is queued only for a VM without one.
+pub fn has_replica(replicas: &[crate::catalog::ReplicaRecord]) -> bool {
+    !replicas.is_empty()
+        && replicas.iter().all(|r| r.state != crate::catalog::ReplicaState::Creating && r.root.is_some())
+}
+
+/// Whether an automatic request for `kind` still stands once it reaches the queue: an
+/// initial copy asked for while the VM's replica was being made is void once it exists (the
+/// scheduler's sweep reads the catalog a moment before the queue sees the request, and the
+/// copy may have committed meanwhile; a second copy would be a full transfer for nothing).
+pub fn automatic_still_due(kind: JobKind, replicas: &[crate::catalog::ReplicaRecord]) -> bool {
+    kind != JobKind::Initial || !has_replica(replicas)
+}
+
 /// The schedules whose persisted next run no longer fits after a policy change from `old` to
 /// `new`: forgotten, so the next tick plans them afresh.
 pub fn changed(old: &Policy, new: &Policy) -> Vec<Schedule> {
@@ -393,5 +408,33 @@ mod tests {
         assert_eq!(step(Rule::Every(60), Some(160), 161, &tz), Step { due: Some(160), next: Some(220) });
         assert_eq!(step(Rule::Every(60), Some(160), 1000, &tz), Step { due: Some(160), next: Some(1060) });
         assert_eq!(step(Rule::Daily(&[]), None, 100, &tz), Step::default());
+    }
+
+    #[test]
+    fn an_automatic_initial_copy_is_void_once_the_replica_exists() {
+        use crate::catalog::{ReplicaRecord, ReplicaState};
+        let replica = |disk: &str, state: ReplicaState| ReplicaRecord {
+            vm: "web1".into(),
+            disk: disk.into(),
+            size_bytes: 1 << 20,
+            block_size: 65536,
+            state,
+            root: (state != ReplicaState::Creating).then_some(bulwark_protocol::blockmap::TreeRoot {
+                digest: [0; 32],
+                levels: 1,
+                blocks: 16,
+            }),
+            change_token: None,
+            reason: None,
+            updated_at: 0,
+            excluded: vec![],
+            swap_witness: vec![],
+        };
+        let made = [replica("os", ReplicaState::Consistent), replica("data", ReplicaState::Inconsistent)];
+        let making = [replica("os", ReplicaState::Consistent), replica("data", ReplicaState::Creating)];
+        assert!(has_replica(&made) && !has_replica(&making) && !has_replica(&[]));
+        assert!(!automatic_still_due(JobKind::Initial, &made), "the copy committed while the request travelled");
+        assert!(automatic_still_due(JobKind::Initial, &making) && automatic_still_due(JobKind::Initial, &[]));
+        assert!(automatic_still_due(JobKind::ConsistencyCheck, &made) && automatic_still_due(JobKind::Sync, &made));
     }
 }

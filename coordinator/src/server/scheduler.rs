@@ -181,10 +181,7 @@ impl GroupActor {
     }
 
     fn has_replica(&self, vm: &str) -> bool {
-        self.catalog
-            .replicas_of(vm)
-            .map(|r| !r.is_empty() && r.iter().all(|r| r.state != ReplicaState::Creating && r.root.is_some()))
-            .unwrap_or(false)
+        self.catalog.replicas_of(vm).map(|r| schedule::has_replica(&r)).unwrap_or(false)
     }
 
     /// Queues `kind` for each member, spread over the start window.
