@@ -15,7 +15,8 @@ pub enum AgentEffect {
     /// Take the snapshot (freeze → take → thaw); answer [`AgentJob::taken`].
     Take,
     /// Send disk `disk` of the snapshot (its changed, allocated or, for a check, compared
-    /// blocks); answer [`AgentJob::disk_sent`].
+    /// blocks); answer [`AgentJob::disk_sent`]. Up to the request's `parallel_disks` are
+    /// asked for before the first answer.
     SendDisk(DiskJob),
     /// Report the outcome to the coordinator; answer [`AgentJob::reported`].
     Report(JobOutcome),
@@ -47,10 +48,14 @@ pub enum Broken {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
     Taking,
-    /// Sending disk `next` of the request.
+    /// Sending the request's disks: those before `next` were asked for, `in_flight` of them
+    /// are not answered yet. After a failure no disk is asked for; the failure is reported
+    /// once every disk in flight has answered (none still reads the snapshot).
     Sending {
         snapshot: Snapshot,
         next: usize,
+        in_flight: usize,
+        failed: Option<Failed>,
     },
     Reporting {
         next: Option<ChangeToken>,
@@ -69,6 +74,8 @@ enum Phase {
 pub struct AgentJob {
     kind: JobKind,
     disks: Vec<DiskJob>,
+    /// Disks sent at once (at least 1).
+    parallel: usize,
     lease_ms: u64,
     phase: Phase,
     bytes_read: u64,
@@ -77,6 +84,9 @@ pub struct AgentJob {
     #[cfg(feature = "broken-builds")]
     broken: Option<Broken>,
 }
+
+/// The most disks an agent sends at once, whatever the request says.
+pub const MAX_PARALLEL_DISKS: u8 = 8;
 
 /// A failure of the job: what kind, and why.
 pub type Failed = (FailureKind, String);
@@ -101,6 +111,7 @@ impl AgentJob {
         Self {
             kind: req.kind,
             disks: req.disks.clone(),
+            parallel: usize::from(req.parallel_disks.clamp(1, MAX_PARALLEL_DISKS)),
             lease_ms,
             phase: Phase::Taking,
             bytes_read: 0,
@@ -148,45 +159,60 @@ impl AgentJob {
         }
         match r {
             Ok(snapshot) => {
-                self.phase = Phase::Sending { snapshot, next: 0 };
+                self.phase = Phase::Sending { snapshot, next: 0, in_flight: 0, failed: None };
                 self.send_next();
             }
             Err(f) => self.fail(f),
         }
     }
 
+    /// Asks for disks until `parallel` are in flight; once every disk is answered, reports.
     fn send_next(&mut self) {
-        let Phase::Sending { snapshot, next } = &self.phase else { return };
-        match self.disks.get(*next) {
-            Some(d) => self.effects.push_back(AgentEffect::SendDisk(d.clone())),
-            None => {
-                let outcome = JobOutcome::Succeeded {
-                    consistency: snapshot.consistency,
-                    consistency_note: snapshot.note.clone(),
-                    bytes_read: self.bytes_read,
-                    blocks_sent: self.blocks_sent,
-                    next_token: next_token(snapshot.token, &self.disks),
-                    config: snapshot.config.clone(),
-                };
-                let next = next_token(snapshot.token, &self.disks);
-                self.phase = Phase::Reporting { next: Some(next) };
-                self.effects.push_back(AgentEffect::Report(outcome));
-            }
+        let Phase::Sending { snapshot, next, in_flight, failed } = &mut self.phase else { return };
+        if let Some(f) = failed.as_ref().filter(|_| *in_flight == 0).cloned() {
+            return self.fail(f);
+        }
+        while *in_flight < self.parallel && failed.is_none() {
+            let Some(d) = self.disks.get(*next) else { break };
+            self.effects.push_back(AgentEffect::SendDisk(d.clone()));
+            *next += 1;
+            *in_flight += 1;
+        }
+        // Every disk sent and answered, none failed: the report.
+        if *next >= self.disks.len() && *in_flight == 0 && failed.is_none() {
+            let outcome = JobOutcome::Succeeded {
+                consistency: snapshot.consistency,
+                consistency_note: snapshot.note.clone(),
+                bytes_read: self.bytes_read,
+                blocks_sent: self.blocks_sent,
+                next_token: next_token(snapshot.token, &self.disks),
+                config: snapshot.config.clone(),
+            };
+            let next = next_token(snapshot.token, &self.disks);
+            self.phase = Phase::Reporting { next: Some(next) };
+            self.effects.push_back(AgentEffect::Report(outcome));
         }
     }
 
-    /// The disk asked for was sent (blocks sent, bytes read), or why not.
+    /// A disk asked for was sent (blocks sent, bytes read), or why not. The first failure
+    /// fails the job, reported once the disks still in flight have answered.
     pub fn disk_sent(&mut self, r: Result<(u64, u64), Failed>) {
-        let Phase::Sending { next, .. } = &mut self.phase else { return };
+        let Phase::Sending { in_flight, failed, .. } = &mut self.phase else { return };
+        if *in_flight == 0 {
+            // An answer for no disk asked for: nothing to count.
+            return;
+        }
+        *in_flight -= 1;
         match r {
             Ok((sent, read)) => {
-                *next += 1;
                 self.blocks_sent += sent;
                 self.bytes_read += read;
-                self.send_next();
             }
-            Err(f) => self.fail(f),
+            Err(f) => {
+                failed.get_or_insert(f);
+            }
         }
+        self.send_next();
     }
 
     /// The report went out (`delivered`) or could not.
@@ -269,6 +295,7 @@ mod tests {
                 .collect(),
             id_key: None,
             lease_secs: 30,
+            parallel_disks: 1,
         }
     }
 
@@ -367,5 +394,61 @@ mod tests {
         let mut m = reported(Some(t(2, 6)));
         m.verdict(true);
         assert_eq!(drain(&mut m), vec![AgentEffect::Release { commit: Some(t(2, 7)) }]);
+    }
+
+    #[test]
+    fn disks_go_out_as_many_at_once_as_asked_and_a_failure_waits_for_the_others() {
+        let sends = |e: &[AgentEffect]| -> Vec<String> {
+            e.iter()
+                .filter_map(|e| match e {
+                    AgentEffect::SendDisk(d) => Some(d.disk.as_str().to_owned()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut r = req(&["os", "data", "logs"], None);
+        r.parallel_disks = 2;
+        let mut m = AgentJob::new(&r, 30_000);
+        drain(&mut m);
+        m.taken(Ok(snap(5)));
+        assert_eq!(sends(&drain(&mut m)), ["os", "data"], "two at once");
+        m.disk_sent(Ok((1, 100)));
+        assert_eq!(sends(&drain(&mut m)), ["logs"], "the next as soon as one is sent");
+        m.disk_sent(Ok((2, 200)));
+        assert!(drain(&mut m).is_empty(), "the report waits for the last disk");
+        m.disk_sent(Ok((3, 300)));
+        let e = drain(&mut m);
+        assert!(
+            matches!(&e[..], [AgentEffect::Report(JobOutcome::Succeeded { blocks_sent: 6, bytes_read: 600, .. })]),
+            "{e:?}"
+        );
+        m.disk_sent(Ok((9, 9)));
+        assert!(drain(&mut m).is_empty(), "an answer for no disk counts nothing");
+
+        // A failure: nothing more is asked for, and it is reported only when the disk still
+        // in flight has answered (nothing reads the snapshot once it is released).
+        let mut m = AgentJob::new(&r, 30_000);
+        drain(&mut m);
+        m.taken(Ok(snap(5)));
+        drain(&mut m);
+        m.disk_sent(Err((FailureKind::Other, "read error".into())));
+        assert!(drain(&mut m).is_empty(), "data is still being read");
+        m.disk_sent(Ok((1, 1)));
+        let e = drain(&mut m);
+        assert!(
+            matches!(&e[..], [AgentEffect::Report(JobOutcome::Failed { reason, .. })] if reason == "read error"),
+            "{e:?}"
+        );
+        m.reported(true, 0);
+        assert_eq!(drain(&mut m), vec![AgentEffect::Release { commit: None }]);
+
+        // A request without the count sends one disk at a time; past the cap, the cap.
+        r.parallel_disks = 0;
+        let mut m = AgentJob::new(&r, 30_000);
+        drain(&mut m);
+        m.taken(Ok(snap(5)));
+        assert_eq!(sends(&drain(&mut m)), ["os"]);
+        r.parallel_disks = u8::MAX;
+        assert_eq!(AgentJob::new(&r, 30_000).parallel, usize::from(MAX_PARALLEL_DISKS));
     }
 }

@@ -1,5 +1,6 @@
 //! A job on the agent's side: take the snapshot (through a [`SnapshotActor`]), stream each
-//! disk's blocks on its own transfer stream (see `bulwark_protocol::transfer`), report, and
+//! disk's blocks on its own transfer stream (see `bulwark_protocol::transfer`; as many disks
+//! at once as the request says), report, and
 //! release the snapshot when the coordinator says whether it committed — advancing the change
 //! token only then, so a transfer that fails anywhere is sent again by the next run.
 //!
@@ -152,6 +153,8 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
         let mut m = AgentJob::new(&req, lease.as_millis().min(u128::from(u64::MAX)) as u64);
         let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
         let mut verdict = Some(verdict);
+        // The disks being sent, each on its own stream.
+        let mut sending = futures_util::stream::FuturesUnordered::new();
         loop {
             while let Some(effect) = m.poll_effect() {
                 match effect {
@@ -163,7 +166,12 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
                             block_size: req.block_size as usize,
                             hasher: hasher.clone(),
                         };
-                        m.disk_sent(send_one(&env, &req, &d, &disk).await.map_err(Failure::into_pair));
+                        let (env, req) = (&env, &req);
+                        let span = tracing::info_span!("disk", disk = %disk.name);
+                        sending.push(
+                            async move { send_one(env, req, &d, &disk).await.map_err(Failure::into_pair) }
+                                .instrument(span),
+                        );
                     }
                     AgentEffect::Report(outcome) => {
                         if let JobOutcome::Failed { kind, reason } = &outcome {
@@ -174,6 +182,9 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
                         m.reported(sent, now());
                     }
                     AgentEffect::Release { commit } => {
+                        // Nothing reads the snapshot once it is released (an aborted job's
+                        // disks still in flight stop here).
+                        sending.clear();
                         renew.abort();
                         match snapshot.send(Finish { commit }).await {
                             Ok(Ok(())) => tracing::info!(committed = commit.is_some(), "snapshot released"),
@@ -185,6 +196,12 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
                     }
                     AgentEffect::Done => return,
                 }
+            }
+            if !sending.is_empty() {
+                if let Some(r) = futures_util::StreamExt::next(&mut sending).await {
+                    m.disk_sent(r);
+                }
+                continue;
             }
             // Only the verdict (or its deadline) is awaited here.
             let Some(deadline) = m.next_timeout() else {

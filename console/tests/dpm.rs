@@ -191,6 +191,58 @@ fn a_disk_left_out_is_never_copied_until_it_is_included_again() {
 }
 
 #[test]
+fn the_disks_of_one_vm_transfer_at_once_and_restore_bit_exact() {
+    let mut c = Cluster::start();
+    let root = c.root.path().join("sim");
+    vm(&root, "wide", &[("os", 8 * MIB), ("data", 8 * MIB), ("logs", 8 * MIB)], 7);
+    // Slow storage: each disk (8 blocks of 1 MiB) takes about 2 s to read, long enough to
+    // see them overlap.
+    {
+        let mut v = Vm::open(&root, "wide").unwrap();
+        v.config.read_delay_ms = Some(250);
+        v.save().unwrap();
+    }
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("wide").is_some());
+    c.json(&["group", "create", "g", "--vm", "wide", "--sync-every", "off", "--recovery-points", "none"]);
+    wait_until("initial replica", Duration::from_secs(90), || c.vm("wide").unwrap()["replica_state"] == "consistent");
+    let job = jobs(&c, "wide", "initial").remove(0);
+    assert_eq!(job["bytes_scanned"], 24 * MIB, "{job}");
+
+    // The coordinator's account of the job, in order: `[jobs] disks_in_parallel` (2 by
+    // default) streams open before the first disk is stored, never more.
+    let id = format!("job_id={}", job["id"]);
+    let log = c.coordinator.log_text();
+    let events: Vec<(&str, &str)> = log
+        .lines()
+        .filter(|l| l.contains(&id))
+        .filter_map(|l| {
+            let what = if l.contains("disk stream opened") {
+                "open"
+            } else if l.contains("disk stored") {
+                "stored"
+            } else {
+                return None;
+            };
+            let disk = l.split_whitespace().find_map(|w| w.strip_prefix("disk="))?;
+            Some((what, disk))
+        })
+        .collect();
+    assert_eq!(events.len(), 6, "{events:?}");
+    let (mut open, mut most) = (0i32, 0);
+    for (what, _) in &events {
+        open += if *what == "open" { 1 } else { -1 };
+        most = most.max(open);
+    }
+    assert_eq!(most, 2, "two disks at once, never three: {events:?}");
+    assert_eq!(&events[..2].iter().map(|e| e.0).collect::<Vec<_>>(), &["open", "open"], "{events:?}");
+    for disk in ["os", "data", "logs"] {
+        assert_eq!(c.recover_disk("wide", "latest", disk), sim_disk(&root, "wide", disk), "{disk}");
+    }
+}
+
+#[test]
 fn decisions_ask_the_host_when_the_coordinator_has_not_heard_yet() {
     let mut c = Cluster::start();
     let root = c.root.path().join("sim");

@@ -142,6 +142,8 @@ pub struct JobLimits {
     pub max_running: usize,
     /// VM jobs running at once per agent (host).
     pub per_agent: usize,
+    /// Disks of one VM transferred at once (1 to 8).
+    pub disks_in_parallel: usize,
     /// How long an agent keeps a job's snapshot without hearing from the coordinator.
     pub snapshot_lease: String,
     /// Members of a group whose schedule fires together start spread over this window.
@@ -158,6 +160,7 @@ impl Default for JobLimits {
         Self {
             max_running: 8,
             per_agent: 2,
+            disks_in_parallel: 2,
             snapshot_lease: "2m".into(),
             start_jitter: "1m".into(),
             keep: "30days".into(),
@@ -167,6 +170,15 @@ impl Default for JobLimits {
 }
 
 impl JobLimits {
+    /// Checks what `load` cannot leave to the first job: `disks_in_parallel` fits one job.
+    pub fn check(&self) -> Result<(), String> {
+        let max = crate::jobs::ingest::MAX_DISKS_AT_ONCE;
+        if !(1..=max).contains(&self.disks_in_parallel) {
+            return Err(format!("[jobs] disks_in_parallel = {}: it must be 1 to {max}", self.disks_in_parallel));
+        }
+        Ok(())
+    }
+
     /// The job history retention these settings ask for.
     pub fn retention(&self) -> Result<Retention, ConfigError> {
         let keep = humantime::parse_duration(&self.keep).map_err(|e| ConfigError::Parse {
@@ -276,6 +288,7 @@ impl CoordinatorConfig {
         };
         let config: Self =
             toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.clone(), message: e.to_string() })?;
+        config.jobs.check().map_err(|message| ConfigError::Parse { path: path.clone(), message })?;
         if let Some(smtp) = &config.smtp {
             smtp.tls_mode().map_err(|e| ConfigError::Parse { path, message: e.to_string() })?;
         }
@@ -400,6 +413,19 @@ mod tests {
         let (_t, dir) = data_dir("[smtp]\nserver = \"m\"\nfrom = \"b@test\"\ntls = \"STARTTLS\"\n");
         let e = CoordinatorConfig::load(&dir).unwrap_err();
         assert!(e.to_string().contains("\"STARTTLS\" is not one of"), "{e}");
+    }
+
+    #[test]
+    fn disks_in_parallel_outside_one_to_eight_is_refused_at_load() {
+        for bad in [0, 9] {
+            let (_t, dir) = data_dir(&format!("[jobs]\ndisks_in_parallel = {bad}\n"));
+            let e = CoordinatorConfig::load(&dir).unwrap_err();
+            assert!(e.to_string().contains("it must be 1 to 8"), "{e}");
+        }
+        let (_t, dir) = data_dir("[jobs]\ndisks_in_parallel = 4\n");
+        assert_eq!(CoordinatorConfig::load(&dir).unwrap().jobs.disks_in_parallel, 4);
+        let (_t, dir) = data_dir("");
+        assert_eq!(CoordinatorConfig::load(&dir).unwrap().jobs.disks_in_parallel, 2, "the default");
     }
 
     #[test]

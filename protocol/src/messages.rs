@@ -152,6 +152,8 @@ pub struct JobRequest {
     pub id_key: Option<[u8; 32]>,
     /// How long the agent keeps the snapshot without hearing from the coordinator.
     pub lease_secs: u32,
+    /// How many of the disks the agent sends at once (0 reads as 1).
+    pub parallel_disks: u8,
 }
 
 /// A recovery onto a VM: the agent hashes the VM's current disks, the coordinator sends only

@@ -1,36 +1,54 @@
-//! The ingest worker: one blocking thread per job that owns the job's store ingest (so
-//! everything the job writes is pinned against GC until it commits), applies each disk's
-//! blocks to its tree, and finally commits the replicas — with a recovery point or without —
-//! in one durable catalog transaction. The async side feeds it through a small bounded
-//! channel, so a slow disk slows the QUIC stream, never fills memory.
+//! The ingest worker of a job: a blocking thread that owns the job's store ingest (so
+//! everything the job writes is pinned against GC until it commits) and, for each disk being
+//! received, a thread of its own that checks, stores and applies that disk's blocks to its
+//! tree under an ingest of its own. The disks of one job are received at once (up to
+//! [`MAX_DISKS_AT_ONCE`]); the commit takes every disk's ingest over and writes the replicas —
+//! with a recovery point or without — in one durable catalog transaction. The async side feeds
+//! it through small bounded channels, so a slow disk slows its QUIC stream, never fills memory.
 
 use crate::catalog::{RecoveryPointRecord, ReplicaRecord};
 use crate::store::{Ingest, NewRecoveryPoint, Store};
 use bulwark_protocol::block::{Digest, ZERO};
 use bulwark_protocol::blockmap::TreeRoot;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 /// Changes applied to a tree at a time: bounds the worker's memory whatever the disk size.
 const CHANGES_PER_UPDATE: usize = 64 * 1024;
 
+/// The most disks of one job received at once (each is a thread): `[jobs] disks_in_parallel`
+/// is capped at it.
+pub const MAX_DISKS_AT_ONCE: usize = 8;
+
+/// Commands queued to one disk's thread: with a block's size, bounds what waits in memory.
+const DISK_QUEUE: usize = 16;
+
+/// Which of the job's disks a command is about (the driver's numbering, e.g. its index in
+/// the job's disk list).
+pub type Slot = usize;
+
 /// What the worker is told.
 pub enum Cmd {
-    /// The next disk: `blocks` blocks on top of `old` (None: an empty tree).
+    /// Disk `slot` begins: `blocks` blocks on top of `old` (None: an empty tree).
     BeginDisk {
+        slot: Slot,
         blocks: u64,
         old: Option<TreeRoot>,
     },
     Block {
+        slot: Slot,
         index: u64,
         id: Digest,
         data: Vec<u8>,
     },
     Zero {
+        slot: Slot,
         index: u64,
     },
-    /// The disk is complete: answers its new root and how many blocks changed.
+    /// Disk `slot` is complete: answers its new root and how many blocks changed.
     EndDisk {
+        slot: Slot,
         reply: oneshot::Sender<Result<(TreeRoot, u64), String>>,
     },
     /// Commit the replicas (and the recovery point, if any).
@@ -58,7 +76,7 @@ impl IngestHandle {
         // without committing stays pinned until then and is garbage for the next GC.
         std::thread::Builder::new().name(format!("ingest-{job}")).spawn(move || {
             let _g = span.enter();
-            if let Err(e) = work(&store, rx) {
+            if let Err(e) = work(&store, job, rx) {
                 tracing::warn!(error = %e, "ingest failed");
                 *f.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
             }
@@ -79,10 +97,10 @@ impl IngestHandle {
         self.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Ends the current disk.
-    pub async fn end_disk(&self) -> Result<(TreeRoot, u64), String> {
+    /// Ends disk `slot`.
+    pub async fn end_disk(&self, slot: Slot) -> Result<(TreeRoot, u64), String> {
         let (reply, rx) = oneshot::channel();
-        self.send(Cmd::EndDisk { reply }).await?;
+        self.send(Cmd::EndDisk { slot, reply }).await?;
         rx.await.map_err(|_| self.failure().unwrap_or_else(|| "the ingest worker stopped".into()))?
     }
 
@@ -170,37 +188,126 @@ impl DiskIngest {
     }
 }
 
-fn work(store: &Store, mut rx: mpsc::Receiver<Cmd>) -> Result<(), String> {
-    let mut ingest = store.begin();
-    let mut disk: Option<DiskIngest> = None;
-    while let Some(cmd) = rx.blocking_recv() {
-        match cmd {
-            Cmd::BeginDisk { blocks, old } => disk = Some(DiskIngest::new(blocks, old)),
-            Cmd::Block { index, id, data } => {
-                disk.as_mut().ok_or("a block before its disk")?.block(&mut ingest, index, &id, &data)?;
+/// What one disk's thread is told.
+enum DiskCmd {
+    Block { index: u64, id: Digest, data: Vec<u8> },
+    Zero { index: u64 },
+    End { reply: oneshot::Sender<Result<(TreeRoot, u64), String>> },
+}
+
+type DiskThread<'scope, 's> = std::thread::ScopedJoinHandle<'scope, Result<Ingest<'s>, String>>;
+
+/// Why a disk's thread stopped: its error, or that it ended without one.
+fn disk_stopped(handle: DiskThread<'_, '_>) -> String {
+    match handle.join() {
+        Ok(Err(e)) => e,
+        Ok(Ok(_)) => "a disk's ingest ended before its last block".into(),
+        Err(_) => "a disk's ingest thread panicked".into(),
+    }
+}
+
+fn work(store: &Store, job: u64, mut rx: mpsc::Receiver<Cmd>) -> Result<(), String> {
+    std::thread::scope(|scope| {
+        let mut ingest = store.begin();
+        let mut open: HashMap<Slot, (std::sync::mpsc::SyncSender<DiskCmd>, DiskThread<'_, '_>)> = HashMap::new();
+        let mut ended: Vec<DiskThread<'_, '_>> = vec![];
+        let span = tracing::Span::current();
+        while let Some(cmd) = rx.blocking_recv() {
+            let (slot, cmd) = match cmd {
+                Cmd::BeginDisk { slot, blocks, old } => {
+                    if open.contains_key(&slot) {
+                        return Err(format!("disk {slot} began twice"));
+                    }
+                    if open.len() >= MAX_DISKS_AT_ONCE {
+                        return Err(format!("more than {MAX_DISKS_AT_ONCE} disks at once"));
+                    }
+                    let (tx, disk_rx) = std::sync::mpsc::sync_channel(DISK_QUEUE);
+                    let span = span.clone();
+                    let handle = std::thread::Builder::new()
+                        .name(format!("ingest-{job}-{slot}"))
+                        .spawn_scoped(scope, move || {
+                            let _g = span.enter();
+                            disk_worker(store, blocks, old, disk_rx)
+                        })
+                        .map_err(|e| format!("cannot start a disk's ingest: {e}"))?;
+                    open.insert(slot, (tx, handle));
+                    continue;
+                }
+                Cmd::Block { slot, index, id, data } => (slot, DiskCmd::Block { index, id, data }),
+                Cmd::Zero { slot, index } => (slot, DiskCmd::Zero { index }),
+                Cmd::EndDisk { slot, reply } => {
+                    let Some((tx, handle)) = open.remove(&slot) else {
+                        let _ = reply.send(Err(format!("no disk {slot} to end")));
+                        return Err(format!("no disk {slot} to end"));
+                    };
+                    if let Err(std::sync::mpsc::SendError(DiskCmd::End { reply })) = tx.send(DiskCmd::End { reply }) {
+                        let why = disk_stopped(handle);
+                        let _ = reply.send(Err(why.clone()));
+                        return Err(why);
+                    }
+                    ended.push(handle);
+                    continue;
+                }
+                Cmd::Commit { replicas, rp, reply } => {
+                    // Every disk's thread has ended or is told to now (a disk never ended
+                    // is not in the commit's replicas; what it wrote is garbage).
+                    open.clear();
+                    for handle in ended.drain(..) {
+                        match handle.join() {
+                            Ok(Ok(disk)) => ingest.absorb(disk),
+                            Ok(Err(e)) => {
+                                let _ = reply.send(Err(e.clone()));
+                                return Err(e);
+                            }
+                            Err(_) => {
+                                let why = "a disk's ingest thread panicked".to_owned();
+                                let _ = reply.send(Err(why.clone()));
+                                return Err(why);
+                            }
+                        }
+                    }
+                    let r = match rp {
+                        Some(rp) => store.commit_recovery_point(ingest, rp, replicas).map(Some),
+                        None => store.commit_replicas(ingest, replicas).map(|()| None),
+                    }
+                    .map_err(|e| e.to_string());
+                    let _ = reply.send(r);
+                    return Ok(());
+                }
+            };
+            let Some((tx, _)) = open.get(&slot) else { return Err(format!("a block of disk {slot} before it began")) };
+            if tx.send(cmd).is_err() {
+                let Some((_, handle)) = open.remove(&slot) else { return Err("internal: a disk lost".into()) };
+                return Err(disk_stopped(handle));
             }
-            Cmd::Zero { index } => disk.as_mut().ok_or("a block before its disk")?.zero(&mut ingest, index)?,
-            Cmd::EndDisk { reply } => {
-                let r = match disk.take() {
-                    Some(d) => d.end(&mut ingest),
-                    None => Err("no disk to end".into()),
-                };
+        }
+        Ok(())
+    })
+}
+
+/// One disk's thread: stores its blocks under an ingest of its own; answers it at the end.
+fn disk_worker<'s>(
+    store: &'s Store,
+    blocks: u64,
+    old: Option<TreeRoot>,
+    rx: std::sync::mpsc::Receiver<DiskCmd>,
+) -> Result<Ingest<'s>, String> {
+    let mut ingest = store.begin();
+    let mut disk = DiskIngest::new(blocks, old);
+    for cmd in rx {
+        match cmd {
+            DiskCmd::Block { index, id, data } => disk.block(&mut ingest, index, &id, &data)?,
+            DiskCmd::Zero { index } => disk.zero(&mut ingest, index)?,
+            DiskCmd::End { reply } => {
+                let r = disk.end(&mut ingest);
                 let failed = r.as_ref().err().cloned();
                 let _ = reply.send(r);
-                if let Some(e) = failed {
-                    return Err(e);
-                }
-            }
-            Cmd::Commit { replicas, rp, reply } => {
-                let r = match rp {
-                    Some(rp) => store.commit_recovery_point(ingest, rp, replicas).map(Some),
-                    None => store.commit_replicas(ingest, replicas).map(|()| None),
-                }
-                .map_err(|e| e.to_string());
-                let _ = reply.send(r);
-                return Ok(());
+                return match failed {
+                    Some(e) => Err(e),
+                    None => Ok(ingest),
+                };
             }
         }
     }
-    Ok(())
+    Err("the disk's transfer stopped before its end".into())
 }

@@ -127,6 +127,8 @@ pub struct JobContext {
     pub registry: Recipient<SessionOf>,
     pub router: Arc<JobRouter>,
     pub lease: Duration,
+    /// Disks of one VM transferred at once (`[jobs] disks_in_parallel`).
+    pub disks_in_parallel: usize,
     /// For `--notify`.
     pub smtp: Option<crate::config::SmtpConfig>,
 }

@@ -163,6 +163,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         id_key: ctx.store.codec().hasher.id_key(),
         lease_ms: ctx.lease.as_millis().min(u128::from(u64::MAX)) as u64,
         left_out,
+        parallel: ctx.disks_in_parallel,
     };
     let mut m = VmJob::start(setup, now_ms())?;
     if m.record().kind != job.kind {
@@ -179,7 +180,13 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
     let ingest = IngestHandle::start(ctx.store.clone(), job.id).map_err(|e| Failure::retry(e.to_string()))?;
     let (mut streams, mut result) = ctx.router.register(job.id, &vm.host, conn_id);
     let mut result_in = false;
+    // The disks being received, each from its own stream (as many as the machine lets open).
+    let progress = Progress::default();
+    let mut receiving = futures_util::stream::FuturesUnordered::new();
+    let mut heard = progress.frames();
     loop {
+        m.record_mut().bytes_transferred = progress.transferred();
+        m.record_mut().bytes_scanned = progress.scanned().max(m.record().bytes_scanned);
         while let Some(effect) = m.poll_effect() {
             match effect {
                 Effect::PutReplica(r) => catalog.put_replica(&r).map_err(|e| Failure::retry(e.to_string()))?,
@@ -210,14 +217,28 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
                 let Some(s) = s else { return Err(Failure::retry("the job's stream router closed")) };
                 let disk = s.disk.clone();
                 match m.stream_opened(&disk, s.mode, s.blocks, s.block_size, now_ms()) {
-                    Ok(start) => match disk_transfer(ctx, &ingest, s, start, m.record_mut()).await {
-                        Ok(done) => m.disk_done(&disk, done, now_ms()),
-                        Err(why) => m.disk_failed(&disk, &why),
-                    },
+                    Ok(start) => {
+                        tracing::info!(%disk, slot = start.slot, "disk stream opened");
+                        let (ingest, progress) = (&ingest, &progress);
+                        receiving.push(async move {
+                            let r = disk_transfer(ctx, ingest, s, start, progress).await;
+                            (disk, r)
+                        });
+                    }
                     Err(why) => {
                         let mut s = s;
                         let _ = fail_stream(&mut s.send, &why, s.block_size as usize).await;
                     }
+                }
+            }
+            Some((disk, r)) = futures_util::StreamExt::next(&mut receiving), if !receiving.is_empty() => {
+                m.record_mut().bytes_transferred = progress.transferred();
+                match r {
+                    Ok(done) => {
+                        tracing::info!(%disk, changed = done.changed, "disk stored");
+                        m.disk_done(&disk, done, now_ms())
+                    }
+                    Err(why) => m.disk_failed(&disk, &why),
                 }
             }
             r = &mut result, if !result_in => {
@@ -227,8 +248,51 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
                     Err(_) => m.connection_lost(&vm.host),
                 }
             }
-            () = tokio::time::sleep(wait) => m.timeout(&vm.host, now_ms()),
+            () = tokio::time::sleep(wait) => {
+                // Blocks arriving on an open stream are word from the agent.
+                let frames = progress.frames();
+                if frames != heard {
+                    heard = frames;
+                    m.heard(now_ms());
+                }
+                m.timeout(&vm.host, now_ms());
+            }
         }
+    }
+}
+
+/// What the disks of a job being received have brought so far (each disk's transfer adds to
+/// it; the job's record shows it).
+#[derive(Debug, Default)]
+pub struct Progress {
+    transferred: std::sync::atomic::AtomicU64,
+    scanned: std::sync::atomic::AtomicU64,
+    frames: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    /// A frame with `bytes` of block data arrived.
+    pub fn frame(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.frames.fetch_add(1, Relaxed);
+        self.transferred.fetch_add(bytes, Relaxed);
+    }
+
+    /// A check compared `bytes` of the source.
+    pub fn scanned_more(&self, bytes: u64) {
+        self.scanned.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn transferred(&self) -> u64 {
+        self.transferred.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn scanned(&self) -> u64 {
+        self.scanned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn frames(&self) -> u64 {
+        self.frames.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -424,12 +488,12 @@ async fn disk_transfer(
     ingest: &IngestHandle,
     mut s: TransferStream,
     start: DiskStart,
-    job: &mut JobRecord,
+    progress: &Progress,
 ) -> Result<DiskDone, String> {
     let bs = s.block_size as usize;
     let r = match start.mode {
-        TransferMode::Blocks => receive_blocks(ingest, &mut s, start, job).await,
-        TransferMode::Compare => compare::run(ctx, ingest, &mut s, start.blocks, start.old, job).await,
+        TransferMode::Blocks => receive_blocks(ingest, &mut s, start, progress).await,
+        TransferMode::Compare => compare::run(ctx, ingest, &mut s, start, progress).await,
         TransferMode::Restore | TransferMode::Items => Err("a recovery stream in a backup job".into()),
     };
     match r {
@@ -456,10 +520,11 @@ async fn receive_blocks(
     ingest: &IngestHandle,
     s: &mut TransferStream,
     start: DiskStart,
-    job: &mut JobRecord,
+    progress: &Progress,
 ) -> Result<DiskDone, String> {
     let bs = s.block_size as usize;
-    ingest.send(Cmd::BeginDisk { blocks: start.blocks, old: start.old }).await?;
+    let slot = start.slot;
+    ingest.send(Cmd::BeginDisk { slot, blocks: start.blocks, old: start.old }).await?;
     let mut receiver = BlockReceiver::default();
     loop {
         let frame = transfer::read(&mut s.recv, bs)
@@ -468,13 +533,16 @@ async fn receive_blocks(
             .ok_or("the stream ended before the agent said it was complete")?;
         match receiver.frame(frame)? {
             Received::Block { index, id, data } => {
-                job.bytes_transferred += data.len() as u64;
-                ingest.send(Cmd::Block { index, id, data }).await?;
+                progress.frame(data.len() as u64);
+                ingest.send(Cmd::Block { slot, index, id, data }).await?;
             }
-            Received::Zero { index } => ingest.send(Cmd::Zero { index }).await?,
+            Received::Zero { index } => {
+                progress.frame(0);
+                ingest.send(Cmd::Zero { slot, index }).await?
+            }
             Received::End => break,
         }
     }
-    let (root, changed) = ingest.end_disk().await?;
+    let (root, changed) = ingest.end_disk(slot).await?;
     Ok(DiskDone { root, changed })
 }

@@ -166,6 +166,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         registry: registry.clone().recipient(),
         router: router.clone(),
         lease,
+        disks_in_parallel: limits.disks_in_parallel,
         smtp: authority.config().smtp.clone(),
     });
     let retention = limits.retention()?;

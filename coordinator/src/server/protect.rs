@@ -557,18 +557,18 @@ pub async fn seed_import(
         Err(e) => return err(e),
     };
     let r = async {
-        ingest.send(Cmd::BeginDisk { blocks, old: None }).await?;
+        ingest.send(Cmd::BeginDisk { slot: 0, blocks, old: None }).await?;
         let mut received = 0u64;
         loop {
             match transfer::read(recv, bs).await.map_err(|e| e.to_string())? {
                 Some(TransferFrame::Block { index, data, .. }) => {
                     received += 1;
                     let id = state.store.codec().hasher.id(&data);
-                    ingest.send(Cmd::Block { index, id, data }).await?;
+                    ingest.send(Cmd::Block { slot: 0, index, id, data }).await?;
                 }
                 Some(TransferFrame::Zero { index }) => {
                     received += 1;
-                    ingest.send(Cmd::Zero { index }).await?;
+                    ingest.send(Cmd::Zero { slot: 0, index }).await?;
                 }
                 Some(TransferFrame::Message(TransferMessage::End { blocks_sent, .. })) if blocks_sent == received => {
                     break
@@ -576,7 +576,7 @@ pub async fn seed_import(
                 other => return Err(format!("unexpected frame in a seed: {other:?}")),
             }
         }
-        let (root, _) = ingest.end_disk().await?;
+        let (root, _) = ingest.end_disk(0).await?;
         let record = ReplicaRecord {
             vm: vm.clone(),
             disk: disk.clone(),

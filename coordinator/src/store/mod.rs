@@ -482,6 +482,19 @@ impl Ingest<'_> {
         Ok(())
     }
 
+    /// Takes over what `other`, an ingest of the same store (one disk's, received at the same
+    /// time as others), wrote and pinned: one commit then covers both. Its pins are taken
+    /// before it is dropped, so what it wrote is never unpinned in between.
+    pub fn absorb(&mut self, mut other: Ingest<'_>) {
+        assert!(std::ptr::eq(self.store, other.store), "an ingest absorbs only one of its own store");
+        lock(&self.pin).extend(lock(&other.pin).iter().copied());
+        lock(&self.page_depths).extend(std::mem::take(&mut *lock(&other.page_depths)));
+        self.new_bytes += other.new_bytes;
+        self.new_chunks += other.new_chunks;
+        self.dedup_chunks += other.dedup_chunks;
+        self.healed.append(&mut other.healed);
+    }
+
     /// Applies `changes` (sorted `(block, leaf id)`) to a disk's tree; returns the new root.
     pub fn update_tree(
         &mut self,

@@ -10,7 +10,8 @@
 
 use crate::catalog::JobRecord;
 use crate::jobs::ingest::{Cmd, IngestHandle};
-use crate::jobs::machine::DiskDone;
+use crate::jobs::machine::{DiskDone, DiskStart};
+use crate::jobs::vm_job::Progress;
 use crate::jobs::{JobContext, TransferStream};
 use crate::store::{Store, StorePages};
 use bulwark_protocol::block::{Digest, ZERO};
@@ -308,12 +309,12 @@ pub async fn run(
     ctx: &Arc<JobContext>,
     ingest: &IngestHandle,
     s: &mut TransferStream,
-    blocks: u64,
-    old: Option<TreeRoot>,
-    job: &mut JobRecord,
+    start: DiskStart,
+    progress: &Progress,
 ) -> Result<DiskDone, String> {
     let store = ctx.store.clone();
-    let mut check = Check::new(blocks, old);
+    let (slot, blocks) = (start.slot, start.blocks);
+    let mut check = Check::new(blocks, start.old);
     let mut steps: std::collections::VecDeque<CheckStep> = Default::default();
     loop {
         let Some(step) = steps.pop_front() else {
@@ -349,15 +350,18 @@ pub async fn run(
                 }
                 steps.extend(check.bad_leaves(bad));
             }
-            CheckStep::Scanned(n) => job.bytes_scanned += n,
-            CheckStep::Begin { blocks, old } => ingest.send(Cmd::BeginDisk { blocks, old }).await?,
+            CheckStep::Scanned(n) => progress.scanned_more(n),
+            CheckStep::Begin { blocks, old } => ingest.send(Cmd::BeginDisk { slot, blocks, old }).await?,
             CheckStep::Block { index, id, data } => {
-                job.bytes_transferred += data.len() as u64;
-                ingest.send(Cmd::Block { index, id, data }).await?;
+                progress.frame(data.len() as u64);
+                ingest.send(Cmd::Block { slot, index, id, data }).await?;
             }
-            CheckStep::Zero { index } => ingest.send(Cmd::Zero { index }).await?,
+            CheckStep::Zero { index } => {
+                progress.frame(0);
+                ingest.send(Cmd::Zero { slot, index }).await?
+            }
             CheckStep::EndDisk => {
-                let (root, changed) = ingest.end_disk().await?;
+                let (root, changed) = ingest.end_disk(slot).await?;
                 check.stored(root)?;
                 tracing::info!(changed, "disk checked and repaired");
                 return Ok(DiskDone { root, changed });

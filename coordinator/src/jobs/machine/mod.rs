@@ -21,7 +21,7 @@ use bulwark_protocol::messages::{
 };
 use bulwark_protocol::transfer::{TransferFrame, TransferMessage, TransferMode};
 use bulwark_protocol::{JobId, VmId};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// What a disk's transfer produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +33,8 @@ pub struct DiskDone {
 /// Where a disk's transfer starts: its block count and the tree it applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DiskStart {
+    /// The disk's place in the job (its ingest's slot).
+    pub slot: usize,
     pub blocks: u64,
     pub old: Option<TreeRoot>,
     pub mode: TransferMode,
@@ -147,11 +149,13 @@ pub struct VmJob {
     lease_ms: u64,
     deadline: u64,
     phase: Phase,
-    /// The disk whose stream is open.
-    open: Option<String>,
+    /// The disks whose streams are open (at most `parallel`).
+    open: BTreeSet<String>,
+    /// How many disks may arrive at once.
+    parallel: usize,
     done: BTreeMap<String, DiskDone>,
-    /// The agent's result, come while a disk's stream was still open: applied when it ends
-    /// (the control stream may overtake a transfer stream).
+    /// The agent's result, come while a disk's stream was still open: applied when the last
+    /// one ends (the control stream may overtake a transfer stream).
     pending: Option<JobOutcome>,
     #[cfg(feature = "broken-builds")]
     broken: Option<Broken>,
@@ -171,6 +175,8 @@ pub struct Setup {
     pub lease_ms: u64,
     /// Disks the group's policy leaves out (`--exclude-disk`).
     pub left_out: Vec<String>,
+    /// How many of the VM's disks transfer at once (`[jobs] disks_in_parallel`, at least 1).
+    pub parallel: usize,
 }
 
 fn wire_kind(kind: JobKind) -> Option<WireKind> {
@@ -189,7 +195,8 @@ impl VmJob {
     /// `Creating` replicas of an initial copy. A job that cannot run is refused here, with
     /// nothing queued.
     pub fn start(setup: Setup, now_ms: u64) -> Result<VmJob, Failure> {
-        let Setup { mut record, vm, disks, replicas, block_size, id_key, lease_ms, left_out } = setup;
+        let Setup { mut record, vm, disks, replicas, block_size, id_key, lease_ms, left_out, parallel } = setup;
+        let parallel = parallel.clamp(1, crate::jobs::ingest::MAX_DISKS_AT_ONCE);
         let planned = plan::plan(record.kind, &vm, &disks, &replicas, block_size, &left_out)?;
         // The job is about the planned disks only: a left-out disk's stream is refused.
         let disks: Vec<DiskInfo> =
@@ -205,6 +212,7 @@ impl VmJob {
             disks: planned.disks,
             id_key,
             lease_secs: (lease_ms / 1000).min(u64::from(u32::MAX)) as u32,
+            parallel_disks: parallel as u8,
         };
         let mut effects = VecDeque::new();
         if record.kind == JobKind::Initial {
@@ -234,7 +242,8 @@ impl VmJob {
             lease_ms,
             deadline: now_ms.saturating_add(lease_ms),
             phase: Phase::Running,
-            open: None,
+            open: BTreeSet::new(),
+            parallel,
             done: BTreeMap::new(),
             pending: None,
             #[cfg(feature = "broken-builds")]
@@ -253,6 +262,13 @@ impl VmJob {
         (self.phase == Phase::Running).then_some(self.deadline)
     }
 
+    /// The agent was heard from (blocks arrived on an open stream): its lease starts again.
+    pub fn heard(&mut self, now_ms: u64) {
+        if self.phase == Phase::Running {
+            self.deadline = self.deadline.max(now_ms.saturating_add(self.lease_ms));
+        }
+    }
+
     /// Whether more blocks are welcome: a finished job takes none.
     pub fn is_running(&self) -> bool {
         self.phase == Phase::Running
@@ -266,7 +282,7 @@ impl VmJob {
             self.core.push(Effect::MarkInconsistent(why));
         }
         self.phase = Phase::Finished;
-        self.open = None;
+        self.open.clear();
         self.core.end(r);
     }
 
@@ -291,21 +307,28 @@ impl VmJob {
         self.deadline = now_ms.saturating_add(self.lease_ms);
         let r = self.check_stream(disk, mode, blocks, block_size);
         match &r {
-            Ok(_) => self.open = Some(disk.to_owned()),
+            Ok(_) => {
+                self.open.insert(disk.to_owned());
+            }
             Err(why) => self.fail_midway(format!("disk {disk}: {why}")),
         }
         r
     }
 
     fn check_stream(&self, disk: &str, mode: TransferMode, blocks: u64, block_size: u32) -> Result<DiskStart, String> {
-        let Some(d) = self.disks.iter().find(|d| d.name.as_str() == disk) else {
+        let Some((slot, d)) = self.disks.iter().enumerate().find(|(_, d)| d.name.as_str() == disk) else {
             return Err(format!("{} has no disk {disk}", self.vm));
         };
-        if let Some(open) = &self.open {
-            return Err(format!("a stream for disk {disk} while disk {open} is still being received"));
-        }
-        if self.done.contains_key(disk) {
+        if self.done.contains_key(disk) || self.open.contains(disk) {
             return Err(format!("disk {disk} was sent twice"));
+        }
+        if self.open.len() >= self.parallel {
+            let open: Vec<&str> = self.open.iter().map(String::as_str).collect();
+            return Err(format!(
+                "a stream for disk {disk} while {} are still being received (at most {} at once)",
+                open.join(", "),
+                self.parallel
+            ));
         }
         let want = d.size_bytes.div_ceil(u64::from(self.block_size));
         if block_size != self.block_size || blocks != want {
@@ -330,7 +353,7 @@ impl VmJob {
                 .filter(|r| r.size_bytes == d.size_bytes && r.block_size == self.block_size)
                 .and_then(|r| r.root)
         };
-        Ok(DiskStart { blocks, old, mode })
+        Ok(DiskStart { slot, blocks, old, mode })
     }
 
     /// Disk `disk` is stored (not yet committed).
@@ -338,17 +361,18 @@ impl VmJob {
         if self.phase != Phase::Running {
             return;
         }
-        if self.open.as_deref() != Some(disk) {
+        if !self.open.remove(disk) {
             self.fail_midway(format!("disk {disk} ended without its stream being open"));
             return;
         }
         self.deadline = now_ms.saturating_add(self.lease_ms);
-        self.open = None;
         self.core.record.blocks_changed += done.changed;
         self.done.insert(disk.to_owned(), done);
         self.core.push(Effect::Save);
-        if let Some(outcome) = self.pending.take() {
-            self.agent_result(outcome, now_ms);
+        if self.open.is_empty() {
+            if let Some(outcome) = self.pending.take() {
+                self.agent_result(outcome, now_ms);
+            }
         }
     }
 
@@ -369,7 +393,7 @@ impl VmJob {
         let commit_anyway = self.broken == Some(Broken::CommitBeforeEveryDisk);
         #[cfg(not(feature = "broken-builds"))]
         let commit_anyway = false;
-        if self.open.is_some() && matches!(outcome, JobOutcome::Succeeded { .. }) && !commit_anyway {
+        if !self.open.is_empty() && matches!(outcome, JobOutcome::Succeeded { .. }) && !commit_anyway {
             self.pending = Some(outcome);
             return;
         }

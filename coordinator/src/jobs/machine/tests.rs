@@ -30,7 +30,13 @@ fn replica(name: &str, state: ReplicaState) -> ReplicaRecord {
 }
 
 /// A job of `kind` on a VM with disks os and data; `complete`: both have consistent replicas.
+/// One disk at a time.
 fn job(kind: JobKind, complete: bool) -> VmJob {
+    job_with(kind, complete, 1)
+}
+
+/// [`job`], with `parallel` disks at once.
+fn job_with(kind: JobKind, complete: bool, parallel: usize) -> VmJob {
     let replicas = if complete {
         ["os", "data"].iter().map(|d| (d.to_string(), replica(d, ReplicaState::Consistent))).collect()
     } else {
@@ -45,6 +51,7 @@ fn job(kind: JobKind, complete: bool) -> VmJob {
         id_key: None,
         lease_ms: 30_000,
         left_out: vec![],
+        parallel,
     };
     VmJob::start(setup, 1_000).unwrap()
 }
@@ -134,6 +141,51 @@ fn a_result_that_overtakes_the_last_disk_waits_for_it() {
     m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
     m.agent_result(JobOutcome::Failed { kind: FailureKind::Other, reason: "io".into() }, 2_500);
     assert!(matches!(m.outcome(), Some(Err(_))));
+}
+
+#[test]
+fn disks_arrive_at_once_up_to_the_bound_and_the_commit_waits_for_all_of_them() {
+    let mut m = job_with(JobKind::ExpressFull, true, 2);
+    let request = drain(&mut m);
+    assert!(matches!(&request[..], [Effect::Send(CoordinatorMessage::JobRequest(r))] if r.parallel_disks == 2));
+    let os = m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+    let data = m.stream_opened("data", TransferMode::Blocks, 16, BS, 2_100).unwrap();
+    assert_ne!(os.slot, data.slot, "each disk has its own ingest slot");
+    assert!(m.stream_opened("data", TransferMode::Blocks, 16, BS, 2_200).is_err(), "a disk open twice");
+    // The result overtakes both disks; the second to end lets it commit, whichever it is.
+    let mut m = job_with(JobKind::ExpressFull, true, 2);
+    drain(&mut m);
+    m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+    m.stream_opened("data", TransferMode::Blocks, 16, BS, 2_100).unwrap();
+    m.agent_result(success(), 2_500);
+    m.disk_done("data", DiskDone { root: root(11), changed: 2 }, 3_000);
+    assert!(!drain(&mut m).iter().any(|e| matches!(e, Effect::Commit { .. })), "os is still arriving");
+    // Blocks arriving keep the agent's lease.
+    m.heard(40_000);
+    m.timeout("node1", 40_001);
+    assert!(m.outcome().is_none(), "heard from a moment ago");
+    m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 41_000);
+    let commit = drain(&mut m).into_iter().find_map(|e| match e {
+        Effect::Commit { replicas, .. } => Some(replicas.iter().map(|r| r.root).collect::<Vec<_>>()),
+        _ => None,
+    });
+    assert_eq!(commit, Some(vec![Some(root(10)), Some(root(11))]), "in the VM's disk order");
+    assert_eq!(m.record().blocks_changed, 5);
+    // One disk failing fails the job, the other still arriving.
+    let mut m = job_with(JobKind::ExpressFull, true, 2);
+    drain(&mut m);
+    m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+    m.stream_opened("data", TransferMode::Blocks, 16, BS, 2_100).unwrap();
+    m.disk_failed("data", "digest mismatch");
+    let effects = drain(&mut m);
+    assert!(effects.iter().any(|e| matches!(e, Effect::MarkInconsistent(_))), "an express full that died midway");
+    assert!(matches!(m.outcome(), Some(Err(f)) if f.reason.contains("disk data: digest mismatch")));
+    // Silence past the lease with both streams open fails it too.
+    let mut m = job_with(JobKind::ExpressFull, true, 2);
+    drain(&mut m);
+    m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+    m.timeout("node1", 32_001);
+    assert!(matches!(m.outcome(), Some(Err(f)) if f.reason.contains("no word from the agent of node1")));
 }
 
 #[test]
@@ -280,6 +332,7 @@ fn a_sync_of_an_inconsistent_replica_is_refused_before_anything_is_sent() {
         id_key: None,
         lease_ms: 30_000,
         left_out: vec![],
+        parallel: 1,
     };
     let f = VmJob::start(setup, 0).err().unwrap();
     assert!(f.reason.contains("consistency check must run first") && !f.retry);

@@ -168,6 +168,7 @@ impl Coordinator {
             id_key: self.store.codec().hasher.id_key(),
             lease_ms: JOB_TIMEOUT_MS,
             left_out: vec![],
+            parallel: 2,
         };
         let mut machine = match VmJob::start(setup, now) {
             Ok(m) => m,
