@@ -6,7 +6,9 @@
 //! transfer stream, the report, the release) and feeds it what happened; the deterministic
 //! simulation performs them against the sim hypervisor.
 
-use bulwark_protocol::messages::{ChangeToken, Consistency, DiskJob, FailureKind, JobKind, JobOutcome, JobRequest};
+use bulwark_protocol::messages::{
+    ChangeToken, Consistency, DiskJob, FailureKind, JobKind, JobOutcome, JobRequest, MAX_PARALLEL_DISKS,
+};
 use std::collections::VecDeque;
 
 /// What the driver is to do, in order.
@@ -84,9 +86,6 @@ pub struct AgentJob {
     #[cfg(feature = "broken-builds")]
     broken: Option<Broken>,
 }
-
-/// The most disks an agent sends at once, whatever the request says.
-pub const MAX_PARALLEL_DISKS: u8 = 8;
 
 /// A failure of the job: what kind, and why.
 pub type Failed = (FailureKind, String);

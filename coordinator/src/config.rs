@@ -172,7 +172,7 @@ impl Default for JobLimits {
 impl JobLimits {
     /// Checks what `load` cannot leave to the first job: `disks_in_parallel` fits one job.
     pub fn check(&self) -> Result<(), String> {
-        let max = crate::jobs::ingest::MAX_DISKS_AT_ONCE;
+        let max = usize::from(bulwark_protocol::messages::MAX_PARALLEL_DISKS);
         if !(1..=max).contains(&self.disks_in_parallel) {
             return Err(format!("[jobs] disks_in_parallel = {}: it must be 1 to {max}", self.disks_in_parallel));
         }

@@ -152,9 +152,14 @@ pub struct JobRequest {
     pub id_key: Option<[u8; 32]>,
     /// How long the agent keeps the snapshot without hearing from the coordinator.
     pub lease_secs: u32,
-    /// How many of the disks the agent sends at once (0 reads as 1).
+    /// How many of the disks the agent sends at once (0 reads as 1; at most
+    /// [`MAX_PARALLEL_DISKS`]).
     pub parallel_disks: u8,
 }
+
+/// The most disks of one job sent and received at once, whatever a request or a configuration
+/// says.
+pub const MAX_PARALLEL_DISKS: u8 = 8;
 
 /// A recovery onto a VM: the agent hashes the VM's current disks, the coordinator sends only
 /// the blocks that differ from the recovery point (transfer streams in `Restore` mode).

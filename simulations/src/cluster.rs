@@ -83,15 +83,30 @@ impl Cluster {
     /// Initializes and starts both daemons under `work` (`encrypt`: an encrypted store); the
     /// agent drives the sim on `work/sim`.
     pub fn start(work: &Path, encrypt: bool) -> anyhow::Result<Self> {
-        Self::start_with(work, encrypt, None)
+        Self::start_with(work, encrypt, None, &|_| {})
+    }
+
+    /// [`Cluster::start`], with `tune` applied to `coordinator.toml` before the coordinator
+    /// starts.
+    pub fn start_tuned(
+        work: &Path,
+        encrypt: bool,
+        tune: &dyn Fn(&mut bulwark_coordinator::config::CoordinatorConfig),
+    ) -> anyhow::Result<Self> {
+        Self::start_with(work, encrypt, None, tune)
     }
 
     /// The same with an agent on the QEMU backend over the VM definitions in `qemu_vm_dir`.
     pub fn start_qemu(work: &Path, encrypt: bool, qemu_vm_dir: &Path) -> anyhow::Result<Self> {
-        Self::start_with(work, encrypt, Some(qemu_vm_dir))
+        Self::start_with(work, encrypt, Some(qemu_vm_dir), &|_| {})
     }
 
-    fn start_with(work: &Path, encrypt: bool, qemu_vm_dir: Option<&Path>) -> anyhow::Result<Self> {
+    fn start_with(
+        work: &Path,
+        encrypt: bool,
+        qemu_vm_dir: Option<&Path>,
+        tune: &dyn Fn(&mut bulwark_coordinator::config::CoordinatorConfig),
+    ) -> anyhow::Result<Self> {
         let data = DataDir::new(work.join("coordinator"));
         let opts = bulwark_coordinator::init::InitOptions {
             name: Some("bench".into()),
@@ -100,6 +115,9 @@ impl Cluster {
             encrypt,
         };
         bulwark_coordinator::init::init(&data.root, &opts)?;
+        let mut config = bulwark_coordinator::config::CoordinatorConfig::load(&data)?;
+        tune(&mut config);
+        config.save(&data)?;
         let coordinator = coordinator(data.clone());
         wait("the coordinator", || Ok(data.addr_file().exists().then_some(())))?;
         let target = AdminTarget::from_data_dir(&data.root)?;

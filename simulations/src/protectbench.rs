@@ -72,6 +72,43 @@ fn bench_vm(size: u64) -> CreateVm {
     }
 }
 
+/// Initial copies of one VM whose `disks` disks share `size` (seeded random, the same bytes
+/// each time): first one disk at a time, then all of them at once (`[jobs]
+/// disks_in_parallel`, at most 8). Rows `initial NxK`: N disks, K at once.
+pub fn parallel_disks(work: &Path, size: u64, disks: usize, encrypt: bool) -> anyhow::Result<Vec<BenchResult>> {
+    anyhow::ensure!((2..=8).contains(&disks), "disks: 2 to 8");
+    let each = (size / disks as u64).max(1 << 20) & !((1 << 20) - 1);
+    let mut rows = vec![];
+    for at_once in [1, disks] {
+        let dir = tempfile::tempdir_in(work)?;
+        eprintln!("bulwark: {disks} random disks of {}, {at_once} at once", format_size(each));
+        let vm = CreateVm {
+            os: "linux".into(),
+            power: Power::Running,
+            random_fill: true,
+            seed: 0xD15C ^ size,
+            ..CreateVm::new(
+                VM,
+                "node1",
+                (0..disks).map(|i| DiskConfig { name: format!("disk{i}"), size: each }).collect(),
+            )
+        };
+        sim::create_vm(&dir.path().join("sim"), &vm)?;
+        let cluster = Cluster::start_tuned(dir.path(), encrypt, &|c| c.jobs.disks_in_parallel = at_once)?;
+        cluster.wait_vm(VM)?;
+        cluster.protect(VM)?;
+        crate::limits::drop_caches();
+        let (job, seconds) = cluster.backup(VM, BackupKind::ExpressFull)?;
+        anyhow::ensure!(job.kind == "initial", "the first backup ran as {}", job.kind);
+        let mut r = row("bulwark", &format!("initial {disks}x{at_once}"), each * disks as u64, (0.0, 0), seconds);
+        r.bytes_read = job.bytes_scanned;
+        r.bytes_sent = job.bytes_transferred;
+        rows.push(r);
+        cluster.stop();
+    }
+    Ok(rows)
+}
+
 fn churn_seed(i: usize) -> u64 {
     1000 + i as u64
 }

@@ -179,6 +179,22 @@ impl Report {
             }
             out.push(line);
         }
+        // `initial NxK` rows: N disks of one VM, K at once.
+        let serial: Vec<&BenchResult> =
+            self.results.iter().filter(|r| r.tool == "bulwark" && r.scenario.ends_with("x1")).collect();
+        for one in serial {
+            let Some(n) = one.scenario.strip_prefix("initial ").and_then(|s| s.strip_suffix("x1")) else { continue };
+            let parallel = format!("initial {n}x{n}");
+            if let Some(all) = self.results.iter().find(|r| r.tool == "bulwark" && r.scenario == parallel) {
+                out.push(format!(
+                    "initial copy of {n} disks ({}): all at once {:.2} s, one at a time {:.2} s: {:.2}x faster",
+                    size(all.size_bytes),
+                    all.seconds,
+                    one.seconds,
+                    one.seconds / all.seconds.max(1e-9)
+                ));
+            }
+        }
         if let Some(q) = &self.qemu {
             let mib = |b: f64| b / (1u64 << 20) as f64;
             out.push(format!(

@@ -19,7 +19,7 @@ const CHANGES_PER_UPDATE: usize = 64 * 1024;
 
 /// The most disks of one job received at once (each is a thread): `[jobs] disks_in_parallel`
 /// is capped at it.
-pub const MAX_DISKS_AT_ONCE: usize = 8;
+pub const MAX_DISKS_AT_ONCE: usize = bulwark_protocol::messages::MAX_PARALLEL_DISKS as usize;
 
 /// Commands queued to one disk's thread: with a block's size, bounds what waits in memory.
 const DISK_QUEUE: usize = 16;

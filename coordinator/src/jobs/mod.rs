@@ -171,8 +171,10 @@ pub struct JobQueue {
     queue: Queue,
     origin: Instant,
     wakeup: Option<SpawnHandle>,
-    /// The futures of running jobs, for `job cancel`.
-    running: HashMap<u64, SpawnHandle>,
+    /// How to stop each running job's future, for `job cancel`. An aborted future is never
+    /// polled again (an actor's cancelled future may be, once more: enough to record a
+    /// failure or send a commit after the cancel).
+    running: HashMap<u64, futures_util::future::AbortHandle>,
 }
 
 impl JobQueue {
@@ -250,9 +252,15 @@ impl JobQueue {
         let on_host = self.queue.running_on(&host).max(1);
         tracing::info!(job_id = id, host = %host, running, on_host, queued, "job starting");
         let c = self.ctx.clone();
-        let handle =
-            ctx.spawn(vm_job::run(c, job).into_actor(self).map(|finished, act, ctx| act.finished(finished, ctx)));
-        self.running.insert(id, handle);
+        let (abort, registration) = futures_util::future::AbortHandle::new_pair();
+        let run = futures_util::future::Abortable::new(vm_job::run(c, job), registration);
+        ctx.spawn(run.into_actor(self).map(|r, act, ctx| {
+            // An aborted job was cancelled: the cancel recorded it.
+            if let Ok(finished) = r {
+                act.finished(finished, ctx);
+            }
+        }));
+        self.running.insert(id, abort);
     }
 
     fn give_up(&mut self, id: u64, reason: String) {
@@ -320,8 +328,8 @@ impl Handler<Cancel> for JobQueue {
             ));
         }
         let was_running = match self.running.remove(&id) {
-            Some(h) => {
-                ctx.cancel_future(h);
+            Some(abort) => {
+                abort.abort();
                 true
             }
             None => false,

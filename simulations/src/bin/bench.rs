@@ -15,8 +15,10 @@ use std::process::ExitCode;
 #[derive(Debug, Parser)]
 #[command(name = "bulwark-bench", version, about)]
 struct Cli {
-    /// initial, incremental, cc, restore, smart-restore, limits, store, read, qemu, items, all
-    /// (several: comma-separated; `qemu` needs qemu-system-x86_64 and uses the first size).
+    /// initial, incremental, cc, restore, smart-restore, limits, store, read, qemu, items, disks,
+    /// all (several: comma-separated; `qemu` needs qemu-system-x86_64 and uses the first size;
+    /// `disks` splits the first size over --disks disks and copies them one at a time, then all
+    /// at once).
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenario: Vec<String>,
     /// Disk sizes for initial, incremental and cc, comma-separated (restores use the first).
@@ -45,6 +47,9 @@ struct Cli {
     /// Chunks in the store for the GC benchmark.
     #[arg(long, default_value_t = 1_048_576)]
     gc_chunks: u64,
+    /// Disks of the `disks` scenario's VM (2 to 8).
+    #[arg(long, default_value_t = 4)]
+    disks: usize,
     /// Where bench-results.json and the charts go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -54,7 +59,7 @@ struct Cli {
 }
 
 const SCENARIOS: &[&str] =
-    &["limits", "store", "read", "initial", "incremental", "cc", "restore", "smart-restore", "qemu", "items"];
+    &["limits", "store", "read", "initial", "incremental", "cc", "restore", "smart-restore", "qemu", "items", "disks"];
 
 /// Free bytes on the file system holding `dir`.
 fn free_bytes(dir: &std::path::Path) -> anyhow::Result<u64> {
@@ -172,6 +177,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             encrypt: !cli.plain_store,
         };
         results.extend(bulwark_simulations::protectbench::run(&cli.out, &plan)?);
+    }
+    if has("disks") {
+        results.extend(bulwark_simulations::protectbench::parallel_disks(
+            &cli.out,
+            sizes[0],
+            cli.disks,
+            !cli.plain_store,
+        )?);
     }
     let mut restore = None;
     if restoring {
