@@ -74,8 +74,16 @@ fn bench_vm(size: u64) -> CreateVm {
 
 /// Initial copies of one VM whose `disks` disks share `size` (seeded random, the same bytes
 /// each time): first one disk at a time, then all of them at once (`[jobs]
-/// disks_in_parallel`, at most 8). Rows `initial NxK`: N disks, K at once.
-pub fn parallel_disks(work: &Path, size: u64, disks: usize, encrypt: bool) -> anyhow::Result<Vec<BenchResult>> {
+/// disks_in_parallel`, at most 8). `read_delay_ms` models storage whose latency, not the
+/// CPU, bounds one reader (each block read from a snapshot takes that much longer). Rows
+/// `initial NxK` (with `+Dms` for a delay): N disks, K at once.
+pub fn parallel_disks(
+    work: &Path,
+    size: u64,
+    disks: usize,
+    read_delay_ms: u64,
+    encrypt: bool,
+) -> anyhow::Result<Vec<BenchResult>> {
     anyhow::ensure!((2..=8).contains(&disks), "disks: 2 to 8");
     let each = (size / disks as u64).max(1 << 20) & !((1 << 20) - 1);
     let mut rows = vec![];
@@ -94,13 +102,20 @@ pub fn parallel_disks(work: &Path, size: u64, disks: usize, encrypt: bool) -> an
             )
         };
         sim::create_vm(&dir.path().join("sim"), &vm)?;
+        if read_delay_ms > 0 {
+            let mut v = sim::Vm::open(&dir.path().join("sim"), VM)?;
+            v.config.read_delay_ms = Some(read_delay_ms);
+            v.save()?;
+        }
         let cluster = Cluster::start_tuned(dir.path(), encrypt, &|c| c.jobs.disks_in_parallel = at_once)?;
         cluster.wait_vm(VM)?;
         cluster.protect(VM)?;
         crate::limits::drop_caches();
         let (job, seconds) = cluster.backup(VM, BackupKind::ExpressFull)?;
         anyhow::ensure!(job.kind == "initial", "the first backup ran as {}", job.kind);
-        let mut r = row("bulwark", &format!("initial {disks}x{at_once}"), each * disks as u64, (0.0, 0), seconds);
+        let delay = if read_delay_ms > 0 { format!("+{read_delay_ms}ms") } else { String::new() };
+        let scenario = format!("initial {disks}x{at_once}{delay}");
+        let mut r = row("bulwark", &scenario, each * disks as u64, (0.0, 0), seconds);
         r.bytes_read = job.bytes_scanned;
         r.bytes_sent = job.bytes_transferred;
         rows.push(r);

@@ -179,15 +179,19 @@ impl Report {
             }
             out.push(line);
         }
-        // `initial NxK` rows: N disks of one VM, K at once.
-        let serial: Vec<&BenchResult> =
-            self.results.iter().filter(|r| r.tool == "bulwark" && r.scenario.ends_with("x1")).collect();
-        for one in serial {
-            let Some(n) = one.scenario.strip_prefix("initial ").and_then(|s| s.strip_suffix("x1")) else { continue };
-            let parallel = format!("initial {n}x{n}");
+        // `initial NxK[+Dms]` rows: N disks of one VM, K at once (each block read D ms slower).
+        for one in self.results.iter().filter(|r| r.tool == "bulwark") {
+            let Some((n, delay)) = one.scenario.strip_prefix("initial ").and_then(|s| s.split_once("x1")) else {
+                continue;
+            };
+            let parallel = format!("initial {n}x{n}{delay}");
             if let Some(all) = self.results.iter().find(|r| r.tool == "bulwark" && r.scenario == parallel) {
+                let storage = match delay.strip_prefix('+') {
+                    Some(d) => format!(", each block read {d} slower"),
+                    None => String::new(),
+                };
                 out.push(format!(
-                    "initial copy of {n} disks ({}): all at once {:.2} s, one at a time {:.2} s: {:.2}x faster",
+                    "initial copy of {n} disks ({}{storage}): all at once {:.2} s, one at a time {:.2} s: {:.2}x the speed",
                     size(all.size_bytes),
                     all.seconds,
                     one.seconds,

@@ -63,6 +63,21 @@ fn bench_restores_run_end_to_end_and_report_both_rows() {
 }
 
 #[test]
+fn bench_disks_copies_one_vms_disks_one_at_a_time_then_at_once() {
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--scenario", "disks", "--sizes", "16MiB", "--disks", "2", "--read-delay-ms", "2", "--peers", "none"];
+    let report = run_bench(&args, out.path());
+    let rows = report["results"].as_array().unwrap();
+    for scenario in ["initial 2x1", "initial 2x2", "initial 2x1+2ms", "initial 2x2+2ms"] {
+        let r = rows.iter().find(|r| r["scenario"] == scenario).unwrap_or_else(|| panic!("no {scenario}: {report}"));
+        assert_eq!(r["bytes_read"], 16 << 20, "both random disks read whole: {r}");
+        assert!(r["seconds"].as_f64().unwrap() > 0.0);
+    }
+    let findings: Vec<&str> = report["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert_eq!(findings.iter().filter(|f| f.starts_with("initial copy of 2 disks")).count(), 2, "{findings:?}");
+}
+
+#[test]
 fn bench_incremental_compares_with_restic_and_borg_on_the_same_churn() {
     let out = tempfile::tempdir().unwrap();
     let args =

@@ -50,6 +50,10 @@ struct Cli {
     /// Disks of the `disks` scenario's VM (2 to 8).
     #[arg(long, default_value_t = 4)]
     disks: usize,
+    /// The `disks` scenario again on slow storage: each block read takes this many
+    /// milliseconds more (0: only the plain run).
+    #[arg(long, default_value_t = 5)]
+    read_delay_ms: u64,
     /// Where bench-results.json and the charts go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -179,12 +183,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         results.extend(bulwark_simulations::protectbench::run(&cli.out, &plan)?);
     }
     if has("disks") {
-        results.extend(bulwark_simulations::protectbench::parallel_disks(
-            &cli.out,
-            sizes[0],
-            cli.disks,
-            !cli.plain_store,
-        )?);
+        for delay in std::iter::once(0).chain((cli.read_delay_ms > 0).then_some(cli.read_delay_ms)) {
+            results.extend(bulwark_simulations::protectbench::parallel_disks(
+                &cli.out,
+                sizes[0],
+                cli.disks,
+                delay,
+                !cli.plain_store,
+            )?);
+        }
     }
     let mut restore = None;
     if restoring {
