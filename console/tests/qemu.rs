@@ -94,10 +94,23 @@ fn a_coordinator_protects_a_qemu_vm_and_a_sim_vm_in_one_group() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("turn it off"), "{refused:?}");
     vm.quit();
     wait_until("the coordinator sees q1 off", Duration::from_secs(30), || c.vm("q1").unwrap()["state"] == "off");
+    // The operator changed the VM's settings since the point (and noted it).
+    let changed = std::fs::read_to_string(&def_path)
+        .unwrap()
+        .replace("app_hooks = true\n", "")
+        .replace("config = \"-machine q35 -m 512\"", "config = \"-machine q35 -m 4096\"  # bigger since");
+    std::fs::write(&def_path, &changed).unwrap();
     let job = c.json(&["recover", "q1", "--rp", &rp, "--to", "original", "--wait"]);
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(job["bytes_transferred"], 3 * MIB, "a smart restore writes only the three changed blocks: {job}");
     assert_eq!(vm.raw(), view, "restored onto the original image bit-exact");
+    // ... and its definition has the point's settings again, the rest as this host has it.
+    let q1 = std::fs::read_to_string(&def_path).unwrap();
+    assert!(q1.contains("config = \"-machine q35 -m 512\"") && q1.contains("app_hooks = true"), "{q1}");
+    assert!(q1.contains("pre_snapshot = \"true\"") && !q1.contains("4096"), "{q1}");
+    let uuid_line = |t: &str| t.lines().find(|l| l.starts_with("uuid")).map(str::to_owned);
+    assert_eq!(uuid_line(&q1), uuid_line(&changed), "the same VM");
+    ok(&["x-agent", "qemu", "check", "--vm-dir", vm_dir.to_str().unwrap()]);
 
     // Restore as a new VM: a new image and definition in the restore directory.
     let job = c.json(&["recover", "q1", "--rp", &rp, "--to", "host", "--host", "node1", "--name", "q2", "--wait"]);

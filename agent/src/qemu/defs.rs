@@ -100,6 +100,45 @@ impl VmDef {
         Some(def)
     }
 
+    /// Gives the definition at `path` the settings of `kept` (a recovery point's definition):
+    /// the guest's OS, its application hooks and the opaque `config`, nothing else — the name,
+    /// identity, sockets, host hooks, fleece directory and disks stay this host's. The rest of
+    /// the file is kept as the operator wrote it (comments included), and its mode. Answers
+    /// whether anything changed.
+    pub fn restore_settings(path: &Path, kept: &VmDef) -> Result<bool, DefError> {
+        let current = VmDef::load(path)?;
+        if (&current.os, current.app_hooks, &current.config) == (&kept.os, kept.app_hooks, &kept.config) {
+            return Ok(false);
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| DefError::Read { path: path.to_owned(), source })?;
+        let invalid = |message: String| DefError::Invalid { path: path.to_owned(), message };
+        let mut doc: toml_edit::DocumentMut = text.parse().map_err(|e: toml_edit::TomlError| invalid(e.to_string()))?;
+        doc["os"] = toml_edit::value(kept.os.as_str());
+        if kept.app_hooks || doc.contains_key("app_hooks") {
+            doc["app_hooks"] = toml_edit::value(kept.app_hooks);
+        }
+        match &kept.config {
+            Some(c) => doc["config"] = toml_edit::value(c.as_str()),
+            None => {
+                doc.remove("config");
+            }
+        }
+        let with = doc.to_string();
+        // What is written must load as this VM, with exactly the settings asked for.
+        let check: VmDef = toml::from_str(&with).map_err(|e| invalid(e.to_string()))?;
+        check.validate().map_err(invalid)?;
+        let want = VmDef { os: kept.os.clone(), app_hooks: kept.app_hooks, config: kept.config.clone(), ..current };
+        if check != want {
+            return Err(invalid("the definition's settings could not be rewritten alone".into()));
+        }
+        let mode = std::fs::metadata(path)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap_or(0o644);
+        bulwark_pki::files::write_atomic(path, with.as_bytes(), mode)
+            .map_err(|source| DefError::Read { path: path.to_owned(), source })?;
+        Ok(true)
+    }
+
     pub fn load(path: &Path) -> Result<VmDef, DefError> {
         let text = std::fs::read_to_string(path).map_err(|source| DefError::Read { path: path.to_owned(), source })?;
         let invalid = |message: String| DefError::Invalid { path: path.to_owned(), message };
@@ -258,6 +297,30 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p
+    }
+
+    #[test]
+    fn a_restore_gives_back_the_settings_and_keeps_everything_of_this_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "# web1, by the operator\nname = \"web1\"\nuuid = \"6f1c1b2e-4a8e-4f43-9d7a-0c5a3e9f2b11\"\nqmp = \"/run/web1.qmp\"\nconfig = \"-m 2048\"  # doubled last week\npre_snapshot = \"/usr/local/bin/quiesce\"\n\n[[disks]]\nname = \"os\"\nnode = \"disk0\"\ndevice = \"vda\"\npath = \"/v/web1.qcow2\"\nformat = \"qcow2\"\n";
+        let path = write(dir.path(), "web1.toml", text);
+        let kept_text = "name = \"elsewhere\"\nqmp = \"/other/x.qmp\"\nos = \"windows\"\napp_hooks = true\nconfig = \"-m 512\"\npre_snapshot = \"rm -rf /\"\n[[disks]]\nname = \"os\"\nnode = \"n9\"\ndevice = \"vdz\"\npath = \"/other/x.qcow2\"\nformat = \"raw\"\n";
+        let kept = VmDef::from_kept(kept_text.as_bytes()).unwrap();
+        assert!(VmDef::restore_settings(&path, &kept).unwrap());
+        let after = std::fs::read_to_string(&path).unwrap();
+        let def = VmDef::load(&path).unwrap();
+        assert_eq!((def.os.as_str(), def.app_hooks, def.config.as_deref()), ("windows", true, Some("-m 512")));
+        assert_eq!(def.name, "web1");
+        assert_eq!(def.uuid.as_deref(), Some("6f1c1b2e-4a8e-4f43-9d7a-0c5a3e9f2b11"), "its own identity");
+        assert_eq!(def.pre_snapshot.as_deref(), Some("/usr/local/bin/quiesce"), "this host's hook, never the point's");
+        assert_eq!(def.qmp, PathBuf::from("/run/web1.qmp"));
+        assert_eq!((def.disks[0].node.as_str(), def.disks[0].path.to_str()), ("disk0", Some("/v/web1.qcow2")));
+        assert!(after.starts_with("# web1, by the operator\n"), "{after}");
+        assert!(!VmDef::restore_settings(&path, &kept).unwrap(), "nothing left to change");
+        // A point without a config takes it away; the file still loads.
+        let bare = VmDef::from_kept(kept_text.replace("config = \"-m 512\"\n", "").as_bytes()).unwrap();
+        assert!(VmDef::restore_settings(&path, &bare).unwrap());
+        assert_eq!(VmDef::load(&path).unwrap().config, None);
     }
 
     #[test]

@@ -117,10 +117,15 @@ impl QemuBackend {
     }
 
     fn def(&self, vm: &str) -> Result<VmDef, BackendError> {
+        VmDef::load(&self.def_path(vm)?).map_err(failed)
+    }
+
+    /// Where `vm`'s definition is: the VM directory's, else the restore directory's.
+    fn def_path(&self, vm: &str) -> Result<PathBuf, BackendError> {
         for dir in [&self.vm_dir, &self.restore_dir] {
             let p = dir.join(format!("{vm}.toml"));
             if p.is_file() {
-                return VmDef::load(&p).map_err(failed);
+                return Ok(p);
             }
         }
         Err(failed(format!("no QEMU VM {vm} in {}", self.vm_dir.display())))
@@ -685,6 +690,14 @@ impl Hypervisor for QemuBackend {
         };
         if self.qmp(&def)?.is_some() {
             return Err(BackendError::Refused(format!("{vm} is running: shut QEMU down before restoring onto it")));
+        }
+        // The original VM gets the recovery point's settings back (its definition file keeps
+        // everything of this host's).
+        if let (None, Some(kept)) = (create, VmDef::from_kept(config)) {
+            let path = self.def_path(vm)?;
+            if VmDef::restore_settings(&path, &kept).map_err(failed)? {
+                tracing::info!(vm, path = %path.display(), "the definition's settings are the recovery point's again");
+            }
         }
         let mut st = self.load_state(vm)?;
         if st.snapshot.is_some() {
