@@ -112,6 +112,9 @@ impl From<BackendError> for Failure {
     }
 }
 
+/// Blocks of a restore received ahead of the writer, at most.
+const WRITE_QUEUE: usize = 8;
+
 /// Runs one job to its end: reports the outcome, waits for the coordinator's verdict, and
 /// releases the snapshot whatever happens.
 pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>) {
@@ -569,19 +572,37 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
         .map_err(stream_err("transfer stream"))?;
     let pages = Arc::new(pages);
     let mut restore = crate::restore_disk::DiskRestore::new(size, bs as u64, disk.hasher.clone());
-    loop {
+    // The writes go to a thread of their own, a few blocks behind the stream: receiving and
+    // checking the next blocks overlaps writing the last ones. The restore is complete only
+    // once the writer has written everything without an error.
+    let (writes, mut to_write) = mpsc::channel::<(u64, Vec<u8>)>(WRITE_QUEUE);
+    let writer = {
+        let (backend, d) = (env.backend.clone(), disk.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), BackendError> {
+            while let Some((offset, data)) = to_write.blocking_recv() {
+                backend.restore_write(&d.vm, &d.name, offset, &data)?;
+            }
+            Ok(())
+        })
+    };
+    let received = loop {
         let frame = transfer::read(&mut recv, bs).await.map_err(stream_err("restore"))?;
         let Some(frame) = frame else { return Err(Failure::other("unexpected frame in a restore: None")) };
         match restore.frame(frame).map_err(Failure::other)? {
             crate::restore_disk::Step::AnswerPages(nodes) => answer_pages(&mut send, &pages, root, nodes, bs).await?,
             crate::restore_disk::Step::Write { offset, data } => {
-                let (backend, d) = (env.backend.clone(), disk.clone());
-                blocking(move || backend.restore_write(&d.vm, &d.name, offset, &data)).await??;
+                if writes.send((offset, data)).await.is_err() {
+                    // The writer stopped: its error says why.
+                    break None;
+                }
             }
-            crate::restore_disk::Step::Done => break,
+            crate::restore_disk::Step::Done => break Some(restore.received()),
         }
-    }
-    let (received, written) = (restore.received(), restore.written());
+    };
+    drop(writes);
+    writer.await.map_err(|e| Failure::other(format!("the restore's writer failed: {e}")))??;
+    let received = received.ok_or_else(|| Failure::other("the restore's writer stopped"))?;
+    let written = restore.written();
     transfer::write_message(&mut send, &TransferMessage::Stored { blocks: received }, bs)
         .await
         .map_err(stream_err("transfer stream"))?;

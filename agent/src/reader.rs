@@ -54,7 +54,30 @@ pub fn read_blocks(
     let file =
         File::open(image).map_err(|source| ReadError::Io { path: image.display().to_string(), offset: 0, source })?;
     let path = image.display().to_string();
-    read_blocks_from(&path, size, block_size, indices, hasher, sink, |buf, offset| file.read_exact_at(buf, offset))
+    // (A block past the file's end is no hole: reading it fails, as a short image must.)
+    let file_len = file.metadata().map_err(|source| ReadError::Io { path: path.clone(), offset: 0, source })?.len();
+    read_blocks_from(&path, size, block_size, indices, hasher, sink, |buf, offset| {
+        // A block inside a hole of a sparse image is zeros: filling the buffer here costs far
+        // less than the kernel zero-filling page-cache pages for a read.
+        let len = buf.len() as u64;
+        if offset.saturating_add(len) <= file_len && in_hole(&file, offset, len) {
+            buf.fill(0);
+            return Ok(());
+        }
+        file.read_exact_at(buf, offset)
+    })
+}
+
+/// Whether `[offset, offset + len)` of `file` lies in a hole (no data up to its end). A file
+/// system that cannot tell says data, and the block is read.
+fn in_hole(file: &File, offset: u64, len: u64) -> bool {
+    use rustix::fs::{seek, SeekFrom};
+    match seek(file, SeekFrom::Data(offset)) {
+        Ok(data) => data >= offset.saturating_add(len),
+        // No data at or after `offset`: the rest of the file is a hole.
+        Err(rustix::io::Errno::NXIO) => true,
+        Err(_) => false,
+    }
 }
 
 /// [`read_blocks`] from any source that reads exactly `buf.len()` bytes at an offset (an NBD
@@ -242,5 +265,37 @@ mod tests {
         assert_eq!(seen, (0..11).collect::<Vec<_>>());
         assert_eq!(stats.bytes_read, img.len() as u64);
         assert_eq!(stats.zero_blocks, 4, "blocks 0, 3, 6 and 9 are zero");
+    }
+
+    #[test]
+    fn blocks_in_holes_of_a_sparse_image_read_as_zeros_and_data_next_to_a_hole_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.img");
+        let bs = 64 * 1024u64;
+        let size = 64 * bs + 123;
+        let f = File::create(&path).unwrap();
+        f.set_len(size).unwrap();
+        // Data in block 5 (whole), at the end of block 20 (a hole before it in the block) and in
+        // the short last block.
+        let write = |at: u64, len: usize, v: u8| f.write_all_at(&vec![v; len], at).unwrap();
+        write(5 * bs, bs as usize, 7);
+        write(21 * bs - 10, 10, 9);
+        write(64 * bs, 123, 3);
+        f.sync_all().unwrap();
+        let img = std::fs::read(&path).unwrap();
+        let h = ChunkHasher::plain();
+        let mut data_blocks = vec![];
+        read_blocks(&path, size, bs as usize, 0..65, &h, |b| {
+            let start = (b.index * bs) as usize;
+            let want = &img[start..(start + bs as usize).min(img.len())];
+            assert_eq!(b.id, h.id(want), "block {}", b.index);
+            if b.id != ZERO {
+                assert_eq!(b.data, want);
+                data_blocks.push(b.index);
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(data_blocks, [5, 20, 64]);
     }
 }

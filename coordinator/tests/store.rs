@@ -112,6 +112,95 @@ fn a_recovery_point_reads_back_bit_exact_plain_and_encrypted() {
 }
 
 #[test]
+fn reading_ahead_on_many_threads_hands_over_every_block_in_order_and_stops_on_the_first_error() {
+    use bulwark_coordinator::store::readahead::ReadAhead;
+    use bulwark_coordinator::store::BlockData;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), true, 1 << 20);
+    let mut img = image(7, 333);
+    // A last block shorter than the others (a disk size that is no multiple of the block).
+    img.last_mut().unwrap().truncate(1000);
+    let (mut disk, _) = backup(&store, "vm1", None, &img);
+    disk.size_bytes = (332 * BS + 1000) as u64;
+    for how in
+        [ReadAhead { workers: 1, ahead: 1 }, ReadAhead { workers: 3, ahead: 4 }, ReadAhead { workers: 8, ahead: 64 }]
+    {
+        let mut got = vec![];
+        store
+            .read_leaves(
+                &disk,
+                how,
+                |_| true,
+                |i, id, b| {
+                    let bytes = match b {
+                        BlockData::Zero(n) => vec![0; n],
+                        BlockData::Data(d) => d.to_vec(),
+                    };
+                    if !bytes.iter().all(|&x| x == 0) {
+                        assert_eq!(*id, store.codec().hasher.id(&bytes), "block {i} comes with its id");
+                    }
+                    got.push((i, bytes));
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert_eq!(got.len(), img.len(), "{how:?}");
+        assert!(got.iter().enumerate().all(|(k, (i, b))| *i == k as u64 && *b == img[k]), "{how:?}: in order, exact");
+        // Only the blocks asked for, still in order.
+        let mut odd = vec![];
+        store
+            .read_leaves(
+                &disk,
+                how,
+                |i| i % 2 == 1,
+                |i, _, _| {
+                    odd.push(i);
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert_eq!(odd, (0..333).filter(|i| i % 2 == 1).collect::<Vec<u64>>(), "{how:?}");
+        // A consumer that gives up stops the read (no thread left waiting).
+        let mut seen = 0;
+        let e = store.read_leaves(
+            &disk,
+            how,
+            |_| true,
+            |i, _, _| {
+                seen += 1;
+                if i == 100 {
+                    return Err(StoreError::BlockMap("the console went away".into()));
+                }
+                Ok(())
+            },
+        );
+        assert!(matches!(e, Err(StoreError::BlockMap(m)) if m.contains("went away")), "{how:?}");
+        assert_eq!(seen, 101);
+    }
+    // A corrupt chunk is an error at its place in the disk, never wrong bytes.
+    let bad = (0..img.len()).find(|&i| img[i].iter().any(|&x| x != 0) && i > 50).unwrap();
+    let id = store.codec().hasher.id(&img[bad]);
+    let loc = store.catalog().chunk(&id).unwrap().unwrap();
+    let path = store.packs_dir().join(format!("{:08}.pack", loc.pack));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(loc.offset + 60) as usize] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let mut before = 0;
+    let e = store.read_leaves(
+        &disk,
+        ReadAhead { workers: 4, ahead: 16 },
+        |_| true,
+        |i, _, _| {
+            assert!((i as usize) < bad, "nothing from the bad block on");
+            before += 1;
+            Ok(())
+        },
+    );
+    assert!(matches!(e, Err(StoreError::ChunkCorrupt { .. })), "{e:?}");
+    assert!(before <= bad);
+}
+
+#[test]
 fn encrypted_packs_do_not_contain_the_plain_data() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), true, 1 << 20);

@@ -317,6 +317,7 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
     if let (Some(items), Some(host)) = (&spec.items, &spec.to_host) {
         return execute_items(ctx, job, &rp, items, host, &spec.options).await;
     }
+    let sizes: HashMap<String, u64> = rp.disks.iter().map(|d| (d.name.clone(), d.size_bytes)).collect();
     let setup = RecoverySetup {
         record: job.clone(),
         rp,
@@ -362,7 +363,8 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
                 let Some(mut s) = s else { return Err(Failure::retry("the job's stream router closed")) };
                 let disk = s.disk.clone();
                 if let Ok(root) = m.stream_opened(&disk, s.mode, s.blocks, s.block_size, now_ms()) {
-                    match compare::restore(ctx, &mut s, root, m.record_mut(), &spec.options).await {
+                    let size = sizes.get(&disk).copied().unwrap_or(0);
+                    match compare::restore(ctx, &mut s, root, size, m.record_mut(), &spec.options).await {
                         Ok(()) => m.disk_restored(&disk, now_ms()),
                         Err(e) => {
                             let _ = fail_stream(&mut s.send, &e, s.block_size as usize).await;

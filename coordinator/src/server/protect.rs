@@ -462,14 +462,20 @@ pub async fn recover_disk(
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
     let store = state.store.clone();
     let reader = tokio::task::spawn_blocking(move || {
-        store.read_disk(&d, |offset, b| {
-            let index = offset / d.block_size as u64;
-            let body = match b {
-                BlockData::Zero(_) => transfer::zero_body(index),
-                BlockData::Data(data) => transfer::block_body(index, &store.codec().hasher.id(data), data),
-            };
-            tx.blocking_send(body).map_err(|_| crate::store::StoreError::BlockMap("the console went away".into()))
-        })
+        // Each block goes with its leaf id: the store checked the bytes against it.
+        let how = crate::store::readahead::ReadAhead::for_machine();
+        store.read_leaves(
+            &d,
+            how,
+            |_| true,
+            |index, id, b| {
+                let body = match b {
+                    BlockData::Zero(_) => transfer::zero_body(index),
+                    BlockData::Data(data) => transfer::block_body(index, id, data),
+                };
+                tx.blocking_send(body).map_err(|_| crate::store::StoreError::BlockMap("the console went away".into()))
+            },
+        )
     });
     let mut sent = 0u64;
     let mut bytes = 0u64;

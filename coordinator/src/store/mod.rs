@@ -27,6 +27,7 @@ pub mod gc;
 pub mod key;
 pub mod pack;
 pub mod pages;
+pub mod readahead;
 pub mod verify;
 
 use crate::catalog::{Catalog, CatalogError, Commit, RecoveryPointRecord, ReplicaRecord, RpDisk};
@@ -268,26 +269,15 @@ impl Store {
         Ok((header, payload))
     }
 
-    /// Streams a disk of a recovery point (or replica) block by block, in order.
+    /// Streams a disk of a recovery point (or replica) block by block, in order (read ahead on
+    /// every core: [`Store::read_leaves`]).
     pub fn read_disk(
         &self,
         disk: &RpDisk,
         mut sink: impl FnMut(u64, BlockData<'_>) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let bs = u64::from(disk.block_size);
-        blockmap::for_each_leaf(&StorePages(self), &disk.root, |index, id| {
-            let offset = index * bs;
-            let len = bs.min(disk.size_bytes.saturating_sub(offset)) as usize;
-            if id == ZERO {
-                return sink(offset, BlockData::Zero(len));
-            }
-            let data = self.read_chunk(&id)?;
-            if data.len() != len {
-                return Err(StoreError::BlockMap(format!("block {index} is {} bytes, expected {len}", data.len())));
-            }
-            sink(offset, BlockData::Data(&data))
-        })
-        .map_err(map_blockmap)
+        self.read_leaves(disk, readahead::ReadAhead::for_machine(), |_| true, |index, _, b| sink(index * bs, b))
     }
 
     /// BLAKE3 of a disk's full image (zeros included), streamed.

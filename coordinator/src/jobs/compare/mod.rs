@@ -567,6 +567,7 @@ pub async fn restore(
     ctx: &Arc<JobContext>,
     s: &mut TransferStream,
     rp_root: TreeRoot,
+    size_bytes: u64,
     job: &mut JobRecord,
     options: &bulwark_protocol::messages::RecoveryOptions,
 ) -> Result<(), String> {
@@ -599,7 +600,7 @@ pub async fn restore(
             RestoreStep::Send(want) => {
                 tracing::info!(blocks = want.len(), "blocks differ from the recovery point");
                 job.bytes_total = Some(job.bytes_total.unwrap_or(0) + want.len() as u64 * u64::from(s.block_size));
-                let sent = send_leaves(ctx, s, rp_root, want, job, &mut throttle).await?;
+                let sent = send_leaves(ctx, s, rp_root, size_bytes, want, job, &mut throttle).await?;
                 job.blocks_changed += sent;
                 steps.extend(disk.sent(sent)?);
             }
@@ -613,6 +614,7 @@ async fn send_leaves(
     ctx: &Arc<JobContext>,
     s: &mut TransferStream,
     rp_root: TreeRoot,
+    size_bytes: u64,
     want: Vec<u64>,
     job: &mut JobRecord,
     throttle: &mut Option<crate::throttle::Throttle>,
@@ -622,21 +624,24 @@ async fn send_leaves(
     let bs = s.block_size as usize;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, u64)>(4);
     let reader = tokio::task::spawn_blocking(move || {
-        let mut next = want.iter().copied().peekable();
-        blockmap::for_each_leaf(&StorePages(&store), &rp_root, |i, id| {
-            if next.next_if_eq(&i).is_none() {
-                return Ok(());
-            }
-            let frame = if id == ZERO {
-                (transfer::zero_body(i), 0)
-            } else {
-                let data = store.read_chunk(&id)?;
-                let n = data.len() as u64;
-                (transfer::block_body(i, &id, &data), n)
-            };
-            tx.blocking_send(frame).map_err(|_| crate::store::StoreError::BlockMap("the restore stream closed".into()))
-        })
-        .map_err(|e| e.to_string())
+        let mut next = want.into_iter().peekable();
+        let disk = crate::catalog::RpDisk { name: String::new(), size_bytes, block_size: bs as u32, root: rp_root };
+        let how = crate::store::readahead::ReadAhead::for_machine();
+        store
+            .read_leaves(
+                &disk,
+                how,
+                move |i| next.next_if_eq(&i).is_some(),
+                |i, id, b| {
+                    let frame = match b {
+                        crate::store::BlockData::Zero(_) => (transfer::zero_body(i), 0),
+                        crate::store::BlockData::Data(data) => (transfer::block_body(i, id, data), data.len() as u64),
+                    };
+                    tx.blocking_send(frame)
+                        .map_err(|_| crate::store::StoreError::BlockMap("the restore stream closed".into()))
+                },
+            )
+            .map_err(|e| e.to_string())
     });
     let mut sent = 0u64;
     while let Some((body, n)) = rx.recv().await {
