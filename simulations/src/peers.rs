@@ -176,6 +176,36 @@ impl PeerRepo {
     }
 }
 
+impl PeerRepo {
+    /// Restores the newest backup into the empty directory `dest`, timed from a cold page
+    /// cache until the restored data is on disk (`sync`, as Bulwark's restore ends with an
+    /// fsync); answers the run and the restored image's path.
+    pub fn restore(&self, dest: &Path, image_name: &str) -> anyhow::Result<(PeerRun, PathBuf)> {
+        std::fs::create_dir_all(dest)?;
+        crate::limits::drop_caches();
+        let mut c = self.command();
+        match self.peer {
+            Peer::Restic => c.args(["restore", "latest", "--target"]).arg(dest).arg("--repo").arg(&self.repo),
+            Peer::Borg => c.arg("extract").arg(format!("{}::run{}", self.repo.display(), self.runs)).current_dir(dest),
+        };
+        let t = Instant::now();
+        let out = c.stderr(Stdio::piped()).stdout(Stdio::null()).output()?;
+        if !out.status.success() {
+            bail!("{} restore failed: {}", self.peer.name(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let synced = Command::new("sync").arg("-f").arg(dest).status()?;
+        let seconds = t.elapsed().as_secs_f64();
+        anyhow::ensure!(synced.success(), "sync -f {} failed", dest.display());
+        // Both keep the source's path under the target (borg without its leading slash).
+        let rel = self.source.strip_prefix("/").unwrap_or(&self.source).join(image_name);
+        let image = dest.join(rel);
+        let bytes = std::fs::metadata(&image)
+            .with_context(|| format!("{} restored no {}", self.peer.name(), image.display()))?
+            .len();
+        Ok((PeerRun { seconds, bytes_read: bytes, bytes_stored: 0 }, image))
+    }
+}
+
 fn run_quiet(c: &mut Command, what: &str) -> anyhow::Result<()> {
     let out = c.stdout(Stdio::null()).stderr(Stdio::piped()).output()?;
     if !out.status.success() {

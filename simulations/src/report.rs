@@ -179,6 +179,24 @@ impl Report {
             }
             out.push(line);
         }
+        // Full restores of one image: Bulwark's against the write limit and the peers'.
+        if let Some(b) = self.results.iter().find(|r| r.tool == "bulwark" && r.scenario == "restore") {
+            let bps = b.size_bytes as f64 / b.seconds.max(1e-9);
+            let mut line = format!(
+                "full restore, {}: bulwark {:.2} s = {:.2}x the write + fsync limit ({:.0} MiB/s)",
+                size(b.size_bytes),
+                b.seconds,
+                bps / self.limits.write_bps.max(1.0),
+                self.limits.write_bps / 1048576.0
+            );
+            for p in self.peers() {
+                if let Some(r) = self.results.iter().find(|r| r.tool == p && r.scenario == "restore") {
+                    line +=
+                        &format!(", {p} {:.2} s ({:.2}x bulwark's time)", r.seconds, r.seconds / b.seconds.max(1e-9));
+                }
+            }
+            out.push(line);
+        }
         // `initial NxK[+Dms]` rows: N disks of one VM, K at once (each block read D ms slower).
         for one in self.results.iter().filter(|r| r.tool == "bulwark") {
             let Some((n, delay)) = one.scenario.strip_prefix("initial ").and_then(|s| s.split_once("x1")) else {

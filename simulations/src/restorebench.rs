@@ -1,8 +1,10 @@
-//! Restore benchmarks with a real coordinator and agent ([`crate::cluster`]): a full restore of
-//! a random disk as a new VM, and a smart restore onto the original after 1 % divergence —
-//! against each other and the machine's limits.
+//! Restore benchmarks with a real coordinator and agent ([`crate::cluster`], encrypted store): a
+//! full restore of a random disk as a new VM, and a smart restore onto the original after 1 %
+//! divergence — against each other, the machine's limits, and `restic restore` / `borg extract`
+//! of the very same image (each timed from a cold page cache until the data is synced).
 
 use crate::cluster::Cluster;
+use crate::peers::{Peer, PeerRepo};
 use crate::report::BenchResult;
 use bulwark_agent::sim::{self, CreateVm, DiskConfig, Power};
 use bulwark_protocol::messages::{AdminRequest, BackupKind, JobInfo};
@@ -20,9 +22,9 @@ pub struct RestoreFigures {
     pub smart_speedup: f64,
 }
 
-/// Runs both restores of a `size`-byte random disk in `work`.
-pub fn restores(work: &Path, size: u64) -> anyhow::Result<(RestoreFigures, Vec<BenchResult>)> {
-    let cluster = Cluster::start(work, false)?;
+/// Runs both restores of a `size`-byte random disk in `work`, then each peer's restore of it.
+pub fn restores(work: &Path, size: u64, peers: &[Peer]) -> anyhow::Result<(RestoreFigures, Vec<BenchResult>)> {
+    let cluster = Cluster::start(work, true)?;
     let req = CreateVm {
         os: "linux".into(),
         power: Power::Off,
@@ -63,6 +65,7 @@ pub fn restores(work: &Path, size: u64) -> anyhow::Result<(RestoreFigures, Vec<B
         a.finalize() == b.finalize()
     };
     anyhow::ensure!(same, "the smart and the full restore differ");
+    let image = sim::Vm::open(&cluster.sim_root, "bench")?.image("os");
     cluster.stop();
 
     let figures = RestoreFigures {
@@ -85,6 +88,34 @@ pub fn restores(work: &Path, size: u64) -> anyhow::Result<(RestoreFigures, Vec<B
         bytes_stored: 0,
         churn: None,
     };
-    let results = vec![row("restore", full_seconds, &full, 0.0), row("smart-restore", smart_seconds, &smart, 1.0)];
+    let mut results = vec![row("restore", full_seconds, &full, 0.0), row("smart-restore", smart_seconds, &smart, 1.0)];
+    let digest = |p: &Path| -> anyhow::Result<blake3::Hash> {
+        let mut h = blake3::Hasher::new();
+        std::io::copy(&mut std::fs::File::open(p)?, &mut h)?;
+        Ok(h.finalize())
+    };
+    let want = digest(&image)?;
+    let name = image.file_name().and_then(|n| n.to_str()).unwrap_or("os.img").to_owned();
+    for &peer in peers {
+        let dir = work.join(format!("peer-{}", peer.name()));
+        eprintln!("restore: {} backup and restore of the same image", peer.name());
+        let mut repo = PeerRepo::create(peer, &dir, &image)?;
+        repo.backup()?;
+        let (run, restored) = repo.restore(&dir.join("restored"), &name)?;
+        anyhow::ensure!(digest(&restored)? == want, "{} restored other bytes", peer.name());
+        results.push(BenchResult {
+            tool: peer.name().into(),
+            scenario: "restore".into(),
+            size_bytes: size,
+            churn_percent: 0.0,
+            churn_bytes: 0,
+            seconds: run.seconds,
+            bytes_read: 0,
+            bytes_sent: run.bytes_read,
+            bytes_stored: 0,
+            churn: None,
+        });
+        std::fs::remove_dir_all(&dir)?;
+    }
     Ok((figures, results))
 }

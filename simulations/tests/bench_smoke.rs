@@ -60,6 +60,13 @@ fn bench_restores_run_end_to_end_and_report_both_rows() {
     assert_eq!(full["bytes_sent"], 16 << 20, "a full restore writes every block of the random disk");
     assert!(smart["bytes_sent"].as_u64().unwrap() < 16 << 20, "a smart restore writes only what diverged");
     assert!(report["restore"]["full_seconds"].as_f64().unwrap() > 0.0);
+    // The peers restore the same image (checked byte for byte by the bench) in the same run.
+    for peer in ["restic", "borg"] {
+        let r = rows.iter().find(|r| r["tool"] == peer && r["scenario"] == "restore").unwrap();
+        assert_eq!(r["bytes_sent"], 16 << 20, "{r}");
+    }
+    let findings: Vec<&str> = report["findings"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+    assert!(findings.iter().any(|f| f.starts_with("full restore") && f.contains("restic") && f.contains("borg")));
 }
 
 #[test]

@@ -125,13 +125,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             format_size(largest),
             format_size(need)
         );
+    }
+    let restoring = has("restore") || has("smart-restore");
+    if protecting || restoring {
         for p in &peers {
             eprintln!("peer: {}", p.ensure_installed()?);
         }
     }
 
     let mut lim = Limits { sample_bytes: sample, ..Limits::default() };
-    let restoring = has("restore") || has("smart-restore");
     if has("limits") || has("store") || restoring || protecting || has("qemu") {
         let file = cli.out.join("limits-sample.bin");
         eprintln!("measuring limits on {} of random data", format_size(sample));
@@ -175,7 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let plan = Plan {
             sizes: sizes.clone(),
             churns,
-            peers,
+            peers: peers.clone(),
             incremental: has("incremental"),
             cc: has("cc"),
             encrypt: !cli.plain_store,
@@ -196,7 +198,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut restore = None;
     if restoring {
         let work = tempfile::tempdir_in(&cli.out)?;
-        let (figures, rows) = bulwark_simulations::restorebench::restores(work.path(), sizes[0])?;
+        let (figures, rows) = bulwark_simulations::restorebench::restores(work.path(), sizes[0], &peers)?;
         results.extend(rows);
         restore = Some(figures);
     }
