@@ -112,10 +112,16 @@ impl ChunkCodec {
     /// Recovers the plain bytes of a record and checks them against `id`. `Err(reason)` if the
     /// record is not what it claims to be. Page deltas are checked by the page reader instead.
     pub fn decode(&self, id: &Digest, flags: u8, plain_len: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
+        self.decode_owned(id, flags, plain_len, payload.to_vec())
+    }
+
+    /// [`ChunkCodec::decode`] of a payload the caller no longer needs: decrypted in place, and
+    /// an uncompressed chunk is the payload itself (no copy on a restore's hot path).
+    pub fn decode_owned(&self, id: &Digest, flags: u8, plain_len: u32, payload: Vec<u8>) -> Result<Vec<u8>, String> {
         if flags & FLAG_DELTA != 0 {
             return Err("record is a page delta, not a chunk".into());
         }
-        let plain = self.open(id, flags, plain_len, payload)?;
+        let plain = self.open_owned(id, flags, plain_len, payload)?;
         if self.hasher.hash(&plain) != *id {
             return Err("content does not match its digest".into());
         }
@@ -125,31 +131,32 @@ impl ChunkCodec {
     /// Decrypts and decompresses a record without checking its content against `id` (the
     /// caller must: page deltas are checked once materialized).
     pub fn open(&self, id: &Digest, flags: u8, plain_len: u32, payload: &[u8]) -> Result<Vec<u8>, String> {
+        self.open_owned(id, flags, plain_len, payload.to_vec())
+    }
+
+    /// [`ChunkCodec::open`] of an owned payload, in place.
+    pub fn open_owned(&self, id: &Digest, flags: u8, plain_len: u32, mut body: Vec<u8>) -> Result<Vec<u8>, String> {
         let plain_len = plain_len as usize;
         if plain_len > MAX_PLAIN {
             return Err(format!("record claims {plain_len} plain bytes"));
         }
-        let opened;
-        let mut body = payload;
         if flags & FLAG_AES != 0 {
             let cipher = self.cipher.as_ref().ok_or("record is encrypted but the store has no key")?;
-            let (nonce, sealed) = payload.split_at_checked(NONCE_LEN).ok_or("encrypted record too short")?;
+            let nonce = body.get(..NONCE_LEN).ok_or("encrypted record too short")?;
             let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| "bad nonce")?;
-            let mut buf = sealed.to_vec();
+            // Opened where it lies and moved to the front in the same pass.
             let n = cipher
-                .open_in_place(nonce, Aad::from(&id[..]), &mut buf)
+                .open_within(nonce, Aad::from(&id[..]), &mut body, NONCE_LEN..)
                 .map_err(|_| "authentication failed (corrupt or forged record)".to_owned())?
                 .len();
-            buf.truncate(n);
-            opened = buf;
-            body = &opened;
+            body.truncate(n);
         } else if self.cipher.is_some() {
             return Err("record is not encrypted in an encrypted store".into());
         }
         let plain = if flags & FLAG_ZSTD != 0 {
-            decompress(body, plain_len).map_err(|e| format!("decompression failed: {e}"))?
+            decompress(&body, plain_len).map_err(|e| format!("decompression failed: {e}"))?
         } else {
-            body.to_vec()
+            body
         };
         if plain.len() != plain_len {
             return Err(format!("record holds {} bytes, its header says {plain_len}", plain.len()));

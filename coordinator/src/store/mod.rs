@@ -255,7 +255,7 @@ impl Store {
         if header.flags & chunk::FLAG_DELTA != 0 {
             return self.read_page(id).map(|(page, _)| page);
         }
-        self.codec.decode(id, header.flags, header.plain_len, &payload).map_err(corrupt)
+        self.codec.decode_owned(id, header.flags, header.plain_len, payload).map_err(corrupt)
     }
 
     /// The raw record of `id` at `loc` (header checked, payload not yet opened).

@@ -92,11 +92,13 @@ pub fn read_record(file: &File, loc: &Location) -> Result<(RecordHeader, Vec<u8>
     if !(RECORD_HEADER_LEN..=RECORD_HEADER_LEN + crate::store::chunk::MAX_PLAIN + 1024).contains(&len) {
         return Err(format!("index gives an impossible record length {len}"));
     }
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, loc.offset)
-        .map_err(|e| format!("cannot read {len} bytes at offset {}: {e}", loc.offset))?;
-    let head: &[u8; RECORD_HEADER_LEN] = buf[..RECORD_HEADER_LEN].try_into().map_err(|_| "short record".to_owned())?;
-    let header = RecordHeader::decode(head).ok_or("record header is damaged")?;
+    let read = |buf: &mut [u8], at: u64| {
+        file.read_exact_at(buf, at).map_err(|e| format!("cannot read {} bytes at offset {at}: {e}", buf.len()))
+    };
+    // The header, then the payload into a buffer of its own (no copy to drop the header).
+    let mut head = [0u8; RECORD_HEADER_LEN];
+    read(&mut head, loc.offset)?;
+    let header = RecordHeader::decode(&head).ok_or("record header is damaged")?;
     if header.payload_len as usize + RECORD_HEADER_LEN != len {
         return Err(format!(
             "record header says {} payload bytes, the index {}",
@@ -104,8 +106,9 @@ pub fn read_record(file: &File, loc: &Location) -> Result<(RecordHeader, Vec<u8>
             len - RECORD_HEADER_LEN
         ));
     }
-    buf.drain(..RECORD_HEADER_LEN);
-    Ok((header, buf))
+    let mut payload = vec![0u8; len - RECORD_HEADER_LEN];
+    read(&mut payload, loc.offset + RECORD_HEADER_LEN as u64)?;
+    Ok((header, payload))
 }
 
 /// Reads records of a pack one after another from the start (or from `from`).
