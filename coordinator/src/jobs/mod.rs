@@ -139,6 +139,41 @@ impl JobContext {
     }
 }
 
+/// What the disks of a job being received have brought so far (each disk's transfer adds to
+/// it; the job's record shows it).
+#[derive(Debug, Default)]
+pub struct Progress {
+    transferred: std::sync::atomic::AtomicU64,
+    scanned: std::sync::atomic::AtomicU64,
+    frames: std::sync::atomic::AtomicU64,
+}
+
+impl Progress {
+    /// A frame with `bytes` of block data arrived.
+    pub fn frame(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.frames.fetch_add(1, Relaxed);
+        self.transferred.fetch_add(bytes, Relaxed);
+    }
+
+    /// A check compared `bytes` of the source.
+    pub fn scanned_more(&self, bytes: u64) {
+        self.scanned.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn transferred(&self) -> u64 {
+        self.transferred.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn scanned(&self) -> u64 {
+        self.scanned.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn frames(&self) -> u64 {
+        self.frames.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// A message for a connected agent, delivered by its session (the server's `AgentSession`).
 #[derive(Message)]
 #[rtype(result = "()")]

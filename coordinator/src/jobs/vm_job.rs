@@ -12,7 +12,7 @@ use crate::jobs::machine::items::ItemsRecovery;
 use crate::jobs::machine::recovery::{Recovery, RecoverySetup};
 use crate::jobs::machine::{BlockReceiver, DiskDone, DiskStart, Effect, JobMachine, Received, Setup, VmJob};
 use crate::jobs::plan::Failure;
-use crate::jobs::{compare, Finished, JobContext, SessionOf, StreamSend, ToAgent, TransferStream};
+use crate::jobs::{compare, Finished, JobContext, Progress, SessionOf, StreamSend, ToAgent, TransferStream};
 use bulwark_protocol::messages::CoordinatorMessage;
 use bulwark_protocol::transfer::{self, TransferMessage, TransferMode};
 use std::collections::HashMap;
@@ -232,7 +232,6 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
                 }
             }
             Some((disk, r)) = futures_util::StreamExt::next(&mut receiving), if !receiving.is_empty() => {
-                m.record_mut().bytes_transferred = progress.transferred();
                 match r {
                     Ok(done) => {
                         tracing::info!(%disk, changed = done.changed, "disk stored");
@@ -258,41 +257,6 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
                 m.timeout(&vm.host, now_ms());
             }
         }
-    }
-}
-
-/// What the disks of a job being received have brought so far (each disk's transfer adds to
-/// it; the job's record shows it).
-#[derive(Debug, Default)]
-pub struct Progress {
-    transferred: std::sync::atomic::AtomicU64,
-    scanned: std::sync::atomic::AtomicU64,
-    frames: std::sync::atomic::AtomicU64,
-}
-
-impl Progress {
-    /// A frame with `bytes` of block data arrived.
-    pub fn frame(&self, bytes: u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.frames.fetch_add(1, Relaxed);
-        self.transferred.fetch_add(bytes, Relaxed);
-    }
-
-    /// A check compared `bytes` of the source.
-    pub fn scanned_more(&self, bytes: u64) {
-        self.scanned.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn transferred(&self) -> u64 {
-        self.transferred.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn scanned(&self) -> u64 {
-        self.scanned.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn frames(&self) -> u64 {
-        self.frames.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -56,7 +56,7 @@ impl Store {
         let bs = u64::from(disk.block_size);
         let workers = how.workers.max(1);
         let ahead = how.ahead.max(workers);
-        let len_of = move |index: u64| bs.min(disk.size_bytes.saturating_sub(index * bs)) as usize;
+        let len_of = move |index: u64| bs.min(disk.size_bytes.saturating_sub(index.saturating_mul(bs))) as usize;
         // Every channel end is owned by one thread (none is borrowed), so whichever side stops
         // first, the others see a closed channel and stop too.
         std::thread::scope(|s| {

@@ -11,8 +11,7 @@
 use crate::catalog::JobRecord;
 use crate::jobs::ingest::{Cmd, IngestHandle};
 use crate::jobs::machine::{DiskDone, DiskStart};
-use crate::jobs::vm_job::Progress;
-use crate::jobs::{JobContext, TransferStream};
+use crate::jobs::{JobContext, Progress, TransferStream};
 use crate::store::{Store, StorePages};
 use bulwark_protocol::block::{Digest, ZERO};
 use bulwark_protocol::blockmap::{self, Comparison, Diff, TreeRoot};
