@@ -356,6 +356,10 @@ pub(crate) struct PolicyArgs {
     /// Block size of new members' replicas (a power of two, 4KiB..16MiB; default 1MiB).
     #[arg(long)]
     pub block_size: Option<String>,
+    /// Read recovery points back and check them against the agent's block digests:
+    /// `every-rp`, `daily` (each member's newest, once a day) or `off` (default).
+    #[arg(long)]
+    pub verify: Option<String>,
     /// Leave a disk out of protection (`VM:DISK`; repeat or separate with commas), like a
     /// scratch or resource disk: never copied, not in recovery points.
     #[arg(long, value_delimiter = ',')]

@@ -319,6 +319,7 @@ pub fn group_json(g: &GroupInfo) -> serde_json::Value {
         "replica": p.replica_creation,
         "block_size": p.block_size,
         "exclude_disks": p.exclude_disks.iter().map(|(v, d)| format!("{v}:{d}")).collect::<Vec<_>>(),
+        "verify": p.verify.as_str(),
         "next_runs": g.next_runs.iter().map(|(k, at)| (k.clone(), serde_json::Value::String(fmt_time(Some(*at))))).collect::<serde_json::Map<_, _>>(),
     })
 }
@@ -353,6 +354,7 @@ pub fn print_group(g: &GroupInfo, out: &mut dyn Write) -> std::io::Result<()> {
         (false, None) => "only when asked".into(),
     };
     writeln!(out, "  consistency check  {cc}")?;
+    writeln!(out, "  verification       {}", p.verify.as_str())?;
     if !p.exclude_disks.is_empty() {
         let left: Vec<String> = p.exclude_disks.iter().map(|(v, d)| format!("{}:{}", Escaped(v), Escaped(d))).collect();
         writeln!(out, "  disks left out     {}", left.join(", "))?;
@@ -411,20 +413,30 @@ impl Row for RecoveryPointInfo {
             "consistency": self.consistency,
             "disks": self.disks.iter().map(|d| serde_json::json!({"name": d.name.as_str(), "size_bytes": d.size_bytes})).collect::<Vec<_>>(),
             "logical_bytes": self.logical_bytes, "stored_bytes": self.stored_bytes, "left_out": self.left_out,
+            "verified_at": self.verified_at.map(|t| fmt_time(Some(t))), "verified": self.verified,
+            "boot_verified": self.boot_verified,
         })
     }
     fn header() -> Option<String> {
-        Some(format!("{:<34} {:<22} {:<11} {:>12} {:>12}", "ID", "CREATED", "CONSISTENCY", "LOGICAL", "STORED"))
+        Some(format!(
+            "{:<34} {:<22} {:<11} {:>12} {:>12}  {}",
+            "ID", "CREATED", "CONSISTENCY", "LOGICAL", "STORED", "VERIFIED"
+        ))
     }
     fn text(&self, out: &mut dyn Write) -> std::io::Result<()> {
         writeln!(
             out,
-            "{:<34} {:<22} {:<11} {:>12} {:>12}",
+            "{:<34} {:<22} {:<11} {:>12} {:>12}  {}",
             Escaped(&self.id),
             fmt_time(Some(self.created_at / 1000)),
             Escaped(&self.consistency),
             fmt_size(self.logical_bytes),
-            fmt_size(self.stored_bytes)
+            fmt_size(self.stored_bytes),
+            match (self.verified, self.verified_at) {
+                (Some(true), at) => format!("ok {}", fmt_time(at)),
+                (Some(false), at) => format!("FAILED {}", fmt_time(at)),
+                _ => "-".into(),
+            }
         )
     }
 }

@@ -16,7 +16,7 @@ use args::*;
 use bulwark_coordinator::admin_client::{AdminClient, AdminTarget};
 use bulwark_protocol::messages::{
     AdminRequest, AdminResponse, AgentInfo, BackupKind, GroupInfo, ItemInfo, JobInfo, MaintenanceKind, PolicyPatch,
-    PolicySpec, RecoveryPointInfo, VmSummary,
+    PolicySpec, RecoveryPointInfo, VerifyMode, VmSummary,
 };
 use bulwark_protocol::text::Escaped;
 use clap::Parser;
@@ -306,6 +306,7 @@ fn group_request(command: &GroupCommand) -> anyhow::Result<AdminRequest> {
                     replica_creation: p.replica_creation.unwrap_or_else(|| "now".into()),
                     block_size: p.block_size.unwrap_or(bulwark_coordinator::policy::DEFAULT_BLOCK_SIZE),
                     exclude_disks: p.exclude_disks,
+                    verify: p.verify.unwrap_or_default(),
                 },
             }
         }
@@ -379,6 +380,11 @@ fn policy_patch(a: &PolicyArgs, include: &[String]) -> anyhow::Result<PolicyPatc
             .transpose()?,
         exclude_disks: disks("--exclude-disk", &a.exclude_disk)?,
         include_disks: disks("--include-disk", include)?,
+        verify: a
+            .verify
+            .as_deref()
+            .map(|v| VerifyMode::parse(v).with_context(|| format!("--verify {v:?}: give every-rp, daily or off")))
+            .transpose()?,
     })
 }
 

@@ -286,6 +286,7 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
         replica_creation: "now".into(),
         block_size: 1 << 20,
         exclude_disks: vec![],
+        verify: Default::default(),
     };
     ask(AdminRequest::GroupCreate { name: "demo".into(), vms: vms.iter().map(|v| v.0.to_owned()).collect(), policy })?;
     wait_for("the initial replicas", Duration::from_secs(300), || {

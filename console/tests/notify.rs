@@ -3,7 +3,9 @@
 //! with a `--window` still recovers bit-exact (the rate itself is the throttle's unit tests'
 //! and the benchmark's business, not a pass/fail timing). SMTP credentials never cross the
 //! network in cleartext unless the configuration allows it (an aiosmtpd server that accepts
-//! AUTH without TLS records what it was sent).
+//! AUTH without TLS records what it was sent). A group's `--verify every-rp` reads each
+//! recovery point back; one whose chunk was damaged after the backup fails, and the failure
+//! is mailed to `[smtp] alerts_to`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -272,4 +274,115 @@ fn smtp_credentials_are_not_sent_in_cleartext_unless_allowed() {
     });
     assert!(smtp.mail().contains(&format!("Job {id} (recovery) succeeded")), "{}", smtp.mail());
     assert!(std::fs::read_to_string(&auth_log).unwrap().contains("bulwark s3cret-pw"));
+}
+
+/// Flips one byte in the middle of the largest pack: inside a chunk's payload (the test's
+/// blocks are random, stored whole, and fill the packs).
+fn damage_largest_pack(data_dir: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let packs = bulwark_coordinator::config::DataDir::new(data_dir).packs();
+    let largest = std::fs::read_dir(&packs)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pack"))
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&largest).unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0x40], at).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn rp_list(c: &Cluster, vm: &str) -> Vec<serde_json::Value> {
+    c.json(&["rp", "list", vm]).as_array().unwrap().clone()
+}
+
+#[test]
+fn recovery_points_are_read_back_and_a_damaged_one_is_reported_by_mail() {
+    let tmp = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(tmp.path());
+    let port = smtp.port;
+    let mut c = Cluster::start_with(|dir| {
+        let path = dir.join("coordinator.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "\n[smtp]\nserver = \"127.0.0.1\"\nport = {port}\nfrom = \"bulwark@backup.test\"\ntls = \"none\"\nalerts_to = [\"ops@example.test\"]\n"
+        ));
+        std::fs::write(&path, text).unwrap();
+    });
+    let root = c.root.path().join("sim");
+    let req = CreateVm {
+        random_fill: true,
+        seed: 11,
+        ..CreateVm::new("v", "node1", vec![DiskConfig { name: "os".into(), size: 24 << 20 }])
+    };
+    sim::create_vm(&root, &req).unwrap();
+    c.enroll("node1");
+    c.run_sim_agent("node1", &root);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("v").is_some());
+    c.json(&[
+        "group",
+        "create",
+        "g",
+        "--vm",
+        "v",
+        "--sync-every",
+        "off",
+        "--recovery-points",
+        "none",
+        "--verify",
+        "every-rp",
+        "--no-cc-when-inconsistent",
+    ]);
+    let group = c.json(&["group", "show", "g"]);
+    assert_eq!(group["verify"], "every-rp", "{group}");
+    wait_until("initial replica", Duration::from_secs(60), || c.vm("v").unwrap()["replica_state"] == "consistent");
+    let job = c.json(&["backup", "v", "--kind", "express-full", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+
+    // Every point of the group is read back, and a good one passes.
+    wait_until("every recovery point verified", Duration::from_secs(60), || {
+        let rps = rp_list(&c, "v");
+        !rps.is_empty() && rps.iter().all(|r| r["verified"] == true)
+    });
+    let good: Vec<String> = rp_list(&c, "v").iter().map(|r| r["id"].as_str().unwrap().to_owned()).collect();
+    assert!(rp_list(&c, "v").iter().all(|r| r["verified_at"].is_string() && r["boot_verified"].is_null()));
+    let verify_jobs = c.json(&["job", "list", "--vm", "v"]);
+    let verify_jobs: Vec<&serde_json::Value> =
+        verify_jobs.as_array().unwrap().iter().filter(|j| j["kind"] == "verify").collect();
+    assert_eq!(verify_jobs.len(), good.len(), "one verification job per point");
+    assert!(verify_jobs.iter().all(|j| j["state"] == "succeeded" && j["bytes_scanned"].as_u64() > Some(0)));
+
+    // A chunk damaged after the backup: the next point shares it (nothing changed in the
+    // guest), so its verification fails, names the damage, and is mailed.
+    damage_largest_pack(&c.dir());
+    let job = c.json(&["backup", "v", "--kind", "express-full", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    wait_until("the new point's verification", Duration::from_secs(60), || {
+        rp_list(&c, "v").iter().all(|r| !r["verified"].is_null())
+    });
+    let rps = rp_list(&c, "v");
+    let bad: Vec<&serde_json::Value> =
+        rps.iter().filter(|r| !good.contains(&r["id"].as_str().unwrap().to_owned())).collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0]["verified"], false, "{rps:?}");
+    for r in rps.iter().filter(|r| good.contains(&r["id"].as_str().unwrap().to_owned())) {
+        assert_eq!(r["verified"], true, "earlier verdicts stand (every-rp reads each point once)");
+    }
+    let id = bad[0]["id"].as_str().unwrap();
+    wait_until("the failure's mail", Duration::from_secs(30), || smtp.mail().contains("FAILED verification"));
+    // Unfolded headers, quoted-printable soft breaks joined.
+    let mail = smtp.mail().replace("\n ", " ").replace("=\n", "");
+    assert!(mail.contains(&format!("Subject: Bulwark: recovery point {id} of v FAILED verification")), "{mail}");
+    assert!(mail.contains("To: ops@example.test") && mail.contains("corrupt"), "{mail}");
+    let failed = c.json(&["job", "list", "--vm", "v", "--state", "failed"]);
+    let failed = failed.as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0]["kind"], "verify");
+    assert!(failed[0]["error"].as_str().unwrap().contains("corrupt"), "{failed:?}");
+    // The replica shares the damaged chunk: it is doubted, so the next check fetches it again.
+    assert_eq!(c.vm("v").unwrap()["replica_state"], "inconsistent");
 }

@@ -72,6 +72,10 @@ pub struct SmtpConfig {
     /// cleartext). Off: such a configuration sends no mail and says why.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_plaintext_auth: bool,
+    /// Who hears about problems the coordinator finds by itself (a recovery point that fails
+    /// its verification).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts_to: Vec<String>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -384,6 +388,7 @@ mod tests {
             username: auth.then(|| "u".to_owned()),
             password: auth.then(|| "p".to_owned()),
             allow_plaintext_auth: allow,
+            alerts_to: vec![],
         }
     }
 

@@ -78,6 +78,7 @@ pub fn validate(spec: &PolicySpec) -> Result<Policy, PolicyError> {
         replica_creation: spec.replica_creation.clone(),
         block_size: spec.block_size,
         exclude_disks,
+        verify: spec.verify,
     })
 }
 
@@ -117,6 +118,9 @@ pub fn apply(old: &Policy, patch: &PolicyPatch) -> Result<Policy, PolicyError> {
     if let Some(b) = patch.block_size {
         s.block_size = b;
     }
+    if let Some(v) = patch.verify {
+        s.verify = v;
+    }
     s.exclude_disks.retain(|d| !patch.include_disks.contains(d));
     s.exclude_disks.extend(patch.exclude_disks.iter().cloned());
     validate(&s)
@@ -134,6 +138,7 @@ pub fn spec(p: &Policy) -> PolicySpec {
         replica_creation: p.replica_creation.clone(),
         block_size: p.block_size,
         exclude_disks: p.exclude_disks.clone(),
+        verify: p.verify,
     }
 }
 
@@ -278,6 +283,7 @@ mod tests {
             replica_creation: "at:23:30".into(),
             block_size: 1 << 20,
             exclude_disks: vec![("web".into(), "tmp".into()), ("web".into(), "tmp".into())],
+            verify: Default::default(),
         };
         let p = validate(&good).unwrap();
         assert_eq!(p.recovery_points, vec![480, 1200], "sorted, duplicates dropped");
@@ -315,6 +321,7 @@ mod tests {
             replica_creation: "now".into(),
             block_size: 1 << 20,
             exclude_disks: vec![("web".into(), "tmp".into())],
+            verify: Default::default(),
         })
         .unwrap();
         assert_eq!(apply(&old, &PolicyPatch::default()).unwrap(), old);

@@ -494,6 +494,39 @@ pub struct PolicySpec {
     pub block_size: u32,
     /// Disks left out, as (VM, disk).
     pub exclude_disks: Vec<(String, String)>,
+    /// How recovery points are verified.
+    pub verify: VerifyMode,
+}
+
+/// `--verify`: which recovery points the coordinator reads back through the restore path and
+/// checks against the block digests the agent computed at backup time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum VerifyMode {
+    #[default]
+    Off,
+    /// Every recovery point, soon after it is made.
+    EveryRp,
+    /// Each member's newest recovery point, once a day.
+    Daily,
+}
+
+impl VerifyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyMode::Off => "off",
+            VerifyMode::EveryRp => "every-rp",
+            VerifyMode::Daily => "daily",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "off" => Some(VerifyMode::Off),
+            "every-rp" => Some(VerifyMode::EveryRp),
+            "daily" => Some(VerifyMode::Daily),
+            _ => None,
+        }
+    }
 }
 
 /// `group set`: what changes in a group's policy (`None`: unchanged).
@@ -514,6 +547,7 @@ pub struct PolicyPatch {
     pub exclude_disks: Vec<(String, String)>,
     /// Disks left out before to protect again.
     pub include_disks: Vec<(String, String)>,
+    pub verify: Option<VerifyMode>,
 }
 
 /// A protection group as the console shows it.
@@ -587,6 +621,12 @@ pub struct RecoveryPointInfo {
     pub stored_bytes: u64,
     /// Disks of the VM its group leaves out (not in the point).
     pub left_out: Vec<String>,
+    /// When the point was last read back and checked (Unix seconds), none if never.
+    pub verified_at: Option<u64>,
+    /// Whether that verification passed.
+    pub verified: Option<bool>,
+    /// Whether the point's boot check passed, when one ran.
+    pub boot_verified: Option<bool>,
 }
 
 /// Store maintenance jobs.

@@ -179,6 +179,7 @@ impl Cluster {
             replica_creation: "manual".into(),
             block_size: 1 << 20,
             exclude_disks: vec![],
+            verify: Default::default(),
         };
         match self.ask(AdminRequest::GroupCreate { name: vm.into(), vms: vec![vm.into()], policy })? {
             AdminResponse::Group(_) => Ok(()),

@@ -15,7 +15,7 @@
 //! tree "vm_uuids"     VM UUID (utf-8) → VM name (utf-8)
 //! tree "vm_hosts"     host name ‖ 0x00 ‖ VM name → empty: the VMs recorded on each host
 //! tree "vm_conflicts" claiming host ‖ 0x00 ‖ VM name → empty: the conflicts each host stirs
-//! tree "groups"       group name (utf-8) → GroupRecord
+//! tree "groups"       group name (utf-8) → GroupRecord (or legacy::GroupRecordV2 / V1, read only)
 //! tree "jobs"         job id u64 BE → JobRecord
 //! tree "schedules"    group name ‖ 0x00 ‖ schedule kind (utf-8) → next run, Unix seconds u64 BE
 //! tree "replicas"     VM id ‖ 0x00 ‖ disk name → ReplicaRecord
@@ -23,6 +23,8 @@
 //! tree "rps"          VM id ‖ 0x00 ‖ created_at ms u64 BE ‖ rp id [16] → RecoveryPointRecord
 //! tree "chunks"       chunk id [32] → pack::Location (16 bytes: pack u32 BE, offset u64 BE, len u32 BE)
 //! tree "bad_chunks"   chunk id [32] → BadChunk
+//! tree "rp_checks"    rp id [16] → RpCheck, the last verification of a recovery point
+//!                     (removed with the point)
 //! tree "packs"        pack id u32 BE → durable length u64 BE
 //! meta "next_job_id"  u64 BE
 //! meta "store_key_check" [32], the check value of an encrypted store's key (store::key)
@@ -124,6 +126,8 @@ pub struct Catalog {
     rps: sled::Tree,
     chunks: sled::Tree,
     bad_chunks: sled::Tree,
+    /// What the last verification of each recovery point found, by the point's id.
+    rp_checks: sled::Tree,
     packs: sled::Tree,
     /// VMs whose data was kept when they left protection: the retention they had.
     kept: sled::Tree,
@@ -181,7 +185,9 @@ fn decode_agent(key: &str, bytes: &[u8]) -> Result<AgentRecord, CatalogError> {
 }
 
 fn decode_group(key: &str, bytes: &[u8]) -> Result<GroupRecord, CatalogError> {
-    decode_either::<GroupRecord, legacy::GroupRecordV1>(key, bytes)
+    // Each older layout is a strict prefix of the next one: only one of them decodes.
+    decode_either::<GroupRecord, legacy::GroupRecordV2>(key, bytes)
+        .or_else(|current| codec::decode::<legacy::GroupRecordV1>(bytes).map(Into::into).map_err(|_| current))
 }
 
 fn decode_replica(key: &str, bytes: &[u8]) -> Result<ReplicaRecord, CatalogError> {
@@ -277,6 +283,7 @@ impl Catalog {
             rps: db.open_tree("rps")?,
             chunks: db.open_tree("chunks")?,
             bad_chunks: db.open_tree("bad_chunks")?,
+            rp_checks: db.open_tree("rp_checks")?,
             packs: db.open_tree("packs")?,
             kept: db.open_tree("kept")?,
             db,
@@ -585,6 +592,49 @@ mod tests {
             replace: None,
             revoked_at: None,
         }
+    }
+
+    /// Groups written before `--verify` (and before `--exclude-disk`) still read, as `off`.
+    #[test]
+    fn groups_of_earlier_layouts_read_with_verification_off() {
+        #[derive(serde::Serialize)]
+        struct P2 {
+            sync_every_secs: Option<u64>,
+            recovery_points: Vec<u16>,
+            express_full_before_rp: bool,
+            retention_secs: u64,
+            cc_when_inconsistent: bool,
+            cc_at: Option<u16>,
+            replica_creation: String,
+            block_size: u32,
+            exclude_disks: Vec<(String, String)>,
+        }
+        #[derive(serde::Serialize)]
+        struct G2 {
+            name: String,
+            members: Vec<String>,
+            policy: P2,
+            created_at: u64,
+        }
+        let policy = P2 {
+            sync_every_secs: Some(900),
+            recovery_points: vec![480],
+            express_full_before_rp: false,
+            retention_secs: 86_400 * 5,
+            cc_when_inconsistent: true,
+            cc_at: None,
+            replica_creation: "now".into(),
+            block_size: 1 << 20,
+            exclude_disks: vec![("a".into(), "b".into())],
+        };
+        let old = G2 { name: "g".into(), members: vec!["a".into()], policy, created_at: 1_700_000_000 };
+        let g = decode_group("groups", &codec::encode(&old).unwrap()).unwrap();
+        assert_eq!(g.policy.verify, VerifyMode::Off);
+        assert_eq!(g.policy.exclude_disks, vec![("a".to_owned(), "b".to_owned())]);
+        assert_eq!((g.created_at, g.policy.sync_every_secs), (1_700_000_000, Some(900)));
+        let mut now = g.clone();
+        now.policy.verify = VerifyMode::Daily;
+        assert_eq!(decode_group("groups", &codec::encode(&now).unwrap()).unwrap(), now);
     }
 
     /// Consumes a token for a host nobody enrolled yet, deciding as enrollment does.

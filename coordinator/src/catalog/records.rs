@@ -2,6 +2,7 @@
 
 use bulwark_protocol::block::Digest;
 use bulwark_protocol::blockmap::TreeRoot;
+pub use bulwark_protocol::messages::VerifyMode;
 use bulwark_protocol::messages::{ChangeToken, Consistency, DiskInfo, GuestOs, PowerState};
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +106,52 @@ pub mod legacy {
                     replica_creation: p.replica_creation,
                     block_size: p.block_size,
                     exclude_disks: vec![],
+                    verify: super::VerifyMode::Off,
+                },
+                created_at: g.created_at,
+            }
+        }
+    }
+
+    /// A group before recovery points could be verified (`--verify`).
+    #[derive(Deserialize)]
+    pub struct GroupRecordV2 {
+        pub name: String,
+        pub members: Vec<String>,
+        pub policy: PolicyV2,
+        pub created_at: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct PolicyV2 {
+        pub sync_every_secs: Option<u64>,
+        pub recovery_points: Vec<u16>,
+        pub express_full_before_rp: bool,
+        pub retention_secs: u64,
+        pub cc_when_inconsistent: bool,
+        pub cc_at: Option<u16>,
+        pub replica_creation: String,
+        pub block_size: u32,
+        pub exclude_disks: Vec<(String, String)>,
+    }
+
+    impl From<GroupRecordV2> for super::GroupRecord {
+        fn from(g: GroupRecordV2) -> Self {
+            let p = g.policy;
+            Self {
+                name: g.name,
+                members: g.members,
+                policy: super::Policy {
+                    sync_every_secs: p.sync_every_secs,
+                    recovery_points: p.recovery_points,
+                    express_full_before_rp: p.express_full_before_rp,
+                    retention_secs: p.retention_secs,
+                    cc_when_inconsistent: p.cc_when_inconsistent,
+                    cc_at: p.cc_at,
+                    replica_creation: p.replica_creation,
+                    block_size: p.block_size,
+                    exclude_disks: p.exclude_disks,
+                    verify: super::VerifyMode::Off,
                 },
                 created_at: g.created_at,
             }
@@ -211,6 +258,24 @@ pub struct Policy {
     pub block_size: u32,
     /// Disks left out of protection, as (VM, disk): never copied, not in recovery points.
     pub exclude_disks: Vec<(String, String)>,
+    /// How recovery points are read back and checked (`--verify`).
+    pub verify: VerifyMode,
+}
+
+/// What the last verification of a recovery point found (kept beside the point, dropped with
+/// it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpCheck {
+    /// Unix seconds.
+    pub verified_at: u64,
+    /// Every block read back matched its digest.
+    pub verified: bool,
+    /// The boot check's verdict, when one ran.
+    pub boot_verified: Option<bool>,
+    /// The verification job.
+    pub job: u64,
+    /// What was found, in words.
+    pub detail: String,
 }
 
 impl Policy {

@@ -1,7 +1,7 @@
 //! Typed access to the store's trees: replicas, recovery points, the chunk index, bad chunks,
 //! pack lengths, and the one transactional [`Catalog::commit`].
 
-use super::{decode, encode, BadChunk, Catalog, CatalogError, Commit, RecoveryPointRecord, ReplicaRecord};
+use super::{decode, encode, BadChunk, Catalog, CatalogError, Commit, RecoveryPointRecord, ReplicaRecord, RpCheck};
 use crate::catalog::Location;
 use bulwark_protocol::block::Digest;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -27,9 +27,9 @@ fn tx_encode<T: serde::Serialize>(key: &str, v: &T) -> Result<Vec<u8>, Conflicta
 impl Catalog {
     /// Applies a store commit atomically, then makes it durable.
     pub fn commit(&self, c: &Commit) -> Result<(), CatalogError> {
-        let trees = (&self.rps, &self.replicas, &self.chunks, &self.packs, &self.bad_chunks);
+        let trees = (&self.rps, &self.replicas, &self.chunks, &self.packs, &self.bad_chunks, &self.rp_checks);
         trees
-            .transaction(|(rps, replicas, chunks, packs, bad)| {
+            .transaction(|(rps, replicas, chunks, packs, bad, checks)| {
                 for (id, len) in &c.packs {
                     packs.insert(&id.to_be_bytes(), &len.to_be_bytes())?;
                 }
@@ -44,6 +44,7 @@ impl Catalog {
                 }
                 for rp in &c.drop_recovery_points {
                     rps.remove(rp_key(rp))?;
+                    checks.remove(&rp.id[..])?;
                 }
                 for (id, loc) in &c.index_put {
                     chunks.insert(id, &loc.encode())?;
@@ -142,6 +143,32 @@ impl Catalog {
     }
 
     // ---- bad chunks
+
+    /// The last verification of recovery point `rp`, if any.
+    pub fn rp_check(&self, rp: &[u8; 16]) -> Result<Option<RpCheck>, CatalogError> {
+        self.rp_checks.get(rp)?.map(|v| decode("rp_checks", &v)).transpose()
+    }
+
+    /// Records a verification of recovery point `rp` (durably: a failed one was reported).
+    /// A point dropped meanwhile gets no record.
+    pub fn put_rp_check(&self, rp: &RecoveryPointRecord, check: &RpCheck) -> Result<bool, CatalogError> {
+        let value = encode("rp_checks", check)?;
+        // One transaction: a prune dropping the point meanwhile leaves no orphan record.
+        let put = (&self.rps, &self.rp_checks)
+            .transaction(|(rps, checks)| {
+                if rps.get(rp_key(rp))?.is_none() {
+                    return Ok(false);
+                }
+                checks.insert(&rp.id[..], value.clone())?;
+                Ok(true)
+            })
+            .map_err(|e: TransactionError<CatalogError>| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => e.into(),
+            })?;
+        self.flush_durable()?;
+        Ok(put)
+    }
 
     pub fn mark_bad(&self, bad: &BadChunk) -> Result<(), CatalogError> {
         self.bad_chunks.insert(bad.id, encode("bad_chunks", bad)?)?;

@@ -23,6 +23,7 @@ pub mod machine;
 pub mod plan;
 pub mod queue;
 pub mod schedule;
+pub mod verification;
 pub mod vm_job;
 
 use crate::catalog::{now_secs, Catalog, CatalogError, JobKind, JobRecord, JobState};

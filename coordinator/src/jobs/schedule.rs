@@ -200,6 +200,7 @@ mod tests {
             replica_creation: "at:23:30".into(),
             block_size: 1 << 20,
             exclude_disks: vec![],
+            verify: Default::default(),
         }
     }
 
@@ -234,6 +235,7 @@ mod tests {
             replica_creation: "now".into(),
             block_size: policy::DEFAULT_BLOCK_SIZE,
             exclude_disks: vec![],
+            verify: Default::default(),
         }
     }
 

@@ -135,7 +135,10 @@ pub async fn recovery_points(catalog: Catalog, vm: String, req: PageRequest) -> 
                 .ok_or_else(|| format!("the cursor does not belong to the recovery points of {vm}"))?;
             let group = catalog.vm(&vm).map_err(|e| e.to_string())?.and_then(|v| v.group);
             let left_out = protect::left_out(&catalog, &vm, group.as_deref())?;
-            let page = fill(&req, scan, |rp| protect::rp_info(&rp, &left_out).map(Some))?;
+            let page = fill(&req, scan, |rp| {
+                let check = catalog.rp_check(&rp.id).map_err(|e| e.to_string())?;
+                protect::rp_info(&rp, &left_out, check.as_ref()).map(Some)
+            })?;
             if page.items.is_empty() && req.after.is_none() && catalog.vm(&vm).map_err(|e| e.to_string())?.is_none() {
                 return Err(format!("no VM named {vm}"));
             }

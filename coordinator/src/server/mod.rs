@@ -13,6 +13,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod session;
 pub mod store_actor;
+pub mod verifier;
 
 use crate::authority::{Authority, AuthorityError};
 use crate::catalog::Catalog;
@@ -174,6 +175,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
     registry.do_send(registry::WatchHosts(jobs.clone().recipient()));
     history::start(catalog.clone(), retention);
     let _scheduler = scheduler::Scheduler::new(catalog.clone(), jobs.clone(), workers.clone(), jitter).start();
+    let _verifier = verifier::Verifier::new(catalog.clone(), workers.clone(), authority.config().smtp.clone()).start();
     let state = Arc::new(State {
         authority: Arc::new(authority),
         endpoint: endpoint.clone(),

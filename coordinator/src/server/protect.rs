@@ -389,8 +389,12 @@ pub fn backup_kind(kind: BackupKind) -> JobKind {
 }
 
 /// The `rp list` form of a recovery point; `left_out`: the disks its VM's group leaves out
-/// (none of them is in the point).
-pub fn rp_info(rp: &RecoveryPointRecord, left_out: &[String]) -> Result<RecoveryPointInfo, String> {
+/// (none of them is in the point); `check`: its last verification.
+pub fn rp_info(
+    rp: &RecoveryPointRecord,
+    left_out: &[String],
+    check: Option<&crate::catalog::RpCheck>,
+) -> Result<RecoveryPointInfo, String> {
     Ok(RecoveryPointInfo {
         left_out: left_out.iter().filter(|d| !rp.disks.iter().any(|r| r.name == **d)).cloned().collect(),
         id: crate::store::hex(&rp.id),
@@ -406,6 +410,9 @@ pub fn rp_info(rp: &RecoveryPointRecord, left_out: &[String]) -> Result<Recovery
             .collect::<Result<_, String>>()?,
         logical_bytes: rp.logical_bytes,
         stored_bytes: rp.stored_bytes,
+        verified_at: check.map(|c| c.verified_at),
+        verified: check.map(|c| c.verified),
+        boot_verified: check.and_then(|c| c.boot_verified),
     })
 }
 

@@ -137,3 +137,61 @@ pub fn run(store: &Store, kind: JobKind) -> Result<Outcome, crate::store::StoreE
         other => Err(crate::store::StoreError::BlockMap(format!("{} is not a maintenance job", other.as_str()))),
     }
 }
+
+/// Read a recovery point back and check it (`--verify`); answers the finished job record and
+/// the verdict to record (none when the check could not run).
+#[derive(Message)]
+#[rtype(result = "(JobRecord, Option<crate::store::verify::PointCheck>)")]
+pub struct VerifyPoint {
+    pub job: JobRecord,
+    pub rp: crate::catalog::RecoveryPointRecord,
+}
+
+/// A background verification reads on two threads, a few blocks ahead: restores and
+/// transfers keep the rest of the machine.
+const VERIFY_READ: crate::store::readahead::ReadAhead = crate::store::readahead::ReadAhead { workers: 2, ahead: 8 };
+
+impl Handler<VerifyPoint> for StoreActor {
+    type Result = MessageResult<VerifyPoint>;
+
+    fn handle(&mut self, VerifyPoint { mut job, rp }: VerifyPoint, _: &mut SyncContext<Self>) -> Self::Result {
+        let rp_hex = crate::store::hex(&rp.id);
+        let span = tracing::info_span!("job", job_id = job.id, kind = "verify", vm = %rp.vm, rp = %rp_hex);
+        let _g = span.enter();
+        let catalog = self.store.catalog();
+        job.state = JobState::Running;
+        job.started_at = Some(now_secs());
+        save(catalog, &job);
+        let checked = self.store.verify_recovery_point(&rp, VERIFY_READ);
+        job.finished_at = Some(now_secs());
+        let verdict = match checked {
+            Ok(c) => {
+                job.bytes_scanned = c.bytes;
+                job.blocks_changed = 0;
+                let mut detail =
+                    format!("recovery point {rp_hex}: {} blocks ({} bytes) read back and checked", c.blocks, c.bytes);
+                if !c.replicas_marked_inconsistent.is_empty() {
+                    detail.push_str(&format!(
+                        "; replicas marked inconsistent: {}",
+                        c.replicas_marked_inconsistent.join(", ")
+                    ));
+                }
+                job.detail = Some(detail);
+                job.error = c.problem.clone();
+                job.state = if c.problem.is_some() { JobState::Failed } else { JobState::Succeeded };
+                Some(c)
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(format!("recovery point {rp_hex} could not be verified: {e}"));
+                None
+            }
+        };
+        save(catalog, &job);
+        match &job.error {
+            None => tracing::info!("recovery point verified"),
+            Some(e) => tracing::error!(error = %e, "recovery point verification failed"),
+        }
+        MessageResult((job, verdict))
+    }
+}

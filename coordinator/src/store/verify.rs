@@ -176,3 +176,99 @@ impl Store {
         Ok(report)
     }
 }
+
+/// What reading one recovery point back found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PointCheck {
+    /// Blocks read back and checked (zeros included).
+    pub blocks: u64,
+    /// Bytes of data blocks read back.
+    pub bytes: u64,
+    /// Why the point does not restore as it was made, if it does not.
+    pub problem: Option<String>,
+    /// Replicas (disk names of the point's VM) marked inconsistent because they share the bad
+    /// chunk: their next consistency check fetches it again from the source.
+    pub replicas_marked_inconsistent: Vec<String>,
+}
+
+impl Store {
+    /// Reads every block of `rp` back through the restore path (the read-ahead every restore
+    /// uses) and checks it: each data block's bytes must hash to its leaf id — the digest the
+    /// agent computed from the snapshot and sent with the block — and each disk must yield
+    /// exactly its number of blocks. A bad chunk is recorded (so the next transfer of that
+    /// block replaces it) and the VM's replicas that reach it are marked inconsistent.
+    /// `Err` only when the verification itself could not run (the catalog failed); anything
+    /// wrong with the point's data is a `problem`.
+    pub fn verify_recovery_point(
+        &self,
+        rp: &crate::catalog::RecoveryPointRecord,
+        how: super::readahead::ReadAhead,
+    ) -> Result<PointCheck, StoreError> {
+        let mut check = PointCheck { blocks: 0, bytes: 0, problem: None, replicas_marked_inconsistent: vec![] };
+        for disk in &rp.disks {
+            let expected = disk.size_bytes.div_ceil(u64::from(disk.block_size.max(1)));
+            let mut next = 0u64;
+            let (mut blocks, mut bytes) = (0u64, 0u64);
+            let read = self.read_leaves(
+                disk,
+                how,
+                |_| true,
+                |index, _, data| {
+                    if index != next {
+                        return Err(StoreError::BlockMap(format!("block {next} is missing from the block map")));
+                    }
+                    next += 1;
+                    blocks += 1;
+                    if let super::BlockData::Data(d) = data {
+                        bytes += d.len() as u64;
+                    }
+                    Ok(())
+                },
+            );
+            check.blocks += blocks;
+            check.bytes += bytes;
+            let problem = match read {
+                Ok(()) if blocks == expected => continue,
+                Ok(()) => format!("disk {}: {blocks} blocks read back, {expected} expected", disk.name),
+                Err(e) => {
+                    if let StoreError::ChunkCorrupt { id, pack, offset, reason } = &e {
+                        let bad = BadChunk {
+                            id: *id,
+                            pack: *pack,
+                            offset: *offset,
+                            reason: reason.clone(),
+                            found_at: now_secs(),
+                        };
+                        self.catalog.mark_bad(&bad)?;
+                        check.replicas_marked_inconsistent = self.doubt_replicas_reaching(&rp.vm, id)?;
+                    }
+                    format!("disk {}: block {next}: {e}", disk.name)
+                }
+            };
+            tracing::error!(vm = %rp.vm, rp = %hex(&rp.id), %problem, "recovery point verification failed");
+            check.problem = Some(problem);
+            break;
+        }
+        Ok(check)
+    }
+
+    /// Marks the replicas of `vm` whose tree reaches chunk `bad` inconsistent; answers their
+    /// disks.
+    fn doubt_replicas_reaching(&self, vm: &str, bad: &Digest) -> Result<Vec<String>, StoreError> {
+        let pages = StorePages(self);
+        let mut memo = HashMap::new();
+        let mut doubted = vec![];
+        for mut replica in self.catalog.replicas_of(vm)? {
+            let Some(root) = replica.root else { continue };
+            if bulwark_protocol::blockmap::reaches(&pages, &root, &mut memo, &mut |id| id == bad) {
+                if replica.mark_inconsistent("a recovery point's verification found a bad chunk it shares", now_secs())
+                {
+                    self.catalog.put_replica(&replica)?;
+                }
+                doubted.push(replica.disk);
+            }
+        }
+        self.catalog.flush_durable()?;
+        Ok(doubted)
+    }
+}

@@ -463,6 +463,7 @@ impl World {
             replica_creation: "now".into(),
             block_size: 1 << 20,
             exclude_disks: vec![],
+            verify: Default::default(),
         };
         match self.must(AdminRequest::GroupCreate { name: "chaos".into(), vms: names.to_vec(), policy })? {
             AdminResponse::Group(_) => Ok(()),
