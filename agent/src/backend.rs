@@ -113,6 +113,58 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn restore_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> Result<(), BackendError>;
     /// Syncs and unmarks a restored VM; its change tracking starts over.
     fn restore_finish(&self, vm: &str) -> Result<(), BackendError>;
+    /// Instant recovery: makes VM `vm` on this host (powered off, as `restore_begin` with
+    /// `create` does) with disks that are overlays backed by NBD exports, and answers the
+    /// socket of each disk's export (in `disks`' order) for the caller to serve. Nothing of
+    /// the recovery point is copied. Only a backend whose VMs can run from such disks can.
+    /// The state it keeps (see [`InstantState`]) survives the agent: [`Hypervisor::instants`]
+    /// answers it at start-up.
+    fn instant_begin(
+        &self,
+        vm: &str,
+        _new: &NewVm,
+        _disks: &[DiskInfo],
+        _config: &[u8],
+        _job: u64,
+        _block_size: u32,
+    ) -> Result<Vec<std::path::PathBuf>, BackendError> {
+        Err(BackendError::Failed(format!(
+            "instant recovery of {vm} needs a QEMU host: this host's hypervisor cannot run a VM from a recovery point"
+        )))
+    }
+    /// Ends instant recovery `vm`: copies what its disks' overlays still read from their
+    /// exports into them (under the running VM, or offline) until nothing depends on the
+    /// exports; answers the bytes copied. The caller stops the exports afterwards.
+    fn instant_finish(&self, vm: &str) -> Result<u64, BackendError> {
+        Err(BackendError::Failed(format!("{vm} is no instant recovery of this host's hypervisor")))
+    }
+    /// Undoes an instant recovery that failed before its VM was ready: its definition,
+    /// overlays, sockets and state go (nothing of it ever ran).
+    fn instant_abandon(&self, _vm: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
+    /// The instant recoveries begun and not finished (their exports must be served again after
+    /// a restart of the agent).
+    fn instants(&self) -> Result<Vec<InstantState>, BackendError> {
+        Ok(vec![])
+    }
+}
+
+/// What an agent needs to serve an instant recovery's exports again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstantState {
+    pub vm: String,
+    pub job: u64,
+    pub block_size: u32,
+    pub disks: Vec<InstantDisk>,
+}
+
+/// One disk of an [`InstantState`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InstantDisk {
+    pub name: String,
+    pub size_bytes: u64,
+    pub socket: std::path::PathBuf,
 }
 
 /// The sim hypervisor on a storage root.

@@ -41,6 +41,10 @@ pub struct JobEnv {
     pub scratch: PathBuf,
     /// One job at a time per VM, its snapshot undone before the next begins.
     pub slots: VmSlots,
+    /// The exports of instant recoveries, across jobs and sessions.
+    pub exports: crate::export::InstantExports,
+    /// The connection of the session now (an export's broken link opens again on it).
+    pub current: crate::export::CurrentConnection,
 }
 
 /// The sending half of a transfer stream (a QUIC stream, which only the uplink knows).
@@ -528,6 +532,9 @@ async fn execute_restore(env: &JobEnv, req: &RestoreRequest) -> Result<(u64, u64
     let vm = req.vm.as_str().to_owned();
     let bs = req.block_size as usize;
     bulwark_protocol::block::check_block_size(bs).map_err(Failure::other)?;
+    if req.instant {
+        return execute_instant(env, req).await.map(|()| (0, 0));
+    }
     {
         let (backend, host, vm, create, disks, config) = (
             env.backend.clone(),
@@ -554,6 +561,126 @@ async fn execute_restore(env: &JobEnv, req: &RestoreRequest) -> Result<(u64, u64
     let (backend, v) = (env.backend.clone(), vm.clone());
     blocking(move || backend.restore_finish(&v)).await??;
     Ok((read, written))
+}
+
+/// Instant recovery: the new VM's disks become overlays backed by exports this agent serves,
+/// each reading its disk of the recovery point from the coordinator over an `Export` stream.
+/// The exports outlive the job ([`JobEnv::exports`]).
+async fn execute_instant(env: &JobEnv, req: &RestoreRequest) -> Result<(), Failure> {
+    let vm = req.vm.as_str().to_owned();
+    let new = req.create.clone().ok_or_else(|| Failure::other("an instant recovery must create its VM"))?;
+    let sockets = {
+        let (backend, vm, disks, config) = (env.backend.clone(), vm.clone(), req.disks.clone(), req.config.clone());
+        let (job, bs) = (req.job.0, req.block_size);
+        blocking(move || backend.instant_begin(&vm, &new, &disks, &config, job, bs)).await??
+    };
+    if sockets.len() != req.disks.len() {
+        return Err(Failure::other("the hypervisor answered a socket per disk wrongly"));
+    }
+    // The VM's exports so far; a failure midway stops them all.
+    env.exports.insert(&vm, vec![]);
+    let serve_all = async {
+        for (d, socket) in req.disks.iter().zip(sockets) {
+            let blocks = d.size_bytes.div_ceil(u64::from(req.block_size));
+            let (mut send, recv) =
+                (env.open_stream)().await.map_err(|e| Failure::other(format!("cannot open an export stream: {e}")))?;
+            let open = TransferMessage::Open {
+                job: req.job.0,
+                disk: d.name.as_str().to_owned(),
+                block_size: req.block_size,
+                blocks,
+                mode: TransferMode::Export,
+            };
+            transfer::write_message(&mut send, &open, req.block_size as usize)
+                .await
+                .map_err(stream_err("export stream"))?;
+            // A coordinator or network failure pauses the VM's reads; they go on once the
+            // agent is connected again.
+            let disk =
+                crate::backend::InstantDisk { name: d.name.as_str().to_owned(), size_bytes: d.size_bytes, socket };
+            let task =
+                crate::export::serve_instant_disk(&env.current, req.job.0, req.block_size, &disk, Some((send, recv)))
+                    .map_err(Failure::other)?;
+            env.exports.add(&vm, task);
+        }
+        Ok(())
+    };
+    let served = serve_all.await;
+    if served.is_err() {
+        // Nothing ran from it yet: the half-made VM goes, so the recovery can be asked again.
+        env.exports.remove(&vm);
+        let (backend, v) = (env.backend.clone(), vm.clone());
+        let why = match blocking(move || backend.instant_abandon(&v)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.reason),
+        };
+        if let Some(why) = why {
+            tracing::warn!(vm = %vm, error = %why, "cannot remove a failed instant recovery's VM");
+        }
+    }
+    served
+}
+
+/// At start-up: serves again the exports of the instant recoveries the hypervisor still has
+/// (the agent restarted under a running VM, whose QEMU waits for them to come back).
+pub fn resume_instants(
+    backend: &Arc<dyn Hypervisor>,
+    exports: &crate::export::InstantExports,
+    current: &crate::export::CurrentConnection,
+) {
+    let states = match backend.instants() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "cannot read the instant recoveries to serve"),
+    };
+    for st in states {
+        let mut tasks = vec![];
+        for d in &st.disks {
+            match crate::export::serve_instant_disk(current, st.job, st.block_size, d, None) {
+                Ok(t) => tasks.push(t),
+                Err(e) => {
+                    tracing::error!(vm = %st.vm, disk = %d.name, error = %e, "cannot serve an instant recovery's disk")
+                }
+            }
+        }
+        tracing::info!(vm = %st.vm, job_id = st.job, disks = tasks.len(), "serving an instant recovery again");
+        exports.insert(&st.vm, tasks);
+    }
+}
+
+/// `recover-finish`: the backend copies the rest of instant recovery `vm` into its overlays;
+/// then its exports stop. Answered as the instant recovery job's result.
+pub async fn instant_finish(
+    backend: Option<Arc<dyn Hypervisor>>,
+    exports: crate::export::InstantExports,
+    out: mpsc::Sender<AgentMessage>,
+    job: bulwark_protocol::JobId,
+    vm: bulwark_protocol::VmId,
+) {
+    let name = vm.as_str().to_owned();
+    let outcome = match backend {
+        None => Err("this agent has no hypervisor configured".to_owned()),
+        Some(b) => {
+            let n = name.clone();
+            match tokio::task::spawn_blocking(move || b.instant_finish(&n)).await {
+                Ok(Ok(bytes)) => Ok(bytes),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    let outcome = match outcome {
+        Ok(bytes) => {
+            let had = exports.remove(&name);
+            tracing::info!(vm = %name, bytes, exports_stopped = had, "instant recovery finished");
+            JobOutcome::Restored { bytes_read: bytes, bytes_written: bytes, skipped: vec![] }
+        }
+        Err(reason) => {
+            tracing::warn!(vm = %name, %reason, "instant recovery not finished: the VM still reads from the recovery point");
+            JobOutcome::Failed { kind: FailureKind::Other, reason }
+        }
+    };
+    let _ = out.send(AgentMessage::JobResult(JobResult { job, outcome })).await;
 }
 
 async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64), Failure> {

@@ -14,6 +14,7 @@
 //! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
 //! - [`agent_job`]: a backup job's decisions as a plain state machine (the change-token rule).
 //! - [`job`]: one job end to end: snapshot, transfer streams, verdict, release.
+//! - [`export`]: a recovery point's disk read from the coordinator on demand, as an NBD export.
 //! - [`items_writer`]: writes recovered files under a destination, names treated as hostile.
 //! - [`run`]: `bulwark-agent run`.
 //! - [`seed`]: `bulwark-agent seed export` (manual replica creation).
@@ -27,6 +28,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod enroll;
+pub mod export;
 pub mod inventory;
 pub mod items_writer;
 pub mod job;

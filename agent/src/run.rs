@@ -93,7 +93,16 @@ pub async fn run(
             None
         }
     };
-    let hosting = Hosting { backend, scratch: dir.root.join("scratch"), slots: Default::default() };
+    let hosting = Hosting {
+        backend,
+        scratch: dir.root.join("scratch"),
+        slots: Default::default(),
+        exports: Default::default(),
+        current: Default::default(),
+    };
+    if let Some(b) = &hosting.backend {
+        crate::job::resume_instants(b, &hosting.exports, &hosting.current);
+    }
     let uplink = Uplink::new(config, endpoint.clone(), hosting).start();
     shutdown.await;
     tracing::info!("shutting down");

@@ -43,6 +43,10 @@ pub struct Hosting {
     pub scratch: PathBuf,
     /// The VMs with a job running, across sessions.
     pub slots: crate::job::VmSlots,
+    /// Instant recoveries' exports, across sessions.
+    pub exports: crate::export::InstantExports,
+    /// The connection of the session now.
+    pub current: crate::export::CurrentConnection,
 }
 
 impl Hosting {
@@ -207,6 +211,7 @@ pub async fn run_session(
     };
     tracing::info!(coordinator = %welcome.coordinator, version = welcome.version, "connected");
     on_established(conn.clone());
+    *hosting.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
     let inventory = {
         let (hosting, host) = (hosting.clone(), config.host.clone());
         move || {
@@ -270,6 +275,11 @@ pub async fn run_session(
                     let opts = crate::items_writer::WriteOptions { keep_modes };
                     actix_rt::spawn(crate::job::items(opener(&conn), out_tx.clone(), job, dest, opts));
                 }
+                Ok(Some(CoordinatorMessage::InstantFinish { job, vm })) => {
+                    tracing::info!(job_id = %job, %vm, "finishing an instant recovery");
+                    let (backend, exports, out) = (hosting.backend.clone(), hosting.exports.clone(), out_tx.clone());
+                    actix_rt::spawn(crate::job::instant_finish(backend, exports, out, job, vm));
+                }
                 Ok(Some(CoordinatorMessage::JobDone { job, committed })) => {
                     match verdicts.remove(&job.0) {
                         Some(v) => { let _ = v.send(committed); }
@@ -305,6 +315,8 @@ async fn job_env(
         out: out.clone(),
         scratch: hosting.scratch.clone(),
         slots: hosting.slots.clone(),
+        exports: hosting.exports.clone(),
+        current: hosting.current.clone(),
     })
 }
 

@@ -123,10 +123,23 @@ pub(crate) enum Command {
         /// With --to host: the new VM's name (default VM-restored).
         #[arg(long)]
         name: Option<String>,
+        /// With --to host on a QEMU host: the new VM's disks are overlays backed by the
+        /// recovery point, which the host's agent serves; it can start at once.
+        #[arg(long)]
+        instant: bool,
+        /// With --instant: once the VM is made, copy the rest right away (waits).
+        #[arg(long, requires = "instant")]
+        finish: bool,
         #[arg(long)]
         wait: bool,
         #[command(flatten)]
         options: RecoveryOpts,
+    },
+    /// End an instant recovery: its host copies the rest of the VM's disks (under the running
+    /// VM, or offline) and the VM no longer depends on the recovery point. Waits.
+    RecoverFinish {
+        /// The recovered VM's name.
+        vm: String,
     },
     /// Browse the files of a disk of a recovery point.
     Ls {
@@ -164,6 +177,30 @@ pub(crate) enum Command {
         wait: bool,
         #[command(flatten)]
         options: RecoveryOpts,
+    },
+    /// Serve a disk of a recovery point as an NBD export on this machine until Ctrl-C
+    /// (qemu-img, qemu-nbd, QEMU, the kernel's nbd client read it).
+    Mount {
+        vm: String,
+        /// A recovery point id, a unique prefix of one, or `latest`.
+        #[arg(long)]
+        rp: String,
+        /// The disk to serve (needed when the point has more than one).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Where to serve: unix:PATH (a new socket, mode 0600; never an existing path) or
+        /// tcp:HOST:PORT (TLS only, with a certificate of the deployment for HOST).
+        #[arg(long)]
+        nbd: String,
+        /// Over TCP: an enrolled host whose certificate may read the export (repeatable).
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
+        /// Take writes into a throw-away overlay (the recovery point never changes).
+        #[arg(long)]
+        writable: bool,
+        /// Where the overlay's unlinked file lives (default: the temporary directory).
+        #[arg(long, requires = "writable")]
+        overlay_dir: Option<PathBuf>,
     },
     /// Stream a disk of a recovery point into a local file.
     RecoverDisk {

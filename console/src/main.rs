@@ -9,6 +9,7 @@
 mod args;
 mod disk_output;
 mod lists;
+mod mount;
 mod quickstart;
 
 use anyhow::Context as _;
@@ -44,7 +45,8 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse_from(args);
     let format = match (&cli.command, cli.output.as_str()) {
-        (Command::RecoverDisk { .. } | Command::RecoverItems { dest_host: None, .. }, _) | (_, "text") => Output::Text,
+        (Command::RecoverDisk { .. } | Command::Mount { .. } | Command::RecoverItems { dest_host: None, .. }, _)
+        | (_, "text") => Output::Text,
         (_, "json") => Output::Json,
         (_, other) => {
             use clap::CommandFactory as _;
@@ -170,16 +172,34 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
             },
         },
         Command::Cc { vm, .. } => AdminRequest::ConsistencyCheck { vm: vm.clone() },
-        Command::Recover { vm, rp, to, host, name, options, .. } => {
-            if *to == RecoverTo::Original && (host.is_some() || name.is_some()) {
-                anyhow::bail!("--host and --name go with --to host");
+        Command::RecoverFinish { vm } => AdminRequest::RecoverFinish { vm: vm.clone() },
+        Command::Recover { vm, rp, to, host, name, options, instant, finish: true, .. } if *instant => {
+            let to_host = host.clone().ok_or_else(|| anyhow::anyhow!("--instant needs --host"))?;
+            if *to != RecoverTo::Host || options.wire()? != bulwark_protocol::messages::RecoveryOptions::default() {
+                anyhow::bail!("--instant goes with --to host and without --limit, --window or --notify");
             }
-            AdminRequest::Recover {
-                vm: vm.clone(),
-                rp: rp.clone(),
-                to_host: if *to == RecoverTo::Host { host.clone() } else { None },
-                name: name.clone(),
-                options: options.wire()?,
+            let req = AdminRequest::RecoverInstant { vm: vm.clone(), rp: rp.clone(), to_host, name: name.clone() };
+            let target_name = name.clone().unwrap_or_else(|| format!("{vm}-restored"));
+            return instant_and_finish(&target(&cli)?, req, target_name, format);
+        }
+        Command::Recover { vm, rp, to, host, name, options, instant, .. } => {
+            if *to == RecoverTo::Original && (host.is_some() || name.is_some() || *instant) {
+                anyhow::bail!("--host, --name and --instant go with --to host");
+            }
+            if *instant {
+                if options.wire()? != bulwark_protocol::messages::RecoveryOptions::default() {
+                    anyhow::bail!("--instant copies nothing now: --limit, --window and --notify do not apply");
+                }
+                let to_host = host.clone().ok_or_else(|| anyhow::anyhow!("--instant needs --host"))?;
+                AdminRequest::RecoverInstant { vm: vm.clone(), rp: rp.clone(), to_host, name: name.clone() }
+            } else {
+                AdminRequest::Recover {
+                    vm: vm.clone(),
+                    rp: rp.clone(),
+                    to_host: if *to == RecoverTo::Host { host.clone() } else { None },
+                    name: name.clone(),
+                    options: options.wire()?,
+                }
             }
         }
         Command::Seed { command: SeedCommand::Import { dir } } => {
@@ -214,6 +234,18 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
             };
             let opts = bulwark_agent::items_writer::WriteOptions { keep_modes: *keep_modes };
             return recover_items(&target, req, std::path::Path::new(&cli.output), opts);
+        }
+        Command::Mount { vm, rp, disk, nbd, allow_hosts, writable, overlay_dir } => {
+            let args = mount::MountArgs {
+                vm: vm.clone(),
+                rp: rp.clone(),
+                disk: disk.clone(),
+                nbd: mount::NbdAddress::parse(nbd)?,
+                writable: *writable,
+                overlay_dir: overlay_dir.clone(),
+                allow_hosts: allow_hosts.clone(),
+            };
+            return mount::run(&target(&cli)?, args);
         }
         Command::RecoverDisk { vm, rp, disk, force, device, options } => {
             // CONTRACT: `recover-disk … --output FILE`: here the global flag names the file.
@@ -590,6 +622,42 @@ impl Progress {
             b.finish_and_clear();
         }
     }
+}
+
+/// `recover --instant --finish`: the instant recovery's job, then `recover-finish` of its VM.
+fn instant_and_finish(target: &AdminTarget, req: AdminRequest, vm: String, format: Output) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let response = rt.block_on(async {
+        let client = AdminClient::connect(target).await?;
+        let AdminResponse::JobStarted { job_id } = client.request(req).await? else {
+            anyhow::bail!("unexpected answer to the instant recovery");
+        };
+        let mut progress = Progress::new(job_id);
+        let job = loop {
+            let AdminResponse::Job(j) = client.request(AdminRequest::JobShow { id: job_id }).await? else {
+                anyhow::bail!("unexpected answer to job show");
+            };
+            if is_final(&j) {
+                break j;
+            }
+            progress.show(&j);
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        };
+        progress.finish();
+        if job.state != "succeeded" {
+            anyhow::bail!(
+                "job {} ({}) failed: {}",
+                job.id,
+                job.kind,
+                job.error.as_deref().unwrap_or("no reason recorded")
+            );
+        }
+        eprintln!("{vm} is ready; copying the rest of its disks…");
+        let r = client.request(AdminRequest::RecoverFinish { vm }).await;
+        client.close().await;
+        Ok(r?)
+    })?;
+    print(format, &response)
 }
 
 fn is_final(j: &JobInfo) -> bool {

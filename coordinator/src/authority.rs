@@ -55,6 +55,18 @@ pub struct Enrollment {
     pub host: String,
 }
 
+/// How long an export certificate is valid (a mount that outlives it is restarted).
+pub const EXPORT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+
+/// A signed export certificate with what its server needs beside it (PEM).
+#[derive(Debug, Clone)]
+pub struct ExportCert {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    pub crl_pem: String,
+    pub not_after: u64,
+}
+
 /// The CA, the coordinator's credentials, and the catalog they are recorded in.
 pub struct Authority {
     dir: DataDir,
@@ -323,6 +335,20 @@ impl Authority {
             .collect();
         let number = self.catalog.revoke(&records)?;
         self.write_crl(number)
+    }
+
+    /// Signs an NBD export's server certificate for `names` (an admin asked: `mount --nbd
+    /// tcp:`); answers it with the CA and the current CRL, all PEM.
+    pub fn issue_export_cert(&self, csr_pem: &str, names: &[String]) -> Result<ExportCert, AuthorityError> {
+        let name = names.first().cloned().unwrap_or_default();
+        let cert = self.ca.sign_export_csr(csr_pem, &name, names.to_vec(), EXPORT_CERT_VALIDITY)?;
+        tracing::info!(names = ?names, serial = %cert.serial_hex, "export certificate issued");
+        Ok(ExportCert {
+            cert_pem: cert.pem,
+            ca_pem: self.ca.cert_pem().to_owned(),
+            crl_pem: read(self.dir.pki_file("crl.pem"))?,
+            not_after: cert.not_after,
+        })
     }
 
     /// Writes `pki/crl.pem` from the catalog's revocations.

@@ -42,6 +42,70 @@ pub struct CoordinatorConfig {
     /// `[metrics]`: the Prometheus endpoint, off unless a listen address is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// `[verify]`: how restore verification boots recovery points (`boot_check = true`).
+    #[serde(default, skip_serializing_if = "VerifyConfig::is_default")]
+    pub verify: VerifyConfig,
+}
+
+/// `[verify]` in `coordinator.toml`: the isolated QEMU that boots recovery points of VMs whose
+/// definition asks for a boot check. Nothing of it comes from a host: a definition only says
+/// whether to boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// The QEMU to run.
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
+    /// Boot this kernel (with `boot_initrd` and `boot_append`) instead of the disk's own boot
+    /// loader: for guests started that way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_initrd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_append: Option<String>,
+    /// QEMU's accelerators, in order of preference (`tcg` where KVM is missing or unusable).
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    /// The booted guest's memory.
+    #[serde(default = "default_boot_memory")]
+    pub boot_memory_mib: u64,
+    /// How long the guest agent has to answer.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_secs: u64,
+}
+
+fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+fn default_accel() -> String {
+    "kvm:tcg".to_owned()
+}
+fn default_boot_memory() -> u64 {
+    512
+}
+fn default_boot_timeout() -> u64 {
+    300
+}
+
+impl VerifyConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        Self {
+            qemu: default_qemu(),
+            boot_kernel: None,
+            boot_initrd: None,
+            boot_append: None,
+            accel: default_accel(),
+            boot_memory_mib: default_boot_memory(),
+            boot_timeout_secs: default_boot_timeout(),
+        }
+    }
 }
 
 /// `[metrics]` in `coordinator.toml`: `listen = "127.0.0.1:9464"` serves `GET /metrics` in

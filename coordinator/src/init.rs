@@ -152,6 +152,7 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
         agents: crate::config::AgentLimits::default(),
         smtp: None,
         metrics: None,
+        verify: crate::config::VerifyConfig::default(),
     };
     config.save(&dir)?;
     Ok(config)

@@ -188,10 +188,16 @@ impl Ca {
             })
             .collect::<Result<_, rcgen::Error>>()?;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.key_usages = match spec.role {
+            // QEMU's TLS credentials (an agent's certificate as NBD client, an export's as
+            // server) refuse a certificate whose critical key usage lacks key encipherment.
+            Role::Agent | Role::Export => vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment],
+            Role::Coordinator | Role::Admin => vec![KeyUsagePurpose::DigitalSignature],
+        };
         params.extended_key_usages = match spec.role {
             Role::Coordinator => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
             Role::Agent | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Role::Export => vec![ExtendedKeyUsagePurpose::ServerAuth],
         };
         params.not_before = offset(spec.not_before)?;
         params.not_after = offset(spec.not_after)?;
@@ -221,6 +227,19 @@ impl Ca {
     pub fn sign_agent(&self, csr: &AgentCsr, host: &str, validity: Duration) -> Result<IssuedCert, PkiError> {
         let spec = LeafSpec::new(Role::Agent, host, vec![host.to_owned()], validity);
         self.issue(&spec, &csr.0.public_key)
+    }
+
+    /// Signs an NBD export's CSR (`bulwark mount --nbd tcp:`): a server certificate for
+    /// `sans` named `name`, with the export role. Only the CSR's public key is used.
+    pub fn sign_export_csr(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        sans: Vec<String>,
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        let csr = AgentCsr::parse(csr_pem)?;
+        self.issue(&LeafSpec::new(Role::Export, name, sans, validity), &csr.0.public_key)
     }
 
     /// A CRL (PEM) listing `revoked`, numbered `crl_number`, valid for a year.
@@ -267,6 +286,16 @@ impl AgentCsr {
     pub fn parse(csr_pem: &str) -> Result<Self, PkiError> {
         CertificateSigningRequestParams::from_pem(csr_pem).map(Self).map_err(|e| PkiError::BadCsr(e.to_string()))
     }
+}
+
+/// A new key (PEM, PKCS#8) and a CSR (PEM) for it naming `name`: what a console sends to
+/// have an export certificate signed.
+pub fn key_and_csr(name: &str) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(DnType::CommonName, name.to_owned());
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((key.serialize_pem(), csr))
 }
 
 /// SHA-256 of a certificate's DER.

@@ -10,6 +10,9 @@ pub enum Role {
     Coordinator,
     Agent,
     Admin,
+    /// A console serving a recovery point over NBD with TLS (`bulwark mount --nbd tcp:`):
+    /// a server certificate only, never accepted as a client anywhere.
+    Export,
 }
 
 impl Role {
@@ -19,11 +22,12 @@ impl Role {
             Role::Coordinator => "bulwark-coordinator",
             Role::Agent => "bulwark-agent",
             Role::Admin => "bulwark-admin",
+            Role::Export => "bulwark-export",
         }
     }
 
     fn from_ou(ou: &str) -> Option<Role> {
-        [Role::Coordinator, Role::Agent, Role::Admin].into_iter().find(|r| r.ou() == ou)
+        [Role::Coordinator, Role::Agent, Role::Admin, Role::Export].into_iter().find(|r| r.ou() == ou)
     }
 }
 

@@ -79,6 +79,27 @@ pub fn server_config(
     Ok(cfg)
 }
 
+/// The server config of an NBD export over TLS: TLS 1.3, a client certificate of the
+/// deployment required (checked against the CRL); who may read is decided after the handshake
+/// from [`peer_identity`].
+pub fn export_server_config(
+    ca: &CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    crl: CertificateRevocationListDer<'static>,
+) -> Result<ServerConfig, PkiError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+        .with_crls([crl])
+        .build()
+        .map_err(tls_err)?;
+    ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(tls_err)
+}
+
 /// A client config that presents `chain`/`key` and trusts only `ca`.
 pub fn client_config(
     ca: &CertificateDer<'static>,

@@ -177,6 +177,9 @@ pub struct RestoreRequest {
     /// The recovery point's VM definition (empty: none kept): what a created VM is made from,
     /// and what the original VM's settings return to.
     pub config: Vec<u8>,
+    /// Instant recovery (protocol 9; with `create` only): the new VM's disks are overlays
+    /// backed by exports the agent serves from `Export` streams; nothing is copied now.
+    pub instant: bool,
 }
 
 /// The most bytes of VM definition a recovery point keeps.
@@ -278,6 +281,13 @@ pub enum CoordinatorMessage {
     /// Report the inventory now, as [`AgentMessage::InventoryAnswer`]: the coordinator's view
     /// disagrees with an administrator's request (a VM created or powered off a moment ago).
     InventoryNow,
+    /// Instant recovery `job` made VM `vm` on this host: copy the rest of its disks into their
+    /// overlays (under the running VM, or offline) and stop serving its exports; answer with a
+    /// `JobResult` for `job` (protocol 9).
+    InstantFinish {
+        job: JobId,
+        vm: VmId,
+    },
 }
 
 /// Admin console → coordinator: one per bidirectional stream.
@@ -446,6 +456,57 @@ pub enum AdminRequest {
         /// Where the seed came from, for the replica's record.
         source: String,
     },
+    /// Serve a disk of a recovery point for random reads (`bulwark mount`, protocol 9):
+    /// answered by [`AdminResponse::DiskStream`]; the console then sends [`MountRead`]s as
+    /// control frames and gets, for each in order, its blocks as transfer frames. Without a
+    /// disk name the point's only disk is served.
+    Mount {
+        vm: String,
+        rp: String,
+        disk: Option<String>,
+    },
+    /// Instant recovery (protocol 9): a new VM `name` on `to_host` whose disks are overlays
+    /// backed by the recovery point, ready to start at once. Answered by `JobStarted`.
+    RecoverInstant {
+        vm: String,
+        rp: String,
+        to_host: String,
+        name: Option<String>,
+    },
+    /// Ends instant recovery `vm` (the recovered VM's name): its host copies the rest and the
+    /// VM no longer depends on the recovery point. Answered by `Done` once it does (protocol 9).
+    RecoverFinish {
+        vm: String,
+    },
+    /// Sign a server certificate for an NBD export over TLS (`bulwark mount --nbd tcp:`,
+    /// protocol 9): the CSR's key only; the names (DNS names or IP addresses) the clients
+    /// dial. Answered by [`AdminResponse::ExportCert`].
+    ExportCert {
+        csr_pem: String,
+        names: Vec<String>,
+    },
+}
+
+/// A read of a mounted disk: `count` blocks from block `first`, at most
+/// [`MAX_MOUNT_READ_BYTES`] of them (at least one block whatever its size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRead {
+    pub first: u64,
+    pub count: u32,
+}
+
+/// The most bytes one [`MountRead`] may ask for.
+pub const MAX_MOUNT_READ_BYTES: u64 = 16 << 20;
+
+impl MountRead {
+    /// Whether the read lies within a disk of `blocks` blocks of `block_size` bytes and within
+    /// the bound.
+    pub fn fits(&self, blocks: u64, block_size: u32) -> bool {
+        let bytes = u64::from(self.count).saturating_mul(u64::from(block_size));
+        self.count > 0
+            && (self.count == 1 || bytes <= MAX_MOUNT_READ_BYTES)
+            && self.first.checked_add(u64::from(self.count)).is_some_and(|end| end <= blocks)
+    }
 }
 
 /// Options of every recovery (CONTRACT: "recovery options on `recover*`").
@@ -755,6 +816,14 @@ pub enum AdminResponse {
     },
     Error {
         message: String,
+    },
+    /// An export's certificate, the deployment's CA and its current CRL (PEM).
+    ExportCert {
+        cert_pem: String,
+        ca_pem: String,
+        crl_pem: String,
+        /// Unix seconds.
+        not_after: u64,
     },
 }
 

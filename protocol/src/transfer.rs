@@ -52,6 +52,10 @@ pub enum TransferMode {
     /// Item-level recovery to a directory of the agent's host: the coordinator sends `Item`s
     /// and their bytes, then `End`; the agent answers `Stored`.
     Items,
+    /// An instant recovery's disk, served for as long as the recovered VM depends on it: the
+    /// agent sends `MountRead`s as control frames, the coordinator answers each in order with
+    /// its blocks (protocol 9).
+    Export,
 }
 
 /// Control messages on a transfer stream.

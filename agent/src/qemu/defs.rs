@@ -63,6 +63,10 @@ pub struct VmDef {
     /// paused instead and the snapshot is crash-consistent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freeze_timeout_secs: Option<u64>,
+    /// Restore verification also boots each recovery point (on the coordinator, isolated)
+    /// and passes when the guest agent answers.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub boot_check: bool,
     pub disks: Vec<DiskDef>,
 }
 

@@ -685,7 +685,7 @@ impl Hypervisor for QemuBackend {
         config: &[u8],
     ) -> Result<(), BackendError> {
         let def = match create {
-            Some((new, disks)) => self.create_restored(vm, new, disks, VmDef::from_kept(config))?,
+            Some((new, disks)) => self.create_restored(vm, new, disks, VmDef::from_kept(config), false)?,
             None => self.def(vm)?,
         };
         if self.qmp(&def)?.is_some() {
@@ -733,6 +733,139 @@ impl Hypervisor for QemuBackend {
         self.with_nbd(vm, disk, |n| n.write_at(data, offset).map_err(failed))
     }
 
+    fn instant_begin(
+        &self,
+        vm: &str,
+        new: &NewVm,
+        disks: &[DiskInfo],
+        config: &[u8],
+        job: u64,
+        block_size: u32,
+    ) -> Result<Vec<PathBuf>, BackendError> {
+        let def = self.create_restored(vm, new, disks, VmDef::from_kept(config), true)?;
+        let state = crate::backend::InstantState {
+            vm: vm.to_owned(),
+            job,
+            block_size,
+            disks: def
+                .disks
+                .iter()
+                .zip(disks)
+                .map(|(d, info)| crate::backend::InstantDisk {
+                    name: d.name.clone(),
+                    size_bytes: info.size_bytes,
+                    socket: instant_socket(&self.restore_dir, vm, &d.name),
+                })
+                .collect(),
+        };
+        let path = instant_state_path(&self.restore_dir, vm);
+        let text = serde_json::to_vec_pretty(&state).map_err(failed)?;
+        write_durably(&path, &text).map_err(|e| failed(format!("cannot write {}: {e}", path.display())))?;
+        Ok(state.disks.into_iter().map(|d| d.socket).collect())
+    }
+
+    fn instant_abandon(&self, vm: &str) -> Result<(), BackendError> {
+        let state = instant_state_path(&self.restore_dir, vm);
+        // Only what this agent made for an instant recovery: its state file names it.
+        if !state.is_file() {
+            return Ok(());
+        }
+        let def_path = self.restore_dir.join(format!("{vm}.toml"));
+        if let Ok(def) = VmDef::load(&def_path) {
+            use std::os::unix::fs::FileTypeExt as _;
+            for d in &def.disks {
+                let socket = instant_socket(&self.restore_dir, vm, &d.name);
+                if std::fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(&socket);
+                }
+                let _ = std::fs::remove_file(&d.path);
+            }
+        }
+        let _ = std::fs::remove_file(&def_path);
+        std::fs::remove_file(&state).map_err(|e| failed(format!("cannot remove {}: {e}", state.display())))
+    }
+
+    fn instants(&self) -> Result<Vec<crate::backend::InstantState>, BackendError> {
+        let mut out = vec![];
+        let entries = match std::fs::read_dir(&self.restore_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(failed(format!("{}: {e}", self.restore_dir.display()))),
+        };
+        // Few files, each small: a definition directory, read whole.
+        for entry in entries.flatten().take(10_000) {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "instant") {
+                continue;
+            }
+            let read = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| (b.len() <= 64 << 10).then_some(b).ok_or_else(|| "over 64 KiB".to_owned()));
+            match read
+                .and_then(|b| serde_json::from_slice::<crate::backend::InstantState>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) if instant_state_path(&self.restore_dir, &s.vm) == path => out.push(s),
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "an instant recovery's state names another VM: ignored")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "an instant recovery's state cannot be read")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn instant_finish(&self, vm: &str) -> Result<u64, BackendError> {
+        let def = self.def(vm)?;
+        let backed: Vec<&DiskDef> =
+            def.disks.iter().filter(|d| backing_of(&d.path).is_ok_and(|b| b.is_some())).collect();
+        let mut copied = 0;
+        match self.qmp(&def)? {
+            Some(mut q) => {
+                // block-stream pulls the backing's data into each overlay and drops the backing
+                // under the running guest.
+                for d in &backed {
+                    // A concluded job of an earlier attempt would keep its id taken.
+                    let _ = q.execute("job-dismiss", json!({ "id": finish_job(d) }));
+                    let args = json!({ "job-id": finish_job(d), "device": d.node, "auto-dismiss": false });
+                    q.execute("block-stream", args).map_err(|e| failed(format!("{vm}: {e}")))?;
+                }
+                copied = wait_streams(&mut q, vm, &backed)?;
+            }
+            None => {
+                for d in &backed {
+                    // Safe mode: whatever the backing holds is written into the overlay first.
+                    let out = Command::new("qemu-img")
+                        .args(["rebase", "-q", "-f", "qcow2", "-b", ""])
+                        .arg(&d.path)
+                        .output()
+                        .map_err(|e| failed(format!("cannot run qemu-img: {e}")))?;
+                    if !out.status.success() {
+                        return Err(failed(format!(
+                            "qemu-img rebase {}: {}",
+                            d.path.display(),
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        )));
+                    }
+                    copied += image_info(&d.path, "qcow2")?.get("actual-size").and_then(|v| v.as_u64()).unwrap_or(0);
+                }
+            }
+        }
+        // Nothing may still read from an export once it stops.
+        for d in &def.disks {
+            if let Some(b) = backing_of(&d.path)? {
+                return Err(failed(format!("{} still has the backing {b}", d.path.display())));
+            }
+            let _ = std::fs::remove_file(instant_socket(&self.restore_dir, vm, &d.name));
+        }
+        let state = instant_state_path(&self.restore_dir, vm);
+        if let Err(e) = std::fs::remove_file(&state) {
+            tracing::warn!(path = %state.display(), error = %e, "cannot remove a finished instant recovery's state");
+        }
+        Ok(copied)
+    }
+
     fn restore_finish(&self, vm: &str) -> Result<(), BackendError> {
         let def = self.def(vm)?;
         for d in &def.disks {
@@ -752,6 +885,83 @@ impl Hypervisor for QemuBackend {
         st.generation += 1;
         self.save_state(vm, &st)
     }
+}
+
+/// How long QEMU waits for an instant recovery's export to come back before it fails the
+/// guest's I/O (an agent restart is seconds).
+pub const INSTANT_RECONNECT_SECS: u64 = 300;
+
+/// Where an instant recovery's [`crate::backend::InstantState`] is kept.
+fn instant_state_path(restore_dir: &Path, vm: &str) -> PathBuf {
+    restore_dir.join(format!("{vm}.instant"))
+}
+
+/// The QMP job that finishes disk `d` of an instant recovery.
+fn finish_job(d: &DiskDef) -> String {
+    format!("bulwark-finish-{}", d.node)
+}
+
+/// The backing file an image names, if any (read with `-U`: the VM may run).
+fn backing_of(path: &Path) -> Result<Option<String>, BackendError> {
+    let info = image_info(path, "qcow2")?;
+    Ok(info.get("backing-filename").and_then(|v| v.as_str()).map(str::to_owned))
+}
+
+/// How long a finishing copy may make no progress before it is given up.
+const FINISH_STALL: Duration = Duration::from_secs(600);
+
+/// Waits for the finish jobs of `disks` to conclude; answers the bytes they copied. A job that
+/// failed, or one that made no progress for [`FINISH_STALL`], fails the finish (the VM keeps
+/// reading from the recovery point: nothing is lost; `recover-finish` can run again).
+fn wait_streams(q: &mut Qmp, vm: &str, disks: &[&DiskDef]) -> Result<u64, BackendError> {
+    let ids: Vec<String> = disks.iter().map(|d| finish_job(d)).collect();
+    let mut last = (0u64, std::time::Instant::now());
+    loop {
+        let jobs = q.execute("query-jobs", json!({})).map_err(|e| failed(format!("{vm}: {e}")))?;
+        let mine: Vec<&Value> = jobs
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|j| j.get("id").and_then(Value::as_str).is_some_and(|i| ids.iter().any(|x| x == i)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let done = mine.iter().filter(|j| j.get("status").and_then(Value::as_str) == Some("concluded")).count();
+        let progress: u64 = mine.iter().filter_map(|j| j.get("current-progress").and_then(Value::as_u64)).sum();
+        if done == ids.len() || mine.len() < ids.len() {
+            let mut errors = vec![];
+            for j in &mine {
+                if let Some(e) = j.get("error").and_then(Value::as_str) {
+                    errors.push(e.to_owned());
+                }
+                if let Some(id) = j.get("id").and_then(Value::as_str) {
+                    let _ = q.execute("job-dismiss", json!({ "id": id }));
+                }
+            }
+            if mine.len() < ids.len() {
+                errors.push("a finish job vanished".into());
+            }
+            return match errors.is_empty() {
+                true => Ok(progress),
+                false => Err(failed(format!("finishing {vm}: {}", errors.join("; ")))),
+            };
+        }
+        if progress != last.0 {
+            last = (progress, std::time::Instant::now());
+        } else if last.1.elapsed() > FINISH_STALL {
+            for id in &ids {
+                let _ = q.execute("job-cancel", json!({ "id": id }));
+            }
+            return Err(failed(format!("finishing {vm} made no progress for {FINISH_STALL:?}: cancelled")));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The socket an instant recovery serves disk `disk` of VM `vm` on (QEMU reads the overlay's
+/// backing from it).
+pub fn instant_socket(restore_dir: &Path, vm: &str, disk: &str) -> PathBuf {
+    restore_dir.join(format!("{vm}-{disk}.nbd"))
 }
 
 impl QemuBackend {
@@ -781,6 +991,7 @@ impl QemuBackend {
         new: &NewVm,
         disks: &[DiskInfo],
         kept: Option<VmDef>,
+        instant: bool,
     ) -> Result<VmDef, BackendError> {
         if self.vm_dir.join(format!("{vm}.toml")).exists() || self.restore_dir.join(format!("{vm}.toml")).exists() {
             return Err(BackendError::Refused(format!("a QEMU VM named {vm} already exists on this host")));
@@ -793,8 +1004,25 @@ impl QemuBackend {
             if path.exists() {
                 return Err(BackendError::Refused(format!("{} already exists", path.display())));
             }
-            let out = Command::new("qemu-img")
-                .args(["create", "-q", "-f", "qcow2"])
+            let mut create = Command::new("qemu-img");
+            create.args(["create", "-q", "-f", "qcow2"]);
+            if instant {
+                // Backed by the export the agent serves next (not opened now: -u). QEMU waits
+                // for the export to come back (an agent restart) rather than fail the guest's I/O.
+                let socket = instant_socket(&self.restore_dir, vm, d.name.as_str());
+                let backing = json!({
+                    "driver": "raw",
+                    "file": {
+                        "driver": "nbd",
+                        "server": { "type": "unix", "path": socket },
+                        "export": d.name.as_str(),
+                        "reconnect-delay": INSTANT_RECONNECT_SECS,
+                        "open-timeout": INSTANT_RECONNECT_SECS,
+                    },
+                });
+                create.args(["-u", "-F", "raw", "-b"]).arg(format!("json:{backing}"));
+            }
+            let out = create
                 .arg(&path)
                 .arg(d.size_bytes.to_string())
                 .output()
@@ -833,6 +1061,7 @@ impl QemuBackend {
             hook_timeout_secs: None,
             on_hook_failure: None,
             freeze_timeout_secs: None,
+            boot_check: false,
             disks: defs,
         };
         if let Some(k) = kept {
@@ -840,6 +1069,7 @@ impl QemuBackend {
             def.app_hooks = k.app_hooks;
             def.config = k.config;
             def.freeze_timeout_secs = k.freeze_timeout_secs;
+            def.boot_check = k.boot_check;
             def.guest_agent = k.guest_agent.map(|_| self.restore_dir.join(format!("{vm}.qga")));
         }
         // Whatever it was made from, a definition `qemu check` would refuse is never written.

@@ -13,7 +13,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Bump when `build-guest.sh` changes what it builds.
-const GUEST_VERSION: &str = "v1";
+const GUEST_VERSION: &str = "v2";
 
 /// The directory with `vmlinuz` and `initrd.gz`, built on first use.
 pub fn guest_image() -> PathBuf {
@@ -22,7 +22,8 @@ pub fn guest_image() -> PathBuf {
     let target = exe.ancestors().nth(3).unwrap().to_owned();
     let dir = target.join(format!("bulwark-guest-{GUEST_VERSION}"));
     if !dir.join("initrd.gz").is_file() {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
+        // From the agent's tests and the console's alike.
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/tests/guest/build-guest.sh");
         let out = Command::new("sh").arg(&script).arg(&dir).output().unwrap();
         assert!(
             out.status.success(),
@@ -32,6 +33,42 @@ pub fn guest_image() -> PathBuf {
         );
     }
     dir
+}
+
+/// Boots the test guest's kernel and initramfs with the disks of `def` (its guest agent
+/// defined), its console in `console`, plus `extra` QEMU arguments; answers QEMU once the
+/// guest agent answers.
+pub fn boot_def(def: &VmDef, console: &Path, extra: &[String]) -> Child {
+    let img = guest_image();
+    let ga = def.guest_agent.clone().expect("the definition has a guest agent");
+    let child = launch::headless(def, "tcg", 256)
+        .arg("-no-reboot")
+        .arg("-kernel")
+        .arg(img.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(img.join("initrd.gz"))
+        .args(["-append", "console=ttyS0 quiet panic=-1"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(extra)
+        .spawn()
+        .expect("qemu-system-x86_64 runs (installed by .ci/run)");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let text = std::fs::read_to_string(console).unwrap_or_default();
+        assert!(!text.contains("BULWARK-GUEST-FAILED"), "the guest failed to start:\n{text}");
+        if text.contains("BULWARK-GUEST-READY") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the guest never came up:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The agent answers once it has opened its port.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Qga::connect(&ga, Duration::from_secs(2)).is_err() {
+        assert!(Instant::now() < deadline, "the guest agent never answered");
+    }
+    child
 }
 
 /// A booted guest, its definition in `dir/vms/NAME.toml`.
@@ -93,7 +130,6 @@ impl LinuxVm {
 
     /// Boots the guest and waits for its agent.
     pub fn boot(&mut self) {
-        let img = guest_image();
         let console = self.dir.join(format!("{}.console", self.name));
         for p in [self.qmp_path(), self.ga_path(), self.silent_path(), console.clone()] {
             let _ = std::fs::remove_file(p);
@@ -102,36 +138,13 @@ impl LinuxVm {
         // port, that nothing in the guest opens, is the silent agent.
         self.define(&format!("guest_agent = \"{}\"", self.ga_path().display()));
         let def = VmDef::load(&self.dir.join("vms").join(format!("{}.toml", self.name))).unwrap();
-        let child = launch::headless(&def, "tcg", 256)
-            .arg("-no-reboot")
-            .arg("-kernel")
-            .arg(img.join("vmlinuz"))
-            .arg("-initrd")
-            .arg(img.join("initrd.gz"))
-            .args(["-append", "console=ttyS0 quiet panic=-1"])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .arg("-chardev")
-            .arg(format!("socket,id=silent,path={},server=on,wait=off", self.silent_path().display()))
-            .args(["-device", "virtserialport,chardev=silent,name=org.bulwark.silent"])
-            .spawn()
-            .expect("qemu-system-x86_64 runs (installed by .ci/run)");
-        self.qemu = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let text = std::fs::read_to_string(&console).unwrap_or_default();
-            assert!(!text.contains("BULWARK-GUEST-FAILED"), "the guest failed to start:\n{text}");
-            if text.contains("BULWARK-GUEST-READY") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the guest never came up:\n{text}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        // The agent answers once it has opened its port.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Qga::connect(&self.ga_path(), Duration::from_secs(2)).is_err() {
-            assert!(Instant::now() < deadline, "the guest agent never answered");
-        }
+        let silent = [
+            "-chardev".to_owned(),
+            format!("socket,id=silent,path={},server=on,wait=off", self.silent_path().display()),
+            "-device".to_owned(),
+            "virtserialport,chardev=silent,name=org.bulwark.silent".to_owned(),
+        ];
+        self.qemu = Some(boot_def(&def, &console, &silent));
     }
 
     pub fn qmp(&self) -> Qmp {

@@ -3,7 +3,8 @@
 #   OUT/vmlinuz    Debian's cloud kernel (ext4 built in; virtio as modules)
 #   OUT/initrd.gz  busybox, the virtio modules, Debian's qemu-guest-agent and its libraries,
 #                  and an init that mounts /dev/vda (ext4) on /mnt and runs the agent on the
-#                  virtio-serial port named org.qemu.guest_agent.0
+#                  virtio-serial port named org.qemu.guest_agent.0 (a disk that does not
+#                  mount stops the boot there: no agent answers)
 # Everything comes from the machine's own Debian archive (apt-get download, dpkg-deb -x);
 # the guest's libraries are the host's (same Debian release). Built once, then cached by the
 # test helper (agent/tests/common/linux_guest.rs).
@@ -53,7 +54,11 @@ for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_p
 done
 n=0
 while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
-mount -t ext4 /dev/vda /mnt || echo "BULWARK-GUEST-FAILED mount /dev/vda"
+# A system that cannot mount its disk does not come up: no guest agent answers.
+if ! mount -t ext4 /dev/vda /mnt; then
+    echo "BULWARK-GUEST-FAILED mount /dev/vda"
+    while true; do sleep 3600; done
+fi
 port=
 for p in /sys/class/virtio-ports/*; do
     [ "$(cat "$p/name")" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}

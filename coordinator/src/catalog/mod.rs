@@ -26,6 +26,7 @@
 //! tree "rp_checks"    rp id [16] → RpCheck, the last verification of a recovery point
 //!                     (removed with the point)
 //! tree "packs"        pack id u32 BE → durable length u64 BE
+//! tree "instant"      recovered VM name (utf-8) → InstantRecord, an instant recovery
 //! meta "next_job_id"  u64 BE
 //! meta "store_key_check" [32], the check value of an encrypted store's key (store::key)
 //! ```
@@ -128,6 +129,7 @@ pub struct Catalog {
     bad_chunks: sled::Tree,
     /// What the last verification of each recovery point found, by the point's id.
     rp_checks: sled::Tree,
+    instant: sled::Tree,
     packs: sled::Tree,
     /// VMs whose data was kept when they left protection: the retention they had.
     kept: sled::Tree,
@@ -284,6 +286,7 @@ impl Catalog {
             chunks: db.open_tree("chunks")?,
             bad_chunks: db.open_tree("bad_chunks")?,
             rp_checks: db.open_tree("rp_checks")?,
+            instant: db.open_tree("instant")?,
             packs: db.open_tree("packs")?,
             kept: db.open_tree("kept")?,
             db,

@@ -262,6 +262,35 @@ pub struct Policy {
     pub verify: VerifyMode,
 }
 
+/// An instant recovery: a VM whose disks are overlays backed by a recovery point that its
+/// host's agent serves (`Export` streams) until `recover-finish` copied the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstantRecord {
+    /// The recovered VM's name (the tree's key).
+    pub name: String,
+    /// The VM the recovery point is of.
+    pub vm: String,
+    pub rp: [u8; 16],
+    /// The host the new VM is on: the only one whose agent may read the exports.
+    pub host: String,
+    /// The point's disks (their block maps are kept from GC while the recovery is active,
+    /// even once the point itself is pruned).
+    pub disks: Vec<RpDisk>,
+    /// The recovery job, once it started.
+    pub job: Option<u64>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds: the VM no longer depends on the exports.
+    pub finished_at: Option<u64>,
+}
+
+impl InstantRecord {
+    /// Whether the VM still reads from the recovery point.
+    pub fn is_active(&self) -> bool {
+        self.finished_at.is_none()
+    }
+}
+
 /// What the last verification of a recovery point found (kept beside the point, dropped with
 /// it).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,9 @@
 //! Typed access to the store's trees: replicas, recovery points, the chunk index, bad chunks,
 //! pack lengths, and the one transactional [`Catalog::commit`].
 
-use super::{decode, encode, BadChunk, Catalog, CatalogError, Commit, RecoveryPointRecord, ReplicaRecord, RpCheck};
+use super::{
+    decode, encode, BadChunk, Catalog, CatalogError, Commit, InstantRecord, RecoveryPointRecord, ReplicaRecord, RpCheck,
+};
 use crate::catalog::Location;
 use bulwark_protocol::block::Digest;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
@@ -142,11 +144,56 @@ impl Catalog {
         self.chunks.len()
     }
 
+    // ---- instant recoveries
+
+    /// The instant recovery that made VM `name`, if any.
+    pub fn instant(&self, name: &str) -> Result<Option<InstantRecord>, CatalogError> {
+        self.instant.get(name.as_bytes())?.map(|v| decode("instant", &v)).transpose()
+    }
+
+    /// Records an instant recovery (durably: an agent's reads are authorized by it).
+    pub fn put_instant(&self, r: &InstantRecord) -> Result<(), CatalogError> {
+        self.instant.insert(r.name.as_bytes(), encode("instant", r)?)?;
+        self.flush_durable()
+    }
+
+    /// Every instant recovery still in use, at most `limit` of them (there are few: each is a
+    /// VM running from the store).
+    pub fn active_instants(&self, limit: usize) -> Result<Vec<InstantRecord>, CatalogError> {
+        let mut out = vec![];
+        for v in self.instant.iter().values() {
+            let r: InstantRecord = decode("instant", &v?)?;
+            if r.is_active() {
+                out.push(r);
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     // ---- bad chunks
 
     /// The last verification of recovery point `rp`, if any.
     pub fn rp_check(&self, rp: &[u8; 16]) -> Result<Option<RpCheck>, CatalogError> {
         self.rp_checks.get(rp)?.map(|v| decode("rp_checks", &v)).transpose()
+    }
+
+    /// The verdicts kept beside recovery points: (read back whole, failed, booted, failed to
+    /// boot), for the metrics.
+    pub fn rp_check_counts(&self) -> Result<[u64; 4], CatalogError> {
+        let mut n = [0u64; 4];
+        for v in self.rp_checks.iter().values() {
+            let c: RpCheck = decode("rp_checks", &v?)?;
+            n[if c.verified { 0 } else { 1 }] += 1;
+            match c.boot_verified {
+                Some(true) => n[2] += 1,
+                Some(false) => n[3] += 1,
+                None => {}
+            }
+        }
+        Ok(n)
     }
 
     /// Records a verification of recovery point `rp` (durably: a failed one was reported).

@@ -93,6 +93,13 @@ impl StoreBlocks {
 
 impl BlockSource for StoreBlocks {
     fn read_block(&mut self, index: u64) -> io::Result<Vec<u8>> {
+        self.read_block_with_id(index).map(|(_, data)| data)
+    }
+}
+
+impl StoreBlocks {
+    /// Block `index` and its leaf id ([`ZERO`] for a block of zeros).
+    pub fn read_block_with_id(&mut self, index: u64) -> io::Result<(Digest, Vec<u8>)> {
         let len = self.geometry.block_len(index);
         if len == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "block past the end of the disk"));
@@ -112,7 +119,7 @@ impl BlockSource for StoreBlocks {
             if id == ZERO { vec![0u8; len] } else { self.store.read_chunk(&id).map_err(io::Error::other)? };
         // A short stored block (the last one) reads as zeros to the block's length.
         data.resize(len, 0);
-        Ok(data)
+        Ok((id, data))
     }
 }
 

@@ -307,6 +307,7 @@ impl JobQueue {
                 job.error = Some(reason);
                 job.finished_at = Some(now());
                 self.save(&job);
+                vm_job::end_instant_of_failed(self.ctx.catalog(), &job);
             }
             _ => tracing::error!(job_id = id, "a queued job is missing from the catalog"),
         }
@@ -329,6 +330,8 @@ impl JobQueue {
                 humantime::format_duration(delay)
             ));
             self.save(&job);
+        } else if job.state != JobState::Succeeded {
+            vm_job::end_instant_of_failed(self.ctx.catalog(), &job);
         }
         self.pump(ctx);
     }
@@ -501,7 +504,8 @@ impl Handler<Counts> for JobQueue {
 /// At start-up: VM jobs a previous run left queued or running are failed with the reason, and
 /// their replicas are judged — an interrupted transfer leaves a replica inconsistent (its
 /// committed state is intact, but continuity with the source is not proven), an interrupted
-/// initial copy leaves it still being created. Returns the ids failed.
+/// initial copy leaves it still being created; an instant recovery whose job had not succeeded
+/// is over. Returns the ids failed.
 pub fn recover_interrupted(catalog: &Catalog, now: u64) -> Result<Vec<u64>, CatalogError> {
     let mut interrupted: Vec<JobRecord> = vec![];
     for r in catalog.jobs_after(None) {
@@ -522,10 +526,59 @@ pub fn recover_interrupted(catalog: &Catalog, now: u64) -> Result<Vec<u64>, Cata
             }
         }
     }
+    // Instant recoveries whose job did not run to its end never made their VM: over.
+    for mut r in catalog.active_instants(usize::MAX)? {
+        let made = match r.job {
+            Some(j) => catalog.job(j)?.is_some_and(|job| job.state == JobState::Succeeded),
+            None => false,
+        };
+        if !made {
+            r.finished_at = Some(now);
+            catalog.put_instant(&r)?;
+        }
+    }
     Ok(failed)
 }
 
 /// Unix seconds now, for job records.
 pub fn now() -> u64 {
     now_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::InstantRecord;
+
+    fn instant(name: &str, job: Option<u64>) -> InstantRecord {
+        InstantRecord {
+            name: name.into(),
+            vm: "web".into(),
+            rp: [7; 16],
+            host: "node1".into(),
+            disks: vec![],
+            job,
+            created_at: 1,
+            finished_at: None,
+        }
+    }
+
+    #[test]
+    fn a_restart_ends_the_instant_recoveries_whose_job_did_not_make_their_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::create(&dir.path().join("catalog")).unwrap();
+        let mut made = JobRecord::queued(1, JobKind::Recovery, Some("web".into()));
+        made.state = JobState::Succeeded;
+        let mut running = JobRecord::queued(2, JobKind::Recovery, Some("web".into()));
+        running.state = JobState::Running;
+        catalog.put_job(&made).unwrap();
+        catalog.put_job(&running).unwrap();
+        for r in [instant("queued", None), instant("made", Some(1)), instant("cut", Some(2))] {
+            catalog.put_instant(&r).unwrap();
+        }
+        recover_interrupted(&catalog, 100).unwrap();
+        let active: Vec<String> = catalog.active_instants(10).unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(active, vec!["made".to_owned()], "only the VM its job made still reads from the point");
+        assert_eq!(catalog.instant("cut").unwrap().unwrap().finished_at, Some(100));
+    }
 }

@@ -262,6 +262,53 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
 
 /// A recovery: the agent of the target host hashes the target VM's disks; each disk gets only
 /// the blocks that differ from the recovery point.
+/// Whether recovery job `job` is an instant recovery: its new VM has an active instant record
+/// for this point, not yet taken by another job (then it is taken by this one).
+fn instant_of(
+    catalog: &crate::catalog::Catalog,
+    job: u64,
+    spec: &crate::catalog::RecoverySpec,
+) -> Result<bool, crate::catalog::CatalogError> {
+    let (Some(name), Some(host)) = (&spec.name, &spec.to_host) else { return Ok(false) };
+    let Some(mut r) = catalog.instant(name)? else { return Ok(false) };
+    if !(r.is_active() && r.rp == spec.rp && &r.host == host && r.job.is_none_or(|j| j == job)) {
+        return Ok(false);
+    }
+    if r.job.is_none() {
+        r.job = Some(job);
+        catalog.put_instant(&r)?;
+    }
+    Ok(true)
+}
+
+/// A recovery job failed for good: an instant recovery waiting for it (or made by it) is over,
+/// so its record no longer keeps the point's chunks nor blocks its name.
+pub fn end_instant_of_failed(catalog: &crate::catalog::Catalog, job: &JobRecord) {
+    let Some(spec) = job.recovery.as_ref() else { return };
+    let Some(name) = spec.name.as_deref() else { return };
+    match catalog.instant(name) {
+        Ok(Some(r)) if r.is_active() && r.rp == spec.rp && r.job.is_none_or(|j| j == job.id) => {
+            end_instant(catalog, name)
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(vm = name, error = %e, "cannot read an instant recovery's record"),
+    }
+}
+
+/// Marks the instant recovery of VM `name` as over (its exports are refused from now on).
+fn end_instant(catalog: &crate::catalog::Catalog, name: &str) {
+    let ended = catalog.instant(name).and_then(|r| match r {
+        Some(mut r) if r.is_active() => {
+            r.finished_at = Some(now_ms() / 1000);
+            catalog.put_instant(&r)
+        }
+        _ => Ok(()),
+    });
+    if let Err(e) = ended {
+        tracing::error!(vm = name, error = %e, "cannot end a failed instant recovery's record");
+    }
+}
+
 async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failure> {
     let catalog = ctx.catalog().clone();
     let name = job.vm.clone().ok_or_else(|| Failure::stop("a recovery without a VM"))?;
@@ -291,7 +338,9 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
         name: spec.name.clone(),
         id_key: ctx.store.codec().hasher.id_key(),
         lease_ms: ctx.lease.as_millis().min(u128::from(u64::MAX)) as u64,
+        instant: instant_of(&catalog, job.id, &spec).map_err(|e| Failure::retry(e.to_string()))?,
     };
+    let instant = setup.instant.then(|| spec.name.clone()).flatten();
     let mut m = Recovery::start(setup, now_ms())?;
     let host = m.host().to_owned();
     let (session, conn_id) = ctx
@@ -314,6 +363,10 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
                 Effect::Finished => {
                     let outcome = m.outcome().cloned();
                     *job = m.record().clone();
+                    // A failed instant recovery leaves no VM depending on the point.
+                    if let (Some(name), Some(Err(_))) = (&instant, &outcome) {
+                        end_instant(&catalog, name);
+                    }
                     return outcome
                         .unwrap_or_else(|| Err(Failure::stop("internal: a recovery finished without an outcome")));
                 }
@@ -460,7 +513,9 @@ async fn disk_transfer(
     let r = match start.mode {
         TransferMode::Blocks => receive_blocks(ingest, &mut s, start, progress).await,
         TransferMode::Compare => compare::run(ctx, ingest, &mut s, start, progress).await,
-        TransferMode::Restore | TransferMode::Items => Err("a recovery stream in a backup job".into()),
+        TransferMode::Restore | TransferMode::Items | TransferMode::Export => {
+            Err("a recovery stream in a backup job".into())
+        }
     };
     match r {
         Ok(done) => {

@@ -45,6 +45,10 @@ pub async fn serve(state: Arc<State>, conn: quinn::Connection) {
                         let _ = send.finish();
                         return;
                     }
+                    (Ok(_), AdminRequest::Mount { vm, rp, disk }) => {
+                        super::export::mount(&state, &mut send, &mut recv, vm, rp, disk).await;
+                        return;
+                    }
                     (Ok(_), AdminRequest::SeedImport { vm, disk, size_bytes, source }) => {
                         protect::seed_import(&state, &mut send, &mut recv, vm, disk, size_bytes, source).await
                     }
@@ -127,9 +131,17 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
             let req = protect::ItemsToHost { vm, rp, disk, paths, host, dest, options, keep_modes };
             protect::recover_items_to_host(state, req).await
         }
-        AdminRequest::RecoverDisk { .. } | AdminRequest::SeedImport { .. } | AdminRequest::RecoverItems { .. } => {
+        AdminRequest::RecoverDisk { .. }
+        | AdminRequest::SeedImport { .. }
+        | AdminRequest::RecoverItems { .. }
+        | AdminRequest::Mount { .. } => {
             AdminResponse::Error { message: "a streaming request reached the plain handler".into() }
         }
+        AdminRequest::ExportCert { csr_pem, names } => export_cert(state, csr_pem, names).await,
+        AdminRequest::RecoverInstant { vm, rp, to_host, name } => {
+            super::instant::recover_instant(state, vm, rp, to_host, name).await
+        }
+        AdminRequest::RecoverFinish { vm } => super::instant::recover_finish(state, vm).await,
         AdminRequest::TokenCreate { ttl_secs, host, cluster, replace } => {
             let authority = state.authority.clone();
             let scope = TokenScope { host, cluster, replace };
@@ -264,6 +276,27 @@ async fn revoke(state: &Arc<State>, host: HostId) -> AdminResponse {
         .unwrap_or(0);
     tracing::warn!(%host, ?serials, connections_closed = closed, "agent revoked");
     AdminResponse::Revoked { host, serials, connections_closed: closed }
+}
+
+/// The most names an export certificate may carry.
+const MAX_EXPORT_NAMES: usize = 16;
+
+async fn export_cert(state: &Arc<State>, csr_pem: String, names: Vec<String>) -> AdminResponse {
+    if names.is_empty() || names.len() > MAX_EXPORT_NAMES || names.iter().any(|n| n.is_empty() || n.len() > 253) {
+        return AdminResponse::Error {
+            message: format!("an export certificate needs 1 to {MAX_EXPORT_NAMES} names of at most 253 bytes"),
+        };
+    }
+    let authority = state.authority.clone();
+    match blocking(move || authority.issue_export_cert(&csr_pem, &names).map_err(|e| e.to_string())).await {
+        Ok(Ok(c)) => AdminResponse::ExportCert {
+            cert_pem: c.cert_pem,
+            ca_pem: c.ca_pem,
+            crl_pem: c.crl_pem,
+            not_after: c.not_after,
+        },
+        Ok(Err(e)) | Err(e) => AdminResponse::Error { message: e },
+    }
 }
 
 #[cfg(test)]

@@ -81,6 +81,8 @@ pub async fn handle(state: Arc<State>, incoming: quinn::Incoming) {
         Role::Coordinator => {
             refuse(&conn, close::REFUSED, "coordinator-to-coordinator sessions are not supported", remote)
         }
+        // Its certificate is for serving only (TLS already refuses it as a client).
+        Role::Export => refuse(&conn, close::REFUSED, "an export certificate is not a client", remote),
     }
 }
 
@@ -277,6 +279,18 @@ async fn route_transfer(state: Arc<State>, host: String, mut send: quinn::SendSt
     };
     if bulwark_protocol::block::check_block_size(block_size as usize).is_err() {
         return refuse(&mut send, format!("block size {block_size} out of bounds"));
+    }
+    // An instant recovery's disk outlives its job: served beside the jobs, for as long as the
+    // recovery is active and only to the agent of its host.
+    if mode == transfer::TransferMode::Export {
+        let catalog = state.store.catalog().clone();
+        let (h, d) = (host.clone(), disk.clone());
+        let found =
+            super::blocking(move || super::export::instant_disk(&catalog, job, &h, &d, block_size, blocks)).await;
+        return match found {
+            Ok(Ok(rp_disk)) => super::export::serve_instant(&state, send, recv, rp_disk).await,
+            Ok(Err(why)) | Err(why) => refuse(&mut send, why),
+        };
     }
     let target = match state.router.stream_target(job, &host) {
         Ok(t) => t,

@@ -52,6 +52,8 @@ struct Snapshot {
     vms: u64,
     vms_protected: u64,
     recovery_points: u64,
+    /// Verdicts of restore verification: read back whole, failed, booted, failed to boot.
+    verified: [u64; 4],
     agents_enrolled: u64,
     store_bytes: u64,
     catalog_bytes: u64,
@@ -86,6 +88,7 @@ fn gather(state: &State) -> Result<Snapshot, String> {
         vms: catalog.count_vms(|_| true).map_err(|e| e.to_string())? as u64,
         vms_protected: catalog.count_vms(|v| v.group.is_some()).map_err(|e| e.to_string())? as u64,
         recovery_points: catalog.all_recovery_points().map_err(|e| e.to_string())?.len() as u64,
+        verified: catalog.rp_check_counts().map_err(|e| e.to_string())?,
         agents_enrolled: authority.agents().map_err(|e| e.to_string())?.iter().filter(|a| !a.revoked).count() as u64,
         store_bytes: super::admin::dir_size(&state.authority.dir().store()),
         catalog_bytes: catalog.size_on_disk(),
@@ -134,6 +137,23 @@ fn render(snap: &Snapshot, connected: u64) -> Result<String, std::fmt::Error> {
     gauge(&mut registry, "vms", "VMs reported by the agents", snap.vms);
     gauge(&mut registry, "vms_protected", "VMs in a protection group", snap.vms_protected);
     gauge(&mut registry, "recovery_points", "Recovery points in the catalog", snap.recovery_points);
+    let verified = Family::<Labels, Gauge>::default();
+    let unverified = snap.recovery_points.saturating_sub(snap.verified[0] + snap.verified[1]);
+    let results = [
+        ("passed", snap.verified[0]),
+        ("failed", snap.verified[1]),
+        ("boot_passed", snap.verified[2]),
+        ("boot_failed", snap.verified[3]),
+        ("unverified", unverified),
+    ];
+    for (result, n) in results {
+        verified.get_or_create(&vec![("result", result.to_owned())]).set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+    registry.register(
+        "recovery_points_verified",
+        "Recovery points by the last verdict of restore verification (read back; boot check)",
+        verified,
+    );
     gauge(&mut registry, "agents_connected", "Agents connected now", connected);
     gauge(&mut registry, "agents_enrolled", "Agents enrolled and not revoked", snap.agents_enrolled);
     gauge(&mut registry, "store_bytes", "Bytes the chunk store takes on disk", snap.store_bytes);
@@ -291,6 +311,7 @@ mod tests {
             vms: 7,
             vms_protected: 6,
             recovery_points: 9,
+            verified: [5, 1, 2, 1],
             agents_enrolled: 2,
             store_bytes: 123,
             catalog_bytes: 45,
@@ -305,6 +326,9 @@ mod tests {
             r#"bulwark_replicas{state="inconsistent"} 1"#,
             "bulwark_agents_connected 2",
             "bulwark_recovery_points 9",
+            r#"bulwark_recovery_points_verified{result="failed"} 1"#,
+            r#"bulwark_recovery_points_verified{result="boot_failed"} 1"#,
+            r#"bulwark_recovery_points_verified{result="unverified"} 3"#,
             "bulwark_store_bytes 123",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

@@ -3,9 +3,12 @@
 //! session actor per agent, and the admin API.
 
 pub mod admin;
+pub mod boot_check;
 pub mod connection;
+pub mod export;
 pub mod fds;
 pub mod history;
+pub mod instant;
 pub mod lists;
 pub mod metrics;
 pub mod protect;
@@ -175,7 +178,13 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
     registry.do_send(registry::WatchHosts(jobs.clone().recipient()));
     history::start(catalog.clone(), retention);
     let _scheduler = scheduler::Scheduler::new(catalog.clone(), jobs.clone(), workers.clone(), jitter).start();
-    let _verifier = verifier::Verifier::new(catalog.clone(), workers.clone(), authority.config().smtp.clone()).start();
+    let _verifier = verifier::Verifier::new(
+        store.clone(),
+        workers.clone(),
+        authority.config().smtp.clone(),
+        authority.config().verify.clone(),
+    )
+    .start();
     let state = Arc::new(State {
         authority: Arc::new(authority),
         endpoint: endpoint.clone(),

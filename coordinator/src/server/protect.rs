@@ -143,6 +143,10 @@ fn set_group(catalog: &Catalog, vms: &[String], group: Option<&str>) -> Result<(
     catalog.flush_durable().map_err(|e| e.to_string())
 }
 
+/// Queues the initial copies of a group's new members. The scheduler's sweep asks for the same
+/// copies as soon as it sees the group, and either may come first: both are automatic requests,
+/// so the second finds the first queued, running or done and is void (a manual request would
+/// be queued behind a running copy and copy the VM twice).
 async fn start_initial(state: &Arc<State>, g: &GroupRecord, vms: &[String]) {
     if policy::creation_time(&g.policy.replica_creation) != Ok(policy::Creation::Now) {
         return;
@@ -151,12 +155,12 @@ async fn start_initial(state: &Arc<State>, g: &GroupRecord, vms: &[String]) {
         let msg = Enqueue {
             vm: vm.clone(),
             kind: JobKind::Initial,
-            automatic: false,
+            automatic: true,
             reason: "replica creation: now".into(),
             recovery: None,
         };
         if let Ok(Err(e)) = state.jobs.send(msg).await {
-            tracing::warn!(%vm, error = %e, "cannot queue the initial copy");
+            tracing::debug!(%vm, reason = %e, "initial copy not queued here (the scheduler's sweep asks for it too)");
         }
     }
 }
@@ -690,7 +694,13 @@ fn not_off(vm: &str) -> String {
 }
 
 /// Whether a recovery may be queued: the recovery point's id, or why not.
-fn check_recover(catalog: &Catalog, v: &str, rp: &str, h: Option<&str>, n: Option<String>) -> Result<[u8; 16], String> {
+pub(crate) fn check_recover(
+    catalog: &Catalog,
+    v: &str,
+    rp: &str,
+    h: Option<&str>,
+    n: Option<String>,
+) -> Result<[u8; 16], String> {
     {
         let rec = catalog.vm(v).map_err(|e| e.to_string())?.ok_or_else(|| format!("no VM named {v}"))?;
         let point = find_rp(catalog, v, rp)?;
@@ -776,7 +786,7 @@ pub async fn recover_items(
 }
 
 /// Queues a job an administrator asked for; answers its id.
-async fn queue(state: &Arc<State>, msg: Enqueue) -> AdminResponse {
+pub(crate) async fn queue(state: &Arc<State>, msg: Enqueue) -> AdminResponse {
     match state.jobs.send(msg).await {
         Ok(Ok(job_id)) => AdminResponse::JobStarted { job_id },
         Ok(Err(e)) => err(e),

@@ -18,8 +18,10 @@ const MEMBERS_PER_TICK: usize = 500;
 
 pub struct Verifier {
     catalog: Catalog,
+    store: std::sync::Arc<crate::store::Store>,
     workers: Addr<StoreActor>,
     smtp: Option<SmtpConfig>,
+    boot: crate::config::VerifyConfig,
     /// A verification is running.
     busy: bool,
     /// The last member looked at: the next tick goes on after it.
@@ -27,8 +29,13 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(catalog: Catalog, workers: Addr<StoreActor>, smtp: Option<SmtpConfig>) -> Self {
-        Self { catalog, workers, smtp, busy: false, cursor: None }
+    pub fn new(
+        store: std::sync::Arc<crate::store::Store>,
+        workers: Addr<StoreActor>,
+        smtp: Option<SmtpConfig>,
+        boot: crate::config::VerifyConfig,
+    ) -> Self {
+        Self { catalog: store.catalog().clone(), store, workers, smtp, boot, busy: false, cursor: None }
     }
 
     /// The next (VM, point) due, looking at up to [`MEMBERS_PER_TICK`] members after the
@@ -95,10 +102,23 @@ impl Verifier {
         tracing::info!(job_id = job.id, vm = %rp.vm, rp = %crate::store::hex(&rp.id), "verifying a recovery point");
         self.busy = true;
         let run = self.workers.send(VerifyPoint { job, rp: rp.clone() });
-        ctx.spawn(run.into_actor(self).map(move |answer, act, ctx| {
+        let (store, boot) = (self.store.clone(), self.boot.clone());
+        let checked = async move {
+            let answer = run.await;
+            // A point read back whole whose VM asks for it is booted too.
+            let booted = match &answer {
+                Ok((_, Some(check))) if check.problem.is_none() && super::boot_check::wants_boot_check(&rp) => {
+                    tracing::info!(vm = %rp.vm, rp = %crate::store::hex(&rp.id), "booting the recovery point");
+                    Some(super::boot_check::boot_check(store, &rp, &boot).await)
+                }
+                _ => None,
+            };
+            (rp, answer, booted)
+        };
+        ctx.spawn(checked.into_actor(self).map(move |(rp, answer, booted), act, ctx| {
             act.busy = false;
             match answer {
-                Ok((job, Some(check))) => act.record(&rp, &job, &check),
+                Ok((job, Some(check))) => act.record(&rp, job, &check, booted),
                 Ok((_, None)) => {}
                 Err(e) => tracing::error!(error = %e, "the store workers are gone"),
             }
@@ -107,12 +127,34 @@ impl Verifier {
         }));
     }
 
-    /// Keeps the verdict beside the point; a failure is mailed.
-    fn record(&self, rp: &RecoveryPointRecord, job: &JobRecord, check: &crate::store::verify::PointCheck) {
+    /// Keeps the verdict beside the point (and the boot check's in the job); a failure is
+    /// mailed.
+    fn record(
+        &self,
+        rp: &RecoveryPointRecord,
+        mut job: JobRecord,
+        check: &crate::store::verify::PointCheck,
+        booted: Option<Result<Duration, String>>,
+    ) {
+        let mut problem = check.problem.clone();
+        if let Some(b) = &booted {
+            let said = match b {
+                Ok(took) => format!("; booted: the guest agent answered after {:.1} s", took.as_secs_f64()),
+                Err(why) => format!("; the boot check FAILED: {why}"),
+            };
+            job.detail = Some(format!("{}{said}", job.detail.as_deref().unwrap_or("")));
+            if let Err(why) = b {
+                problem = Some(format!("the recovery point does not boot: {why}"));
+            }
+            if let Err(e) = self.catalog.put_job(&job) {
+                tracing::error!(job_id = job.id, error = %e, "cannot record the boot check in the job");
+            }
+        }
+        let job = &job;
         let verdict = RpCheck {
             verified_at: now_secs(),
             verified: check.problem.is_none(),
-            boot_verified: None,
+            boot_verified: booted.as_ref().map(Result::is_ok),
             job: job.id,
             detail: job.error.clone().or_else(|| job.detail.clone()).unwrap_or_default(),
         };
@@ -127,7 +169,7 @@ impl Verifier {
                 return;
             }
         }
-        if let Some(problem) = &check.problem {
+        if let Some(problem) = &problem {
             self.alert(rp, job, problem);
         }
     }

@@ -124,7 +124,18 @@ pub struct Store {
     pins: Mutex<Vec<Weak<Pin>>>,
     /// While a GC runs: the pins of ingests that finished meanwhile.
     gc_keep: Mutex<Option<HashSet<Digest>>>,
+    /// Block maps being read outside the catalog's life cycle (a mounted recovery point):
+    /// kept by GC while their [`RootHold`] lives, even once their point is pruned.
+    held: Mutex<Vec<Weak<bulwark_protocol::blockmap::TreeRoot>>>,
 }
+
+/// The most instant recoveries active at once (each is a VM running from the store; the
+/// coordinator refuses more).
+pub const MAX_ACTIVE_INSTANTS: usize = 256;
+
+/// Keeps a block map's chunks from GC while it lives ([`Store::hold`]).
+#[derive(Debug)]
+pub struct RootHold(#[allow(dead_code)] Arc<bulwark_protocol::blockmap::TreeRoot>);
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -193,6 +204,7 @@ impl Store {
             gate: RwLock::new(()),
             pins: Mutex::new(Vec::new()),
             gc_keep: Mutex::new(None),
+            held: Mutex::new(Vec::new()),
         };
         key::bind(&store, key_path, key.as_ref())?;
         Ok(store)
@@ -348,13 +360,27 @@ impl Store {
         Ok(drop)
     }
 
-    /// Every block-map root the store must keep: every recovery point's disks and every
-    /// replica.
+    /// Every block-map root the store must keep: every recovery point's disks, every
+    /// replica, every active instant recovery's disks and every held root.
     pub fn roots(&self) -> Result<Vec<bulwark_protocol::blockmap::TreeRoot>, StoreError> {
         let mut roots: Vec<_> =
             self.catalog.all_recovery_points()?.into_iter().flat_map(|rp| rp.disks).map(|d| d.root).collect();
         roots.extend(self.catalog.replicas()?.into_iter().filter_map(|r| r.root));
+        // All of them, whatever the cap: a root left out here would lose its chunks.
+        roots.extend(self.catalog.active_instants(usize::MAX)?.into_iter().flat_map(|i| i.disks).map(|d| d.root));
+        let mut held = lock(&self.held);
+        held.retain(|w| w.strong_count() > 0);
+        roots.extend(held.iter().filter_map(Weak::upgrade).map(|r| *r));
         Ok(roots)
+    }
+
+    /// Keeps `root`'s chunks from GC until the hold is dropped. Taken before the caller checks
+    /// that the root is still the catalog's: a GC that read the roots before the hold and
+    /// after a prune is then seen as the point being gone.
+    pub fn hold(&self, root: bulwark_protocol::blockmap::TreeRoot) -> RootHold {
+        let hold = Arc::new(root);
+        lock(&self.held).push(Arc::downgrade(&hold));
+        RootHold(hold)
     }
 
     fn pinned(&self, id: &Digest) -> bool {

@@ -27,6 +27,9 @@ pub struct RecoverySetup {
     pub name: Option<String>,
     pub id_key: Option<[u8; 32]>,
     pub lease_ms: u64,
+    /// Instant recovery (with `to_host` only): the agent makes the VM's disks overlays of
+    /// exports it serves; no disk is streamed by the job.
+    pub instant: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,12 +53,16 @@ pub struct Recovery {
     restored: BTreeSet<String>,
     /// The agent's result, come while a disk's stream was still open.
     pending: Option<JobOutcome>,
+    instant: bool,
 }
 
 impl Recovery {
     /// Checks the recovery point and queues the request to the target's agent.
     pub fn start(setup: RecoverySetup, now_ms: u64) -> Result<Recovery, Failure> {
-        let RecoverySetup { record, rp, vm_host, os, to_host, name, id_key, lease_ms } = setup;
+        let RecoverySetup { record, rp, vm_host, os, to_host, name, id_key, lease_ms, instant } = setup;
+        if instant && to_host.is_none() {
+            return Err(Failure::stop("an instant recovery makes a new VM: it needs a host"));
+        }
         let (target, host, create) = match to_host {
             None => (rp.vm.clone(), vm_host, None),
             Some(h) => (
@@ -83,6 +90,7 @@ impl Recovery {
             id_key,
             lease_secs: (lease_ms / 1000).min(u64::from(u32::MAX)) as u32,
             config: rp.config.clone(),
+            instant,
         };
         Ok(Recovery {
             core: JobCore::new(record, VecDeque::from([Effect::Send(CoordinatorMessage::RestoreRequest(request))])),
@@ -96,6 +104,7 @@ impl Recovery {
             open: None,
             restored: BTreeSet::new(),
             pending: None,
+            instant,
         })
     }
 
@@ -143,6 +152,7 @@ impl Recovery {
         let fits = self.rp.disks.iter().find(|d| d.name == disk).and_then(|d| {
             let want = d.size_bytes.div_ceil(u64::from(self.block_size));
             (mode == TransferMode::Restore
+                && !self.instant
                 && blocks == want
                 && block_size == self.block_size
                 && self.open.is_none()
@@ -194,6 +204,19 @@ impl Recovery {
             return;
         }
         let r = match outcome {
+            // Nothing was streamed: the VM's disks read from the exports its agent serves.
+            JobOutcome::Restored { .. } if self.instant && self.restored.is_empty() => {
+                self.core.record.consistency = Some(self.rp.consistency);
+                self.core.record.detail = Some(format!(
+                    "{} created on {} from recovery point {}, its disks backed by the recovery point: \
+                     start it now; `bulwark recover-finish {}` copies the rest",
+                    self.target,
+                    self.host,
+                    crate::store::hex(&self.rp.id),
+                    self.target
+                ));
+                Ok(())
+            }
             JobOutcome::Restored { bytes_read, .. } if self.restored.len() == self.rp.disks.len() => {
                 self.core.record.bytes_scanned = bytes_read;
                 self.core.record.consistency = Some(self.rp.consistency);
@@ -248,7 +271,7 @@ impl JobMachine for Recovery {
 mod tests {
     use super::*;
     use crate::catalog::{JobKind, RpDisk};
-    use bulwark_protocol::messages::Consistency;
+    use bulwark_protocol::messages::{Consistency, FailureKind};
 
     fn rp(disks: &[(&str, u32)]) -> RecoveryPointRecord {
         RecoveryPointRecord {
@@ -271,18 +294,46 @@ mod tests {
         }
     }
 
-    fn start(to_host: Option<&str>) -> Recovery {
-        let setup = RecoverySetup {
+    fn setup(to_host: Option<&str>, name: Option<&str>, instant: bool) -> RecoverySetup {
+        RecoverySetup {
             record: JobRecord::queued(9, JobKind::Recovery, Some("web".into())),
             rp: rp(&[("os", 65536), ("data", 65536)]),
             vm_host: "node1".into(),
             os: GuestOs::Linux,
             to_host: to_host.map(str::to_owned),
-            name: None,
+            name: name.map(str::to_owned),
             id_key: None,
             lease_ms: 30_000,
-        };
-        Recovery::start(setup, 0).unwrap()
+            instant,
+        }
+    }
+
+    fn start(to_host: Option<&str>) -> Recovery {
+        Recovery::start(setup(to_host, None, false), 0).unwrap()
+    }
+
+    fn start_instant(to_host: Option<&str>) -> Result<Recovery, Failure> {
+        Recovery::start(setup(to_host, Some("web-i"), true), 0)
+    }
+
+    #[test]
+    fn an_instant_recovery_streams_nothing_and_ends_with_the_agents_result() {
+        assert!(start_instant(None).is_err(), "an instant recovery makes a new VM");
+        let mut m = start_instant(Some("node2")).unwrap();
+        assert!(matches!(&drain(&mut m)[..], [Effect::Send(CoordinatorMessage::RestoreRequest(r))]
+            if r.instant && r.create.is_some() && r.vm.as_str() == "web-i"));
+        // A restore stream does not belong to it: the recovery fails rather than write.
+        let mut other = start_instant(Some("node2")).unwrap();
+        assert!(other.stream_opened("os", TransferMode::Restore, 16, 65536, 1).is_err());
+        assert!(other.outcome().is_some_and(Result::is_err));
+        // The agent made the VM: done, no disk streamed.
+        m.agent_result(JobOutcome::Restored { bytes_read: 0, bytes_written: 0, skipped: vec![] }, 2);
+        assert_eq!(m.outcome(), Some(&Ok(())));
+        assert!(m.record().detail.as_deref().unwrap_or("").contains("recover-finish web-i"));
+        // Or it could not.
+        let mut m = start_instant(Some("node2")).unwrap();
+        m.agent_result(JobOutcome::Failed { kind: FailureKind::Other, reason: "needs a QEMU host".into() }, 2);
+        assert!(m.outcome().cloned().and_then(Result::err).is_some_and(|f| f.reason.contains("QEMU")));
     }
 
     fn drain(m: &mut Recovery) -> Vec<Effect> {
@@ -348,6 +399,7 @@ mod tests {
             name: None,
             id_key: None,
             lease_ms: 30_000,
+            instant: false,
         };
         assert!(Recovery::start(setup, 0).is_err(), "disks of different block sizes");
     }

@@ -369,6 +369,7 @@ impl Coordinator {
             name: Some(target.to_owned()),
             id_key: self.store.codec().hasher.id_key(),
             lease_ms: JOB_TIMEOUT_MS,
+            instant: false,
         };
         let machine = match Recovery::start(setup, now) {
             Ok(m) => m,
