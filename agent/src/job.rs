@@ -702,11 +702,14 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
     // The writes go to a thread of their own, a few blocks behind the stream: receiving and
     // checking the next blocks overlaps writing the last ones. The restore is complete only
     // once the writer has written everything without an error.
-    let (writes, mut to_write) = mpsc::channel::<(u64, Vec<u8>)>(WRITE_QUEUE);
+    let (writes, mut to_write) = mpsc::channel::<(u64, crate::restore_disk::Unchecked)>(WRITE_QUEUE);
     let writer = {
         let (backend, d) = (env.backend.clone(), disk.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), BackendError> {
-            while let Some((offset, data)) = to_write.blocking_recv() {
+        tokio::task::spawn_blocking(move || -> Result<(), Failure> {
+            while let Some((offset, block)) = to_write.blocking_recv() {
+                // Checked here, beside the stream's reader: hashing every block was the largest
+                // cost left on the task that also drives the connection.
+                let data = block.check().map_err(Failure::other)?;
                 backend.restore_write(&d.vm, &d.name, offset, &data)?;
             }
             Ok(())
@@ -717,8 +720,8 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
         let Some(frame) = frame else { return Err(Failure::other("unexpected frame in a restore: None")) };
         match restore.frame(frame).map_err(Failure::other)? {
             crate::restore_disk::Step::AnswerPages(nodes) => answer_pages(&mut send, &pages, root, nodes, bs).await?,
-            crate::restore_disk::Step::Write { offset, data } => {
-                if writes.send((offset, data)).await.is_err() {
+            crate::restore_disk::Step::Write { offset, block } => {
+                if writes.send((offset, block)).await.is_err() {
                     // The writer stopped: its error says why.
                     break None;
                 }

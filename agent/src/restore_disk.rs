@@ -5,7 +5,7 @@
 //! agent's task (`job::restore_disk`) reads the frames off the wire and performs the steps on
 //! the hypervisor; the simulation hands the frames over and performs them on the sim.
 
-use bulwark_protocol::block::ChunkHasher;
+use bulwark_protocol::block::{ChunkHasher, Digest};
 use bulwark_protocol::transfer::{TransferFrame, TransferMessage};
 
 /// What a frame asks of the agent.
@@ -13,10 +13,51 @@ use bulwark_protocol::transfer::{TransferFrame, TransferMessage};
 pub enum Step {
     /// Answer these nodes of the tree the agent sent (`(level, index)`).
     AnswerPages(Vec<(u8, u64)>),
-    /// Write these bytes at this offset of the disk.
-    Write { offset: u64, data: Vec<u8> },
+    /// Write this block at this offset of the disk, once [`Unchecked::check`] passed.
+    Write { offset: u64, block: Unchecked },
     /// The coordinator sent everything it said it would: the disk is restored.
     Done,
+}
+
+/// A block in its place whose bytes are not yet checked against their id: the bytes are only
+/// to be had through [`Unchecked::check`], so the check (a hash of the whole block) can run
+/// on the thread that writes, beside the one that reads the stream, and cannot be skipped.
+#[derive(Debug, Clone)]
+pub struct Unchecked {
+    index: u64,
+    data: Vec<u8>,
+    /// The id the coordinator sent (`None`: a zero block, made here).
+    id: Option<Digest>,
+    hasher: ChunkHasher,
+}
+
+/// Blocks are alike when they are the same bytes named by the same id for the same place.
+impl PartialEq for Unchecked {
+    fn eq(&self, other: &Self) -> bool {
+        (self.index, &self.id, &self.data) == (other.index, &other.id, &other.data)
+    }
+}
+
+impl Eq for Unchecked {}
+
+impl Unchecked {
+    /// The block's length.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Whether the block is empty (never, for a block in a disk).
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The bytes, when they are the block the coordinator named.
+    pub fn check(self) -> Result<Vec<u8>, String> {
+        match self.id {
+            Some(id) if self.hasher.id(&self.data) != id => Err(format!("block {} does not match its id", self.index)),
+            _ => Ok(self.data),
+        }
+    }
 }
 
 /// One disk being restored.
@@ -63,14 +104,11 @@ impl DiskRestore {
                 return Err(format!("the coordinator stopped the restore: {reason}"))
             }
             TransferFrame::Block { index, id, data } => {
-                if self.hasher.id(&data) != id {
-                    return Err(format!("block {index} does not match its id"));
-                }
-                (index, data)
+                (index, Unchecked { index, data, id: Some(id), hasher: self.hasher.clone() })
             }
             TransferFrame::Zero { index } => {
                 let len = self.block_size.min(self.size.saturating_sub(index.saturating_mul(self.block_size)));
-                (index, vec![0u8; len as usize])
+                (index, Unchecked { index, data: vec![0u8; len as usize], id: None, hasher: self.hasher.clone() })
             }
             other => return Err(format!("unexpected frame in a restore: {other:?}")),
         };
@@ -83,7 +121,7 @@ impl DiskRestore {
         self.last = Some(index);
         self.received += 1;
         self.written += data.len() as u64;
-        Ok(Step::Write { offset, data })
+        Ok(Step::Write { offset, block: data })
     }
 }
 
@@ -95,6 +133,14 @@ mod tests {
         TransferFrame::Block { index, id: ChunkHasher::plain().id(&data), data }
     }
 
+    /// What a step writes, checked.
+    fn written(step: Result<Step, String>) -> Result<(u64, Vec<u8>), String> {
+        match step? {
+            Step::Write { offset, block } => Ok((offset, block.check()?)),
+            other => Err(format!("not a write: {other:?}")),
+        }
+    }
+
     #[test]
     fn blocks_in_order_are_written_and_end_counts_them() {
         let mut r = DiskRestore::new(10_000, 4096, ChunkHasher::plain());
@@ -103,9 +149,9 @@ mod tests {
             r.frame(TransferFrame::Message(TransferMessage::WantPages { nodes: nodes.clone() })),
             Ok(Step::AnswerPages(nodes))
         );
-        assert_eq!(r.frame(block(0, vec![1; 4096])), Ok(Step::Write { offset: 0, data: vec![1; 4096] }));
+        assert_eq!(written(r.frame(block(0, vec![1; 4096]))), Ok((0, vec![1; 4096])));
         // The last block is short; a zero block is as long as its place.
-        assert_eq!(r.frame(TransferFrame::Zero { index: 2 }), Ok(Step::Write { offset: 8192, data: vec![0; 1808] }));
+        assert_eq!(written(r.frame(TransferFrame::Zero { index: 2 })), Ok((8192, vec![0; 1808])));
         let end = |n| TransferFrame::Message(TransferMessage::End { blocks_sent: n, bytes_read: 0 });
         assert!(r.frame(end(3)).is_err(), "a count that does not match ends the restore");
         let mut r = DiskRestore::new(10_000, 4096, ChunkHasher::plain());
@@ -117,8 +163,9 @@ mod tests {
     #[test]
     fn hostile_frames_stop_the_restore_and_write_nothing() {
         let mut r = DiskRestore::new(10_000, 4096, ChunkHasher::plain());
+        // A forged block: its bytes are never handed out.
         let forged = TransferFrame::Block { index: 0, id: [7; 32], data: vec![1; 4096] };
-        assert!(r.frame(forged).unwrap_err().contains("does not match its id"));
+        assert!(written(r.frame(forged)).unwrap_err().contains("does not match its id"));
         r.frame(block(1, vec![1; 4096])).unwrap();
         for bad in [block(1, vec![3; 4096]), block(0, vec![3; 4096]), block(3, vec![3; 4096]), block(2, vec![3; 4096])]
         {
@@ -128,6 +175,6 @@ mod tests {
         assert!(r.frame(TransferFrame::Zero { index: u64::MAX }).is_err(), "no overflow");
         let failed = TransferFrame::Message(TransferMessage::Failed { reason: "gone".into() });
         assert!(r.frame(failed).unwrap_err().contains("gone"));
-        assert_eq!(r.received(), 1);
+        assert_eq!(r.received(), 2);
     }
 }

@@ -225,7 +225,8 @@ impl Agent {
                     .map_err(|e| e.to_string())?;
                 Ok(Some(vec![say(TransferMessage::Pages { pages })]))
             }
-            Step::Write { offset, data } => {
+            Step::Write { offset, block } => {
+                let data = block.check()?;
                 let v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
                 v.restore_write(&r.disk, offset, &data).map_err(sim_err)?;
                 Ok(Some(vec![]))
