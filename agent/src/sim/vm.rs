@@ -808,7 +808,8 @@ thread_local! {
 /// end syncs the image either way.
 fn direct_write(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let aligned = !data.is_empty() && offset % DIRECT_ALIGN as u64 == 0 && data.len() % DIRECT_ALIGN == 0;
+    let aligned =
+        !data.is_empty() && offset.is_multiple_of(DIRECT_ALIGN as u64) && data.len().is_multiple_of(DIRECT_ALIGN);
     if aligned {
         match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
             Ok(f) => {
