@@ -19,28 +19,11 @@ const MIB: u64 = 1 << 20;
 fn backed_up(size: &str) -> Cluster {
     let mut c = Cluster::start();
     let root = c.root.path().join("sim");
-    let r = root.to_str().unwrap();
-    let disk = format!("os:{size}");
-    ok(&[
-        "x-agent",
-        "sim",
-        "create-vm",
-        "--root",
-        r,
-        "--name",
-        "vm1",
-        "--host",
-        "node1",
-        "--disk",
-        &disk,
-        "--fill",
-        "random",
-    ]);
+    random_sim_vm(&root, "vm1", "node1", &[&format!("os:{size}")]);
     c.enroll("node1");
     c.run_sim_agent("node1", &root);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("vm1").is_some());
-    c.json(&["group", "create", "g", "--vm", "vm1", "--sync-every", "off", "--recovery-points", "none"]);
-    wait_until("initial replica", Duration::from_secs(120), || c.vm("vm1").unwrap()["replica_state"] == "consistent");
+    c.protect_and_wait("vm1");
     c
 }
 

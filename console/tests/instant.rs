@@ -34,22 +34,7 @@ fn raw_of(image: &Path, out: &Path) -> Vec<u8> {
 fn protected() -> (Cluster, std::path::PathBuf, Vec<u8>) {
     let mut c = Cluster::start();
     let sim = c.root.path().join("sim");
-    let r = sim.to_str().unwrap();
-    ok(&[
-        "x-agent",
-        "sim",
-        "create-vm",
-        "--root",
-        r,
-        "--name",
-        "s1",
-        "--host",
-        "node2",
-        "--disk",
-        "os:12MiB",
-        "--fill",
-        "random",
-    ]);
+    random_sim_vm(&sim, "s1", "node2", &["os:12MiB"]);
     let vm_dir = c.root.path().join("q/vms");
     std::fs::create_dir_all(&vm_dir).unwrap();
     c.enroll("node1");
@@ -57,8 +42,7 @@ fn protected() -> (Cluster, std::path::PathBuf, Vec<u8>) {
     c.run_agent_with("node1", &["--qemu-vm-dir", vm_dir.to_str().unwrap()]);
     c.run_sim_agent("node2", &sim);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("s1").is_some());
-    c.json(&["group", "create", "g", "--vm", "s1", "--sync-every", "off", "--recovery-points", "none"]);
-    wait_until("initial replica", Duration::from_secs(120), || c.vm("s1").unwrap()["replica_state"] == "consistent");
+    c.protect_and_wait("s1");
     let want = sim_disk(&sim, "s1", "os");
     (c, vm_dir, want)
 }

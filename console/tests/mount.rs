@@ -18,29 +18,11 @@ use std::time::Duration;
 fn backed_up() -> Cluster {
     let mut c = Cluster::start();
     let root = c.root.path().join("sim");
-    let r = root.to_str().unwrap();
-    ok(&[
-        "x-agent",
-        "sim",
-        "create-vm",
-        "--root",
-        r,
-        "--name",
-        "vm1",
-        "--host",
-        "node1",
-        "--disk",
-        "os:12MiB",
-        "--disk",
-        "data:1536KiB",
-        "--fill",
-        "random",
-    ]);
+    random_sim_vm(&root, "vm1", "node1", &["os:12MiB", "data:1536KiB"]);
     c.enroll("node1");
     c.run_sim_agent("node1", &root);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("vm1").is_some());
-    c.json(&["group", "create", "g", "--vm", "vm1", "--sync-every", "off", "--recovery-points", "none"]);
-    wait_until("initial replica", Duration::from_secs(120), || c.vm("vm1").unwrap()["replica_state"] == "consistent");
+    c.protect_and_wait("vm1");
     c
 }
 

@@ -208,6 +208,15 @@ impl Cluster {
         self.json(&["vm", "list"]).as_array().unwrap().iter().find(|v| v["name"] == name).cloned()
     }
 
+    /// Puts `vm` (already reported) alone in group `g` with no schedule and no recovery-point
+    /// goal, and waits for its initial replica.
+    pub fn protect_and_wait(&self, vm: &str) {
+        self.json(&["group", "create", "g", "--vm", vm, "--sync-every", "off", "--recovery-points", "none"]);
+        wait_until("initial replica", Duration::from_secs(120), || {
+            self.vm(vm).is_some_and(|v| v["replica_state"] == "consistent")
+        });
+    }
+
     /// Waits (up to `timeout`) for a job of `kind` of `vm` to have succeeded; answers it.
     pub fn wait_succeeded(&self, vm: &str, kind: &str, timeout: Duration) -> serde_json::Value {
         let find = || {
@@ -267,7 +276,18 @@ impl Cluster {
     }
 }
 
-/// A sim VM's disk as the guest sees it now.
+/// Creates sim VM `name` on `host` under the sim root `root` with these disks (`NAME:SIZE`),
+/// filled with random bytes, through `bulwark x-agent sim create-vm`.
+pub fn random_sim_vm(root: &Path, name: &str, host: &str, disks: &[&str]) {
+    let mut args =
+        vec!["x-agent", "sim", "create-vm", "--root", root.to_str().unwrap(), "--name", name, "--host", host];
+    for d in disks {
+        args.extend(["--disk", d]);
+    }
+    args.extend(["--fill", "random"]);
+    ok(&args);
+}
+
 /// Creates sim VM `name` on node1 under the sim root `root`, with one disk `os` of `size`
 /// bytes, and writes `image` at its start through `bulwark x-agent sim write`.
 pub fn sim_vm_from_image(root: &Path, name: &str, size: u64, image: &Path) {
@@ -280,6 +300,7 @@ pub fn sim_vm_from_image(root: &Path, name: &str, size: u64, image: &Path) {
     ok(&["x-agent", "sim", "write", "--root", root, "--vm", name, "--disk", "os", "--offset", "0", "--input", image]);
 }
 
+/// A sim VM's disk as the guest sees it now.
 pub fn sim_disk(root: &Path, vm: &str, disk: &str) -> Vec<u8> {
     let mut out = vec![];
     bulwark_agent::sim::read_disk(root, vm, disk, &mut out).unwrap();
