@@ -45,6 +45,12 @@ impl Quiesced {
     }
 }
 
+/// Where a restore writes one disk's blocks (see [`Hypervisor::restore_writer`]).
+pub trait DiskWriter: Send {
+    /// Writes `data` at byte `offset` of the disk.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
+}
+
 /// What the agent asks of a hypervisor.
 pub trait Hypervisor: Send + Sync + 'static {
     /// The VMs of `host`.
@@ -109,8 +115,9 @@ pub trait Hypervisor: Send + Sync + 'static {
         hasher: &ChunkHasher,
         sink: &mut dyn FnMut(ReadBlock<'_>) -> Result<(), String>,
     ) -> Result<ReadStats, BackendError>;
-    /// Writes restored bytes.
-    fn restore_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> Result<(), BackendError>;
+    /// A writer of restored bytes into `disk` of `vm` (a VM being restored), opened once for
+    /// all of a restore's writes.
+    fn restore_writer(&self, vm: &str, disk: &str) -> Result<Box<dyn DiskWriter + '_>, BackendError>;
     /// Syncs and unmarks a restored VM; its change tracking starts over.
     fn restore_finish(&self, vm: &str) -> Result<(), BackendError>;
     /// Instant recovery: makes VM `vm` on this host (powered off, as `restore_begin` with
@@ -175,6 +182,12 @@ pub struct SimBackend {
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl DiskWriter for sim::RestoreWriter {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        Ok(sim::RestoreWriter::write_at(self, offset, data)?)
+    }
 }
 
 impl Hypervisor for SimBackend {
@@ -331,8 +344,10 @@ impl Hypervisor for SimBackend {
             .map_err(|e| BackendError::Failed(e.to_string()))
     }
 
-    fn restore_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        Ok(Vm::open(&self.root, vm)?.restore_write(disk, offset, data)?)
+    fn restore_writer(&self, vm: &str, disk: &str) -> Result<Box<dyn DiskWriter + '_>, BackendError> {
+        // The VM's lock is held only while the writer is opened: nothing else writes a VM
+        // that is being restored.
+        Ok(Box::new(Vm::open(&self.root, vm)?.restore_writer(disk)?))
     }
 
     fn restore_finish(&self, vm: &str) -> Result<(), BackendError> {

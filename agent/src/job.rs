@@ -706,11 +706,12 @@ async fn restore_disk(env: &JobEnv, job: u64, disk: &Disk) -> Result<(u64, u64),
     let writer = {
         let (backend, d) = (env.backend.clone(), disk.clone());
         tokio::task::spawn_blocking(move || -> Result<(), Failure> {
+            let mut target = backend.restore_writer(&d.vm, &d.name)?;
             while let Some((offset, block)) = to_write.blocking_recv() {
                 // Checked here, beside the stream's reader: hashing every block was the largest
                 // cost left on the task that also drives the connection.
                 let data = block.check().map_err(Failure::other)?;
-                backend.restore_write(&d.vm, &d.name, offset, &data)?;
+                target.write_at(offset, &data)?;
             }
             Ok(())
         })

@@ -215,7 +215,7 @@ fn restores_go_through_qemu_nbd_and_refuse_a_running_vm() {
     vm.quit();
     b.restore_begin("fs", "node1", "test", None, &[]).unwrap();
     let data = vec![0x5au8; MIB as usize];
-    b.restore_write("fs", "os", 2 * MIB, &data).unwrap();
+    b.restore_writer("fs", "os").unwrap().write_at(2 * MIB, &data).unwrap();
     b.restore_finish("fs").unwrap();
     let out = Command::new("qemu-img")
         .args(["convert", "-O", "raw"])
@@ -276,4 +276,94 @@ proptest! {
         }
         vm.quit();
     }
+}
+
+/// A tmpfs mounted for a test (unmounted when dropped); mounting needs root, as CI runs.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap();
+        assert!(status.success(), "this test mounts a tmpfs and needs root (CI runs as root)");
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Sets top-level `key = value` lines of a VM's definition (before its `[[disks]]`).
+fn set_def(vm: &Vm, lines: &str) {
+    let path = vm.dir.join("vms").join(format!("{}.toml", vm.name));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let kept: Vec<&str> =
+        text.lines().filter(|l| !l.starts_with("fleece_dir") && !l.starts_with("fleece_reserve_percent")).collect();
+    let at = kept.iter().position(|l| l.starts_with("[[disks]]")).unwrap();
+    let mut out: Vec<String> = kept.iter().map(|l| (*l).to_owned()).collect();
+    out.insert(at, lines.to_owned());
+    std::fs::write(&path, out.join("\n") + "\n").unwrap();
+}
+
+/// The fleece directory on a 16 MiB tmpfs: a snapshot whose reserve does not fit is refused
+/// with the reason, before anything changes; one whose guest overwrites more than fits while
+/// it is read breaks (the read fails and says so) while every guest write succeeds; released
+/// and abandoned, the next snapshot reads the disk as it is, with the writes of the broken one.
+#[test]
+fn a_full_fleece_directory_breaks_the_snapshot_never_the_guests_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleece = dir.path().join("fleece");
+    let _tmpfs = Tmpfs::mount(&fleece, "16m");
+    let size = 128 * MIB;
+    let mut vm = Vm::create(dir.path(), "f1", size, "qcow2");
+    vm.start();
+    vm.write(0, 64 * MIB, 0x11);
+    let b = backend(dir.path());
+
+    // 20 % of 128 MiB does not fit in 16 MiB: refused, nothing held, the VM runs.
+    set_def(&vm, &format!("fleece_dir = \"{}\"\nfleece_reserve_percent = 20", fleece.display()));
+    b.freeze("f1").unwrap();
+    let e = b.take("f1", "node1").unwrap_err();
+    b.thaw("f1").unwrap();
+    assert!(matches!(e, BackendError::Refused(_)), "{e}");
+    let text = e.to_string();
+    assert!(text.contains(&fleece.display().to_string()) && text.contains("MiB free"), "unclear refusal: {text}");
+    assert_eq!(vm.status(), "running");
+    assert!(vm.nodes().iter().all(|n| !n.starts_with("bulwark-")), "no graph was built: {:?}", vm.nodes());
+
+    // The default 10 % fits; then the guest overwrites 32 MiB while the snapshot is held.
+    set_def(&vm, &format!("fleece_dir = \"{}\"", fleece.display()));
+    let (_, t0) = snap(&b, "f1");
+    for i in 0..4u64 {
+        // `write` asserts that QEMU reported no error to the guest.
+        vm.write(i * 8 * MIB, 8 * MIB, 0x20 + i as u8);
+    }
+    assert_eq!(vm.status(), "running", "the guest was not stopped by a full fleece image");
+    let h = ChunkHasher::plain();
+    let read = b.read_blocks("f1", "os", (0..size / MIB).collect(), MIB as usize, &h, &mut |_| Ok(()));
+    let e = read.expect_err("a broken snapshot cannot be read");
+    let text = e.to_string();
+    assert!(text.contains("fleece") && text.contains("full"), "unclear read failure: {text}");
+    b.release("f1").unwrap();
+    b.abandon("f1").unwrap();
+    assert!(vm.nodes().iter().all(|n| !n.starts_with("bulwark-")), "no filter node left: {:?}", vm.nodes());
+
+    // The next snapshot is the disk as it is, and nothing of the broken one was lost.
+    let (_, t1) = snap(&b, "f1");
+    assert_eq!(t1, t0, "an abandoned run does not advance the token");
+    let (img, _) = read_all(&b, "f1", size, MIB as usize);
+    for i in 0..4u64 {
+        let at = (i * 8 * MIB) as usize;
+        assert!(img[at..at + (8 * MIB) as usize].iter().all(|&x| x == 0x20 + i as u8), "write {i} is in the snapshot");
+    }
+    assert!(img[(32 * MIB) as usize..(64 * MIB) as usize].iter().all(|&x| x == 0x11));
+    b.release("f1").unwrap();
+    vm.quit();
 }

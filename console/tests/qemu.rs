@@ -248,3 +248,102 @@ fn a_qemu_vm_is_seeded_by_export_and_import_without_an_initial_copy() {
     vm.quit();
     assert_eq!(c.recover_disk("sq", "latest", "os"), vm.raw(), "bit-exact");
 }
+
+/// The fleece directory of a QEMU VM, on a 256 MiB tmpfs, fills up while an express full
+/// reads the snapshot: every guest write succeeds, the attempt fails midway and says why, the
+/// replica stays consistent (nothing was committed), and the retry, a consistency check and the
+/// next backup succeed and restore bit-exact with every write.
+#[test]
+fn a_fleece_directory_that_fills_fails_the_backup_never_the_guest() {
+    let mut c = Cluster::start();
+    let qdir = c.root.path().join("q");
+    let fleece = qdir.join("fleece");
+    std::fs::create_dir_all(&fleece).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
+        .arg(&fleece)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "this test mounts a tmpfs and needs root (CI runs as root)");
+    let _unmount = Unmount(fleece.clone());
+    let mut vm = Vm::create(&qdir, "f1", 2 * GIB, "qcow2");
+    let def_path = qdir.join("vms/f1.toml");
+    let def = std::fs::read_to_string(&def_path).unwrap();
+    let def = def.replacen("[[disks]]", &format!("fleece_dir = \"{}\"\n[[disks]]", fleece.display()), 1);
+    std::fs::write(&def_path, def).unwrap();
+    vm.start();
+    vm.write(0, 64 * MIB, 1);
+    c.enroll("node1");
+    let vm_dir = qdir.join("vms");
+    let agent = c.run_agent_with("node1", &["--qemu-vm-dir", vm_dir.to_str().unwrap()]);
+    wait_until("the VM is reported", Duration::from_secs(30), || c.vm("f1").is_some());
+    c.json(&[
+        "group",
+        "create",
+        "g",
+        "--vm",
+        "f1",
+        "--sync-every",
+        "off",
+        "--recovery-points",
+        "none",
+        "--no-cc-when-inconsistent",
+    ]);
+    wait_until("initial replica", Duration::from_secs(60), || c.vm("f1").unwrap()["replica_state"] == "consistent");
+
+    // A change set the express full reads for a few seconds (its 10 % reserve, 205 MiB, fits) ...
+    for i in 0..128u64 {
+        vm.write(i * 8 * MIB, 8 * MIB, 0x40 + (i % 64) as u8);
+    }
+    let dir = c.dir_str();
+    let backup = std::process::Command::new(bin())
+        .args(["--data-dir", &dir, "backup", "f1", "--wait"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The agent logs each disk as it starts sending it (1,024 changed blocks of 1 MiB).
+    c.agents[agent].wait_log("sending blocks disk=os blocks=1024");
+    // ... while the guest overwrites 320 MiB of it: more old data than the fleece can keep.
+    // (`write` asserts that QEMU took each write; the last check below that each landed.)
+    for i in 0..40u64 {
+        vm.write(i * 8 * MIB, 8 * MIB, 0x80 + i as u8);
+    }
+    assert_eq!(vm.status(), "running");
+    // The attempt fails midway and says why, and waits for its retry (a transient failure: the
+    // guest's burst may be over by then). Nothing of it was committed and the agent kept its
+    // changes, so the replica is still exactly the last recovery point: consistent, with no
+    // consistency check owed.
+    let mut seen = serde_json::Value::Null;
+    wait_until("the attempt failed and waits for a retry", Duration::from_secs(60), || {
+        seen = c.json(&["job", "show", "2"]);
+        seen["state"] == "queued" && seen["detail"].as_str().is_some_and(|d| d.contains("failed"))
+    });
+    let detail = seen["detail"].as_str().unwrap();
+    assert!(detail.contains("fleece directory") && detail.contains("is full"), "the failure says why: {seen}");
+    assert_eq!(c.vm("f1").unwrap()["replica_state"], "consistent");
+    let out = backup.wait_with_output().unwrap();
+    assert!(out.status.success(), "the retry succeeds: {}", String::from_utf8_lossy(&out.stdout));
+    wait_until("the graph is torn down", Duration::from_secs(30), || {
+        vm.nodes().iter().all(|n| !n.starts_with("bulwark-"))
+    });
+    assert!(std::fs::read_dir(&fleece).unwrap().next().is_none(), "no fleecing image is left");
+
+    let cc = c.json(&["cc", "f1", "--wait"]);
+    assert_eq!(cc["state"], "succeeded", "{cc}");
+    vm.write(1500 * MIB, MIB, 0x77);
+    let job = c.json(&["backup", "f1", "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    vm.quit();
+    let view = vm.raw();
+    assert_eq!(c.recover_disk("f1", "latest", "os"), view, "no write was lost");
+}
+
+/// Unmounts a test's tmpfs when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

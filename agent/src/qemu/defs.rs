@@ -43,6 +43,11 @@ pub struct VmDef {
     /// Where point-in-time fleecing images go (default: the agent's state directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleece_dir: Option<PathBuf>,
+    /// How much of each disk the guest may write while one backup reads it (its churn over the
+    /// backup window), in percent of the disk's size (default 10): the fleecing images may grow
+    /// that large, so a snapshot is refused when the fleece directory has less free space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleece_reserve_percent: Option<u8>,
     /// Opaque VM configuration kept with each recovery point.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
@@ -179,6 +184,9 @@ impl VmDef {
         }
         if self.disks.is_empty() {
             return Err("no [[disks]]".into());
+        }
+        if let Some(p) = self.fleece_reserve_percent.filter(|p| !(1..=100).contains(p)) {
+            return Err(format!("fleece_reserve_percent {p}: use 1 to 100"));
         }
         if let Some(f) = &self.on_hook_failure {
             if !matches!(f.as_str(), "freeze" | "pause" | "fail") {

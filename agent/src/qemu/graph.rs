@@ -113,7 +113,10 @@ impl QemuBackend {
             .map_err(failed)?;
             q.execute(
                 "blockdev-add",
-                json!({ "node-name": cbw_node(d), "driver": "copy-before-write", "file": d.node, "target": fleece_node(d) }),
+                // A fleece image that cannot grow (its file system full) breaks the snapshot,
+                // never the guest's write: QEMU's default fails the write the guest made.
+                json!({ "node-name": cbw_node(d), "driver": "copy-before-write", "file": d.node,
+                        "target": fleece_node(d), "on-cbw-error": "break-snapshot" }),
             )
             .map_err(failed)?;
             q.execute(

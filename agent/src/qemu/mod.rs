@@ -35,7 +35,7 @@ pub use graph::graph_matches;
 use graph::{find_node, image_info, offline_bitmaps, qemu_img, remove_bitmap_online};
 use state::{write_durably, FrozenState, Open, SnapState, VmState};
 
-use crate::backend::{BackendError, Hypervisor, Quiesced};
+use crate::backend::{BackendError, DiskWriter, Hypervisor, Quiesced};
 use crate::reader::{ReadBlock, ReadStats};
 use bulwark_protocol::block::ChunkHasher;
 use bulwark_protocol::messages::{
@@ -60,6 +60,10 @@ pub const SNAP_BITMAP: &str = "bulwark-snap";
 /// How long a guest may take to freeze.
 /// How long QEMU may take to answer a command.
 const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of each disk a snapshot reserves in the fleece directory by default, in percent.
+pub const DEFAULT_FLEECE_RESERVE_PERCENT: u8 = 10;
+/// Less free space than this in the fleece directory, after a failed read, means it filled up.
+const FLEECE_FULL: u64 = 1 << 20;
 /// How long an inventory waits for one VM's QMP: the inventory covers every VM of the host.
 const INVENTORY_QMP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Meta context of the snapshot bitmap.
@@ -169,11 +173,63 @@ impl QemuBackend {
         }
     }
 
+    fn fleece_dir(&self, def: &VmDef) -> PathBuf {
+        def.fleece_dir.clone().unwrap_or_else(|| self.state_dir.join("fleece"))
+    }
+
     fn fleece_path(&self, def: &VmDef, d: &DiskDef) -> PathBuf {
-        def.fleece_dir
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("fleece"))
-            .join(format!("{}-{}.fleece", def.name, d.name))
+        self.fleece_dir(def).join(format!("{}-{}.fleece", def.name, d.name))
+    }
+
+    /// Why a held snapshot could not be read: a fleece directory that filled up broke the
+    /// snapshot (QEMU refuses its reads from then on), which the bare NBD error does not say.
+    fn explain_read_failure(&self, vm: &str, error: String) -> BackendError {
+        let Ok(def) = self.def(vm) else { return failed(error) };
+        let dir = self.fleece_dir(&def);
+        let full = rustix::fs::statvfs(&dir).is_ok_and(|st| st.f_bavail.saturating_mul(st.f_frsize) < FLEECE_FULL);
+        if full {
+            return failed(format!(
+                "the snapshot of {vm} broke: its fleece directory {} is full, so the point in time \
+                 could not be kept while the guest wrote (the guest's writes all went on); free \
+                 space there or raise fleece_reserve_percent ({error})",
+                dir.display()
+            ));
+        }
+        failed(error)
+    }
+
+    /// Refuses a snapshot of a running VM whose fleecing images may not fit: while a backup
+    /// reads the snapshot, every first guest write to a cluster copies the old data into the
+    /// fleece image, so the images grow up to the guest's churn over the backup window —
+    /// `fleece_reserve_percent` of each disk (as DPM sizes its differencing disks). Were they to
+    /// fill anyway, the snapshot breaks and the backup fails; the guest never does (see
+    /// [`graph`]'s `on-cbw-error`).
+    fn check_fleece_space(&self, q: &mut Qmp, def: &VmDef) -> Result<(), BackendError> {
+        let percent = u64::from(def.fleece_reserve_percent.unwrap_or(DEFAULT_FLEECE_RESERVE_PERCENT));
+        let mut need = 0u64;
+        let mut total = 0u64;
+        for d in &def.disks {
+            let size = self.size_of(def, d, Some(&mut *q))?;
+            total = total.saturating_add(size);
+            need = need.saturating_add(size.div_ceil(100).saturating_mul(percent));
+        }
+        let dir = self.fleece_dir(def);
+        std::fs::create_dir_all(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+        let st = rustix::fs::statvfs(&dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+        let free = st.f_bavail.saturating_mul(st.f_frsize);
+        if free < need {
+            return Err(BackendError::Refused(format!(
+                "the fleece directory {} has {} MiB free; a backup of {} needs about {} MiB there \
+                 ({percent} % of its {} MiB of disks may change while it is read): free space, \
+                 point fleece_dir at a larger file system or lower fleece_reserve_percent",
+                dir.display(),
+                free >> 20,
+                def.name,
+                need.div_ceil(1 << 20),
+                total >> 20
+            )));
+        }
+        Ok(())
     }
 
     /// The size of a disk: from QEMU when it runs, else from the image.
@@ -279,6 +335,19 @@ impl QemuBackend {
             }
             Some(_) => Ok(()),
         }
+    }
+}
+
+/// A restore's writes into one disk, through the NBD connection its `restore_begin` opened.
+struct NbdRestoreWriter<'a> {
+    backend: &'a QemuBackend,
+    vm: String,
+    disk: String,
+}
+
+impl DiskWriter for NbdRestoreWriter<'_> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.backend.with_nbd(&self.vm, &self.disk, |n| n.write_at(data, offset).map_err(failed))
     }
 }
 
@@ -436,6 +505,9 @@ impl Hypervisor for QemuBackend {
             return Err(BackendError::Refused(format!("{vm} is being restored")));
         }
         let mut q = self.qmp(&def)?;
+        if let Some(q) = q.as_mut() {
+            self.check_fleece_space(q, &def)?;
+        }
         let lost = match q.as_mut() {
             Some(q) => self.ensure_tracking_online(q, &def)?,
             None => self.ensure_tracking_offline(&def)?,
@@ -537,7 +609,8 @@ impl Hypervisor for QemuBackend {
         }
         self.with_nbd(vm, disk, |n| {
             let size = n.size();
-            let extents = n.block_status(&dirty_context(), 0, size).map_err(failed)?;
+            let extents =
+                n.block_status(&dirty_context(), 0, size).map_err(|e| self.explain_read_failure(vm, e.to_string()))?;
             Ok(nbd::blocks_of(&extents, block_size, |f| f & nbd::STATE_DIRTY != 0))
         })
     }
@@ -545,7 +618,8 @@ impl Hypervisor for QemuBackend {
     fn allocated_blocks(&self, vm: &str, disk: &str, block_size: u64) -> Result<Vec<u64>, BackendError> {
         self.with_nbd(vm, disk, |n| {
             let size = n.size();
-            let extents = n.block_status(ALLOCATION, 0, size).map_err(failed)?;
+            let extents =
+                n.block_status(ALLOCATION, 0, size).map_err(|e| self.explain_read_failure(vm, e.to_string()))?;
             Ok(nbd::blocks_of(&extents, block_size, |f| f & nbd::STATE_ZERO == 0))
         })
     }
@@ -575,7 +649,10 @@ impl Hypervisor for QemuBackend {
             crate::reader::read_blocks_from(&what, size, block_size, indices, hasher, sink, |buf, offset| {
                 n.read_at(buf, offset).map_err(std::io::Error::other)
             })
-            .map_err(failed)
+            .map_err(|e| match e {
+                crate::reader::ReadError::Io { .. } => self.explain_read_failure(vm, e.to_string()),
+                e => failed(e),
+            })
         })
     }
 
@@ -729,8 +806,8 @@ impl Hypervisor for QemuBackend {
         self.read_blocks(vm, disk, indices, block_size, hasher, sink)
     }
 
-    fn restore_write(&self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.with_nbd(vm, disk, |n| n.write_at(data, offset).map_err(failed))
+    fn restore_writer(&self, vm: &str, disk: &str) -> Result<Box<dyn DiskWriter + '_>, BackendError> {
+        Ok(Box::new(NbdRestoreWriter { backend: self, vm: vm.to_owned(), disk: disk.to_owned() }))
     }
 
     fn instant_begin(
@@ -1055,6 +1132,7 @@ impl QemuBackend {
             },
             app_hooks: false,
             fleece_dir: None,
+            fleece_reserve_percent: None,
             config: None,
             pre_snapshot: None,
             post_snapshot: None,
@@ -1069,6 +1147,7 @@ impl QemuBackend {
             def.app_hooks = k.app_hooks;
             def.config = k.config;
             def.freeze_timeout_secs = k.freeze_timeout_secs;
+            def.fleece_reserve_percent = k.fleece_reserve_percent;
             def.boot_check = k.boot_check;
             def.guest_agent = k.guest_agent.map(|_| self.restore_dir.join(format!("{vm}.qga")));
         }

@@ -15,8 +15,8 @@ use rand::{RngCore, SeedableRng};
 use std::io::Write;
 use std::path::Path;
 pub use vm::{
-    ground_truth, ChangeToken, DiskConfig, Frozen, GroundTruth, Power, ReplicaHealth, SimError, SnapConsistency, Vm,
-    VmConfig, GROUND_TRUTH_DIR,
+    ground_truth, ChangeToken, DiskConfig, Frozen, GroundTruth, Power, ReplicaHealth, RestoreWriter, SimError,
+    SnapConsistency, Vm, VmConfig, GROUND_TRUTH_DIR,
 };
 
 /// What `sim create-vm` asks for.

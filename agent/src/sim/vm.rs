@@ -417,30 +417,24 @@ impl Vm {
 
     /// Reads `buf.len()` bytes at `offset` as the guest sees them now.
     pub fn guest_read(&self, disk: &str, offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
+        self.guest_view(disk)?.read(offset, buf)
+    }
+
+    /// `disk` as the guest sees it now, its files opened once for many reads.
+    fn guest_view(&self, disk: &str) -> Result<GuestView, SimError> {
         let size = self.disk(disk)?.size;
-        if offset + buf.len() as u64 > size {
-            return Err(SimError::Invalid(format!("read past the end of disk {disk}")));
-        }
-        let img = self.image(disk);
-        File::open(&img).map_err(io(&img))?.read_exact_at(buf, offset).map_err(io(&img))?;
+        let img_path = self.image(disk);
+        let img = File::open(&img_path).map_err(io(&img_path))?;
+        let mut overlay = None;
         if self.config.snapshot.is_some() {
             let map_path = self.overlay_map(disk);
             if let Some(map) = DirtyBitmap::load(&map_path).map_err(io(&map_path))? {
                 let ov_path = self.overlay(disk);
                 let ov = File::open(&ov_path).map_err(io(&ov_path))?;
-                let end = offset + buf.len() as u64;
-                for t in offset / GRANULARITY..end.div_ceil(GRANULARITY) {
-                    if !map.is_dirty(t) {
-                        continue;
-                    }
-                    let s = (t * GRANULARITY).max(offset);
-                    let e = ((t + 1) * GRANULARITY).min(end);
-                    let slice = &mut buf[(s - offset) as usize..(e - offset) as usize];
-                    ov.read_exact_at(slice, s).map_err(io(&ov_path))?;
-                }
+                overlay = Some((ov, map, ov_path));
             }
         }
-        Ok(())
+        Ok(GuestView { disk: disk.to_owned(), size, img, img_path, overlay })
     }
 
     /// Reads from the held snapshot (the base image, untouched while it is held).
@@ -585,11 +579,16 @@ impl Vm {
         let (mut cvs, mut stale) =
             (cached.unwrap_or_else(|| vec![truth::STALE; size.div_ceil(truth::BLOCK) as usize]), 0);
         let mut buf = vec![0u8; truth::BLOCK as usize];
+        let mut view = None;
         for (b, cv) in cvs.iter_mut().enumerate() {
             if *cv == truth::STALE {
                 let offset = b as u64 * truth::BLOCK;
                 let n = truth::BLOCK.min(size - offset) as usize;
-                self.guest_read(disk, offset, &mut buf[..n])?;
+                let view = match &mut view {
+                    Some(v) => v,
+                    None => view.insert(self.guest_view(disk)?),
+                };
+                view.read(offset, &mut buf[..n])?;
                 *cv = truth::block_cv(offset, &buf[..n]);
                 stale += 1;
             }
@@ -737,15 +736,21 @@ impl Vm {
 
     /// Writes restored bytes straight into a disk image (not a guest write: untracked).
     pub fn restore_write(&self, disk: &str, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        self.restore_writer(disk)?.write_at(offset, data)
+    }
+
+    /// A writer of restored bytes into `disk`'s image, opened once for a whole restore: a
+    /// restore writes every block of a disk, and opening the VM (its lock, its definition) and
+    /// the image for each one cost more than some of the writes.
+    pub fn restore_writer(&self, disk: &str) -> Result<RestoreWriter, SimError> {
         if self.config.restoring.is_none() {
             return Err(SimError::Invalid(format!("{} is not being restored", self.config.name)));
         }
         let size = self.disk(disk)?.size;
-        if offset.checked_add(data.len() as u64).is_none_or(|e| e > size) {
-            return Err(SimError::Invalid(format!("a restore write at {offset} does not fit disk {disk}")));
-        }
-        let img = self.image(disk);
-        direct_write(&img, offset, data).map_err(io(&img))
+        let path = self.image(disk);
+        let buffered = OpenOptions::new().write(true).open(&path).map_err(io(&path))?;
+        let direct = open_direct(&path).map_err(io(&path))?;
+        Ok(RestoreWriter { path, size, buffered, direct })
     }
 
     /// The restore is complete: the images are synced, the mark cleared, and change tracking
@@ -800,39 +805,93 @@ thread_local! {
     static STAGING: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Writes `data` at `offset` of the image at `path`, bypassing the page cache (`O_DIRECT`)
-/// when the write is aligned: a restore streams a whole disk once, so caching it would only
-/// copy every byte into fresh page-cache pages (the largest cost of a full restore, measured)
-/// and evict what the host caches for its running guests. Unaligned writes (a short last
-/// block) and file systems without direct I/O (tmpfs) go through the page cache; the restore's
-/// end syncs the image either way.
-fn direct_write(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let aligned =
-        !data.is_empty() && offset.is_multiple_of(DIRECT_ALIGN as u64) && data.len().is_multiple_of(DIRECT_ALIGN);
-    if aligned {
-        match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => {
-                return STAGING.with(|cell| {
-                    let mut staging = cell.borrow_mut();
-                    let need = data.len() + DIRECT_ALIGN;
-                    if staging.len() < need {
-                        staging.resize(need, 0);
-                    }
-                    let skip = staging.as_ptr().align_offset(DIRECT_ALIGN);
-                    let buf = staging
-                        .get_mut(skip..skip + data.len())
-                        .ok_or_else(|| std::io::Error::other("the direct-I/O staging buffer cannot be aligned"))?;
-                    buf.copy_from_slice(data);
-                    f.write_all_at(buf, offset)
-                });
-            }
-            // No direct I/O on this file system: the page cache it is.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            Err(e) => return Err(e),
+/// A disk as its guest sees it (the image, and the overlay's blocks while a snapshot is held),
+/// opened once for many reads.
+struct GuestView {
+    disk: String,
+    size: u64,
+    img: File,
+    img_path: PathBuf,
+    overlay: Option<(File, DirtyBitmap, PathBuf)>,
+}
+
+impl GuestView {
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), SimError> {
+        if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.size) {
+            return Err(SimError::Invalid(format!("read past the end of disk {}", self.disk)));
         }
+        self.img.read_exact_at(buf, offset).map_err(io(&self.img_path))?;
+        if let Some((ov, map, ov_path)) = &self.overlay {
+            let end = offset + buf.len() as u64;
+            for t in offset / GRANULARITY..end.div_ceil(GRANULARITY) {
+                if !map.is_dirty(t) {
+                    continue;
+                }
+                let s = (t * GRANULARITY).max(offset);
+                let e = ((t + 1) * GRANULARITY).min(end);
+                let slice = &mut buf[(s - offset) as usize..(e - offset) as usize];
+                ov.read_exact_at(slice, s).map_err(io(ov_path))?;
+            }
+        }
+        Ok(())
     }
-    OpenOptions::new().write(true).open(path)?.write_all_at(data, offset)
+}
+
+/// A restore's writes into one disk image (see [`Vm::restore_writer`]). Aligned writes bypass
+/// the page cache (`O_DIRECT`) where the file system allows it: a restore streams a whole disk
+/// once, so caching it would only copy every byte into fresh page-cache pages (the largest cost
+/// of a full restore, measured) and evict what the host caches for its running guests.
+/// Unaligned writes (a short last block) and file systems without direct I/O (tmpfs) go
+/// through the page cache; the restore's end syncs the image either way. The VM's lock is not
+/// held between writes: nothing else writes a VM that is being restored.
+#[derive(Debug)]
+pub struct RestoreWriter {
+    path: PathBuf,
+    size: u64,
+    buffered: File,
+    direct: Option<File>,
+}
+
+impl RestoreWriter {
+    /// Writes `data` at `offset`; a write past the disk's end is refused.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        if offset.checked_add(data.len() as u64).is_none_or(|e| e > self.size) {
+            return Err(SimError::Invalid(format!(
+                "a restore write at {offset} does not fit {} of {} bytes",
+                self.path.display(),
+                self.size
+            )));
+        }
+        let aligned =
+            !data.is_empty() && offset.is_multiple_of(DIRECT_ALIGN as u64) && data.len().is_multiple_of(DIRECT_ALIGN);
+        match &self.direct {
+            Some(f) if aligned => STAGING.with(|cell| {
+                let mut staging = cell.borrow_mut();
+                let need = data.len() + DIRECT_ALIGN;
+                if staging.len() < need {
+                    staging.resize(need, 0);
+                }
+                let skip = staging.as_ptr().align_offset(DIRECT_ALIGN);
+                let buf = staging
+                    .get_mut(skip..skip + data.len())
+                    .ok_or_else(|| std::io::Error::other("the direct-I/O staging buffer cannot be aligned"))?;
+                buf.copy_from_slice(data);
+                f.write_all_at(buf, offset)
+            }),
+            _ => self.buffered.write_all_at(data, offset),
+        }
+        .map_err(io(&self.path))
+    }
+}
+
+/// `path` opened for direct writes, or `None` where its file system has no direct I/O.
+fn open_direct(path: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -851,14 +910,22 @@ mod tests {
             let path = dir.path().join("disk.img");
             let size = 3 * 65536 + 1000;
             File::create(&path).unwrap().set_len(size).unwrap();
+            let writer = RestoreWriter {
+                path: path.clone(),
+                size,
+                buffered: OpenOptions::new().write(true).open(&path).unwrap(),
+                direct: open_direct(&path).unwrap(),
+            };
             let mut want = vec![0u8; size as usize];
             let writes: [(u64, usize, u8); 4] = [(65536, 65536, 1), (0, 8192, 2), (100, 300, 3), (3 * 65536, 1000, 4)];
             for (offset, len, byte) in writes {
                 let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add(i as u8)).collect();
-                direct_write(&path, offset, &data).unwrap();
+                writer.write_at(offset, &data).unwrap();
                 want[offset as usize..offset as usize + len].copy_from_slice(&data);
             }
             assert_eq!(std::fs::read(&path).unwrap(), want, "in {}", dir.path().display());
+            assert!(writer.write_at(size - 10, &[1u8; 11]).is_err(), "a write past the end is refused");
+            assert_eq!(std::fs::read(&path).unwrap(), want, "a refused write changes nothing");
         }
     }
 }

@@ -50,11 +50,12 @@ pub struct Agent {
 #[derive(Debug)]
 pub struct AgentRestore {
     vm: String,
-    disk: String,
     size: u64,
     root: TreeRoot,
     pages: MemPages,
     machine: DiskRestore,
+    /// Opened once at the restore's start, as the real agent's writer thread does.
+    writer: bulwark_agent::sim::RestoreWriter,
 }
 
 impl Agent {
@@ -179,26 +180,27 @@ impl Agent {
         let blocks = size.div_ceil(bs);
         let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
         let v = Vm::open(&self.root, &vm).map_err(sim_err)?;
+        let writer = v.restore_writer(disk.name.as_str()).map_err(sim_err)?;
+        // As the real agent's reader: the holes of a sparse image (all of a disk just created)
+        // are zeros without reading them.
+        let image_path = v.image(disk.name.as_str());
+        drop(v);
+        let allocated = bulwark_agent::reader::allocated_blocks(&image_path, size, bs).map_err(|e| e.to_string())?;
+        let image = std::fs::File::open(&image_path).map_err(|e| format!("{}: {e}", image_path.display()))?;
         let mut leaves = vec![];
-        for index in 0..blocks {
+        let mut buf = vec![0u8; bs as usize];
+        for index in allocated {
             let offset = index * bs;
-            let mut buf = vec![0u8; bs.min(size - offset) as usize];
-            v.guest_read(disk.name.as_str(), offset, &mut buf).map_err(sim_err)?;
-            let id = hasher.id(&buf);
+            let block = &mut buf[..bs.min(size - offset) as usize];
+            image.read_exact_at(block, offset).map_err(|e| format!("{}: {e}", image_path.display()))?;
+            let id = hasher.id(block);
             if id != ZERO {
                 leaves.push((index, id));
             }
         }
         let mut pages = MemPages::default();
         let root = blockmap::update(&mut pages, None, blocks, leaves).map_err(|e| e.to_string())?;
-        let restore = AgentRestore {
-            vm,
-            disk: disk.name.to_string(),
-            size,
-            root,
-            pages,
-            machine: DiskRestore::new(size, bs, hasher),
-        };
+        let restore = AgentRestore { vm, size, root, pages, machine: DiskRestore::new(size, bs, hasher), writer };
         self.restores.insert(job.0, restore);
         let open = Msg::Open {
             job: job.0,
@@ -227,8 +229,7 @@ impl Agent {
             }
             Step::Write { offset, block } => {
                 let data = block.check()?;
-                let v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
-                v.restore_write(&r.disk, offset, &data).map_err(sim_err)?;
+                r.writer.write_at(offset, &data).map_err(sim_err)?;
                 Ok(Some(vec![]))
             }
             Step::Done => Ok(None),
