@@ -55,6 +55,11 @@ pub trait DiskWriter: Send {
 pub trait Hypervisor: Send + Sync + 'static {
     /// The VMs of `host`.
     fn inventory(&self, host: &str) -> Result<Inventory, BackendError>;
+    /// Whether VM `vm` is on `host` (what a job checks before its snapshot): by default from
+    /// the whole inventory; a backend that can look up one VM answers without listing them all.
+    fn is_here(&self, vm: &str, host: &str) -> Result<bool, BackendError> {
+        Ok(self.inventory(host)?.vms.iter().any(|v| v.name == vm))
+    }
     /// Quiesce (or pause) the guest; answers the consistency the snapshot will have, and why it
     /// is lower than the guest could give (a guest agent that did not answer, a failed hook).
     fn freeze(&self, vm: &str) -> Result<Quiesced, BackendError>;
@@ -193,6 +198,14 @@ impl DiskWriter for sim::RestoreWriter {
 impl Hypervisor for SimBackend {
     fn inventory(&self, host: &str) -> Result<Inventory, BackendError> {
         Ok(crate::inventory::sim_inventory(&self.root, host)?)
+    }
+
+    fn is_here(&self, vm: &str, host: &str) -> Result<bool, BackendError> {
+        match Vm::open(&self.root, vm) {
+            Ok(v) => Ok(v.config.host == host),
+            Err(sim::SimError::NoSuchVm(_)) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn freeze(&self, vm: &str) -> Result<Quiesced, BackendError> {

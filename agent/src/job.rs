@@ -237,10 +237,10 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
 async fn take(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>) -> Result<Snapshot, Failure> {
     let vm = req.vm.as_str().to_owned();
     let here = {
-        let (backend, host) = (env.backend.clone(), env.host.clone());
-        blocking(move || backend.inventory(&host)).await??
+        let (backend, host, vm) = (env.backend.clone(), env.host.clone(), vm.clone());
+        blocking(move || backend.is_here(&vm, &host)).await??
     };
-    if !here.vms.iter().any(|v| v.name == vm) {
+    if !here {
         return Err(Failure { kind: FailureKind::NotHere, reason: format!("{vm} is not on {}", env.host) });
     }
     bulwark_protocol::block::check_block_size(req.block_size as usize).map_err(Failure::other)?;

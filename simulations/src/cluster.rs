@@ -149,6 +149,15 @@ impl Cluster {
         self.rt.block_on(self.client.request(r)).map_err(anyhow::Error::from)
     }
 
+    /// Every item of a paged list request, page after page.
+    pub fn list<T>(
+        &self,
+        make: impl Fn(bulwark_protocol::paging::PageRequest) -> AdminRequest,
+        take: impl Fn(AdminResponse) -> Option<bulwark_protocol::paging::Page<T>>,
+    ) -> anyhow::Result<Vec<T>> {
+        self.rt.block_on(self.client.list_all(make, take)).map_err(anyhow::Error::from)
+    }
+
     /// Creates a sim VM and waits until the agent has reported it.
     pub fn create_vm(&self, req: &CreateVm) -> anyhow::Result<()> {
         sim::create_vm(&self.sim_root, req)?;

@@ -33,5 +33,6 @@ pub mod protectbench;
 pub mod qemubench;
 pub mod report;
 pub mod restorebench;
+pub mod scalebench;
 pub mod storebench;
 pub mod torture;

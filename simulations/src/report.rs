@@ -66,6 +66,9 @@ pub struct Report {
     /// `ls` and `recover-items` of large directories (`items`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub items: Option<crate::itemsbench::ItemsFigures>,
+    /// One coordinator with many VMs (`scale`), one row per VM count.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scale: Vec<crate::scalebench::ScaleRow>,
     /// The headline ratios, in words (also printed).
     pub findings: Vec<String>,
 }

@@ -143,3 +143,19 @@ fn bench_qemu_compares_nbd_reads_with_the_sim_and_qemu_img_convert() {
     let findings = report["findings"].as_array().unwrap();
     assert!(findings.iter().any(|f| f.as_str().unwrap().contains("qemu-img convert")), "{findings:?}");
 }
+
+/// The `scale` scenario end to end with small counts: every VM gets its replica, and each row
+/// has its figures (the long counts run only when asked for).
+#[test]
+fn bench_scale_protects_every_vm_and_reports_each_count() {
+    let out = tempfile::tempdir().unwrap();
+    let report = run_bench(&["--scenario", "scale", "--scale-vms", "6,12"], out.path());
+    let rows = report["scale"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{report}");
+    for (row, vms) in rows.iter().zip([6, 12]) {
+        assert_eq!(row["vms"], vms);
+        assert!(row["replicas_per_second"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["catalog_bytes"].as_u64().unwrap() > 0, "{row}");
+        assert!(row["peak_rss_bytes"].as_u64().unwrap() > 0, "{row}");
+    }
+}

@@ -352,6 +352,13 @@ impl DiskWriter for NbdRestoreWriter<'_> {
 }
 
 impl Hypervisor for QemuBackend {
+    fn is_here(&self, vm: &str, _host: &str) -> Result<bool, BackendError> {
+        // A VM of this host is a usable definition in the VM directory (as in the inventory),
+        // without asking every VM's QEMU.
+        let path = self.vm_dir.join(format!("{vm}.toml"));
+        Ok(path.is_file() && VmDef::load(&path).is_ok_and(|d| d.name == vm))
+    }
+
     fn inventory(&self, _host: &str) -> Result<Inventory, BackendError> {
         let mut vms = vec![];
         for def in defs::load_dir(&self.vm_dir).map_err(failed)? {

@@ -417,10 +417,18 @@ pub struct Enqueue {
     pub recovery: Option<crate::catalog::RecoverySpec>,
 }
 
-impl Handler<Enqueue> for JobQueue {
-    type Result = Result<u64, String>;
-    fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
-        let now = self.now();
+/// What [`JobQueue::admit_new`] made of a request.
+enum Admitted {
+    /// The same as a job already waiting.
+    Same(u64),
+    /// A new job, queued, its record still to be saved.
+    New(Box<JobRecord>),
+}
+
+impl JobQueue {
+    /// Admits `msg` and, when it is a new job, queues it under a fresh id; its record is the
+    /// caller's to save (and the job the caller's to forget if that fails).
+    fn admit_new(&mut self, msg: &Enqueue, now: queue::Millis) -> Result<Admitted, String> {
         let req = queue::Request {
             vm: msg.vm.clone(),
             kind: msg.kind,
@@ -429,7 +437,7 @@ impl Handler<Enqueue> for JobQueue {
             host: self.host_of(&msg.vm, msg.recovery.as_ref()),
         };
         match self.queue.admit(&req, now).map_err(|e| e.to_string())? {
-            Admission::Same(id) => return Ok(id),
+            Admission::Same(id) => return Ok(Admitted::Same(id)),
             Admission::New => {}
         }
         let catalog = self.ctx.catalog();
@@ -443,13 +451,68 @@ impl Handler<Enqueue> for JobQueue {
         let id = catalog.next_job_id().map_err(|e| e.to_string())?;
         let mut job = JobRecord::queued(id, msg.kind, Some(msg.vm.clone()));
         job.detail = Some(msg.reason.clone());
-        job.recovery = msg.recovery;
-        catalog.put_job(&job).map_err(|e| e.to_string())?;
-        tracing::info!(job_id = id, vm = %bulwark_protocol::text::Escaped(&msg.vm), kind = msg.kind.as_str(), reason = %bulwark_protocol::text::Escaped(&msg.reason), "job queued");
+        job.recovery = msg.recovery.clone();
         let admitted = self.queue.enqueue(id, req, now);
         debug_assert_eq!(admitted, Ok(Admission::New));
+        tracing::info!(job_id = id, vm = %bulwark_protocol::text::Escaped(&msg.vm), kind = msg.kind.as_str(), reason = %bulwark_protocol::text::Escaped(&msg.reason), "job queued");
+        Ok(Admitted::New(Box::new(job)))
+    }
+}
+
+impl Handler<Enqueue> for JobQueue {
+    type Result = Result<u64, String>;
+    fn handle(&mut self, msg: Enqueue, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.now();
+        let job = match self.admit_new(&msg, now)? {
+            Admitted::Same(id) => return Ok(id),
+            Admitted::New(job) => job,
+        };
+        if let Err(e) = self.ctx.catalog().put_job(&job) {
+            self.queue.forget(job.id);
+            return Err(e.to_string());
+        }
         self.pump(ctx);
-        Ok(id)
+        Ok(job.id)
+    }
+}
+
+/// Several [`Enqueue`]s at once (a new group's initial copies): their records are saved in one
+/// batch with one flush instead of one flush each. Answers each request's outcome, in order.
+#[derive(Message)]
+#[rtype(result = "Vec<Result<u64, String>>")]
+pub struct EnqueueMany(pub Vec<Enqueue>);
+
+impl Handler<EnqueueMany> for JobQueue {
+    type Result = MessageResult<EnqueueMany>;
+    fn handle(&mut self, EnqueueMany(msgs): EnqueueMany, ctx: &mut Context<Self>) -> Self::Result {
+        let now = self.now();
+        let mut answers = Vec::with_capacity(msgs.len());
+        let mut records = vec![];
+        for msg in &msgs {
+            answers.push(match self.admit_new(msg, now) {
+                Ok(Admitted::Same(id)) => Ok(id),
+                Ok(Admitted::New(job)) => {
+                    let id = job.id;
+                    records.push(*job);
+                    Ok(id)
+                }
+                Err(e) => Err(e),
+            });
+        }
+        if let Err(e) = self.ctx.catalog().put_jobs(&records) {
+            let e = e.to_string();
+            for job in &records {
+                self.queue.forget(job.id);
+            }
+            let unsaved: std::collections::HashSet<u64> = records.iter().map(|j| j.id).collect();
+            for a in &mut answers {
+                if a.as_ref().is_ok_and(|id| unsaved.contains(id)) {
+                    *a = Err(e.clone());
+                }
+            }
+        }
+        self.pump(ctx);
+        MessageResult(answers)
     }
 }
 

@@ -64,7 +64,10 @@ pub async fn vms(catalog: Catalog, owner: String, req: PageRequest) -> AdminResp
     answer(
         move || {
             let after = req.after_key().map_err(|e| e.to_string())?;
-            fill(&req, catalog.vms_after(after.as_deref()), |v| protect::vm_summary(&catalog, v, &owner).map(Some))
+            let mut groups = protect::LeftOut::default();
+            fill(&req, catalog.vms_after(after.as_deref()), |v| {
+                protect::vm_summary(&catalog, v, &owner, &mut groups).map(Some)
+            })
         },
         AdminResponse::Vms,
     )

@@ -46,8 +46,26 @@ pub fn replica_state(catalog: &Catalog, vm: &str) -> Result<(String, Option<Stri
     Ok(("consistent".into(), None))
 }
 
+/// The disks each group leaves out, read once per group for a page of VMs: a group record
+/// holds its member list, so reading it for every VM of a large group made `vm list`
+/// quadratic in the group's size.
+#[derive(Debug, Default)]
+pub struct LeftOut(std::collections::HashMap<String, Vec<(String, String)>>);
+
+impl LeftOut {
+    /// The disks of `vm` its group `group` leaves out.
+    pub fn of(&mut self, catalog: &Catalog, vm: &str, group: Option<&str>) -> Result<Vec<String>, String> {
+        let Some(g) = group else { return Ok(vec![]) };
+        if !self.0.contains_key(g) {
+            let excluded = catalog.group(g).map_err(|e| e.to_string())?.map(|g| g.policy.exclude_disks);
+            self.0.insert(g.to_owned(), excluded.unwrap_or_default());
+        }
+        Ok(self.0.get(g).into_iter().flatten().filter(|(v, _)| v == vm).map(|(_, d)| d.clone()).collect())
+    }
+}
+
 /// The `vm list` form of a VM record; `owner` is this coordinator's name.
-pub fn vm_summary(catalog: &Catalog, v: VmRecord, owner: &str) -> Result<VmSummary, String> {
+pub fn vm_summary(catalog: &Catalog, v: VmRecord, owner: &str, groups: &mut LeftOut) -> Result<VmSummary, String> {
     let (replica_state, replica_reason) = replica_state(catalog, &v.name)?;
     let identity = catalog.vm_identity(&v.name).map_err(|e| e.to_string())?;
     let has_replica = replica_state == "consistent";
@@ -67,7 +85,7 @@ pub fn vm_summary(catalog: &Catalog, v: VmRecord, owner: &str) -> Result<VmSumma
         .iter()
         .map(|r| r.excluded.iter().map(|(a, b)| b - a).sum::<u64>() * u64::from(r.block_size))
         .sum();
-    let left_out = left_out(catalog, &v.name, v.group.as_deref())?;
+    let left_out = groups.of(catalog, &v.name, v.group.as_deref())?;
     Ok(VmSummary {
         left_out,
         uuid: identity.as_ref().map(|i| i.uuid.clone()).unwrap_or_default(),
@@ -151,16 +169,23 @@ async fn start_initial(state: &Arc<State>, g: &GroupRecord, vms: &[String]) {
     if policy::creation_time(&g.policy.replica_creation) != Ok(policy::Creation::Now) {
         return;
     }
-    for vm in vms {
-        let msg = Enqueue {
-            vm: vm.clone(),
-            kind: JobKind::Initial,
-            automatic: true,
-            reason: "replica creation: now".into(),
-            recovery: None,
-        };
-        if let Ok(Err(e)) = state.jobs.send(msg).await {
-            tracing::debug!(%vm, reason = %e, "initial copy not queued here (the scheduler's sweep asks for it too)");
+    // In batches: each batch's job records are saved with one flush.
+    for batch in vms.chunks(1024) {
+        let msgs = batch
+            .iter()
+            .map(|vm| Enqueue {
+                vm: vm.clone(),
+                kind: JobKind::Initial,
+                automatic: true,
+                reason: "replica creation: now".into(),
+                recovery: None,
+            })
+            .collect();
+        let Ok(answers) = state.jobs.send(crate::jobs::EnqueueMany(msgs)).await else { return };
+        for (vm, answer) in batch.iter().zip(answers) {
+            if let Err(e) = answer {
+                tracing::debug!(%vm, reason = %e, "initial copy not queued here (the scheduler's sweep asks for it too)");
+            }
         }
     }
 }

@@ -54,6 +54,9 @@ struct Cli {
     /// milliseconds more (0: only the plain run).
     #[arg(long, default_value_t = 5)]
     read_delay_ms: u64,
+    /// VM counts of the `scale` scenario, comma-separated (one coordinator, one group each).
+    #[arg(long, value_delimiter = ',', default_value = "800,10000")]
+    scale_vms: Vec<usize>,
     /// Where bench-results.json and the charts go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -62,6 +65,8 @@ struct Cli {
     output: String,
 }
 
+/// Scenarios `all` leaves out: long, run when named.
+const OPT_IN: &[&str] = &["scale"];
 const SCENARIOS: &[&str] =
     &["limits", "store", "read", "initial", "incremental", "cc", "restore", "smart-restore", "qemu", "items", "disks"];
 
@@ -86,8 +91,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     for s in &cli.scenario {
         match s.as_str() {
             "all" => scenarios.extend(SCENARIOS),
-            s if SCENARIOS.contains(&s) => scenarios.push(s),
-            s => anyhow::bail!("unknown scenario {s:?} (known: {}, all)", SCENARIOS.join(", ")),
+            s if SCENARIOS.contains(&s) || OPT_IN.contains(&s) => scenarios.push(s),
+            s => anyhow::bail!("unknown scenario {s:?} (known: {}, {}, all)", SCENARIOS.join(", "), OPT_IN.join(", ")),
         }
     }
     let has = |s: &str| scenarios.contains(&s);
@@ -214,6 +219,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let work = tempfile::tempdir_in(&cli.out)?;
         items = Some(bulwark_simulations::itemsbench::run_bench(work.path())?);
     }
+    let mut scale = vec![];
+    if has("scale") {
+        for &n in &cli.scale_vms {
+            let work = tempfile::tempdir_in(&cli.out)?;
+            eprintln!("scale: {n} VMs");
+            scale.push(bulwark_simulations::scalebench::run(work.path(), n)?);
+        }
+    }
     let mut report = Report {
         machine: Machine { cores: limits::cores(), mem_bytes: limits::mem_bytes() },
         limits: lim,
@@ -223,6 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         restore,
         qemu,
         items,
+        scale,
         findings: vec![],
     };
     report.compute_findings();
@@ -250,9 +264,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         let mib = |v: f64| v / 1048576.0;
         println!("machine: {} cores, {}", report.machine.cores, format_size(report.machine.mem_bytes));
-        println!("{:<28} {:>12}  {:>10}", "limit", "MiB/s", "vs read");
-        for (name, v) in &bars {
-            println!("{name:<28} {:>12.1}  {:>9.2}x", mib(*v), v / l.read_bps.max(1.0));
+        // (Scenarios that do not need the machine's limits leave them unmeasured.)
+        if l.read_bps > 0.0 {
+            println!("{:<28} {:>12}  {:>10}", "limit", "MiB/s", "vs read");
+            for (name, v) in &bars {
+                println!("{name:<28} {:>12.1}  {:>9.2}x", mib(*v), v / l.read_bps.max(1.0));
+            }
         }
         if let Some(s) = &report.store {
             println!(
@@ -329,6 +346,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         if htree { "htree" } else { "linear" }
                     );
                 }
+            }
+        }
+        for r in &report.scale {
+            println!(
+                "scale: {:>6} VMs  inventory {:>6.1} s  group create {:>6.2} s  initial replicas {:>7.1} s ({:>6.1}/s)  vm list {:>6.2} s  job list {:>6.2} s  catalog {}  peak RSS {}",
+                r.vms,
+                r.inventory_seconds,
+                r.group_create_seconds,
+                r.initial_seconds,
+                r.replicas_per_second,
+                r.vm_list_seconds,
+                r.job_list_seconds,
+                format_size(r.catalog_bytes),
+                format_size(r.peak_rss_bytes)
+            );
+        }
+        if let (Some(small), Some(large)) = (report.scale.first(), report.scale.last()) {
+            if large.vms > small.vms {
+                println!(
+                    "scale: per-VM initial rate at {} VMs is {:.2}x the rate at {} VMs",
+                    large.vms,
+                    large.replicas_per_second / small.replicas_per_second.max(1e-9),
+                    small.vms
+                );
             }
         }
         if !report.results.is_empty() {

@@ -144,6 +144,9 @@ enum Presence {
     Down { since: Millis },
 }
 
+/// A waiting job's place in the start order: (ready at, arrival, job id).
+type Key = (Millis, u64, u64);
+
 /// The queue's state. See the module doc for the rules.
 #[derive(Debug, Clone)]
 pub struct Queue {
@@ -155,7 +158,12 @@ pub struct Queue {
     seq: u64,
     jobs: HashMap<u64, Entry>,
     /// Waiting jobs in start order.
-    order: BTreeSet<(Millis, u64, u64)>,
+    order: BTreeSet<Key>,
+    /// The same, by host (None: jobs whose VM has no known host): what may start next is the
+    /// first of one host's jobs, so finding it never walks the jobs of a full or absent host.
+    by_host: HashMap<Option<String>, BTreeSet<Key>>,
+    /// Job ids by VM, waiting or running: admission looks at one VM's jobs only.
+    by_vm: HashMap<String, BTreeSet<u64>>,
     running_on: HashMap<String, usize>,
     running: usize,
     busy_vms: HashSet<String>,
@@ -176,6 +184,8 @@ impl Queue {
             seq: 0,
             jobs: HashMap::new(),
             order: BTreeSet::new(),
+            by_host: HashMap::new(),
+            by_vm: HashMap::new(),
             running_on: HashMap::new(),
             running: 0,
             busy_vms: HashSet::new(),
@@ -206,8 +216,9 @@ impl Queue {
     pub fn admit(&self, req: &Request, now: Millis) -> Result<Admission, Refusal> {
         let now = self.now.max(now);
         let same = |e: &Entry| e.req.vm == req.vm && e.req.kind == req.kind && !e.req.recovery;
+        let of_vm = || self.by_vm.get(&req.vm).into_iter().flatten().filter_map(|id| Some((*id, self.jobs.get(id)?)));
         if !req.recovery {
-            let waiting = self.jobs.iter().filter(|(_, e)| same(e) && e.place != Place::Running).map(|(&id, _)| id);
+            let waiting = of_vm().filter(|(_, e)| same(e) && e.place != Place::Running).map(|(id, _)| id);
             if let Some(id) = waiting.min() {
                 return Ok(Admission::Same(id));
             }
@@ -218,7 +229,7 @@ impl Queue {
                     return Err(Refusal::BackingOff { vm: req.vm.clone(), kind: req.kind, until });
                 }
             }
-            if self.jobs.values().any(same) {
+            if of_vm().any(|(_, e)| same(e)) {
                 return Err(Refusal::AlreadyRunning);
             }
         }
@@ -231,6 +242,7 @@ impl Queue {
         let admission = self.admit(&req, now)?;
         if admission == Admission::New {
             assert!(!self.jobs.contains_key(&id), "job id {id} queued twice");
+            self.by_vm.entry(req.vm.clone()).or_default().insert(id);
             self.jobs.insert(id, Entry { req, attempt: 1, place: Place::Running });
             self.wait(id, now);
         }
@@ -244,7 +256,31 @@ impl Queue {
         if let Some(e) = self.jobs.get_mut(&id) {
             e.place = Place::Waiting { ready_at, seq };
             self.order.insert((ready_at, seq, id));
+            self.by_host.entry(e.req.host.clone()).or_default().insert((ready_at, seq, id));
         }
+    }
+
+    /// Takes waiting `key` of a job held for `host` out of the start order.
+    fn unwait(&mut self, key: Key, host: &Option<String>) {
+        self.order.remove(&key);
+        if let Some(set) = self.by_host.get_mut(host) {
+            set.remove(&key);
+            if set.is_empty() {
+                self.by_host.remove(host);
+            }
+        }
+    }
+
+    /// Drops job `id` from the jobs and their VM index.
+    fn drop_job(&mut self, id: u64) -> Option<Entry> {
+        let e = self.jobs.remove(&id)?;
+        if let Some(ids) = self.by_vm.get_mut(&e.req.vm) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_vm.remove(&e.req.vm);
+            }
+        }
+        Some(e)
     }
 
     fn host_up(&self, host: &str) -> bool {
@@ -265,34 +301,37 @@ impl Queue {
     pub fn next_to_start(&mut self, now: Millis) -> Option<Next> {
         let now = self.advance(now);
         let full = self.running >= self.limits.max_running;
-        let mut pick = None;
-        for &(ready_at, seq, id) in &self.order {
-            if ready_at > now {
-                break;
-            }
-            let Some(e) = self.jobs.get(&id) else { continue };
-            if let Some(h) = &e.req.host {
-                if !self.host_up(h) {
-                    if now >= self.give_up_at(h, ready_at) {
-                        pick = Some((ready_at, seq, id, false));
-                        break;
-                    }
-                    continue;
+        // The first job in start order that may start or must be given up: the earliest of
+        // each host's candidates (its first ready job whose VM is free, or, for an absent
+        // host, its first job once that is past its wait; later ones of it are not either).
+        let mut pick: Option<(Key, bool)> = None;
+        for (host, set) in &self.by_host {
+            let candidate = match host {
+                Some(h) if !self.host_up(h) => set
+                    .first()
+                    .filter(|&&(ready_at, _, _)| ready_at <= now && now >= self.give_up_at(h, ready_at))
+                    .map(|&k| (k, false)),
+                _ if full => None,
+                Some(h) if self.running_on.get(h).copied().unwrap_or(0) >= self.limits.per_agent => None,
+                _ => set
+                    .iter()
+                    .take_while(|&&(ready_at, _, _)| ready_at <= now)
+                    .find(|(_, _, id)| {
+                        self.jobs.get(id).is_some_and(|e| !(self.one_per_vm() && self.busy_vms.contains(&e.req.vm)))
+                    })
+                    .map(|&k| (k, true)),
+            };
+            if let Some(c) = candidate {
+                if pick.is_none_or(|p| c.0 < p.0) {
+                    pick = Some(c);
                 }
-                if self.running_on.get(h).copied().unwrap_or(0) >= self.limits.per_agent {
-                    continue;
-                }
             }
-            if full || (self.one_per_vm() && self.busy_vms.contains(&e.req.vm)) {
-                continue;
-            }
-            pick = Some((ready_at, seq, id, true));
-            break;
         }
-        let (ready_at, seq, id, start) = pick?;
-        self.order.remove(&(ready_at, seq, id));
+        let ((ready_at, seq, id), start) = pick?;
+        let host = self.jobs.get(&id)?.req.host.clone();
+        self.unwait((ready_at, seq, id), &host);
         if !start {
-            let e = self.jobs.remove(&id)?;
+            let e = self.drop_job(id)?;
             let host = e.req.host.clone().unwrap_or_default();
             self.failed_for_good(&e.req.vm, e.req.kind, now);
             return Some(Next::GiveUp {
@@ -354,12 +393,12 @@ impl Queue {
             }
             Outcome::Succeeded { ran_as } => {
                 self.backoff.remove(&(e.req.vm.clone(), ran_as));
-                self.jobs.remove(&id);
+                self.drop_job(id);
                 AfterFinish::Done
             }
             Outcome::Failed { ran_as, .. } => {
                 self.failed_for_good(&e.req.vm, ran_as, now);
-                self.jobs.remove(&id);
+                self.drop_job(id);
                 AfterFinish::Done
             }
         };
@@ -370,8 +409,8 @@ impl Queue {
     /// Drops job `id` wherever it is, with no other consequence (its record is gone).
     pub fn forget(&mut self, id: u64) {
         self.release(id);
-        if let Some(Entry { place: Place::Waiting { ready_at, seq }, .. }) = self.jobs.remove(&id) {
-            self.order.remove(&(ready_at, seq, id));
+        if let Some(Entry { place: Place::Waiting { ready_at, seq }, req, .. }) = self.drop_job(id) {
+            self.unwait((ready_at, seq, id), &req.host);
         }
         self.check();
     }
@@ -393,40 +432,61 @@ impl Queue {
     /// Waiting jobs held because their host is not connected: (job, VM), to look up whether
     /// the VM moved ([`Queue::relocate`]).
     pub fn held(&self) -> Vec<(u64, String)> {
-        self.order
+        let mut held: Vec<(Key, String)> = self
+            .by_host
             .iter()
-            .filter_map(|(_, _, id)| Some((*id, self.jobs.get(id)?)))
-            .filter(|(_, e)| e.req.host.as_deref().is_some_and(|h| !self.host_up(h)))
-            .map(|(id, e)| (id, e.req.vm.clone()))
-            .collect()
+            .filter(|(h, _)| h.as_deref().is_some_and(|h| !self.host_up(h)))
+            .flat_map(|(_, set)| set.iter())
+            .filter_map(|k| Some((*k, self.jobs.get(&k.2)?.req.vm.clone())))
+            .collect();
+        held.sort();
+        held.into_iter().map(|(k, vm)| (k.2, vm)).collect()
     }
 
     /// Waiting job `id` will run on `host` (its VM moved). Running jobs are not moved.
     pub fn relocate(&mut self, id: u64, host: Option<String>) {
-        if let Some(e) = self.jobs.get_mut(&id).filter(|e| e.place != Place::Running) {
-            e.req.host = host;
+        let Some(e) = self.jobs.get_mut(&id).filter(|e| e.place != Place::Running) else { return };
+        let old = std::mem::replace(&mut e.req.host, host.clone());
+        if let Place::Waiting { ready_at, seq } = e.place {
+            let key = (ready_at, seq, id);
+            self.unwait(key, &old);
+            self.order.insert(key);
+            self.by_host.entry(host).or_default().insert(key);
         }
     }
 
     /// The earliest moment after the latest `now` at which polling may find something new (a
     /// retry becoming ready, a held job to give up); None: only events will.
     pub fn next_wakeup(&self) -> Option<Millis> {
-        self.order
+        let now = self.now;
+        let wait = ms(HOST_WAIT);
+        self.by_host
             .iter()
-            .filter_map(|&(ready_at, _, id)| {
-                let e = self.jobs.get(&id)?;
-                let at = match &e.req.host {
-                    Some(h) if !self.host_up(h) => self.give_up_at(h, ready_at),
-                    _ => ready_at,
-                };
-                (at > self.now).then_some(at)
+            .filter_map(|(host, set)| match host {
+                // Held for an absent host: given up `HOST_WAIT` after it became ready or the
+                // host went, whichever is later (so in start order); the first not yet due.
+                Some(h) if !self.host_up(h) => {
+                    let first = if self.give_up_at(h, 0) > now {
+                        set.first()
+                    } else {
+                        set.range((now.saturating_sub(wait).saturating_add(1), 0, 0)..).next()
+                    };
+                    first.map(|&(ready_at, _, _)| self.give_up_at(h, ready_at))
+                }
+                _ => set.range((now.saturating_add(1), 0, 0)..).next().map(|&(ready_at, _, _)| ready_at),
             })
+            .filter(|&at| at > now)
             .min()
     }
 
     /// Whether a job of `kind` (any with None) is waiting or running for `vm`.
     pub fn has_job(&self, vm: &str, kind: Option<JobKind>) -> bool {
-        self.jobs.values().any(|e| e.req.vm == vm && kind.is_none_or(|k| k == e.req.kind))
+        self.by_vm
+            .get(vm)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+            .any(|e| kind.is_none_or(|k| k == e.req.kind))
     }
 
     /// Jobs waiting (including those waiting for a retry) and running.
@@ -450,5 +510,7 @@ impl Queue {
         debug_assert!(self.running_on.values().all(|&n| n <= self.limits.per_agent), "a host runs too many jobs");
         debug_assert!(self.running == self.busy_vms.len() || !self.one_per_vm(), "a VM runs two jobs");
         debug_assert_eq!(self.running + self.order.len(), self.jobs.len());
+        debug_assert_eq!(self.by_host.values().map(BTreeSet::len).sum::<usize>(), self.order.len());
+        debug_assert_eq!(self.by_vm.values().map(BTreeSet::len).sum::<usize>(), self.jobs.len());
     }
 }

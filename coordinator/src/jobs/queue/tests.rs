@@ -285,13 +285,27 @@ fn time_never_goes_back() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Enqueue { vm: u8, kind: u8, automatic: bool, recovery: bool, host: Option<u8> },
+    Enqueue {
+        vm: u8,
+        kind: u8,
+        automatic: bool,
+        recovery: bool,
+        host: Option<u8>,
+    },
     Poll,
-    Finish { pick: usize, outcome: u8 },
+    Finish {
+        pick: usize,
+        outcome: u8,
+    },
     Connect(u8),
     Lose(u8),
     Forget(u64),
     Advance(Millis),
+    /// A waiting job's VM moved to another host (or to none known).
+    Relocate {
+        pick: usize,
+        host: Option<u8>,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -303,6 +317,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..3u8).prop_map(Op::Connect),
         1 => (0..3u8).prop_map(Op::Lose),
         1 => (1..40u64).prop_map(Op::Forget),
+        1 => (any::<usize>(), prop::option::weighted(0.9, 0..3u8)).prop_map(|(pick, host)| Op::Relocate { pick, host }),
         2 => prop_oneof![0..10_000u64, 0..400_000u64].prop_map(Op::Advance),
     ]
 }
@@ -342,7 +357,20 @@ impl Model {
     }
 
     fn poll(&mut self, q: &mut Queue) {
-        while let Some(next) = q.next_to_start(self.now) {
+        loop {
+            let now = q.now.max(self.now);
+            let want = reference_pick(q, now);
+            let want_wakeup = reference_wakeup(q);
+            assert_eq!(q.next_wakeup(), want_wakeup, "the indexed wake-up is the full scan's");
+            let Some(next) = q.next_to_start(self.now) else {
+                assert_eq!(want, None, "the full scan would start or give up a job");
+                break;
+            };
+            let picked = match &next {
+                Next::Start { job, .. } => (*job, true),
+                Next::GiveUp { job, .. } => (*job, false),
+            };
+            assert_eq!(Some(picked), want, "the indexed pick is the full scan's (job, start)");
             match next {
                 Next::Start { job, host } => {
                     assert!(self.waiting.remove(&job), "started job {job} was not waiting");
@@ -367,6 +395,49 @@ impl Model {
             }
         }
     }
+}
+
+/// What `next_to_start` must pick, by walking every waiting job in start order (the queue's
+/// indexes only make finding it cheaper): the first job that may start or must be given up.
+fn reference_pick(q: &Queue, now: Millis) -> Option<(u64, bool)> {
+    let full = q.running >= q.limits.max_running;
+    for &(ready_at, _, id) in &q.order {
+        if ready_at > now {
+            break;
+        }
+        let Some(e) = q.jobs.get(&id) else { continue };
+        if let Some(h) = &e.req.host {
+            if !q.host_up(h) {
+                if now >= q.give_up_at(h, ready_at) {
+                    return Some((id, false));
+                }
+                continue;
+            }
+            if q.running_on.get(h).copied().unwrap_or(0) >= q.limits.per_agent {
+                continue;
+            }
+        }
+        if full || (q.one_per_vm() && q.busy_vms.contains(&e.req.vm)) {
+            continue;
+        }
+        return Some((id, true));
+    }
+    None
+}
+
+/// What `next_wakeup` must answer, from every waiting job.
+fn reference_wakeup(q: &Queue) -> Option<Millis> {
+    q.order
+        .iter()
+        .filter_map(|&(ready_at, _, id)| {
+            let e = q.jobs.get(&id)?;
+            let at = match &e.req.host {
+                Some(h) if !q.host_up(h) => q.give_up_at(h, ready_at),
+                _ => ready_at,
+            };
+            (at > q.now).then_some(at)
+        })
+        .min()
 }
 
 proptest! {
@@ -457,6 +528,14 @@ proptest! {
                     m.not_before.remove(&id);
                 }
                 Op::Advance(d) => m.now += d,
+                Op::Relocate { pick, host } => {
+                    let Some(&job) = m.waiting.iter().nth(pick % m.waiting.len().max(1)) else { continue };
+                    let host = host.map(|h| format!("h{h}"));
+                    q.relocate(job, host.clone());
+                    if let Some(r) = m.requests.get_mut(&job) {
+                        r.host = host;
+                    }
+                }
             }
             m.check(&q, limits);
         }
