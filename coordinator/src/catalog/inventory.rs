@@ -1,13 +1,16 @@
 //! Typed access to VMs, protection groups, jobs and schedules' next-run times.
 
 use super::identity::{self, Claim, Conflict, Known, Verdict, VmIdentity};
-use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, VmRecord};
+use super::{decode, encode, Catalog, CatalogError, GroupRecord, JobRecord, Policy, VmRecord};
 use bulwark_protocol::messages::{Inventory, VmInfo};
 use std::collections::HashSet;
 
 /// VMs one host may report unless `[agents] max_vms_per_host` says otherwise (more are refused
 /// and logged).
 pub const DEFAULT_MAX_VMS_PER_HOST: usize = 4096;
+
+/// Groups whose decoded policy [`Catalog::group_policy`] keeps at most (then it starts over).
+const POLICY_CACHE_GROUPS: usize = 1024;
 
 /// What an agent's inventory changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -360,6 +363,25 @@ impl Catalog {
         self.groups.get(name.as_bytes())?.map(|v| super::decode_group("groups", &v)).transpose()
     }
 
+    /// Group `name`'s policy (what a job needs of its group) without decoding its member list
+    /// each time: the policy is kept with the record bytes it came from and decoded again only
+    /// when the stored record differs (a group of 10,000 members is a record of some 200 KB).
+    pub fn group_policy(&self, name: &str) -> Result<Option<Policy>, CatalogError> {
+        let Some(bytes) = self.groups.get(name.as_bytes())? else { return Ok(None) };
+        let mut cache = self.policies.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((seen, policy)) = cache.get(name) {
+            if *seen == bytes {
+                return Ok(Some(policy.clone()));
+            }
+        }
+        let policy = super::decode_group("groups", &bytes)?.policy;
+        if cache.len() >= POLICY_CACHE_GROUPS {
+            cache.clear();
+        }
+        cache.insert(name.to_owned(), (bytes, policy.clone()));
+        Ok(Some(policy))
+    }
+
     pub fn put_group(&self, g: &GroupRecord) -> Result<(), CatalogError> {
         self.groups.insert(g.name.as_bytes(), encode("groups", g)?)?;
         self.flush_durable()
@@ -486,6 +508,40 @@ impl Catalog {
 mod tests {
     use super::*;
     use crate::catalog::ReplicaState;
+
+    /// A group's policy as jobs read it follows every change of the group, and goes with it.
+    #[test]
+    fn a_groups_policy_follows_the_group_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::create(&dir.path().join("catalog")).unwrap();
+        assert_eq!(c.group_policy("g").unwrap(), None);
+        let policy = Policy {
+            sync_every_secs: Some(900),
+            recovery_points: vec![8 * 60],
+            express_full_before_rp: false,
+            retention_secs: 86_400,
+            cc_when_inconsistent: true,
+            cc_at: None,
+            replica_creation: "now".into(),
+            block_size: 1 << 20,
+            exclude_disks: vec![],
+            verify: Default::default(),
+        };
+        let mut g = GroupRecord {
+            name: "g".into(),
+            members: (0..1000).map(|i| format!("vm{i}")).collect(),
+            policy: policy.clone(),
+            created_at: 1,
+        };
+        c.put_group(&g).unwrap();
+        assert_eq!(c.group_policy("g").unwrap(), Some(policy.clone()));
+        assert_eq!(c.group_policy("g").unwrap(), Some(policy.clone()), "the kept policy");
+        g.policy.retention_secs = 7 * 86_400;
+        c.put_group(&g).unwrap();
+        assert_eq!(c.group_policy("g").unwrap().map(|p| p.retention_secs), Some(7 * 86_400));
+        assert!(c.delete_group("g").unwrap());
+        assert_eq!(c.group_policy("g").unwrap(), None);
+    }
     use bulwark_protocol::messages::{DiskInfo, GuestOs, PowerState, VmInfo};
     use bulwark_protocol::{DiskId, VmId};
 

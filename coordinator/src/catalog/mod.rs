@@ -121,6 +121,8 @@ pub struct Catalog {
     /// after the other, each against what the other left.
     inventory_lock: std::sync::Arc<std::sync::Mutex<()>>,
     groups: sled::Tree,
+    /// Each group's policy with the record it was decoded from (see [`Catalog::group_policy`]).
+    policies: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, (sled::IVec, Policy)>>>,
     jobs: sled::Tree,
     schedules: sled::Tree,
     replicas: sled::Tree,
@@ -278,6 +280,7 @@ impl Catalog {
             vm_hosts: db.open_tree("vm_hosts")?,
             vm_conflicts: db.open_tree("vm_conflicts")?,
             inventory_lock: Default::default(),
+            policies: Default::default(),
             groups: db.open_tree("groups")?,
             jobs: db.open_tree("jobs")?,
             schedules: db.open_tree("schedules")?,

@@ -137,7 +137,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         .map_err(|e| Failure::retry(e.to_string()))?
         .ok_or_else(|| Failure::stop(format!("no VM named {name} has been reported by any agent")))?;
     let policy = match &vm.group {
-        Some(g) => catalog.group(g).map_err(|e| Failure::retry(e.to_string()))?.map(|g| g.policy),
+        Some(g) => catalog.group_policy(g).map_err(|e| Failure::retry(e.to_string()))?,
         None => None,
     };
     let replicas: HashMap<String, ReplicaRecord> = catalog
