@@ -144,19 +144,7 @@ fn an_agent_killed_mid_read_leaves_the_vm_running_and_no_change_lost() {
     let agent = c.run_agent_with("node1", &vm_dir_arg);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("k1").is_some());
     // No automatic check: the test looks at the inconsistent replica before it runs one.
-    c.json(&[
-        "group",
-        "create",
-        "g",
-        "--vm",
-        "k1",
-        "--sync-every",
-        "off",
-        "--recovery-points",
-        "none",
-        "--no-cc-when-inconsistent",
-    ]);
-    wait_until("initial replica", Duration::from_secs(60), || c.vm("k1").unwrap()["replica_state"] == "consistent");
+    protect_without_checks(&c, "k1");
 
     // A big change set, so the express full reads for a while; the agent dies mid-read.
     for i in 0..40u64 {
@@ -277,19 +265,7 @@ fn a_fleece_directory_that_fills_fails_the_backup_never_the_guest() {
     let vm_dir = qdir.join("vms");
     let agent = c.run_agent_with("node1", &["--qemu-vm-dir", vm_dir.to_str().unwrap()]);
     wait_until("the VM is reported", Duration::from_secs(30), || c.vm("f1").is_some());
-    c.json(&[
-        "group",
-        "create",
-        "g",
-        "--vm",
-        "f1",
-        "--sync-every",
-        "off",
-        "--recovery-points",
-        "none",
-        "--no-cc-when-inconsistent",
-    ]);
-    wait_until("initial replica", Duration::from_secs(60), || c.vm("f1").unwrap()["replica_state"] == "consistent");
+    protect_without_checks(&c, "f1");
 
     // A change set the express full reads for a few seconds (its 10 % reserve, 205 MiB, fits) ...
     for i in 0..128u64 {
@@ -337,6 +313,25 @@ fn a_fleece_directory_that_fills_fails_the_backup_never_the_guest() {
     vm.quit();
     let view = vm.raw();
     assert_eq!(c.recover_disk("f1", "latest", "os"), view, "no write was lost");
+}
+
+/// Puts `vm` alone in group `g` with no schedule, no recovery-point goal and no automatic
+/// consistency check (a test looks at an inconsistent replica before it runs one), and waits
+/// for its initial replica.
+fn protect_without_checks(c: &Cluster, vm: &str) {
+    c.json(&[
+        "group",
+        "create",
+        "g",
+        "--vm",
+        vm,
+        "--sync-every",
+        "off",
+        "--recovery-points",
+        "none",
+        "--no-cc-when-inconsistent",
+    ]);
+    wait_until("initial replica", Duration::from_secs(60), || c.vm(vm).unwrap()["replica_state"] == "consistent");
 }
 
 /// Unmounts a test's tmpfs when dropped.

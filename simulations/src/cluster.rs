@@ -178,6 +178,12 @@ impl Cluster {
 
     /// Puts `vm` into a new group of the same name with manual replica creation.
     pub fn protect(&self, vm: &str) -> anyhow::Result<()> {
+        self.create_group(vm, vec![vm.into()], "manual")
+    }
+
+    /// Creates group `name` of `vms` with no schedule and no recovery-point goal, its initial
+    /// copies made as `replica_creation` says (`now`, `manual`, `at:HH:MM`).
+    pub fn create_group(&self, name: &str, vms: Vec<String>, replica_creation: &str) -> anyhow::Result<()> {
         let policy = PolicySpec {
             sync_every_secs: None,
             recovery_points: vec![],
@@ -185,14 +191,14 @@ impl Cluster {
             retention_secs: 86_400,
             cc_when_inconsistent: false,
             cc_at: None,
-            replica_creation: "manual".into(),
+            replica_creation: replica_creation.into(),
             block_size: 1 << 20,
             exclude_disks: vec![],
             verify: Default::default(),
         };
-        match self.ask(AdminRequest::GroupCreate { name: vm.into(), vms: vec![vm.into()], policy })? {
+        match self.ask(AdminRequest::GroupCreate { name: name.into(), vms, policy })? {
             AdminResponse::Group(_) => Ok(()),
-            other => bail!("unexpected answer {other:?}"),
+            other => bail!("group create: unexpected answer {other:?}"),
         }
     }
 

@@ -8,7 +8,7 @@
 use crate::cluster::{wait, Cluster};
 use crate::storebench::peak_rss;
 use bulwark_agent::sim::{self, CreateVm, DiskConfig, Vm};
-use bulwark_protocol::messages::{AdminRequest, AdminResponse, PolicySpec};
+use bulwark_protocol::messages::{AdminRequest, AdminResponse};
 use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
@@ -63,23 +63,8 @@ pub fn run(work: &Path, vms: usize) -> anyhow::Result<ScaleRow> {
     })?;
     row.inventory_seconds = started.elapsed().as_secs_f64();
 
-    let policy = PolicySpec {
-        sync_every_secs: None,
-        recovery_points: vec![],
-        express_full_before_rp: false,
-        retention_secs: 86_400,
-        cc_when_inconsistent: false,
-        cc_at: None,
-        replica_creation: "now".into(),
-        block_size: 1 << 20,
-        exclude_disks: vec![],
-        verify: Default::default(),
-    };
     let t = Instant::now();
-    match c.ask(AdminRequest::GroupCreate { name: "big".into(), vms: names, policy })? {
-        AdminResponse::Group(_) => {}
-        other => anyhow::bail!("group create: unexpected answer {other:?}"),
-    }
+    c.create_group("big", names, "now")?;
     row.group_create_seconds = t.elapsed().as_secs_f64();
     eprintln!(
         "scale {vms}: inventory in {:.1} s, group created in {:.1} s",
