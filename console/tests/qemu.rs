@@ -185,14 +185,7 @@ fn an_agent_killed_mid_read_leaves_the_vm_running_and_no_change_lost() {
     // The coordinator saw the transfer die: its replica needs a consistency check, then the
     // next recovery point is the image as it is.
     assert_eq!(c.vm("k1").unwrap()["replica_state"], "inconsistent");
-    let cc = c.json(&["cc", "k1", "--wait"]);
-    assert_eq!(cc["state"], "succeeded", "{cc}");
-    vm.write(200 * MIB, MIB, 0x77);
-    let job = c.json(&["backup", "k1", "--wait"]);
-    assert_eq!(job["state"], "succeeded", "{job}");
-    vm.quit();
-    let view = vm.raw();
-    assert_eq!(c.recover_disk("k1", "latest", "os"), view, "no change was lost");
+    check_back_up_and_compare(&c, &mut vm, 200 * MIB);
 }
 
 #[test]
@@ -305,14 +298,7 @@ fn a_fleece_directory_that_fills_fails_the_backup_never_the_guest() {
     });
     assert!(std::fs::read_dir(&fleece).unwrap().next().is_none(), "no fleecing image is left");
 
-    let cc = c.json(&["cc", "f1", "--wait"]);
-    assert_eq!(cc["state"], "succeeded", "{cc}");
-    vm.write(1500 * MIB, MIB, 0x77);
-    let job = c.json(&["backup", "f1", "--wait"]);
-    assert_eq!(job["state"], "succeeded", "{job}");
-    vm.quit();
-    let view = vm.raw();
-    assert_eq!(c.recover_disk("f1", "latest", "os"), view, "no write was lost");
+    check_back_up_and_compare(&c, &mut vm, 1500 * MIB);
 }
 
 /// Puts `vm` alone in group `g` with no schedule, no recovery-point goal and no automatic
@@ -332,6 +318,19 @@ fn protect_without_checks(c: &Cluster, vm: &str) {
         "--no-cc-when-inconsistent",
     ]);
     wait_until("initial replica", Duration::from_secs(60), || c.vm(vm).unwrap()["replica_state"] == "consistent");
+}
+
+/// A consistency check of `vm`, a guest write at `at`, a backup, both succeeding; then, with
+/// QEMU stopped, the latest recovery point is the image byte for byte.
+fn check_back_up_and_compare(c: &Cluster, vm: &mut Vm, at: u64) {
+    let cc = c.json(&["cc", &vm.name, "--wait"]);
+    assert_eq!(cc["state"], "succeeded", "{cc}");
+    vm.write(at, MIB, 0x77);
+    let job = c.json(&["backup", &vm.name, "--wait"]);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    vm.quit();
+    let view = vm.raw();
+    assert_eq!(c.recover_disk(&vm.name, "latest", "os"), view, "no write was lost");
 }
 
 /// Unmounts a test's tmpfs when dropped.
