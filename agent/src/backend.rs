@@ -55,6 +55,9 @@ pub trait DiskWriter: Send {
 pub trait Hypervisor: Send + Sync + 'static {
     /// The VMs of `host`.
     fn inventory(&self, host: &str) -> Result<Inventory, BackendError>;
+    /// Where the VMs' ownership claims live: a directory on the storage every node of the
+    /// cluster shares (see [`crate::claims`]).
+    fn claims_dir(&self) -> PathBuf;
     /// Whether VM `vm` is on `host` (what a job checks before its snapshot): by default from
     /// the whole inventory; a backend that can look up one VM answers without listing them all.
     fn is_here(&self, vm: &str, host: &str) -> Result<bool, BackendError> {
@@ -198,6 +201,10 @@ impl DiskWriter for sim::RestoreWriter {
 impl Hypervisor for SimBackend {
     fn inventory(&self, host: &str) -> Result<Inventory, BackendError> {
         Ok(crate::inventory::sim_inventory(&self.root, host)?)
+    }
+
+    fn claims_dir(&self) -> PathBuf {
+        self.root.join("claims")
     }
 
     fn is_here(&self, vm: &str, host: &str) -> Result<bool, BackendError> {

@@ -19,6 +19,10 @@ pub struct HypervisorConfig {
     /// Where restores to new QEMU VMs write images and definitions (default `vm_dir/restored`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_dir: Option<PathBuf>,
+    /// Where the QEMU VMs' ownership claims live, on the storage the cluster's nodes share
+    /// (default `vm_dir/claims`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims_dir: Option<PathBuf>,
 }
 
 fn default_kind() -> String {

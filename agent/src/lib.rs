@@ -9,6 +9,7 @@
 //! - [`uplink`]: the uplink actor and its session logic.
 //! - [`sim`]: the embedded sim hypervisor (VMs, tracked writes, snapshots, overlays).
 //! - [`backend`]: the hypervisor backend trait, and the sim's implementation.
+//! - [`claims`]: VMs' ownership claims on the cluster's shared storage (compare-and-swap under a lock).
 //! - [`qemu`]: the QEMU/KVM backend (QMP, fleecing, NBD, dirty bitmaps, guest agent).
 //! - [`snapshot`]: the snapshot actor (VSS sequence, freeze bound, lease).
 //! - [`reader`]: streams the blocks a job needs out of a held snapshot, with their ids.
@@ -25,6 +26,7 @@
 pub mod agent_job;
 pub mod backend;
 pub mod backoff;
+pub mod claims;
 pub mod cli;
 pub mod config;
 pub mod enroll;

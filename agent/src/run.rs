@@ -79,8 +79,11 @@ pub async fn run(
             let vm_dir = config.hypervisor.vm_dir.clone().ok_or_else(|| {
                 RunError::Invalid("the qemu hypervisor needs vm_dir in agent.toml (or --qemu-vm-dir)".into())
             })?;
-            let qemu = QemuBackend::new(vm_dir, config.hypervisor.restore_dir.clone(), dir.root.join("qemu"))
+            let mut qemu = QemuBackend::new(vm_dir, config.hypervisor.restore_dir.clone(), dir.root.join("qemu"))
                 .map_err(|e| RunError::Invalid(e.to_string()))?;
+            if let Some(claims) = config.hypervisor.claims_dir.clone() {
+                qemu = qemu.with_claims_dir(claims);
+            }
             // A killed run's leftovers: thaw, resume, tear down, merge the bits back.
             let cleaned = qemu.cleanup_orphans().map_err(|e| RunError::Invalid(e.to_string()))?;
             if !cleaned.is_empty() {

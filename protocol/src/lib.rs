@@ -17,6 +17,7 @@
 //! - [`text`]: peer text on its way to a terminal, a log or the catalog: caps and escaping.
 //! - [`handshake`]: version negotiation and the coordinator's checks of an agent's hello.
 //! - [`snapshot`]: the snapshot lifecycle and the cleanup owed from each state.
+//! - [`ownership`]: which coordinator owns a VM (claims, epochs, take-over) and which jobs it admits.
 //! - [`units`]: sizes and rates as humans write them.
 
 #![forbid(unsafe_code)]
@@ -28,6 +29,7 @@ pub mod frame;
 pub mod handshake;
 pub mod ids;
 pub mod messages;
+pub mod ownership;
 pub mod paging;
 pub mod snapshot;
 pub mod text;

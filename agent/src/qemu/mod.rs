@@ -94,6 +94,7 @@ pub struct QemuBackend {
     vm_dir: PathBuf,
     restore_dir: PathBuf,
     state_dir: PathBuf,
+    claims_dir: PathBuf,
     open: Mutex<HashMap<String, Open>>,
 }
 
@@ -117,7 +118,15 @@ impl QemuBackend {
             std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .map_err(|e| failed(format!("cannot restrict {}: {e}", d.display())))?;
         }
-        Ok(Self { vm_dir, restore_dir, state_dir, open: Mutex::new(HashMap::new()) })
+        let claims_dir = vm_dir.join("claims");
+        Ok(Self { vm_dir, restore_dir, state_dir, claims_dir, open: Mutex::new(HashMap::new()) })
+    }
+
+    /// Keeps the VMs' ownership claims in `dir` (on the storage the cluster's nodes share)
+    /// instead of `vm_dir/claims`.
+    pub fn with_claims_dir(mut self, dir: PathBuf) -> Self {
+        self.claims_dir = dir;
+        self
     }
 
     fn def(&self, vm: &str) -> Result<VmDef, BackendError> {
@@ -352,6 +361,10 @@ impl DiskWriter for NbdRestoreWriter<'_> {
 }
 
 impl Hypervisor for QemuBackend {
+    fn claims_dir(&self) -> PathBuf {
+        self.claims_dir.clone()
+    }
+
     fn is_here(&self, vm: &str, _host: &str) -> Result<bool, BackendError> {
         // A VM of this host is a usable definition in the VM directory (as in the inventory),
         // without asking every VM's QEMU.
