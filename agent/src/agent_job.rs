@@ -295,6 +295,7 @@ mod tests {
             id_key: None,
             lease_secs: 30,
             parallel_disks: 1,
+            epoch: 1,
         }
     }
 

@@ -48,11 +48,25 @@ pub enum ClaimError {
 #[derive(Debug, Clone)]
 pub struct Claims {
     dir: PathBuf,
+    #[cfg(feature = "broken-builds")]
+    ignore_claims: bool,
 }
 
 impl Claims {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            #[cfg(feature = "broken-builds")]
+            ignore_claims: false,
+        }
+    }
+
+    /// A broken build (the simulation's check that it catches it): a job that names an epoch
+    /// is admitted whatever the claim says (a job with epoch 0 still claims the VM).
+    #[cfg(feature = "broken-builds")]
+    pub fn break_by_ignoring_claims(mut self) -> Self {
+        self.ignore_claims = true;
+        self
     }
 
     pub fn dir(&self) -> &Path {
@@ -95,6 +109,10 @@ impl Claims {
     /// Decides a job of `me` naming `epoch` on `vm`: acquires the VM when `epoch` is 0, checks
     /// the claim otherwise. The claim under which the job runs.
     pub fn for_job(&self, vm: &str, me: &str, epoch: u64) -> Result<Owner, ClaimError> {
+        #[cfg(feature = "broken-builds")]
+        if self.ignore_claims && epoch > 0 {
+            return Ok(self.read(vm)?.unwrap_or(Owner { coordinator: me.to_owned(), epoch }));
+        }
         if epoch > 0 {
             // The common case needs no lock: the claim either names this job's epoch or not.
             let now = self.read(vm)?;

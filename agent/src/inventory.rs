@@ -41,6 +41,7 @@ pub fn sim_inventory(root: &Path, host: &str) -> Result<Inventory, SimError> {
             integration_services: c.integration_services,
             disks,
             change_generation: Some(c.generation),
+            owner: None,
         });
     }
     Ok(Inventory { vms })

@@ -34,6 +34,8 @@ use tracing::Instrument;
 pub struct JobEnv {
     pub backend: Arc<dyn Hypervisor>,
     pub host: String,
+    /// The coordinator asking (its certificate identity): the owner a job's claim must name.
+    pub coordinator: String,
     /// Opens a transfer stream to the coordinator (over the uplink's connection).
     pub open_stream: OpenStream,
     pub out: mpsc::Sender<AgentMessage>,
@@ -233,6 +235,35 @@ pub async fn run(env: JobEnv, req: JobRequest, verdict: oneshot::Receiver<bool>)
     .await
 }
 
+/// Decides a job's claim on `vm` (see [`crate::claims`]): refuses the job of a coordinator
+/// that does not own the VM (or whose epoch is stale), claims an unclaimed VM for it (epoch 0),
+/// and tells the coordinator the claim in both cases.
+async fn check_claim(env: &JobEnv, vm: &str, epoch: u64) -> Result<(), Failure> {
+    let claims = crate::claims::Claims::new(env.backend.claims_dir());
+    let (me, v) = (env.coordinator.clone(), vm.to_owned());
+    let decided = blocking(move || Ok::<_, BackendError>(claims.for_job(&v, &me, epoch))).await??;
+    let vm_id = bulwark_protocol::VmId::new(vm.to_owned()).map_err(Failure::other)?;
+    let tell = |owner: Option<bulwark_protocol::ownership::Owner>, refused: Option<String>| AgentMessage::Claim {
+        vm: vm_id.clone(),
+        owner,
+        refused,
+    };
+    match decided {
+        Ok(owner) => {
+            if epoch == 0 {
+                tracing::info!(coordinator = %owner.coordinator, epoch = owner.epoch, "VM claimed");
+                let _ = env.out.send(tell(Some(owner), None)).await;
+            }
+            Ok(())
+        }
+        Err(crate::claims::ClaimError::Refused(r)) => {
+            let _ = env.out.send(tell(r.owner().cloned(), Some(r.to_string()))).await;
+            Err(Failure { kind: FailureKind::NotOwner, reason: r.to_string() })
+        }
+        Err(e) => Err(Failure::other(e)),
+    }
+}
+
 /// Takes the job's snapshot, after checking the VM is on this host.
 async fn take(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>) -> Result<Snapshot, Failure> {
     let vm = req.vm.as_str().to_owned();
@@ -243,6 +274,7 @@ async fn take(env: &JobEnv, req: &JobRequest, snapshot: &Addr<SnapshotActor>) ->
     if !here {
         return Err(Failure { kind: FailureKind::NotHere, reason: format!("{vm} is not on {}", env.host) });
     }
+    check_claim(env, &vm, req.epoch).await?;
     bulwark_protocol::block::check_block_size(req.block_size as usize).map_err(Failure::other)?;
     let taken: Taken = snapshot.send(Take).await.map_err(Failure::other)??;
     // The VM's definition goes with the recovery point (a definition that cannot be read
@@ -532,6 +564,9 @@ async fn execute_restore(env: &JobEnv, req: &RestoreRequest) -> Result<(u64, u64
     let vm = req.vm.as_str().to_owned();
     let bs = req.block_size as usize;
     bulwark_protocol::block::check_block_size(bs).map_err(Failure::other)?;
+    if req.create.is_none() {
+        check_claim(env, &vm, req.epoch).await?;
+    }
     if req.instant {
         return execute_instant(env, req).await.map(|()| (0, 0));
     }
@@ -549,6 +584,10 @@ async fn execute_restore(env: &JobEnv, req: &RestoreRequest) -> Result<(u64, u64
             backend.restore_begin(&vm, &host, &what, create.as_ref().map(|c| (c, disks.as_slice())), &config)
         })
         .await??;
+    }
+    if req.create.is_some() {
+        // The new VM is this coordinator's.
+        check_claim(env, &vm, 0).await?;
     }
     let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
     let (mut read, mut written) = (0, 0);
@@ -577,6 +616,8 @@ async fn execute_instant(env: &JobEnv, req: &RestoreRequest) -> Result<(), Failu
     if sockets.len() != req.disks.len() {
         return Err(Failure::other("the hypervisor answered a socket per disk wrongly"));
     }
+    // The new VM is this coordinator's.
+    check_claim(env, &vm, 0).await?;
     // The VM's exports so far; a failure midway stops them all.
     env.exports.insert(&vm, vec![]);
     let serve_all = async {

@@ -13,7 +13,8 @@ use bulwark_protocol::frame;
 use bulwark_protocol::messages::{
     AgentMessage, CoordinatorMessage, FailureKind, Hello, Inventory, JobOutcome, JobResult,
 };
-use bulwark_protocol::{HostId, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use bulwark_protocol::ownership::{ClaimMode, Owner};
+use bulwark_protocol::{HostId, VmId, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use rand::Rng;
 use std::collections::HashMap;
 use std::net::ToSocketAddrs;
@@ -50,15 +51,23 @@ pub struct Hosting {
 }
 
 impl Hosting {
-    /// The VMs of `host` now (empty, with a warning, when the hypervisor cannot say).
+    /// The VMs of `host` now, each with its ownership claim (empty, with a warning, when the
+    /// hypervisor cannot say; a claim that cannot be read is reported as none, with a warning,
+    /// and every job on that VM is refused until it can).
     fn inventory(&self, host: &str) -> Inventory {
-        match &self.backend {
-            Some(b) => b.inventory(host).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot read the inventory");
-                Inventory { vms: vec![] }
-            }),
-            None => Inventory { vms: vec![] },
+        let Some(b) = &self.backend else { return Inventory { vms: vec![] } };
+        let mut inventory = b.inventory(host).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the inventory");
+            Inventory { vms: vec![] }
+        });
+        let claims = crate::claims::Claims::new(b.claims_dir());
+        for vm in &mut inventory.vms {
+            vm.owner = claims.read(&vm.name).unwrap_or_else(|e| {
+                tracing::warn!(vm = %vm.name, error = %e, "cannot read the VM's ownership claim");
+                None
+            });
         }
+        inventory
     }
 }
 
@@ -280,6 +289,19 @@ pub async fn run_session(
                     let (backend, exports, out) = (hosting.backend.clone(), hosting.exports.clone(), out_tx.clone());
                     actix_rt::spawn(crate::job::instant_finish(backend, exports, out, job, vm));
                 }
+                Ok(Some(CoordinatorMessage::Claim { vm, mode })) => {
+                    tracing::info!(%vm, ?mode, "claim requested");
+                    let (hosting, host, me, out) =
+                        (hosting.clone(), config.host.clone(), config.coordinator_name.clone(), out_tx.clone());
+                    actix_rt::spawn(async move {
+                        let asked = vm.clone();
+                        let answer = match tokio::task::spawn_blocking(move || claim(&hosting, &host, &me, &asked, mode)).await {
+                            Ok(answer) => answer,
+                            Err(e) => AgentMessage::Claim { vm, owner: None, refused: Some(format!("worker thread failed: {e}")) },
+                        };
+                        let _ = out.send(answer).await;
+                    });
+                }
                 Ok(Some(CoordinatorMessage::JobDone { job, committed })) => {
                     match verdicts.remove(&job.0) {
                         Some(v) => { let _ = v.send(committed); }
@@ -290,6 +312,31 @@ pub async fn run_session(
                 Ok(None) => return lost(&conn, "the coordinator closed the control stream".into()),
                 Err(e) => return lost(&conn, e.to_string()),
             },
+        }
+    }
+}
+
+/// A coordinator's claim request on `vm`: granted only for a VM of this host (a host acts on
+/// its own VMs only), under the claims' lock.
+fn claim(hosting: &Hosting, host: &str, me: &str, vm: &VmId, mode: ClaimMode) -> AgentMessage {
+    let answer = |owner: Option<Owner>, refused: Option<String>| AgentMessage::Claim { vm: vm.clone(), owner, refused };
+    let Some(backend) = &hosting.backend else {
+        return answer(None, Some("this agent has no hypervisor configured".into()));
+    };
+    match backend.is_here(vm.as_str(), host) {
+        Ok(true) => {}
+        Ok(false) => return answer(None, Some(format!("{vm} is not on {host}"))),
+        Err(e) => return answer(None, Some(e.to_string())),
+    }
+    let claims = crate::claims::Claims::new(backend.claims_dir());
+    match claims.claim(vm.as_str(), me, mode) {
+        Ok(owner) => {
+            tracing::info!(%vm, coordinator = %owner.coordinator, epoch = owner.epoch, "VM claimed");
+            answer(Some(owner), None)
+        }
+        Err(e) => {
+            tracing::warn!(%vm, error = %e, "claim refused");
+            answer(claims.read(vm.as_str()).ok().flatten(), Some(e.to_string()))
         }
     }
 }
@@ -311,6 +358,7 @@ async fn job_env(
     Some(JobEnv {
         backend,
         host: config.host.clone(),
+        coordinator: config.coordinator_name.clone(),
         open_stream: opener(conn),
         out: out.clone(),
         scratch: hosting.scratch.clone(),

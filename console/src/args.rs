@@ -299,6 +299,11 @@ pub(crate) enum VmCommand {
     /// Forget a VM that vanished (`missing`) or was replaced: its record and identity go, its
     /// recovery points stay until retention removes them. Refused while it is in a group.
     Forget { vm: String },
+    /// Take a VM over from the coordinator that owns it (one gone for good, say): its host
+    /// writes a new claim with the next epoch, and the old owner's requests are refused from
+    /// then on (it shows the VM as `lost`).
+    #[command(name = "take-over")]
+    TakeOver { vm: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -156,6 +156,7 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
         | Command::Ls { .. } => anyhow::bail!("a list command reached the single-answer path"),
         Command::Agent { command: AgentCommand::Revoke { host } } => AdminRequest::AgentRevoke { host: host.clone() },
         Command::Vm { command: VmCommand::Forget { vm } } => AdminRequest::VmForget { vm: vm.clone() },
+        Command::Vm { command: VmCommand::TakeOver { vm } } => AdminRequest::VmTakeOver { vm: vm.clone() },
         Command::Verify { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Verify, wait: *wait },
         Command::Prune { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Prune, wait: *wait },
         Command::Gc { wait } => AdminRequest::Maintenance { kind: MaintenanceKind::Gc, wait: *wait },

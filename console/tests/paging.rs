@@ -70,6 +70,7 @@ fn put_vms(catalog: &Catalog) {
                 integration_services: true,
                 disks: vec![DiskInfo { name: DiskId::new("os").unwrap(), size_bytes: 1 << 30 }],
                 change_generation: None,
+                owner: None,
             })
             .collect();
         catalog.apply_inventory(&format!("node{h:02}"), &Inventory { vms }, now(), &|_| true, 4096).unwrap();

@@ -92,7 +92,8 @@ mod tests {
 
     #[test]
     fn a_matching_hello_is_welcomed() {
-        let w = accept_hello(&hello(MIN_PROTOCOL_VERSION, 9, "node1"), &host("node1"), "coord", 5).unwrap();
+        let w = accept_hello(&hello(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION + 3, "node1"), &host("node1"), "coord", 5)
+            .unwrap();
         assert_eq!(w.version, PROTOCOL_VERSION, "the highest version both speak");
         assert_eq!(w.coordinator, "coord");
     }

@@ -58,12 +58,14 @@ pub const ALPN_ENROLL: &[u8] = b"bulwark-enroll/1";
 ///    point's verification.
 /// 9: `Mount` (a recovery point's disk served for random reads), `ExportCert`; instant
 ///    recovery (`RecoverInstant`, a restore request's `instant`, `Export` transfer streams).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// 10: VMs' ownership claims (an inventory's `owner`, a job's and a restore's `epoch`, `Claim`
+///     both ways, `NotOwner` failures, `VmTakeOver`).
+pub const PROTOCOL_VERSION: u16 = 10;
 /// The oldest protocol version this build still accepts (2 encoded item recoveries without
 /// their options and outcome; bincode has no optional fields, so a peer speaking it is
 /// refused with both version ranges named rather than misread).
 /// 3 differs from 4 in the admin messages and in what an inventory's ids mean; 4 from 5 in the
 /// token list's request and answer; 5 from 6 in a job's disks and the policy; 6 from 7 in the
 /// job request; 7 from 8 in the policy and the recovery-point list; 8 from 9 in the restore
-/// request.
-pub const MIN_PROTOCOL_VERSION: u16 = 9;
+/// request; 9 from 10 in the inventory, the job and restore requests.
+pub const MIN_PROTOCOL_VERSION: u16 = 10;

@@ -17,6 +17,7 @@
 //! dynamic values, which bincode cannot carry.
 
 use crate::ids::{ClusterId, DiskId, HostId, JobId, RecoveryPointId, VmId};
+use crate::ownership::{ClaimMode, Owner};
 use crate::paging::{Page, PageRequest};
 use serde::{Deserialize, Serialize};
 
@@ -76,6 +77,9 @@ pub struct VmInfo {
     /// The generation of the VM's change tracking; it moves when tracking is lost (host
     /// crash, storage migration), which tells the coordinator a consistency check is due.
     pub change_generation: Option<u64>,
+    /// The VM's ownership claim on the cluster's shared storage (protocol 10; `None`: no
+    /// coordinator claimed it yet).
+    pub owner: Option<Owner>,
 }
 
 /// The full list of VMs on the agent's host, sent after the welcome and whenever it changes.
@@ -155,6 +159,9 @@ pub struct JobRequest {
     /// How many of the disks the agent sends at once (0 reads as 1; at most
     /// [`MAX_PARALLEL_DISKS`]).
     pub parallel_disks: u8,
+    /// The epoch of the coordinator's claim on the VM (protocol 10; 0: it holds none yet, and
+    /// the agent claims the VM for it first). See [`crate::ownership`].
+    pub epoch: u64,
 }
 
 /// The most disks of one job sent and received at once, whatever a request or a configuration
@@ -180,6 +187,9 @@ pub struct RestoreRequest {
     /// Instant recovery (protocol 9; with `create` only): the new VM's disks are overlays
     /// backed by exports the agent serves from `Export` streams; nothing is copied now.
     pub instant: bool,
+    /// The epoch of the coordinator's claim on the VM written (protocol 10; 0: none yet). A
+    /// VM created by the recovery is claimed for the coordinator.
+    pub epoch: u64,
 }
 
 /// The most bytes of VM definition a recovery point keeps.
@@ -201,6 +211,8 @@ pub enum FailureKind {
     TrackingLost,
     /// The VM is not on this host (it migrated).
     NotHere,
+    /// Another coordinator owns the VM, or this coordinator's claim is stale (protocol 10).
+    NotOwner,
     /// Anything else; the job may be retried.
     Other,
 }
@@ -250,6 +262,13 @@ pub enum AgentMessage {
     Heartbeat,
     /// The inventory as it is now, answering [`CoordinatorMessage::InventoryNow`].
     InventoryAnswer(Inventory),
+    /// The claim on `vm` as it is after a claim request, or a job that claimed the VM or was
+    /// refused for its claim (protocol 10); `refused` says why a request was not granted.
+    Claim {
+        vm: VmId,
+        owner: Option<Owner>,
+        refused: Option<String>,
+    },
 }
 
 /// Coordinator → agent on the control stream.
@@ -287,6 +306,12 @@ pub enum CoordinatorMessage {
     InstantFinish {
         job: JobId,
         vm: VmId,
+    },
+    /// Claim VM `vm` of this host for this coordinator (protocol 10): acquire it, or take it
+    /// over (`bulwark vm take-over`); answered with [`AgentMessage::Claim`].
+    Claim {
+        vm: VmId,
+        mode: ClaimMode,
     },
 }
 
@@ -346,6 +371,11 @@ pub enum AdminRequest {
     /// Forget a VM that vanished or was replaced (its record and identity; its recovery points
     /// stay until retention removes them).
     VmForget {
+        vm: String,
+    },
+    /// Take VM `vm` over from whichever coordinator owns it: a new claim with the next epoch
+    /// (protocol 10). The old owner's requests are refused from then on.
+    VmTakeOver {
         vm: String,
     },
     GroupCreate {
@@ -647,9 +677,9 @@ pub struct VmSummary {
     pub cluster: String,
     /// The coordinator that protects it.
     pub owner: String,
-    /// `protected`, `unprotected`, `awaiting-replica`, `conflict`, `missing`.
+    /// `protected`, `unprotected`, `awaiting-replica`, `conflict`, `missing`, `lost`.
     pub status: String,
-    /// Why, for `conflict` and `missing`.
+    /// Why, for `conflict`, `missing` and `lost`.
     pub status_reason: Option<String>,
     pub host: String,
     /// `running`, `paused`, `off`.

@@ -58,6 +58,16 @@ pub enum ClaimRefusal {
     BadOwner(String),
 }
 
+impl ClaimRefusal {
+    /// The claim that stood in the way, when there is one.
+    pub fn owner(&self) -> Option<&Owner> {
+        match self {
+            ClaimRefusal::OwnedBy { owner, .. } | ClaimRefusal::Stale { owner, .. } => Some(owner),
+            ClaimRefusal::Unclaimed { .. } | ClaimRefusal::BadOwner(_) => None,
+        }
+    }
+}
+
 fn check_name(me: &str) -> Result<(), ClaimRefusal> {
     if me.is_empty() || me.len() > MAX_OWNER_NAME {
         return Err(ClaimRefusal::BadOwner(me.chars().take(64).collect()));

@@ -414,6 +414,7 @@ impl Hypervisor for QemuBackend {
                 integration_services: def.guest_agent.is_some(),
                 disks,
                 change_generation: Some(st.generation),
+                owner: None,
             });
         }
         Ok(Inventory { vms })

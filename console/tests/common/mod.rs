@@ -108,18 +108,14 @@ impl Cluster {
 
     /// Initializes the coordinator, lets `prepare` work on its data directory, then serves.
     pub fn start_with(prepare: impl FnOnce(&Path)) -> Cluster {
+        Self::start_as("coord1", prepare)
+    }
+
+    /// A coordinator named `name` (several in one test: each its own deployment).
+    pub fn start_as(name: &str, prepare: impl FnOnce(&Path)) -> Cluster {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("coord");
-        ok(&[
-            "x-coordinator",
-            "init",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--name",
-            "coord1",
-        ]);
+        ok(&["x-coordinator", "init", "--data-dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0", "--name", name]);
         prepare(&dir);
         let coordinator = Daemon::spawn(
             &["x-coordinator", "serve", "--data-dir", dir.to_str().unwrap()],

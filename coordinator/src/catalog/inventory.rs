@@ -148,6 +148,7 @@ impl Catalog {
             }
         }
         self.vm_identity.remove(name.as_bytes())?;
+        self.forget_ownership(name)?;
         self.vm_hosts.remove(host_key(&vm.host, name))?;
         self.vms.remove(name.as_bytes())?;
         self.flush_durable()?;
@@ -306,6 +307,7 @@ impl Catalog {
                 self.put_identity(&v.name, &ident)?;
             }
             self.record_report(host, v, old.map(|(r, _)| r), now, &mut changes)?;
+            self.note_reported_owner(&v.name, v.owner.as_ref())?;
         }
         // Conflicts this host no longer stirs are resolved.
         let stirred: Vec<String> = self
@@ -556,6 +558,7 @@ mod tests {
                 integration_services: true,
                 disks: vec![DiskInfo { name: DiskId::new("os").unwrap(), size_bytes: 1 << 20 }],
                 change_generation: None,
+                owner: None,
             })
             .collect();
         Inventory { vms }

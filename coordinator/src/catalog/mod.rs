@@ -15,6 +15,8 @@
 //! tree "vm_uuids"     VM UUID (utf-8) → VM name (utf-8)
 //! tree "vm_hosts"     host name ‖ 0x00 ‖ VM name → empty: the VMs recorded on each host
 //! tree "vm_conflicts" claiming host ‖ 0x00 ‖ VM name → empty: the conflicts each host stirs
+//! tree "vm_owner"     VM name (utf-8) → VmOwnership (this coordinator's epoch, the claim the
+//!                     VM's host last reported)
 //! tree "groups"       group name (utf-8) → GroupRecord (or legacy::GroupRecordV2 / V1, read only)
 //! tree "jobs"         job id u64 BE → JobRecord
 //! tree "schedules"    group name ‖ 0x00 ‖ schedule kind (utf-8) → next run, Unix seconds u64 BE
@@ -40,6 +42,7 @@
 
 pub mod identity;
 mod inventory;
+pub mod ownership;
 mod records;
 mod scan;
 mod store_trees;
@@ -117,6 +120,7 @@ pub struct Catalog {
     vm_uuids: sled::Tree,
     vm_hosts: sled::Tree,
     vm_conflicts: sled::Tree,
+    vm_owner: sled::Tree,
     /// Held while an inventory is judged and applied: claims from two hosts are decided one
     /// after the other, each against what the other left.
     inventory_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -279,6 +283,7 @@ impl Catalog {
             vm_uuids: db.open_tree("vm_uuids")?,
             vm_hosts: db.open_tree("vm_hosts")?,
             vm_conflicts: db.open_tree("vm_conflicts")?,
+            vm_owner: db.open_tree("vm_owner")?,
             inventory_lock: Default::default(),
             policies: Default::default(),
             groups: db.open_tree("groups")?,

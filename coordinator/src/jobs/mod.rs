@@ -132,6 +132,8 @@ pub struct JobContext {
     pub disks_in_parallel: usize,
     /// For `--notify`.
     pub smtp: Option<crate::config::SmtpConfig>,
+    /// This coordinator's name (its certificate identity): the owner its claims name.
+    pub coordinator: String,
 }
 
 impl JobContext {

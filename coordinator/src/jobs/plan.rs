@@ -42,6 +42,8 @@ impl Failure {
             FailureKind::TrackingLost => Failure { reason: reason.clone(), retry: false, inconsistent: Some(reason) },
             FailureKind::Refused => Failure::stop(reason),
             FailureKind::NotHere => Failure::retry(reason),
+            // Another coordinator owns the VM: nothing this one retries changes that.
+            FailureKind::NotOwner => Failure::stop(reason),
             FailureKind::Other if started => Failure::midway(reason, job),
             FailureKind::Other => Failure::retry(reason),
         }

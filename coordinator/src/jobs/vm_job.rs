@@ -107,6 +107,13 @@ fn note_undelivered(catalog: &crate::catalog::Catalog, id: u64, note: String) {
     }
 }
 
+/// The epoch of this coordinator's claim on `vm` (0: none yet); a VM another coordinator owns
+/// gets no job from this one (`vm list` shows it `lost`).
+fn owned_epoch(ctx: &JobContext, vm: &str) -> Result<u64, Failure> {
+    let ownership = ctx.catalog().vm_ownership(vm).map_err(|e| Failure::retry(e.to_string()))?;
+    ownership.job_epoch(vm, &ctx.coordinator).map_err(Failure::stop)
+}
+
 fn save(ctx: &JobContext, job: &JobRecord) {
     if let Err(e) = ctx.catalog().put_job(job) {
         tracing::error!(error = %e, "cannot record the job's state");
@@ -154,6 +161,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
     let left_out = policy
         .map(|p| p.exclude_disks.into_iter().filter(|(v, _)| *v == name).map(|(_, d)| d).collect())
         .unwrap_or_default();
+    let epoch = owned_epoch(ctx, &name)?;
     let setup = Setup {
         record: job.clone(),
         vm: name.clone(),
@@ -164,6 +172,7 @@ async fn execute(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<(), Failu
         lease_ms: ctx.lease.as_millis().min(u128::from(u64::MAX)) as u64,
         left_out,
         parallel: ctx.disks_in_parallel,
+        epoch,
     };
     let mut m = VmJob::start(setup, now_ms())?;
     if m.record().kind != job.kind {
@@ -339,6 +348,7 @@ async fn execute_recovery(ctx: &Arc<JobContext>, job: &mut JobRecord) -> Result<
         id_key: ctx.store.codec().hasher.id_key(),
         lease_ms: ctx.lease.as_millis().min(u128::from(u64::MAX)) as u64,
         instant: instant_of(&catalog, job.id, &spec).map_err(|e| Failure::retry(e.to_string()))?,
+        epoch: if spec.to_host.is_none() { owned_epoch(ctx, &name)? } else { 0 },
     };
     let instant = setup.instant.then(|| spec.name.clone()).flatten();
     let mut m = Recovery::start(setup, now_ms())?;

@@ -109,6 +109,7 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::JobList { vm, state: wanted, page } => lists::jobs(catalog, vm, wanted, page).await,
         AdminRequest::VmList { page } => lists::vms(catalog, state.authority.config().name.clone(), page).await,
         AdminRequest::VmForget { vm } => protect::vm_forget(state, vm).await,
+        AdminRequest::VmTakeOver { vm } => crate::server::ownership::vm_take_over(state, vm).await,
         AdminRequest::GroupCreate { name, vms, policy } => protect::group_create(state, name, vms, policy).await,
         AdminRequest::GroupList { page } => lists::groups(catalog, page).await,
         AdminRequest::GroupShow { name, page } => lists::group(catalog, name, page).await,

@@ -200,6 +200,8 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
         max_vms: state.authority.config().agents.max_vms_per_host,
         span: tracing::Span::current(),
         waiting: vec![],
+        coordinator: state.authority.config().name.clone(),
+        claims_waiting: std::collections::HashMap::new(),
     }
     .start();
     state.registry.do_send(Register {

@@ -11,6 +11,7 @@ pub mod history;
 pub mod instant;
 pub mod lists;
 pub mod metrics;
+pub mod ownership;
 pub mod protect;
 pub mod registry;
 pub mod scheduler;
@@ -172,6 +173,7 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         lease,
         disks_in_parallel: limits.disks_in_parallel,
         smtp: authority.config().smtp.clone(),
+        coordinator: authority.config().name.clone(),
     });
     let retention = limits.retention()?;
     let jobs = crate::jobs::JobQueue::new(job_ctx, limits.max_running, limits.per_agent).start();

@@ -69,7 +69,13 @@ pub fn vm_summary(catalog: &Catalog, v: VmRecord, owner: &str, groups: &mut Left
     let (replica_state, replica_reason) = replica_state(catalog, &v.name)?;
     let identity = catalog.vm_identity(&v.name).map_err(|e| e.to_string())?;
     let has_replica = replica_state == "consistent";
-    let status = identity::status(identity.as_ref(), v.group.is_some(), has_replica).to_owned();
+    let mut status = identity::status(identity.as_ref(), v.group.is_some(), has_replica).to_owned();
+    let ownership = catalog.vm_ownership(&v.name).map_err(|e| e.to_string())?;
+    let lost = ownership.lost_to(owner).filter(|_| v.group.is_some());
+    if lost.is_some() && status != "conflict" && status != "missing" {
+        status = "lost".into();
+    }
+    let lost_reason = lost.map(|o| crate::catalog::ownership::lost_reason(o, ownership.epoch));
     let status_reason = identity.as_ref().and_then(|i| match (&i.conflict, i.missing_since) {
         (Some(c), _) => Some(c.reason.clone()),
         (None, Some(since)) => Some(format!(
@@ -79,6 +85,7 @@ pub fn vm_summary(catalog: &Catalog, v: VmRecord, owner: &str, groups: &mut Left
         )),
         (None, None) => None,
     });
+    let status_reason = status_reason.or(lost_reason);
     let excluded_bytes = catalog
         .replicas_of(&v.name)
         .map_err(|e| e.to_string())?
@@ -90,7 +97,7 @@ pub fn vm_summary(catalog: &Catalog, v: VmRecord, owner: &str, groups: &mut Left
         left_out,
         uuid: identity.as_ref().map(|i| i.uuid.clone()).unwrap_or_default(),
         cluster: identity.map(|i| i.cluster).unwrap_or_default(),
-        owner: owner.to_owned(),
+        owner: ownership.owner_name(owner),
         status,
         status_reason,
         id: v.id,
@@ -134,7 +141,9 @@ pub fn group_info(catalog: &Catalog, g: &GroupRecord, members: &PageRequest) -> 
 }
 
 /// Checks that each VM is known and in no other group; answers their names.
-fn claim(catalog: &Catalog, group: &str, vms: &[String]) -> Result<(), String> {
+/// Checks that `vms` may join `group`: each is known, in no other group, and owned by no
+/// other coordinator (`me` is this one).
+fn claim(catalog: &Catalog, group: &str, vms: &[String], me: &str) -> Result<(), String> {
     for name in vms {
         let vm = catalog
             .vm(name)
@@ -142,6 +151,12 @@ fn claim(catalog: &Catalog, group: &str, vms: &[String]) -> Result<(), String> {
             .ok_or_else(|| format!("no VM named {name} has been reported by any agent (see `bulwark vm list`)"))?;
         if let Some(other) = vm.group.filter(|g| g != group) {
             return Err(format!("{name} is already protected by group {other}: a VM is in at most one group"));
+        }
+        let ownership = catalog.vm_ownership(name).map_err(|e| e.to_string())?;
+        if let Some(owner) = ownership.lost_to(me) {
+            return Err(format!(
+                "{name} is owned by {owner}: it protects the VM; `bulwark vm take-over {name}` here takes it over"
+            ));
         }
     }
     Ok(())
@@ -200,6 +215,7 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
     };
     learn_new_vms(state, &vms).await;
     let catalog = state.store.catalog().clone();
+    let me = state.authority.config().name.clone();
     let r = blocking(move || {
         if catalog.group(&name).map_err(|e| e.to_string())?.is_some() {
             return Err(format!("a group named {name} already exists"));
@@ -207,7 +223,7 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
         let mut members = vms.clone();
         members.sort();
         members.dedup();
-        claim(&catalog, &name, &members)?;
+        claim(&catalog, &name, &members, &me)?;
         let g = GroupRecord {
             name: name.clone(),
             members: members.clone(),
@@ -288,9 +304,10 @@ pub async fn job_cancel(state: &Arc<State>, id: u64) -> AdminResponse {
 pub async fn group_add(state: &Arc<State>, name: String, vms: Vec<String>) -> AdminResponse {
     learn_new_vms(state, &vms).await;
     let catalog = state.store.catalog().clone();
+    let me = state.authority.config().name.clone();
     let r = blocking(move || {
         let mut g = catalog.group(&name).map_err(|e| e.to_string())?.ok_or_else(|| format!("no group named {name}"))?;
-        claim(&catalog, &name, &vms)?;
+        claim(&catalog, &name, &vms, &me)?;
         let added: Vec<String> = vms.iter().filter(|v| !g.members.contains(v)).cloned().collect();
         g.members.extend(added.iter().cloned());
         g.members.sort();

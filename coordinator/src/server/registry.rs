@@ -127,6 +127,20 @@ impl Handler<RefresherOf> for Registry {
     }
 }
 
+/// Where to ask `host`'s agent to claim a VM, when it is connected.
+#[derive(Message)]
+#[rtype(result = "Option<Recipient<crate::server::session::ClaimVm>>")]
+pub struct ClaimerOf {
+    pub host: String,
+}
+
+impl Handler<ClaimerOf> for Registry {
+    type Result = Option<Recipient<crate::server::session::ClaimVm>>;
+    fn handle(&mut self, msg: ClaimerOf, _: &mut Context<Self>) -> Self::Result {
+        self.agents.get(&msg.host).map(|e| e.session.clone().recipient())
+    }
+}
+
 /// Close every agent connection (shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]

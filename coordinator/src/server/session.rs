@@ -8,6 +8,7 @@ use actix::prelude::*;
 use bulwark_pki::quic::close;
 use bulwark_protocol::frame;
 use bulwark_protocol::messages::{AgentMessage, JobOutcome, JobResult};
+use bulwark_protocol::ownership::{ClaimMode, Owner};
 use bulwark_protocol::text::{self, Escaped};
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -25,6 +26,48 @@ pub struct AgentSession {
     pub span: tracing::Span,
     /// Who waits for the answer to an [`RefreshInventory`]: told once it is in the catalog.
     pub waiting: Vec<tokio::sync::oneshot::Sender<()>>,
+    /// This coordinator's name: the owner its claims name.
+    pub coordinator: String,
+    /// Who waits for the answer to a [`ClaimVm`], by VM: told once it is in the catalog.
+    pub claims_waiting: std::collections::HashMap<String, Vec<tokio::sync::oneshot::Sender<ClaimAnswer>>>,
+}
+
+/// An agent's answer to a claim request: the claim on the VM now, and why it was not granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimAnswer {
+    pub owner: Option<Owner>,
+    pub refused: Option<String>,
+}
+
+/// Most claim requests one session keeps waiting at once (the rest are answered at once).
+const MAX_CLAIMS_WAITING: usize = 1024;
+
+/// Ask the agent to claim `vm` for this coordinator; `done` is told the answer once it is in
+/// the catalog (it is dropped, unanswered, if the agent goes away first).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClaimVm {
+    pub vm: bulwark_protocol::VmId,
+    pub mode: ClaimMode,
+    pub done: tokio::sync::oneshot::Sender<ClaimAnswer>,
+}
+
+impl Handler<ClaimVm> for AgentSession {
+    type Result = ();
+    fn handle(&mut self, ClaimVm { vm, mode, done }: ClaimVm, ctx: &mut Context<Self>) {
+        let waiting: usize = self.claims_waiting.values().map(Vec::len).sum();
+        if waiting >= MAX_CLAIMS_WAITING {
+            let _ =
+                done.send(ClaimAnswer { owner: None, refused: Some("too many claims waiting for this host".into()) });
+            return;
+        }
+        self.claims_waiting.entry(vm.as_str().to_owned()).or_default().push(done);
+        <Self as Handler<crate::jobs::ToAgent>>::handle(
+            self,
+            crate::jobs::ToAgent(bulwark_protocol::messages::CoordinatorMessage::Claim { vm, mode }),
+            ctx,
+        );
+    }
 }
 
 /// Ask the agent for its inventory now; `done` is told once its answer is in the catalog (it is
@@ -137,6 +180,33 @@ impl Handler<Inbound> for AgentSession {
                 if !self.router.result(&self.host, r) {
                     tracing::warn!(job_id = %job, "a result for a job that is not waiting for one from this host");
                 }
+            }
+            AgentMessage::Claim { vm, owner, refused } => {
+                let refused = refused.map(text::cap_reason);
+                match &refused {
+                    Some(r) => tracing::warn!(vm = %vm, reason = %Escaped(r), "claim not granted"),
+                    None => tracing::info!(vm = %vm, owner = ?owner, "claim granted"),
+                }
+                let waiters = self.claims_waiting.remove(vm.as_str()).unwrap_or_default();
+                let (catalog, me, span) = (self.catalog.clone(), self.coordinator.clone(), self.span.clone());
+                actix_rt::spawn(async move {
+                    let answer = ClaimAnswer { owner, refused };
+                    let noted = {
+                        let (owner, granted) = (answer.owner.clone(), answer.refused.is_none());
+                        tokio::task::spawn_blocking(move || {
+                            catalog.note_claim(vm.as_str(), owner.as_ref(), granted, &me)
+                        })
+                        .await
+                    };
+                    match noted {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(parent: &span, error = %e, "cannot record a VM's claim"),
+                        Err(e) => tracing::error!(parent: &span, error = %e, "claim worker failed"),
+                    }
+                    for w in waiters {
+                        let _ = w.send(answer.clone());
+                    }
+                });
             }
             AgentMessage::Heartbeat => {}
         }

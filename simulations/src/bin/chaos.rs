@@ -29,6 +29,10 @@ struct Cli {
     /// Cluster nodes (agents).
     #[arg(long, default_value_t = 2)]
     nodes: usize,
+    /// Coordinators sharing the cluster (`--scenario sim` only): VMs start spread over them
+    /// and take-overs move them between them.
+    #[arg(long, default_value_t = 1)]
+    coordinators: usize,
     /// VMs.
     #[arg(long, default_value_t = 4)]
     vms: usize,
@@ -75,7 +79,10 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
-    anyhow::ensure!(cli.nodes >= 1 && cli.vms >= 1 && cli.runs >= 1, "--nodes, --vms and --runs must be at least 1");
+    anyhow::ensure!(
+        cli.nodes >= 1 && cli.vms >= 1 && cli.runs >= 1 && cli.coordinators >= 1,
+        "--nodes, --vms, --coordinators and --runs must be at least 1"
+    );
     anyhow::ensure!(cli.minutes > 0.0 && cli.minutes <= 24.0 * 60.0, "--minutes must be above 0, at most a day");
     anyhow::ensure!(["text", "json"].contains(&cli.output.as_str()), "--output: text or json");
     let disk_bytes = parse_size(&cli.disk)?;
@@ -110,14 +117,16 @@ fn run_sim(cli: &Cli, disk_bytes: u64) -> anyhow::Result<bool> {
         Ok("confirm-early") => Some(dsim::nodes::Break::ConfirmEarly),
         Ok("restore-out-of-order") => Some(dsim::nodes::Break::RestoreOutOfOrder),
         Ok("items-reversed") => Some(dsim::nodes::Break::ItemsReversed),
+        Ok("ignore-claims") => Some(dsim::nodes::Break::IgnoreClaims),
         Ok(other) => {
-            anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early, second-job, confirm-early, restore-out-of-order and items-reversed")
+            anyhow::bail!("BULWARK_SIM_BREAK={other}: the simulation knows commit-early, second-job, confirm-early, restore-out-of-order, items-reversed and ignore-claims")
         }
         Err(_) => None,
     };
     let template = dsim::Options {
         seed: cli.seed,
         hosts: cli.nodes,
+        coordinators: cli.coordinators,
         vms: cli.vms,
         duration_ms: (cli.minutes * 60_000.0) as u64,
         disk_bytes,

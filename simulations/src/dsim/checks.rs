@@ -51,13 +51,15 @@ pub(super) fn items(w: &mut World) -> anyhow::Result<()> {
     let h = w.rng.gen_range(0..w.agents.len());
     let last = w.items_dir.join((w.items_started + 1).to_string()).to_string_lossy().into_owned();
     for m in w.start_items(h).map_err(anyhow::Error::msg)? {
-        w.send(h, true, 0, m);
+        w.send(h, ITEMS_COORDINATOR, true, 0, m);
     }
-    let done = |w: &World| w.coordinator.as_ref().is_some_and(|c| c.item_jobs.is_empty());
+    let done = |w: &World| w.coordinators[ITEMS_COORDINATOR].as_ref().is_some_and(|c| c.item_jobs.is_empty());
     if !w.run_until(start + 60_000, done).map_err(anyhow::Error::msg)? {
         w.out.violations.push(("items-finished".into(), "the item recovery did not end within 60 s".into()));
     }
-    let Some(c) = w.coordinator.as_ref() else { anyhow::bail!("no coordinator after the item recoveries") };
+    let Some(c) = w.coordinators[ITEMS_COORDINATOR].as_ref() else {
+        anyhow::bail!("no coordinator after the item recoveries")
+    };
     let mut violations = vec![];
     for (vm, rp, dest, outcome) in &c.items_recovered {
         match outcome {
@@ -100,36 +102,38 @@ pub(super) fn items(w: &mut World) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Recoveries, after the invariants: each VM's latest recovery point is recovered as a new VM
-/// on a host through the real `Recovery` and `RestoreDisk`, which must finish and give the
-/// recovery point's bytes exactly (`restore-exact`).
+/// Recoveries, after the invariants: each VM's latest recovery point on its owner is recovered
+/// as a new VM on a host through the real `Recovery` and `RestoreDisk`, which must finish and
+/// give the recovery point's bytes exactly (`restore-exact`).
 pub(super) fn restores(w: &mut World, memo: &mut BlockCvs) -> anyhow::Result<()> {
     let start = w.now;
     for (i, vm) in w.vms.clone().iter().enumerate() {
         let h = i % w.agents.len();
         let target = format!("{vm}-r");
-        let Some(c) = w.coordinator.as_mut() else { anyhow::bail!("no coordinator for the recoveries") };
+        let owner = *w.owner.get(vm).unwrap_or(&0);
+        let Some(c) = w.coordinators[owner].as_mut() else { anyhow::bail!("no coordinator for the recoveries") };
         for m in c.recover(vm, &target, h, start).map_err(anyhow::Error::msg)? {
-            w.send(h, true, 0, m);
+            w.send(h, owner, true, 0, m);
         }
     }
-    let done = |w: &World| w.coordinator.as_ref().is_some_and(|c| c.recoveries.is_empty());
+    let done = |w: &World| w.coordinators.iter().all(|c| c.as_ref().is_some_and(|c| c.recoveries.is_empty()));
     if !w.run_until(start + 60_000, done).map_err(anyhow::Error::msg)? {
         w.out.violations.push(("restore-finished".into(), "the recoveries did not end within 60 s".into()));
     }
-    let Some(c) = w.coordinator.as_ref() else { anyhow::bail!("no coordinator after the recoveries") };
     let mut violations = vec![];
-    for (vm, rp, target, outcome) in &c.recovered {
-        let Some(disk) = rp.disks.first() else { continue };
-        match outcome {
-            Err(e) => violations.push(("restore-exact".into(), format!("{vm} to {target} failed: {e}"))),
-            Ok(()) => {
-                let want = rp_digest(&c.store, disk, memo)?;
-                let got = Vm::open(&w.root, target)?.guest_digest(DISK)?.to_hex().to_string();
-                if got != want {
-                    violations.push(("restore-exact".into(), format!("{target} is not {vm}'s recovery point")));
+    for c in w.coordinators.iter().flatten() {
+        for (vm, rp, target, outcome) in &c.recovered {
+            let Some(disk) = rp.disks.first() else { continue };
+            match outcome {
+                Err(e) => violations.push(("restore-exact".into(), format!("{vm} to {target} failed: {e}"))),
+                Ok(()) => {
+                    let want = rp_digest(&c.store, disk, memo)?;
+                    let got = Vm::open(&w.root, target)?.guest_digest(DISK)?.to_hex().to_string();
+                    if got != want {
+                        violations.push(("restore-exact".into(), format!("{target} is not {vm}'s recovery point")));
+                    }
+                    w.out.restores_verified += 1;
                 }
-                w.out.restores_verified += 1;
             }
         }
     }
@@ -137,67 +141,91 @@ pub(super) fn restores(w: &mut World, memo: &mut BlockCvs) -> anyhow::Result<()>
     Ok(())
 }
 
-/// The invariants, and the digest of the final catalog.
+/// The invariants, and the digest of the final catalogs.
 pub(super) fn check(w: &mut World, memo: &mut BlockCvs) -> anyhow::Result<()> {
-    let Some(c) = w.coordinator.as_ref() else { anyhow::bail!("no coordinator at the end") };
     let mut violations = vec![];
     let mut digest = blake3::Hasher::new();
     for line in &w.out.timeline {
         digest.update(line.as_bytes());
     }
     let mut checked = 0;
-    for name in &w.vms {
+    for name in &w.vms.clone() {
         let vm = Vm::open(&w.root, name)?;
         if vm.config.frozen.is_some() || vm.config.snapshot.is_some() || vm.config.power == Power::Paused {
             violations
                 .push(("no-frozen-vm".into(), format!("{name}: {:?} {:?}", vm.config.frozen, vm.config.snapshot)));
         }
-        // Every recovery point is the guest's view at one of its snapshot points, in order.
+        // The claim on the storage names the owner the world followed.
+        let owner = *w.owner.get(name).unwrap_or(&0);
+        match w.read_claim(name).map_err(anyhow::Error::msg)? {
+            Some((o, _)) if o == owner => {}
+            other => violations.push(("claim-owner".into(), format!("{name}: owned by {owner}, claim {other:?}"))),
+        }
         let truth = sim::ground_truth(&w.root, name)?;
-        let mut rps = c.store.catalog().recovery_points(name)?;
-        rps.sort_by_key(|r| r.created_at);
-        let mut from = 0;
-        for rp in &rps {
-            let Some(disk) = rp.disks.first() else { continue };
-            let got = rp_digest(&c.store, disk, memo)?;
-            checked += 1;
-            match truth.iter().skip(from).position(|t| t.disks.get(DISK) == Some(&got)) {
-                Some(i) => from += i + 1,
-                None => violations.push((
-                    "rp-ground-truth".into(),
-                    format!("{name}: the recovery point of {} ms matches no later snapshot point", rp.created_at),
-                )),
-            }
-            digest.update(format!("{name} rp {} {:?} {:?}", rp.created_at, rp.consistency, disk.root).as_bytes());
-        }
-        // The replica is the guest's disk as it is now (nothing was written after the faults).
-        match c.store.catalog().replica(name, DISK)? {
-            Some(r) if r.state == ReplicaState::Consistent => {
-                if let Some(root) = r.root {
-                    let disk = bulwark_coordinator::catalog::RpDisk {
-                        name: DISK.into(),
-                        size_bytes: r.size_bytes,
-                        block_size: r.block_size,
-                        root,
-                    };
-                    // Read whole: every block of the map, each the right length.
-                    let replica = rp_digest(&c.store, &disk, memo)?;
-                    if replica != vm.guest_digest(DISK)?.to_hex().to_string() || r.size_bytes != w.opts.disk_bytes {
-                        violations
-                            .push(("replica-current".into(), format!("{name}: the replica is not the guest's disk")));
-                    }
+        for (ci, c) in w.coordinators.iter().enumerate() {
+            let Some(c) = c.as_ref() else { anyhow::bail!("no coordinator {ci} at the end") };
+            // Prefixed with several coordinators only: one coordinator's digest is as before.
+            let label = if w.coordinators.len() == 1 { String::new() } else { format!("{} ", c.name) };
+            // Every recovery point is the guest's view at one of its snapshot points, in order
+            // (each coordinator's, whoever owned the VM when it was made).
+            let mut rps = c.store.catalog().recovery_points(name)?;
+            rps.sort_by_key(|r| r.created_at);
+            let mut from = 0;
+            for rp in &rps {
+                let Some(disk) = rp.disks.first() else { continue };
+                let got = rp_digest(&c.store, disk, memo)?;
+                checked += 1;
+                match truth.iter().skip(from).position(|t| t.disks.get(DISK) == Some(&got)) {
+                    Some(i) => from += i + 1,
+                    None => violations.push((
+                        "rp-ground-truth".into(),
+                        format!(
+                            "{label}{name}: the recovery point of {} ms matches no later snapshot point",
+                            rp.created_at
+                        ),
+                    )),
                 }
-                digest.update(format!("{name} replica {:?} {:?}", r.change_token, r.root).as_bytes());
+                digest.update(
+                    format!("{label}{name} rp {} {:?} {:?}", rp.created_at, rp.consistency, disk.root).as_bytes(),
+                );
             }
-            other => violations.push(("replica-consistent".into(), format!("{name}: {other:?}"))),
+            if ci != owner {
+                continue;
+            }
+            // The owner's replica is the guest's disk as it is now (nothing was written after
+            // the faults).
+            match c.store.catalog().replica(name, DISK)? {
+                Some(r) if r.state == ReplicaState::Consistent => {
+                    if let Some(root) = r.root {
+                        let disk = bulwark_coordinator::catalog::RpDisk {
+                            name: DISK.into(),
+                            size_bytes: r.size_bytes,
+                            block_size: r.block_size,
+                            root,
+                        };
+                        // Read whole: every block of the map, each the right length.
+                        let replica = rp_digest(&c.store, &disk, memo)?;
+                        if replica != vm.guest_digest(DISK)?.to_hex().to_string() || r.size_bytes != w.opts.disk_bytes {
+                            violations.push((
+                                "replica-current".into(),
+                                format!("{label}{name}: the replica is not the guest's disk"),
+                            ));
+                        }
+                    }
+                    digest.update(format!("{label}{name} replica {:?} {:?}", r.change_token, r.root).as_bytes());
+                }
+                other => violations.push(("replica-consistent".into(), format!("{label}{name}: {other:?}"))),
+            }
         }
     }
-    if !c.item_jobs.is_empty() {
-        violations
-            .push(("no-stuck-job".into(), format!("item recoveries {:?}", c.item_jobs.keys().collect::<Vec<_>>())));
-    }
-    if !c.jobs.is_empty() {
-        violations.push(("no-stuck-job".into(), format!("{:?}", c.jobs.keys().collect::<Vec<_>>())));
+    for c in w.coordinators.iter().flatten() {
+        if !c.item_jobs.is_empty() {
+            violations
+                .push(("no-stuck-job".into(), format!("item recoveries {:?}", c.item_jobs.keys().collect::<Vec<_>>())));
+        }
+        if !c.jobs.is_empty() {
+            violations.push(("no-stuck-job".into(), format!("{:?}", c.jobs.keys().collect::<Vec<_>>())));
+        }
     }
     w.out.recovery_points_checked = checked;
     w.out.violations.extend(violations);

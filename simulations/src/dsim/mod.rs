@@ -38,6 +38,9 @@ use std::path::{Path, PathBuf};
 pub struct Options {
     pub seed: u64,
     pub hosts: usize,
+    /// Coordinators sharing the hosts: VM `i` starts in the groups of coordinator
+    /// `i % coordinators`; take-overs move VMs between them.
+    pub coordinators: usize,
     pub vms: usize,
     /// Simulated length of the fault phase.
     pub duration_ms: u64,
@@ -72,28 +75,31 @@ enum Ev {
     Tick,
     Churn,
     Fault,
-    /// A message on host `host`'s connection of epoch `epoch`.
+    /// A message on the connection of host `host` and coordinator `coord`, of epoch `epoch`.
     Deliver {
         host: usize,
+        coord: usize,
         epoch: u64,
         to_agent: bool,
         msg: Msg,
     },
     StartAgent(usize),
-    StartCoordinator,
+    StartCoordinator(usize),
     /// A crash aimed at a job just dispatched (mid-snapshot, mid-transfer or mid-commit).
     KillAgentMidJob(usize),
-    KillCoordinatorMidJob,
+    KillCoordinatorMidJob(usize),
+    /// The network between a host and a coordinator heals (by link index).
     Heal(usize),
-    /// A message of host `host`'s connection of epoch `epoch` is lost where it would have
-    /// arrived: the connection dies there, and what it still carried after it with it.
+    /// A message of a connection of epoch `epoch` is lost where it would have arrived: the
+    /// connection dies there, and what it still carried after it with it.
     Lost {
         host: usize,
+        coord: usize,
         epoch: u64,
     },
 }
 
-/// The network between the coordinator and one host.
+/// The network between one coordinator and one host.
 #[derive(Debug, Default, Clone)]
 struct Link {
     /// Bumped whenever the connection breaks: what is in flight on an older one is lost.
@@ -113,16 +119,30 @@ struct World {
     seq: u64,
     queue: BTreeMap<(u64, u64), Ev>,
     root: PathBuf,
-    coord_dir: PathBuf,
-    coordinator: Option<Coordinator>,
+    coord_dirs: Vec<PathBuf>,
+    coordinators: Vec<Option<Coordinator>>,
     agents: Vec<Option<Agent>>,
+    /// By host, then coordinator: `links[h * coordinators + c]`.
     links: Vec<Link>,
     vms: Vec<String>,
+    /// The VMs in each coordinator's groups (its configuration: it survives a crash). A VM
+    /// joins the groups of the coordinator that took it over; the old owner keeps it in its
+    /// own, where it shows `lost` and gets no job.
+    protects: Vec<std::collections::BTreeSet<String>>,
+    /// Who owns each VM, as the claims on the storage say (read by the world after every claim
+    /// request an agent handled): the coordinator whose replica must be current at the end.
+    owner: BTreeMap<String, usize>,
+    /// The highest epoch of each VM's claim the world has read (epochs never go down).
+    epochs: BTreeMap<String, u64>,
+    /// The claims on the storage, read (never written) by the world's checks.
+    claims: bulwark_agent::claims::Claims,
     faults_on: bool,
     /// VMs already reported running two jobs (each is reported once).
     twice: std::collections::BTreeSet<String>,
     /// VMs already reported with an agent ahead of the coordinator (each is reported once).
     ahead: std::collections::BTreeSet<String>,
+    /// VMs already reported acted on by a coordinator that did not own them (once each).
+    two_owners: std::collections::BTreeSet<String>,
     opts: Options,
     out: Outcome,
     /// Where item recoveries write (each into a directory of its own), and how many began.
@@ -134,8 +154,16 @@ struct World {
 /// recoveries read.
 const FS_VM: usize = 0;
 
+/// The coordinator that runs item recoveries (of the file-system VM's points it holds).
+const ITEMS_COORDINATOR: usize = 0;
+
 fn host_name(h: usize) -> String {
     format!("node{}", h + 1)
+}
+
+/// Which coordinator a claim's owner is (`coordN`).
+fn coordinator_index(name: &str, coordinators: usize) -> Option<usize> {
+    (0..coordinators).find(|&c| nodes::coordinator_name(c) == name)
 }
 
 impl World {
@@ -149,45 +177,61 @@ impl World {
         self.out.timeline.push(format!("{:>8} ms {what}", self.now));
     }
 
-    fn up(&self, h: usize) -> bool {
-        self.coordinator.is_some() && self.agents[h].is_some() && self.links[h].cut_until <= self.now
+    fn link(&self, h: usize, c: usize) -> usize {
+        h * self.coordinators.len() + c
     }
 
-    fn break_link(&mut self, h: usize) {
-        self.links[h].epoch += 1;
+    fn up(&self, h: usize, c: usize) -> bool {
+        self.coordinators[c].is_some() && self.agents[h].is_some() && self.links[self.link(h, c)].cut_until <= self.now
     }
 
-    /// Sends on host `h`'s connection, `after_ms` from now plus the network's delay; a lost
-    /// message breaks the connection where it would have arrived, so nothing sent after it on
-    /// that connection arrives either (a QUIC stream does not skip a frame).
-    fn send(&mut self, h: usize, to_agent: bool, after_ms: u64, msg: Msg) {
-        if !self.up(h) {
+    fn break_link(&mut self, h: usize, c: usize) {
+        let l = self.link(h, c);
+        self.links[l].epoch += 1;
+    }
+
+    /// Sends on the connection of host `h` and coordinator `c`, `after_ms` from now plus the
+    /// network's delay; a lost message breaks the connection where it would have arrived, so
+    /// nothing sent after it on that connection arrives either (a QUIC stream does not skip a
+    /// frame).
+    fn send(&mut self, h: usize, c: usize, to_agent: bool, after_ms: u64, msg: Msg) {
+        if !self.up(h, c) {
             return;
         }
         self.out.messages += 1;
-        let link = self.links[h].clone();
+        let l = self.link(h, c);
+        let link = self.links[l].clone();
         let faulty = link.faulty_until > self.now;
         let lost = faulty && link.loss > 0.0 && self.rng.gen_bool(link.loss);
         let delay = self.rng.gen_range(1..20) + if faulty { link.delay_ms } else { 0 };
-        let lane = &mut self.links[h].last[usize::from(to_agent)][msg.lane()];
+        let lane = &mut self.links[l].last[usize::from(to_agent)][msg.lane()];
         let t = (self.now + after_ms + delay).max(*lane);
         *lane = t;
         if lost {
             self.out.messages_lost += 1;
-            self.at(t, Ev::Lost { host: h, epoch: link.epoch });
+            self.at(t, Ev::Lost { host: h, coord: c, epoch: link.epoch });
         } else {
-            self.at(t, Ev::Deliver { host: h, epoch: link.epoch, to_agent, msg });
+            self.at(t, Ev::Deliver { host: h, coord: c, epoch: link.epoch, to_agent, msg });
         }
     }
 
-    fn crash_coordinator(&mut self, kind: &str) {
-        if self.coordinator.take().is_some() {
-            for h in 0..self.links.len() {
-                self.break_link(h);
+    /// A coordinator's name in the timeline: with one coordinator, as before there were several.
+    fn coordinator_label(&self, c: usize) -> String {
+        if self.coordinators.len() == 1 {
+            "coordinator".into()
+        } else {
+            nodes::coordinator_name(c)
+        }
+    }
+
+    fn crash_coordinator(&mut self, c: usize, kind: &str) {
+        if self.coordinators[c].take().is_some() {
+            for h in 0..self.agents.len() {
+                self.break_link(h, c);
             }
-            self.note(kind, format!("{kind} coordinator"));
+            self.note(kind, format!("{kind} {}", self.coordinator_label(c)));
             let back = self.now + self.rng.gen_range(1000..4000);
-            self.at(back, Ev::StartCoordinator);
+            self.at(back, Ev::StartCoordinator(c));
         }
     }
 
@@ -195,17 +239,21 @@ impl World {
         if self.agents[h].take().is_none() {
             return false;
         }
-        self.break_link(h);
+        for c in 0..self.coordinators.len() {
+            self.break_link(h, c);
+        }
         self.note(kind, format!("{kind} {}", host_name(h)));
         let back = self.now + self.rng.gen_range(1000..4000);
         self.at(back, Ev::StartAgent(h));
         true
     }
 
-    fn start_coordinator(&mut self) -> Result<(), String> {
-        if self.coordinator.is_none() {
-            self.coordinator =
-                Some(Coordinator::open(&self.coord_dir, self.opts.disk_bytes, self.now, self.opts.broken)?);
+    fn start_coordinator(&mut self, c: usize) -> Result<(), String> {
+        if self.coordinators[c].is_none() {
+            let name = nodes::coordinator_name(c);
+            let dir = self.coord_dirs[c].clone();
+            self.coordinators[c] =
+                Some(Coordinator::open(&name, &dir, self.opts.disk_bytes, self.now, self.opts.broken)?);
         }
         Ok(())
     }
@@ -217,6 +265,58 @@ impl World {
         Ok(())
     }
 
+    /// Reads `vm`'s claim as the storage holds it, checking that its epoch never went down;
+    /// answers the owning coordinator's index.
+    fn read_claim(&mut self, vm: &str) -> Result<Option<(usize, u64)>, String> {
+        let Some(claim) = self.claims.read(vm).map_err(|e| e.to_string())? else { return Ok(None) };
+        let seen = self.epochs.entry(vm.to_owned()).or_default();
+        if claim.epoch < *seen {
+            let what = format!("{vm}: the claim's epoch went from {seen} to {}", claim.epoch);
+            self.out.violations.push(("epoch-monotonic".into(), what));
+        }
+        *seen = (*seen).max(claim.epoch);
+        let c = coordinator_index(&claim.coordinator, self.coordinators.len())
+            .ok_or_else(|| format!("{vm}: a claim of an unknown coordinator {}", claim.coordinator))?;
+        Ok(Some((c, claim.epoch)))
+    }
+
+    /// The invariant of ownership, after an agent acted: every snapshot it took was for the
+    /// coordinator its VM's claim names, under that claim's epoch (a job with epoch 0 claimed
+    /// the VM first). And a claim request it granted moves the VM to that coordinator's groups.
+    fn check_owners(&mut self, h: usize) -> Result<(), String> {
+        let Some(a) = self.agents[h].as_mut() else { return Ok(()) };
+        let taken = std::mem::take(&mut a.taken);
+        for (vm, c, epoch) in taken {
+            let claim = self.read_claim(&vm)?;
+            let rightful = claim.is_some_and(|(owner, e)| owner == c && (epoch == 0 || e == epoch));
+            if !rightful && self.two_owners.insert(vm.clone()) {
+                let claim = claim.map_or("none".into(), |(o, e)| format!("{} (epoch {e})", nodes::coordinator_name(o)));
+                let what = format!(
+                    "{vm}: a snapshot for {} (epoch {epoch}) while the claim is {claim} at {} ms",
+                    nodes::coordinator_name(c),
+                    self.now
+                );
+                self.out.violations.push(("one-owner".into(), what));
+            }
+        }
+        Ok(())
+    }
+
+    /// After host `h` handled coordinator `c`'s take-over of `vm`: the claim as it is now.
+    fn taken_over(&mut self, vm: &str) -> Result<(), String> {
+        if let Some((owner, epoch)) = self.read_claim(vm)? {
+            if self.owner.get(vm) != Some(&owner) {
+                self.note(
+                    "take_over_done",
+                    format!("{vm} owned by {} (epoch {epoch})", nodes::coordinator_name(owner)),
+                );
+                self.owner.insert(vm.to_owned(), owner);
+            }
+            self.protects[owner].insert(vm.to_owned());
+        }
+        Ok(())
+    }
+
     fn tick(&mut self) -> Result<(), String> {
         let now = self.now;
         for h in 0..self.agents.len() {
@@ -224,9 +324,11 @@ impl World {
                 a.expire(now)?;
             }
         }
-        let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
-        for (h, msg) in c.expire(now)? {
-            self.send(h, true, 0, msg);
+        for c in 0..self.coordinators.len() {
+            let Some(co) = self.coordinators[c].as_mut() else { continue };
+            for (h, msg) in co.expire(now)? {
+                self.send(h, c, true, 0, msg);
+            }
         }
         // Each VM's host and confirmed token, read once a tick.
         let mut hosts = BTreeMap::new();
@@ -239,69 +341,77 @@ impl World {
             tokens.insert(vm.clone(), (v.config.generation, v.config.sequence));
         }
         // A cheap invariant: an agent never confirms changes the coordinator has not committed
-        // (its confirmed token is never ahead of the replica's, in the same generation).
-        if let Some(c) = self.coordinator.as_ref() {
-            let mut ahead = vec![];
-            for (vm, &(generation, sequence)) in &tokens {
-                let replica = c.store.catalog().replica(vm, DISK).map_err(|e| e.to_string())?;
-                if let Some(t) = replica.and_then(|r| r.change_token) {
-                    if t.generation == generation && sequence > t.sequence {
-                        ahead.push(format!(
-                            "{vm}: the agent confirmed {sequence} of generation {}, the replica is at {}",
-                            t.generation, t.sequence
-                        ));
-                    }
-                }
-            }
-            for what in ahead {
-                if self.ahead.insert(what.split(':').next().unwrap_or_default().to_owned()) {
-                    self.out.violations.push(("agent-not-ahead".into(), what));
-                }
-            }
-        }
-        // The schedule: each VM asks for its next job every 0.5-3 s.
-        for i in 0..self.vms.len() {
-            let vm = self.vms[i].clone();
-            let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
-            let due = *c.next_backup_at.entry(vm.clone()).or_insert(now);
-            if due > now {
+        // (its confirmed token is never ahead of the replica's, in the same generation). With
+        // several coordinators, of a VM only its first owner ever acted on (epoch 1): after a
+        // take-over the token the agent confirmed may be another coordinator's.
+        let mut ahead = vec![];
+        for (vm, &(generation, sequence)) in &tokens {
+            let owner = *self.owner.get(vm).unwrap_or(&0);
+            if self.coordinators.len() > 1 && self.epochs.get(vm).copied().unwrap_or(0) > 1 {
                 continue;
             }
-            let gap = self.rng.gen_range(500..3000);
-            let scheduled_check = self.rng.gen_bool(0.1);
-            let h = *hosts.get(&vm).ok_or_else(|| format!("{vm} on no host"))?;
-            let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
-            c.next_backup_at.insert(vm.clone(), now + gap);
-            c.schedule(&vm, h, scheduled_check, now)?;
-        }
-        // The registry: which agents are connected.
-        let up: Vec<bool> = (0..self.agents.len()).map(|h| self.up(h)).collect();
-        let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
-        for (h, up) in up.iter().enumerate() {
-            if *up {
-                c.queue.host_connected(&host_name(h), now);
-            } else {
-                c.queue.host_lost(&host_name(h), now);
+            let Some(c) = self.coordinators[owner].as_ref() else { continue };
+            let replica = c.store.catalog().replica(vm, DISK).map_err(|e| e.to_string())?;
+            if let Some(t) = replica.and_then(|r| r.change_token) {
+                if t.generation == generation && sequence > t.sequence {
+                    ahead.push(format!(
+                        "{vm}: the agent confirmed {sequence} of generation {}, the replica is at {}",
+                        t.generation, t.sequence
+                    ));
+                }
             }
         }
-        // Now and then an item recovery, faults or not.
-        if self.faults_on && c.item_jobs.is_empty() && self.rng.gen_bool(0.01) {
-            let h = self.rng.gen_range(0..self.agents.len());
-            let msgs = self.start_items(h)?;
-            for m in msgs {
-                self.send(h, true, 0, m);
+        for what in ahead {
+            if self.ahead.insert(what.split(':').next().unwrap_or_default().to_owned()) {
+                self.out.violations.push(("agent-not-ahead".into(), what));
             }
         }
-        let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
-        let started = c.start_due(now, |vm| hosts.get(vm).copied())?;
-        for (h, msg) in started {
-            let dispatched = matches!(msg, Msg::Control(bulwark_protocol::messages::CoordinatorMessage::JobRequest(_)));
-            self.send(h, true, 0, msg);
-            // Now and then a crash lands right in this job (mid-snapshot, -transfer, -commit).
-            if dispatched && self.faults_on && self.rng.gen_bool(0.08) {
-                let t = now + self.rng.gen_range(0..40);
-                let ev = if self.rng.gen_bool(0.5) { Ev::KillAgentMidJob(h) } else { Ev::KillCoordinatorMidJob };
-                self.at(t, ev);
+        for c in 0..self.coordinators.len() {
+            // The schedule: each VM asks for its next job every 0.5-3 s.
+            let mine: Vec<String> = self.protects[c].iter().cloned().collect();
+            for vm in mine {
+                let Some(co) = self.coordinators[c].as_mut() else { break };
+                let due = *co.next_backup_at.entry(vm.clone()).or_insert(now);
+                if due > now {
+                    continue;
+                }
+                let gap = self.rng.gen_range(500..3000);
+                let scheduled_check = self.rng.gen_bool(0.1);
+                let h = *hosts.get(&vm).ok_or_else(|| format!("{vm} on no host"))?;
+                let Some(co) = self.coordinators[c].as_mut() else { break };
+                co.next_backup_at.insert(vm.clone(), now + gap);
+                co.schedule(&vm, h, scheduled_check, now)?;
+            }
+            // The registry: which agents are connected.
+            let up: Vec<bool> = (0..self.agents.len()).map(|h| self.up(h, c)).collect();
+            let Some(co) = self.coordinators[c].as_mut() else { continue };
+            for (h, up) in up.iter().enumerate() {
+                if *up {
+                    co.queue.host_connected(&host_name(h), now);
+                } else {
+                    co.queue.host_lost(&host_name(h), now);
+                }
+            }
+            // Now and then an item recovery, faults or not.
+            if c == ITEMS_COORDINATOR && self.faults_on && co.item_jobs.is_empty() && self.rng.gen_bool(0.01) {
+                let h = self.rng.gen_range(0..self.agents.len());
+                let msgs = self.start_items(h)?;
+                for m in msgs {
+                    self.send(h, c, true, 0, m);
+                }
+            }
+            let Some(co) = self.coordinators[c].as_mut() else { continue };
+            let started = co.start_due(now, |vm| hosts.get(vm).copied())?;
+            for (h, msg) in started {
+                let dispatched =
+                    matches!(msg, Msg::Control(bulwark_protocol::messages::CoordinatorMessage::JobRequest(_)));
+                self.send(h, c, true, 0, msg);
+                // Now and then a crash lands right in this job (mid-snapshot, -transfer, -commit).
+                if dispatched && self.faults_on && self.rng.gen_bool(0.08) {
+                    let t = now + self.rng.gen_range(0..40);
+                    let ev = if self.rng.gen_bool(0.5) { Ev::KillAgentMidJob(h) } else { Ev::KillCoordinatorMidJob(c) };
+                    self.at(t, ev);
+                }
             }
         }
         Ok(())
@@ -314,7 +424,7 @@ impl World {
         let dest = self.items_dir.join(self.items_started.to_string());
         let vm = self.vms[FS_VM].clone();
         let now = self.now;
-        let Some(c) = self.coordinator.as_mut() else { return Ok(vec![]) };
+        let Some(c) = self.coordinators[ITEMS_COORDINATOR].as_mut() else { return Ok(vec![]) };
         c.recover_items(&vm, vec!["/".into()], &dest.to_string_lossy(), h, now)
     }
 
@@ -333,14 +443,26 @@ impl World {
         vm.guest_write(DISK, off, &data).map_err(|e| e.to_string())
     }
 
+    /// A random coordinator (no draw with one: a seed of one coordinator plays as before).
+    fn any_coordinator(&mut self) -> usize {
+        match self.coordinators.len() {
+            1 => 0,
+            n => self.rng.gen_range(0..n),
+        }
+    }
+
     fn fault(&mut self) -> Result<(), String> {
         let hosts = self.agents.len();
         let h = self.rng.gen_range(0..hosts);
-        match self.rng.gen_range(0..8) {
+        let kinds = if self.coordinators.len() > 1 { 9 } else { 8 };
+        match self.rng.gen_range(0..kinds) {
             0 => {
                 self.crash_agent(h, "kill_agent");
             }
-            1 => self.crash_coordinator("kill_coordinator"),
+            1 => {
+                let c = self.any_coordinator();
+                self.crash_coordinator(c, "kill_coordinator");
+            }
             2 => {
                 if self.crash_agent(h, "crash_host") {
                     sim::crash_host(&self.root, &host_name(h)).map_err(|e| e.to_string())?;
@@ -354,9 +476,25 @@ impl World {
                 let kind = if storage { "migrate_storage" } else { "migrate" };
                 self.note(kind, format!("{kind} {vm} to {}", host_name(to)));
             }
+            8 => {
+                // An administrator moves a VM to another coordinator (`bulwark vm take-over`
+                // there); the request goes to the VM's host like any other.
+                let vm = self.vms[self.rng.gen_range(0..self.vms.len())].clone();
+                let owner = *self.owner.get(&vm).unwrap_or(&0);
+                let step = self.rng.gen_range(1..self.coordinators.len());
+                let to = (owner + step) % self.coordinators.len();
+                let host = Vm::open(&self.root, &vm).map_err(|e| e.to_string())?.config.host;
+                let h = (0..hosts).find(|&h| host_name(h) == host).ok_or_else(|| format!("{vm} on no host"))?;
+                let Some(c) = self.coordinators[to].as_ref() else { return Ok(()) };
+                let msg = c.take_over(&vm)?;
+                self.note("take_over", format!("take_over {vm} by {}", nodes::coordinator_name(to)));
+                self.send(h, to, true, 0, msg);
+            }
             k => {
+                let c = self.any_coordinator();
                 let ms = self.rng.gen_range(300..5000);
-                let link = &mut self.links[h];
+                let l = self.link(h, c);
+                let link = &mut self.links[l];
                 link.faulty_until = self.now + ms;
                 let kind = match k {
                     5 => {
@@ -373,28 +511,41 @@ impl World {
                         "delay"
                     }
                 };
-                self.note(kind, format!("{kind} {} for {ms} ms", host_name(h)));
+                let between = if self.coordinators.len() == 1 {
+                    host_name(h)
+                } else {
+                    format!("{} {}", host_name(h), nodes::coordinator_name(c))
+                };
+                self.note(kind, format!("{kind} {between} for {ms} ms"));
                 let t = self.now + ms;
-                self.at(t, Ev::Heal(h));
+                self.at(t, Ev::Heal(l));
             }
         }
         Ok(())
     }
 
-    fn deliver(&mut self, host: usize, epoch: u64, to_agent: bool, msg: Msg) -> Result<(), String> {
-        if epoch != self.links[host].epoch || !self.up(host) {
+    fn deliver(&mut self, host: usize, coord: usize, epoch: u64, to_agent: bool, msg: Msg) -> Result<(), String> {
+        if epoch != self.links[self.link(host, coord)].epoch || !self.up(host, coord) {
             return Ok(());
         }
         let now = self.now;
         if to_agent {
+            let take_over = match &msg {
+                Msg::Control(bulwark_protocol::messages::CoordinatorMessage::Claim { vm, .. }) => Some(vm.to_string()),
+                _ => None,
+            };
             let Some(a) = self.agents[host].as_mut() else { return Ok(()) };
-            for o in a.receive(msg, now)? {
-                self.send(host, false, o.after_ms, o.msg);
+            for o in a.receive(msg, coord, now)? {
+                self.send(host, coord, false, o.after_ms, o.msg);
+            }
+            self.check_owners(host)?;
+            if let Some(vm) = take_over {
+                self.taken_over(&vm)?;
             }
         } else {
-            let Some(c) = self.coordinator.as_mut() else { return Ok(()) };
+            let Some(c) = self.coordinators[coord].as_mut() else { return Ok(()) };
             for m in c.receive(msg, now)? {
-                self.send(host, true, 0, m);
+                self.send(host, coord, true, 0, m);
             }
         }
         Ok(())
@@ -421,28 +572,28 @@ impl World {
                     self.at(t, Ev::Fault);
                 }
             }
-            Ev::Deliver { host, epoch, to_agent, msg } => self.deliver(host, epoch, to_agent, msg)?,
+            Ev::Deliver { host, coord, epoch, to_agent, msg } => self.deliver(host, coord, epoch, to_agent, msg)?,
             Ev::KillAgentMidJob(h) => {
                 if self.faults_on {
                     self.crash_agent(h, "kill_agent_mid_job");
                 }
             }
-            Ev::KillCoordinatorMidJob => {
+            Ev::KillCoordinatorMidJob(c) => {
                 if self.faults_on {
-                    self.crash_coordinator("kill_coordinator_mid_job");
+                    self.crash_coordinator(c, "kill_coordinator_mid_job");
                 }
             }
             Ev::StartAgent(h) => self.start_agent(h)?,
-            Ev::StartCoordinator => self.start_coordinator()?,
-            Ev::Lost { host, epoch } => {
-                if self.links[host].epoch == epoch {
-                    self.break_link(host);
+            Ev::StartCoordinator(c) => self.start_coordinator(c)?,
+            Ev::Lost { host, coord, epoch } => {
+                if self.links[self.link(host, coord)].epoch == epoch {
+                    self.break_link(host, coord);
                 }
             }
-            Ev::Heal(h) => {
-                if self.links[h].faulty_until <= self.now {
-                    self.links[h].loss = 0.0;
-                    self.links[h].delay_ms = 0;
+            Ev::Heal(l) => {
+                if self.links[l].faulty_until <= self.now {
+                    self.links[l].loss = 0.0;
+                    self.links[l].delay_ms = 0;
                 }
             }
         }
@@ -457,13 +608,13 @@ impl World {
             let Some(ev) = self.queue.remove(&(t, seq)) else { break };
             self.now = t;
             self.step(ev)?;
-            // A cheap invariant after every step: one job per VM at a time.
-            if let Some(c) = &self.coordinator {
-                for vm in c.vms_running_twice() {
-                    let at = self.now;
-                    if self.twice.insert(vm.clone()) {
-                        self.out.violations.push(("one-job-per-vm".into(), format!("{vm} runs two jobs at {at} ms")));
-                    }
+            // A cheap invariant after every step: one job per VM at a time, per coordinator.
+            let twice: Vec<String> =
+                self.coordinators.iter().flatten().flat_map(Coordinator::vms_running_twice).collect();
+            for vm in twice {
+                let at = self.now;
+                if self.twice.insert(vm.clone()) {
+                    self.out.violations.push(("one-job-per-vm".into(), format!("{vm} runs two jobs at {at} ms")));
                 }
             }
             if done(self) {
@@ -479,6 +630,7 @@ impl World {
 /// the invariants are checked.
 pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
     anyhow::ensure!(opts.hosts >= 1 && opts.vms >= 1, "a simulation needs a host and a VM");
+    anyhow::ensure!(opts.coordinators >= 1, "a simulation needs a coordinator");
     anyhow::ensure!(opts.disk_bytes >= 1 << 20, "the simulation's disks are at least 1 MiB");
     let dir = tempfile::Builder::new().prefix(&format!("dsim-{}-", opts.seed)).tempdir_in(&opts.scratch)?;
     let root = dir.path().join("sim");
@@ -502,26 +654,51 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
             guestfs::create(&mut Vm::open(&root, name)?, DISK, &mut rng).map_err(anyhow::Error::msg)?;
         }
     }
+    let coordinators = opts.coordinators;
+    let mut protects = vec![std::collections::BTreeSet::new(); coordinators];
+    let mut owner = BTreeMap::new();
+    for (i, vm) in vms.iter().enumerate() {
+        protects[i % coordinators].insert(vm.clone());
+        owner.insert(vm.clone(), i % coordinators);
+    }
+    let claims = bulwark_agent::claims::Claims::new(bulwark_agent::backend::Hypervisor::claims_dir(
+        &bulwark_agent::backend::SimBackend { root: root.clone() },
+    ));
     let mut w = World {
         rng,
         now: 0,
         seq: 0,
         queue: BTreeMap::new(),
         root,
-        coord_dir: dir.path().join("coordinator"),
-        coordinator: None,
+        coord_dirs: (0..coordinators)
+            .map(|c| {
+                if coordinators == 1 {
+                    dir.path().join("coordinator")
+                } else {
+                    dir.path().join(nodes::coordinator_name(c))
+                }
+            })
+            .collect(),
+        coordinators: (0..coordinators).map(|_| None).collect(),
         agents: (0..opts.hosts).map(|_| None).collect(),
-        links: vec![Link::default(); opts.hosts],
+        links: vec![Link::default(); opts.hosts * coordinators],
         vms,
+        protects,
+        owner,
+        epochs: BTreeMap::new(),
+        claims,
         faults_on: true,
         twice: Default::default(),
         ahead: Default::default(),
+        two_owners: Default::default(),
         opts: opts.clone(),
         out: Outcome { seed: opts.seed, ..Outcome::default() },
         items_dir: dir.path().join("items"),
         items_started: 0,
     };
-    w.start_coordinator().map_err(anyhow::Error::msg)?;
+    for c in 0..coordinators {
+        w.start_coordinator(c).map_err(anyhow::Error::msg)?;
+    }
     for h in 0..opts.hosts {
         w.start_agent(h).map_err(anyhow::Error::msg)?;
     }
@@ -533,22 +710,26 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
     // Faults stop; everything comes back; the network heals.
     w.faults_on = false;
     w.now = opts.duration_ms;
-    w.start_coordinator().map_err(anyhow::Error::msg)?;
+    for c in 0..coordinators {
+        w.start_coordinator(c).map_err(anyhow::Error::msg)?;
+    }
     for h in 0..opts.hosts {
         w.start_agent(h).map_err(anyhow::Error::msg)?;
-        w.links[h].cut_until = 0;
-        w.links[h].faulty_until = 0;
-        w.links[h].loss = 0.0;
-        w.links[h].delay_ms = 0;
     }
-    // Settled: every VM's replica is consistent and was committed after the faults stopped.
+    for link in &mut w.links {
+        link.cut_until = 0;
+        link.faulty_until = 0;
+        link.loss = 0.0;
+        link.delay_ms = 0;
+    }
+    // Settled: every VM's replica on its owner is consistent and was committed after the
+    // faults stopped; no coordinator runs a job.
     let calm = opts.duration_ms;
     let settled = |w: &World| {
-        let Some(c) = w.coordinator.as_ref() else { return false };
-        c.jobs.is_empty()
-            && c.item_jobs.is_empty()
+        w.coordinators.iter().all(|c| c.as_ref().is_some_and(|c| c.jobs.is_empty() && c.item_jobs.is_empty()))
             && w.agents.iter().all(|a| a.as_ref().is_some_and(|a| a.held.is_empty()))
             && w.vms.iter().all(|vm| {
+                let Some(c) = w.owner.get(vm).and_then(|&o| w.coordinators[o].as_ref()) else { return false };
                 matches!(c.store.catalog().replica(vm, DISK), Ok(Some(r))
                     if r.state == ReplicaState::Consistent && r.updated_at * 1000 > calm + 1000)
             })
@@ -562,8 +743,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Outcome> {
     checks::check(&mut w, &mut memo)?;
     checks::restores(&mut w, &mut memo)?;
     checks::items(&mut w)?;
-    if let Some(c) = &w.coordinator {
-        w.out.jobs_committed = c.committed.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+    for c in w.coordinators.iter().flatten() {
+        for (k, v) in &c.committed {
+            *w.out.jobs_committed.entry((*k).to_owned()).or_default() += v;
+        }
     }
     Ok(w.out)
 }

@@ -177,6 +177,8 @@ pub struct Setup {
     pub left_out: Vec<String>,
     /// How many of the VM's disks transfer at once (`[jobs] disks_in_parallel`, at least 1).
     pub parallel: usize,
+    /// The epoch of this coordinator's claim on the VM (0: none yet; the agent claims it).
+    pub epoch: u64,
 }
 
 fn wire_kind(kind: JobKind) -> Option<WireKind> {
@@ -195,7 +197,7 @@ impl VmJob {
     /// `Creating` replicas of an initial copy. A job that cannot run is refused here, with
     /// nothing queued.
     pub fn start(setup: Setup, now_ms: u64) -> Result<VmJob, Failure> {
-        let Setup { mut record, vm, disks, replicas, block_size, id_key, lease_ms, left_out, parallel } = setup;
+        let Setup { mut record, vm, disks, replicas, block_size, id_key, lease_ms, left_out, parallel, epoch } = setup;
         let parallel = parallel.clamp(1, crate::jobs::ingest::MAX_DISKS_AT_ONCE);
         let planned = plan::plan(record.kind, &vm, &disks, &replicas, block_size, &left_out)?;
         // The job is about the planned disks only: a left-out disk's stream is refused.
@@ -213,6 +215,7 @@ impl VmJob {
             id_key,
             lease_secs: (lease_ms / 1000).min(u64::from(u32::MAX)) as u32,
             parallel_disks: parallel as u8,
+            epoch,
         };
         let mut effects = VecDeque::new();
         if record.kind == JobKind::Initial {

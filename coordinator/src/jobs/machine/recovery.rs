@@ -30,6 +30,9 @@ pub struct RecoverySetup {
     /// Instant recovery (with `to_host` only): the agent makes the VM's disks overlays of
     /// exports it serves; no disk is streamed by the job.
     pub instant: bool,
+    /// The epoch of this coordinator's claim on the original VM (0: none; a new VM is claimed
+    /// by the agent that makes it).
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,16 +62,17 @@ pub struct Recovery {
 impl Recovery {
     /// Checks the recovery point and queues the request to the target's agent.
     pub fn start(setup: RecoverySetup, now_ms: u64) -> Result<Recovery, Failure> {
-        let RecoverySetup { record, rp, vm_host, os, to_host, name, id_key, lease_ms, instant } = setup;
+        let RecoverySetup { record, rp, vm_host, os, to_host, name, id_key, lease_ms, instant, epoch } = setup;
         if instant && to_host.is_none() {
             return Err(Failure::stop("an instant recovery makes a new VM: it needs a host"));
         }
-        let (target, host, create) = match to_host {
-            None => (rp.vm.clone(), vm_host, None),
+        let (target, host, create, epoch) = match to_host {
+            None => (rp.vm.clone(), vm_host, None, epoch),
             Some(h) => (
                 name.unwrap_or_else(|| format!("{}-restored", rp.vm)),
                 h,
                 Some(NewVm { os, integration_services: true }),
+                0,
             ),
         };
         let block_size = rp.disks.first().map_or(crate::policy::DEFAULT_BLOCK_SIZE, |d| d.block_size);
@@ -91,6 +95,7 @@ impl Recovery {
             lease_secs: (lease_ms / 1000).min(u64::from(u32::MAX)) as u32,
             config: rp.config.clone(),
             instant,
+            epoch,
         };
         Ok(Recovery {
             core: JobCore::new(record, VecDeque::from([Effect::Send(CoordinatorMessage::RestoreRequest(request))])),
@@ -305,6 +310,7 @@ mod tests {
             id_key: None,
             lease_ms: 30_000,
             instant,
+            epoch: 1,
         }
     }
 
@@ -400,6 +406,7 @@ mod tests {
             id_key: None,
             lease_ms: 30_000,
             instant: false,
+            epoch: 1,
         };
         assert!(Recovery::start(setup, 0).is_err(), "disks of different block sizes");
     }

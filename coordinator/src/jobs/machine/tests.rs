@@ -52,6 +52,7 @@ fn job_with(kind: JobKind, complete: bool, parallel: usize) -> VmJob {
         lease_ms: 30_000,
         left_out: vec![],
         parallel,
+        epoch: 1,
     };
     VmJob::start(setup, 1_000).unwrap()
 }
@@ -333,6 +334,7 @@ fn a_sync_of_an_inconsistent_replica_is_refused_before_anything_is_sent() {
         lease_ms: 30_000,
         left_out: vec![],
         parallel: 1,
+        epoch: 1,
     };
     let f = VmJob::start(setup, 0).err().unwrap();
     assert!(f.reason.contains("consistency check must run first") && !f.retry);

@@ -10,6 +10,9 @@ use std::os::unix::fs::FileExt;
 #[derive(Debug)]
 pub struct Held {
     pub job: u64,
+    /// The coordinator that asked for it, and the epoch of its claim the request carried.
+    pub coord: usize,
+    epoch: u64,
     machine: AgentJob,
     /// The request, for its disks' geometry.
     block_size: u64,
@@ -37,11 +40,16 @@ pub struct Agent {
     pub host: String,
     /// Jobs by VM.
     pub held: BTreeMap<String, Held>,
-    /// Recoveries by job id.
-    pub restores: BTreeMap<u64, AgentRestore>,
-    /// Item recoveries by job id: the real agent's writer.
-    pub items: BTreeMap<u64, ItemsWriter>,
+    /// Recoveries by (coordinator, job id).
+    pub restores: BTreeMap<(usize, u64), AgentRestore>,
+    /// Item recoveries by (coordinator, job id): the real agent's writer.
+    pub items: BTreeMap<(usize, u64), ItemsWriter>,
     root: PathBuf,
+    /// The VMs' ownership claims on the sim root: the real agent's.
+    claims: bulwark_agent::claims::Claims,
+    /// Snapshots taken since the world last looked: (VM, coordinator, the job's epoch), for
+    /// its check that only the VM's owner acts on it.
+    pub taken: Vec<(String, usize, u64)>,
     broken: Option<Break>,
 }
 
@@ -63,41 +71,64 @@ impl Agent {
     /// changes merged back), as the real agent does at start-up.
     pub fn start(root: &Path, host: &str, broken: Option<Break>) -> Result<Agent, String> {
         bulwark_agent::sim::cleanup_orphans(root, host).map_err(sim_err)?;
+        let claims = bulwark_agent::claims::Claims::new(SimBackend { root: root.to_owned() }.claims_dir());
+        let claims = if broken == Some(Break::IgnoreClaims) { claims.break_by_ignoring_claims() } else { claims };
         Ok(Agent {
             host: host.to_owned(),
             held: BTreeMap::new(),
             restores: BTreeMap::new(),
             items: BTreeMap::new(),
             root: root.to_owned(),
+            claims,
+            taken: vec![],
             broken,
         })
     }
 
-    /// A message from the coordinator; answers what to send back, in order.
-    pub fn receive(&mut self, msg: Msg, now: u64) -> Result<Vec<Out>, String> {
+    /// A message from coordinator `from`; answers what to send back to it, in order.
+    pub fn receive(&mut self, msg: Msg, from: usize, now: u64) -> Result<Vec<Out>, String> {
         match msg {
-            Msg::Control(CoordinatorMessage::JobRequest(req)) => self.start_job(req, now),
-            Msg::Control(CoordinatorMessage::RestoreRequest(req)) => self.start_restore(req),
-            Msg::Frame { job, frame } if self.restores.contains_key(&job) => self.restore_frame(job, frame),
-            Msg::Control(CoordinatorMessage::ItemsRequest { job, dest, keep_modes }) => {
-                Ok(self.start_items(job, &dest, keep_modes))
+            Msg::Control(CoordinatorMessage::JobRequest(req)) => self.start_job(req, from, now),
+            Msg::Control(CoordinatorMessage::RestoreRequest(req)) => self.start_restore(req, from),
+            Msg::Frame { job, frame } if self.restores.contains_key(&(from, job)) => {
+                self.restore_frame(from, job, frame)
             }
-            Msg::Frame { job, frame } if self.items.contains_key(&job) => Ok(self.items_frame(job, frame)),
+            Msg::Control(CoordinatorMessage::ItemsRequest { job, dest, keep_modes }) => {
+                Ok(self.start_items(from, job, &dest, keep_modes))
+            }
+            Msg::Frame { job, frame } if self.items.contains_key(&(from, job)) => {
+                Ok(self.items_frame(from, job, frame))
+            }
             Msg::Control(CoordinatorMessage::JobDone { job, committed }) => {
-                let Some(vm) = self.vm_of(job.0) else { return Ok(vec![]) };
+                let Some(vm) = self.vm_of(from, job.0) else { return Ok(vec![]) };
                 if let Some(h) = self.held.get_mut(&vm) {
                     h.machine.verdict(committed);
                 }
                 self.perform(&vm, now)
             }
-            Msg::Frame { job, frame } => self.frame(job, frame, now),
+            Msg::Control(CoordinatorMessage::Claim { vm, mode }) => Ok(vec![self.claim(from, vm.as_str(), mode)]),
+            Msg::Frame { job, frame } => self.frame(from, job, frame, now),
             _ => Ok(vec![]),
+        }
+    }
+
+    /// A coordinator's claim request, as the real agent's: only for a VM of this host.
+    fn claim(&mut self, from: usize, vm: &str, mode: bulwark_protocol::ownership::ClaimMode) -> Out {
+        let answer = |owner, refused| Out { after_ms: 0, msg: Msg::Claim { vm: vm.to_owned(), owner, refused } };
+        match Vm::open(&self.root, vm) {
+            Ok(v) if v.config.host == self.host => {}
+            Ok(_) => return answer(None, Some(format!("{vm} is not on {}", self.host))),
+            Err(e) => return answer(None, Some(e.to_string())),
+        }
+        match self.claims.claim(vm, &coordinator_name(from), mode) {
+            Ok(owner) => answer(Some(owner), None),
+            Err(e) => answer(self.claims.read(vm).ok().flatten(), Some(e.to_string())),
         }
     }
 
     /// An item recovery onto this host, as the real agent's `job::items`: the destination is
     /// made, the `Items` stream opened, and what arrives goes through the real `ItemsWriter`.
-    fn start_items(&mut self, job: JobId, dest: &str, keep_modes: bool) -> Vec<Out> {
+    fn start_items(&mut self, from: usize, job: JobId, dest: &str, keep_modes: bool) -> Vec<Out> {
         let fail = |why: String| {
             let outcome = JobOutcome::Failed { kind: FailureKind::Other, reason: why };
             vec![Out { after_ms: 0, msg: Msg::Result(JobResult { job, outcome }) }]
@@ -107,7 +138,7 @@ impl Agent {
         }
         match ItemsWriter::new(Path::new(dest), WriteOptions { keep_modes }) {
             Ok(w) => {
-                self.items.insert(job.0, w);
+                self.items.insert((from, job.0), w);
                 let open = Msg::Open {
                     job: job.0,
                     disk: String::new(),
@@ -122,15 +153,15 @@ impl Agent {
     }
 
     /// A frame of an item stream.
-    fn items_frame(&mut self, job: u64, frame: TransferFrame) -> Vec<Out> {
+    fn items_frame(&mut self, from: usize, job: u64, frame: TransferFrame) -> Vec<Out> {
         let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
         let result = |outcome| Out { after_ms: 0, msg: Msg::Result(JobResult { job: JobId(job), outcome }) };
-        let Some(w) = self.items.get_mut(&job) else { return vec![] };
+        let Some(w) = self.items.get_mut(&(from, job)) else { return vec![] };
         let written = match w.feed(frame) {
             Ok(false) => return vec![],
-            Ok(true) => self.items.remove(&job).map(|w| w.finish()),
+            Ok(true) => self.items.remove(&(from, job)).map(|w| w.finish()),
             Err(e) => {
-                self.items.remove(&job);
+                self.items.remove(&(from, job));
                 Some(Err(e))
             }
         };
@@ -150,13 +181,13 @@ impl Agent {
         }
     }
 
-    fn vm_of(&self, job: u64) -> Option<String> {
-        self.held.iter().find(|(_, h)| h.job == job).map(|(v, _)| v.clone())
+    fn vm_of(&self, from: usize, job: u64) -> Option<String> {
+        self.held.iter().find(|(_, h)| h.coord == from && h.job == job).map(|(v, _)| v.clone())
     }
 
     /// A recovery: the VM is created (or marked) as being restored, its disk hashed, and the
     /// stream opened with the disk's root.
-    fn start_restore(&mut self, req: RestoreRequest) -> Result<Vec<Out>, String> {
+    fn start_restore(&mut self, req: RestoreRequest, from: usize) -> Result<Vec<Out>, String> {
         let job = req.job;
         let fail = |why: String| {
             let outcome = JobOutcome::Failed { kind: FailureKind::Other, reason: why };
@@ -174,6 +205,15 @@ impl Agent {
             &req.config,
         ) {
             return fail(e.to_string());
+        }
+        // As the real agent: a VM the recovery made is the asking coordinator's.
+        let mut claimed = vec![];
+        if req.create.is_some() {
+            match self.claims.for_job(&vm, &coordinator_name(from), 0) {
+                Ok(owner) => claimed
+                    .push(Out { after_ms: 0, msg: Msg::Claim { vm: vm.clone(), owner: Some(owner), refused: None } }),
+                Err(e) => return fail(e.to_string()),
+            }
         }
         let bs = u64::from(req.block_size);
         let size = disk.size_bytes;
@@ -201,7 +241,7 @@ impl Agent {
         let mut pages = MemPages::default();
         let root = blockmap::update(&mut pages, None, blocks, leaves).map_err(|e| e.to_string())?;
         let restore = AgentRestore { vm, size, root, pages, machine: DiskRestore::new(size, bs, hasher), writer };
-        self.restores.insert(job.0, restore);
+        self.restores.insert((from, job.0), restore);
         let open = Msg::Open {
             job: job.0,
             disk: disk.name.to_string(),
@@ -210,14 +250,15 @@ impl Agent {
             block_size: req.block_size,
         };
         let frame = TransferFrame::Message(TransferMessage::Root { root, bytes_read: size });
-        Ok(vec![Out { after_ms: 0, msg: open }, Out { after_ms: 1, msg: Msg::Frame { job: job.0, frame } }])
+        claimed.extend([Out { after_ms: 0, msg: open }, Out { after_ms: 1, msg: Msg::Frame { job: job.0, frame } }]);
+        Ok(claimed)
     }
 
     /// A frame of a recovery's stream.
-    fn restore_frame(&mut self, job: u64, frame: TransferFrame) -> Result<Vec<Out>, String> {
+    fn restore_frame(&mut self, from: usize, job: u64, frame: TransferFrame) -> Result<Vec<Out>, String> {
         let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
         let result = |outcome| Out { after_ms: 0, msg: Msg::Result(JobResult { job: JobId(job), outcome }) };
-        let Some(r) = self.restores.get_mut(&job) else { return Ok(vec![]) };
+        let Some(r) = self.restores.get_mut(&(from, job)) else { return Ok(vec![]) };
         let step: Result<Option<Vec<Out>>, String> = (|| match r.machine.frame(frame)? {
             Step::AnswerPages(nodes) => {
                 let pages = nodes
@@ -237,7 +278,7 @@ impl Agent {
         match step {
             Ok(Some(out)) => Ok(out),
             Ok(None) => {
-                let Some(r) = self.restores.remove(&job) else { return Ok(vec![]) };
+                let Some(r) = self.restores.remove(&(from, job)) else { return Ok(vec![]) };
                 let mut v = Vm::open(&self.root, &r.vm).map_err(sim_err)?;
                 v.restore_finish().map_err(sim_err)?;
                 let outcome =
@@ -246,7 +287,7 @@ impl Agent {
             }
             Err(why) => {
                 // The VM stays marked as being restored: a recovery that completes clears it.
-                self.restores.remove(&job);
+                self.restores.remove(&(from, job));
                 Ok(vec![
                     say(TransferMessage::Failed { reason: why.clone() }),
                     result(JobOutcome::Failed { kind: FailureKind::Other, reason: why }),
@@ -255,7 +296,7 @@ impl Agent {
         }
     }
 
-    fn start_job(&mut self, req: JobRequest, now: u64) -> Result<Vec<Out>, String> {
+    fn start_job(&mut self, req: JobRequest, from: usize, now: u64) -> Result<Vec<Out>, String> {
         let name = req.vm.as_str().to_owned();
         if self.held.contains_key(&name) {
             // One job per VM on an agent: the second is refused at once.
@@ -269,6 +310,8 @@ impl Agent {
         }
         let held = Held {
             job: req.job.0,
+            coord: from,
+            epoch: req.epoch,
             machine,
             block_size: u64::from(req.block_size),
             id_key: req.id_key,
@@ -289,9 +332,12 @@ impl Agent {
             let job = h.job;
             match effect {
                 AgentEffect::Take => {
-                    let r = take(&self.root, &self.host, vm, now);
+                    let (coord, epoch) = (h.coord, h.epoch);
+                    let r = admit(&self.root, &self.claims, &self.host, vm, coord, epoch, &mut out)
+                        .and_then(|()| take(&self.root, &self.host, vm, now));
                     if let Ok(s) = &r {
                         h.consistency = s.consistency;
+                        self.taken.push((vm.to_owned(), coord, epoch));
                     }
                     h.machine.taken(r);
                 }
@@ -380,8 +426,8 @@ impl Agent {
     }
 
     /// A frame on a job's stream: a check's questions, `Stored` or `Failed`.
-    fn frame(&mut self, job: u64, frame: TransferFrame, now: u64) -> Result<Vec<Out>, String> {
-        let Some(vm) = self.vm_of(job) else { return Ok(vec![]) };
+    fn frame(&mut self, from: usize, job: u64, frame: TransferFrame, now: u64) -> Result<Vec<Out>, String> {
+        let Some(vm) = self.vm_of(from, job) else { return Ok(vec![]) };
         let Some(h) = self.held.get_mut(&vm) else { return Ok(vec![]) };
         h.lease_until = now + LEASE_MS;
         let say = |m| Out { after_ms: 0, msg: Msg::Frame { job, frame: TransferFrame::Message(m) } };
@@ -455,6 +501,39 @@ impl Agent {
             self.perform(&vm, now)?;
         }
         Ok(())
+    }
+}
+
+/// What the real agent checks before a job's snapshot: the VM is on this host, and its claim
+/// lets coordinator `coord`'s job with `epoch` act (epoch 0 claims it first); the coordinator
+/// is told the claim when the job claimed the VM or was refused for it.
+fn admit(
+    root: &Path,
+    claims: &bulwark_agent::claims::Claims,
+    host: &str,
+    vm: &str,
+    coord: usize,
+    epoch: u64,
+    out: &mut Vec<Out>,
+) -> Result<(), (FailureKind, String)> {
+    match Vm::open(root, vm) {
+        Ok(v) if v.config.host != host => return Err((FailureKind::NotHere, "the VM is not on this host".into())),
+        Ok(_) => {}
+        Err(e) => return Err((FailureKind::Other, e.to_string())),
+    }
+    let tell = |owner, refused| Out { after_ms: 0, msg: Msg::Claim { vm: vm.to_owned(), owner, refused } };
+    match claims.for_job(vm, &coordinator_name(coord), epoch) {
+        Ok(owner) => {
+            if epoch == 0 {
+                out.push(tell(Some(owner), None));
+            }
+            Ok(())
+        }
+        Err(bulwark_agent::claims::ClaimError::Refused(r)) => {
+            out.push(tell(r.owner().cloned(), Some(r.to_string())));
+            Err((FailureKind::NotOwner, r.to_string()))
+        }
+        Err(e) => Err((FailureKind::Other, e.to_string())),
     }
 }
 

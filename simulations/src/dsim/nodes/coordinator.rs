@@ -27,6 +27,8 @@ pub struct RunningJob {
 /// The coordinator: the real store and catalog on disk; the real job queue, jobs and the
 /// schedule in memory.
 pub struct Coordinator {
+    /// Its name: the owner its claims name.
+    pub name: String,
     pub store: Arc<Store>,
     /// Running jobs by id.
     pub jobs: BTreeMap<u64, RunningJob>,
@@ -55,7 +57,13 @@ impl Coordinator {
     /// Opens (or creates) the coordinator's store in `dir`; like the real coordinator's start,
     /// jobs a killed run left running are failed and their replicas' continuity questioned
     /// (`recover_interrupted`).
-    pub fn open(dir: &Path, disk_bytes: u64, now: u64, broken: Option<Break>) -> Result<Coordinator, StoreFailure> {
+    pub fn open(
+        name: &str,
+        dir: &Path,
+        disk_bytes: u64,
+        now: u64,
+        broken: Option<Break>,
+    ) -> Result<Coordinator, StoreFailure> {
         let data = DataDir::new(dir);
         let catalog =
             if data.catalog().exists() { Catalog::open(&data.catalog()) } else { Catalog::create(&data.catalog()) }
@@ -68,6 +76,7 @@ impl Coordinator {
             queue.break_one_job_per_vm();
         }
         Ok(Coordinator {
+            name: name.to_owned(),
             store,
             jobs: BTreeMap::new(),
             queue,
@@ -154,6 +163,9 @@ impl Coordinator {
             cat.replicas_of(vm).map_err(|e| e.to_string())?.into_iter().map(|r| (r.disk.clone(), r)).collect();
         let disks = vec![DiskInfo { name: DiskId::new(DISK).map_err(|e| e.to_string())?, size_bytes: self.disk_bytes }];
         let kind = cat.job(id).map_err(|e| e.to_string())?.map_or(JobKind::ExpressFull, |r| r.kind);
+        // As the real job: the epoch of this coordinator's claim, or no job for a VM another
+        // coordinator owns.
+        let epoch = cat.vm_ownership(vm).map_err(|e| e.to_string())?.job_epoch(vm, &self.name);
         let record = JobRecord {
             state: JobState::Running,
             started_at: Some(now / 1000),
@@ -169,8 +181,13 @@ impl Coordinator {
             lease_ms: JOB_TIMEOUT_MS,
             left_out: vec![],
             parallel: 2,
+            epoch: *epoch.as_ref().unwrap_or(&0),
         };
-        let mut machine = match VmJob::start(setup, now) {
+        let started = match epoch {
+            Ok(_) => VmJob::start(setup, now),
+            Err(why) => Err(bulwark_coordinator::jobs::plan::Failure::stop(why)),
+        };
+        let mut machine = match started {
             Ok(m) => m,
             Err(f) => {
                 let record = JobRecord {
@@ -256,6 +273,12 @@ impl Coordinator {
         let job = match &msg {
             Msg::Result(r) => r.job.0,
             Msg::Open { job, .. } | Msg::Frame { job, .. } => *job,
+            Msg::Claim { vm, owner, refused } => {
+                let granted = refused.is_none();
+                let cat = self.store.catalog();
+                cat.note_claim(vm, owner.as_ref(), granted, &self.name).map_err(|e| e.to_string())?;
+                return Ok(vec![]);
+            }
             Msg::Control(_) => return Ok(vec![]),
         };
         if self.recoveries.contains_key(&job) {
@@ -297,7 +320,7 @@ impl Coordinator {
                 }
             }
             Msg::Frame { frame, .. } => out.extend(self.frame(job, frame, now)?),
-            Msg::Control(_) => {}
+            Msg::Control(_) | Msg::Claim { .. } => {}
         }
         out.extend(self.perform(job, now)?);
         Ok(out)
@@ -349,6 +372,12 @@ impl Coordinator {
         Ok(out)
     }
 
+    /// `bulwark vm take-over VM`: the claim request to the VM's host.
+    pub fn take_over(&self, vm: &str) -> Result<Msg, StoreFailure> {
+        let vm = bulwark_protocol::VmId::new(vm).map_err(|e| e.to_string())?;
+        Ok(Msg::Control(CoordinatorMessage::Claim { vm, mode: bulwark_protocol::ownership::ClaimMode::TakeOver }))
+    }
+
     /// Recovers `vm`'s latest recovery point as a new VM `target` on `host`, as `bulwark
     /// recover --to-host` does; answers what to send to that host.
     pub fn recover(&mut self, vm: &str, target: &str, host: usize, now: u64) -> Result<Vec<Msg>, StoreFailure> {
@@ -370,6 +399,7 @@ impl Coordinator {
             id_key: self.store.codec().hasher.id_key(),
             lease_ms: JOB_TIMEOUT_MS,
             instant: false,
+            epoch: 0,
         };
         let machine = match Recovery::start(setup, now) {
             Ok(m) => m,
@@ -435,7 +465,7 @@ impl Coordinator {
                     }
                 }
             }
-            Msg::Control(_) => {}
+            Msg::Control(_) | Msg::Claim { .. } => {}
         }
         out.extend(self.perform_recovery(job)?);
         Ok(out)
@@ -511,7 +541,7 @@ impl Coordinator {
                 Err(why) => out.push(failed(job, &why)),
             },
             // `Stored` or `Failed` from the agent: its result says the same.
-            Msg::Frame { .. } | Msg::Control(_) => {}
+            Msg::Frame { .. } | Msg::Control(_) | Msg::Claim { .. } => {}
         }
         out.extend(self.perform_items(job)?);
         Ok(out)

@@ -24,6 +24,7 @@ use bulwark_protocol::messages::{
     ChangeToken, Consistency, CoordinatorMessage, DiskInfo, FailureKind, JobKind as WireKind, JobOutcome, JobRequest,
     JobResult, RestoreRequest,
 };
+use bulwark_protocol::ownership::Owner;
 use bulwark_protocol::transfer::{TransferFrame, TransferMessage, TransferMode};
 use bulwark_protocol::{DiskId, JobId};
 use std::collections::{BTreeMap, HashMap};
@@ -51,13 +52,16 @@ pub enum Msg {
     Open { job: u64, disk: String, mode: TransferMode, blocks: u64, block_size: u32 },
     /// A frame on a job's transfer stream, either way.
     Frame { job: u64, frame: TransferFrame },
+    /// Agent → coordinator on the control stream: the claim on a VM after a claim request or a
+    /// job that claimed it or was refused for it.
+    Claim { vm: String, owner: Option<Owner>, refused: Option<String> },
 }
 
 impl Msg {
     /// The lane the message travels on: 0 the control stream, 1 the transfer stream.
     pub fn lane(&self) -> usize {
         match self {
-            Msg::Control(_) | Msg::Result(_) => 0,
+            Msg::Control(_) | Msg::Result(_) | Msg::Claim { .. } => 0,
             Msg::Open { .. } | Msg::Frame { .. } => 1,
         }
     }
@@ -85,6 +89,8 @@ pub enum Break {
     RestoreOutOfOrder,
     /// The real item framing (`broken-builds` feature) sends each chunk of a file reversed.
     ItemsReversed,
+    /// The real claims (`broken-builds` feature) admit every job, whoever owns its VM.
+    IgnoreClaims,
 }
 
 /// The pages of an agent's snapshot tree, in memory.
@@ -105,6 +111,11 @@ impl PageStore for MemPages {
 
 fn host_name(h: usize) -> String {
     format!("node{}", h + 1)
+}
+
+/// Coordinator `c`'s name (its certificate identity, the owner its claims name).
+pub fn coordinator_name(c: usize) -> String {
+    format!("coord{}", c + 1)
 }
 
 /// A `Failed` frame on a job's stream.
