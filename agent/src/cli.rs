@@ -62,6 +62,10 @@ pub enum Command {
         /// Use the QEMU backend with the VM definitions in this directory.
         #[arg(long)]
         qemu_vm_dir: Option<PathBuf>,
+        /// The QEMU VM directory is shared by the nodes of a cluster (`shared = true` in
+        /// agent.toml): report only the VMs whose QEMU runs here.
+        #[arg(long)]
+        qemu_shared: bool,
     },
     /// The QEMU backend's tools.
     Qemu {
@@ -425,8 +429,12 @@ pub fn main_with(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Command::Seed { command: SeedCommand::Export { vm, output, data_dir, sim_root, qemu_vm_dir } } => {
             seed_export(&vm, &output, data_dir, sim_root, qemu_vm_dir)
         }
-        Command::Run { data_dir, sim_root, qemu_vm_dir } => actix_rt::System::new()
-            .block_on(run(AgentDir::new(data_dir), RunOptions { sim_root, qemu_vm_dir }, shutdown_signal()))
+        Command::Run { data_dir, sim_root, qemu_vm_dir, qemu_shared } => actix_rt::System::new()
+            .block_on(run(
+                AgentDir::new(data_dir),
+                RunOptions { sim_root, qemu_vm_dir, qemu_shared },
+                shutdown_signal(),
+            ))
             .map_err(Into::into),
         Command::Qemu { command: QemuCommand::Command { vm_dir, vm, accel, memory_mib } } => {
             match crate::qemu::defs::VmDef::load(&vm_dir.join(format!("{vm}.toml"))) {

@@ -23,6 +23,10 @@ pub struct HypervisorConfig {
     /// (default `vm_dir/claims`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claims_dir: Option<PathBuf>,
+    /// The QEMU `vm_dir` is shared by the nodes of a cluster: this node reports only the VMs
+    /// whose QEMU runs on it, and the VMs' tracking state lives in `vm_dir/state`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
 }
 
 fn default_kind() -> String {

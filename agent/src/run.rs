@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub sim_root: Option<PathBuf>,
     /// Use the QEMU backend on this VM directory (overrides agent.toml).
     pub qemu_vm_dir: Option<PathBuf>,
+    /// The QEMU VM directory is shared by the nodes of a cluster.
+    pub qemu_shared: bool,
 }
 
 /// The quinn client config of an enrolled agent.
@@ -56,6 +58,7 @@ pub async fn run(
         config.hypervisor.kind = "qemu".into();
         config.hypervisor.vm_dir = Some(vm_dir);
     }
+    config.hypervisor.shared |= opts.qemu_shared;
     let client = client_config(&dir)?;
     let bind = match config.coordinator.parse::<std::net::SocketAddr>() {
         Ok(a) => quic::client_bind_addr(a),
@@ -83,6 +86,9 @@ pub async fn run(
                 .map_err(|e| RunError::Invalid(e.to_string()))?;
             if let Some(claims) = config.hypervisor.claims_dir.clone() {
                 qemu = qemu.with_claims_dir(claims);
+            }
+            if config.hypervisor.shared {
+                qemu = qemu.shared_by_cluster(&config.host).map_err(|e| RunError::Invalid(e.to_string()))?;
             }
             // A killed run's leftovers: thaw, resume, tear down, merge the bits back.
             let cleaned = qemu.cleanup_orphans().map_err(|e| RunError::Invalid(e.to_string()))?;

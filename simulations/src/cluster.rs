@@ -137,8 +137,14 @@ impl Cluster {
         let agent_dir = AgentDir::new(work.join("agent"));
         rt.block_on(bulwark_agent::enroll::enroll(&agent_dir, &token, Some("node1".into())))?;
         let opts = match qemu_vm_dir {
-            Some(d) => bulwark_agent::run::RunOptions { sim_root: None, qemu_vm_dir: Some(d.to_owned()) },
-            None => bulwark_agent::run::RunOptions { sim_root: Some(sim_root.clone()), qemu_vm_dir: None },
+            Some(d) => {
+                bulwark_agent::run::RunOptions { sim_root: None, qemu_vm_dir: Some(d.to_owned()), qemu_shared: false }
+            }
+            None => bulwark_agent::run::RunOptions {
+                sim_root: Some(sim_root.clone()),
+                qemu_vm_dir: None,
+                qemu_shared: false,
+            },
         };
         let agent = agent(agent_dir, opts);
         Ok(Self { work: work.to_owned(), sim_root, data, rt, client, _agent: agent, _coordinator: coordinator })

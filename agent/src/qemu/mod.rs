@@ -21,9 +21,15 @@
 //! - **Restores** write through a writable `qemu-nbd` of the image (QEMU must not run); a
 //!   restore to a new VM creates images and a `NAME.toml` in the restore directory.
 //!
+//! - **Clusters** (`shared = true`): nodes sharing one definitions directory each report the
+//!   VMs whose QEMU runs on them, and the VMs' state lives beside the definitions, so a live
+//!   migration keeps incremental backups (`cluster`).
+//!
 //! Modules: [`qmp`] (QMP and guest agent clients), [`nbd`] (NBD client), [`defs`] (VM files),
-//! `graph` (bitmaps, fleecing, exports), [`launch`] (starting a VM for tests and benchmarks).
+//! `graph` (bitmaps, fleecing, exports), `cluster` (shared storage), [`launch`] (starting a VM
+//! for tests and benchmarks).
 
+mod cluster;
 pub mod defs;
 mod graph;
 pub mod launch;
@@ -95,6 +101,8 @@ pub struct QemuBackend {
     restore_dir: PathBuf,
     state_dir: PathBuf,
     claims_dir: PathBuf,
+    /// On shared storage: this node's name (see `cluster`).
+    cluster: Option<String>,
     open: Mutex<HashMap<String, Open>>,
 }
 
@@ -119,7 +127,34 @@ impl QemuBackend {
                 .map_err(|e| failed(format!("cannot restrict {}: {e}", d.display())))?;
         }
         let claims_dir = vm_dir.join("claims");
-        Ok(Self { vm_dir, restore_dir, state_dir, claims_dir, open: Mutex::new(HashMap::new()) })
+        Ok(Self { vm_dir, restore_dir, state_dir, claims_dir, cluster: None, open: Mutex::new(HashMap::new()) })
+    }
+
+    /// The definitions directory is shared by the nodes of a cluster and this is node `host`:
+    /// only the VMs whose QEMU runs here are this node's, and the VMs' state lives in
+    /// `vm_dir/state` (see `cluster`).
+    pub fn shared_by_cluster(mut self, host: &str) -> Result<Self, BackendError> {
+        let dir = self.vm_dir.join("state");
+        std::fs::create_dir_all(&dir).map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+        self.cluster = Some(host.to_owned());
+        Ok(self)
+    }
+
+    /// Whether VM `def` (its sockets this node's) is this node's; on a cluster's shared storage,
+    /// the node that sees it running also records itself as the VM's last node.
+    fn resides_here(&self, def: &VmDef, seen: &cluster::Seen) -> Result<bool, BackendError> {
+        let Some(me) = &self.cluster else { return Ok(true) };
+        let mut st = self.load_state(&def.name)?;
+        if !cluster::runs_here(seen, st.host.as_deref(), me) {
+            return Ok(false);
+        }
+        // Recorded only while no snapshot step is under way (the node doing it owns the file).
+        if *seen != cluster::Seen::Off && st.host.as_deref() != Some(me) && st.frozen.is_none() && st.snapshot.is_none()
+        {
+            st.host = Some(me.clone());
+            self.save_state(&def.name, &st)?;
+        }
+        Ok(true)
     }
 
     /// Keeps the VMs' ownership claims in `dir` (on the storage the cluster's nodes share)
@@ -130,7 +165,16 @@ impl QemuBackend {
     }
 
     fn def(&self, vm: &str) -> Result<VmDef, BackendError> {
-        VmDef::load(&self.def_path(vm)?).map_err(failed)
+        let def = VmDef::load(&self.def_path(vm)?).map_err(failed)?;
+        Ok(self.for_this_node(def))
+    }
+
+    /// `{host}` in the definition's sockets, on a cluster's shared storage.
+    fn for_this_node(&self, def: VmDef) -> VmDef {
+        match &self.cluster {
+            Some(me) => cluster::for_node(def, me),
+            None => def,
+        }
     }
 
     /// Where `vm`'s definition is: the VM directory's, else the restore directory's.
@@ -145,7 +189,10 @@ impl QemuBackend {
     }
 
     fn state_path(&self, vm: &str) -> PathBuf {
-        self.state_dir.join(format!("{vm}.json"))
+        match &self.cluster {
+            Some(_) => self.vm_dir.join("state").join(format!("{vm}.json")),
+            None => self.state_dir.join(format!("{vm}.json")),
+        }
     }
 
     fn load_state(&self, vm: &str) -> Result<VmState, BackendError> {
@@ -160,7 +207,12 @@ impl QemuBackend {
     /// Writes the state durably: temp file, fsync, rename, fsync of the directory.
     fn save_state(&self, vm: &str, st: &VmState) -> Result<(), BackendError> {
         let p = self.state_path(vm);
-        let text = serde_json::to_vec_pretty(st).map_err(failed)?;
+        let mut st = st.clone();
+        if st.frozen.is_some() || st.snapshot.is_some() {
+            // The node doing a snapshot step is the VM's (and the one that cleans it up).
+            st.host = self.cluster.clone().or(st.host);
+        }
+        let text = serde_json::to_vec_pretty(&st).map_err(failed)?;
         write_durably(&p, &text).map_err(|e| failed(format!("cannot write {}: {e}", p.display())))
     }
 
@@ -323,6 +375,12 @@ impl QemuBackend {
             if st.frozen.is_none() && st.snapshot.is_none() {
                 continue;
             }
+            if let (Some(me), Some(other)) = (&self.cluster, &st.host) {
+                if me != other {
+                    // Another node of the cluster is mid-snapshot on it: its own to clean.
+                    continue;
+                }
+            }
             self.thaw(&def.name)?;
             self.release(&def.name)?;
             self.abandon(&def.name)?;
@@ -360,6 +418,26 @@ impl DiskWriter for NbdRestoreWriter<'_> {
     }
 }
 
+/// What this node sees of VM `def`'s QEMU. A QEMU whose QMP socket does not answer (hung, or
+/// busy with a long command) is still a VM of this host: it is reported as running, its disk
+/// sizes read from the images, so it neither vanishes from the coordinator nor holds up the
+/// others.
+fn probe(def: &VmDef) -> ((Option<Qmp>, PowerState), cluster::Seen) {
+    let hung = |e: &dyn std::fmt::Display| {
+        tracing::warn!(vm = %def.name, error = %e, "QEMU does not answer: reported as running");
+        ((None, PowerState::Running), cluster::Seen::NoAnswer)
+    };
+    match Qmp::connect(&def.qmp, INVENTORY_QMP_TIMEOUT) {
+        Err(QmpError::Connect { .. }) => ((None, PowerState::Off), cluster::Seen::Off),
+        Ok(mut q) => match q.status() {
+            Ok(s) if s == "running" => ((Some(q), PowerState::Running), cluster::Seen::Status(s)),
+            Ok(s) => ((Some(q), PowerState::Paused), cluster::Seen::Status(s)),
+            Err(e) => hung(&e),
+        },
+        Err(e) => hung(&e),
+    }
+}
+
 impl Hypervisor for QemuBackend {
     fn claims_dir(&self) -> PathBuf {
         self.claims_dir.clone()
@@ -367,39 +445,32 @@ impl Hypervisor for QemuBackend {
 
     fn is_here(&self, vm: &str, _host: &str) -> Result<bool, BackendError> {
         // A VM of this host is a usable definition in the VM directory (as in the inventory),
-        // without asking every VM's QEMU.
+        // without asking every VM's QEMU; on a cluster's shared storage, one whose QEMU runs
+        // here (or ran here last).
         let path = self.vm_dir.join(format!("{vm}.toml"));
-        Ok(path.is_file() && VmDef::load(&path).is_ok_and(|d| d.name == vm))
+        let Some(def) = VmDef::load(&path).ok().filter(|d| path.is_file() && d.name == vm) else { return Ok(false) };
+        if self.cluster.is_none() {
+            return Ok(true);
+        }
+        let def = self.for_this_node(def);
+        let seen = probe(&def).1;
+        self.resides_here(&def, &seen)
     }
 
     fn inventory(&self, _host: &str) -> Result<Inventory, BackendError> {
         let mut vms = vec![];
         for def in defs::load_dir(&self.vm_dir).map_err(failed)? {
             let def = match def {
-                Ok(d) => d,
+                Ok(d) => self.for_this_node(d),
                 Err(e) => {
                     tracing::warn!(error = %e, "a VM definition is not usable: left out of the inventory");
                     continue;
                 }
             };
-            // A QEMU whose QMP socket does not answer (hung, or busy with a long command) is
-            // still a VM of this host: it is reported as running, its disk sizes read from the
-            // images, so it neither vanishes from the coordinator nor holds up the others.
-            let (mut q, power) = match Qmp::connect(&def.qmp, INVENTORY_QMP_TIMEOUT) {
-                Err(QmpError::Connect { .. }) => (None, PowerState::Off),
-                Ok(mut q) => match q.status() {
-                    Ok(s) if s == "running" => (Some(q), PowerState::Running),
-                    Ok(_) => (Some(q), PowerState::Paused),
-                    Err(e) => {
-                        tracing::warn!(vm = %def.name, error = %e, "QEMU does not answer: reported as running");
-                        (None, PowerState::Running)
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(vm = %def.name, error = %e, "QEMU does not answer: reported as running");
-                    (None, PowerState::Running)
-                }
-            };
+            let ((mut q, power), seen) = probe(&def);
+            if !self.resides_here(&def, &seen)? {
+                continue;
+            }
             let mut disks = vec![];
             for d in &def.disks {
                 let size = self.size_of(&def, d, q.as_mut())?;

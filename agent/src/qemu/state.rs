@@ -18,6 +18,9 @@ pub(super) struct VmState {
     /// A recovery that has not finished writing the disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) restoring: Option<String>,
+    /// On a cluster's shared storage: the node that last ran the VM or took a snapshot step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
