@@ -1,9 +1,10 @@
 //! Two coordinators over one cluster's shared storage, each with its own agent process on the
 //! same host (as two backup servers of one site would be before they partition it): a VM is
 //! owned by one coordinator at a time, through the claim its host writes beside it. The other
-//! is refused when it adds the VM to a group, naming the owner; `vm take-over` moves the claim
-//! to the next epoch, after which the old owner's jobs are refused by the agent and it shows the
-//! VM as `lost`, while its recovery points still restore.
+//! is refused when it adds the VM to a group, naming the owner. When the owner is gone for good
+//! the other shows the VM `unprotected` until `vm take-over` moves the claim to the next epoch;
+//! the old owner, restarted, has its jobs refused by the agent and shows the VM as `lost`, while
+//! its recovery points still restore.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -53,6 +54,12 @@ fn a_vm_has_one_owner_and_a_take_over_shuts_the_old_owner_out() {
         "bulwark-claim 1\ncoordinator coord-b\nepoch 1\n"
     );
 
+    // coord-a is gone for good (killed): coord-b shows its VM unprotected, owned by coord-a,
+    // and never takes it over by itself.
+    a.coordinator.signal(9);
+    let _ = a.coordinator.child.wait();
+    let web = b.vm("web").unwrap();
+    assert_eq!((web["status"].as_str(), web["owner"].as_str()), (Some("unprotected"), Some("coord-a")), "{web}");
     // coord-b takes web over: epoch 2 on the storage, coord-a's requests refused from then on.
     let taken = b.run(&["vm", "take-over", "web"]);
     assert!(taken.status.success(), "{}", text(&taken));
@@ -62,6 +69,15 @@ fn a_vm_has_one_owner_and_a_take_over_shuts_the_old_owner_out() {
         std::fs::read_to_string(site.join("claims/web.claim")).unwrap(),
         "bulwark-claim 1\ncoordinator coord-b\nepoch 2\n"
     );
+
+    // coord-a comes back on its data directory: its jobs of web are refused, and it shows web
+    // as lost to coord-b.
+    std::fs::remove_file(a.dir().join("coordinator.addr")).unwrap();
+    a.coordinator =
+        Daemon::spawn(&["x-coordinator", "serve", "--data-dir", &a.dir_str()], a.root.path().join("coord-again.log"));
+    wait_until("coord-a is back", Duration::from_secs(20), || a.dir().join("coordinator.addr").exists());
+    // Its agent dials again after its back-off (capped at 30 s).
+    wait_until("coord-a's agent is back", Duration::from_secs(120), || a.agent_connected("node1") == Some(true));
     let stale = a.run(&["backup", "web", "--wait"]);
     assert!(!stale.status.success(), "{}", text(&stale));
     assert!(text(&stale).contains("coordinator coord-b (epoch 2)"), "{}", text(&stale));
