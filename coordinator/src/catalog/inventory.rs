@@ -307,7 +307,9 @@ impl Catalog {
                 self.put_identity(&v.name, &ident)?;
             }
             self.record_report(host, v, old.map(|(r, _)| r), now, &mut changes)?;
-            self.note_reported_owner(&v.name, v.owner.as_ref())?;
+            // A claim names a coordinator by its certificate identity: anything longer is not one.
+            let owner = v.owner.as_ref().filter(|o| o.coordinator.len() <= bulwark_protocol::ownership::MAX_OWNER_NAME);
+            self.note_reported_owner(&v.name, owner)?;
         }
         // Conflicts this host no longer stirs are resolved.
         let stirred: Vec<String> = self

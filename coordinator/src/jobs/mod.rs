@@ -443,6 +443,12 @@ impl JobQueue {
             Admission::New => {}
         }
         let catalog = self.ctx.catalog();
+        if msg.automatic && msg.recovery.is_none() {
+            // A VM another coordinator owns gets no scheduled job here (`vm list` shows it
+            // `lost`); an administrator's own request still runs and says why it cannot.
+            let ownership = catalog.vm_ownership(&msg.vm).map_err(|e| e.to_string())?;
+            ownership.job_epoch(&msg.vm, &self.ctx.coordinator)?;
+        }
         if msg.automatic {
             let replicas = catalog.replicas_of(&msg.vm).map_err(|e| e.to_string())?;
             if !schedule::automatic_still_due(msg.kind, &replicas) {

@@ -188,13 +188,23 @@ impl Handler<Inbound> for AgentSession {
                     None => tracing::info!(vm = %vm, owner = ?owner, "claim granted"),
                 }
                 let waiters = self.claims_waiting.remove(vm.as_str()).unwrap_or_default();
+                // A claim names a coordinator by its certificate identity: anything longer is not one.
+                let owner = owner.filter(|o| o.coordinator.len() <= bulwark_protocol::ownership::MAX_OWNER_NAME);
                 let (catalog, me, span) = (self.catalog.clone(), self.coordinator.clone(), self.span.clone());
+                let host = self.host.clone();
                 actix_rt::spawn(async move {
                     let answer = ClaimAnswer { owner, refused };
                     let noted = {
                         let (owner, granted) = (answer.owner.clone(), answer.refused.is_none());
                         tokio::task::spawn_blocking(move || {
-                            catalog.note_claim(vm.as_str(), owner.as_ref(), granted, &me)
+                            // Only what a host says of its own VMs is kept (a VM a recovery
+                            // just made is recorded by its first job's claim).
+                            match catalog.vm(vm.as_str())? {
+                                Some(v) if v.host == host => {
+                                    catalog.note_claim(vm.as_str(), owner.as_ref(), granted, &me)
+                                }
+                                _ => Ok(()),
+                            }
                         })
                         .await
                     };
