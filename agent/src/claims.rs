@@ -20,6 +20,7 @@
 use bulwark_protocol::ownership::{self, ClaimMode, ClaimRefusal, Owner, MAX_OWNER_NAME};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -87,11 +88,15 @@ impl Claims {
     pub fn read(&self, vm: &str) -> Result<Option<Owner>, ClaimError> {
         valid_vm(vm)?;
         let path = self.path(vm);
-        let file = match File::open(&path) {
+        // Never a FIFO that blocks, a device, or a link out of the directory.
+        let file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.io(vm, &path)(e)),
         };
+        if !file.metadata().map_err(self.io(vm, &path))?.is_file() {
+            return Err(ClaimError::Corrupt { vm: vm.to_owned(), path, reason: "not a regular file".into() });
+        }
         let mut text = String::new();
         file.take(MAX_CLAIM_FILE + 1).read_to_string(&mut text).map_err(|e| ClaimError::Corrupt {
             vm: vm.to_owned(),
@@ -106,8 +111,8 @@ impl Claims {
         self.update(vm, |now| ownership::claim(vm, now, me, mode).map(Some))
     }
 
-    /// Decides a job of `me` naming `epoch` on `vm`: acquires the VM when `epoch` is 0, checks
-    /// the claim otherwise. The claim under which the job runs.
+    /// Decides a job of `me` naming `epoch` on `vm`: acquires the VM when `epoch` is 0 or it
+    /// carries no claim, checks the claim otherwise. The claim under which the job runs.
     pub fn for_job(&self, vm: &str, me: &str, epoch: u64) -> Result<Owner, ClaimError> {
         #[cfg(feature = "broken-builds")]
         if self.ignore_claims && epoch > 0 {
@@ -115,11 +120,12 @@ impl Claims {
         }
         if epoch > 0 {
             // The common case needs no lock: the claim either names this job's epoch or not.
-            let now = self.read(vm)?;
-            ownership::admit(vm, now.as_ref(), me, epoch)?;
-            return now.ok_or_else(|| ClaimError::Refused(ClaimRefusal::Unclaimed { vm: vm.to_owned(), held: epoch }));
+            if let Some(now) = self.read(vm)? {
+                ownership::admit(vm, Some(&now), me, epoch)?;
+                return Ok(now);
+            }
         }
-        self.update(vm, |now| ownership::for_job(vm, now, me, 0))
+        self.update(vm, |now| ownership::for_job(vm, now, me, epoch))
     }
 
     /// Reads the claim under the VM's lock, asks `decide` for the claim to write (`None`: keep
@@ -136,6 +142,7 @@ impl Claims {
             .create(true)
             .truncate(false)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&lock_path)
             .map_err(self.io(vm, &lock_path))?;
         let deadline = Instant::now() + LOCK_WAIT;
@@ -174,11 +181,21 @@ impl Claims {
 
     fn write(&self, vm: &str, owner: &Owner) -> Result<(), ClaimError> {
         let path = self.path(vm);
-        let tmp = self.dir.join(format!(".{vm}.claim.tmp"));
+        // A name of our own, created new: never a file (or link) someone left there.
+        let tmp = self.dir.join(format!(".{vm}.claim.{}.{:016x}.tmp", std::process::id(), rand::random::<u64>()));
         let text = format!("{MAGIC}\ncoordinator {}\nepoch {}\n", owner.coordinator, owner.epoch);
-        let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&tmp).map_err(self.io(vm, &tmp))?;
-        f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).map_err(self.io(vm, &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(self.io(vm, &path))?;
+        let mut f = OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(self.io(vm, &tmp))?;
+        let written =
+            f.write_all(text.as_bytes()).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.io(vm, &path)(e));
+        }
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(self.io(vm, &self.dir))
     }
 }
@@ -264,6 +281,31 @@ mod tests {
         }
         // A name that is no VM id never reaches the file system.
         assert!(matches!(claims.read("../etc/passwd"), Err(ClaimError::Corrupt { .. })));
+        // A FIFO never blocks a reader, and a link out of the directory is not followed.
+        let io = |e| ClaimError::Io { vm: "-".into(), path: PathBuf::new(), source: e };
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("fifo.claim"),
+            rustix::fs::FileType::Fifo,
+            0o600.into(),
+            0,
+        )
+        .map_err(|e| io(e.into()))?;
+        assert!(matches!(claims.for_job("fifo", "a", 3), Err(ClaimError::Corrupt { .. })));
+        std::fs::write(dir.path().join("elsewhere"), "bulwark-claim 1\ncoordinator a\nepoch 3\n").map_err(io)?;
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join("link.claim")).map_err(io)?;
+        assert!(claims.for_job("link", "a", 3).is_err(), "a link is not followed");
+        Ok(())
+    }
+
+    #[test]
+    fn a_vanished_claim_is_taken_again_under_the_epoch_the_job_names() -> Result<(), ClaimError> {
+        let dir =
+            tempfile::tempdir().map_err(|e| ClaimError::Io { vm: "-".into(), path: PathBuf::new(), source: e })?;
+        let claims = Claims::new(dir.path());
+        assert_eq!(claims.for_job("web", "a", 4)?, Owner { coordinator: "a".into(), epoch: 4 });
+        assert_eq!(claims.read("web")?, Some(Owner { coordinator: "a".into(), epoch: 4 }));
+        assert!(matches!(claims.for_job("web", "b", 4), Err(ClaimError::Refused(ClaimRefusal::OwnedBy { .. }))));
         Ok(())
     }
 

@@ -382,8 +382,12 @@ fn seed_export(
         let (Some(dir), Some(config)) = (&dir, &config) else {
             anyhow::bail!("a QEMU VM's seed needs --data-dir of the host's agent");
         };
-        let backend =
+        let mut backend =
             crate::qemu::QemuBackend::new(vm_dir, config.hypervisor.restore_dir.clone(), dir.root.join("qemu"))?;
+        if config.hypervisor.shared {
+            // A cluster's VM: its state and sockets as the agent of this node has them.
+            backend = backend.shared_by_cluster(&config.host)?;
+        }
         crate::seed::export(&backend, &config.host, vm, output)?
     } else {
         let root = sim_root

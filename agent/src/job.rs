@@ -247,6 +247,7 @@ async fn check_claim(env: &JobEnv, vm: &str, epoch: u64) -> Result<(), Failure> 
         vm: vm_id.clone(),
         owner,
         refused,
+        requested: false,
     };
     match decided {
         Ok(owner) => {
@@ -564,9 +565,9 @@ async fn execute_restore(env: &JobEnv, req: &RestoreRequest) -> Result<(u64, u64
     let vm = req.vm.as_str().to_owned();
     let bs = req.block_size as usize;
     bulwark_protocol::block::check_block_size(bs).map_err(Failure::other)?;
-    if req.create.is_none() {
-        check_claim(env, &vm, req.epoch).await?;
-    }
+    // Before anything is written or made: the VM written is this coordinator's (a VM the
+    // recovery makes is claimed for it now, so a name another coordinator owns is refused).
+    check_claim(env, &vm, if req.create.is_some() { 0 } else { req.epoch }).await?;
     if req.instant {
         return execute_instant(env, req).await.map(|()| (0, 0));
     }
@@ -584,10 +585,6 @@ async fn execute_restore(env: &JobEnv, req: &RestoreRequest) -> Result<(u64, u64
             backend.restore_begin(&vm, &host, &what, create.as_ref().map(|c| (c, disks.as_slice())), &config)
         })
         .await??;
-    }
-    if req.create.is_some() {
-        // The new VM is this coordinator's.
-        check_claim(env, &vm, 0).await?;
     }
     let hasher = req.id_key.map_or_else(ChunkHasher::plain, ChunkHasher::keyed);
     let (mut read, mut written) = (0, 0);
@@ -616,8 +613,6 @@ async fn execute_instant(env: &JobEnv, req: &RestoreRequest) -> Result<(), Failu
     if sockets.len() != req.disks.len() {
         return Err(Failure::other("the hypervisor answered a socket per disk wrongly"));
     }
-    // The new VM is this coordinator's.
-    check_claim(env, &vm, 0).await?;
     // The VM's exports so far; a failure midway stops them all.
     env.exports.insert(&vm, vec![]);
     let serve_all = async {

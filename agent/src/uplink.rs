@@ -297,7 +297,12 @@ pub async fn run_session(
                         let asked = vm.clone();
                         let answer = match tokio::task::spawn_blocking(move || claim(&hosting, &host, &me, &asked, mode)).await {
                             Ok(answer) => answer,
-                            Err(e) => AgentMessage::Claim { vm, owner: None, refused: Some(format!("worker thread failed: {e}")) },
+                            Err(e) => AgentMessage::Claim {
+                                vm,
+                                owner: None,
+                                refused: Some(format!("worker thread failed: {e}")),
+                                requested: true,
+                            },
                         };
                         let _ = out.send(answer).await;
                     });
@@ -319,7 +324,12 @@ pub async fn run_session(
 /// A coordinator's claim request on `vm`: granted only for a VM of this host (a host acts on
 /// its own VMs only), under the claims' lock.
 fn claim(hosting: &Hosting, host: &str, me: &str, vm: &VmId, mode: ClaimMode) -> AgentMessage {
-    let answer = |owner: Option<Owner>, refused: Option<String>| AgentMessage::Claim { vm: vm.clone(), owner, refused };
+    let answer = |owner: Option<Owner>, refused: Option<String>| AgentMessage::Claim {
+        vm: vm.clone(),
+        owner,
+        refused,
+        requested: true,
+    };
     let Some(backend) = &hosting.backend else {
         return answer(None, Some("this agent has no hypervisor configured".into()));
     };

@@ -268,6 +268,8 @@ pub enum AgentMessage {
         vm: VmId,
         owner: Option<Owner>,
         refused: Option<String>,
+        /// The answer to a [`CoordinatorMessage::Claim`] (not a job's claim).
+        requested: bool,
     },
 }
 

@@ -107,12 +107,20 @@ pub fn admit(vm: &str, current: Option<&Owner>, me: &str, epoch: u64) -> Result<
     }
 }
 
-/// What a job with `epoch` from `me` does on VM `vm`: acquires it (epoch 0; the claim to write,
-/// `Some` only when it changes) or is admitted under the claim now.
+/// What a job with `epoch` from `me` does on VM `vm`: acquires it (the claim to write, `Some`
+/// only when it changes) or is admitted under the claim now. A VM without a claim is acquired
+/// by the first job that reaches it: with epoch 0 ("this coordinator holds none yet") at epoch
+/// 1, with the epoch the job names otherwise (the claims directory was emptied or replaced, or
+/// the VM now runs where another one is kept: nobody owns it there, and the coordinator keeps
+/// the epoch it knows).
 pub fn for_job(vm: &str, current: Option<&Owner>, me: &str, epoch: u64) -> Result<Option<Owner>, ClaimRefusal> {
     if epoch == 0 {
         let next = claim(vm, current, me, ClaimMode::Acquire)?;
         return Ok((current != Some(&next)).then_some(next));
+    }
+    if current.is_none() {
+        check_name(me)?;
+        return Ok(Some(Owner { coordinator: me.to_owned(), epoch }));
     }
     admit(vm, current, me, epoch).map(|()| None)
 }
@@ -162,7 +170,10 @@ mod tests {
         assert_eq!(for_job("web", None, "a", 0), Ok(Some(owner("a", 1))));
         assert_eq!(for_job("web", Some(&owner("a", 2)), "a", 0), Ok(None));
         assert_eq!(for_job("web", Some(&owner("a", 2)), "a", 2), Ok(None));
-        assert!(matches!(for_job("web", None, "a", 2), Err(ClaimRefusal::Unclaimed { .. })));
+        // A claim that vanished (claims directory emptied, another storage) is taken again by
+        // the first job that reaches the VM, under the epoch its coordinator holds.
+        assert_eq!(for_job("web", None, "a", 2), Ok(Some(owner("a", 2))));
+        assert!(matches!(admit("web", None, "a", 2), Err(ClaimRefusal::Unclaimed { .. })));
         assert!(matches!(for_job("web", Some(&owner("b", 1)), "a", 2), Err(ClaimRefusal::OwnedBy { .. })));
         for bad in ["", &"x".repeat(MAX_OWNER_NAME + 1)] {
             assert!(matches!(for_job("web", None, bad, 0), Err(ClaimRefusal::BadOwner(_))));

@@ -144,15 +144,20 @@ impl QemuBackend {
     /// the node that sees it running also records itself as the VM's last node.
     fn resides_here(&self, def: &VmDef, seen: &cluster::Seen) -> Result<bool, BackendError> {
         let Some(me) = &self.cluster else { return Ok(true) };
-        let mut st = self.load_state(&def.name)?;
+        let st = self.load_state(&def.name)?;
         if !cluster::runs_here(seen, st.host.as_deref(), me) {
             return Ok(false);
         }
-        // Recorded only while no snapshot step is under way (the node doing it owns the file).
-        if *seen != cluster::Seen::Off && st.host.as_deref() != Some(me) && st.frozen.is_none() && st.snapshot.is_none()
-        {
-            st.host = Some(me.clone());
-            self.save_state(&def.name, &st)?;
+        if *seen != cluster::Seen::Off && st.host.as_deref() != Some(me) {
+            // Read again under the lock every state write takes, so a snapshot step written
+            // meanwhile is never overwritten; recorded only while none is under way (the node
+            // doing it owns the file).
+            let _lock = self.lock_state(&def.name)?;
+            let mut st = self.load_state(&def.name)?;
+            if st.host.as_deref() != Some(me) && st.frozen.is_none() && st.snapshot.is_none() {
+                st.host = Some(me.clone());
+                self.write_state(&def.name, &st)?;
+            }
         }
         Ok(true)
     }
@@ -196,16 +201,38 @@ impl QemuBackend {
     }
 
     fn load_state(&self, vm: &str) -> Result<VmState, BackendError> {
+        use std::io::Read as _;
         let p = self.state_path(vm);
-        match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| failed(format!("{} is damaged: {e}", p.display()))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(VmState::default()),
-            Err(e) => Err(failed(format!("cannot read {}: {e}", p.display()))),
-        }
+        let file = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(VmState::default()),
+            Err(e) => return Err(failed(format!("cannot read {}: {e}", p.display()))),
+        };
+        let mut b = vec![];
+        file.take(state::MAX_STATE_FILE)
+            .read_to_end(&mut b)
+            .map_err(|e| failed(format!("cannot read {}: {e}", p.display())))?;
+        serde_json::from_slice(&b).map_err(|e| failed(format!("{} is damaged: {e}", p.display())))
     }
 
-    /// Writes the state durably: temp file, fsync, rename, fsync of the directory.
+    /// The lock of VM `vm`'s state shared by a cluster's nodes (none without a cluster: one
+    /// agent owns its state directory).
+    fn lock_state(&self, vm: &str) -> Result<Option<std::fs::File>, BackendError> {
+        if self.cluster.is_none() {
+            return Ok(None);
+        }
+        let p = self.vm_dir.join("state").join(format!("{vm}.lock"));
+        state::lock_file(&p).map(Some).map_err(|e| failed(format!("cannot lock {}: {e}", p.display())))
+    }
+
+    /// Writes the state durably: temp file, fsync, rename, fsync of the directory (under the
+    /// VM's state lock on a cluster's shared storage).
     fn save_state(&self, vm: &str, st: &VmState) -> Result<(), BackendError> {
+        let _lock = self.lock_state(vm)?;
+        self.write_state(vm, st)
+    }
+
+    fn write_state(&self, vm: &str, st: &VmState) -> Result<(), BackendError> {
         let p = self.state_path(vm);
         let mut st = st.clone();
         if st.frozen.is_some() || st.snapshot.is_some() {
@@ -371,7 +398,13 @@ impl QemuBackend {
     pub fn cleanup_orphans(&self) -> Result<Vec<String>, BackendError> {
         let mut cleaned = vec![];
         for def in defs::load_dir(&self.vm_dir).map_err(failed)?.into_iter().flatten() {
-            let st = self.load_state(&def.name)?;
+            let st = match self.load_state(&def.name) {
+                Ok(st) => st,
+                Err(e) => {
+                    tracing::warn!(vm = %def.name, error = %e, "cannot read the VM's state: not cleaned up");
+                    continue;
+                }
+            };
             if st.frozen.is_none() && st.snapshot.is_none() {
                 continue;
             }
@@ -468,15 +501,24 @@ impl Hypervisor for QemuBackend {
                 }
             };
             let ((mut q, power), seen) = probe(&def);
-            if !self.resides_here(&def, &seen)? {
-                continue;
-            }
+            // A VM whose state cannot be read is left out (with a warning), never the whole inventory.
+            let st = match self.resides_here(&def, &seen) {
+                Ok(false) => continue,
+                Ok(true) => self.load_state(&def.name),
+                Err(e) => Err(e),
+            };
+            let st = match st {
+                Ok(st) => st,
+                Err(e) => {
+                    tracing::warn!(vm = %def.name, error = %e, "cannot read the VM's state: left out of the inventory");
+                    continue;
+                }
+            };
             let mut disks = vec![];
             for d in &def.disks {
                 let size = self.size_of(&def, d, q.as_mut())?;
                 disks.push(DiskInfo { name: DiskId::new(d.name.clone()).map_err(failed)?, size_bytes: size });
             }
-            let st = self.load_state(&def.name)?;
             vms.push(VmInfo {
                 id: VmId::new(def.uuid.clone().unwrap_or_else(|| def.name.clone())).map_err(failed)?,
                 name: def.name.clone(),

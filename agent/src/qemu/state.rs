@@ -74,14 +74,49 @@ impl Open {
     }
 }
 
-/// temp → fsync → rename → fsync of the directory.
+/// temp → fsync → rename → fsync of the directory. The temporary file is one of this
+/// process's own, created new (never a file or link someone left in a shared directory).
 pub(super) fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let tmp = path.with_extension(format!("{}.{:016x}.tmp", std::process::id(), rand::random::<u64>()));
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).custom_flags(libc::O_NOFOLLOW).open(&tmp)?;
+    let written = f.write_all(data).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// The most bytes of a VM state file read (they hold a few hundred).
+pub(super) const MAX_STATE_FILE: u64 = 64 * 1024;
+
+/// How long a node waits for another's lock on a VM's shared state.
+pub(super) const STATE_LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// An exclusive lock of `path` (created if missing), waited for at most [`STATE_LOCK_WAIT`];
+/// released when the file is dropped.
+pub(super) fn lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let deadline = Instant::now() + STATE_LOCK_WAIT;
+    loop {
+        match f.try_lock() {
+            Ok(()) => return Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(format!("{} is locked by another node", path.display())))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
 }

@@ -55,6 +55,11 @@ pub struct ClaimVm {
 impl Handler<ClaimVm> for AgentSession {
     type Result = ();
     fn handle(&mut self, ClaimVm { vm, mode, done }: ClaimVm, ctx: &mut Context<Self>) {
+        // Those who gave up waiting are forgotten first.
+        self.claims_waiting.retain(|_, w| {
+            w.retain(|s| !s.is_closed());
+            !w.is_empty()
+        });
         let waiting: usize = self.claims_waiting.values().map(Vec::len).sum();
         if waiting >= MAX_CLAIMS_WAITING {
             let _ =
@@ -181,13 +186,16 @@ impl Handler<Inbound> for AgentSession {
                     tracing::warn!(job_id = %job, "a result for a job that is not waiting for one from this host");
                 }
             }
-            AgentMessage::Claim { vm, owner, refused } => {
+            AgentMessage::Claim { vm, owner, refused, requested } => {
                 let refused = refused.map(text::cap_reason);
                 match &refused {
                     Some(r) => tracing::warn!(vm = %vm, reason = %Escaped(r), "claim not granted"),
                     None => tracing::info!(vm = %vm, owner = ?owner, "claim granted"),
                 }
-                let waiters = self.claims_waiting.remove(vm.as_str()).unwrap_or_default();
+                // Only the answer to a claim request answers those waiting for one (a job's claim
+                // of the same VM may come first).
+                let waiters =
+                    if requested { self.claims_waiting.remove(vm.as_str()).unwrap_or_default() } else { vec![] };
                 // A claim names a coordinator by its certificate identity: anything longer is not one.
                 let owner = owner.filter(|o| o.coordinator.len() <= bulwark_protocol::ownership::MAX_OWNER_NAME);
                 let (catalog, me, span) = (self.catalog.clone(), self.coordinator.clone(), self.span.clone());

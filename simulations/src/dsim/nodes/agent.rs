@@ -196,6 +196,16 @@ impl Agent {
         let [disk] = req.disks.as_slice() else { return fail("the simulation restores one disk".into()) };
         let backend = SimBackend { root: self.root.clone() };
         let vm = req.vm.as_str().to_owned();
+        // As the real agent: a VM the recovery makes is the asking coordinator's, claimed before
+        // anything is made.
+        let mut claimed = vec![];
+        if req.create.is_some() {
+            match self.claims.for_job(&vm, &coordinator_name(from), 0) {
+                Ok(owner) => claimed
+                    .push(Out { after_ms: 0, msg: Msg::Claim { vm: vm.clone(), owner: Some(owner), refused: None } }),
+                Err(e) => return fail(e.to_string()),
+            }
+        }
         let what = format!("recovery job {}", job.0);
         if let Err(e) = backend.restore_begin(
             &vm,
@@ -205,15 +215,6 @@ impl Agent {
             &req.config,
         ) {
             return fail(e.to_string());
-        }
-        // As the real agent: a VM the recovery made is the asking coordinator's.
-        let mut claimed = vec![];
-        if req.create.is_some() {
-            match self.claims.for_job(&vm, &coordinator_name(from), 0) {
-                Ok(owner) => claimed
-                    .push(Out { after_ms: 0, msg: Msg::Claim { vm: vm.clone(), owner: Some(owner), refused: None } }),
-                Err(e) => return fail(e.to_string()),
-            }
         }
         let bs = u64::from(req.block_size);
         let size = disk.size_bytes;
