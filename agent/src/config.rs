@@ -72,6 +72,10 @@ impl AgentDir {
     pub fn ca(&self) -> PathBuf {
         self.pki().join("ca.pem")
     }
+    /// The deployment's coordinators learned at enrollment and since (`peers`).
+    pub fn coordinators(&self) -> PathBuf {
+        self.root.join("coordinators.json")
+    }
 }
 
 /// Why the configuration could not be read.

@@ -98,8 +98,10 @@ pub async fn enroll(dir: &AgentDir, token_text: &str, host: Option<String>) -> R
         .map_err(|_| connect_err("no answer within 20 s".into()))??;
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
 
-    let (cert_pem, ca_pem, coordinator) = match answer {
-        EnrollResponse::Accepted { cert_pem, ca_pem, coordinator } => (cert_pem, ca_pem, coordinator),
+    let (cert_pem, ca_pem, coordinator, coordinators) = match answer {
+        EnrollResponse::Accepted { cert_pem, ca_pem, coordinator, coordinators } => {
+            (cert_pem, ca_pem, coordinator, coordinators)
+        }
         EnrollResponse::Refused { reason } => return Err(EnrollError::Refused(reason)),
     };
     // Check what we were given before keeping it.
@@ -131,6 +133,9 @@ pub async fn enroll(dir: &AgentDir, token_text: &str, host: Option<String>) -> R
     write(dir.key(), key.serialize_pem().as_bytes(), 0o600)?;
     write(dir.cert(), cert_pem.as_bytes(), 0o644)?;
     write(dir.ca(), ca_pem.as_bytes(), 0o644)?;
+    // The deployment's other coordinators: the agent keeps a connection to each.
+    let others: Vec<_> = coordinators.into_iter().filter(|c| c.name != config.coordinator_name).collect();
+    crate::peers::Peers::load(dir.coordinators()).learn(&others);
     let text = toml::to_string_pretty(&config).map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
     // agent.toml last: its presence means "enrolled".
     write(dir.config(), text.as_bytes(), 0o644)?;

@@ -44,5 +44,5 @@ pub fn sim_inventory(root: &Path, host: &str) -> Result<Inventory, SimError> {
             owner: None,
         });
     }
-    Ok(Inventory { vms })
+    Ok(Inventory { vms, partition: vec![] })
 }

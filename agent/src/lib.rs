@@ -34,6 +34,7 @@ pub mod export;
 pub mod inventory;
 pub mod items_writer;
 pub mod job;
+pub mod peers;
 pub mod qemu;
 pub mod reader;
 pub mod restore_disk;

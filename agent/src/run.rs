@@ -102,20 +102,55 @@ pub async fn run(
             None
         }
     };
+    let peers = Arc::new(crate::peers::Peers::load(dir.coordinators()));
     let hosting = Hosting {
         backend,
         scratch: dir.root.join("scratch"),
         slots: Default::default(),
         exports: Default::default(),
         current: Default::default(),
+        peers: peers.clone(),
     };
     if let Some(b) = &hosting.backend {
+        // Instant recoveries are served again through agent.toml's coordinator (see
+        // docs/operations.md, "Large clusters").
         crate::job::resume_instants(b, &hosting.exports, &hosting.current);
     }
-    let uplink = Uplink::new(config, endpoint.clone(), hosting).start();
-    shutdown.await;
+    // One uplink per coordinator of the deployment: agent.toml's, those learned before, and
+    // those any of them names from now on. Jobs share the VMs' slots; each uplink has its own
+    // connection.
+    let (tx, mut learned) = tokio::sync::mpsc::unbounded_channel();
+    peers.on_new(tx);
+    let primary = config.coordinator_name.clone();
+    let mut uplinks = vec![];
+    let mut started = std::collections::BTreeSet::from([primary.clone()]);
+    let others: Vec<_> = peers.known().into_iter().filter(|c| c.name != primary).collect();
+    uplinks.push(Uplink::new(config.clone(), endpoint.clone(), hosting.clone()).start());
+    let uplink_for = |c: &bulwark_protocol::messages::CoordinatorAddr| {
+        let cfg = AgentConfig { coordinator: c.addr.clone(), coordinator_name: c.name.clone(), ..config.clone() };
+        let own = Hosting { current: Default::default(), ..hosting.clone() };
+        tracing::info!(coordinator = %c.name, addr = %c.addr, "connecting to another coordinator of the deployment");
+        Uplink::new(cfg, endpoint.clone(), own).start()
+    };
+    for c in &others {
+        started.insert(c.name.clone());
+        uplinks.push(uplink_for(c));
+    }
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(c) = learned.recv() => {
+                if started.insert(c.name.clone()) {
+                    uplinks.push(uplink_for(&c));
+                }
+            }
+        }
+    }
     tracing::info!("shutting down");
-    let _ = uplink.send(Shutdown).await;
+    for uplink in &uplinks {
+        let _ = uplink.send(Shutdown).await;
+    }
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     tracing::info!("stopped");
     Ok(())

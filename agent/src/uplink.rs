@@ -46,8 +46,10 @@ pub struct Hosting {
     pub slots: crate::job::VmSlots,
     /// Instant recoveries' exports, across sessions.
     pub exports: crate::export::InstantExports,
-    /// The connection of the session now.
+    /// The connection of the session now (each uplink has its own).
     pub current: crate::export::CurrentConnection,
+    /// The deployment's coordinators, shared by every uplink.
+    pub peers: Arc<crate::peers::Peers>,
 }
 
 impl Hosting {
@@ -55,11 +57,13 @@ impl Hosting {
     /// hypervisor cannot say; a claim that cannot be read is reported as none, with a warning,
     /// and every job on that VM is refused until it can).
     fn inventory(&self, host: &str) -> Inventory {
-        let Some(b) = &self.backend else { return Inventory { vms: vec![] } };
+        let partition = self.peers.partition();
+        let Some(b) = &self.backend else { return Inventory { vms: vec![], partition } };
         let mut inventory = b.inventory(host).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the inventory");
-            Inventory { vms: vec![] }
+            Inventory { vms: vec![], partition: vec![] }
         });
+        inventory.partition = partition;
         let claims = crate::claims::Claims::new(b.claims_dir());
         for vm in &mut inventory.vms {
             vm.owner = claims.read(&vm.name).unwrap_or_else(|e| {
@@ -151,6 +155,8 @@ impl Handler<Shutdown> for Uplink {
 impl Uplink {
     fn session_ended(&mut self, end: SessionEnd, ctx: &mut Context<Self>) {
         self.conn = None;
+        // A coordinator not connected partitions nothing here.
+        self.hosting.peers.set_auto(&self.config.coordinator_name, false);
         if self.stopping {
             return;
         }
@@ -219,6 +225,9 @@ pub async fn run_session(
         Err(e) => return closed(&conn, e.to_string()),
     };
     tracing::info!(coordinator = %welcome.coordinator, version = welcome.version, "connected");
+    hosting.peers.learn(&welcome.coordinators);
+    // Whether it protects this host's cluster whole, it says next; until then it does not.
+    hosting.peers.set_auto(&config.coordinator_name, false);
     on_established(conn.clone());
     *hosting.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
     let inventory = {
@@ -226,7 +235,9 @@ pub async fn run_session(
         move || {
             let (hosting, host) = (hosting.clone(), host.clone());
             async move {
-                tokio::task::spawn_blocking(move || hosting.inventory(&host)).await.unwrap_or(Inventory { vms: vec![] })
+                tokio::task::spawn_blocking(move || hosting.inventory(&host))
+                    .await
+                    .unwrap_or(Inventory { vms: vec![], partition: vec![] })
             }
         }
     };
@@ -261,6 +272,15 @@ pub async fn run_session(
             }
             msg = frame::read_message::<CoordinatorMessage, _>(&mut recv) => match msg {
                 Ok(Some(CoordinatorMessage::Heartbeat)) => {}
+                Ok(Some(CoordinatorMessage::AutoProtect { on })) => {
+                    tracing::info!(on, "the coordinator protects this host's cluster whole");
+                    if hosting.peers.set_auto(&config.coordinator_name, on) {
+                        reported = inventory().await;
+                        if let Err(e) = frame::write_message(&mut send, &AgentMessage::Inventory(reported.clone())).await {
+                            return lost(&conn, e.to_string());
+                        }
+                    }
+                }
                 Ok(Some(CoordinatorMessage::InventoryNow)) => {
                     reported = inventory().await;
                     if let Err(e) = frame::write_message(&mut send, &AgentMessage::InventoryAnswer(reported.clone())).await {

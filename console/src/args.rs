@@ -319,11 +319,20 @@ pub(crate) enum RpCommand {
 #[derive(Debug, Subcommand)]
 pub(crate) enum GroupCommand {
     /// Create a protection group; initial replication starts as chosen by --replica.
+    #[command(group(clap::ArgGroup::new("members").required(true).args(["vms", "auto"])))]
     Create {
         name: String,
         /// Member VMs (repeat, or separate with commas).
-        #[arg(long = "vm", required = true, value_delimiter = ',')]
+        #[arg(long = "vm", value_delimiter = ',')]
         vms: Vec<String>,
+        /// With --auto: the cluster whose every VM the group protects, new ones too,
+        /// partitioned among the deployment's coordinators.
+        #[arg(long, requires = "auto")]
+        cluster: Option<bulwark_protocol::ClusterId>,
+        /// Protect the whole --cluster (VMs no coordinator claimed yet go to the one rendezvous
+        /// hashing picks among those protecting it).
+        #[arg(long, requires = "cluster")]
+        auto: bool,
         #[command(flatten)]
         policy: PolicyArgs,
     },

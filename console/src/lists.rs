@@ -320,6 +320,7 @@ pub fn group_json(g: &GroupInfo) -> serde_json::Value {
         "block_size": p.block_size,
         "exclude_disks": p.exclude_disks.iter().map(|(v, d)| format!("{v}:{d}")).collect::<Vec<_>>(),
         "verify": p.verify.as_str(),
+        "auto_cluster": g.auto_cluster,
         "next_runs": g.next_runs.iter().map(|(k, at)| (k.clone(), serde_json::Value::String(fmt_time(Some(*at))))).collect::<serde_json::Map<_, _>>(),
     })
 }
@@ -330,6 +331,9 @@ pub fn print_group(g: &GroupInfo, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out, "group {}", Escaped(&g.name))?;
     let members: Vec<String> = g.members.iter().map(|m| Escaped(m).to_string()).collect();
     writeln!(out, "  members            {}", members.join(", "))?;
+    if let Some(c) = &g.auto_cluster {
+        writeln!(out, "  protects           every VM of cluster {} this coordinator owns", Escaped(c))?;
+    }
     let every = p
         .sync_every_secs
         .map_or("off".into(), |s| humantime::format_duration(std::time::Duration::from_secs(s)).to_string());

@@ -320,12 +320,13 @@ fn run(cli: Cli, format: Output) -> anyhow::Result<()> {
 
 fn group_request(command: &GroupCommand) -> anyhow::Result<AdminRequest> {
     Ok(match command {
-        GroupCommand::Create { name, vms, policy } => {
+        GroupCommand::Create { name, vms, cluster, auto: _, policy } => {
             let p = policy_patch(policy, &[])?;
             let sync_every_secs = p.sync_every_secs.flatten();
             AdminRequest::GroupCreate {
                 name: name.clone(),
                 vms: vms.clone(),
+                auto_cluster: cluster.clone(),
                 policy: PolicySpec {
                     sync_every_secs,
                     recovery_points: p

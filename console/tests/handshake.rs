@@ -72,6 +72,7 @@ async fn an_expired_certificate_is_refused_at_the_handshake() {
         sans: vec!["node1".into()],
         not_before: now - Duration::from_secs(10 * 86_400),
         not_after: now - Duration::from_secs(86_400),
+        cluster: None,
     };
     let (cert, key) = ca.issue_with_new_key(&spec).unwrap();
     let err = refused(&c, Some(Creds::from_pem(&cert.pem, &key.serialize_pem())), "node1").await;

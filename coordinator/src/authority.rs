@@ -7,9 +7,11 @@ use crate::config::{ConfigError, CoordinatorConfig, DataDir};
 use crate::enrollment::{self, EnrolledHost, ScopeError, TokenScope};
 use bulwark_pki::ca::{PkiError, Revocation};
 use bulwark_pki::{tls, AgentCsr, Ca, JoinToken};
-use bulwark_protocol::messages::{EnrollRequest, EnrollResponse, TokenInfo};
+use bulwark_protocol::messages::{
+    CoordinatorAddr, EnrollRequest, EnrollResponse, JoinRequest, JoinResponse, TokenInfo,
+};
 use bulwark_protocol::paging::{Page, PageBuilder, PageRequest};
-use bulwark_protocol::{HostId, ALPN, ALPN_ENROLL};
+use bulwark_protocol::{HostId, ALPN, ALPN_ENROLL, ALPN_JOIN};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -32,6 +34,11 @@ pub enum AuthorityError {
     Token(#[from] ScopeError),
     #[error("{0}")]
     BadCursor(String),
+    #[error(
+        "this coordinator joined the deployment and holds no CA key: {what} at the deployment's first coordinator{}",
+        .authority.as_deref().map(|a| format!(" ({a})")).unwrap_or_default()
+    )]
+    NotAuthority { what: &'static str, authority: Option<String> },
 }
 
 /// A join token just made.
@@ -71,7 +78,11 @@ pub struct ExportCert {
 pub struct Authority {
     dir: DataDir,
     config: CoordinatorConfig,
-    ca: Ca,
+    /// The CA with its key: only the deployment's first coordinator holds it (a coordinator
+    /// that joined signs nothing, see [`AuthorityError::NotAuthority`]).
+    ca: Option<Ca>,
+    ca_pem: String,
+    ca_der: rustls::pki_types::CertificateDer<'static>,
     catalog: Catalog,
     /// Serializes CRL rewrites.
     crl_lock: Mutex<()>,
@@ -93,8 +104,45 @@ impl Authority {
     /// Loads the CA and configuration of an initialized data directory.
     pub fn open(dir: DataDir, catalog: Catalog) -> Result<Self, AuthorityError> {
         let config = CoordinatorConfig::load(&dir)?;
-        let ca = Ca::from_pem(&read(dir.pki_file("ca.pem"))?, &read(dir.pki_file("ca.key"))?)?;
-        Ok(Self { dir, config, ca, catalog, crl_lock: Mutex::new(()), enroll_lock: Mutex::new(()) })
+        let ca_pem = read(dir.pki_file("ca.pem"))?;
+        let ca_der = tls::certs_from_pem(&ca_pem, "CA certificate")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| AuthorityError::Invalid("pki/ca.pem holds no certificate".into()))?;
+        let ca = match dir.pki_file("ca.key").exists() {
+            true => Some(Ca::from_pem(&ca_pem, &read(dir.pki_file("ca.key"))?)?),
+            false => None,
+        };
+        Ok(Self { dir, config, ca, ca_pem, ca_der, catalog, crl_lock: Mutex::new(()), enroll_lock: Mutex::new(()) })
+    }
+
+    /// The CA that signs, or why this coordinator cannot `what`.
+    fn signer(&self, what: &'static str) -> Result<&Ca, AuthorityError> {
+        self.ca.as_ref().ok_or_else(|| AuthorityError::NotAuthority { what, authority: self.config.authority.clone() })
+    }
+
+    /// Whether this coordinator holds the CA key (the deployment's first one).
+    pub fn is_authority(&self) -> bool {
+        self.ca.is_some()
+    }
+
+    /// Records this coordinator in the deployment's list under the address agents dial (at
+    /// `serve`, once its port is chosen).
+    pub fn note_self(&self) -> Result<(), AuthorityError> {
+        let addr = self.advertised_addr()?;
+        let known = self.catalog.coordinators()?.into_iter().find(|c| c.name == self.config.name);
+        if known.as_ref().map(|c| &c.addr) != Some(&addr) {
+            let joined_at = known.map_or(0, |c| c.joined_at);
+            let rec = crate::catalog::deployment::CoordinatorRecord { name: self.config.name.clone(), addr, joined_at };
+            self.catalog.put_coordinator(&rec)?;
+            self.catalog.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The deployment's coordinators as agents are told them.
+    pub fn coordinators(&self) -> Result<Vec<CoordinatorAddr>, AuthorityError> {
+        Ok(self.catalog.coordinator_addrs()?)
     }
 
     pub fn config(&self) -> &CoordinatorConfig {
@@ -119,7 +167,7 @@ impl Authority {
         let chain = tls::certs_from_pem(&read(self.dir.pki_file("coordinator.pem"))?, "coordinator certificate")?;
         let key = tls::key_from_pem(&read(self.dir.pki_file("coordinator.key"))?, "coordinator key")?;
         let crl = tls::crl_from_pem(&read(self.dir.pki_file("crl.pem"))?)?;
-        Ok(tls::server_config(self.ca.cert_der(), chain, key, crl, &[ALPN, ALPN_ENROLL])?)
+        Ok(tls::server_config(&self.ca_der, chain, key, crl, &[ALPN, ALPN_ENROLL, ALPN_JOIN])?)
     }
 
     /// The quinn server config with the current CRL.
@@ -159,6 +207,7 @@ impl Authority {
     /// Creates a one-time join token for `scope` (see [`enrollment`] for the rules). Purges a
     /// bounded number of tokens finished more than a day ago first.
     pub fn create_token(&self, ttl: Duration, scope: &TokenScope) -> Result<CreatedToken, AuthorityError> {
+        let ca = self.signer("make join tokens")?;
         let cap = self.config.max_token_ttl()?;
         let mut lookup_failed = None;
         let checked = enrollment::check_scope(scope, ttl, cap, |host| {
@@ -171,8 +220,25 @@ impl Authority {
             return Err(e.into());
         }
         let checked = checked?;
-        let token = JoinToken::new(self.advertised_addr()?, self.config.name.clone(), self.ca.fingerprint());
+        let token = JoinToken::new(self.advertised_addr()?, self.config.name.clone(), ca.fingerprint());
         let now = now_secs();
+        if let Some(name) = &checked.coordinator {
+            if name.as_str() == self.config.name {
+                return Err(AuthorityError::Invalid(format!("{name} is this coordinator's own name")));
+            }
+            let expires_at = now.saturating_add(ttl.as_secs());
+            let record = crate::catalog::deployment::JoinTokenRecord {
+                name: name.to_string(),
+                created_at: now,
+                expires_at,
+                used_at: None,
+            };
+            let hash = token.secret_hash();
+            self.catalog.insert_join_token(hash, &record)?;
+            let id = enrollment::token_id(&hash);
+            tracing::info!(token = %id, coordinator = %name, "coordinator join token created");
+            return Ok(CreatedToken { token: token.encode(), id, expires_at });
+        }
         let purged = self.catalog.purge_tokens(enrollment::PURGE_SCAN_LIMIT, |t| enrollment::purgeable(t, now))?;
         if purged > 0 {
             tracing::info!(purged, "purged finished join tokens");
@@ -253,6 +319,10 @@ impl Authority {
             return Ok(refuse(TokenRefusal::Unknown.to_string()));
         };
         let host = req.host.as_str();
+        let ca = match self.signer("enroll agents") {
+            Ok(ca) => ca,
+            Err(e) => return Ok(refuse(e.to_string())),
+        };
         let validity = self.config.agent_validity()?;
         let csr = match AgentCsr::parse(&req.csr_pem) {
             Ok(c) => c,
@@ -270,7 +340,7 @@ impl Authority {
             Ok(a) => a,
             Err(refusal) => return Ok(refuse(refusal.to_string())),
         };
-        let cert = match self.ca.sign_agent(&csr, host, validity) {
+        let cert = match ca.sign_agent(&csr, host, Some(&admission.cluster), validity) {
             Ok(c) => c,
             Err(e) => {
                 self.catalog.release_token(hash, host)?;
@@ -301,11 +371,85 @@ impl Authority {
         Ok(Enrollment {
             response: EnrollResponse::Accepted {
                 cert_pem: cert.pem,
-                ca_pem: self.ca.cert_pem().to_owned(),
+                ca_pem: self.ca_pem.clone(),
                 coordinator: self.config.name.clone(),
+                coordinators: self.coordinators()?,
             },
             revoked,
             host: host.to_owned(),
+        })
+    }
+
+    /// Decides a coordinator's request to join the deployment: the token is checked and
+    /// consumed for exactly that name, then its certificate (valid for its name and `sans`) and
+    /// an administrator's are signed, and it is recorded among the deployment's coordinators.
+    pub fn join(&self, req: &JoinRequest) -> Result<JoinResponse, AuthorityError> {
+        let refuse = |reason: String| Ok(JoinResponse::Refused { reason });
+        if let Err(e) = bulwark_protocol::handshake::check_version(req.version) {
+            return refuse(e.to_string());
+        }
+        let ca = match self.signer("let coordinators join") {
+            Ok(ca) => ca,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let Ok(secret): Result<[u8; 32], _> = req.token_secret.as_slice().try_into() else {
+            return refuse(TokenRefusal::Unknown.to_string());
+        };
+        let asked = req.name.as_ref().map(|n| n.as_str());
+        if req.sans.len() > 16 || req.sans.iter().any(|s| HostId::new(s.clone()).is_err() && s.parse::<std::net::IpAddr>().is_err()) {
+            return refuse("the names asked for the certificate are not host names or addresses".into());
+        }
+        if req.addr.len() > 255 || req.addr.is_empty() {
+            return refuse("the address agents should dial is empty or too long".into());
+        }
+        let coord_csr = match AgentCsr::parse(&req.coordinator_csr) {
+            Ok(c) => c,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let admin_csr = match AgentCsr::parse(&req.admin_csr) {
+            Ok(c) => c,
+            Err(e) => return refuse(e.to_string()),
+        };
+        let _one_at_a_time = self.enroll_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.catalog.coordinators()?.len() >= bulwark_protocol::messages::MAX_COORDINATORS {
+            return refuse("the deployment has as many coordinators as it may".into());
+        }
+        let now = now_secs();
+        let hash = bulwark_pki::token::secret_hash(&secret);
+        let token = match self.catalog.consume_join_token(hash, asked, now)? {
+            Ok(t) => t,
+            Err(refusal) => return refuse(refusal.to_string()),
+        };
+        let name = token.name.as_str();
+        let mut sans = vec![name.to_owned()];
+        sans.extend(req.sans.iter().cloned());
+        sans.sort();
+        sans.dedup();
+        let signed = ca
+            .sign_csr(&coord_csr, bulwark_pki::Role::Coordinator, name, sans, bulwark_pki::ca::SERVICE_VALIDITY)
+            .and_then(|c| {
+                let admin = ca.sign_csr(&admin_csr, bulwark_pki::Role::Admin, "admin", vec![], bulwark_pki::ca::SERVICE_VALIDITY)?;
+                Ok((c, admin))
+            });
+        let (coord, admin) = match signed {
+            Ok(pair) => pair,
+            Err(e) => {
+                self.catalog.release_join_token(hash)?;
+                return Err(e.into());
+            }
+        };
+        let rec = crate::catalog::deployment::CoordinatorRecord { name: name.to_owned(), addr: req.addr.clone(), joined_at: now };
+        self.catalog.put_coordinator(&rec)?;
+        self.catalog.flush()?;
+        tracing::info!(coordinator = name, addr = %req.addr, "coordinator joined the deployment");
+        Ok(JoinResponse::Accepted {
+            name: name.to_owned(),
+            coordinator_pem: format!("{}{}", coord.pem, self.ca_pem),
+            admin_pem: admin.pem,
+            ca_pem: self.ca_pem.clone(),
+            crl_pem: read(self.dir.pki_file("crl.pem"))?,
+            coordinators: self.coordinators()?,
+            authority: CoordinatorAddr { name: self.config.name.clone(), addr: self.advertised_addr()? },
         })
     }
 
@@ -341,11 +485,12 @@ impl Authority {
     /// tcp:`); answers it with the CA and the current CRL, all PEM.
     pub fn issue_export_cert(&self, csr_pem: &str, names: &[String]) -> Result<ExportCert, AuthorityError> {
         let name = names.first().cloned().unwrap_or_default();
-        let cert = self.ca.sign_export_csr(csr_pem, &name, names.to_vec(), EXPORT_CERT_VALIDITY)?;
+        let cert =
+            self.signer("sign export certificates")?.sign_export_csr(csr_pem, &name, names.to_vec(), EXPORT_CERT_VALIDITY)?;
         tracing::info!(names = ?names, serial = %cert.serial_hex, "export certificate issued");
         Ok(ExportCert {
             cert_pem: cert.pem,
-            ca_pem: self.ca.cert_pem().to_owned(),
+            ca_pem: self.ca_pem.clone(),
             crl_pem: read(self.dir.pki_file("crl.pem"))?,
             not_after: cert.not_after,
         })
@@ -359,7 +504,7 @@ impl Authority {
             .into_iter()
             .map(|r| Revocation { serial_hex: r.serial, revoked_at: r.revoked_at })
             .collect();
-        let pem = self.ca.crl(&revoked, number)?;
+        let pem = self.signer("revoke certificates")?.crl(&revoked, number)?;
         let path = self.dir.pki_file("crl.pem");
         bulwark_pki::files::write_atomic(&path, pem.as_bytes(), 0o644)
             .map_err(|source| AuthorityError::Write { path: path.display().to_string(), source })
@@ -367,6 +512,10 @@ impl Authority {
 
     /// Re-issues the CRL (fresh `next_update`) at start-up.
     pub fn refresh_crl(&self) -> Result<(), AuthorityError> {
+        if self.ca.is_none() {
+            // A joined coordinator keeps the CRL it was given (see docs/security.md).
+            return Ok(());
+        }
         let _guard = self.crl_lock.lock().unwrap_or_else(|p| p.into_inner());
         let number = self.catalog.revoke(&[])?;
         self.write_crl(number)

@@ -63,6 +63,10 @@ pub enum Command {
         /// 0600, apart from the store: keep a recovery copy with `key export`).
         #[arg(long)]
         encrypt: bool,
+        /// Join an existing deployment as another coordinator (same CA; its own catalog and
+        /// store) with a token from `token create --coordinator NAME` on its first coordinator.
+        #[arg(long, value_name = "TOKEN")]
+        join: Option<String>,
     },
     /// Run the coordinator until SIGINT/SIGTERM.
     Serve {
@@ -113,8 +117,9 @@ pub enum KeyCommand {
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Print a one-time join token for an agent: for one host (--host), a new host of a
-    /// cluster (--cluster), or both.
-    #[command(group(ArgGroup::new("scope").required(true).multiple(true).args(["host", "cluster"])))]
+    /// cluster (--cluster), or both; or for another coordinator of the deployment
+    /// (--coordinator NAME, used by `init --join`).
+    #[command(group(ArgGroup::new("scope").required(true).multiple(true).args(["host", "cluster", "coordinator"])))]
     Create {
         #[arg(long)]
         data_dir: PathBuf,
@@ -132,6 +137,9 @@ pub enum TokenCommand {
         /// and it keeps its cluster unless --cluster says otherwise.
         #[arg(long)]
         replace: Option<HostId>,
+        /// A token that lets coordinator NAME join this deployment (`init --join`).
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["host", "cluster", "replace"])]
+        coordinator: Option<HostId>,
         #[arg(long, value_enum, default_value = "text")]
         output: Output,
     },
@@ -217,9 +225,16 @@ fn run(command: Command) -> anyhow::Result<()> {
             clap_complete::generate(shell, &mut Cli::command(), "bulwark-coordinator", &mut std::io::stdout());
             Ok(())
         }
-        Command::Init { data_dir, name, listen, advertise, encrypt } => {
-            let config = init(&data_dir, &InitOptions { name, listen, advertise, encrypt })?;
+        Command::Init { data_dir, name, listen, advertise, encrypt, join } => {
+            let joined = match join {
+                Some(token) => Some(join_deployment(&data_dir, &token, name.clone(), listen, advertise.clone())?),
+                None => None,
+            };
+            let config = init(&data_dir, &InitOptions { name, listen, advertise, encrypt, joined })?;
             println!("initialized coordinator {:?} in {} (listen {})", config.name, data_dir.display(), config.listen);
+            if let Some(authority) = &config.authority {
+                println!("joined the deployment of {authority}; agents and coordinators enroll there");
+            }
             Ok(())
         }
         Command::Serve { data_dir } => {
@@ -259,15 +274,44 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// The network half of `init --join`: checked before anything is asked (the data directory
+/// must be new and the address agents dial known), written by `init` afterwards.
+fn join_deployment(
+    data_dir: &std::path::Path,
+    token: &str,
+    name: Option<String>,
+    listen: SocketAddr,
+    advertise: Option<String>,
+) -> anyhow::Result<crate::join::Joined> {
+    if crate::config::is_initialized(data_dir) {
+        anyhow::bail!("{} is already initialized; nothing was changed", data_dir.display());
+    }
+    let addr = match advertise {
+        Some(a) => a,
+        None if listen.port() == 0 || listen.ip().is_unspecified() => anyhow::bail!(
+            "a coordinator that joins must say where agents dial it: --listen with an address and a port, or --advertise HOST:PORT"
+        ),
+        None => listen.to_string(),
+    };
+    let name = name.map(HostId::new).transpose()?;
+    let sans = crate::init::coordinator_sans(name.as_ref().map_or("localhost", |n| n.as_str()), listen);
+    let joined = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(crate::join::join(token, name, addr, sans))?;
+    Ok(joined)
+}
+
 fn token(command: TokenCommand) -> anyhow::Result<()> {
     match command {
-        TokenCommand::Create { data_dir, ttl, host, cluster, replace, output } => {
-            let scope = TokenScope { host, cluster, replace };
+        TokenCommand::Create { data_dir, ttl, host, cluster, replace, coordinator, output } => {
+            let scope = TokenScope { host, cluster, replace, coordinator };
             let request = AdminRequest::TokenCreate {
                 ttl_secs: ttl.as_secs(),
                 host: scope.host.clone(),
                 cluster: scope.cluster.clone(),
                 replace: scope.replace.clone(),
+                coordinator: scope.coordinator.clone(),
             };
             let created = with_authority(
                 &data_dir,

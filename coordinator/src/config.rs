@@ -45,6 +45,10 @@ pub struct CoordinatorConfig {
     /// `[verify]`: how restore verification boots recovery points (`boot_check = true`).
     #[serde(default, skip_serializing_if = "VerifyConfig::is_default")]
     pub verify: VerifyConfig,
+    /// A coordinator that joined the deployment (`init --join`): the first coordinator, which
+    /// holds the CA key, as `NAME at HOST:PORT` (where agents enroll and tokens are made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
 }
 
 /// `[verify]` in `coordinator.toml`: the isolated QEMU that boots recovery points of VMs whose

@@ -65,6 +65,8 @@ pub struct TokenScope {
     pub cluster: Option<ClusterId>,
     /// The enrolled host this token may re-enroll.
     pub replace: Option<HostId>,
+    /// A token for another coordinator of the deployment, by its name (alone).
+    pub coordinator: Option<HostId>,
 }
 
 /// An enrolled host as the decisions need it.
@@ -78,8 +80,10 @@ pub struct EnrolledHost {
 /// Why a token cannot be made (or revoked) as asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ScopeError {
-    #[error("a join token needs --host NAME or --cluster NAME")]
+    #[error("a join token needs --host NAME, --cluster NAME or --coordinator NAME")]
     NoScope,
+    #[error("--coordinator makes a token for a coordinator: it takes no --host, --cluster or --replace")]
+    CoordinatorAndHost,
     #[error(
         "a join token may live at most {max} ([tokens] max_ttl in coordinator.toml); --ttl {asked} is longer",
         max = human(.cap),
@@ -112,6 +116,15 @@ pub fn check_scope(
     cap: Duration,
     mut enrolled: impl FnMut(&HostId) -> Option<EnrolledHost>,
 ) -> Result<TokenScope, ScopeError> {
+    if scope.coordinator.is_some() {
+        if scope.host.is_some() || scope.cluster.is_some() || scope.replace.is_some() {
+            return Err(ScopeError::CoordinatorAndHost);
+        }
+        if ttl > cap {
+            return Err(ScopeError::TtlOverCap { ttl, cap });
+        }
+        return Ok(scope.clone());
+    }
     if scope.host.is_none() && scope.cluster.is_none() {
         return Err(ScopeError::NoScope);
     }
@@ -134,7 +147,7 @@ pub fn check_scope(
             return Err(ScopeError::HostEnrolled { host: host.clone() });
         }
     }
-    Ok(TokenScope { host, cluster: scope.cluster.clone(), replace: scope.replace.clone() })
+    Ok(TokenScope { host, cluster: scope.cluster.clone(), replace: scope.replace.clone(), coordinator: None })
 }
 
 /// What an accepted enrollment does.

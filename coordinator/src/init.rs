@@ -18,6 +18,8 @@ pub struct InitOptions {
     pub listen: SocketAddr,
     pub advertise: Option<String>,
     pub encrypt: bool,
+    /// Credentials from joining a deployment (`init --join`): no CA of its own.
+    pub joined: Option<crate::join::Joined>,
 }
 
 /// Why `init` refused or failed.
@@ -46,7 +48,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InitError + '_ {
 }
 
 /// The names the coordinator's certificate is valid for.
-fn coordinator_sans(name: &str, listen: SocketAddr) -> Vec<String> {
+pub fn coordinator_sans(name: &str, listen: SocketAddr) -> Vec<String> {
     let mut sans = vec![name.to_owned()];
     if let Some(h) = bulwark_pki::identity::local_host_name() {
         if bulwark_protocol::HostId::new(h.clone()).is_ok() {
@@ -75,9 +77,10 @@ pub fn init(root: &Path, opts: &InitOptions) -> Result<CoordinatorConfig, InitEr
     if root.exists() && std::fs::read_dir(root).map_err(io(root))?.next().is_some() {
         return Err(InitError::NotEmpty(root.to_owned()));
     }
-    let name = match &opts.name {
-        Some(n) => n.clone(),
-        None => bulwark_pki::identity::local_host_name().unwrap_or_else(|| "bulwark-coordinator".into()),
+    let name = match (&opts.joined, &opts.name) {
+        (Some(j), _) => j.name.clone(),
+        (None, Some(n)) => n.clone(),
+        (None, None) => bulwark_pki::identity::local_host_name().unwrap_or_else(|| "bulwark-coordinator".into()),
     };
     if bulwark_protocol::HostId::new(name.clone()).is_err() {
         return Err(InitError::BadName(name));
@@ -105,29 +108,52 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
     create_private_dir(root).map_err(io(root))?;
     create_private_dir(&dir.pki()).map_err(io(&dir.pki()))?;
 
-    let ca = Ca::generate(name)?;
-    let spec = LeafSpec::new(Role::Coordinator, name, coordinator_sans(name, opts.listen), SERVICE_VALIDITY);
-    let (coord, coord_key) = ca.issue_with_new_key(&spec)?;
-    let admin_spec = LeafSpec::new(Role::Admin, "admin", vec![], SERVICE_VALIDITY);
-    let (admin, admin_key) = ca.issue_with_new_key(&admin_spec)?;
-    let crl = ca.crl(&[], 1)?;
-
-    let files: [(&str, String, u32); 7] = [
-        ("ca.pem", ca.cert_pem().to_owned(), 0o644),
-        ("ca.key", ca.key_pem(), 0o600),
-        // The chain carries the CA so an enrolling agent can check the token's fingerprint.
-        ("coordinator.pem", format!("{}{}", coord.pem, ca.cert_pem()), 0o644),
-        ("coordinator.key", coord_key.serialize_pem(), 0o600),
-        ("admin.pem", admin.pem, 0o644),
-        ("admin.key", admin_key.serialize_pem(), 0o600),
-        ("crl.pem", crl, 0o644),
-    ];
+    let files: Vec<(&str, String, u32)> = match &opts.joined {
+        // A joined coordinator holds no CA key: the deployment's first coordinator signed its
+        // certificates (see docs/security.md).
+        Some(j) => vec![
+            ("ca.pem", j.ca_pem.clone(), 0o644),
+            ("coordinator.pem", j.coordinator_pem.clone(), 0o644),
+            ("coordinator.key", j.coordinator_key.clone(), 0o600),
+            ("admin.pem", j.admin_pem.clone(), 0o644),
+            ("admin.key", j.admin_key.clone(), 0o600),
+            ("crl.pem", j.crl_pem.clone(), 0o644),
+        ],
+        None => {
+            let ca = Ca::generate(name)?;
+            let spec = LeafSpec::new(Role::Coordinator, name, coordinator_sans(name, opts.listen), SERVICE_VALIDITY);
+            let (coord, coord_key) = ca.issue_with_new_key(&spec)?;
+            let admin_spec = LeafSpec::new(Role::Admin, "admin", vec![], SERVICE_VALIDITY);
+            let (admin, admin_key) = ca.issue_with_new_key(&admin_spec)?;
+            let crl = ca.crl(&[], 1)?;
+            vec![
+                ("ca.pem", ca.cert_pem().to_owned(), 0o644),
+                ("ca.key", ca.key_pem(), 0o600),
+                // The chain carries the CA so an enrolling agent can check the token's fingerprint.
+                ("coordinator.pem", format!("{}{}", coord.pem, ca.cert_pem()), 0o644),
+                ("coordinator.key", coord_key.serialize_pem(), 0o600),
+                ("admin.pem", admin.pem, 0o644),
+                ("admin.key", admin_key.serialize_pem(), 0o600),
+                ("crl.pem", crl, 0o644),
+            ]
+        }
+    };
     for (file, body, mode) in files {
         let path = dir.pki_file(file);
         write_atomic(&path, body.as_bytes(), mode).map_err(io(&path))?;
     }
 
     let catalog = Catalog::create(&dir.catalog())?;
+    if let Some(j) = &opts.joined {
+        for c in &j.coordinators {
+            let rec = crate::catalog::deployment::CoordinatorRecord {
+                name: c.name.clone(),
+                addr: c.addr.clone(),
+                joined_at: 0,
+            };
+            catalog.put_coordinator(&rec)?;
+        }
+    }
     std::fs::create_dir_all(dir.packs()).map_err(io(&dir.packs()))?;
     // The key lives apart from the packs it protects, and the catalog knows it by its check
     // value from the start.
@@ -153,6 +179,7 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
         smtp: None,
         metrics: None,
         verify: crate::config::VerifyConfig::default(),
+        authority: opts.joined.as_ref().map(|j| format!("{} at {}", j.authority.name, j.authority.addr)),
     };
     config.save(&dir)?;
     Ok(config)
@@ -169,6 +196,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             encrypt: true,
+            joined: None,
         }
     }
 

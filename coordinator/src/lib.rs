@@ -27,6 +27,7 @@ pub mod config;
 pub mod enrollment;
 pub mod init;
 pub mod items;
+pub mod join;
 pub mod jobs;
 pub mod notify;
 pub mod policy;

@@ -104,13 +104,17 @@ pub struct LeafSpec {
     pub sans: Vec<String>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// An agent's cluster, written as a second organizational unit
+    /// ([`crate::identity::CLUSTER_OU_PREFIX`]): every coordinator of the deployment reads it
+    /// from the certificate, not only the one that enrolled the host.
+    pub cluster: Option<String>,
 }
 
 impl LeafSpec {
     /// A spec valid from now (minus clock skew) for `validity`.
     pub fn new(role: Role, name: impl Into<String>, sans: Vec<String>, validity: Duration) -> Self {
         let now = SystemTime::now();
-        Self { role, name: name.into(), sans, not_before: now - CLOCK_SKEW, not_after: now + validity }
+        Self { role, name: name.into(), sans, not_before: now - CLOCK_SKEW, not_after: now + validity, cluster: None }
     }
 }
 
@@ -177,6 +181,9 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Bulwark");
         dn.push(DnType::OrganizationalUnitName, spec.role.ou());
+        if let Some(cluster) = &spec.cluster {
+            dn.push(DnType::OrganizationalUnitName, format!("{}{cluster}", crate::identity::CLUSTER_OU_PREFIX));
+        }
         dn.push(DnType::CommonName, spec.name.clone());
         params.distinguished_name = dn;
         params.subject_alt_names = spec
@@ -220,13 +227,33 @@ impl Ca {
     /// Signs an agent's CSR for `host`. Only the CSR's public key is used (after its
     /// signature is checked); every field comes from the CA.
     pub fn sign_agent_csr(&self, csr_pem: &str, host: &str, validity: Duration) -> Result<IssuedCert, PkiError> {
-        self.sign_agent(&AgentCsr::parse(csr_pem)?, host, validity)
+        self.sign_agent(&AgentCsr::parse(csr_pem)?, host, None, validity)
     }
 
-    /// Signs a CSR already checked by [`AgentCsr::parse`] for `host`.
-    pub fn sign_agent(&self, csr: &AgentCsr, host: &str, validity: Duration) -> Result<IssuedCert, PkiError> {
-        let spec = LeafSpec::new(Role::Agent, host, vec![host.to_owned()], validity);
+    /// Signs a CSR already checked by [`AgentCsr::parse`] for `host` of `cluster`.
+    pub fn sign_agent(
+        &self,
+        csr: &AgentCsr,
+        host: &str,
+        cluster: Option<&str>,
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        let mut spec = LeafSpec::new(Role::Agent, host, vec![host.to_owned()], validity);
+        spec.cluster = cluster.map(str::to_owned);
         self.issue(&spec, &csr.0.public_key)
+    }
+
+    /// Signs a CSR checked by [`AgentCsr::parse`] for a certificate of `role` named `name`
+    /// (a joining coordinator's own, valid for `sans`, or its administrator's).
+    pub fn sign_csr(
+        &self,
+        csr: &AgentCsr,
+        role: Role,
+        name: &str,
+        sans: Vec<String>,
+        validity: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        self.issue(&LeafSpec::new(role, name, sans, validity), &csr.0.public_key)
     }
 
     /// Signs an NBD export's CSR (`bulwark mount --nbd tcp:`): a server certificate for

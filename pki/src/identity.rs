@@ -31,6 +31,9 @@ impl Role {
     }
 }
 
+/// How an agent certificate's organizational unit names the host's cluster.
+pub const CLUSTER_OU_PREFIX: &str = "bulwark-cluster=";
+
 /// Who the peer is, as its (already verified) certificate says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
@@ -38,6 +41,9 @@ pub struct PeerIdentity {
     pub name: String,
     /// Lowercase hex of the certificate's serial number.
     pub serial: String,
+    /// An agent's cluster, when its certificate names one (certificates issued before
+    /// protocol 11 do not: the enrolling coordinator's catalog knows it).
+    pub cluster: Option<String>,
 }
 
 /// Why a certificate carries no usable identity.
@@ -65,7 +71,12 @@ pub fn identity_of(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         .filter_map(|ou| ou.as_str().ok())
         .find_map(Role::from_ou)
         .ok_or(IdentityError::NoRole)?;
-    Ok(PeerIdentity { role, name, serial: hex(cert.raw_serial()) })
+    let cluster = subject
+        .iter_organizational_unit()
+        .filter_map(|ou| ou.as_str().ok())
+        .find_map(|ou| ou.strip_prefix(CLUSTER_OU_PREFIX))
+        .map(str::to_owned);
+    Ok(PeerIdentity { role, name, serial: hex(cert.raw_serial()), cluster })
 }
 
 /// Lowercase hex of bytes.

@@ -43,7 +43,7 @@ pub fn accept_hello(
             certified: certified.to_string(),
         });
     }
-    Ok(Welcome { version, coordinator: coordinator.to_owned(), heartbeat_secs })
+    Ok(Welcome { version, coordinator: coordinator.to_owned(), heartbeat_secs, coordinators: vec![] })
 }
 
 /// Checks a version a single-shot peer (console, enrolling agent) says it speaks.

@@ -42,6 +42,9 @@ pub use ids::{ClusterId, DiskId, HostId, JobId, RecoveryPointId, VmId};
 pub const ALPN: &[u8] = b"bulwark/1";
 /// ALPN of enrollment: the only protocol a client without a certificate may speak.
 pub const ALPN_ENROLL: &[u8] = b"bulwark-enroll/1";
+/// ALPN of a coordinator joining the deployment (`init --join`): like enrollment, before it
+/// holds a certificate.
+pub const ALPN_JOIN: &[u8] = b"bulwark-join/1";
 
 /// The protocol version this build speaks natively.
 /// 2: a backup's outcome says why its consistency is lower (`consistency_note`).
@@ -60,12 +63,17 @@ pub const ALPN_ENROLL: &[u8] = b"bulwark-enroll/1";
 ///    recovery (`RecoverInstant`, a restore request's `instant`, `Export` transfer streams).
 /// 10: VMs' ownership claims (an inventory's `owner`, a job's and a restore's `epoch`, `Claim`
 ///     both ways, `NotOwner` failures, `VmTakeOver`).
-pub const PROTOCOL_VERSION: u16 = 10;
+/// 11: several coordinators in one deployment: a welcome and an enrollment name the
+///     deployment's coordinators, an inventory the coordinators that partition the host's
+///     cluster (`partition`), `AutoProtect`, groups protecting a whole cluster (`auto_cluster`),
+///     join tokens for coordinators.
+pub const PROTOCOL_VERSION: u16 = 11;
 /// The oldest protocol version this build still accepts (2 encoded item recoveries without
 /// their options and outcome; bincode has no optional fields, so a peer speaking it is
 /// refused with both version ranges named rather than misread).
 /// 3 differs from 4 in the admin messages and in what an inventory's ids mean; 4 from 5 in the
 /// token list's request and answer; 5 from 6 in a job's disks and the policy; 6 from 7 in the
 /// job request; 7 from 8 in the policy and the recovery-point list; 8 from 9 in the restore
-/// request; 9 from 10 in the inventory, the job and restore requests.
-pub const MIN_PROTOCOL_VERSION: u16 = 10;
+/// request; 9 from 10 in the inventory, the job and restore requests; 10 from 11 in the
+/// welcome, the inventory and the group messages.
+pub const MIN_PROTOCOL_VERSION: u16 = 11;

@@ -41,7 +41,21 @@ pub struct Welcome {
     pub coordinator: String,
     /// Seconds between heartbeats the coordinator expects.
     pub heartbeat_secs: u32,
+    /// The deployment's coordinators this one knows (itself included): the agent keeps a
+    /// connection to each.
+    pub coordinators: Vec<CoordinatorAddr>,
 }
+
+/// A coordinator of the deployment: its name (the TLS server name of its certificate) and the
+/// address agents dial.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CoordinatorAddr {
+    pub name: String,
+    pub addr: String,
+}
+
+/// Most coordinators one deployment lists (a longer list from a peer is refused).
+pub const MAX_COORDINATORS: usize = 64;
 
 /// Power state of a VM as the hypervisor reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +100,10 @@ pub struct VmInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
     pub vms: Vec<VmInfo>,
+    /// The coordinators connected to this agent now that protect its whole cluster
+    /// (`AutoProtect`), sorted: an unclaimed VM goes to the one rendezvous hashing picks
+    /// among them (`ownership::rendezvous`).
+    pub partition: Vec<String>,
 }
 
 /// The kinds of work the coordinator asks an agent to do.
@@ -309,6 +327,12 @@ pub enum CoordinatorMessage {
         job: JobId,
         vm: VmId,
     },
+    /// Whether this coordinator protects the host's whole cluster (a `--cluster C --auto`
+    /// group): the agent lists the coordinators that do in its inventory's `partition`
+    /// (protocol 11).
+    AutoProtect {
+        on: bool,
+    },
     /// Claim VM `vm` of this host for this coordinator (protocol 10): acquire it, or take it
     /// over (`bulwark vm take-over`); answered with [`AgentMessage::Claim`].
     Claim {
@@ -344,6 +368,8 @@ pub enum AdminRequest {
         host: Option<HostId>,
         cluster: Option<ClusterId>,
         replace: Option<HostId>,
+        /// A token for another coordinator of the deployment (`init --join`), by its name.
+        coordinator: Option<HostId>,
     },
     /// Join tokens not yet purged (used and expired ones stay listed for about a day), by id.
     TokenList {
@@ -384,6 +410,8 @@ pub enum AdminRequest {
         name: String,
         vms: Vec<String>,
         policy: PolicySpec,
+        /// Protect every VM of this cluster, new ones too, partitioned among the coordinators.
+        auto_cluster: Option<ClusterId>,
     },
     /// Groups by name; each with the first page of its members (see [`GroupInfo`]).
     GroupList {
@@ -654,6 +682,8 @@ pub struct GroupInfo {
     pub policy: PolicySpec,
     /// Unix seconds of each schedule's next run: `(kind, at)`.
     pub next_runs: Vec<(String, u64)>,
+    /// The cluster this group protects whole (`group create --cluster C --auto`).
+    pub auto_cluster: Option<String>,
 }
 
 /// `group plan`: disk allocation.
@@ -880,6 +910,45 @@ pub enum EnrollResponse {
         ca_pem: String,
         /// The coordinator's name (the TLS server name to verify).
         coordinator: String,
+        /// The deployment's coordinators (the agent connects to each).
+        coordinators: Vec<CoordinatorAddr>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// A coordinator joining the deployment (`init --join`): it proves it holds a coordinator
+/// join token and asks for its certificate and an administrator's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub version: u16,
+    pub token_secret: Vec<u8>,
+    /// The name the joining coordinator asks for (none: the one its token was made for).
+    pub name: Option<HostId>,
+    /// Where agents dial it (`HOST:PORT`).
+    pub addr: String,
+    /// Names its certificate must also be valid for (its listen address).
+    pub sans: Vec<String>,
+    /// PKCS#10 requests, PEM: its own certificate's and its administrator's.
+    pub coordinator_csr: String,
+    pub admin_csr: String,
+}
+
+/// The answer to a [`JoinRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinResponse {
+    Accepted {
+        /// The joined coordinator's name (its token's).
+        name: String,
+        coordinator_pem: String,
+        admin_pem: String,
+        ca_pem: String,
+        crl_pem: String,
+        /// The deployment's coordinators, the new one included.
+        coordinators: Vec<CoordinatorAddr>,
+        /// The coordinator that signed it (where agents and coordinators enroll).
+        authority: CoordinatorAddr,
     },
     Refused {
         reason: String,

@@ -125,9 +125,57 @@ pub fn for_job(vm: &str, current: Option<&Owner>, me: &str, epoch: u64) -> Resul
     admit(vm, current, me, epoch).map(|()| None)
 }
 
+/// The coordinator rendezvous hashing (highest random weight) gives VM `key` among
+/// `candidates`: each candidate's weight is a hash of (candidate, key), the highest wins. Every
+/// coordinator that sees the same candidates picks the same one; a candidate added takes only
+/// the keys it now wins, a candidate gone gives up only its own. `None` without candidates.
+pub fn rendezvous<'a>(key: &str, candidates: &'a [String]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| {
+            let mut h = blake3::Hasher::new_derive_key("bulwark rendezvous v1");
+            h.update(&(c.len() as u64).to_le_bytes());
+            h.update(c.as_bytes());
+            h.update(key.as_bytes());
+            (*h.finalize().as_bytes(), c.as_str())
+        })
+        .max()
+        .map(|(_, c)| c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("coord-{i}")).collect()
+    }
+
+    #[test]
+    fn rendezvous_spreads_vms_and_a_new_coordinator_moves_only_what_it_wins() {
+        let three = names(3);
+        let four = names(4);
+        let mut counts = std::collections::HashMap::<&str, usize>::new();
+        let mut moved = 0;
+        for i in 0..3000 {
+            let key = format!("vm-{i}");
+            let a = rendezvous(&key, &three).unwrap();
+            *counts.entry(a).or_default() += 1;
+            let b = rendezvous(&key, &four).unwrap();
+            if a != b {
+                assert_eq!(b, "coord-3", "a key only ever moves to the new coordinator");
+                moved += 1;
+            }
+            // The order candidates are listed in does not matter.
+            let mut reversed = three.clone();
+            reversed.reverse();
+            assert_eq!(rendezvous(&key, &reversed), Some(a));
+        }
+        assert_eq!(counts.len(), 3);
+        assert!(counts.values().all(|&n| (800..1200).contains(&n)), "{counts:?}");
+        assert!((600..900).contains(&moved), "about a quarter moves: {moved}");
+        assert_eq!(rendezvous("vm", &[]), None);
+    }
     use proptest::prelude::*;
 
     fn owner(c: &str, epoch: u64) -> Owner {

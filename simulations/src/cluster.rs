@@ -113,6 +113,7 @@ impl Cluster {
             listen: "127.0.0.1:0".parse()?,
             advertise: None,
             encrypt,
+            joined: None,
         };
         bulwark_coordinator::init::init(&data.root, &opts)?;
         let mut config = bulwark_coordinator::config::CoordinatorConfig::load(&data)?;
@@ -128,6 +129,7 @@ impl Cluster {
             host: Some(bulwark_protocol::HostId::new("node1")?),
             cluster: None,
             replace: None,
+            coordinator: None,
         }))? {
             AdminResponse::Token { token, .. } => token,
             other => bail!("unexpected answer {other:?}"),
@@ -202,7 +204,7 @@ impl Cluster {
             exclude_disks: vec![],
             verify: Default::default(),
         };
-        match self.ask(AdminRequest::GroupCreate { name: name.into(), vms, policy })? {
+        match self.ask(AdminRequest::GroupCreate { name: name.into(), vms, policy, auto_cluster: None })? {
             AdminResponse::Group(_) => Ok(()),
             other => bail!("group create: unexpected answer {other:?}"),
         }

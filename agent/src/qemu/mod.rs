@@ -530,7 +530,7 @@ impl Hypervisor for QemuBackend {
                 owner: None,
             });
         }
-        Ok(Inventory { vms })
+        Ok(Inventory { vms, partition: vec![] })
     }
 
     fn freeze(&self, vm: &str) -> Result<Quiesced, BackendError> {

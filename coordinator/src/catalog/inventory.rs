@@ -563,7 +563,7 @@ mod tests {
                 owner: None,
             })
             .collect();
-        Inventory { vms }
+        Inventory { vms, partition: vec![] }
     }
 
     fn status(cat: &Catalog, vm: &str) -> (String, &'static str) {

@@ -29,6 +29,11 @@
 //!                     (removed with the point)
 //! tree "packs"        pack id u32 BE → durable length u64 BE
 //! tree "instant"      recovered VM name (utf-8) → InstantRecord, an instant recovery
+//! tree "coordinators" coordinator name (utf-8) → CoordinatorRecord, the deployment's
+//!                     coordinators this one knows (itself included)
+//! tree "join_tokens"  secret_hash [32] → JoinTokenRecord, tokens for coordinators
+//! tree "group_auto"   group name (utf-8) → cluster name (utf-8): groups protecting a whole
+//!                     cluster
 //! meta "next_job_id"  u64 BE
 //! meta "store_key_check" [32], the check value of an encrypted store's key (store::key)
 //! ```
@@ -40,6 +45,7 @@
 //! and pack lengths: all of it or nothing. List answers read the trees a page at a time from
 //! a key (`scan`): the cursor a client holds is the last key it was given, hex-encoded.
 
+pub mod deployment;
 pub mod identity;
 mod inventory;
 pub mod ownership;
@@ -121,6 +127,9 @@ pub struct Catalog {
     vm_hosts: sled::Tree,
     vm_conflicts: sled::Tree,
     vm_owner: sled::Tree,
+    coordinators: sled::Tree,
+    join_tokens: sled::Tree,
+    group_auto: sled::Tree,
     /// Held while an inventory is judged and applied: claims from two hosts are decided one
     /// after the other, each against what the other left.
     inventory_lock: std::sync::Arc<std::sync::Mutex<()>>,
@@ -284,6 +293,9 @@ impl Catalog {
             vm_hosts: db.open_tree("vm_hosts")?,
             vm_conflicts: db.open_tree("vm_conflicts")?,
             vm_owner: db.open_tree("vm_owner")?,
+            coordinators: db.open_tree("coordinators")?,
+            join_tokens: db.open_tree("join_tokens")?,
+            group_auto: db.open_tree("group_auto")?,
             inventory_lock: Default::default(),
             policies: Default::default(),
             groups: db.open_tree("groups")?,

@@ -110,7 +110,9 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
         AdminRequest::VmList { page } => lists::vms(catalog, state.authority.config().name.clone(), page).await,
         AdminRequest::VmForget { vm } => protect::vm_forget(state, vm).await,
         AdminRequest::VmTakeOver { vm } => crate::server::ownership::vm_take_over(state, vm).await,
-        AdminRequest::GroupCreate { name, vms, policy } => protect::group_create(state, name, vms, policy).await,
+        AdminRequest::GroupCreate { name, vms, policy, auto_cluster } => {
+            protect::group_create(state, name, vms, policy, auto_cluster).await
+        }
         AdminRequest::GroupList { page } => lists::groups(catalog, page).await,
         AdminRequest::GroupShow { name, page } => lists::group(catalog, name, page).await,
         AdminRequest::GroupAddVm { name, vms } => protect::group_add(state, name, vms).await,
@@ -143,9 +145,9 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
             super::instant::recover_instant(state, vm, rp, to_host, name).await
         }
         AdminRequest::RecoverFinish { vm } => super::instant::recover_finish(state, vm).await,
-        AdminRequest::TokenCreate { ttl_secs, host, cluster, replace } => {
+        AdminRequest::TokenCreate { ttl_secs, host, cluster, replace, coordinator } => {
             let authority = state.authority.clone();
-            let scope = TokenScope { host, cluster, replace };
+            let scope = TokenScope { host, cluster, replace, coordinator };
             match blocking(move || authority.create_token(Duration::from_secs(ttl_secs), &scope)).await {
                 Ok(Ok(t)) => AdminResponse::Token { token: t.token, id: t.id, expires_at: t.expires_at },
                 Ok(Err(e)) => AdminResponse::Error { message: e.to_string() },

@@ -11,9 +11,11 @@ use bulwark_pki::quic::close;
 use bulwark_pki::{PeerIdentity, Role};
 use bulwark_protocol::frame::{self, FrameError};
 use bulwark_protocol::handshake::accept_hello;
-use bulwark_protocol::messages::{AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse};
+use bulwark_protocol::messages::{
+    AgentMessage, CoordinatorMessage, EnrollRequest, EnrollResponse, JoinRequest, JoinResponse,
+};
 use bulwark_protocol::text::{self, Escaped};
-use bulwark_protocol::{HostId, ALPN, ALPN_ENROLL};
+use bulwark_protocol::{HostId, ALPN, ALPN_ENROLL, ALPN_JOIN};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -46,6 +48,11 @@ pub async fn handle(state: Arc<State>, incoming: quinn::Incoming) {
     if alpn == ALPN_ENROLL {
         let span = tracing::info_span!("enroll", %remote);
         enroll(state, conn).instrument(span).await;
+        return;
+    }
+    if alpn == ALPN_JOIN {
+        let span = tracing::info_span!("join", %remote);
+        join(state, conn).instrument(span).await;
         return;
     }
     if alpn != ALPN {
@@ -147,6 +154,34 @@ async fn enroll(state: Arc<State>, conn: quinn::Connection) {
     }
 }
 
+/// A coordinator joining the deployment: one request, one answer (like enrollment).
+async fn join(state: Arc<State>, conn: quinn::Connection) {
+    let exchange = async {
+        let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+        let req: JoinRequest = frame::read_message(&mut recv).await.map_err(|e| e.to_string())?.ok_or("no request")?;
+        tracing::info!(name = ?req.name, addr = %Escaped(&req.addr), "coordinator join request");
+        let authority = state.authority.clone();
+        let decided = tokio::task::spawn_blocking(move || authority.join(&req)).await.map_err(|e| e.to_string())?;
+        let answer = decided.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "join failed");
+            JoinResponse::Refused { reason: format!("coordinator error: {e}") }
+        });
+        if let JoinResponse::Refused { reason } = &answer {
+            tracing::warn!(reason, "join refused");
+        }
+        frame::write_message(&mut send, &answer).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, exchange).await {
+        Ok(Ok(())) => {
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        }
+        Ok(Err(e)) => violation(&conn, "join exchange failed", &e),
+        Err(_) => conn.close(close::TIMEOUT.into(), b"join timed out"),
+    }
+}
+
 async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentity) {
     let certified = match HostId::new(identity.name.clone()) {
         Ok(h) => h,
@@ -173,7 +208,13 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
         Ok(Ok(_)) => return violation(&conn, "first message is not a hello", &"unexpected message"),
     };
     let welcome = match accept_hello(&hello, &certified, &state.authority.config().name, HEARTBEAT_SECS) {
-        Ok(w) => w,
+        Ok(mut w) => {
+            w.coordinators = state.authority.coordinators().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read the deployment's coordinators");
+                vec![]
+            });
+            w
+        }
         Err(refusal) => {
             tracing::warn!(reason = %refusal, "hello refused");
             let _ = frame::write_message(&mut send, &CoordinatorMessage::Refused { reason: refusal.to_string() }).await;
@@ -187,7 +228,18 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
         return violation(&conn, "cannot send welcome", &e);
     }
     let now = now_secs();
-    let _ = state.authority.catalog().touch_agent(certified.as_str(), now, Some(&hello.agent_version));
+    // A host another coordinator enrolled is learned here, with the cluster its certificate names.
+    let catalog = state.authority.catalog();
+    if let Err(e) = catalog.note_agent_from_certificate(certified.as_str(), &identity.serial, identity.cluster.as_deref(), now)
+    {
+        tracing::warn!(error = %e, "cannot record the host");
+    }
+    let _ = catalog.touch_agent(certified.as_str(), now, Some(&hello.agent_version));
+    let auto = catalog
+        .cluster_of(certified.as_str())
+        .and_then(|c| catalog.auto_group_of(&c))
+        .map(|g| g.is_some())
+        .unwrap_or(false);
     tracing::info!(version = welcome.version, agent_version = %Escaped(&hello.agent_version), "agent connected");
 
     let session = AgentSession {
@@ -202,8 +254,13 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
         waiting: vec![],
         coordinator: state.authority.config().name.clone(),
         claims_waiting: std::collections::HashMap::new(),
+        state: state.clone(),
+        auto: Default::default(),
     }
     .start();
+    if auto {
+        session.do_send(crate::jobs::ToAgent(CoordinatorMessage::AutoProtect { on: true }));
+    }
     state.registry.do_send(Register {
         host: certified.to_string(),
         conn: conn.clone(),

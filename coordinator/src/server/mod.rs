@@ -12,6 +12,7 @@ pub mod instant;
 pub mod lists;
 pub mod metrics;
 pub mod ownership;
+pub mod partition;
 pub mod protect;
 pub mod registry;
 pub mod scheduler;
@@ -150,6 +151,10 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
     bulwark_pki::files::write_atomic(&addr_path, format!("{local}\n").as_bytes(), 0o644)
         .map_err(|source| ServeError::Write { path: addr_path.display().to_string(), source })?;
     tracing::info!(addr = %local, name = %authority.config().name, "coordinator listening");
+    // Agents learn the deployment's coordinators from each of them, this one included.
+    if let Err(e) = authority.note_self() {
+        tracing::warn!(error = %e, "this coordinator is not in the deployment's list agents are given");
+    }
 
     let workers = {
         let store = store.clone();

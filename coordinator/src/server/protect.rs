@@ -137,6 +137,7 @@ pub fn group_info(catalog: &Catalog, g: &GroupRecord, members: &PageRequest) -> 
         members_next: page.next,
         policy: policy::spec(&g.policy),
         next_runs,
+        auto_cluster: catalog.group_auto(&g.name).map_err(|e| e.to_string())?,
     })
 }
 
@@ -205,7 +206,13 @@ async fn start_initial(state: &Arc<State>, g: &GroupRecord, vms: &[String]) {
     }
 }
 
-pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, spec: PolicySpec) -> AdminResponse {
+pub async fn group_create(
+    state: &Arc<State>,
+    name: String,
+    vms: Vec<String>,
+    spec: PolicySpec,
+    auto_cluster: Option<bulwark_protocol::ClusterId>,
+) -> AdminResponse {
     if let Err(e) = bulwark_protocol::VmId::new(name.clone()) {
         return err(format!("group name: {e}"));
     }
@@ -216,9 +223,16 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
     learn_new_vms(state, &vms).await;
     let catalog = state.store.catalog().clone();
     let me = state.authority.config().name.clone();
+    let auto = auto_cluster.map(|c| c.to_string());
+    let auto_set = auto.clone();
     let r = blocking(move || {
         if catalog.group(&name).map_err(|e| e.to_string())?.is_some() {
             return Err(format!("a group named {name} already exists"));
+        }
+        if let Some(c) = &auto {
+            if let Some(other) = catalog.auto_group_of(c).map_err(|e| e.to_string())? {
+                return Err(format!("group {other} already protects cluster {c} whole"));
+            }
         }
         let mut members = vms.clone();
         members.sort();
@@ -231,6 +245,7 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
             created_at: crate::catalog::now_secs(),
         };
         catalog.put_group(&g).map_err(|e| e.to_string())?;
+        catalog.set_group_auto(&name, auto.as_deref()).map_err(|e| e.to_string())?;
         set_group(&catalog, &members, Some(&name))?;
         forget_left_out(&catalog, &g)?;
         Ok((g.clone(), group_info(&catalog, &g, &PageRequest::first())?))
@@ -238,8 +253,13 @@ pub async fn group_create(state: &Arc<State>, name: String, vms: Vec<String>, sp
     .await;
     match r {
         Ok((g, info)) => {
-            tracing::info!(group = %g.name, members = g.members.len(), "protection group created");
+            tracing::info!(group = %g.name, members = g.members.len(), auto = ?auto_set, "protection group created");
             start_initial(state, &g, &g.members).await;
+            if let Some(c) = &auto_set {
+                // Its hosts list this coordinator among those partitioning the cluster; their
+                // next inventories bring the VMs it is to protect.
+                super::partition::announce(state, c, true).await;
+            }
             AdminResponse::Group(info)
         }
         Err(e) => err(e),
@@ -363,13 +383,23 @@ pub async fn group_delete(state: &Arc<State>, name: String) -> AdminResponse {
             catalog.keep_data(vm, g.policy.retention_secs).map_err(|e| e.to_string())?;
         }
         catalog.delete_group(&name).map_err(|e| e.to_string())?;
-        Ok(format!(
+        let auto = catalog.group_auto(&name).map_err(|e| e.to_string())?;
+        catalog.set_group_auto(&name, None).map_err(|e| e.to_string())?;
+        Ok((auto, format!(
             "group {name} deleted; its {} member(s) are no longer protected (their replicas and recovery points are kept)",
             g.members.len()
-        ))
+        )))
     })
     .await;
-    r.map(|message| AdminResponse::Done { message }).unwrap_or_else(err)
+    match r {
+        Ok((auto, message)) => {
+            if let Some(c) = auto {
+                super::partition::announce(state, &c, false).await;
+            }
+            AdminResponse::Done { message }
+        }
+        Err(e) => err(e),
+    }
 }
 
 /// `vm forget VM`: removes a vanished or replaced VM's record and identity.

@@ -30,6 +30,10 @@ pub struct AgentSession {
     pub coordinator: String,
     /// Who waits for the answer to a [`ClaimVm`], by VM: told once it is in the catalog.
     pub claims_waiting: std::collections::HashMap<String, Vec<tokio::sync::oneshot::Sender<ClaimAnswer>>>,
+    /// The coordinator's state, for protecting the host's cluster whole (auto groups).
+    pub state: Arc<crate::server::State>,
+    /// This host's auto-protection runs.
+    pub auto: Arc<crate::server::partition::AutoQueue>,
 }
 
 /// An agent's answer to a claim request: the claim on the VM now, and why it was not granted.
@@ -134,11 +138,13 @@ impl Handler<Inbound> for AgentSession {
                 self.registry.do_send(SetInventory { host: self.host.clone(), stable_id: self.conn.stable_id(), vms });
                 let (catalog, host, span) = (self.catalog.clone(), self.host.clone(), self.span.clone());
                 let (registry, max_vms) = (self.registry.clone(), self.max_vms);
+                let auto = (self.auto.clone(), self.state.clone(), ctx.address(), inv.clone());
                 actix_rt::spawn(async move {
                     // Which hosts are connected decides whether a VM reported from two hosts
                     // moved (its old host is gone) or is claimed twice at once.
                     let online: std::collections::HashSet<String> =
                         registry.send(ListConnected).await.unwrap_or_default().into_iter().map(|c| c.host).collect();
+                    let host_name = host.clone();
                     let r = tokio::task::spawn_blocking(move || {
                         catalog.apply_inventory(&host, &inv, now_secs(), &|h| online.contains(h), max_vms)
                     })
@@ -176,6 +182,8 @@ impl Handler<Inbound> for AgentSession {
                     for done in answered {
                         let _ = done.send(());
                     }
+                    let (queue, state, session, inv) = auto;
+                    queue.offer(state, session, host_name, inv);
                 });
             }
             AgentMessage::JobResult(r) => {

@@ -455,6 +455,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().unwrap(),
             advertise: None,
             encrypt: true,
+            joined: None,
         };
         crate::init::init(&root, &opts).unwrap();
         let dir = DataDir::new(&root);

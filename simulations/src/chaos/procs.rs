@@ -465,7 +465,7 @@ impl World {
             exclude_disks: vec![],
             verify: Default::default(),
         };
-        match self.must(AdminRequest::GroupCreate { name: "chaos".into(), vms: names.to_vec(), policy })? {
+        match self.must(AdminRequest::GroupCreate { name: "chaos".into(), vms: names.to_vec(), policy, auto_cluster: None })? {
             AdminResponse::Group(_) => Ok(()),
             other => bail!("cannot create the group: {other:?}"),
         }
