@@ -1,7 +1,7 @@
 //! The deployment's coordinators as this agent knows them: learned at enrollment and from every
 //! coordinator's welcome afterwards, kept in `DIR/coordinators.json` (written atomically), one
-//! uplink each. Which of them protect this host's cluster whole (`AutoProtect`) while connected
-//! is the inventory's `partition`.
+//! uplink each. Those connected now are the inventory's `partition`: the coordinators alive for
+//! this host, among which rendezvous hashing gives each unclaimed VM its owner.
 
 use bulwark_protocol::messages::{CoordinatorAddr, MAX_COORDINATORS};
 use bulwark_protocol::HostId;
@@ -24,7 +24,11 @@ pub struct Peers {
 #[derive(Debug, Default)]
 struct Inner {
     known: BTreeMap<String, String>,
-    auto: BTreeSet<String>,
+    /// Coordinators this agent runs an uplink to.
+    expected: BTreeSet<String>,
+    /// Those whose uplink connected or failed at least once since the agent started.
+    tried: BTreeSet<String>,
+    connected: BTreeSet<String>,
     /// Where newly learned coordinators go to get an uplink.
     spawn: Option<tokio::sync::mpsc::UnboundedSender<CoordinatorAddr>>,
 }
@@ -54,7 +58,11 @@ impl Peers {
 
     /// Every coordinator known, by name.
     pub fn known(&self) -> Vec<CoordinatorAddr> {
-        self.lock().known.iter().map(|(name, addr)| CoordinatorAddr { name: name.clone(), addr: addr.clone() }).collect()
+        self.lock()
+            .known
+            .iter()
+            .map(|(name, addr)| CoordinatorAddr { name: name.clone(), addr: addr.clone() })
+            .collect()
     }
 
     /// From now on, coordinators learned are sent to `tx` (the agent starts an uplink for each).
@@ -88,8 +96,11 @@ impl Peers {
             }
         }
         if changed {
-            let list: Vec<CoordinatorAddr> =
-                inner.known.iter().map(|(name, addr)| CoordinatorAddr { name: name.clone(), addr: addr.clone() }).collect();
+            let list: Vec<CoordinatorAddr> = inner
+                .known
+                .iter()
+                .map(|(name, addr)| CoordinatorAddr { name: name.clone(), addr: addr.clone() })
+                .collect();
             drop(inner);
             if let Err(e) = write(&self.path, &list) {
                 tracing::warn!(path = %self.path.display(), error = %e, "cannot keep the coordinators learned");
@@ -97,20 +108,30 @@ impl Peers {
         }
     }
 
-    /// Coordinator `name` protects (or no longer protects) this host's cluster whole; false
-    /// also when its connection ends. Answers whether that changed the partition.
-    pub fn set_auto(&self, name: &str, on: bool) -> bool {
+    /// An uplink to coordinator `name` runs.
+    pub fn expect(&self, name: &str) {
+        self.lock().expected.insert(name.to_owned());
+    }
+
+    /// The uplink to `name` connected (or its connection ended, or an attempt failed).
+    pub fn set_connected(&self, name: &str, up: bool) {
         let mut inner = self.lock();
-        if on {
-            inner.auto.insert(name.to_owned())
+        inner.tried.insert(name.to_owned());
+        if up {
+            inner.connected.insert(name.to_owned());
         } else {
-            inner.auto.remove(name)
+            inner.connected.remove(name);
         }
     }
 
-    /// The coordinators connected now that protect this host's cluster whole, sorted.
+    /// The coordinators connected now, sorted; none until every uplink has connected or
+    /// failed once (the first to connect would otherwise be every VM's pick).
     pub fn partition(&self) -> Vec<String> {
-        self.lock().auto.iter().cloned().collect()
+        let inner = self.lock();
+        if !inner.expected.is_subset(&inner.tried) {
+            return vec![];
+        }
+        inner.connected.iter().cloned().collect()
     }
 }
 
@@ -163,14 +184,21 @@ mod tests {
     }
 
     #[test]
-    fn the_partition_lists_connected_coordinators_that_protect_the_cluster() {
+    fn the_partition_lists_the_connected_coordinators_once_each_was_tried() {
         let t = tempfile::tempdir().unwrap();
         let peers = Peers::load(t.path().join("c.json"));
-        assert!(peers.set_auto("b", true));
-        assert!(peers.set_auto("a", true));
-        assert!(!peers.set_auto("a", true));
+        for name in ["a", "b", "c"] {
+            peers.expect(name);
+        }
+        peers.set_connected("b", true);
+        peers.set_connected("a", true);
+        assert!(peers.partition().is_empty(), "c not tried yet: nobody picks");
+        peers.set_connected("c", false);
         assert_eq!(peers.partition(), vec!["a".to_string(), "b".to_string()]);
-        assert!(peers.set_auto("b", false));
+        peers.set_connected("b", false);
         assert_eq!(peers.partition(), vec!["a".to_string()]);
+        // A coordinator learned later is waited for again.
+        peers.expect("d");
+        assert!(peers.partition().is_empty());
     }
 }

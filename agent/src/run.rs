@@ -125,11 +125,13 @@ pub async fn run(
     let mut uplinks = vec![];
     let mut started = std::collections::BTreeSet::from([primary.clone()]);
     let others: Vec<_> = peers.known().into_iter().filter(|c| c.name != primary).collect();
+    peers.expect(&primary);
     uplinks.push(Uplink::new(config.clone(), endpoint.clone(), hosting.clone()).start());
     let uplink_for = |c: &bulwark_protocol::messages::CoordinatorAddr| {
         let cfg = AgentConfig { coordinator: c.addr.clone(), coordinator_name: c.name.clone(), ..config.clone() };
         let own = Hosting { current: Default::default(), ..hosting.clone() };
         tracing::info!(coordinator = %c.name, addr = %c.addr, "connecting to another coordinator of the deployment");
+        peers.expect(&c.name);
         Uplink::new(cfg, endpoint.clone(), own).start()
     };
     for c in &others {

@@ -155,8 +155,8 @@ impl Handler<Shutdown> for Uplink {
 impl Uplink {
     fn session_ended(&mut self, end: SessionEnd, ctx: &mut Context<Self>) {
         self.conn = None;
-        // A coordinator not connected partitions nothing here.
-        self.hosting.peers.set_auto(&self.config.coordinator_name, false);
+        // A coordinator not connected is not alive for this host's VMs.
+        self.hosting.peers.set_connected(&self.config.coordinator_name, false);
         if self.stopping {
             return;
         }
@@ -226,8 +226,7 @@ pub async fn run_session(
     };
     tracing::info!(coordinator = %welcome.coordinator, version = welcome.version, "connected");
     hosting.peers.learn(&welcome.coordinators);
-    // Whether it protects this host's cluster whole, it says next; until then it does not.
-    hosting.peers.set_auto(&config.coordinator_name, false);
+    hosting.peers.set_connected(&config.coordinator_name, true);
     on_established(conn.clone());
     *hosting.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
     let inventory = {
@@ -272,15 +271,7 @@ pub async fn run_session(
             }
             msg = frame::read_message::<CoordinatorMessage, _>(&mut recv) => match msg {
                 Ok(Some(CoordinatorMessage::Heartbeat)) => {}
-                Ok(Some(CoordinatorMessage::AutoProtect { on })) => {
-                    tracing::info!(on, "the coordinator protects this host's cluster whole");
-                    if hosting.peers.set_auto(&config.coordinator_name, on) {
-                        reported = inventory().await;
-                        if let Err(e) = frame::write_message(&mut send, &AgentMessage::Inventory(reported.clone())).await {
-                            return lost(&conn, e.to_string());
-                        }
-                    }
-                }
+                Ok(Some(CoordinatorMessage::Coordinators { list })) => hosting.peers.learn(&list),
                 Ok(Some(CoordinatorMessage::InventoryNow)) => {
                     reported = inventory().await;
                     if let Err(e) = frame::write_message(&mut send, &AgentMessage::InventoryAnswer(reported.clone())).await {

@@ -288,7 +288,12 @@ pub fn run(dir: Option<PathBuf>, keep_running: bool) -> anyhow::Result<()> {
         exclude_disks: vec![],
         verify: Default::default(),
     };
-    ask(AdminRequest::GroupCreate { name: "demo".into(), vms: vms.iter().map(|v| v.0.to_owned()).collect(), policy, auto_cluster: None })?;
+    ask(AdminRequest::GroupCreate {
+        name: "demo".into(),
+        vms: vms.iter().map(|v| v.0.to_owned()).collect(),
+        policy,
+        auto_cluster: None,
+    })?;
     wait_for("the initial replicas", Duration::from_secs(300), || {
         Ok(vm_list()?.iter().all(|v| v.replica_state == "consistent").then_some(()))
     })?;

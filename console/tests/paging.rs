@@ -73,7 +73,9 @@ fn put_vms(catalog: &Catalog) {
                 owner: None,
             })
             .collect();
-        catalog.apply_inventory(&format!("node{h:02}"), &Inventory { vms, partition: vec![] }, now(), &|_| true, 4096).unwrap();
+        catalog
+            .apply_inventory(&format!("node{h:02}"), &Inventory { vms, partition: vec![] }, now(), &|_| true, 4096)
+            .unwrap();
     }
     catalog.flush().unwrap();
 }

@@ -396,7 +396,9 @@ impl Authority {
             return refuse(TokenRefusal::Unknown.to_string());
         };
         let asked = req.name.as_ref().map(|n| n.as_str());
-        if req.sans.len() > 16 || req.sans.iter().any(|s| HostId::new(s.clone()).is_err() && s.parse::<std::net::IpAddr>().is_err()) {
+        if req.sans.len() > 16
+            || req.sans.iter().any(|s| HostId::new(s.clone()).is_err() && s.parse::<std::net::IpAddr>().is_err())
+        {
             return refuse("the names asked for the certificate are not host names or addresses".into());
         }
         if req.addr.len() > 255 || req.addr.is_empty() {
@@ -428,7 +430,13 @@ impl Authority {
         let signed = ca
             .sign_csr(&coord_csr, bulwark_pki::Role::Coordinator, name, sans, bulwark_pki::ca::SERVICE_VALIDITY)
             .and_then(|c| {
-                let admin = ca.sign_csr(&admin_csr, bulwark_pki::Role::Admin, "admin", vec![], bulwark_pki::ca::SERVICE_VALIDITY)?;
+                let admin = ca.sign_csr(
+                    &admin_csr,
+                    bulwark_pki::Role::Admin,
+                    "admin",
+                    vec![],
+                    bulwark_pki::ca::SERVICE_VALIDITY,
+                )?;
                 Ok((c, admin))
             });
         let (coord, admin) = match signed {
@@ -438,7 +446,11 @@ impl Authority {
                 return Err(e.into());
             }
         };
-        let rec = crate::catalog::deployment::CoordinatorRecord { name: name.to_owned(), addr: req.addr.clone(), joined_at: now };
+        let rec = crate::catalog::deployment::CoordinatorRecord {
+            name: name.to_owned(),
+            addr: req.addr.clone(),
+            joined_at: now,
+        };
         self.catalog.put_coordinator(&rec)?;
         self.catalog.flush()?;
         tracing::info!(coordinator = name, addr = %req.addr, "coordinator joined the deployment");
@@ -485,8 +497,12 @@ impl Authority {
     /// tcp:`); answers it with the CA and the current CRL, all PEM.
     pub fn issue_export_cert(&self, csr_pem: &str, names: &[String]) -> Result<ExportCert, AuthorityError> {
         let name = names.first().cloned().unwrap_or_default();
-        let cert =
-            self.signer("sign export certificates")?.sign_export_csr(csr_pem, &name, names.to_vec(), EXPORT_CERT_VALIDITY)?;
+        let cert = self.signer("sign export certificates")?.sign_export_csr(
+            csr_pem,
+            &name,
+            names.to_vec(),
+            EXPORT_CERT_VALIDITY,
+        )?;
         tracing::info!(names = ?names, serial = %cert.serial_hex, "export certificate issued");
         Ok(ExportCert {
             cert_pem: cert.pem,

@@ -103,7 +103,8 @@ pub async fn join(
         return Err(JoinError::BadAnswer("the CA sent does not match the token's fingerprint".into()));
     }
     let bad = |e: String| JoinError::BadAnswer(e);
-    for (pem, role, want) in [(&coordinator_pem, Role::Coordinator, name.as_str()), (&admin_pem, Role::Admin, "admin")] {
+    for (pem, role, want) in [(&coordinator_pem, Role::Coordinator, name.as_str()), (&admin_pem, Role::Admin, "admin")]
+    {
         let certs = tls::certs_from_pem(pem, "certificate")?;
         let leaf = certs.first().ok_or_else(|| bad("an empty certificate".into()))?;
         let id = bulwark_pki::identity::identity_of(leaf).map_err(|e| bad(e.to_string()))?;
@@ -115,5 +116,15 @@ pub async fn join(
     if HostId::new(name.clone()).is_err() || coordinators.len() > MAX_COORDINATORS {
         return Err(bad("the coordinator's name or list is not acceptable".into()));
     }
-    Ok(Joined { name, coordinator_pem, coordinator_key, admin_pem, admin_key, ca_pem, crl_pem, coordinators, authority })
+    Ok(Joined {
+        name,
+        coordinator_pem,
+        coordinator_key,
+        admin_pem,
+        admin_key,
+        ca_pem,
+        crl_pem,
+        coordinators,
+        authority,
+    })
 }

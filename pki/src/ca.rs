@@ -104,8 +104,8 @@ pub struct LeafSpec {
     pub sans: Vec<String>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
-    /// An agent's cluster, written as a second organizational unit
-    /// ([`crate::identity::CLUSTER_OU_PREFIX`]): every coordinator of the deployment reads it
+    /// An agent's cluster, written as a URI subject alternative name
+    /// ([`crate::identity::CLUSTER_URI_PREFIX`]): every coordinator of the deployment reads it
     /// from the certificate, not only the one that enrolled the host.
     pub cluster: Option<String>,
 }
@@ -181,9 +181,6 @@ impl Ca {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Bulwark");
         dn.push(DnType::OrganizationalUnitName, spec.role.ou());
-        if let Some(cluster) = &spec.cluster {
-            dn.push(DnType::OrganizationalUnitName, format!("{}{cluster}", crate::identity::CLUSTER_OU_PREFIX));
-        }
         dn.push(DnType::CommonName, spec.name.clone());
         params.distinguished_name = dn;
         params.subject_alt_names = spec
@@ -193,7 +190,11 @@ impl Ca {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
                 Err(_) => Ok(SanType::DnsName(s.clone().try_into()?)),
             })
-            .collect::<Result<_, rcgen::Error>>()?;
+            .collect::<Result<Vec<_>, rcgen::Error>>()?;
+        if let Some(cluster) = &spec.cluster {
+            let uri = format!("{}{cluster}", crate::identity::CLUSTER_URI_PREFIX);
+            params.subject_alt_names.push(SanType::URI(uri.try_into()?));
+        }
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = match spec.role {
             // QEMU's TLS credentials (an agent's certificate as NBD client, an export's as
@@ -354,6 +355,17 @@ mod tests {
         assert!(!parsed.is_ca());
         let days = (parsed.validity().not_after.timestamp() - parsed.validity().not_before.timestamp()) / 86_400;
         assert!(days <= 2 * 365 + 1, "validity {days} days");
+    }
+
+    #[test]
+    fn an_agent_certificate_names_its_cluster_beside_its_role() {
+        let ca = Ca::generate("test").unwrap();
+        let (_, csr) = key_and_csr("x").unwrap();
+        let csr = AgentCsr::parse(&csr).unwrap();
+        let id = identity_of(&ca.sign_agent(&csr, "node1", Some("rack-7"), AGENT_VALIDITY).unwrap().der).unwrap();
+        assert_eq!((id.role, id.name.as_str(), id.cluster.as_deref()), (Role::Agent, "node1", Some("rack-7")));
+        let id = identity_of(&ca.sign_agent(&csr, "node2", None, AGENT_VALIDITY).unwrap().der).unwrap();
+        assert_eq!((id.role, id.cluster), (Role::Agent, None));
     }
 
     #[test]

@@ -31,8 +31,8 @@ impl Role {
     }
 }
 
-/// How an agent certificate's organizational unit names the host's cluster.
-pub const CLUSTER_OU_PREFIX: &str = "bulwark-cluster=";
+/// How an agent certificate names the host's cluster: a URI subject alternative name.
+pub const CLUSTER_URI_PREFIX: &str = "urn:bulwark:cluster:";
 
 /// Who the peer is, as its (already verified) certificate says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,11 +71,12 @@ pub fn identity_of(der: &[u8]) -> Result<PeerIdentity, IdentityError> {
         .filter_map(|ou| ou.as_str().ok())
         .find_map(Role::from_ou)
         .ok_or(IdentityError::NoRole)?;
-    let cluster = subject
-        .iter_organizational_unit()
-        .filter_map(|ou| ou.as_str().ok())
-        .find_map(|ou| ou.strip_prefix(CLUSTER_OU_PREFIX))
-        .map(str::to_owned);
+    let cluster = cert.subject_alternative_name().ok().flatten().and_then(|san| {
+        san.value.general_names.iter().find_map(|n| match n {
+            x509_parser::extensions::GeneralName::URI(uri) => uri.strip_prefix(CLUSTER_URI_PREFIX).map(str::to_owned),
+            _ => None,
+        })
+    });
     Ok(PeerIdentity { role, name, serial: hex(cert.raw_serial()), cluster })
 }
 

@@ -64,9 +64,9 @@ pub const ALPN_JOIN: &[u8] = b"bulwark-join/1";
 /// 10: VMs' ownership claims (an inventory's `owner`, a job's and a restore's `epoch`, `Claim`
 ///     both ways, `NotOwner` failures, `VmTakeOver`).
 /// 11: several coordinators in one deployment: a welcome and an enrollment name the
-///     deployment's coordinators, an inventory the coordinators that partition the host's
-///     cluster (`partition`), `AutoProtect`, groups protecting a whole cluster (`auto_cluster`),
-///     join tokens for coordinators.
+///     deployment's coordinators (and `Coordinators` when one joins), an inventory the
+///     coordinators alive for the agent (`partition`), groups protecting a whole cluster
+///     (`auto_cluster`), join tokens for coordinators.
 pub const PROTOCOL_VERSION: u16 = 11;
 /// The oldest protocol version this build still accepts (2 encoded item recoveries without
 /// their options and outcome; bincode has no optional fields, so a peer speaking it is

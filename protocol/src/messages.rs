@@ -100,9 +100,10 @@ pub struct VmInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
     pub vms: Vec<VmInfo>,
-    /// The coordinators connected to this agent now that protect its whole cluster
-    /// (`AutoProtect`), sorted: an unclaimed VM goes to the one rendezvous hashing picks
-    /// among them (`ownership::rendezvous`).
+    /// The deployment's coordinators alive for this agent (connected now), sorted: an
+    /// unclaimed VM goes to the one rendezvous hashing picks among them
+    /// (`ownership::rendezvous`). Empty until the agent has tried every coordinator it knows
+    /// once, so a coordinator that connects first does not take every VM.
     pub partition: Vec<String>,
 }
 
@@ -327,11 +328,10 @@ pub enum CoordinatorMessage {
         job: JobId,
         vm: VmId,
     },
-    /// Whether this coordinator protects the host's whole cluster (a `--cluster C --auto`
-    /// group): the agent lists the coordinators that do in its inventory's `partition`
-    /// (protocol 11).
-    AutoProtect {
-        on: bool,
+    /// The deployment's coordinators changed (one joined): the agent connects to those it
+    /// does not know yet (protocol 11).
+    Coordinators {
+        list: Vec<CoordinatorAddr>,
     },
     /// Claim VM `vm` of this host for this coordinator (protocol 10): acquire it, or take it
     /// over (`bulwark vm take-over`); answered with [`AgentMessage::Claim`].

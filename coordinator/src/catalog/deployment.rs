@@ -40,12 +40,7 @@ impl Catalog {
 
     /// The deployment's coordinators this one knows, by name.
     pub fn coordinators(&self) -> Result<Vec<CoordinatorRecord>, CatalogError> {
-        self.coordinators
-            .iter()
-            .values()
-            .take(MAX_COORDINATORS)
-            .map(|v| decode("coordinators", &v?))
-            .collect()
+        self.coordinators.iter().values().take(MAX_COORDINATORS).map(|v| decode("coordinators", &v?)).collect()
     }
 
     /// The coordinators as the wire names them.
@@ -170,7 +165,10 @@ mod tests {
         let rec = JoinTokenRecord { name: "coord-b".into(), created_at: 0, expires_at: 100, used_at: None };
         c.insert_join_token([1; 32], &rec).unwrap();
         assert_eq!(c.consume_join_token([2; 32], Some("coord-b"), 1).unwrap(), Err(TokenRefusal::Unknown));
-        assert!(matches!(c.consume_join_token([1; 32], Some("coord-c"), 1).unwrap(), Err(TokenRefusal::WrongHost { .. })));
+        assert!(matches!(
+            c.consume_join_token([1; 32], Some("coord-c"), 1).unwrap(),
+            Err(TokenRefusal::WrongHost { .. })
+        ));
         assert_eq!(c.consume_join_token([1; 32], None, 100).unwrap(), Err(TokenRefusal::Expired));
         assert!(c.consume_join_token([1; 32], None, 1).unwrap().is_ok());
         assert!(matches!(c.consume_join_token([1; 32], Some("coord-b"), 2).unwrap(), Err(TokenRefusal::Used { .. })));

@@ -166,8 +166,18 @@ async fn join(state: Arc<State>, conn: quinn::Connection) {
             tracing::error!(error = %e, "join failed");
             JoinResponse::Refused { reason: format!("coordinator error: {e}") }
         });
-        if let JoinResponse::Refused { reason } = &answer {
-            tracing::warn!(reason, "join refused");
+        match &answer {
+            JoinResponse::Refused { reason } => tracing::warn!(reason, "join refused"),
+            // Connected agents learn the new coordinator now (others at their next welcome).
+            JoinResponse::Accepted { coordinators, .. } => {
+                let list = coordinators.clone();
+                let hosts = state.registry.send(crate::server::registry::ListConnected).await.unwrap_or_default();
+                for h in hosts {
+                    if let Ok(Some((session, _))) = state.registry.send(crate::jobs::SessionOf { host: h.host }).await {
+                        session.do_send(crate::jobs::ToAgent(CoordinatorMessage::Coordinators { list: list.clone() }));
+                    }
+                }
+            }
         }
         frame::write_message(&mut send, &answer).await.map_err(|e| e.to_string())?;
         send.finish().map_err(|e| e.to_string())?;
@@ -230,16 +240,12 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
     let now = now_secs();
     // A host another coordinator enrolled is learned here, with the cluster its certificate names.
     let catalog = state.authority.catalog();
-    if let Err(e) = catalog.note_agent_from_certificate(certified.as_str(), &identity.serial, identity.cluster.as_deref(), now)
+    if let Err(e) =
+        catalog.note_agent_from_certificate(certified.as_str(), &identity.serial, identity.cluster.as_deref(), now)
     {
         tracing::warn!(error = %e, "cannot record the host");
     }
     let _ = catalog.touch_agent(certified.as_str(), now, Some(&hello.agent_version));
-    let auto = catalog
-        .cluster_of(certified.as_str())
-        .and_then(|c| catalog.auto_group_of(&c))
-        .map(|g| g.is_some())
-        .unwrap_or(false);
     tracing::info!(version = welcome.version, agent_version = %Escaped(&hello.agent_version), "agent connected");
 
     let session = AgentSession {
@@ -258,9 +264,7 @@ async fn agent(state: Arc<State>, conn: quinn::Connection, identity: PeerIdentit
         auto: Default::default(),
     }
     .start();
-    if auto {
-        session.do_send(crate::jobs::ToAgent(CoordinatorMessage::AutoProtect { on: true }));
-    }
+
     state.registry.do_send(Register {
         host: certified.to_string(),
         conn: conn.clone(),

@@ -1,8 +1,9 @@
 //! Groups that protect a whole cluster (`group create NAME --cluster C --auto`), partitioned
 //! among the deployment's coordinators. Each host's agent lists, in its inventory, the
-//! coordinators connected to it that protect its cluster (`partition`); every one of them picks
-//! the same owner for an unclaimed VM by rendezvous hashing over that list
-//! (`ownership::rendezvous`), and only the one picked asks the agent to claim it. The claim is a
+//! coordinators alive for it (connected now: `partition`); every one of them picks the same
+//! owner for an unclaimed VM by rendezvous hashing over that list (`ownership::rendezvous`),
+//! and only the one picked asks the agent to claim it, if it has an auto group for the
+//! cluster (a coordinator without one leaves its share unprotected, shown as such). The claim is a
 //! compare-and-swap on the cluster's shared storage, so two coordinators that see different
 //! lists for a moment still cannot both own a VM: the second is told who won. A VM claimed by
 //! this coordinator is added to the auto group; one another coordinator claimed is left to it
@@ -11,7 +12,7 @@
 use crate::server::session::{AgentSession, ClaimAnswer, ClaimVm};
 use crate::server::State;
 use actix::prelude::*;
-use bulwark_protocol::messages::{CoordinatorMessage, Inventory};
+use bulwark_protocol::messages::Inventory;
 use bulwark_protocol::ownership::{rendezvous, ClaimMode};
 use bulwark_protocol::VmId;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,7 +123,9 @@ async fn run(state: &Arc<State>, session: &Addr<AgentSession>, host: &str, inv: 
     for (vm, answer) in waiting {
         match tokio::time::timeout(CLAIM_WAIT, answer).await {
             Ok(Ok(a)) if a.owner.as_ref().is_some_and(|o| o.coordinator == me) => add.push(vm),
-            Ok(Ok(a)) => tracing::info!(%vm, owner = ?a.owner, refused = ?a.refused, "VM claimed by another coordinator: left to it"),
+            Ok(Ok(a)) => {
+                tracing::info!(%vm, owner = ?a.owner, refused = ?a.refused, "VM claimed by another coordinator: left to it")
+            }
             Ok(Err(_)) | Err(_) => tracing::warn!(%vm, "no answer to the claim: tried again with the next inventory"),
         }
     }
@@ -138,17 +141,15 @@ async fn run(state: &Arc<State>, session: &Addr<AgentSession>, host: &str, inv: 
     }
 }
 
-/// Tells every connected host of `cluster` whether this coordinator protects it whole now.
-pub async fn announce(state: &Arc<State>, cluster: &str, on: bool) {
+/// Asks every connected host of `cluster` for its inventory now (an auto group was made).
+pub async fn refresh(state: &Arc<State>, cluster: &str) {
     let hosts = state.registry.send(crate::server::registry::ListConnected).await.unwrap_or_default();
-    for h in hosts {
-        if !matches!(state.store.catalog().cluster_of(&h.host), Ok(c) if c == cluster) {
-            continue;
-        }
-        if let Ok(Some((session, _))) = state.registry.send(crate::jobs::SessionOf { host: h.host.clone() }).await {
-            session.do_send(crate::jobs::ToAgent(CoordinatorMessage::AutoProtect { on }));
-        }
-    }
+    let hosts: Vec<String> = hosts
+        .into_iter()
+        .map(|h| h.host)
+        .filter(|h| matches!(state.store.catalog().cluster_of(h), Ok(c) if c == cluster))
+        .collect();
+    crate::server::protect::fresh_inventory_of(state, hosts).await;
 }
 
 #[cfg(test)]
@@ -184,7 +185,12 @@ mod tests {
             for v in p.to_claim {
                 *seen.entry(v).or_default() += 1;
             }
-            assert_eq!(p.owned, if me == "a" { vec!["mine".to_string()] } else { vec![] });
+            let owned: Vec<String> = match me {
+                "a" => vec!["mine".into()],
+                "b" => vec!["theirs".into()],
+                _ => vec![],
+            };
+            assert_eq!(p.owned, owned, "{me} adds the VMs it already owns");
         }
         assert_eq!(seen.len(), 300);
         assert!(seen.values().all(|&n| n == 1));

@@ -256,9 +256,8 @@ pub async fn group_create(
             tracing::info!(group = %g.name, members = g.members.len(), auto = ?auto_set, "protection group created");
             start_initial(state, &g, &g.members).await;
             if let Some(c) = &auto_set {
-                // Its hosts list this coordinator among those partitioning the cluster; their
-                // next inventories bring the VMs it is to protect.
-                super::partition::announce(state, c, true).await;
+                // The cluster's hosts' inventories now bring the VMs it is to protect.
+                super::partition::refresh(state, c).await;
             }
             AdminResponse::Group(info)
         }
@@ -392,12 +391,7 @@ pub async fn group_delete(state: &Arc<State>, name: String) -> AdminResponse {
     })
     .await;
     match r {
-        Ok((auto, message)) => {
-            if let Some(c) = auto {
-                super::partition::announce(state, &c, false).await;
-            }
-            AdminResponse::Done { message }
-        }
+        Ok((_, message)) => AdminResponse::Done { message },
         Err(e) => err(e),
     }
 }
@@ -720,6 +714,10 @@ async fn fresh_inventory(state: &Arc<State>, hosts: Vec<String>) -> usize {
 
 /// When a request names a VM the catalog does not know (created a moment ago), asks every
 /// connected host for its inventory first.
+pub(crate) async fn fresh_inventory_of(state: &Arc<State>, hosts: Vec<String>) -> usize {
+    fresh_inventory(state, hosts).await
+}
+
 async fn learn_new_vms(state: &Arc<State>, vms: &[String]) {
     let catalog = state.store.catalog();
     if vms.iter().any(|v| matches!(catalog.vm(v), Ok(None))) {

@@ -465,7 +465,12 @@ impl World {
             exclude_disks: vec![],
             verify: Default::default(),
         };
-        match self.must(AdminRequest::GroupCreate { name: "chaos".into(), vms: names.to_vec(), policy, auto_cluster: None })? {
+        match self.must(AdminRequest::GroupCreate {
+            name: "chaos".into(),
+            vms: names.to_vec(),
+            policy,
+            auto_cluster: None,
+        })? {
             AdminResponse::Group(_) => Ok(()),
             other => bail!("cannot create the group: {other:?}"),
         }
