@@ -246,3 +246,26 @@ fn three_coordinators_partition_one_cluster_of_300_vms() {
     assert_eq!(job["state"], "succeeded", "{job}");
     assert_eq!(c.recover_disk(other, "latest", "os"), sim_disk(&site, other, "os"));
 }
+
+#[test]
+fn a_host_revoked_at_the_first_coordinator_is_shut_out_of_the_others() {
+    let mut a = Cluster::start_as("coord-a", |_| {});
+    let b = join(&a, "coord-b");
+    let site = a.root.path().join("site");
+    std::fs::create_dir_all(&site).unwrap();
+    random_sim_vm(&site, "web", "node1", &["os:2MiB"]);
+    a.enroll("node1");
+    a.run_sim_agent("node1", &site);
+    wait_until("node1 connected to coord-b", Duration::from_secs(60), || b.agent_connected("node1") == Some(true));
+    assert_eq!(b.vm("web").unwrap()["cluster"], Cluster::CLUSTER, "the cluster comes from the certificate");
+
+    let out = a.run(&["agent", "revoke", "node1"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // coord-b fetches the deployment's CRL (every 30 s) and closes the host's connection.
+    wait_until("coord-b shuts node1 out", Duration::from_secs(90), || b.agent_connected("node1") == Some(false));
+    b.coordinator.wait_log("revocations of the deployment applied");
+    // The agent keeps dialing; every handshake is refused from now on.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(b.agent_connected("node1"), Some(false));
+    assert!(b.coordinator.log_text().contains("Revoked"), "the handshake refusal names the revocation");
+}

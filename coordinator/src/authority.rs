@@ -36,9 +36,9 @@ pub enum AuthorityError {
     BadCursor(String),
     #[error(
         "this coordinator joined the deployment and holds no CA key: {what} at the deployment's first coordinator{}",
-        .authority.as_deref().map(|a| format!(" ({a})")).unwrap_or_default()
+        .authority.as_ref().map(|a| format!(" ({a})")).unwrap_or_default()
     )]
-    NotAuthority { what: &'static str, authority: Option<String> },
+    NotAuthority { what: &'static str, authority: Option<crate::config::AuthorityRef> },
 }
 
 /// A join token just made.
@@ -119,6 +119,11 @@ impl Authority {
     /// The CA that signs, or why this coordinator cannot `what`.
     fn signer(&self, what: &'static str) -> Result<&Ca, AuthorityError> {
         self.ca.as_ref().ok_or_else(|| AuthorityError::NotAuthority { what, authority: self.config.authority.clone() })
+    }
+
+    /// The deployment CA's certificate (DER).
+    pub fn ca_der(&self) -> &[u8] {
+        self.ca_der.as_ref()
     }
 
     /// Whether this coordinator holds the CA key (the deployment's first one).

@@ -45,10 +45,26 @@ pub struct CoordinatorConfig {
     /// `[verify]`: how restore verification boots recovery points (`boot_check = true`).
     #[serde(default, skip_serializing_if = "VerifyConfig::is_default")]
     pub verify: VerifyConfig,
-    /// A coordinator that joined the deployment (`init --join`): the first coordinator, which
-    /// holds the CA key, as `NAME at HOST:PORT` (where agents enroll and tokens are made).
+    /// `[authority]`, in a coordinator that joined the deployment (`init --join`): the first
+    /// coordinator, which holds the CA key (agents enroll and tokens are made there; its CRL is
+    /// fetched from there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authority: Option<String>,
+    pub authority: Option<AuthorityRef>,
+}
+
+/// The deployment's first coordinator, as a joined one knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorityRef {
+    pub name: String,
+    /// `HOST:PORT` it listens on.
+    pub addr: String,
+}
+
+impl std::fmt::Display for AuthorityRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} at {}", self.name, self.addr)
+    }
 }
 
 /// `[verify]` in `coordinator.toml`: the isolated QEMU that boots recovery points of VMs whose

@@ -179,7 +179,10 @@ fn build(root: &Path, name: &str, opts: &InitOptions) -> Result<CoordinatorConfi
         smtp: None,
         metrics: None,
         verify: crate::config::VerifyConfig::default(),
-        authority: opts.joined.as_ref().map(|j| format!("{} at {}", j.authority.name, j.authority.addr)),
+        authority: opts
+            .joined
+            .as_ref()
+            .map(|j| crate::config::AuthorityRef { name: j.authority.name.clone(), addr: j.authority.addr.clone() }),
     };
     config.save(&dir)?;
     Ok(config)

@@ -39,6 +39,40 @@ pub enum PkiError {
     Time(String),
     #[error("TLS configuration failed: {0}")]
     Tls(String),
+    #[error("the CRL is not acceptable: {0}")]
+    BadCrl(String),
+}
+
+/// What a CRL says: its number and the serials it revokes (lowercase hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlContents {
+    pub number: u64,
+    pub serials: Vec<String>,
+}
+
+/// Reads a CRL (PEM) issued by `ca_der`'s CA: its signature is checked against the CA's key,
+/// and at most `max` revocations are read (a larger one is refused).
+pub fn read_crl(pem: &str, ca_der: &[u8], max: usize) -> Result<CrlContents, PkiError> {
+    use x509_parser::prelude::FromDer;
+    let der = crate::tls::crl_from_pem(pem)?;
+    let bad = |e: String| PkiError::BadCrl(e);
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der.as_ref())
+        .map_err(|e| bad(e.to_string()))?;
+    let (_, ca) = x509_parser::certificate::X509Certificate::from_der(ca_der).map_err(|e| bad(e.to_string()))?;
+    if crl.issuer() != ca.subject() {
+        return Err(bad("it was not issued by this deployment's CA".into()));
+    }
+    crl.verify_signature(ca.public_key()).map_err(|e| bad(format!("its signature does not verify: {e}")))?;
+    let number =
+        crl.crl_number().and_then(|n| u64::try_from(n).ok()).ok_or_else(|| bad("it carries no CRL number".into()))?;
+    let mut serials = vec![];
+    for r in crl.iter_revoked_certificates() {
+        if serials.len() >= max {
+            return Err(bad(format!("it lists more than {max} certificates")));
+        }
+        serials.push(crate::identity::hex(r.raw_serial()));
+    }
+    Ok(CrlContents { number, serials })
 }
 
 /// A certificate the CA issued.
@@ -355,6 +389,18 @@ mod tests {
         assert!(!parsed.is_ca());
         let days = (parsed.validity().not_after.timestamp() - parsed.validity().not_before.timestamp()) / 86_400;
         assert!(days <= 2 * 365 + 1, "validity {days} days");
+    }
+
+    #[test]
+    fn a_crl_is_read_only_from_its_own_ca() {
+        let ca = Ca::generate("test").unwrap();
+        let revoked = [Revocation { serial_hex: "0a0b".into(), revoked_at: 1 }];
+        let pem = ca.crl(&revoked, 7).unwrap();
+        let read = read_crl(&pem, ca.cert_der(), 10).unwrap();
+        assert_eq!(read, CrlContents { number: 7, serials: vec!["0a0b".into()] });
+        assert!(matches!(read_crl(&pem, ca.cert_der(), 0), Err(PkiError::BadCrl(_))));
+        let other = Ca::generate("other").unwrap();
+        assert!(matches!(read_crl(&pem, other.cert_der(), 10), Err(PkiError::BadCrl(_))));
     }
 
     #[test]

@@ -352,6 +352,9 @@ pub struct AdminEnvelope {
 /// What the admin console can ask.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminRequest {
+    /// The CRL this coordinator serves with (coordinators that joined the deployment fetch the
+    /// first one's, protocol 11).
+    Crl,
     Status,
     AgentList {
         page: PageRequest,
@@ -878,6 +881,10 @@ pub enum AdminResponse {
     },
     Error {
         message: String,
+    },
+    /// The deployment's current CRL, PEM (`Crl`).
+    Crl {
+        pem: String,
     },
     /// An export's certificate, the deployment's CA and its current CRL (PEM).
     ExportCert {

@@ -141,6 +141,10 @@ async fn handle(state: &Arc<State>, req: AdminRequest) -> AdminResponse {
             AdminResponse::Error { message: "a streaming request reached the plain handler".into() }
         }
         AdminRequest::ExportCert { csr_pem, names } => export_cert(state, csr_pem, names).await,
+        AdminRequest::Crl => match std::fs::read_to_string(state.authority.dir().pki_file("crl.pem")) {
+            Ok(pem) => AdminResponse::Crl { pem },
+            Err(e) => AdminResponse::Error { message: format!("cannot read the CRL: {e}") },
+        },
         AdminRequest::RecoverInstant { vm, rp, to_host, name } => {
             super::instant::recover_instant(state, vm, rp, to_host, name).await
         }

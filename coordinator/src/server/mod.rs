@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod boot_check;
 pub mod connection;
+pub mod crl_sync;
 pub mod export;
 pub mod fds;
 pub mod history;
@@ -202,6 +203,9 @@ pub async fn serve(dir: DataDir, shutdown: impl std::future::Future<Output = ()>
         jobs,
     });
     let _listener = Listener { state: state.clone() }.start();
+    if let Some(first) = state.authority.config().authority.clone() {
+        actix_rt::spawn(crl_sync::run(state.clone(), first));
+    }
     if let Some(m) = &state.authority.config().metrics {
         let listener = tokio::net::TcpListener::bind(m.listen)
             .await
