@@ -140,8 +140,7 @@ pub trait Hypervisor: Send + Sync + 'static {
         _new: &NewVm,
         _disks: &[DiskInfo],
         _config: &[u8],
-        _job: u64,
-        _block_size: u32,
+        _export: &InstantExport,
     ) -> Result<Vec<std::path::PathBuf>, BackendError> {
         Err(BackendError::Failed(format!(
             "instant recovery of {vm} needs a QEMU host: this host's hypervisor cannot run a VM from a recovery point"
@@ -165,6 +164,15 @@ pub trait Hypervisor: Send + Sync + 'static {
     }
 }
 
+/// Whose instant recovery a VM's exports serve: its job, block size, and the coordinator that
+/// made it (the one its exports read from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstantExport {
+    pub job: u64,
+    pub block_size: u32,
+    pub coordinator: String,
+}
+
 /// What an agent needs to serve an instant recovery's exports again after a restart.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InstantState {
@@ -172,6 +180,10 @@ pub struct InstantState {
     pub job: u64,
     pub block_size: u32,
     pub disks: Vec<InstantDisk>,
+    /// The coordinator that made it (absent in states written before several coordinators:
+    /// the agent's first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
 }
 
 /// One disk of an [`InstantState`].

@@ -607,8 +607,12 @@ async fn execute_instant(env: &JobEnv, req: &RestoreRequest) -> Result<(), Failu
     let new = req.create.clone().ok_or_else(|| Failure::other("an instant recovery must create its VM"))?;
     let sockets = {
         let (backend, vm, disks, config) = (env.backend.clone(), vm.clone(), req.disks.clone(), req.config.clone());
-        let (job, bs) = (req.job.0, req.block_size);
-        blocking(move || backend.instant_begin(&vm, &new, &disks, &config, job, bs)).await??
+        let export = crate::backend::InstantExport {
+            job: req.job.0,
+            block_size: req.block_size,
+            coordinator: env.coordinator.clone(),
+        };
+        blocking(move || backend.instant_begin(&vm, &new, &disks, &config, &export)).await??
     };
     if sockets.len() != req.disks.len() {
         return Err(Failure::other("the hypervisor answered a socket per disk wrongly"));
@@ -664,11 +668,19 @@ pub fn resume_instants(
     backend: &Arc<dyn Hypervisor>,
     exports: &crate::export::InstantExports,
     current: &crate::export::CurrentConnection,
+    coordinator: &str,
+    first: bool,
 ) {
     let states = match backend.instants() {
         Ok(s) => s,
         Err(e) => return tracing::warn!(error = %e, "cannot read the instant recoveries to serve"),
     };
+    // Each is served through the connection of the coordinator that made it (one from before
+    // several coordinators, through the agent's first).
+    let states = states.into_iter().filter(|st| match &st.coordinator {
+        Some(c) => c == coordinator,
+        None => first,
+    });
     for st in states {
         let mut tasks = vec![];
         for d in &st.disks {

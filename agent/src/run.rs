@@ -112,9 +112,7 @@ pub async fn run(
         peers: peers.clone(),
     };
     if let Some(b) = &hosting.backend {
-        // Instant recoveries are served again through agent.toml's coordinator (see
-        // docs/operations.md, "Large clusters").
-        crate::job::resume_instants(b, &hosting.exports, &hosting.current);
+        crate::job::resume_instants(b, &hosting.exports, &hosting.current, &config.coordinator_name, true);
     }
     // One uplink per coordinator of the deployment: agent.toml's, those learned before, and
     // those any of them names from now on. Jobs share the VMs' slots; each uplink has its own
@@ -130,6 +128,9 @@ pub async fn run(
     let uplink_for = |c: &bulwark_protocol::messages::CoordinatorAddr| {
         let cfg = AgentConfig { coordinator: c.addr.clone(), coordinator_name: c.name.clone(), ..config.clone() };
         let own = Hosting { current: Default::default(), ..hosting.clone() };
+        if let Some(b) = &own.backend {
+            crate::job::resume_instants(b, &own.exports, &own.current, &c.name, false);
+        }
         tracing::info!(coordinator = %c.name, addr = %c.addr, "connecting to another coordinator of the deployment");
         peers.expect(&c.name);
         Uplink::new(cfg, endpoint.clone(), own).start()

@@ -950,14 +950,14 @@ impl Hypervisor for QemuBackend {
         new: &NewVm,
         disks: &[DiskInfo],
         config: &[u8],
-        job: u64,
-        block_size: u32,
+        export: &crate::backend::InstantExport,
     ) -> Result<Vec<PathBuf>, BackendError> {
         let def = self.create_restored(vm, new, disks, VmDef::from_kept(config), true)?;
         let state = crate::backend::InstantState {
             vm: vm.to_owned(),
-            job,
-            block_size,
+            job: export.job,
+            block_size: export.block_size,
+            coordinator: Some(export.coordinator.clone()),
             disks: def
                 .disks
                 .iter()
