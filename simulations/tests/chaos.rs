@@ -25,6 +25,35 @@ fn a_short_mixed_sweep_keeps_every_invariant() {
 }
 
 #[test]
+fn a_short_multi_coordinator_sweep_keeps_one_owner_per_vm() {
+    let (code, s, stderr) = chaos(
+        &[
+            "--scenario",
+            "multi",
+            "--seed",
+            "1",
+            "--runs",
+            "1",
+            "--minutes",
+            "0.3",
+            "--nodes",
+            "3",
+            "--vms",
+            "6",
+            "--disk",
+            "4MiB",
+        ],
+        &[],
+    );
+    assert_eq!(s["violations"], serde_json::json!([]), "{stderr}");
+    assert_eq!(code, Some(0));
+    assert!(s["faults"]["take_over"].as_u64().unwrap_or(0) >= 1, "take-overs were injected: {s}");
+    // Every coordinator's recovery points of every VM were restored and matched the guest.
+    assert!(s["restores_verified"].as_u64().unwrap() >= 6, "{s}");
+    assert!(stderr.contains("taken over from coordinator"), "{stderr}");
+}
+
+#[test]
 fn the_harness_catches_a_build_whose_snapshots_are_not_a_point_in_time() {
     let (code, s, stderr) = chaos(
         &["--seed", "1", "--runs", "3", "--minutes", "0.3", "--vms", "2", "--disk", "16MiB"],

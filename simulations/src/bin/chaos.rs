@@ -29,8 +29,8 @@ struct Cli {
     /// Cluster nodes (agents).
     #[arg(long, default_value_t = 2)]
     nodes: usize,
-    /// Coordinators sharing the cluster (`--scenario sim` only): VMs start spread over them
-    /// and take-overs move them between them.
+    /// Coordinators sharing the cluster (`--scenario sim` and `multi`, which defaults to 3):
+    /// VMs are spread over them and take-overs move them between them.
     #[arg(long, default_value_t = 1)]
     coordinators: usize,
     /// VMs.
@@ -91,6 +91,13 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         return run_sim(&cli, disk_bytes);
     }
     let scenario = Scenario::parse(&cli.scenario).map_err(anyhow::Error::msg)?;
+    // Several coordinators only in the multi scenario (three unless said otherwise).
+    let coordinators = match (scenario, cli.coordinators) {
+        (Scenario::Multi, 1) => 3,
+        (Scenario::Multi, n) => n,
+        (_, 1) => 1,
+        (_, _) => anyhow::bail!("--coordinators: only the multi scenario and the simulation run several"),
+    };
     std::fs::create_dir_all(&cli.work)?;
     let opts = Options {
         seed: cli.seed,
@@ -98,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
         minutes: cli.minutes,
         scenario,
         nodes: cli.nodes,
+        coordinators,
         vms: cli.vms,
         disk_bytes,
         work: std::fs::canonicalize(&cli.work)?,

@@ -8,7 +8,11 @@
 //! - `no-frozen-vm`: no VM is left frozen or paused by a snapshot, holds a snapshot, or has an
 //!   overlay left behind;
 //! - `verify-clean`: store verification succeeds;
-//! - `no-panic`: no process log shows a panic.
+//! - `no-panic`: no process log shows a panic;
+//! - with several coordinators (multi): `one-owner`, every VM is claimed and protected (group
+//!   member, not lost) by exactly the coordinator its claim names. Checks, backups and
+//!   recovery points are each coordinator's own: a VM's points at each coordinator must match
+//!   the guest's snapshot points, in order.
 
 use super::procs::World;
 use super::{RunOutcome, Violation};
@@ -29,45 +33,68 @@ pub fn settle_and_check(
     outcome: &mut RunOutcome,
 ) -> anyhow::Result<()> {
     let hosts = world.agents.len();
-    world.wait("every agent connected", Duration::from_secs(90), |w| {
-        let agents = w.must_all(
-            |page| AdminRequest::AgentList { page },
-            |r| match r {
-                AdminResponse::Agents(p) => Some(p),
-                _ => None,
-            },
-        )?;
-        Ok(agents.iter().filter(|a| a.connected).count() == hosts)
-    })?;
-    let idle = |w: &World| -> anyhow::Result<bool> {
-        Ok(w.jobs(Some("running"))?.is_empty() && w.jobs(Some("queued"))?.is_empty())
-    };
-    // Retries of failed jobs may still be queued: give them time to end.
-    if world.wait("the jobs to end", Duration::from_secs(240), idle).is_err() {
-        let stuck: Vec<String> = world
-            .jobs(None)?
-            .iter()
-            .filter(|j| j.state == "running" || j.state == "queued")
-            .map(|j| format!("job {} {} of {} {}", j.id, j.kind, j.vm.clone().unwrap_or_default(), j.state))
-            .collect();
-        violation(outcome, seed, "no-stuck-job", stuck.join("; "));
+    let coordinators = world.coordinator_count();
+    let multi = coordinators > 1;
+    for i in 0..coordinators {
+        world.wait("every agent connected", Duration::from_secs(90), |w| {
+            let agents = w.must_all_at(
+                i,
+                |page| AdminRequest::AgentList { page },
+                |r| match r {
+                    AdminResponse::Agents(p) => Some(p),
+                    _ => None,
+                },
+            )?;
+            Ok(agents.iter().filter(|a| a.connected).count() == hosts)
+        })?;
+        let idle = |w: &World| -> anyhow::Result<bool> {
+            Ok(w.jobs_at(i, Some("running"))?.is_empty() && w.jobs_at(i, Some("queued"))?.is_empty())
+        };
+        // Retries of failed jobs may still be queued: give them time to end.
+        if world.wait("the jobs to end", Duration::from_secs(240), idle).is_err() {
+            let stuck: Vec<String> = world
+                .jobs_at(i, None)?
+                .iter()
+                .filter(|j| j.state == "running" || j.state == "queued")
+                .map(|j| format!("job {} {} of {} {}", j.id, j.kind, j.vm.clone().unwrap_or_default(), j.state))
+                .collect();
+            violation(outcome, seed, "no-stuck-job", stuck.join("; "));
+        }
+    }
+    if multi {
+        // A take-over's new owner adds the VM to its auto group on its host's next inventory.
+        let settled = world.wait("every VM protected by its owner", Duration::from_secs(120), |w| {
+            for vm in names {
+                let Some(i) = w.owner_of(vm) else { return Ok(false) };
+                if !w.vms_at(i)?.iter().any(|v| &v.name == vm && v.group.is_some()) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        });
+        if let Err(e) = settled {
+            violation(outcome, seed, "one-owner", format!("{e:#}"));
+        }
     }
 
-    // One round of consistency checks where needed, then a final express full of every VM.
+    // One round of consistency checks where needed, then a final express full of every VM, at
+    // its owner.
     for vm in names {
+        let owner = world.owner_of(vm).unwrap_or(0);
         for attempt in 0..5 {
-            let state = world.vms()?.into_iter().find(|v| &v.name == vm).map(|v| v.replica_state);
+            let state = world.vms_at(owner)?.into_iter().find(|v| &v.name == vm).map(|v| v.replica_state);
             if state.as_deref() == Some("consistent") {
                 break;
             }
-            let job = world.run_job(AdminRequest::ConsistencyCheck { vm: vm.clone() })?;
+            let job = world.run_job_at(owner, AdminRequest::ConsistencyCheck { vm: vm.clone() })?;
             if job.state != "succeeded" && attempt == 4 {
                 violation(outcome, seed, "replica-consistent", format!("{vm}: the check failed: {:?}", job.error));
             }
         }
         let mut last = None;
         for _ in 0..5 {
-            let job = world.run_job(AdminRequest::Backup { vm: vm.clone(), kind: BackupKind::ExpressFull })?;
+            let job =
+                world.run_job_at(owner, AdminRequest::Backup { vm: vm.clone(), kind: BackupKind::ExpressFull })?;
             if job.state == "succeeded" {
                 last = None;
                 break;
@@ -79,22 +106,40 @@ pub fn settle_and_check(
             violation(outcome, seed, "final-backup", format!("{vm}: the final express full failed five times: {e}"));
         }
     }
-    for v in world.vms()? {
-        if names.contains(&v.name) && v.replica_state != "consistent" {
-            violation(
-                outcome,
-                seed,
-                "replica-consistent",
-                format!("{}: {} ({:?})", v.name, v.replica_state, v.replica_reason),
-            );
+    for i in 0..coordinators {
+        for v in world.vms_at(i)? {
+            let owner = world.owner_of(&v.name).unwrap_or(0);
+            if names.contains(&v.name) && owner == i && v.replica_state != "consistent" {
+                violation(
+                    outcome,
+                    seed,
+                    "replica-consistent",
+                    format!("{}: {} ({:?})", v.name, v.replica_state, v.replica_reason),
+                );
+            }
+            // Exactly one coordinator protects each VM: the one its claim names.
+            if multi && names.contains(&v.name) && v.group.is_some() && v.status == "protected" && owner != i {
+                violation(
+                    outcome,
+                    seed,
+                    "one-owner",
+                    format!(
+                        "{}: protected by {} while its claim names {}",
+                        v.name,
+                        super::procs::coordinator_name(i),
+                        super::procs::coordinator_name(owner)
+                    ),
+                );
+            }
         }
     }
 
-    // Every recovery point against the ground truth.
+    // Every recovery point, at every coordinator, against the ground truth.
     let scratch = world.dir.join("restore.img");
-    for vm in names {
+    for (vm, i) in names.iter().flat_map(|vm| (0..coordinators).map(move |i| (vm, i))) {
         let truth = sim::ground_truth(&world.sim_root, vm)?;
-        let rps = world.must_all(
+        let rps = world.must_all_at(
+            i,
             |page| AdminRequest::RecoveryPoints { vm: vm.clone(), page },
             |r| match r {
                 AdminResponse::RecoveryPoints(p) => Some(p),
@@ -106,7 +151,7 @@ pub fn settle_and_check(
             outcome.recovery_points_checked += 1;
             let mut digests = std::collections::BTreeMap::new();
             for d in &rp.disks {
-                world.recover_disk(vm, &rp.id, d.name.as_str(), &scratch)?;
+                world.recover_disk_at(i, vm, &rp.id, d.name.as_str(), &scratch)?;
                 let mut h = blake3::Hasher::new();
                 h.update_reader(std::fs::File::open(&scratch)?)?;
                 digests.insert(d.name.as_str().to_owned(), h.finalize().to_hex().to_string());
@@ -161,9 +206,11 @@ pub fn settle_and_check(
         }
     }
 
-    let verify = world.run_job(AdminRequest::Maintenance { kind: MaintenanceKind::Verify, wait: false })?;
-    if verify.state != "succeeded" {
-        violation(outcome, seed, "verify-clean", format!("verify {}: {:?}", verify.state, verify.error));
+    for i in 0..coordinators {
+        let verify = world.run_job_at(i, AdminRequest::Maintenance { kind: MaintenanceKind::Verify, wait: false })?;
+        if verify.state != "succeeded" {
+            violation(outcome, seed, "verify-clean", format!("verify {}: {:?}", verify.state, verify.error));
+        }
     }
 
     for (name, log) in world.logs() {

@@ -36,6 +36,8 @@ pub struct Options {
     pub minutes: f64,
     pub scenario: Scenario,
     pub nodes: usize,
+    /// Coordinators of the deployment (more than one: the multi scenario).
+    pub coordinators: usize,
     pub vms: usize,
     pub disk_bytes: u64,
     /// Where the runs' directories go (kept when a run finds a violation).
@@ -158,7 +160,7 @@ pub fn run_seed(opts: &Options, seed: u64, dir: &Path) -> anyhow::Result<(RunOut
     // per VM, plus the catalog.
     let store_bytes = (opts.scenario == Scenario::StoreFull)
         .then(|| (opts.vms as u64 * opts.disk_bytes * 10 + (64 << 20)).next_multiple_of(1 << 20));
-    let mut world = World::start(&opts.exe, dir, opts.nodes, store_bytes)?;
+    let mut world = World::start(&opts.exe, dir, opts.nodes, store_bytes, opts.coordinators)?;
     std::fs::create_dir_all(world.sim_root.join(sim::GROUND_TRUTH_DIR))?;
     for i in 0..opts.vms {
         let req = CreateVm {
@@ -347,18 +349,39 @@ impl World {
                 }
             }
             Event::BackupThenKillCoordinator { vm, delay_ms } => {
+                let owner = self.owner_of(&vm_name(vm)).unwrap_or(0);
                 self.backup(&vm_name(vm), false);
                 self.wait_snapshot(vm);
                 std::thread::sleep(Duration::from_millis(delay_ms));
-                self.coordinator.kill9();
+                self.coordinator_proc(owner).kill9();
             }
             Event::KillAgent { node } => self.agents[node].kill9(),
             Event::StartAgent { node } => {
                 restart_at.remove(&node);
                 self.agents[node].start()?;
             }
-            Event::KillCoordinator => self.coordinator.kill9(),
-            Event::StartCoordinator => self.start_coordinator_unless_full()?,
+            Event::KillCoordinator => {
+                // One coordinator at a time, in turn (the only one unless multi).
+                let i = self.kill_turn % self.coordinator_count();
+                self.kill_turn += 1;
+                self.coordinator_proc(i).kill9();
+            }
+            Event::StartCoordinator => {
+                self.start_coordinator_unless_full()?;
+                for i in 1..self.coordinator_count() {
+                    self.start_coordinator_at(i)?;
+                }
+            }
+            Event::TakeOver { vm } => {
+                // The coordinator after the owner takes the VM; its auto group protects it from
+                // then on, and the old owner must see it lost.
+                let n = self.coordinator_count();
+                if n > 1 {
+                    let to = self.owner_of(&vm_name(vm)).map_or(0, |o| (o + 1) % n);
+                    let answer = self.ask_at(to, AdminRequest::VmTakeOver { vm: vm_name(vm) });
+                    eprintln!("chaos: take-over of {} by {}: {answer:?}", vm_name(vm), procs::coordinator_name(to));
+                }
+            }
             Event::CrashHost { node } => {
                 self.agents[node].kill9();
                 sim::crash_host(&self.sim_root, &node_name(node))?;

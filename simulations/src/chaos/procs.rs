@@ -111,7 +111,24 @@ pub struct World {
     pub store_free_at: Option<Instant>,
     /// The coordinator refused to start on the full disk: start it once the ballast goes.
     pub start_when_freed: bool,
+    /// The other coordinators of the deployment (multi), joined with `init --join`; agents
+    /// reach them directly (the proxies stand in front of the first only).
+    pub others: Vec<OtherCoordinator>,
+    /// Which coordinator the next kill takes (multi: one at a time, in turn).
+    pub kill_turn: usize,
     rt: tokio::runtime::Runtime,
+}
+
+/// A coordinator that joined the deployment.
+pub struct OtherCoordinator {
+    pub name: String,
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+}
+
+/// The name of coordinator `i` of a multi run (0: the first).
+pub fn coordinator_name(i: usize) -> String {
+    format!("coord{}", i + 1)
 }
 
 /// The file that fills the coordinator's store disk.
@@ -132,7 +149,13 @@ fn os(s: &str) -> OsString {
 impl World {
     /// Initializes and starts a coordinator and `nodes` enrolled agents under `dir`.
     /// With `store_bytes`, the coordinator's data directory is a tmpfs of that size (root only).
-    pub fn start(exe: &Path, dir: &Path, nodes: usize, store_bytes: Option<u64>) -> anyhow::Result<World> {
+    pub fn start(
+        exe: &Path,
+        dir: &Path,
+        nodes: usize,
+        store_bytes: Option<u64>,
+        coordinators: usize,
+    ) -> anyhow::Result<World> {
         // With a disk of its own, the data directory is inside the mount (init makes it).
         let store_disk = dir.join("store-disk");
         let data_dir = if store_bytes.is_some() { store_disk.join("coordinator") } else { dir.join("coordinator") };
@@ -167,6 +190,8 @@ impl World {
                 &data_dir.clone().into_os_string(),
                 &os("--listen"),
                 &os("127.0.0.1:0"),
+                &os("--name"),
+                &os(&coordinator_name(0)),
             ],
         ) {
             unmount(&store_disk);
@@ -191,9 +216,50 @@ impl World {
             store_mounted: mounted,
             store_free_at: None,
             start_when_freed: false,
+            others: vec![],
+            kill_turn: 0,
             rt,
         };
         world.start_coordinator()?;
+        // The other coordinators join before the agents enroll: enrollment names them all.
+        for i in 1..coordinators {
+            let name = coordinator_name(i);
+            let token = run_ok(
+                exe,
+                &[
+                    &os("x-coordinator"),
+                    &os("token"),
+                    &os("create"),
+                    &os("--data-dir"),
+                    &d,
+                    &os("--coordinator"),
+                    &os(&name),
+                ],
+            )?;
+            let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+            let other_dir = dir.join(&name);
+            run_ok(
+                exe,
+                &[
+                    &os("x-coordinator"),
+                    &os("init"),
+                    &os("--data-dir"),
+                    &other_dir.clone().into_os_string(),
+                    &os("--listen"),
+                    &os(&format!("127.0.0.1:{port}")),
+                    &os("--join"),
+                    &os(&token),
+                ],
+            )?;
+            let proc = Proc::new(
+                &name,
+                exe,
+                vec![os("x-coordinator"), os("serve"), os("--data-dir"), other_dir.clone().into_os_string()],
+                dir.join(format!("{name}.log")),
+            );
+            world.others.push(OtherCoordinator { name, proc, data_dir: other_dir });
+            world.start_coordinator_at(i)?;
+        }
         let coordinator_addr: std::net::SocketAddr = std::fs::read_to_string(world.data_dir.join("coordinator.addr"))?
             .trim()
             .parse()
@@ -283,9 +349,59 @@ impl World {
         bail!("the coordinator did not answer within 30 s of its start")
     }
 
+    /// The number of coordinators (1 unless multi).
+    pub fn coordinator_count(&self) -> usize {
+        1 + self.others.len()
+    }
+
+    /// Coordinator `i`'s process (0: the first).
+    pub fn coordinator_proc(&mut self, i: usize) -> &mut Proc {
+        match i.checked_sub(1).and_then(|j| self.others.get_mut(j)) {
+            Some(o) => &mut o.proc,
+            None => &mut self.coordinator,
+        }
+    }
+
+    /// Coordinator `i`'s data directory.
+    pub fn data_dir_of(&self, i: usize) -> &Path {
+        match i.checked_sub(1).and_then(|j| self.others.get(j)) {
+            Some(o) => &o.data_dir,
+            None => &self.data_dir,
+        }
+    }
+
+    /// Starts coordinator `i` (0: the first, with its full-disk handling) and waits for it.
+    pub fn start_coordinator_at(&mut self, i: usize) -> anyhow::Result<()> {
+        if i == 0 {
+            return self.start_coordinator();
+        }
+        if self.coordinator_proc(i).is_running() {
+            return Ok(());
+        }
+        self.coordinator_proc(i).start()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.ask_at(i, AdminRequest::Status).is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("coordinator {} did not answer within 30 s of its start", coordinator_name(i))
+    }
+
+    /// Which coordinator owns `vm` now, by the claim on the shared storage (none: unclaimed).
+    pub fn owner_of(&self, vm: &str) -> Option<usize> {
+        let text = std::fs::read_to_string(self.sim_root.join("claims").join(format!("{vm}.claim"))).ok()?;
+        let name = text.lines().find_map(|l| l.strip_prefix("coordinator "))?;
+        (0..self.coordinator_count()).find(|&i| coordinator_name(i) == name)
+    }
+
     /// Starts every process that is down.
     pub fn start_all(&mut self) -> anyhow::Result<()> {
         self.start_coordinator()?;
+        for i in 1..self.coordinator_count() {
+            self.start_coordinator_at(i)?;
+        }
         for a in &mut self.agents {
             a.start()?;
         }
@@ -329,13 +445,21 @@ impl World {
         for a in &mut self.agents {
             a.stop();
         }
+        for o in &mut self.others {
+            o.proc.stop();
+        }
         self.coordinator.stop();
     }
 
     /// One admin request on a fresh connection; `None` when the coordinator is not reachable
     /// (down, starting) or the request broke off.
     pub fn ask(&self, req: AdminRequest) -> Option<AdminResponse> {
-        let target = AdminTarget::from_data_dir(&self.data_dir).ok()?;
+        self.ask_at(0, req)
+    }
+
+    /// [`World::ask`] of coordinator `i`.
+    pub fn ask_at(&self, i: usize, req: AdminRequest) -> Option<AdminResponse> {
+        let target = AdminTarget::from_data_dir(self.data_dir_of(i)).ok()?;
         self.rt.block_on(async {
             let client = tokio::time::timeout(CONNECT_TIMEOUT, AdminClient::connect(&target)).await.ok()?.ok()?;
             let r = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req)).await.ok()?.ok();
@@ -346,9 +470,14 @@ impl World {
 
     /// A request that must be answered: retried while the coordinator is unreachable.
     pub fn must(&self, req: AdminRequest) -> anyhow::Result<AdminResponse> {
+        self.must_at(0, req)
+    }
+
+    /// [`World::must`] of coordinator `i`.
+    pub fn must_at(&self, i: usize, req: AdminRequest) -> anyhow::Result<AdminResponse> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(r) = self.ask(req.clone()) {
+            if let Some(r) = self.ask_at(i, req.clone()) {
                 return Ok(r);
             }
             if Instant::now() > deadline {
@@ -360,7 +489,12 @@ impl World {
 
     /// Streams a recovery point's disk into `file` (sized first).
     pub fn recover_disk(&self, vm: &str, rp: &str, disk: &str, file: &Path) -> anyhow::Result<()> {
-        let target = AdminTarget::from_data_dir(&self.data_dir)?;
+        self.recover_disk_at(0, vm, rp, disk, file)
+    }
+
+    /// [`World::recover_disk`] from coordinator `i`.
+    pub fn recover_disk_at(&self, i: usize, vm: &str, rp: &str, disk: &str, file: &Path) -> anyhow::Result<()> {
+        let target = AdminTarget::from_data_dir(self.data_dir_of(i))?;
         let req =
             AdminRequest::RecoverDisk { vm: vm.into(), rp: rp.into(), disk: disk.into(), options: Default::default() };
         self.rt.block_on(async {
@@ -377,13 +511,14 @@ impl World {
         })
     }
 
+    /// Backups and checks go to the VM's owner (the first coordinator when unclaimed).
     pub fn backup(&self, vm: &str, sync: bool) {
         let kind = if sync { BackupKind::Sync } else { BackupKind::ExpressFull };
-        let _ = self.ask(AdminRequest::Backup { vm: vm.into(), kind });
+        let _ = self.ask_at(self.owner_of(vm).unwrap_or(0), AdminRequest::Backup { vm: vm.into(), kind });
     }
 
     pub fn check(&self, vm: &str) {
-        let _ = self.ask(AdminRequest::ConsistencyCheck { vm: vm.into() });
+        let _ = self.ask_at(self.owner_of(vm).unwrap_or(0), AdminRequest::ConsistencyCheck { vm: vm.into() });
     }
 
     /// Every item of a paged list, page by page through [`World::must`].
@@ -392,10 +527,22 @@ impl World {
         make: impl Fn(PageRequest) -> AdminRequest,
         take: impl Fn(AdminResponse) -> Option<Page<T>>,
     ) -> anyhow::Result<Vec<T>> {
+        self.must_all_at(0, make, take)
+    }
+
+    /// [`World::must_all`] of coordinator `i`.
+    pub fn must_all_at<T>(
+        &self,
+        i: usize,
+        make: impl Fn(PageRequest) -> AdminRequest,
+        take: impl Fn(AdminResponse) -> Option<Page<T>>,
+    ) -> anyhow::Result<Vec<T>> {
         let mut req = PageRequest::first();
         let mut all = vec![];
         loop {
-            let Some(page) = take(self.must(make(req.clone()))?) else { bail!("unexpected answer to a list request") };
+            let Some(page) = take(self.must_at(i, make(req.clone()))?) else {
+                bail!("unexpected answer to a list request")
+            };
             all.extend(page.items);
             match page.next {
                 Some(next) => req = req.after(next),
@@ -405,7 +552,13 @@ impl World {
     }
 
     pub fn vms(&self) -> anyhow::Result<Vec<bulwark_protocol::messages::VmSummary>> {
-        self.must_all(
+        self.vms_at(0)
+    }
+
+    /// [`World::vms`] of coordinator `i`.
+    pub fn vms_at(&self, i: usize) -> anyhow::Result<Vec<bulwark_protocol::messages::VmSummary>> {
+        self.must_all_at(
+            i,
             |page| AdminRequest::VmList { page },
             |r| match r {
                 AdminResponse::Vms(p) => Some(p),
@@ -415,7 +568,13 @@ impl World {
     }
 
     pub fn jobs(&self, state: Option<&str>) -> anyhow::Result<Vec<JobInfo>> {
-        self.must_all(
+        self.jobs_at(0, state)
+    }
+
+    /// [`World::jobs`] of coordinator `i`.
+    pub fn jobs_at(&self, i: usize, state: Option<&str>) -> anyhow::Result<Vec<JobInfo>> {
+        self.must_all_at(
+            i,
             |page| AdminRequest::JobList { vm: None, state: state.map(Into::into), page },
             |r| match r {
                 AdminResponse::Jobs(p) => Some(p),
@@ -453,6 +612,7 @@ impl World {
     /// One group with every VM: no schedules (the harness drives backups), checks whenever a
     /// replica is inconsistent, initial replicas now.
     pub fn protect(&self, names: &[String]) -> anyhow::Result<()> {
+        let multi = !self.others.is_empty();
         let policy = PolicySpec {
             sync_every_secs: None,
             recovery_points: vec![],
@@ -465,6 +625,22 @@ impl World {
             exclude_disks: vec![],
             verify: Default::default(),
         };
+        if multi {
+            // Every coordinator protects the whole cluster; each VM goes to one of them.
+            let cluster = bulwark_protocol::ClusterId::new("chaos")?;
+            for i in 0..self.coordinator_count() {
+                let req = AdminRequest::GroupCreate {
+                    name: "chaos".into(),
+                    vms: vec![],
+                    policy: policy.clone(),
+                    auto_cluster: Some(cluster.clone()),
+                };
+                if !matches!(self.must_at(i, req)?, AdminResponse::Group(_)) {
+                    bail!("cannot create the auto group on {}", coordinator_name(i));
+                }
+            }
+            return Ok(());
+        }
         match self.must(AdminRequest::GroupCreate {
             name: "chaos".into(),
             vms: names.to_vec(),
@@ -477,23 +653,38 @@ impl World {
     }
 
     pub fn wait_replicas_consistent(&self, names: &[String], timeout: Duration) -> anyhow::Result<()> {
-        self.wait("every replica consistent", timeout, |w| {
-            let vms = w.vms()?;
-            Ok(names.iter().all(|n| vms.iter().any(|v| &v.name == n && v.replica_state == "consistent")))
+        self.wait("every replica consistent (at its owner)", timeout, |w| {
+            let mut at: Vec<Option<Vec<bulwark_protocol::messages::VmSummary>>> = vec![None; w.coordinator_count()];
+            for n in names {
+                let Some(i) = w.owner_of(n).or((w.others.is_empty()).then_some(0)) else { return Ok(false) };
+                if at[i].is_none() {
+                    at[i] = Some(w.vms_at(i)?);
+                }
+                let vms = at[i].as_deref().unwrap_or_default();
+                if !vms.iter().any(|v| &v.name == n && v.replica_state == "consistent" && v.group.is_some()) {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
         })
     }
 
     /// Runs a job to its end: `Ok(job)` whatever its outcome, retried while the coordinator
     /// cannot be reached.
     pub fn run_job(&self, req: AdminRequest) -> anyhow::Result<JobInfo> {
-        let id = match self.must(req)? {
+        self.run_job_at(0, req)
+    }
+
+    /// [`World::run_job`] on coordinator `i`.
+    pub fn run_job_at(&self, i: usize, req: AdminRequest) -> anyhow::Result<JobInfo> {
+        let id = match self.must_at(i, req)? {
             AdminResponse::JobStarted { job_id } => job_id,
             AdminResponse::Job(j) => return Ok(j),
             other => bail!("unexpected answer {other:?}"),
         };
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            if let AdminResponse::Job(j) = self.must(AdminRequest::JobShow { id })? {
+            if let AdminResponse::Job(j) = self.must_at(i, AdminRequest::JobShow { id })? {
                 if matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled") {
                     return Ok(j);
                 }
@@ -508,6 +699,7 @@ impl World {
     /// Every log of the run, with its name.
     pub fn logs(&self) -> Vec<(String, String)> {
         std::iter::once(&self.coordinator)
+            .chain(self.others.iter().map(|o| &o.proc))
             .chain(self.agents.iter())
             .map(|p| (p.name.clone(), std::fs::read_to_string(&p.log).unwrap_or_default()))
             .collect()
@@ -519,6 +711,9 @@ impl Drop for World {
         if self.store_mounted {
             for a in &mut self.agents {
                 a.kill9();
+            }
+            for o in &mut self.others {
+                o.proc.kill9();
             }
             self.coordinator.kill9();
             let _ = Command::new("umount").arg("-l").arg(self.store_disk()).status();

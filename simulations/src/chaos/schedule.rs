@@ -22,6 +22,10 @@ pub enum Scenario {
     /// The coordinator's store disk (a small tmpfs of its own) filled to the last byte, with
     /// backups and coordinator kills while it is full. Needs root (it mounts the tmpfs).
     StoreFull,
+    /// Several coordinators of one deployment partition the cluster (`--coordinators N`, at
+    /// least 2; `--auto` groups): every fault of `mixed`, a kill takes one coordinator at a
+    /// time, and take-overs move VMs between them.
+    Multi,
 }
 
 impl Scenario {
@@ -33,8 +37,9 @@ impl Scenario {
             "hosts" => Ok(Scenario::Hosts),
             "network" => Ok(Scenario::Network),
             "store-full" => Ok(Scenario::StoreFull),
+            "multi" => Ok(Scenario::Multi),
             other => Err(format!(
-                "unknown scenario {other:?} (known: mixed, agents, coordinator, hosts, network, store-full; sim, sim-mixed)"
+                "unknown scenario {other:?} (known: mixed, agents, coordinator, hosts, network, store-full, multi; sim, sim-mixed)"
             )),
         }
     }
@@ -109,6 +114,10 @@ pub enum Event {
         vm: usize,
         seed: u64,
     },
+    /// `bulwark vm take-over` of `vm` on the coordinator after its owner (multi).
+    TakeOver {
+        vm: usize,
+    },
 }
 
 impl Event {
@@ -128,6 +137,7 @@ impl Event {
             Event::Network { delay_ms: 1.., .. } => Some("delay"),
             Event::Network { .. } => Some("packet_loss"),
             Event::FillStore { .. } => Some("store_full"),
+            Event::TakeOver { .. } => Some("take_over"),
         }
     }
 }
@@ -162,6 +172,17 @@ pub fn schedule(seed: u64, scenario: Scenario, nodes: usize, vms: usize, duratio
         Scenario::Hosts => &["crash", "migrate", "migrate"],
         Scenario::Network => &["network"],
         Scenario::StoreFull => &["fill", "fill", "fill", "kill_coord_mid"],
+        Scenario::Multi => &[
+            "kill_agent",
+            "kill_agent_mid",
+            "kill_coord",
+            "kill_coord_mid",
+            "crash",
+            "migrate",
+            "network",
+            "take_over",
+            "take_over",
+        ],
     };
     loop {
         t += rng.gen_range(300..1500);
@@ -225,6 +246,7 @@ pub fn schedule(seed: u64, scenario: Scenario, nodes: usize, vms: usize, duratio
                         }
                     }
                     "fill" => Event::FillStore { ms: rng.gen_range(1500..6000), vm, seed: rng.gen() },
+                    "take_over" => Event::TakeOver { vm },
                     _ => Event::Migrate { vm, to: rng.gen_range(0..nodes), storage: rng.gen_bool(0.25) },
                 }
             }
@@ -293,6 +315,9 @@ mod tests {
         assert!(["partition", "packet_loss", "delay"].iter().all(|k| net.contains(k)), "{net:?}");
         assert!(kinds(Scenario::Mixed).len() > 50);
         assert!(!kinds(Scenario::Mixed).contains(&"store_full"), "mixed runs need no root");
+        let multi = kinds(Scenario::Multi);
+        assert!(multi.contains(&"take_over") && multi.contains(&"kill_coordinator"), "{multi:?}");
+        assert!(!kinds(Scenario::Mixed).contains(&"take_over"));
         let full = kinds(Scenario::StoreFull);
         assert!(full.iter().all(|k| ["store_full", "kill_coordinator", "kill_coordinator_mid_backup"].contains(k)));
         assert!(full.contains(&"store_full"), "{full:?}");
