@@ -135,7 +135,7 @@ pub async fn enroll(dir: &AgentDir, token_text: &str, host: Option<String>) -> R
     write(dir.ca(), ca_pem.as_bytes(), 0o644)?;
     // The deployment's other coordinators: the agent keeps a connection to each.
     let others: Vec<_> = coordinators.into_iter().filter(|c| c.name != config.coordinator_name).collect();
-    crate::peers::Peers::load(dir.coordinators()).learn(&others);
+    crate::peers::Peers::load(dir.coordinators()).learn(&others, &config.coordinator_name);
     let text = toml::to_string_pretty(&config).map_err(|e| EnrollError::BadAnswer(e.to_string()))?;
     // agent.toml last: its presence means "enrolled".
     write(dir.config(), text.as_bytes(), 0o644)?;

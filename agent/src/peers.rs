@@ -70,14 +70,18 @@ impl Peers {
         self.lock().spawn = Some(tx);
     }
 
-    /// Learns coordinators from a welcome or an enrollment: new names are kept (up to
-    /// [`MAX_COORDINATORS`]) and get an uplink; a known name's address is updated.
-    pub fn learn(&self, list: &[CoordinatorAddr]) {
+    /// Learns coordinators from a welcome or an enrollment by coordinator `from`: new names are
+    /// kept (up to [`MAX_COORDINATORS`]) and get an uplink; a known name's address is updated
+    /// only when `from` is that coordinator (no coordinator redirects agents away from another).
+    pub fn learn(&self, list: &[CoordinatorAddr], from: &str) {
         let mut inner = self.lock();
         let mut changed = false;
         for c in list.iter().filter(|c| acceptable(c)) {
             match inner.known.get(&c.name) {
                 Some(addr) if *addr == c.addr => {}
+                Some(_) if c.name != from => {
+                    tracing::warn!(coordinator = %c.name, by = from, "another coordinator's address left as it was");
+                }
                 Some(_) => {
                     inner.known.insert(c.name.clone(), c.addr.clone());
                     changed = true;
@@ -171,12 +175,13 @@ mod tests {
         let peers = Peers::load(path.clone());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         peers.on_new(tx);
-        peers.learn(&[c("a", "127.0.0.1:1"), c("b", "127.0.0.1:2"), c("bad name!", "x"), c("c", "")]);
+        peers.learn(&[c("a", "127.0.0.1:1"), c("b", "127.0.0.1:2"), c("bad name!", "x"), c("c", "")], "a");
         assert_eq!(rx.try_recv().unwrap().name, "a");
         assert_eq!(rx.try_recv().unwrap().name, "b");
         assert!(rx.try_recv().is_err(), "unacceptable entries are left out");
-        peers.learn(&[c("a", "127.0.0.1:9")]);
+        peers.learn(&[c("a", "127.0.0.1:9"), c("b", "10.0.0.1:1")], "a");
         assert!(rx.try_recv().is_err(), "a known name only changes its address");
+        assert_eq!(peers.known()[1], c("b", "127.0.0.1:2"), "only b itself moves b");
         let again = Peers::load(path.clone());
         assert_eq!(again.known(), vec![c("a", "127.0.0.1:9"), c("b", "127.0.0.1:2")]);
         std::fs::write(&path, b"not json").unwrap();

@@ -225,7 +225,7 @@ pub async fn run_session(
         Err(e) => return closed(&conn, e.to_string()),
     };
     tracing::info!(coordinator = %welcome.coordinator, version = welcome.version, "connected");
-    hosting.peers.learn(&welcome.coordinators);
+    hosting.peers.learn(&welcome.coordinators, &config.coordinator_name);
     hosting.peers.set_connected(&config.coordinator_name, true);
     on_established(conn.clone());
     *hosting.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
@@ -271,7 +271,9 @@ pub async fn run_session(
             }
             msg = frame::read_message::<CoordinatorMessage, _>(&mut recv) => match msg {
                 Ok(Some(CoordinatorMessage::Heartbeat)) => {}
-                Ok(Some(CoordinatorMessage::Coordinators { list })) => hosting.peers.learn(&list),
+                Ok(Some(CoordinatorMessage::Coordinators { list })) => {
+                    hosting.peers.learn(&list, &config.coordinator_name);
+                }
                 Ok(Some(CoordinatorMessage::InventoryNow)) => {
                     reported = inventory().await;
                     if let Err(e) = frame::write_message(&mut send, &AgentMessage::InventoryAnswer(reported.clone())).await {
