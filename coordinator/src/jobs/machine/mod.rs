@@ -138,6 +138,10 @@ enum Phase {
     Finished,
 }
 
+/// How long a job that has the agent's success waits for a disk's transfer stream it has not
+/// seen yet (the streams and the control stream reach the job by different paths).
+pub const STREAM_GRACE_MS: u64 = 5_000;
+
 /// One backup job of one VM.
 #[derive(Debug)]
 pub struct VmJob {
@@ -157,6 +161,9 @@ pub struct VmJob {
     /// The agent's result, come while a disk's stream was still open: applied when the last
     /// one ends (the control stream may overtake a transfer stream).
     pending: Option<JobOutcome>,
+    /// A success came before some disk's stream was even seen: until this time the job waits
+    /// for it (a transfer stream is routed to its job apart from the control stream), then fails.
+    stream_grace_until: Option<u64>,
     #[cfg(feature = "broken-builds")]
     broken: Option<Broken>,
 }
@@ -249,6 +256,7 @@ impl VmJob {
             parallel,
             done: BTreeMap::new(),
             pending: None,
+            stream_grace_until: None,
             #[cfg(feature = "broken-builds")]
             broken: None,
         })
@@ -262,7 +270,8 @@ impl VmJob {
 
     /// When [`VmJob::timeout`] is due, if the job still waits for anything.
     pub fn next_timeout(&self) -> Option<u64> {
-        (self.phase == Phase::Running).then_some(self.deadline)
+        let due = self.stream_grace_until.map_or(self.deadline, |g| g.min(self.deadline));
+        (self.phase == Phase::Running).then_some(due)
     }
 
     /// The agent was heard from (blocks arrived on an open stream): its lease starts again.
@@ -400,6 +409,16 @@ impl VmJob {
             self.pending = Some(outcome);
             return;
         }
+        let unseen = self.disks.iter().any(|d| !self.done.contains_key(d.name.as_str()));
+        if unseen
+            && self.stream_grace_until.is_none()
+            && matches!(outcome, JobOutcome::Succeeded { .. })
+            && !commit_anyway
+        {
+            self.stream_grace_until = Some(now_ms.saturating_add(STREAM_GRACE_MS));
+            self.pending = Some(outcome);
+            return;
+        }
         let (consistency, note, bytes_read, next_token, config) = match outcome {
             JobOutcome::Succeeded { consistency, consistency_note, bytes_read, next_token, config, .. } => {
                 // A definition over the bound is not kept (the point is, without it).
@@ -512,6 +531,13 @@ impl VmJob {
 
     /// The time passed: a job whose agent stayed silent for its lease has failed, midway.
     pub fn timeout(&mut self, host: &str, now_ms: u64) {
+        // A disk's stream never came within its grace: the success is judged without it.
+        if self.phase == Phase::Running && self.open.is_empty() && self.stream_grace_until.is_some_and(|g| now_ms >= g)
+        {
+            if let Some(outcome) = self.pending.take() {
+                return self.agent_result(outcome, now_ms);
+            }
+        }
         if self.phase == Phase::Running && now_ms >= self.deadline {
             let ms = self.lease_ms;
             self.fail_midway(format!(

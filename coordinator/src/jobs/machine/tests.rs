@@ -196,12 +196,32 @@ fn a_success_without_every_disk_is_not_committed() {
     m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
     m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 3_000);
     m.agent_result(success(), 4_000);
+    // It waits a while for the missing disk's stream, then fails.
+    assert!(drain(&mut m).iter().filter_map(verdict).next().is_none());
+    assert_eq!(m.next_timeout(), Some(4_000 + STREAM_GRACE_MS));
+    m.timeout("node1", 4_000 + STREAM_GRACE_MS - 1);
+    assert!(m.outcome().is_none());
+    m.timeout("node1", 4_000 + STREAM_GRACE_MS);
     let effects = drain(&mut m);
     assert!(!effects.iter().any(|e| matches!(e, Effect::Commit { .. })), "{effects:?}");
     assert_eq!(effects.iter().filter_map(verdict).collect::<Vec<_>>(), vec![false]);
     assert!(effects.iter().any(|e| matches!(e, Effect::MarkInconsistent(_))), "midway: continuity unknown");
     let Some(Err(f)) = m.outcome() else { panic!() };
     assert!(f.reason.contains("never sent disk data") && f.retry);
+}
+
+#[test]
+fn a_success_that_overtakes_a_disks_stream_waits_for_it_and_commits() {
+    let mut m = job(JobKind::ExpressFull, true);
+    drain(&mut m);
+    m.stream_opened("os", TransferMode::Blocks, 16, BS, 2_000).unwrap();
+    m.disk_done("os", DiskDone { root: root(10), changed: 3 }, 3_000);
+    m.agent_result(success(), 4_000);
+    assert!(m.outcome().is_none(), "the other disk's stream may still come");
+    m.stream_opened("data", TransferMode::Blocks, 16, BS, 4_500).unwrap();
+    m.disk_done("data", DiskDone { root: root(11), changed: 1 }, 4_600);
+    let effects = drain(&mut m);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Commit { .. })), "{effects:?}");
 }
 
 #[test]
