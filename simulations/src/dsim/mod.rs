@@ -385,6 +385,15 @@ impl World {
                 if due > now {
                     continue;
                 }
+                // Once the faults stopped, a VM whose replica was committed since asks for no
+                // more jobs: the run settles even when the jobs asked for outnumber the slots.
+                let calm = self.opts.duration_ms;
+                if !self.faults_on
+                    && matches!(co.store.catalog().replica(&vm, DISK), Ok(Some(r))
+                        if r.state == ReplicaState::Consistent && r.updated_at * 1000 > calm + 1000)
+                {
+                    continue;
+                }
                 let gap = self.rng.gen_range(500..3000);
                 let scheduled_check = self.rng.gen_bool(0.1);
                 let h = *hosts.get(&vm).ok_or_else(|| format!("{vm} on no host"))?;
