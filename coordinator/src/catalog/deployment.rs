@@ -120,10 +120,10 @@ impl Catalog {
         Ok(None)
     }
 
-    /// A host that connected with a certificate of this deployment's CA: a coordinator that did
-    /// not enroll it records it now, with the cluster its certificate names (its own name when
-    /// it names none). A host this coordinator enrolled keeps its record, but a certificate
-    /// naming a cluster is believed over it.
+    /// A host that connected with a certificate of this deployment's CA (checked, not revoked):
+    /// a coordinator that did not enroll it records it now, with the cluster its certificate
+    /// names (its own name when it names none). A known host's record follows a newer
+    /// certificate (re-enrolled at the first coordinator) and the cluster a certificate names.
     pub fn note_agent_from_certificate(
         &self,
         host: &str,
@@ -133,8 +133,13 @@ impl Catalog {
     ) -> Result<(), CatalogError> {
         match self.agent(host)? {
             Some(mut rec) => {
-                if let Some(c) = cluster.filter(|c| *c != rec.cluster && rec.cert_serial == serial) {
-                    rec.cluster = c.to_owned();
+                let cluster = cluster.filter(|c| *c != rec.cluster);
+                if rec.cert_serial != serial || rec.revoked || cluster.is_some() {
+                    rec.cert_serial = serial.to_owned();
+                    rec.revoked = false;
+                    if let Some(c) = cluster {
+                        rec.cluster = c.to_owned();
+                    }
                     self.put_agent(&rec)?;
                 }
             }
