@@ -106,19 +106,25 @@ pub(super) fn items(w: &mut World) -> anyhow::Result<()> {
 /// as a new VM on a host through the real `Recovery` and `RestoreDisk`, which must finish and
 /// give the recovery point's bytes exactly (`restore-exact`).
 pub(super) fn restores(w: &mut World, memo: &mut BlockCvs) -> anyhow::Result<()> {
-    let start = w.now;
-    for (i, vm) in w.vms.clone().iter().enumerate() {
-        let h = i % w.agents.len();
-        let target = format!("{vm}-r");
-        let owner = *w.owner.get(vm).unwrap_or(&0);
-        let Some(c) = w.coordinators[owner].as_mut() else { anyhow::bail!("no coordinator for the recoveries") };
-        for m in c.recover(vm, &target, h, start).map_err(anyhow::Error::msg)? {
-            w.send(h, owner, true, 0, m);
+    // A batch at a time: each recovery holds its new VM's image open until it ends.
+    const BATCH: usize = 256;
+    let vms = w.vms.clone();
+    for (b, batch) in vms.chunks(BATCH).enumerate() {
+        let start = w.now;
+        for (j, vm) in batch.iter().enumerate() {
+            let h = (b * BATCH + j) % w.agents.len();
+            let target = format!("{vm}-r");
+            let owner = *w.owner.get(vm).unwrap_or(&0);
+            let Some(c) = w.coordinators[owner].as_mut() else { anyhow::bail!("no coordinator for the recoveries") };
+            for m in c.recover(vm, &target, h, start).map_err(anyhow::Error::msg)? {
+                w.send(h, owner, true, 0, m);
+            }
         }
-    }
-    let done = |w: &World| w.coordinators.iter().all(|c| c.as_ref().is_some_and(|c| c.recoveries.is_empty()));
-    if !w.run_until(start + 60_000, done).map_err(anyhow::Error::msg)? {
-        w.out.violations.push(("restore-finished".into(), "the recoveries did not end within 60 s".into()));
+        let done = |w: &World| w.coordinators.iter().all(|c| c.as_ref().is_some_and(|c| c.recoveries.is_empty()));
+        if !w.run_until(start + 60_000, done).map_err(anyhow::Error::msg)? {
+            w.out.violations.push(("restore-finished".into(), "the recoveries did not end within 60 s".into()));
+            break;
+        }
     }
     let mut violations = vec![];
     for c in w.coordinators.iter().flatten() {
