@@ -160,3 +160,34 @@ fn an_agent_that_admits_a_stale_epoch_is_caught() {
         "a snapshot for the old owner after a take-over: {s}"
     );
 }
+
+/// Eight coordinators over 400 VMs on eight hosts, one seed: hundreds of VMs per run settle
+/// (more jobs asked for than slots), every replica consistent, every VM restored exactly. The
+/// full 8 × 1,250 run is in docs/operations.md ("The deterministic simulation").
+#[test]
+fn eight_coordinators_with_hundreds_of_vms_settle_and_restore_exactly() {
+    let (code, s, stderr) = common::chaos(
+        &[
+            "--scenario",
+            "sim",
+            "--disk",
+            "1MiB",
+            "--vms",
+            "400",
+            "--nodes",
+            "8",
+            "--coordinators",
+            "8",
+            "--seed",
+            "7",
+            "--runs",
+            "1",
+            "--minutes",
+            "0.2",
+        ],
+        &[],
+    );
+    assert_eq!(s["violations"], serde_json::json!([]), "{stderr}");
+    assert_eq!(code, Some(0));
+    assert_eq!(s["restores_verified"], 400, "{s}");
+}
