@@ -176,6 +176,36 @@ fn qemu_kill_9_makes_the_bitmap_inconsistent_and_tracking_lost() {
 }
 
 #[test]
+fn a_storage_migration_starts_a_new_tracking_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = Vm::create(dir.path(), "mv", 16 * MIB, "qcow2");
+    vm.start();
+    let b = backend(dir.path());
+    let (_, t0) = snap(&b, "mv");
+    b.release("mv").unwrap();
+    let t1 = b.confirm("mv", ChangeToken { generation: t0.generation, sequence: t0.sequence + 1 }).unwrap();
+    vm.write(MIB, 4096, 9);
+    vm.quit();
+    // The image is copied to other storage (its bitmaps with it) and the definition follows.
+    let def_path = dir.path().join("vms/mv.toml");
+    let def = std::fs::read_to_string(&def_path).unwrap();
+    let old = def.lines().find_map(|l| l.strip_prefix("path = \"")).unwrap().trim_end_matches('"').to_owned();
+    let new = dir.path().join("other-storage.qcow2");
+    std::fs::copy(&old, &new).unwrap();
+    std::fs::write(&def_path, def.replace(&old, new.to_str().unwrap())).unwrap();
+    let (_, t) = snap(&b, "mv");
+    assert!(t.generation > t1.generation, "another image: a new tracking generation");
+    assert!(matches!(b.changed_blocks("mv", "os", Some(t1), MIB), Err(BackendError::TrackingLost(_))));
+    b.release("mv").unwrap();
+    b.abandon("mv").unwrap();
+    // The same image again: the generation holds.
+    let (_, again) = snap(&b, "mv");
+    assert_eq!(again.generation, t.generation);
+    b.release("mv").unwrap();
+    b.abandon("mv").unwrap();
+}
+
+#[test]
 fn a_killed_agents_leftovers_are_cleaned_and_no_write_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let mut vm = Vm::create(dir.path(), "app", 16 * MIB, "qcow2");

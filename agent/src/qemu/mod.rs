@@ -646,9 +646,18 @@ impl Hypervisor for QemuBackend {
             Some(q) => self.ensure_tracking_online(q, &def)?,
             None => self.ensure_tracking_offline(&def)?,
         };
-        if lost {
+        // A disk whose image is another file than at the last snapshot moved storage: whatever
+        // bitmap it carries, its tracking starts a new generation (a consistency check follows).
+        let images: std::collections::BTreeMap<String, PathBuf> =
+            def.disks.iter().map(|d| (d.name.clone(), d.path.clone())).collect();
+        let moved = !st.images.is_empty() && st.images != images;
+        if moved {
+            tracing::warn!(vm, "a disk's image moved (storage migration): tracking starts over");
+        }
+        if lost || moved {
             st.generation += 1;
         }
+        st.images = images;
         st.snapshot = Some(SnapState { holder: holder.to_owned(), running: q.is_some(), paused: false });
         self.save_state(vm, &st)?;
         let token = ChangeToken { generation: st.generation, sequence: st.sequence };

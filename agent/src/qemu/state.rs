@@ -21,6 +21,10 @@ pub(super) struct VmState {
     /// On a cluster's shared storage: the node that last ran the VM or took a snapshot step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) host: Option<String>,
+    /// Each disk's image at the last snapshot: another image (a storage migration) means the
+    /// tracking no longer follows the replica's history.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub(super) images: std::collections::BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
