@@ -197,6 +197,27 @@ pub async fn run_session(
         },
         Err(e) => return failed(e.to_string()),
     };
+    // The certificate must be the coordinator's own (its name as the CA wrote it), not merely
+    // valid for the name dialed: no coordinator of the deployment stands in for another.
+    let identity = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|chain| bulwark_pki::tls::peer_identity(Some(&chain)));
+    match identity {
+        Some(Ok(id)) if id.role == bulwark_pki::Role::Coordinator && id.name == config.coordinator_name => {}
+        other => {
+            conn.close(quic::close::REFUSED.into(), b"not the coordinator dialed");
+            let what = match other {
+                Some(Ok(id)) => format!("{:?} {:?}", id.role, id.name),
+                Some(Err(e)) => e.to_string(),
+                None => "no certificate".into(),
+            };
+            return SessionEnd::Refused(format!(
+                "the server at {} is {what}, not coordinator {}",
+                config.coordinator, config.coordinator_name
+            ));
+        }
+    }
     // Under TLS 1.3 a refused client certificate shows up here, on the first stream.
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,

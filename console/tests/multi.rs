@@ -257,6 +257,9 @@ fn three_coordinators_partition_one_cluster_of_300_vms() {
 fn a_host_revoked_at_the_first_coordinator_is_shut_out_of_the_others() {
     let mut a = Cluster::start_as("coord-a", |_| {});
     let b = join(&a, "coord-b");
+    // A name already in the deployment gets no token (its certificate would stand in for it).
+    let again = bulwark(&["x-coordinator", "token", "create", "--data-dir", &a.dir_str(), "--coordinator", "coord-b"]);
+    assert!(!again.status.success() && text(&again).contains("already in the deployment"), "{}", text(&again));
     let site = a.root.path().join("site");
     std::fs::create_dir_all(&site).unwrap();
     random_sim_vm(&site, "web", "node1", &["os:2MiB"]);

@@ -228,8 +228,11 @@ impl Authority {
         let token = JoinToken::new(self.advertised_addr()?, self.config.name.clone(), ca.fingerprint());
         let now = now_secs();
         if let Some(name) = &checked.coordinator {
-            if name.as_str() == self.config.name {
-                return Err(AuthorityError::Invalid(format!("{name} is this coordinator's own name")));
+            if name.as_str() == self.config.name || self.catalog.coordinators()?.iter().any(|c| c.name == name.as_str())
+            {
+                return Err(AuthorityError::Invalid(format!(
+                    "coordinator {name} is already in the deployment: choose another name"
+                )));
             }
             let expires_at = now.saturating_add(ttl.as_secs());
             let record = crate::catalog::deployment::JoinTokenRecord {
@@ -428,8 +431,12 @@ impl Authority {
             Err(refusal) => return refuse(refusal.to_string()),
         };
         let name = token.name.as_str();
+        // Its certificate is valid for its own name and addresses, never for another
+        // coordinator's name (agents also check the name the CA wrote, see `uplink`).
+        let taken: std::collections::HashSet<String> =
+            self.catalog.coordinators()?.into_iter().map(|c| c.name).chain([self.config.name.clone()]).collect();
         let mut sans = vec![name.to_owned()];
-        sans.extend(req.sans.iter().cloned());
+        sans.extend(req.sans.iter().filter(|s| !taken.contains(*s)).cloned());
         sans.sort();
         sans.dedup();
         let signed = ca
