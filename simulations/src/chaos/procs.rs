@@ -146,6 +146,13 @@ fn os(s: &str) -> OsString {
     s.into()
 }
 
+/// `x-coordinator token create --data-dir DIR SCOPE…`: the token.
+fn token_create(exe: &Path, data_dir: &OsString, scope: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec![os("x-coordinator"), os("token"), os("create"), os("--data-dir"), data_dir.clone()];
+    args.extend(scope.iter().map(|s| os(s)));
+    run_ok(exe, &args.iter().collect::<Vec<_>>())
+}
+
 impl World {
     /// Initializes and starts a coordinator and `nodes` enrolled agents under `dir`.
     /// With `store_bytes`, the coordinator's data directory is a tmpfs of that size (root only).
@@ -224,18 +231,7 @@ impl World {
         // The other coordinators join before the agents enroll: enrollment names them all.
         for i in 1..coordinators {
             let name = coordinator_name(i);
-            let token = run_ok(
-                exe,
-                &[
-                    &os("x-coordinator"),
-                    &os("token"),
-                    &os("create"),
-                    &os("--data-dir"),
-                    &d,
-                    &os("--coordinator"),
-                    &os(&name),
-                ],
-            )?;
+            let token = token_create(exe, &d, &["--coordinator", &name])?;
             let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
             let other_dir = dir.join(&name);
             run_ok(
@@ -266,21 +262,8 @@ impl World {
             .context("coordinator.addr")?;
         for n in 0..nodes {
             let host = format!("node{}", n + 1);
-            let token = run_ok(
-                exe,
-                // Every node in one cluster: VMs migrate between them.
-                &[
-                    &os("x-coordinator"),
-                    &os("token"),
-                    &os("create"),
-                    &os("--data-dir"),
-                    &d,
-                    &os("--host"),
-                    &os(&host),
-                    &os("--cluster"),
-                    &os("chaos"),
-                ],
-            )?;
+            // Every node in one cluster: VMs migrate between them.
+            let token = token_create(exe, &d, &["--host", &host, "--cluster", "chaos"])?;
             let agent_dir = dir.join(format!("agent-{host}")).into_os_string();
             run_ok(
                 exe,
