@@ -43,6 +43,10 @@ pub fn pick(
 ) -> Option<Picked> {
     let group = group?;
     let mut picked = Picked { group, ..Default::default() };
+    // An agent's list longer than a deployment can be is not believed (each VM hashes every
+    // name in it): nobody is picked, and VMs already owned are still added.
+    let partition: &[String] =
+        if inv.partition.len() <= bulwark_protocol::messages::MAX_COORDINATORS { &inv.partition } else { &[] };
     for v in &inv.vms {
         if !unprotected_here(&v.name) {
             continue;
@@ -50,7 +54,7 @@ pub fn pick(
         match &v.owner {
             Some(o) if o.coordinator == me => picked.owned.push(v.name.clone()),
             Some(_) => {}
-            None if rendezvous(&v.name, &inv.partition) == Some(me) => picked.to_claim.push(v.name.clone()),
+            None if rendezvous(&v.name, partition) == Some(me) => picked.to_claim.push(v.name.clone()),
             None => {}
         }
     }
@@ -197,5 +201,8 @@ mod tests {
         // A coordinator the agent does not list (not connected, or no auto group) picks none.
         assert!(pick("d", Some("all".into()), &inv, |_| true).unwrap().to_claim.is_empty());
         assert_eq!(pick("a", None, &inv, |_| true), None);
+        // A hostile agent's endless list picks nobody.
+        let flood = Inventory { partition: (0..100_000).map(|i| format!("c{i}")).collect(), ..inv };
+        assert!(pick("c7", Some("all".into()), &flood, |_| true).unwrap().to_claim.is_empty());
     }
 }
