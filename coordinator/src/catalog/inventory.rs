@@ -346,6 +346,13 @@ impl Catalog {
                     i.missing_since = None;
                     self.put_identity(&name, &i)?;
                     self.record_report(&to, &claim, Some(vm), now, &mut changes)?;
+                    // And the ownership claim it reported with the VM: that host sends its
+                    // inventory again only when something changes.
+                    let owner = claim
+                        .owner
+                        .as_ref()
+                        .filter(|o| o.coordinator.len() <= bulwark_protocol::ownership::MAX_OWNER_NAME);
+                    self.note_reported_owner(&name, owner)?;
                     changes.handed_over.push((name, to));
                 }
                 other => {
@@ -627,15 +634,22 @@ mod tests {
         }
         let all = |_: &str| true;
         cat.apply_inventory("a", &inv(&[("web", 1)]), 10, &all, 4096).unwrap();
-        // b reports it while a still does: refused, kept on a.
-        let c = cat.apply_inventory("b", &inv(&[("web", 1)]), 11, &all, 4096).unwrap();
+        // b reports it while a still does (claimed by coordinator x meanwhile, which a's
+        // reports never said): refused, kept on a.
+        let mut claimed = inv(&[("web", 1)]);
+        let x = bulwark_protocol::ownership::Owner { coordinator: "x".into(), epoch: 1 };
+        claimed.vms[0].owner = Some(x.clone());
+        let c = cat.apply_inventory("b", &claimed, 11, &all, 4096).unwrap();
         assert!(c.refused[0].1.contains("at once"), "{c:?}");
         assert_eq!(status(&cat, "web"), ("a".into(), "conflict"));
-        // a lets go: the VM is b's, with no conflict left.
+        assert_eq!(cat.vm_ownership("web").unwrap().reported, None);
+        // a lets go: the VM is b's, with no conflict left, and its claim as b reported it
+        // (b sends nothing again until something changes).
         let c = cat.apply_inventory("a", &inv(&[]), 12, &all, 4096).unwrap();
         assert_eq!(c.handed_over, [("web".to_owned(), "b".to_owned())]);
         assert!(c.missing.is_empty());
         assert_eq!(status(&cat, "web"), ("b".into(), "unprotected"));
+        assert_eq!(cat.vm_ownership("web").unwrap().reported, Some(x));
         // A storage migration seen first from the new host: its new tracking generation,
         // refused with the claim at first, resets the replica when the move happens.
         cat.put_replica(&crate::catalog::ReplicaRecord {
